@@ -1,0 +1,14 @@
+"""QLoRA kernel suite: NF4 quantization, fused dequant-matmul + LoRA and paged optimizers in Triton.
+
+Importing ``qlora`` first decides how the Triton kernels run (``qlora/_runtime.py``): on a machine
+without a CUDA device they run under the Triton interpreter on CPU tensors; ``QLORA_INTERPRET=1``/``0``
+forces the choice. The numerical contract is checked against the NumPy/SciPy oracle in
+``qlora.reference``.
+"""
+
+from . import _runtime  # noqa: F401  (must run before any kernel module is imported)
+from ._runtime import interpreter_active
+
+__version__ = "0.1.0"
+
+__all__ = ["interpreter_active", "__version__"]

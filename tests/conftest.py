@@ -1,0 +1,1 @@
+import hyp  # noqa: F401  (registers and loads the Hypothesis profile)
