@@ -1,0 +1,157 @@
+"""Functional QLoRA linear layer: an autograd function over the fused NF4 + LoRA kernels (SPEC section 6).
+
+``qlora_linear(x, weight, lora_A, lora_B, scaling, bias=None, dropout_p=0.0, training=True)`` computes
+``y = x @ W^T + scaling * (dropout(x) @ A^T) @ B^T + bias`` with the NF4 base weight ``W`` dequantized inside
+the matmul (never materialized). Gradients flow to ``x``, ``lora_A``, ``lora_B`` and ``bias``; never to ``W``.
+
+Dropout (only when ``training`` and ``dropout_p > 0``) draws one seed per call from torch's default generator
+(so ``torch.manual_seed`` makes it reproducible); the kernels regenerate the keep mask from that seed in the
+forward and the backward. :func:`dropout_mask` materializes the same mask for a given seed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .kernels import linear as _linear
+from .kernels._checks import FLOAT_DTYPES, check_backend_device
+from .nf4 import NF4Weight
+
+__all__ = ["qlora_linear", "dropout_mask", "QLoRALinearFunction"]
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _weight_kwargs(weight: NF4Weight) -> dict:
+    return dict(packed=weight.packed, absmax=weight.absmax, code=weight.code, shape=tuple(weight.shape),
+                blocksize=weight.blocksize, absmax2=weight.absmax2, offset=weight.offset,
+                nested_code=weight.nested_code, nested_blocksize=weight.nested_blocksize)
+
+
+class QLoRALinearFunction(torch.autograd.Function):
+    """Autograd function of :func:`qlora_linear`; ``x`` arrives flattened to (M, K)."""
+
+    @staticmethod
+    def forward(ctx, x2d, weight, lora_a, lora_b, scaling, bias, dropout_p, seed):
+        y, u = _linear.nf4_lora_forward(x2d, lora_a=lora_a, lora_b=lora_b, scaling=scaling, bias=bias,
+                                        dropout_p=dropout_p, seed=seed, **_weight_kwargs(weight))
+        ctx.weight = weight
+        ctx.scaling = scaling
+        ctx.dropout_p = dropout_p
+        ctx.seed = seed
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x2d, u, lora_a, lora_b)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2d, u, lora_a, lora_b = ctx.saved_tensors
+        need_dx = ctx.needs_input_grad[0]
+        need_lora = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
+        need_bias = ctx.has_bias and ctx.needs_input_grad[5]
+        if not (need_dx or need_lora or need_bias):
+            return (None,) * 8
+        dx, d_a, d_b, d_bias = _linear.nf4_lora_backward(
+            dy.to(x2d.dtype), x2d, u, lora_a=lora_a, lora_b=lora_b, scaling=ctx.scaling,
+            dropout_p=ctx.dropout_p, seed=ctx.seed, need_dx=need_dx, need_lora=need_lora, need_bias=need_bias,
+            **_weight_kwargs(ctx.weight))
+        d_a = d_a if ctx.needs_input_grad[2] else None
+        d_b = d_b if ctx.needs_input_grad[3] else None
+        return dx, None, d_a, d_b, None, d_bias, None, None
+
+
+def _check_inputs(x, weight, lora_A, lora_B, scaling, bias, dropout_p, training):
+    """Every argument checked against the others; each error names the argument at fault."""
+    if not isinstance(weight, NF4Weight):
+        raise TypeError(f"weight must be a qlora.nf4.NF4Weight (use qlora.nf4.quantize_nf4), got "
+                        f"{type(weight).__name__}")
+    if len(weight.shape) != 2:
+        raise ValueError(f"weight must be 2-dimensional (out_features, in_features), got shape {tuple(weight.shape)}")
+    out_features, in_features = weight.shape
+    for name, t in (("x", x), ("lora_A", lora_A), ("lora_B", lora_B)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"x must be float32, float16 or bfloat16, got {_dtype_name(x.dtype)}")
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        raise ValueError(f"x must have shape (..., {in_features}) to match the weight's in_features, got "
+                         f"{tuple(x.shape)}")
+    if lora_A.dim() != 2 or lora_A.shape[0] < 1 or lora_A.shape[1] != in_features:
+        raise ValueError(f"lora_A must have shape (r, {in_features}) with r >= 1, got {tuple(lora_A.shape)}")
+    rank = lora_A.shape[0]
+    if tuple(lora_B.shape) != (out_features, rank):
+        raise ValueError(f"lora_B must have shape ({out_features}, {rank}) (out_features, r of lora_A), got "
+                         f"{tuple(lora_B.shape)}")
+    for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name} has dtype {_dtype_name(t.dtype)} but x has {_dtype_name(x.dtype)}; "
+                            "they must match")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        if tuple(bias.shape) != (out_features,):
+            raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
+        if bias.dtype != x.dtype:
+            raise TypeError(f"bias has dtype {_dtype_name(bias.dtype)} but x has {_dtype_name(x.dtype)}; "
+                            "they must match")
+    named = [("x", x), ("weight", weight.packed), ("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias)]
+    for name, t in named:
+        if t is not None:
+            check_backend_device(name, t)
+    devices = {name: t.device for name, t in named if t is not None}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{name} on {dev}" for name, dev in devices.items())
+        raise ValueError(f"x, weight, lora_A, lora_B and bias must be on one device, got {listing}")
+    if isinstance(scaling, torch.Tensor) and scaling.numel() == 1:
+        scaling = scaling.item()
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
+        raise TypeError(f"scaling must be a finite real number, got {scaling!r}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
+    if not isinstance(training, bool):
+        raise TypeError(f"training must be a bool, got {type(training).__name__}")
+    return float(scaling), float(dropout_p)
+
+
+def qlora_linear(x: torch.Tensor, weight: NF4Weight, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                 bias: torch.Tensor | None = None, dropout_p: float = 0.0, training: bool = True, *,
+                 seed: int | None = None) -> torch.Tensor:
+    """``x @ W^T + scaling * (dropout(x) @ lora_A^T) @ lora_B^T + bias`` with ``W`` the NF4 ``weight``.
+
+    Args:
+        x: (..., in_features), float32/float16/bfloat16, any strides; leading dims are flattened.
+        weight: :class:`~qlora.nf4.NF4Weight` of shape (out_features, in_features), dequantized to x's dtype
+            inside the kernel (whatever dtype it was quantized from).
+        lora_A: (r, in_features), lora_B: (out_features, r), bias: (out_features,) or None; all in x's dtype.
+        scaling: ``lora_alpha / r``.
+        dropout_p: LoRA dropout probability in [0, 1), applied to x on the adapter path only, when ``training``.
+        seed: dropout seed in [0, 2**31); None draws one from torch's default generator. ``dropout_mask(seed,
+            x.shape, dropout_p)`` is the mask that was applied.
+
+    Returns:
+        (..., out_features) in x's dtype. Differentiable in x, lora_A, lora_B and bias.
+    """
+    scaling, dropout_p = _check_inputs(x, weight, lora_A, lora_B, scaling, bias, dropout_p, training)
+    p = dropout_p if training else 0.0
+    if seed is None:
+        seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if p > 0 else 0
+    elif isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
+        raise ValueError(f"seed must be None or an int in [0, 2**31), got {seed!r}")
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, x.shape[-1])
+    y = QLoRALinearFunction.apply(x2d, weight, lora_A, lora_B, scaling, bias, p, seed)
+    return y.reshape(*lead, weight.shape[0])
+
+
+def dropout_mask(seed: int, shape, p: float, device: torch.device | str | None = None) -> torch.Tensor:
+    """The scaled dropout keep mask (float32, entries 0 or ``1/(1-p)``) the kernels use for an input of ``shape``
+    (..., in_features) and ``seed``; the same mask the oracle's ``dropout_mask`` argument takes."""
+    shape = tuple(shape)
+    if len(shape) < 1:
+        raise ValueError(f"shape must be (..., in_features), got {shape!r}")
+    rows = math.prod(shape[:-1])
+    return _linear.lora_dropout_mask(seed, (rows, shape[-1]), p, device).reshape(shape)

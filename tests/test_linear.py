@@ -1,0 +1,466 @@
+"""Fused NF4 dequant-matmul + LoRA (kernels/linear.py, qlora/functional.py, qlora/layers.py) against the float64
+oracle (qlora.reference.linear), torch.autograd on the dense weight, a tiny training run, and bad inputs.
+
+Tolerances. The kernels see exactly the oracle's operands: x, A, B, bias are drawn in the compute dtype and the
+oracle's dense W is the reference dequantization rounded to that dtype (what the kernel's in-loop dequantization
+produces). What remains is each kernel's own arithmetic, bounded elementwise by :func:`_tol` (Higham's bound
+for a float32 sum of n terms, |error| <= n * u32 * sum |terms|, u32 = 2^-24):
+
+- products of bf16/fp16 operands are exact in float32 (8 + 8 or 11 + 11 significand bits <= 24); fp32
+  products round once (one more u32 per term, folded into the "+ c" constants below);
+- the (M, r) intermediates u = dropout(x) @ A^T and g = dy @ B are kept in float32 and rounded once to the
+  compute dtype before their second matmul, as an unfused LoRA's bf16 activations are: relative u_d;
+- the dropout factor 1/(1-p) and the scaling multiply the float32 results (a few u32);
+- each output is rounded once to the compute dtype: relative u_d of the result (u_d = 2^-8 bf16, 2^-11 fp16,
+  2^-24 fp32: unit roundoff of round-to-nearest), plus half the smallest fp16 subnormal spacing (2^-25).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from hyp import examples
+
+import qlora  # noqa: F401  (interpreter switch before the kernels)
+from qlora import functional as F
+from qlora.functional import dropout_mask, qlora_linear
+from qlora.kernels import linear as K
+from qlora.layers import QLoRALinear
+from qlora.nf4 import NF4Weight, quantize_nf4
+from qlora.reference import quantize as ref_quantize
+from qlora.reference.linear import qlora_linear_backward, qlora_linear_forward
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+U_D = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+U32 = 2.0**-24
+ABS_FLOOR = 2.0**-25  # half the fp16 subnormal spacing; negligible for fp32/bf16
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to(torch.float64).cpu().numpy()
+
+
+def _dense_weight(weight: NF4Weight, dtype: torch.dtype) -> np.ndarray:
+    """The oracle's dense W: reference dequantization (float32) rounded to the compute dtype by torch (RNE)."""
+    absmax = weight.absmax.numpy()
+    if weight.double_quant:
+        absmax = ref_quantize.double_dequantize(absmax, weight.absmax2.numpy(), np.float32(weight.offset),
+                                                weight.nested_blocksize)
+    w32 = ref_quantize.dequantize_4bit(weight.packed.numpy(), absmax, weight.code.numpy(), tuple(weight.shape),
+                                       weight.blocksize)
+    return _np(torch.from_numpy(np.ascontiguousarray(w32)).to(dtype))
+
+
+def _tol(ref: np.ndarray, abs_terms: np.ndarray, rel_of_terms: float, dtype: torch.dtype) -> np.ndarray:
+    """Elementwise bound: output rounding u_d * |ref| plus the accumulated error rel_of_terms * abs_terms
+    (abs_terms = the same sums over |operands|), itself possibly magnified by the output rounding (1 + u_d)."""
+    u_d = U_D[dtype]
+    return u_d * np.abs(ref) + (1 + u_d) * rel_of_terms * abs_terms + ABS_FLOOR
+
+
+def _assert_close(name: str, got: torch.Tensor, ref: np.ndarray, tol: np.ndarray) -> None:
+    got = _np(got)
+    assert got.shape == ref.shape, f"{name}: shape {got.shape} != {ref.shape}"
+    err = np.abs(got - ref)
+    bad = err > tol
+    assert not bad.any(), (f"{name}: {int(bad.sum())} of {bad.size} elements out of tolerance; worst err "
+                           f"{err[bad].max():.3e} vs tol {tol[bad][np.argmax(err[bad])]:.3e}")
+
+
+def _check_against_oracle(x, w, lora_a, lora_b, scaling, bias, mask, dy, y, grads, dtype):
+    """y and (dx, dA, dB, dbias) from the kernels against the oracle, with the bounds of the module docstring."""
+    xn, an, bn = _np(x), _np(lora_a), _np(lora_b)
+    biasn = None if bias is None else _np(bias)
+    maskn = None if mask is None else _np(mask)
+    dyn = _np(dy)
+    m = math.prod(xn.shape[:-1])
+    n_out, k_in = w.shape
+    r = an.shape[0]
+    u_d = U_D[dtype]
+    s = abs(scaling)
+    ax = np.abs(xn).reshape(m, k_in)
+    axd = ax if maskn is None else ax * maskn.reshape(m, k_in)
+    ady = np.abs(dyn).reshape(m, n_out)
+    aw, aa, ab = np.abs(w), np.abs(an), np.abs(bn)
+
+    # y = x @ W^T (K-term float32 sum) + s * u_rounded @ B^T (u: K-term sum, rounded u_d; then an r-term sum)
+    # + bias (three more float32 roundings for the adds and the scaling).
+    y_ref = qlora_linear_forward(xn, w, an, bn, scaling, biasn, maskn)
+    base = (ax @ aw.T).reshape(y_ref.shape)
+    lora = (s * (axd @ aa.T) @ ab.T).reshape(y_ref.shape)
+    bias_abs = 0.0 if biasn is None else np.abs(biasn)
+    y_tol = _tol(y_ref, base, (k_in + 3) * U32, dtype) + _tol(0 * y_ref, lora, u_d + (k_in + r + 6) * U32, dtype) \
+        + 3 * U32 * bias_abs
+    _assert_close("y", y, y_ref, y_tol)
+
+    dx_ref, da_ref, db_ref, dbias_ref = qlora_linear_backward(dyn, xn, w, an, bn, scaling, maskn)
+    dx, da, db, dbias = grads
+    # dx = dy @ W (N-term sum) + s/(1-p) * (g_rounded @ A) * keep (g: N-term sum rounded u_d; r-term sum).
+    dx_base = (ady @ aw).reshape(dx_ref.shape)
+    g_abs = ady @ ab
+    dx_lora = s * (g_abs @ aa)
+    if maskn is not None:
+        dx_lora = dx_lora * maskn.reshape(m, k_in)
+    dx_tol = _tol(dx_ref, dx_base, (n_out + 3) * U32, dtype) \
+        + _tol(0 * dx_ref, dx_lora.reshape(dx_ref.shape), u_d + (n_out + r + 7) * U32, dtype)
+    _assert_close("dx", dx, dx_ref, dx_tol)
+    # dA = s/(1-p) * g_rounded^T @ (x * keep): an M-term sum of products of a rounded g.
+    _assert_close("dA", da, da_ref, _tol(da_ref, s * g_abs.T @ axd, u_d + (m + n_out + 5) * U32, dtype))
+    # dB = s * dy^T @ u_rounded: an M-term sum of products of a rounded u.
+    _assert_close("dB", db, db_ref, _tol(db_ref, s * ady.T @ (axd @ aa.T), u_d + (m + k_in + 5) * U32, dtype))
+    if dbias is not None:
+        # dbias = sum over M rows of dy, float32.
+        _assert_close("dbias", dbias, dbias_ref, _tol(dbias_ref, ady.sum(0), (m + 1) * U32, dtype))
+
+
+def _randn(gen, shape, dtype, scale=1.0):
+    return (torch.randn(shape, generator=gen) * scale).to(dtype)
+
+
+@st.composite
+def layer_cases(draw):
+    lead = tuple(draw(st.lists(st.integers(1, 5), min_size=0, max_size=2)))
+    if math.prod(lead) > 40:
+        lead = lead[:1]
+    return dict(
+        lead=lead,
+        # Multiples of the blocksizes reach the per-row scale path (one 4-bit block per tile row).
+        k=draw(st.one_of(st.integers(1, 80), st.sampled_from([32, 64, 128]))),
+        n=draw(st.integers(1, 72)),
+        r=draw(st.one_of(st.integers(1, 12), st.integers(30, 40))),
+        dtype=draw(st.sampled_from(DTYPES)),
+        has_bias=draw(st.booleans()),
+        dropout_p=draw(st.sampled_from([0.0, 0.0, 0.25, 0.6])),
+        noncontig=draw(st.booleans()),
+        blocksize=draw(st.sampled_from([32, 64, 128])),
+        double_quant=draw(st.booleans()),
+        scaling=draw(st.sampled_from([0.5, 2.0, 16.0 / 3.0])),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+def _build(case):
+    gen = torch.Generator().manual_seed(case["seed"])
+    dtype, k, n, r = case["dtype"], case["k"], case["n"], case["r"]
+    weight = quantize_nf4(_randn(gen, (n, k), dtype), blocksize=case["blocksize"], double_quant=case["double_quant"])
+    shape = (*case["lead"], k)
+    if case["noncontig"]:
+        # Every other column of a wider tensor: stride 2 along K, leading dims still flattenable as a view.
+        x = _randn(gen, (*case["lead"], 2 * k), dtype)[..., ::2]
+    else:
+        x = _randn(gen, shape, dtype)
+    lora_a = _randn(gen, (r, k), dtype, 1 / math.sqrt(k))
+    lora_b = _randn(gen, (n, r), dtype, 0.5)
+    bias = _randn(gen, (n,), dtype) if case["has_bias"] else None
+    dy = _randn(gen, (*case["lead"], n), dtype)
+    return weight, x, lora_a, lora_b, bias, dy
+
+
+@examples(25)
+@given(case=layer_cases())
+def test_qlora_linear_matches_oracle(case):
+    """Forward and every gradient of the autograd function against the float64 oracle."""
+    weight, x, lora_a, lora_b, bias, dy = _build(case)
+    dtype, p = case["dtype"], case["dropout_p"]
+    x = x.requires_grad_(True)
+    lora_a.requires_grad_(True)
+    lora_b.requires_grad_(True)
+    if bias is not None:
+        bias.requires_grad_(True)
+    seed = case["seed"] % (2**31)
+    y = qlora_linear(x, weight, lora_a, lora_b, case["scaling"], bias, dropout_p=p, training=True, seed=seed)
+    assert y.dtype == dtype and y.shape == (*case["lead"], case["n"])
+    y.backward(dy)
+    mask = dropout_mask(seed, x.shape, p) if p > 0 else None
+    grads = (x.grad, lora_a.grad, lora_b.grad, None if bias is None else bias.grad)
+    assert all(g is None or g.dtype == dtype for g in grads)
+    assert weight.packed.grad is None
+    _check_against_oracle(x, _dense_weight(weight, dtype), lora_a, lora_b, case["scaling"], bias, mask, dy, y, grads,
+                          dtype)
+
+
+@examples(8)
+@given(case=layer_cases(), split_k=st.sampled_from([2, 4, 8, 16]), group_m=st.sampled_from([1, 2, 3]))
+def test_small_tiles_and_split_k_match_oracle(case, split_k, group_m):
+    """The GPU-style paths under the interpreter: 16-wide tiles (many programs, grouped order, edge masks in every
+    direction), the split-K forward with its float32 workspace and reduction, and a dx launch with small tiles."""
+    weight, x, lora_a, lora_b, bias, dy = _build(case)
+    dtype, p, seed = case["dtype"], case["dropout_p"], case["seed"] % (2**31)
+    x2 = x.reshape(-1, case["k"])
+    dy2 = dy.reshape(-1, case["n"])
+    kw = F._weight_kwargs(weight)
+    cfg = K.MatmulConfig(16, 16, 16, group_m=group_m, split_k=split_k)
+    y, u = K.nf4_lora_forward(x2, lora_a=lora_a, lora_b=lora_b, scaling=case["scaling"], bias=bias, dropout_p=p,
+                              seed=seed, config=cfg, **kw)
+    grads = K.nf4_lora_backward(dy2, x2, u, lora_a=lora_a, lora_b=lora_b, scaling=case["scaling"], dropout_p=p,
+                                seed=seed, need_bias=bias is not None, config=cfg, **kw)
+    mask = K.lora_dropout_mask(seed, x2.shape, p) if p > 0 else None
+    _check_against_oracle(x2, _dense_weight(weight, dtype), lora_a, lora_b, case["scaling"], bias, mask, dy2, y,
+                          grads, dtype)
+
+
+@examples(6)
+@given(case=layer_cases())
+def test_matches_torch_autograd_on_dense_weight(case):
+    """Same outputs and gradients as torch.autograd through F.linear on the dequantized dense weight, computed in
+    float64 (so the bounds are those of the oracle comparison)."""
+    weight, x, lora_a, lora_b, bias, dy = _build(case)
+    dtype, p, seed = case["dtype"], case["dropout_p"], case["seed"] % (2**31)
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, lora_a, lora_b)]
+    bias_leaf = None if bias is None else bias.detach().clone().requires_grad_(True)
+    y = qlora_linear(*leaves[:1], weight, *leaves[1:], case["scaling"], bias_leaf, dropout_p=p, seed=seed)
+    y.backward(dy)
+
+    w64 = torch.from_numpy(_dense_weight(weight, dtype))
+    ref_leaves = [t.detach().double().requires_grad_(True) for t in (x, lora_a, lora_b)]
+    ref_bias = None if bias is None else bias.detach().double().requires_grad_(True)
+    mask = dropout_mask(seed, x.shape, p).double() if p > 0 else torch.ones(x.shape, dtype=torch.float64)
+    xr, ar, br = ref_leaves
+    y_ref = torch.nn.functional.linear(xr, w64, ref_bias) + case["scaling"] * torch.nn.functional.linear(
+        torch.nn.functional.linear(xr * mask, ar), br)
+    y_ref.backward(dy.double())
+    grads = (leaves[0].grad, leaves[1].grad, leaves[2].grad, None if bias is None else bias_leaf.grad)
+    # The oracle comparison already bounds each quantity; here the reference values come from torch instead.
+    ref_y = y_ref.detach().numpy()
+    assert np.allclose(qlora_linear_forward(_np(x), _np(w64), _np(lora_a), _np(lora_b), case["scaling"],
+                                            None if bias is None else _np(bias),
+                                            None if p == 0 else _np(mask)), ref_y, rtol=1e-12, atol=1e-12)
+    _check_against_oracle(x, _np(w64), lora_a, lora_b, case["scaling"], bias, None if p == 0 else mask, dy, y,
+                          grads, dtype)
+    for got, want in zip(grads[:3], ref_leaves):
+        assert got.shape == want.grad.shape
+
+
+def test_dropout_mask_is_a_seeded_bernoulli_mask():
+    m, k, p = 64, 96, 0.3
+    mask = dropout_mask(1234, (2, m // 2, k), p)
+    assert mask.shape == (2, m // 2, k) and mask.dtype == torch.float32
+    scale = torch.tensor(1.0 / (1.0 - p), dtype=torch.float32)
+    assert bool(((mask == 0) | (mask == scale)).all())
+    keep = float((mask != 0).float().mean())
+    # Binomial(6144, 0.7): standard deviation sqrt(0.7 * 0.3 / 6144) = 0.0058; 6 sigma = 0.035.
+    assert abs(keep - (1 - p)) < 0.035
+    assert torch.equal(mask, dropout_mask(1234, (m, k), p).reshape(2, m // 2, k))
+    assert not torch.equal(mask, dropout_mask(1235, (2, m // 2, k), p))
+
+
+def test_dropout_only_in_training_and_seeded_from_torch():
+    gen = torch.Generator().manual_seed(7)
+    weight = quantize_nf4(_randn(gen, (24, 40), torch.float32))
+    x = _randn(gen, (6, 40), torch.float32)
+    a = _randn(gen, (4, 40), torch.float32, 0.2)
+    b = _randn(gen, (24, 4), torch.float32)
+    plain = qlora_linear(x, weight, a, b, 2.0)
+    # Eval mode ignores dropout_p entirely: bit-identical to p = 0.
+    assert torch.equal(qlora_linear(x, weight, a, b, 2.0, dropout_p=0.5, training=False), plain)
+    torch.manual_seed(99)
+    first = qlora_linear(x, weight, a, b, 2.0, dropout_p=0.5)
+    torch.manual_seed(99)
+    again = qlora_linear(x, weight, a, b, 2.0, dropout_p=0.5)
+    assert torch.equal(first, again)
+    assert not torch.equal(first, plain)
+
+
+def _tiny_model(dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    dense = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 8)).to(dtype)
+    model = torch.nn.Sequential(
+        QLoRALinear.from_linear(dense[0], r=4, lora_alpha=8, lora_dropout=0.1),
+        torch.nn.GELU(),
+        QLoRALinear.from_linear(dense[2], r=4, lora_alpha=8),
+    )
+    return model
+
+
+def test_training_reduces_loss_and_merge_matches():
+    model = _tiny_model()
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert trainable == ["0.lora_A", "0.lora_B", "2.lora_A", "2.lora_B"]  # base bias frozen (PEFT bias="none")
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(32, 16, generator=gen)
+    target = torch.randn(32, 8, generator=gen)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-2)
+    model.eval()
+    with torch.no_grad():
+        loss0 = float(torch.nn.functional.mse_loss(model(x), target))
+    model.train()
+    for _ in range(12):
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), target)
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        out = model(x)
+        loss1 = float(torch.nn.functional.mse_loss(out, target))
+        merged = torch.nn.Sequential(model[0].merge(), torch.nn.GELU(), model[2].merge())
+        out_merged = merged(x)
+    assert loss1 < 0.8 * loss0, (loss0, loss1)
+    assert isinstance(merged[0], torch.nn.Linear) and merged[0].weight.dtype == torch.float32
+    # fp32 throughout: the fused layer and the merged dense layer differ only by float32 reassociation
+    # (K + r + 4 roundings of sums of |terms| of size ~ |out| * few), far below 1e-4 for these O(1) values.
+    assert torch.allclose(out, out_merged, rtol=1e-4, atol=1e-4), (out - out_merged).abs().max()
+
+
+def test_trainable_bias_gets_its_gradient():
+    gen = torch.Generator().manual_seed(3)
+    lin = torch.nn.Linear(20, 12).to(torch.bfloat16)
+    layer = QLoRALinear.from_linear(lin, r=2, lora_alpha=4, blocksize=32, double_quant=False)
+    assert layer.bias.requires_grad is False
+    layer.bias.requires_grad_(True)
+    dy = _randn(gen, (3, 5, 12), torch.bfloat16)
+    layer(_randn(gen, (3, 5, 20), torch.bfloat16)).backward(dy)
+    # dbias = sum of dy over 15 rows in float32, rounded once to bf16.
+    want = dy.double().sum((0, 1))
+    assert torch.allclose(layer.bias.grad.double(), want, rtol=2**-8, atol=16 * 2**-24 * 15)
+
+
+def test_module_init_matches_peft_and_base_layer():
+    torch.manual_seed(5)
+    lin = torch.nn.Linear(48, 20)
+    layer = QLoRALinear.from_linear(lin, r=8, lora_alpha=16)
+    assert layer.scaling == 2.0 and layer.r == 8 and layer.in_features == 48 and layer.out_features == 20
+    assert torch.count_nonzero(layer.lora_B) == 0
+    # Kaiming-uniform with a = sqrt(5): bound = gain * sqrt(3 / fan_in), gain = sqrt(2 / (1 + 5)) -> 1 / sqrt(48).
+    bound = 1 / math.sqrt(48)
+    a_max = float(layer.lora_A.detach().abs().max())
+    assert 0.5 * bound < a_max <= bound
+    assert layer.weight.double_quant and layer.weight.blocksize == 64 and layer.weight.shape == (20, 48)
+    assert not any(p.requires_grad for p in [layer.bias])
+    text = repr(layer)
+    for field in ("in_features=48", "out_features=20", "r=8", "lora_alpha=16", "scaling=2", "bias=True",
+                  "blocksize=64", "double_quant=True"):
+        assert field in text
+    x = torch.randn(7, 48)
+    # A fresh adapter adds exactly zero: the layer is the quantized base layer (oracle tolerance with B = 0).
+    y_ref = qlora_linear_forward(_np(x), _dense_weight(layer.weight, torch.float32), _np(layer.lora_A),
+                                 _np(layer.lora_B), 2.0, _np(layer.bias))
+    base = np.abs(_np(x)) @ np.abs(_dense_weight(layer.weight, torch.float32)).T
+    _assert_close("y", layer(x), y_ref, _tol(y_ref, base + np.abs(_np(layer.bias)), 52 * U32, torch.float32))
+
+
+def test_module_dtype_cast_keeps_nf4_weight_and_state_dict_round_trips():
+    torch.manual_seed(6)
+    layer = QLoRALinear.from_linear(torch.nn.Linear(30, 10), r=3, lora_alpha=3)
+    torch.nn.init.normal_(layer.lora_B)
+    layer = layer.to(torch.float16)
+    assert layer.lora_A.dtype == torch.float16 and layer.weight.code.dtype == torch.float32
+    assert layer.weight.absmax.dtype == torch.uint8 and layer.weight.absmax2.dtype == torch.float32
+    x = torch.randn(4, 30).to(torch.float16)
+    state = layer.state_dict()
+    assert {"weight", "weight.absmax", "weight.quant_map", "weight.nested_absmax",
+            "weight.quant_state.bitsandbytes__nf4"} <= set(state)
+    fresh = QLoRALinear.from_linear(torch.nn.Linear(30, 10), r=3, lora_alpha=3).to(torch.float16)
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh(x), layer(x))
+    with pytest.raises(RuntimeError, match="weight"):
+        QLoRALinear.from_linear(torch.nn.Linear(30, 11), r=3, lora_alpha=3).load_state_dict(state)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Bad inputs
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small():
+    gen = torch.Generator().manual_seed(11)
+    weight = quantize_nf4(_randn(gen, (12, 20), torch.bfloat16))
+    return dict(x=_randn(gen, (3, 20), torch.bfloat16), weight=weight, a=_randn(gen, (4, 20), torch.bfloat16),
+                b=_randn(gen, (12, 4), torch.bfloat16), bias=_randn(gen, (12,), torch.bfloat16))
+
+
+@pytest.mark.parametrize("change, error, message", [
+    (dict(weight=torch.zeros(12, 20)), TypeError, "weight must be a qlora.nf4.NF4Weight"),
+    (dict(x=torch.zeros(3, 21, dtype=torch.bfloat16)), ValueError, r"x must have shape \(\.\.\., 20\)"),
+    (dict(x=torch.zeros(3, 20, dtype=torch.int32)), TypeError, "x must be float32, float16 or bfloat16"),
+    (dict(x=[[0.0] * 20]), TypeError, "x must be a torch.Tensor"),
+    (dict(a=torch.zeros(4, 19, dtype=torch.bfloat16)), ValueError, r"lora_A must have shape \(r, 20\)"),
+    (dict(a=torch.zeros(0, 20, dtype=torch.bfloat16)), ValueError, "lora_A must have shape .* r >= 1"),
+    (dict(b=torch.zeros(12, 5, dtype=torch.bfloat16)), ValueError, r"lora_B must have shape \(12, 4\)"),
+    (dict(b=torch.zeros(11, 4, dtype=torch.bfloat16)), ValueError, r"lora_B must have shape \(12, 4\)"),
+    (dict(a=torch.zeros(4, 20)), TypeError, "lora_A has dtype float32 but x has bfloat16"),
+    (dict(b=torch.zeros(12, 4, dtype=torch.float16)), TypeError, "lora_B has dtype float16 but x has bfloat16"),
+    (dict(bias=torch.zeros(12)), TypeError, "bias has dtype float32 but x has bfloat16"),
+    (dict(bias=torch.zeros(13, dtype=torch.bfloat16)), ValueError, r"bias must have shape \(12,\)"),
+    (dict(x=torch.zeros(3, 20, dtype=torch.bfloat16, device="meta")), ValueError, "x is on meta"),
+    (dict(scaling=float("nan")), TypeError, "scaling must be a finite real number"),
+    (dict(scaling="2"), TypeError, "scaling must be a finite real number"),
+    (dict(dropout_p=1.0), ValueError, r"dropout_p must be a number in \[0, 1\)"),
+    (dict(dropout_p=-0.1), ValueError, r"dropout_p must be a number in \[0, 1\)"),
+    (dict(training=1), TypeError, "training must be a bool"),
+    (dict(seed=-1), ValueError, "seed must be None or an int"),
+])
+def test_qlora_linear_rejects_bad_inputs(small, change, error, message):
+    args = dict(x=small["x"], weight=small["weight"], a=small["a"], b=small["b"], scaling=2.0, bias=small["bias"],
+                dropout_p=0.1, training=True, seed=None)
+    args.update(change)
+    with pytest.raises(error, match=message):
+        qlora_linear(args["x"], args["weight"], args["a"], args["b"], args["scaling"], args["bias"],
+                     dropout_p=args["dropout_p"], training=args["training"], seed=args["seed"])
+
+
+def test_kernel_launchers_reject_bad_inputs(small):
+    kw = F._weight_kwargs(small["weight"])
+    x, a, b = small["x"], small["a"], small["b"]
+    with pytest.raises(ValueError, match="packed must hold 120 bytes"):
+        K.nf4_lora_forward(x, lora_a=a, lora_b=b, scaling=1.0, **{**kw, "packed": kw["packed"][:-1]})
+    with pytest.raises(TypeError, match="absmax must have dtype in \\(uint8\\)"):
+        K.nf4_lora_forward(x, lora_a=a, lora_b=b, scaling=1.0, **{**kw, "absmax": kw["absmax"].float()})
+    with pytest.raises(ValueError, match="absmax2, offset and nested_code must be given together"):
+        K.nf4_lora_forward(x, lora_a=a, lora_b=b, scaling=1.0, **{**kw, "offset": None})
+    with pytest.raises(ValueError, match="blocksize must be one of"):
+        K.nf4_lora_forward(x, lora_a=a, lora_b=b, scaling=1.0, **{**kw, "blocksize": 48})
+    with pytest.raises(ValueError, match="config.split_k must be one of"):
+        K.nf4_lora_forward(x, lora_a=a, lora_b=b, scaling=1.0, config=K.MatmulConfig(16, 16, 16, split_k=3), **kw)
+    with pytest.raises(ValueError, match="u must be contiguous float32 of shape"):
+        K.nf4_lora_backward(torch.zeros(3, 12, dtype=torch.bfloat16), x, torch.zeros(3, 5), lora_a=a, lora_b=b,
+                            scaling=1.0, **kw)
+    with pytest.raises(TypeError, match="dy must have dtype in \\(float16\\)|dy must have dtype in \\(bfloat16\\)"):
+        K.nf4_lora_backward(torch.zeros(3, 12), x, torch.zeros(3, 4), lora_a=a, lora_b=b, scaling=1.0, **kw)
+    with pytest.raises(ValueError, match="seed must be an int"):
+        K.lora_dropout_mask(2**31, (2, 2), 0.5)
+    with pytest.raises(ValueError, match=r"p must be in \[0.0, 1.0\)"):
+        K.lora_dropout_mask(0, (2, 2), 1.0)
+
+
+def test_module_rejects_bad_arguments():
+    lin = torch.nn.Linear(8, 4)
+    with pytest.raises(TypeError, match="linear must be a torch.nn.Linear"):
+        QLoRALinear.from_linear(torch.nn.Conv1d(8, 4, 1), r=2, lora_alpha=2)
+    with pytest.raises(ValueError, match="r must be an int >= 1"):
+        QLoRALinear.from_linear(lin, r=0, lora_alpha=2)
+    with pytest.raises(ValueError, match=r"lora_dropout must be a number in \[0, 1\)"):
+        QLoRALinear.from_linear(lin, r=2, lora_alpha=2, lora_dropout=1.5)
+    with pytest.raises(TypeError, match="lora_alpha must be a finite real number"):
+        QLoRALinear.from_linear(lin, r=2, lora_alpha=float("inf"))
+    with pytest.raises(ValueError, match="blocksize must be one of"):
+        QLoRALinear.from_linear(lin, r=2, lora_alpha=2, blocksize=100)
+    with pytest.raises(TypeError, match="weight must be a qlora.nf4.NF4Weight"):
+        QLoRALinear(lin.weight, r=2, lora_alpha=2)
+    layer = QLoRALinear.from_linear(lin, r=2, lora_alpha=2)
+    with pytest.raises(TypeError, match="lora_A has dtype float32 but x has float16"):
+        layer(torch.zeros(2, 8, dtype=torch.float16))
+
+
+def test_compile_specs_cover_every_kernel_argument():
+    """Each spec names every argument of its kernel and gives every constexpr a value (compiled in
+    tests/test_perf_static.py / `python -m perf static`)."""
+    specs = K.compile_specs()
+    names = {s.name for s in specs}
+    assert len(names) == len(specs)
+    kernels = {s.fn for s in specs}
+    assert {K._nf4_lora_fwd_kernel, K._nf4_lora_bwd_dx_kernel, K._lora_down_kernel, K._lora_grad_kernel,
+            K._split_k_reduce_kernel, K._dropout_mask_kernel} <= kernels
+    for spec in specs:
+        assert list(spec.signature) == list(spec.fn.arg_names), spec.name
+        constexprs = {k for k, v in spec.signature.items() if v == "constexpr"}
+        assert constexprs == set(spec.constexprs), spec.name
+    configs = {c for arch in K.GPU_CONFIGS.values() for c in arch}
+    assert {s.name for s in specs if s.name.startswith("nf4_lora_fwd_m")} == {
+        f"nf4_lora_fwd_m{c.block_m}n{c.block_n}k{c.block_k}w{c.num_warps}s{c.num_stages}" for c in configs}
