@@ -1,0 +1,372 @@
+"""Fused AdamW steps: 32-bit states, and 8-bit blockwise-quantized states (SPEC section 7).
+
+One kernel launch per parameter tensor (or per page-sized chunk of one) updates the parameter and both
+moments, reading and writing every byte once:
+
+- :func:`adamw_step_`: float32 ``exp_avg``/``exp_avg_sq``; the parameter (float32, float16 or bfloat16) is
+  updated in float32 and rounded back to its dtype.
+- :func:`adamw8bit_step_`: ``exp_avg`` held as uint8 codes of the signed dynamic map and
+  ``exp_avg_sq`` as codes of the unsigned one, each with one float32 absmax per 256 elements. A program
+  owns whole 256-element blocks: it dequantizes them, updates in float32, reduces the block's new absmax
+  and requantizes, so the state never round-trips through memory in float32.
+
+Arithmetic (both kernels, and the oracle's ``adamw8bit_step``): the host turns the hyperparameters into
+float32 scalars once per step, computed in float64 and rounded once (:func:`step_scalars`); per element every
+float32 operation is rounded on its own (``enable_fp_fusion=False``, ``div_rn``/``sqrt_rn``)::
+
+    p = p * decay;  m = b1*m + c1*g;  v = b2*v + c2*(g*g)
+    p = p - step_size * (m / (sqrt(v) / bc2_sqrt + eps))
+
+The scalars are runtime arguments, so an lr scheduler changing ``lr`` or the step count recompiles nothing.
+NaN/Inf gradients are not rejected: as in ``torch.optim.AdamW`` they propagate into the parameter and the
+moments, elementwise in the 32-bit step. A quantized block cannot hold one non-finite element, so in the 8-bit
+step a block of ``m`` or ``v`` that turns NaN or infinite is stored as codes of 0.0 with absmax NaN and decodes
+to NaN throughout at the next step (the oracle's rule, ``qlora.reference.optim.adamw8bit_step``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
+from ._runtime import interpreter_active
+from ._static import KernelSpec
+
+QBLOCK = 256  # 8-bit state blocksize (SPEC section 7)
+
+# GPU launch configs: 1024 elements per program, 8 warps, so 4 elements per thread (16-byte fp32 accesses).
+# With 4 warps the 8-bit step (two binary searches per element) spills on sm_80; 8 warps keep it in 48 registers.
+_GPU_BLOCK_32 = 1024
+_GPU_WARPS_32 = 8
+_GPU_QBLOCKS_8 = 4
+_GPU_WARPS_8 = 8
+# Under the interpreter the cost is per program instance: give each program a large slab.
+_INTERP_MAX_BLOCK = 1 << 18
+
+
+class StepScalars(NamedTuple):
+    """Per-step float32 scalars (as Python floats holding float32 values) shared by every element."""
+
+    decay: float
+    beta1: float
+    beta2: float
+    c1: float
+    c2: float
+    step_size: float
+    bc2_sqrt: float
+    eps: float
+
+
+def _f32(x: float) -> float:
+    with np.errstate(over="ignore"):
+        return float(np.float32(x))
+
+
+def step_scalars(step: int, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float) -> StepScalars:
+    """The host side of one AdamW step: each scalar computed in float64 and rounded once to float32.
+
+    ``decay = 1 - lr*wd``, ``c1 = 1 - b1``, ``c2 = 1 - b2``, ``step_size = lr / (1 - b1**t)``,
+    ``bc2_sqrt = sqrt(1 - b2**t)``; ``b1``, ``b2`` and ``eps`` are rounded to float32 as given. A scalar
+    that overflows float32 is rejected with ValueError.
+    """
+    scalars = StepScalars(
+        decay=_f32(1.0 - lr * weight_decay),
+        beta1=_f32(beta1),
+        beta2=_f32(beta2),
+        c1=_f32(1.0 - beta1),
+        c2=_f32(1.0 - beta2),
+        step_size=_f32(lr / (1.0 - beta1**step)),
+        bc2_sqrt=_f32(math.sqrt(1.0 - beta2**step)),
+        eps=_f32(eps),
+    )
+    for name, value in scalars._asdict().items():
+        if not math.isfinite(value):
+            raise ValueError(f"lr, eps and weight_decay must keep the float32 step scalars finite; {name} overflows")
+    return scalars
+
+
+@triton.jit
+def _to_param_dtype(x, p_ptr):
+    """Round float32 ``x`` to the parameter's dtype, to nearest, ties to even.
+
+    bfloat16 is rounded with integer arithmetic on the bits: the Triton interpreter's own float32 ->
+    bfloat16 conversion does not round to nearest-even, and this gives the same bits on a GPU.
+    """
+    if p_ptr.dtype.element_ty == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
+        bits = tl.where(x != x, 0x7FC0, bits)  # a NaN stays a (quiet) NaN
+        return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(p_ptr.dtype.element_ty)
+
+
+@triton.jit
+def _adamw32_kernel(
+    p_ptr, g_ptr, m_ptr, v_ptr, n,
+    decay, beta1, beta2, c1, c2, step_size, bc2_sqrt, eps,
+    BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    m = tl.load(m_ptr + offs, mask=mask, other=0.0)
+    v = tl.load(v_ptr + offs, mask=mask, other=0.0)
+    p = p * decay
+    m = beta1 * m + c1 * g
+    v = beta2 * v + c2 * (g * g)
+    denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
+    p = p - step_size * tl.div_rn(m, denom)
+    tl.store(p_ptr + offs, _to_param_dtype(p, p_ptr), mask=mask)
+    tl.store(m_ptr + offs, m, mask=mask)
+    tl.store(v_ptr + offs, v, mask=mask)
+
+
+@triton.jit
+def _quantize_rows(x, valid, mid_ptr, ZERO_CODE: tl.constexpr):
+    """Requantize a (blocks, QBLOCK) float32 tile: per-row absmax and the nearest-code search.
+
+    A block holding a NaN or an infinity cannot be represented: it gets absmax NaN and the codes of 0.0,
+    so it decodes to NaN throughout (the oracle's rule). Codes count the float32 midpoints strictly below
+    ``x * (1/absmax)`` by a branchless binary search over the 256-entry table (255 midpoints padded with
+    +inf): ties go to the lower code. A block whose ``1/absmax`` is not finite takes the code of 0.0.
+    """
+    a = tl.where(valid, tl.abs(x), 0.0)
+    nonfinite = tl.max((~(a < float("inf"))).to(tl.int32), axis=1) > 0  # NaN compares false too
+    absmax = tl.where(nonfinite, float("nan"), tl.max(a, axis=1))
+    inv = tl.div_rn(tl.full(absmax.shape, 1.0, tl.float32), absmax)
+    scalable = tl.abs(inv) < float("inf")  # false for inf and NaN
+    s = x * inv[:, None]
+    code = tl.zeros(x.shape, tl.int32)
+    for k in tl.static_range(8):
+        below = tl.load(mid_ptr + (code + ((128 >> k) - 1))) < s
+        code = tl.where(below, code + (128 >> k), code)
+    code = tl.where(scalable[:, None], code, ZERO_CODE)
+    return code.to(tl.uint8), absmax
+
+
+@triton.jit
+def _adamw8bit_kernel(
+    p_ptr, g_ptr, mq_ptr, mabs_ptr, vq_ptr, vabs_ptr,
+    smap_ptr, smid_ptr, umap_ptr, umid_ptr, n,
+    decay, beta1, beta2, c1, c2, step_size, bc2_sqrt, eps,
+    QBLOCK: tl.constexpr, QBLOCKS: tl.constexpr, SIGNED_ZERO: tl.constexpr, UNSIGNED_ZERO: tl.constexpr,
+):
+    blk = tl.program_id(0).to(tl.int64) * QBLOCKS + tl.arange(0, QBLOCKS)
+    offs = blk[:, None] * QBLOCK + tl.arange(0, QBLOCK)[None, :]
+    mask = offs < n
+    bmask = blk * QBLOCK < n
+    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    mq = tl.load(mq_ptr + offs, mask=mask, other=SIGNED_ZERO).to(tl.int32)
+    vq = tl.load(vq_ptr + offs, mask=mask, other=UNSIGNED_ZERO).to(tl.int32)
+    mabs = tl.load(mabs_ptr + blk, mask=bmask, other=0.0)
+    vabs = tl.load(vabs_ptr + blk, mask=bmask, other=0.0)
+    m = tl.load(smap_ptr + mq) * mabs[:, None]
+    v = tl.load(umap_ptr + vq) * vabs[:, None]
+    p = p * decay
+    m = beta1 * m + c1 * g
+    v = beta2 * v + c2 * (g * g)
+    denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
+    p = p - step_size * tl.div_rn(m, denom)
+    tl.store(p_ptr + offs, _to_param_dtype(p, p_ptr), mask=mask)
+    mq, mabs = _quantize_rows(m, mask, smid_ptr, SIGNED_ZERO)
+    vq, vabs = _quantize_rows(v, mask, umid_ptr, UNSIGNED_ZERO)
+    tl.store(mq_ptr + offs, mq, mask=mask)
+    tl.store(vq_ptr + offs, vq, mask=mask)
+    tl.store(mabs_ptr + blk, mabs, mask=bmask)
+    tl.store(vabs_ptr + blk, vabs, mask=bmask)
+
+
+# --- dynamic maps -----------------------------------------------------------------------------------
+
+_TABLES: dict[tuple[bool, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def dynamic_tables(signed: bool, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(map, midpoints)`` for the signed or unsigned dynamic map on ``device``, cached.
+
+    ``map`` is float32 (256,) sorted ascending; ``midpoints`` is float32 (256,): ``(map[i] + map[i+1]) / 2``
+    computed in float32 for i < 255, then ``+inf`` so a 256-entry binary search never runs past the end.
+    """
+    device = torch.device(device)
+    key = (bool(signed), device)
+    if key not in _TABLES:
+        from .codebook import dynamic_map
+
+        values = dynamic_map(signed=bool(signed), device=device).to(torch.float32).contiguous()
+        if values.shape != (256,):
+            raise ValueError(f"dynamic map must have 256 entries, got shape {tuple(values.shape)}")
+        mids = torch.full((256,), float("inf"), dtype=torch.float32, device=device)
+        mids[:255] = (values[:-1] + values[1:]) / 2
+        _TABLES[key] = (values, mids)
+    return _TABLES[key]
+
+
+def zero_code(signed: bool) -> int:
+    """Code of 0.0 in the dynamic map: 127 signed (127 negatives below it), 0 unsigned."""
+    return 127 if signed else 0
+
+
+# --- launchers --------------------------------------------------------------------------------------
+
+
+def _check_scalars(step, lr, beta1, beta2, eps, weight_decay) -> None:
+    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+        raise ValueError(f"step must be an int >= 1, got {step!r}")
+    for name, value in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    for name, value in (("beta1", beta1), ("beta2", beta2)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+
+
+def _check_param_grad(param: torch.Tensor, grad: torch.Tensor) -> None:
+    check_tensor("param", param, FLOAT_DTYPES)
+    check_tensor("grad", grad, FLOAT_DTYPES)
+    if grad.shape != param.shape:
+        raise ValueError(f"grad must have the shape of param {tuple(param.shape)}, got {tuple(grad.shape)}")
+    if not param.is_contiguous():
+        raise ValueError("param must be contiguous (the step updates it in place)")
+
+
+def _check_state(name: str, t: torch.Tensor, dtype: torch.dtype, numel: int) -> None:
+    check_tensor(name, t, (dtype,))
+    if t.numel() != numel:
+        raise ValueError(f"{name} must have {numel} elements, got {t.numel()}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (the step updates it in place)")
+
+
+def adamw_step_(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    *,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """One AdamW step in place, 32-bit states.
+
+    ``param``: float32/float16/bfloat16, contiguous, any shape; ``grad``: same shape, float32/16/bf16;
+    ``exp_avg``, ``exp_avg_sq``: float32 with ``param.numel()`` elements, contiguous. ``step`` is the
+    1-based count including this step. All on the kernels' device. Returns nothing.
+    """
+    _check_param_grad(param, grad)
+    n = param.numel()
+    _check_state("exp_avg", exp_avg, torch.float32, n)
+    _check_state("exp_avg_sq", exp_avg_sq, torch.float32, n)
+    check_same_device(param=param, grad=grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
+    _check_scalars(step, lr, beta1, beta2, eps, weight_decay)
+    if n == 0:
+        return
+    s = step_scalars(step, lr, beta1, beta2, eps, weight_decay)
+    if interpreter_active():
+        block, warps = min(_INTERP_MAX_BLOCK, triton.next_power_of_2(n)), 1
+    else:
+        block, warps = _GPU_BLOCK_32, _GPU_WARPS_32
+    _adamw32_kernel[(triton.cdiv(n, block),)](
+        param, grad.contiguous(), exp_avg, exp_avg_sq, n, *s,
+        BLOCK=block, num_warps=warps, enable_fp_fusion=False,
+    )
+
+
+def adamw8bit_step_(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg_codes: torch.Tensor,
+    exp_avg_absmax: torch.Tensor,
+    exp_avg_sq_codes: torch.Tensor,
+    exp_avg_sq_absmax: torch.Tensor,
+    *,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """One 8-bit AdamW step in place (blocksize 256).
+
+    ``param``: float32/float16/bfloat16, contiguous, n elements; ``grad``: same shape; ``exp_avg_codes``:
+    uint8 (n,) codes of the signed dynamic map; ``exp_avg_sq_codes``: uint8 (n,) codes of the unsigned
+    map; ``*_absmax``: float32 (ceil(n/256),) one scale per block of 256 consecutive elements. A moment is
+    ``map[code] * absmax`` (one float32 multiply). After the update each block is requantized: ``absmax =
+    max|x|``, ``code`` = number of float32 midpoints of the map strictly below ``x * (1/absmax)``; a block
+    whose ``1/absmax`` is not finite takes the code of 0.0 (127 signed, 0 unsigned), and a block holding a
+    NaN or an infinity is stored as codes of 0.0 with absmax NaN. The state of a fresh parameter is all
+    codes of 0.0 with absmax 0. Bit-exact with ``qlora.reference.optim.adamw8bit_step``.
+    """
+    _check_param_grad(param, grad)
+    n = param.numel()
+    nblocks = triton.cdiv(n, QBLOCK)
+    _check_state("exp_avg_codes", exp_avg_codes, torch.uint8, n)
+    _check_state("exp_avg_absmax", exp_avg_absmax, torch.float32, nblocks)
+    _check_state("exp_avg_sq_codes", exp_avg_sq_codes, torch.uint8, n)
+    _check_state("exp_avg_sq_absmax", exp_avg_sq_absmax, torch.float32, nblocks)
+    check_same_device(
+        param=param, grad=grad, exp_avg_codes=exp_avg_codes, exp_avg_absmax=exp_avg_absmax,
+        exp_avg_sq_codes=exp_avg_sq_codes, exp_avg_sq_absmax=exp_avg_sq_absmax,
+    )
+    _check_scalars(step, lr, beta1, beta2, eps, weight_decay)
+    if n == 0:
+        return
+    s = step_scalars(step, lr, beta1, beta2, eps, weight_decay)
+    smap, smid = dynamic_tables(True, param.device)
+    umap, umid = dynamic_tables(False, param.device)
+    if interpreter_active():
+        qblocks, warps = min(_INTERP_MAX_BLOCK // QBLOCK, triton.next_power_of_2(nblocks)), 1
+    else:
+        qblocks, warps = _GPU_QBLOCKS_8, _GPU_WARPS_8
+    _adamw8bit_kernel[(triton.cdiv(nblocks, qblocks),)](
+        param, grad.contiguous(), exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes, exp_avg_sq_absmax,
+        smap, smid, umap, umid, n, *s,
+        QBLOCK=QBLOCK, QBLOCKS=qblocks, SIGNED_ZERO=zero_code(True), UNSIGNED_ZERO=zero_code(False),
+        num_warps=warps, enable_fp_fusion=False,
+    )
+
+
+# --- static compile specs ----------------------------------------------------------------------------
+
+_SCALAR_SIG = {name: "fp32" for name in StepScalars._fields}
+_TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def compile_specs() -> list[KernelSpec]:
+    """One spec per kernel, parameter dtype and GPU launch config (no fp fusion, as launched)."""
+    specs = []
+    for dtype, ty in _TRITON_DTYPES.items():
+        specs.append(KernelSpec(
+            name=f"adamw32_{ty}",
+            fn=_adamw32_kernel,
+            signature={"p_ptr": f"*{ty}", "g_ptr": f"*{ty}", "m_ptr": "*fp32", "v_ptr": "*fp32", "n": "i64",
+                       **_SCALAR_SIG, "BLOCK": "constexpr"},
+            constexprs={"BLOCK": _GPU_BLOCK_32},
+            options={"num_warps": _GPU_WARPS_32, "enable_fp_fusion": False},
+        ))
+        specs.append(KernelSpec(
+            name=f"adamw8bit_{ty}",
+            fn=_adamw8bit_kernel,
+            signature={"p_ptr": f"*{ty}", "g_ptr": f"*{ty}", "mq_ptr": "*u8", "mabs_ptr": "*fp32",
+                       "vq_ptr": "*u8", "vabs_ptr": "*fp32", "smap_ptr": "*fp32", "smid_ptr": "*fp32",
+                       "umap_ptr": "*fp32", "umid_ptr": "*fp32", "n": "i64", **_SCALAR_SIG,
+                       "QBLOCK": "constexpr", "QBLOCKS": "constexpr", "SIGNED_ZERO": "constexpr",
+                       "UNSIGNED_ZERO": "constexpr"},
+            constexprs={"QBLOCK": QBLOCK, "QBLOCKS": _GPU_QBLOCKS_8, "SIGNED_ZERO": zero_code(True),
+                        "UNSIGNED_ZERO": zero_code(False)},
+            options={"num_warps": _GPU_WARPS_8, "enable_fp_fusion": False},
+        ))
+    return specs

@@ -1,0 +1,459 @@
+"""AdamW optimizers on the Triton step kernels: 8-bit states, and states paged out of GPU memory.
+
+- :class:`AdamW8bit`: ``torch.optim.AdamW`` with both moments stored blockwise-quantized to 8 bits
+  (SPEC section 7); tensors under ``min_8bit_size`` (4096) elements keep float32 moments.
+- :class:`PagedAdamW`: AdamW with float32 moments, paged (see :mod:`qlora.paging`).
+- :class:`PagedAdamW8bit`: both at once.
+
+All are ``torch.optim.Optimizer`` subclasses: parameter groups, ``zero_grad``, closures, lr schedulers
+(hyperparameters are runtime kernel arguments, so changing them recompiles nothing), ``state_dict()`` /
+``load_state_dict()``. The update is PyTorch's AdamW (decoupled decay before the update) with the float32
+arithmetic of :mod:`qlora.kernels.optim`; parameters may be float32, float16 or bfloat16 and are updated in
+float32 (moments are always float32 or 8-bit, whatever the parameter dtype).
+
+Paging (``paging=``): ``"auto"`` picks ``"unified"`` (CUDA managed memory) where the GPU supports concurrent
+managed access, else ``"host"`` (pinned host memory streamed through ``num_pages`` device pages of
+``page_size`` bytes); CPU parameters (the Triton interpreter) use ``"host"``. ``"none"`` keeps every state
+resident. Tensors under ``min_paged_size`` elements stay resident either way. A paged step equals the
+resident step bit for bit; :meth:`memory_report` gives the device budget and what moved in the last step.
+
+State per parameter (what ``state_dict()`` saves, 8-bit states in their quantized form):
+``step`` (int); float32 moments ``exp_avg``, ``exp_avg_sq`` (the parameter's shape, as in
+``torch.optim.AdamW``); or 8-bit ``exp_avg_codes``, ``exp_avg_sq_codes`` (uint8, the parameter's shape,
+codes of the signed / unsigned dynamic map) with ``exp_avg_absmax``, ``exp_avg_sq_absmax`` (float32,
+one per 256 elements). Paged states are backed by host (or managed) memory: call :meth:`synchronize`
+before reading ``optimizer.state`` directly on a GPU (``state_dict()`` does it).
+
+Gradients: parameters whose ``grad`` is None are skipped; sparse gradients are rejected (TypeError).
+NaN/Inf gradients are not checked, as in ``torch.optim.AdamW``: they propagate into the parameter. With
+float32 moments that stays elementwise, exactly as in PyTorch; an 8-bit moment block that turns non-finite
+is stored as NaN and turns its whole 256-element block of parameters NaN at the next step (see
+:func:`qlora.kernels.optim.adamw8bit_step_`).
+"""
+
+from __future__ import annotations
+
+import math
+from itertools import chain
+from typing import Any, Iterable
+
+import torch
+
+from .kernels import optim as _kernels
+from .kernels._checks import FLOAT_DTYPES, check_backend_device
+from .paging import MIN_PAGE_SIZE, PAGE_ALIGN, FieldSpec, HostPager, Pager, UnifiedPager, managed_supported
+
+__all__ = ["AdamW8bit", "PagedAdamW", "PagedAdamW8bit"]
+
+PAGING_MODES = ("auto", "unified", "host", "none")
+DEFAULT_PAGE_SIZE = 8 << 20  # bytes; 4 pages = 32 MiB of device memory for paged state
+DEFAULT_NUM_PAGES = 4
+DEFAULT_MIN_PAGED_SIZE = 100_000  # elements, as bitsandbytes: smaller states are not worth a transfer
+DEFAULT_MIN_8BIT_SIZE = 4096  # elements (SPEC 7)
+
+FIELDS_32BIT = (FieldSpec("exp_avg", torch.float32), FieldSpec("exp_avg_sq", torch.float32))
+FIELDS_8BIT = (
+    FieldSpec("exp_avg_codes", torch.uint8),
+    FieldSpec("exp_avg_absmax", torch.float32, _kernels.QBLOCK),
+    FieldSpec("exp_avg_sq_codes", torch.uint8),
+    FieldSpec("exp_avg_sq_absmax", torch.float32, _kernels.QBLOCK),
+)
+_FORMAT_NAMES = {
+    FIELDS_32BIT: "32-bit (exp_avg, exp_avg_sq)",
+    FIELDS_8BIT: "8-bit (exp_avg_codes/absmax, exp_avg_sq_codes/absmax)",
+}
+
+
+def _number(name: str, value) -> float:
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point():
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def _hyperparameters(lr, betas, eps, weight_decay, where: str = "") -> tuple[float, float, float, float, float]:
+    """Validated ``(lr, beta1, beta2, eps, weight_decay)``; ``where`` names the parameter group in messages."""
+    lr = _number(f"lr{where}", lr)
+    if lr < 0:
+        raise ValueError(f"lr{where} must be >= 0, got {lr}")
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise TypeError(f"betas{where} must be a pair (beta1, beta2), got {betas!r}")
+    beta1, beta2 = _number(f"betas[0]{where}", betas[0]), _number(f"betas[1]{where}", betas[1])
+    for i, b in enumerate((beta1, beta2)):
+        if not 0.0 <= b < 1.0:
+            raise ValueError(f"betas[{i}]{where} must be in [0, 1), got {b}")
+    eps = _number(f"eps{where}", eps)
+    if eps < 0:
+        raise ValueError(f"eps{where} must be >= 0, got {eps}")
+    weight_decay = _number(f"weight_decay{where}", weight_decay)
+    if weight_decay < 0:
+        raise ValueError(f"weight_decay{where} must be >= 0, got {weight_decay}")
+    return lr, beta1, beta2, eps, weight_decay
+
+
+def _count(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+class _TritonAdamW(torch.optim.Optimizer):
+    """Shared machinery: state layout per parameter, resident or paged storage, the step walk."""
+
+    def __init__(
+        self,
+        params,
+        lr: float,
+        betas: tuple[float, float],
+        eps: float,
+        weight_decay: float,
+        *,
+        optim_bits: int,
+        paging: str,
+        page_size: int,
+        num_pages: int,
+        min_paged_size: int,
+        min_8bit_size: int,
+    ):
+        lr, beta1, beta2, eps, weight_decay = _hyperparameters(lr, betas, eps, weight_decay)
+        if paging not in PAGING_MODES:
+            raise ValueError(f"paging must be one of {PAGING_MODES}, got {paging!r}")
+        self._optim_bits = optim_bits
+        self._paging = paging
+        self._page_size = _count("page_size", page_size, MIN_PAGE_SIZE)
+        if page_size % PAGE_ALIGN:
+            raise ValueError(f"page_size must be a multiple of {PAGE_ALIGN} bytes, got {page_size}")
+        self._num_pages = _count("num_pages", num_pages, 2)  # two at least: one computes while one moves
+        self._min_paged_size = _count("min_paged_size", min_paged_size, 0)
+        self._min_8bit_size = _count("min_8bit_size", min_8bit_size, 0)
+        self._pagers: dict[torch.device, Pager] = {}
+        self._resident: dict[int, dict[str, torch.Tensor]] = {}  # id(param) -> flat state tensors
+        defaults = dict(lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay)
+        super().__init__(params, defaults)
+
+    # -- parameter groups ------------------------------------------------------------------------
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        where = f" (parameter group {len(self.param_groups) - 1})"
+        try:
+            _hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"], where)
+            for i, p in enumerate(group["params"]):
+                if not p.is_floating_point() or p.dtype not in FLOAT_DTYPES:
+                    raise TypeError(
+                        f"params must be float32, float16 or bfloat16 tensors; parameter {i} of group "
+                        f"{len(self.param_groups) - 1} has dtype {str(p.dtype).replace('torch.', '')}"
+                    )
+                if self._paging == "unified" and p.device.type != "cuda":
+                    raise ValueError(
+                        f"paging='unified' needs CUDA parameters; parameter {i} of group "
+                        f"{len(self.param_groups) - 1} is on {p.device}"
+                    )
+        except (TypeError, ValueError):
+            self.param_groups.pop()
+            raise
+
+    # -- layout ----------------------------------------------------------------------------------
+    def _fields(self, p: torch.Tensor) -> tuple[FieldSpec, ...]:
+        if self._optim_bits == 8 and p.numel() >= self._min_8bit_size:
+            return FIELDS_8BIT
+        return FIELDS_32BIT
+
+    def _pager(self, device: torch.device) -> Pager | None:
+        """The pager of ``device`` (created on first use), or None where ``paging="none"``."""
+        if self._paging == "none":
+            return None
+        if device not in self._pagers:
+            backend = self._paging
+            if backend == "auto":
+                backend = "unified" if managed_supported(device) else "host"
+            cls = UnifiedPager if backend == "unified" else HostPager
+            self._pagers[device] = cls(device, self._page_size, self._num_pages)
+        return self._pagers[device]
+
+    def _storage(self, p: torch.Tensor, create: bool) -> dict[str, torch.Tensor] | None:
+        """Flat state tensors of ``p`` (paged or resident); zeroed fresh ones when ``create``."""
+        key = id(p)
+        for pager in self._pagers.values():
+            if key in pager.states:
+                return pager.states[key].tensors
+        if key in self._resident:
+            return self._resident[key]
+        if not create:
+            return None
+        fields = self._fields(p)
+        n = p.numel()
+        pager = self._pager(p.device) if n and n >= self._min_paged_size else None
+        if pager is not None:
+            return pager.register(key, n, fields).tensors
+        tensors = {f.name: torch.zeros(f.count(n), dtype=f.dtype, device=p.device) for f in fields}
+        self._resident[key] = tensors
+        return tensors
+
+    def _attach(self, p: torch.Tensor, tensors: dict[str, torch.Tensor], step: int) -> None:
+        """Expose the flat storage in ``self.state[p]``: element fields in ``p``'s shape, absmax flat."""
+        state = {"step": step}
+        for f in self._fields(p):
+            t = tensors[f.name]
+            state[f.name] = t.view(p.shape) if f.unit == 1 else t
+        self.state[p] = state
+
+    def _init_state(self, p: torch.Tensor) -> None:
+        tensors = self._storage(p, create=True)
+        for f in self._fields(p):
+            tensors[f.name].fill_(_kernels.zero_code(f.name == "exp_avg_codes") if f.dtype == torch.uint8 else 0)
+        self._attach(p, tensors, 0)
+
+    # -- the step --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One AdamW step for every parameter with a gradient; returns ``closure()``'s loss if given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = []  # (param, grad, hyperparameters), all validated before any state changes
+        for gi, group in enumerate(self.param_groups):
+            hp = _hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"],
+                                  f" (parameter group {gi})")
+            for pi, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                where = f"parameter {pi} of group {gi}"
+                if grad.is_sparse:
+                    raise TypeError(f"{type(self).__name__} does not support sparse gradients ({where})")
+                if grad.shape != p.shape or grad.dtype not in FLOAT_DTYPES or grad.device != p.device:
+                    raise ValueError(
+                        f"grad of {where} must be a float tensor of the parameter's shape {tuple(p.shape)} on "
+                        f"{p.device}, got {str(grad.dtype).replace('torch.', '')} {tuple(grad.shape)} on {grad.device}"
+                    )
+                check_backend_device(where, p)
+                work.append((p, grad, hp))
+        resident, paged = [], {}
+        for p, grad, hp in work:
+            if not self.state[p]:
+                self._init_state(p)
+            self.state[p]["step"] += 1
+            if any(id(p) in pager.states for pager in self._pagers.values()):
+                paged[id(p)] = (p, grad, hp)
+            else:
+                resident.append((p, grad, hp))
+
+        def step_resident():
+            for p, grad, hp in resident:
+                with _flat(p) as flat:
+                    self._launch(p, flat, grad.reshape(-1), self._resident[id(p)], hp)
+
+        by_device: dict[torch.device, dict] = {}
+        for key, item in paged.items():
+            by_device.setdefault(item[0].device, {})[key] = item
+        if not by_device:
+            step_resident()
+        for i, (device, items) in enumerate(by_device.items()):
+            flats = {key: _flat(p) for key, (p, _, _) in items.items()}
+            grads = {key: g.reshape(-1) for key, (_, g, _) in items.items()}
+
+            def step_chunk(key, start, stop, views, items=items, flats=flats, grads=grads):
+                p, _, hp = items[key]
+                self._launch(p, flats[key].flat[start:stop], grads[key][start:stop], views, hp)
+
+            self._pagers[device].run(items.keys(), step_chunk, meanwhile=step_resident if i == 0 else None)
+            for flat in flats.values():
+                flat.write_back()
+        return loss
+
+    def _launch(self, p, flat_param, flat_grad, state: dict[str, torch.Tensor], hp) -> None:
+        lr, beta1, beta2, eps, weight_decay = hp
+        scalars = dict(step=self.state[p]["step"], lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                       weight_decay=weight_decay)
+        if "exp_avg" in state:
+            _kernels.adamw_step_(flat_param, flat_grad, state["exp_avg"], state["exp_avg_sq"], **scalars)
+        else:
+            _kernels.adamw8bit_step_(
+                flat_param, flat_grad, state["exp_avg_codes"], state["exp_avg_absmax"],
+                state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"], **scalars,
+            )
+
+    # -- paging ----------------------------------------------------------------------------------
+    def synchronize(self) -> None:
+        """Wait for every queued page copy, so host-backed state tensors hold the latest values."""
+        for pager in self._pagers.values():
+            pager.synchronize()
+
+    def memory_report(self) -> dict[str, Any]:
+        """Where the optimizer state lives and what paging moved in the last step.
+
+        Keys: ``paging`` (as requested), ``page_size``, ``num_pages``, ``device_budget_bytes`` (page count
+        times page size: the most device memory paged state occupies, per device), ``resident_tensors``,
+        ``resident_state_bytes`` (state kept in device memory), ``paged_tensors``, ``paged_state_bytes``
+        (state kept in host or managed memory), and ``devices``: per device, its back end (``"host"`` or
+        ``"unified"``), its plan's page count, and ``last_step`` (pages walked, bytes moved each way).
+        """
+        devices = {str(device): pager.report() for device, pager in self._pagers.items()}
+        return {
+            "paging": self._paging,
+            "page_size": self._page_size,
+            "num_pages": self._num_pages,
+            "device_budget_bytes": 0 if self._paging == "none" else self._page_size * self._num_pages,
+            "resident_tensors": len(self._resident),
+            "resident_state_bytes": sum(t.numel() * t.element_size() for ts in self._resident.values()
+                                        for t in ts.values()),
+            "paged_tensors": sum(r["paged_tensors"] for r in devices.values()),
+            "paged_state_bytes": sum(r["paged_state_bytes"] for r in devices.values()),
+            "devices": devices,
+        }
+
+    # -- state dict ------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        self.synchronize()
+        return super().state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict saved by an optimizer with the same parameter layout (groups, parameter counts
+        per group, shapes, and 8-bit/32-bit state per parameter); continues bit for bit. A state dict of
+        ``torch.optim.AdamW`` loads into a 32-bit optimizer (its moments are widened to float32).
+        Anything else is refused with ValueError/TypeError before this optimizer changes."""
+        if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+            raise TypeError("state_dict must be a dict with 'state' and 'param_groups' (from state_dict())")
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"state_dict has a different parameter layout: {len(saved_groups)} parameter group(s), this "
+                f"optimizer has {len(self.param_groups)}"
+            )
+        for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(
+                    f"state_dict has a different parameter layout: group {gi} holds {len(saved['params'])} "
+                    f"parameter(s), this optimizer's holds {len(group['params'])}"
+                )
+            _hyperparameters(saved.get("lr"), saved.get("betas"), saved.get("eps"), saved.get("weight_decay"),
+                             f" (saved parameter group {gi})")
+        params = dict(zip(chain.from_iterable(g["params"] for g in saved_groups),
+                          chain.from_iterable(g["params"] for g in self.param_groups)))
+        index = {pid: i for i, pid in enumerate(params)}
+        loaded = {}
+        for pid, saved in state_dict["state"].items():
+            if pid not in params:
+                raise ValueError(f"state_dict has state for parameter id {pid!r}, which no saved group lists")
+            loaded[pid] = self._check_saved_state(params[pid], saved, index[pid])
+        self.synchronize()
+        super().load_state_dict({"state": {}, "param_groups": saved_groups})
+        for pid, (step, values) in loaded.items():
+            p = params[pid]
+            tensors = self._storage(p, create=True)
+            for name, value in values.items():
+                tensors[name].copy_(value.reshape(-1))
+            self._attach(p, tensors, step)
+
+    def _check_saved_state(self, p: torch.Tensor, saved, index: int) -> tuple[int, dict[str, torch.Tensor]]:
+        """Validate one parameter's saved state against ``p``; return ``(step, {field: tensor})``."""
+        where = f"state of parameter {index}"
+        if not isinstance(saved, dict):
+            raise TypeError(f"{where} must be a dict, got {type(saved).__name__}")
+        fields = self._fields(p)
+        expected = {"step"} | {f.name for f in fields}
+        if set(saved) != expected:
+            got = "8-bit" if "exp_avg_codes" in saved else "32-bit" if "exp_avg" in saved else "unknown"
+            raise ValueError(
+                f"state_dict has a different parameter layout: {where} (shape {tuple(p.shape)}) holds {got} "
+                f"state with keys {sorted(saved)}, this optimizer keeps {_FORMAT_NAMES[fields]} state for it"
+            )
+        step = saved["step"]
+        if isinstance(step, torch.Tensor) and step.numel() == 1:
+            step = step.item()
+        if isinstance(step, float) and step.is_integer():
+            step = int(step)
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"{where}: step must be an int >= 0, got {saved['step']!r}")
+        values = {}
+        for f in fields:
+            t = saved[f.name]
+            name = f"{where}: {f.name}"
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+            shape = tuple(p.shape) if f.unit == 1 else (f.count(p.numel()),)
+            if tuple(t.shape) != shape:
+                raise ValueError(f"state_dict has a different parameter layout: {name} has shape "
+                                 f"{tuple(t.shape)}, expected {shape}")
+            if f.dtype == torch.float32 and f.unit == 1:
+                if t.dtype not in FLOAT_DTYPES:  # float16/bfloat16 moments (torch AdamW) widen exactly
+                    raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+            elif t.dtype != f.dtype:
+                raise TypeError(f"{name} must have dtype {f.dtype}, got {t.dtype}")
+            values[f.name] = t
+        return step, values
+
+
+class _FlatParam:
+    """A flat, contiguous view of a parameter for the kernels; a non-contiguous one is stepped on a copy
+    that :meth:`write_back` copies into it."""
+
+    def __init__(self, p: torch.Tensor):
+        self.p = p
+        self.copy = not p.is_contiguous()
+        self.flat = (p.contiguous() if self.copy else p).detach().view(-1)
+
+    def write_back(self) -> None:
+        if self.copy:
+            self.p.copy_(self.flat.view(self.p.shape))
+
+    def __enter__(self) -> torch.Tensor:
+        return self.flat
+
+    def __exit__(self, *exc) -> bool:
+        if exc[0] is None:
+            self.write_back()
+        return False
+
+
+def _flat(p: torch.Tensor) -> _FlatParam:
+    return _FlatParam(p)
+
+
+class AdamW8bit(_TritonAdamW):
+    """AdamW with 8-bit blockwise-quantized moments, all state resident on the parameters' device.
+
+    ``params``: iterable of float32/float16/bfloat16 tensors or of parameter-group dicts. ``lr >= 0``,
+    ``betas`` each in [0, 1), ``eps >= 0``, ``weight_decay >= 0`` (decoupled, as ``torch.optim.AdamW``;
+    default 1e-2 as there). Tensors with fewer than ``min_8bit_size`` elements keep float32 moments.
+    """
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, *, min_8bit_size: int = DEFAULT_MIN_8BIT_SIZE):
+        super().__init__(params, lr, betas, eps, weight_decay, optim_bits=8, paging="none",
+                         page_size=DEFAULT_PAGE_SIZE, num_pages=DEFAULT_NUM_PAGES,
+                         min_paged_size=DEFAULT_MIN_PAGED_SIZE, min_8bit_size=min_8bit_size)
+
+
+class PagedAdamW(_TritonAdamW):
+    """AdamW with float32 moments paged out of device memory (``paging="none"``: all resident).
+
+    ``paging``: ``"auto"``, ``"unified"``, ``"host"`` or ``"none"``. ``page_size``: bytes per page (>= 4096,
+    a multiple of 128); ``num_pages``: device pages (>= 2); the device memory of paged state is at most
+    ``page_size * num_pages``. Tensors with fewer than ``min_paged_size`` elements stay resident.
+    Hyperparameters as :class:`AdamW8bit`.
+    """
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, paging: str = "auto", *,
+                 page_size: int = DEFAULT_PAGE_SIZE, num_pages: int = DEFAULT_NUM_PAGES,
+                 min_paged_size: int = DEFAULT_MIN_PAGED_SIZE):
+        super().__init__(params, lr, betas, eps, weight_decay, optim_bits=32, paging=paging, page_size=page_size,
+                         num_pages=num_pages, min_paged_size=min_paged_size, min_8bit_size=0)
+
+
+class PagedAdamW8bit(_TritonAdamW):
+    """AdamW with 8-bit moments (as :class:`AdamW8bit`) paged out of device memory (as :class:`PagedAdamW`)."""
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, paging: str = "auto", *,
+                 page_size: int = DEFAULT_PAGE_SIZE, num_pages: int = DEFAULT_NUM_PAGES,
+                 min_paged_size: int = DEFAULT_MIN_PAGED_SIZE, min_8bit_size: int = DEFAULT_MIN_8BIT_SIZE):
+        super().__init__(params, lr, betas, eps, weight_decay, optim_bits=8, paging=paging, page_size=page_size,
+                         num_pages=num_pages, min_paged_size=min_paged_size, min_8bit_size=min_8bit_size)
