@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -18,3 +19,17 @@ def interpreter_active() -> bool:
 def kernel_device() -> torch.device:
     """The device kernel inputs must live on: CPU under the interpreter, else the current CUDA device."""
     return torch.device("cpu") if interpreter_active() else torch.device("cuda", torch.cuda.current_device())
+
+
+def ieee_semantics():
+    """Context for a kernel launch whose IEEE special values are intended (``1/0 -> inf``, ``inf*0 -> NaN``).
+
+    The interpreter evaluates kernels with NumPy, which warns on such operations, e.g. in masked-off lanes
+    or in blocks whose scale is zero; a GPU computes the same values silently. The warnings are noise, so
+    they are switched off around interpreted launches and nothing changes on a GPU.
+    """
+    if interpreter_active():
+        import numpy as np
+
+        return np.errstate(divide="ignore", invalid="ignore", over="ignore", under="ignore")
+    return contextlib.nullcontext()

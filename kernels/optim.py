@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
-from ._runtime import interpreter_active
+from ._runtime import ieee_semantics, interpreter_active
 from ._static import KernelSpec
 
 QBLOCK = 256  # 8-bit state blocksize (SPEC section 7)
@@ -278,10 +278,11 @@ def adamw_step_(
         block, warps = min(_INTERP_MAX_BLOCK, triton.next_power_of_2(n)), 1
     else:
         block, warps = _GPU_BLOCK_32, _GPU_WARPS_32
-    _adamw32_kernel[(triton.cdiv(n, block),)](
-        param, grad.contiguous(), exp_avg, exp_avg_sq, n, *s,
-        BLOCK=block, num_warps=warps, enable_fp_fusion=False,
-    )
+    with ieee_semantics():
+        _adamw32_kernel[(triton.cdiv(n, block),)](
+            param, grad.contiguous(), exp_avg, exp_avg_sq, n, *s,
+            BLOCK=block, num_warps=warps, enable_fp_fusion=False,
+        )
 
 
 def adamw8bit_step_(
@@ -331,12 +332,13 @@ def adamw8bit_step_(
         qblocks, warps = min(_INTERP_MAX_BLOCK // QBLOCK, triton.next_power_of_2(nblocks)), 1
     else:
         qblocks, warps = _GPU_QBLOCKS_8, _GPU_WARPS_8
-    _adamw8bit_kernel[(triton.cdiv(nblocks, qblocks),)](
-        param, grad.contiguous(), exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes, exp_avg_sq_absmax,
-        smap, smid, umap, umid, n, *s,
-        QBLOCK=QBLOCK, QBLOCKS=qblocks, SIGNED_ZERO=zero_code(True), UNSIGNED_ZERO=zero_code(False),
-        num_warps=warps, enable_fp_fusion=False,
-    )
+    with ieee_semantics():
+        _adamw8bit_kernel[(triton.cdiv(nblocks, qblocks),)](
+            param, grad.contiguous(), exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes, exp_avg_sq_absmax,
+            smap, smid, umap, umid, n, *s,
+            QBLOCK=QBLOCK, QBLOCKS=qblocks, SIGNED_ZERO=zero_code(True), UNSIGNED_ZERO=zero_code(False),
+            num_warps=warps, enable_fp_fusion=False,
+        )
 
 
 # --- static compile specs ----------------------------------------------------------------------------

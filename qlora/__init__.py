@@ -8,7 +8,21 @@ forces the choice. The numerical contract is checked against the NumPy/SciPy ora
 
 from . import _runtime  # noqa: F401  (must run before any kernel module is imported)
 from ._runtime import interpreter_active
+from .nf4 import NF4Weight, quantize_nf4
+from . import functional
+from .layers import QLoRALinear
+from .optim import AdamW8bit, PagedAdamW, PagedAdamW8bit
 
 __version__ = "0.1.0"
 
-__all__ = ["interpreter_active", "__version__"]
+__all__ = [
+    "interpreter_active",
+    "NF4Weight",
+    "quantize_nf4",
+    "functional",
+    "QLoRALinear",
+    "AdamW8bit",
+    "PagedAdamW",
+    "PagedAdamW8bit",
+    "__version__",
+]

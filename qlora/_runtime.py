@@ -34,6 +34,10 @@ def _decide() -> bool:
 
 INTERPRET: bool = _decide()
 os.environ["TRITON_INTERPRET"] = "1" if INTERPRET else "0"
+# Triton 3.9 warns that its default for contracting a*b+c into an FMA will flip. Keep fusion on by default
+# (matmul epilogues want it) and state it; kernels whose results SPEC defines by separate roundings (the
+# double-quantized scale, the optimizer steps) are launched with enable_fp_fusion=False explicitly.
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 
 def interpreter_active() -> bool:

@@ -1,0 +1,68 @@
+"""`qlora verify`: the main job of the README. Its table, its exit codes, and that a failing check fails it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import qlora  # noqa: F401  (selects the interpreter before any kernel module is decorated)
+from qlora import cli, verify
+
+
+def test_verify_runs_every_check_and_passes(capsys):
+    assert cli.main(["verify"]) == 0
+    out = capsys.readouterr().out
+    names = {c.name for c in verify.all_checks()}
+    assert all(name in out for name in names)
+    assert f"{len(verify.all_checks())} passed, 0 failed" in out
+    # Every family is covered: the oracle's facts, quantization, the fused layer, the optimizers and paging.
+    for family in ("oracle NF4 table", "quantize_4bit", "double_quantize", "qlora_linear", "8-bit AdamW", "Paged"):
+        assert any(family in name for name in names), family
+
+
+def test_only_filters_and_unknown_filter_is_an_error(capsys):
+    assert cli.main(["verify", "--only", "codebooks"]) == 0
+    out = capsys.readouterr().out
+    assert "kernel NFk codebooks" in out and "1 passed, 0 failed" in out
+    assert cli.main(["verify", "--only", "no-such-check"]) == 2
+    assert "no check matches" in capsys.readouterr().err
+
+
+def test_a_wrong_kernel_result_fails_the_run(monkeypatch, capsys):
+    # Plant a one-ulp error in the kernel codebook: the exact check must see it and the command must exit 1.
+    real = verify.k_codebook.normal_float_codebook
+
+    def off_by_one_ulp(*args, **kwargs):
+        table = real(*args, **kwargs).clone()
+        table[3] = float(np.nextafter(np.float32(table[3].item()), np.float32(1.0)))
+        return table
+
+    monkeypatch.setattr(verify.k_codebook, "normal_float_codebook", off_by_one_ulp)
+    assert cli.main(["verify", "--only", "codebooks"]) == 1
+    assert "FAIL" in capsys.readouterr().out
+
+
+def test_a_crashing_check_is_reported_not_raised():
+    def boom():
+        raise ValueError("planted")
+
+    (outcome,) = verify.run_checks([verify.Check("planted", "-", "-", boom)])
+    assert not outcome.passed and "ValueError: planted" in outcome.failure
+    assert "FAIL: ValueError: planted" in verify.format_table([outcome])
+
+
+def test_console_script_is_installed():
+    script = Path(sys.executable).parent / "qlora"
+    assert script.exists(), f"the `qlora` console script is missing next to {sys.executable}: pip install -e ."
+    proc = subprocess.run([str(script), "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "verify" in proc.stdout
+
+
+def test_missing_command_is_a_usage_error():
+    with pytest.raises(SystemExit) as exc:
+        cli.main([])
+    assert exc.value.code == 2
