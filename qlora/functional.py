@@ -1,12 +1,19 @@
-"""Functional QLoRA linear layer: an autograd function over the fused NF4 + LoRA kernels (SPEC section 6).
+"""Functional QLoRA linear layer over the fused NF4 + LoRA kernels (SPEC section 6).
 
 ``qlora_linear(x, weight, lora_A, lora_B, scaling, bias=None, dropout_p=0.0, training=True)`` computes
 ``y = x @ W^T + scaling * (dropout(x) @ A^T) @ B^T + bias`` with the NF4 base weight ``W`` dequantized inside
 the matmul (never materialized). Gradients flow to ``x``, ``lora_A``, ``lora_B`` and ``bias``; never to ``W``.
+The kernels are reached through the differentiable custom operators of :mod:`qlora.ops`, so
+``torch.compile(..., fullgraph=True)`` traces this function (and :class:`~qlora.layers.QLoRALinear`) without a
+graph break, forward and backward.
 
 Dropout (only when ``training`` and ``dropout_p > 0``) draws one seed per call from torch's default generator
 (so ``torch.manual_seed`` makes it reproducible); the kernels regenerate the keep mask from that seed in the
-forward and the backward. :func:`dropout_mask` materializes the same mask for a given seed.
+forward and the backward. :func:`dropout_mask` materializes the same mask for a given seed. The seed is drawn
+by ``torch.randint`` as a one-element tensor, not read back on the host, so under ``torch.compile`` the draw is a
+node of the graph; Inductor lowers that node to its own random number generator, so a compiled run draws other
+seeds than an eager one after the same ``torch.manual_seed`` (still reproducible; with
+``torch._inductor.config.fallback_random = True``, or the ``aot_eager`` backend, it draws the same ones).
 """
 
 from __future__ import annotations
@@ -18,8 +25,9 @@ import torch
 from .kernels import linear as _linear
 from .kernels._checks import FLOAT_DTYPES, check_backend_device
 from .nf4 import NF4Weight
+from .ops import nf4_lora_forward as _forward_op
 
-__all__ = ["qlora_linear", "dropout_mask", "QLoRALinearFunction"]
+__all__ = ["qlora_linear", "dropout_mask"]
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -30,38 +38,6 @@ def _weight_kwargs(weight: NF4Weight) -> dict:
     return dict(packed=weight.packed, absmax=weight.absmax, code=weight.code, shape=tuple(weight.shape),
                 blocksize=weight.blocksize, absmax2=weight.absmax2, offset=weight.offset,
                 nested_code=weight.nested_code, nested_blocksize=weight.nested_blocksize)
-
-
-class QLoRALinearFunction(torch.autograd.Function):
-    """Autograd function of :func:`qlora_linear`; ``x`` arrives flattened to (M, K)."""
-
-    @staticmethod
-    def forward(ctx, x2d, weight, lora_a, lora_b, scaling, bias, dropout_p, seed):
-        y, u = _linear.nf4_lora_forward(x2d, lora_a=lora_a, lora_b=lora_b, scaling=scaling, bias=bias,
-                                        dropout_p=dropout_p, seed=seed, **_weight_kwargs(weight))
-        ctx.weight = weight
-        ctx.scaling = scaling
-        ctx.dropout_p = dropout_p
-        ctx.seed = seed
-        ctx.has_bias = bias is not None
-        ctx.save_for_backward(x2d, u, lora_a, lora_b)
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x2d, u, lora_a, lora_b = ctx.saved_tensors
-        need_dx = ctx.needs_input_grad[0]
-        need_lora = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
-        need_bias = ctx.has_bias and ctx.needs_input_grad[5]
-        if not (need_dx or need_lora or need_bias):
-            return (None,) * 8
-        dx, d_a, d_b, d_bias = _linear.nf4_lora_backward(
-            dy.to(x2d.dtype), x2d, u, lora_a=lora_a, lora_b=lora_b, scaling=ctx.scaling,
-            dropout_p=ctx.dropout_p, seed=ctx.seed, need_dx=need_dx, need_lora=need_lora, need_bias=need_bias,
-            **_weight_kwargs(ctx.weight))
-        d_a = d_a if ctx.needs_input_grad[2] else None
-        d_b = d_b if ctx.needs_input_grad[3] else None
-        return dx, None, d_a, d_b, None, d_bias, None, None
 
 
 def _check_inputs(x, weight, lora_A, lora_B, scaling, bias, dropout_p, training):
@@ -137,13 +113,20 @@ def qlora_linear(x: torch.Tensor, weight: NF4Weight, lora_A: torch.Tensor, lora_
     """
     scaling, dropout_p = _check_inputs(x, weight, lora_A, lora_B, scaling, bias, dropout_p, training)
     p = dropout_p if training else 0.0
-    if seed is None:
-        seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if p > 0 else 0
-    elif isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31):
         raise ValueError(f"seed must be None or an int in [0, 2**31), got {seed!r}")
+    seed_t = None
+    if p > 0:
+        # The seed travels as a one-element int64 CPU tensor (see qlora/ops.py): drawn by torch.randint it is a
+        # node of a compiled graph rather than a host-side .item() (a graph break), and the draw takes from the
+        # default generator exactly as an eager host-side draw would.
+        seed_t = (torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device="cpu") if seed is None
+                  else torch.tensor([seed], dtype=torch.int64, device="cpu"))
     lead = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1])
-    y = QLoRALinearFunction.apply(x2d, weight, lora_A, lora_B, scaling, bias, p, seed)
+    y, _ = _forward_op(x2d, weight.packed, weight.absmax, weight.code, list(weight.shape), weight.blocksize,
+                       weight.absmax2, weight.offset, weight.nested_code, weight.nested_blocksize, lora_A, lora_B,
+                       scaling, bias, p, seed_t)
     return y.reshape(*lead, weight.shape[0])
 
 

@@ -1,0 +1,168 @@
+"""The fused NF4 + LoRA linear kernels as PyTorch custom operators, so ``torch.compile`` can trace through them.
+
+Two operators, both pure (``mutates_args=()``: no argument is written, no output aliases an argument):
+
+- ``torch.ops.qlora.nf4_lora_forward(x, packed, absmax, code, shape, blocksize, absmax2, offset, nested_code,
+  nested_blocksize, lora_a, lora_b, scaling, bias, dropout_p, seed) -> (y, u)``
+- ``torch.ops.qlora.nf4_lora_backward(dy, x, u, packed, absmax, code, shape, blocksize, absmax2, offset,
+  nested_code, nested_blocksize, lora_a, lora_b, scaling, dropout_p, seed, need_dx, need_lora, need_bias)
+  -> (dx, d_a, d_b, d_bias)``
+
+They wrap :func:`qlora.kernels.linear.nf4_lora_forward` / ``nf4_lora_backward`` (same shapes, dtypes and checks).
+The :class:`~qlora.nf4.NF4Weight` container is not a type an operator schema can hold, so it travels as its
+tensors (``packed``, ``absmax``, ``code``, optional ``absmax2`` / ``nested_code``) plus metadata (``shape`` as an
+int list, ``blocksize``, ``offset`` float or None, ``nested_blocksize``).
+
+Why custom operators: left visible, the launchers' Python (argument checks, autotuner lookups, the Triton
+interpreter executing kernels with NumPy on CPU tensors) is nothing Dynamo can put in a graph, and Inductor would
+not know how to lower interpreted Triton launches. An opaque operator with a fake (meta) implementation is traced
+as one node of known output shapes and run as is, in eager and compiled code alike, so compiled results equal
+eager ones bit for bit.
+
+Dropout seed: a one-element int64 tensor (or None without dropout), not a Python int. A Python int would have to
+be drawn on the host (``.item()`` is a graph break under ``torch.compile``) and would be baked into the graph as a
+constant; a tensor is drawn in the graph by ``torch.randint`` and saved for the backward like any activation, so
+the forward and the backward see one seed. The operator reads it with ``.item()`` inside, out of the compiler's
+sight; keep it on the CPU so that read is not a device synchronization.
+
+The forward is differentiable (``register_autograd``) in ``x``, ``lora_a``, ``lora_b`` and ``bias``; its
+backward calls the backward operator. ``u`` (float32 ``dropout(x) @ lora_a^T``) is an output only so that the
+backward can reuse it; no gradient flows through it.
+"""
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .kernels import linear as _linear
+
+__all__ = ["nf4_lora_forward", "nf4_lora_backward", "seed_value"]
+
+
+def seed_value(seed: Optional[Tensor]) -> int:
+    """The dropout seed held by a one-element integer tensor; 0 for None (no dropout)."""
+    if seed is None:
+        return 0
+    if seed.dtype.is_floating_point or seed.dtype.is_complex or seed.dtype == torch.bool or seed.numel() != 1:
+        raise ValueError(f"seed must be a one-element integer tensor, got dtype {seed.dtype} and shape "
+                         f"{tuple(seed.shape)}")
+    return int(seed.item())
+
+
+def _weight(packed, absmax, code, shape, blocksize, absmax2, offset, nested_code, nested_blocksize) -> dict:
+    # The launchers take the weight as keyword arguments; shape arrives from the schema as a list of ints.
+    return dict(packed=packed, absmax=absmax, code=code, shape=tuple(int(d) for d in shape), blocksize=blocksize,
+                absmax2=absmax2, offset=offset, nested_code=nested_code, nested_blocksize=nested_blocksize)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Forward
+# --------------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("qlora::nf4_lora_forward", mutates_args=())
+def nf4_lora_forward(
+    x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, shape: Sequence[int], blocksize: int,
+    absmax2: Optional[Tensor], offset: Optional[float], nested_code: Optional[Tensor], nested_blocksize: int,
+    lora_a: Tensor, lora_b: Tensor, scaling: float, bias: Optional[Tensor], dropout_p: float,
+    seed: Optional[Tensor],
+) -> tuple[Tensor, Tensor]:
+    """``(y, u)``: y (M, N) in x's dtype, contiguous, ``x @ W^T + scaling * (dropout(x) @ A^T) @ B^T + bias``;
+    u (M, R) float32 contiguous, ``dropout(x) @ A^T``.
+
+    x (M, K) fp32/fp16/bf16, any strides; W = the NF4 weight of ``shape`` (N, K); lora_a (R, K), lora_b (N, R),
+    bias (N,) contiguous or None, all in x's dtype; seed a one-element int64 tensor (CPU) or None.
+    """
+    return _linear.nf4_lora_forward(
+        x, lora_a=lora_a, lora_b=lora_b, scaling=scaling, bias=bias, dropout_p=dropout_p, seed=seed_value(seed),
+        **_weight(packed, absmax, code, shape, blocksize, absmax2, offset, nested_code, nested_blocksize))
+
+
+@nf4_lora_forward.register_fake
+def _nf4_lora_forward_fake(x, packed, absmax, code, shape, blocksize, absmax2, offset, nested_code,
+                           nested_blocksize, lora_a, lora_b, scaling, bias, dropout_p, seed):
+    # The launcher allocates both outputs fresh and contiguous: y in x's dtype, u in float32.
+    y = x.new_empty((x.shape[0], shape[0]))
+    u = x.new_empty((x.shape[0], lora_a.shape[0]), dtype=torch.float32)
+    return y, u
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Backward
+# --------------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("qlora::nf4_lora_backward", mutates_args=())
+def nf4_lora_backward(
+    dy: Tensor, x: Tensor, u: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, shape: Sequence[int],
+    blocksize: int, absmax2: Optional[Tensor], offset: Optional[float], nested_code: Optional[Tensor],
+    nested_blocksize: int, lora_a: Tensor, lora_b: Tensor, scaling: float, dropout_p: float,
+    seed: Optional[Tensor], need_dx: bool, need_lora: bool, need_bias: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(dx, d_a, d_b, d_bias)`` of :func:`nf4_lora_forward`: dx (M, K), d_a (R, K), d_b (N, R), d_bias (N,), in
+    x's dtype, contiguous. A gradient not asked for (``need_dx``; ``need_lora`` for d_a and d_b; ``need_bias``)
+    comes back as an empty (0,) tensor: an operator schema cannot return None.
+
+    dy (M, N) in x's dtype and x (M, K), any strides; u (M, R) float32 contiguous from the forward, with the same
+    ``dropout_p`` and ``seed``.
+    """
+    grads = _linear.nf4_lora_backward(
+        dy, x, u, lora_a=lora_a, lora_b=lora_b, scaling=scaling, dropout_p=dropout_p, seed=seed_value(seed),
+        need_dx=need_dx, need_lora=need_lora, need_bias=need_bias,
+        **_weight(packed, absmax, code, shape, blocksize, absmax2, offset, nested_code, nested_blocksize))
+    return tuple(x.new_empty((0,)) if g is None else g for g in grads)
+
+
+@nf4_lora_backward.register_fake
+def _nf4_lora_backward_fake(dy, x, u, packed, absmax, code, shape, blocksize, absmax2, offset, nested_code,
+                            nested_blocksize, lora_a, lora_b, scaling, dropout_p, seed, need_dx, need_lora,
+                            need_bias):
+    n, r, m, k = shape[0], lora_a.shape[0], x.shape[0], x.shape[1]
+
+    def grad(wanted, size):
+        return x.new_empty(size if wanted else (0,))
+
+    return grad(need_dx, (m, k)), grad(need_lora, (r, k)), grad(need_lora, (n, r)), grad(need_bias, (n,))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Autograd of the forward operator
+# --------------------------------------------------------------------------------------------------------------
+
+# Positions of the differentiable inputs of nf4_lora_forward.
+_X, _LORA_A, _LORA_B, _BIAS = 0, 10, 11, 13
+_NUM_INPUTS = 16
+
+
+def _setup_context(ctx, inputs, output):
+    (x, packed, absmax, code, shape, blocksize, absmax2, offset, nested_code, nested_blocksize, lora_a, lora_b,
+     scaling, bias, dropout_p, seed) = inputs
+    _, u = output
+    # Every tensor goes through save_for_backward (None allowed), so the compiler sees what the backward reads.
+    ctx.save_for_backward(x, u, packed, absmax, code, absmax2, nested_code, lora_a, lora_b, seed)
+    ctx.meta = (tuple(shape), blocksize, offset, nested_blocksize, scaling, dropout_p, bias is not None)
+
+
+def _backward(ctx, dy, du):
+    # du is unused: u is a by-product kept for this backward, never an input of anything differentiable.
+    x, u, packed, absmax, code, absmax2, nested_code, lora_a, lora_b, seed = ctx.saved_tensors
+    shape, blocksize, offset, nested_blocksize, scaling, dropout_p, has_bias = ctx.meta
+    need = ctx.needs_input_grad
+    need_dx = need[_X]
+    need_lora = need[_LORA_A] or need[_LORA_B]
+    need_bias = has_bias and need[_BIAS]
+    grads: list = [None] * _NUM_INPUTS
+    if not (need_dx or need_lora or need_bias):
+        return tuple(grads)
+    dx, d_a, d_b, d_bias = torch.ops.qlora.nf4_lora_backward(
+        dy.to(x.dtype), x, u, packed, absmax, code, shape, blocksize, absmax2, offset, nested_code,
+        nested_blocksize, lora_a, lora_b, scaling, dropout_p, seed, need_dx, need_lora, need_bias)
+    grads[_X] = dx if need_dx else None
+    grads[_LORA_A] = d_a if need[_LORA_A] else None
+    grads[_LORA_B] = d_b if need[_LORA_B] else None
+    grads[_BIAS] = d_bias if need_bias else None
+    return tuple(grads)
+
+
+nf4_lora_forward.register_autograd(_backward, setup_context=_setup_context)
