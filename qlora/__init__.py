@@ -12,6 +12,9 @@ from .nf4 import NF4Weight, quantize_nf4
 from . import functional
 from .layers import QLoRALinear
 from .optim import AdamW8bit, PagedAdamW, PagedAdamW8bit
+from .model import ParameterReport, prepare_model, trainable_parameters_report
+from .interop import load_adapter, load_quantized, save_adapter, save_quantized
+from . import ops
 
 __version__ = "0.1.0"
 
@@ -24,5 +27,13 @@ __all__ = [
     "AdamW8bit",
     "PagedAdamW",
     "PagedAdamW8bit",
+    "prepare_model",
+    "trainable_parameters_report",
+    "ParameterReport",
+    "save_quantized",
+    "load_quantized",
+    "save_adapter",
+    "load_adapter",
+    "ops",
     "__version__",
 ]

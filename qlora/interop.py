@@ -1,0 +1,420 @@
+"""Checkpoint files shared with the Hugging Face stack: 4-bit base weights as bitsandbytes writes them, and LoRA
+adapters as PEFT writes them, both in safetensors.
+
+- :func:`save_quantized` / :func:`load_quantized`: the frozen part of a prepared model (see
+  :func:`qlora.model.prepare_model`). Each :class:`~qlora.layers.QLoRALinear` at module path ``M`` is stored under
+  ``M.weight`` with the keys of a bitsandbytes ``Linear4bit`` (SPEC section 5: ``M.weight`` packed,
+  ``M.weight.absmax``, ``.quant_map``, ``.nested_absmax``, ``.nested_quant_map``,
+  ``.quant_state.bitsandbytes__nf4``), next to ``M.bias`` and every other parameter and buffer of the model under
+  its ``state_dict`` name. The LoRA adapters are not part of it. A Hugging Face checkpoint of a model quantized
+  by bitsandbytes (NF4) has the same keys, so it loads into a prepared model whose module names match.
+- :func:`save_adapter` / :func:`load_adapter`: a PEFT LoRA adapter directory, ``adapter_config.json`` plus
+  ``adapter_model.safetensors`` with keys ``base_model.model.<M>.lora_A.weight`` (r, in_features) and
+  ``base_model.model.<M>.lora_B.weight`` (out_features, r), as ``PeftModel.save_pretrained`` writes them.
+
+Loading checks everything before it changes the model: a missing, unexpected or malformed entry raises
+``ValueError`` naming the key, and the model is left as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import Counter
+from typing import Mapping
+
+import torch
+from torch import nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .kernels._checks import BLOCKSIZES
+from .layers import QLoRALinear
+from .nf4 import _STATE_KEY, NESTED_BLOCKSIZE, NF4Weight, _read_quant_state
+
+__all__ = ["save_quantized", "load_quantized", "save_adapter", "load_adapter", "ADAPTER_CONFIG_NAME",
+           "ADAPTER_WEIGHTS_NAME"]
+
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+# PeftModel wraps the user's model in a LoraModel (``base_model``) which holds it as ``model``.
+_PEFT_PREFIX = "base_model.model."
+# transformers refuses safetensors files whose metadata does not say they hold PyTorch tensors.
+_METADATA = {"format": "pt"}
+
+
+def _join(*parts: str) -> str:
+    return ".".join(p for p in parts if p)
+
+
+def _check_model(model) -> list[tuple[str, QLoRALinear]]:
+    """Every ``(qualified name, QLoRALinear)`` of ``model``, one entry per place a layer is registered (a shared
+    layer appears in the state dict under each of its names)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    layers = [(name, m) for name, m in model.named_modules(remove_duplicate=False) if isinstance(m, QLoRALinear)]
+    if not layers:
+        raise ValueError("model has no QLoRALinear layer; prepare it first with qlora.prepare_model")
+    return layers
+
+
+def _check_path(name: str, path) -> str:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a str or os.PathLike, got {type(path).__name__}")
+    return os.fspath(path)
+
+
+def _for_safetensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU, contiguous tensors that share no storage, which is what safetensors can write: tied parameters and
+    views of one buffer get their own copy (each key then loads on its own, as ``load_state_dict`` expects)."""
+    out, seen = {}, set()
+    for key, t in tensors.items():
+        t = t.detach().to("cpu")
+        ptr = t.untyped_storage().data_ptr() if t.numel() else None
+        if not t.is_contiguous() or (ptr is not None and ptr in seen):
+            t = t.clone(memory_format=torch.contiguous_format)
+            ptr = t.untyped_storage().data_ptr() if t.numel() else None
+        if ptr is not None:
+            seen.add(ptr)
+        out[key] = t
+    return out
+
+
+def _read_safetensors(path: str) -> dict[str, torch.Tensor]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no such file: {path!r}")
+    try:
+        return load_file(path, device="cpu")
+    except SafetensorError as err:
+        raise ValueError(f"{path!r} is not a readable safetensors file: {err}") from None
+
+
+def _lora_keys(layers: list[tuple[str, QLoRALinear]]) -> set[str]:
+    return {_join(name, p) for name, _ in layers for p in ("lora_A", "lora_B")}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Base weights: bitsandbytes / Hugging Face 4-bit format
+# --------------------------------------------------------------------------------------------------------------
+
+def save_quantized(model: nn.Module, path: str | os.PathLike) -> None:
+    """Write the base weights of a prepared ``model`` to the safetensors file ``path`` (overwritten).
+
+    Keys: for each :class:`QLoRALinear` at ``M``, the six bitsandbytes NF4 entries under ``M.weight`` (four without
+    double quantization; packed uint8 ``(ceil(n/2), 1)``, the JSON quant state as a 1-D uint8 tensor) and
+    ``M.bias`` if any; every other parameter and persistent buffer under its ``model.state_dict()`` name, in its
+    own dtype. ``lora_A``/``lora_B`` are left out (:func:`save_adapter` writes them).
+    """
+    layers = _check_model(model)
+    path = _check_path("path", path)
+    lora = _lora_keys(layers)
+    state = {k: v for k, v in model.state_dict().items() if k not in lora}
+    save_file(_for_safetensors(state), path, metadata=_METADATA)
+
+
+def _check_nf4_entries(file: Mapping[str, torch.Tensor], key: str, shape: torch.Size) -> list[str]:
+    """Check the entries of the NF4 weight ``key`` against its JSON quant state and the layer's ``shape``, naming
+    the exact entry at fault; returns the keys the weight is made of."""
+    state_key = f"{key}.{_STATE_KEY}"
+    if state_key not in file:
+        others = sorted(k for k in file if k.startswith(f"{key}.quant_state."))
+        if others:
+            raise ValueError(f"{others[0]!r} is not an NF4 quant state; only bitsandbytes' NF4 format is supported")
+        if key in file:
+            raise ValueError(f"checkpoint has no entry {state_key!r}: {key!r} is not stored as an NF4 weight "
+                             f"({file[key].dtype} {tuple(file[key].shape)})")
+        raise ValueError(f"checkpoint has no entry {key!r} (nor {state_key!r}) for the NF4 weight of this layer")
+    meta = _read_quant_state(file[state_key], state_key)
+    if meta["blocksize"] not in BLOCKSIZES:
+        raise ValueError(f"JSON field 'blocksize' of {state_key!r} must be one of {BLOCKSIZES}, got "
+                         f"{meta['blocksize']!r}")
+    if tuple(meta["shape"]) != tuple(shape):
+        raise ValueError(f"JSON field 'shape' of {state_key!r} is {meta['shape']}, but the layer's weight has shape "
+                         f"{list(shape)}")
+    nested = "nested_offset" in meta
+    if nested and meta["nested_blocksize"] != NESTED_BLOCKSIZE:
+        raise ValueError(f"JSON field 'nested_blocksize' of {state_key!r} must be {NESTED_BLOCKSIZE}, got "
+                         f"{meta['nested_blocksize']!r}")
+    n = math.prod(shape)
+    nblocks = -(-n // meta["blocksize"])
+    expect = {
+        f"{key}.absmax": (torch.uint8 if nested else torch.float32, (nblocks,)),
+        f"{key}.quant_map": (torch.float32, (16,)),
+    }
+    if nested:
+        expect[f"{key}.nested_absmax"] = (torch.float32, (-(-nblocks // NESTED_BLOCKSIZE),))
+        expect[f"{key}.nested_quant_map"] = (torch.float32, (256,))
+    for k in [key, *expect]:
+        if k not in file:
+            raise ValueError(f"checkpoint has no entry {k!r} (part of the NF4 weight {key!r})")
+    packed = file[key]
+    # bitsandbytes may store the packed bytes in another dtype (quant_storage for FSDP); only the bytes count.
+    if packed.dtype == torch.bool or packed.dtype.is_complex or (
+            packed.numel() * packed.element_size() != (n + 1) // 2):
+        raise ValueError(f"checkpoint entry {key!r} must hold {(n + 1) // 2} packed bytes for shape {list(shape)}, "
+                         f"got {packed.dtype} {tuple(packed.shape)}")
+    for k, (dtype, want) in expect.items():
+        t = file[k]
+        if t.dtype != dtype or tuple(t.shape) != want:
+            raise ValueError(f"checkpoint entry {k!r} must be {dtype} of shape {want}, got {t.dtype} "
+                             f"{tuple(t.shape)}")
+    return [key, state_key, *expect]
+
+
+def load_quantized(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> nn.Module:
+    """Load a file written by :func:`save_quantized` (or a Hugging Face / bitsandbytes NF4 checkpoint with the
+    same module names) into the prepared ``model``, in place.
+
+    Every :class:`QLoRALinear` takes its NF4 weight from the file (blocksize, double quantization and original
+    dtype as stored; the shape must match the layer); every other entry of ``model.state_dict()`` except the
+    LoRA adapters is loaded as ``load_state_dict`` does (floating tensors cast to the parameter's dtype). The
+    adapters are untouched. A missing entry, a malformed NF4 entry (dtype, shape, JSON), a shape mismatch or,
+    when ``strict``, an entry the model has no place for raises ``ValueError`` naming the key; nothing is
+    changed then. Returns ``model``.
+    """
+    layers = _check_model(model)
+    path = _check_path("path", path)
+    if not isinstance(strict, bool):
+        raise TypeError(f"strict must be a bool, got {type(strict).__name__}")
+    file = _read_safetensors(path)
+
+    consumed: set[str] = set()
+    weights: list[tuple[QLoRALinear, NF4Weight]] = []
+    for name, layer in layers:
+        key = _join(name, "weight")
+        entries = _check_nf4_entries(file, key, layer.weight.shape)
+        try:
+            weight = NF4Weight.from_bnb_state_dict(file, key, device=layer.weight.device)
+        except (KeyError, TypeError, ValueError) as err:
+            message = err.args[0] if err.args else repr(err)
+            raise ValueError(f"NF4 weight {key!r} in {path!r}: {message}") from None
+        weights.append((layer, weight))
+        consumed.update(entries)
+
+    own = model.state_dict()
+    skip = _lora_keys(layers) | {k for name, layer in layers for k in layer.weight.to_bnb_state_dict(
+        _join(name, "weight"))}
+    rest = {}
+    for key, target in own.items():
+        if key in skip:
+            continue
+        if key not in file:
+            raise ValueError(f"checkpoint {path!r} has no entry {key!r}")
+        value = file[key]
+        if tuple(value.shape) != tuple(target.shape):
+            hint = ""
+            if f"{key}.{_STATE_KEY}" in file:
+                hint = " (the file holds an NF4 weight there: include that layer in prepare_model's target_modules)"
+            raise ValueError(f"checkpoint entry {key!r} has shape {tuple(value.shape)}, the model expects "
+                             f"{tuple(target.shape)}{hint}")
+        if value.dtype != target.dtype and not (value.dtype.is_floating_point and target.dtype.is_floating_point):
+            raise ValueError(f"checkpoint entry {key!r} has dtype {value.dtype}, the model expects {target.dtype}")
+        rest[key] = value
+        consumed.add(key)
+    unexpected = sorted(set(file) - consumed)
+    if strict and unexpected:
+        shown = ", ".join(repr(k) for k in unexpected[:5]) + (", ..." if len(unexpected) > 5 else "")
+        raise ValueError(f"checkpoint {path!r} has {len(unexpected)} entr{'y' if len(unexpected) == 1 else 'ies'} "
+                         f"the model has no place for: {shown} (pass strict=False to ignore them)")
+
+    for layer, weight in weights:
+        layer._nf4 = weight
+    # The remaining entries go through load_state_dict so that modules with their own loading hooks see them;
+    # the NF4 weights are already in place and the adapters are deliberately absent, hence strict=False.
+    result = model.load_state_dict(rest, strict=False)
+    left = set(result.missing_keys) - skip
+    if left or result.unexpected_keys:  # cannot happen after the checks above; fail loudly if it does
+        raise RuntimeError(f"load_state_dict disagreed with the checks: missing {sorted(left)}, unexpected "
+                           f"{result.unexpected_keys}")
+    return model
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Adapters: PEFT LoRA format
+# --------------------------------------------------------------------------------------------------------------
+
+def _unique_layers(layers: list[tuple[str, QLoRALinear]]) -> list[tuple[str, QLoRALinear]]:
+    seen, out = set(), []
+    for name, layer in layers:
+        if id(layer) not in seen:
+            seen.add(id(layer))
+            out.append((name, layer))
+    return out
+
+
+def _target_names(model: nn.Module, adapted: list[str]) -> list[str]:
+    """The shortest PEFT ``target_modules`` that selects exactly the adapted layers among the model's linear
+    layers: a layer's last name component when every linear layer so named is adapted, else its full path."""
+    linear_names = [name for name, m in model.named_modules() if isinstance(m, (nn.Linear, QLoRALinear))]
+    adapted_set = set(adapted)
+    out = set()
+    for name in adapted:
+        last = name.rsplit(".", 1)[-1]
+        same_last = [n for n in linear_names if n.rsplit(".", 1)[-1] == last]
+        out.add(last if all(n in adapted_set for n in same_last) else name)
+    return sorted(out)
+
+
+def _pattern_value(pattern: Mapping[str, object], name: str):
+    """PEFT's ``rank_pattern``/``alpha_pattern`` lookup for plain names: the most specific key that is the name or
+    a dot-aligned suffix of it; None when no key matches."""
+    hits = [k for k in pattern if name == k or name.endswith("." + k)]
+    return pattern[max(hits, key=len)] if hits else None
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: str | None = None) -> None:
+    """Write the LoRA adapters of a prepared ``model`` as a PEFT adapter directory (created if needed).
+
+    ``adapter_model.safetensors``: ``base_model.model.<M>.lora_A.weight`` (r, in_features) and
+    ``base_model.model.<M>.lora_B.weight`` (out_features, r) for each :class:`QLoRALinear` at ``M``, in the
+    adapters' dtype. ``adapter_config.json``: a PEFT ``LoraConfig`` (``peft_type`` "LORA", ``r``, ``lora_alpha``,
+    ``lora_dropout``, ``target_modules``, ``bias`` "none", ``fan_in_fan_out`` false, ``inference_mode`` true,
+    ...). When layers differ in rank or alpha, the most common value is ``r``/``lora_alpha`` and the others go to
+    ``rank_pattern``/``alpha_pattern`` under their full module paths, as PEFT reads them.
+    """
+    layers = _unique_layers(_check_model(model))
+    directory = _check_path("directory", directory)
+    if base_model_name_or_path is not None and not isinstance(base_model_name_or_path, str):
+        raise TypeError(f"base_model_name_or_path must be a str or None, got {type(base_model_name_or_path).__name__}")
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise ValueError(f"directory {directory!r} exists and is not a directory")
+
+    # Counter.most_common keeps first-seen order among ties, so a uniform model gets its one value.
+    r = Counter(layer.r for _, layer in layers).most_common(1)[0][0]
+    alpha = Counter(layer.lora_alpha for _, layer in layers).most_common(1)[0][0]
+    dropout = Counter(layer.lora_dropout for _, layer in layers).most_common(1)[0][0]
+    config = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": base_model_name_or_path,
+        "revision": None,
+        "inference_mode": True,
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": dropout,
+        "target_modules": _target_names(model, [name for name, _ in layers]),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "use_rslora": False,
+        "use_dora": False,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {name: layer.r for name, layer in layers if layer.r != r},
+        "alpha_pattern": {name: layer.lora_alpha for name, layer in layers if layer.lora_alpha != alpha},
+    }
+    tensors = {}
+    for name, layer in layers:
+        tensors[_PEFT_PREFIX + _join(name, "lora_A.weight")] = layer.lora_A
+        tensors[_PEFT_PREFIX + _join(name, "lora_B.weight")] = layer.lora_B
+    os.makedirs(directory, exist_ok=True)
+    save_file(_for_safetensors(tensors), os.path.join(directory, ADAPTER_WEIGHTS_NAME), metadata=_METADATA)
+    with open(os.path.join(directory, ADAPTER_CONFIG_NAME), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def _read_adapter_config(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no such file: {path!r}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path!r} is not valid UTF-8 JSON: {err}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path!r} must hold a JSON object, got {type(config).__name__}")
+
+    def field(name, default=None):
+        return config.get(name, default)
+
+    if field("peft_type") != "LORA":
+        raise ValueError(f"field 'peft_type' of {path!r} must be 'LORA', got {field('peft_type')!r}")
+    r = field("r", 8)  # PEFT's default when the field is left out
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"field 'r' of {path!r} must be an int >= 1, got {r!r}")
+    alpha = field("lora_alpha", 8)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise ValueError(f"field 'lora_alpha' of {path!r} must be a finite number, got {alpha!r}")
+    dropout = field("lora_dropout", 0.0)
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"field 'lora_dropout' of {path!r} must be a number in [0, 1), got {dropout!r}")
+    # Features that change what the stored tensors mean; loading them as plain LoRA would compute something else.
+    unsupported = {"bias": ("none", None), "fan_in_fan_out": (False, None), "use_dora": (False, None),
+                   "use_rslora": (False, None), "modules_to_save": (None, []), "layer_replication": (None, [])}
+    for name, allowed in unsupported.items():
+        if field(name) not in allowed:
+            raise ValueError(f"field {name!r} of {path!r} is {field(name)!r}; only {allowed[0]!r} is supported")
+    for name in ("rank_pattern", "alpha_pattern"):
+        pattern = field(name, {}) or {}
+        if not isinstance(pattern, dict):
+            raise ValueError(f"field {name!r} of {path!r} must be an object, got {pattern!r}")
+        for k, v in pattern.items():
+            ok_int = isinstance(v, int) and not isinstance(v, bool) and v >= 1
+            ok_num = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            if not (ok_int if name == "rank_pattern" else ok_num):
+                raise ValueError(f"entry {k!r} of field {name!r} of {path!r} is invalid: {v!r}")
+        config[name] = pattern
+    config.update(r=r, lora_alpha=alpha, lora_dropout=float(dropout))
+    return config
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Load a PEFT LoRA adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``) into the
+    prepared ``model``, in place, and return it.
+
+    Every :class:`QLoRALinear` at ``M`` needs ``base_model.model.<M>.lora_A.weight`` of shape (r, in_features)
+    and ``...lora_B.weight`` of shape (out_features, r), with r the layer's rank and the config's (``r`` or its
+    ``rank_pattern`` entry). The values are copied into ``lora_A``/``lora_B`` (bit-identical when the dtypes
+    agree, else cast), and each layer takes the config's ``lora_alpha`` (``alpha_pattern``) and ``lora_dropout``,
+    so the model computes the saved adapter. A missing or unexpected key, a shape or rank mismatch, or a config
+    feature other than plain LoRA (DoRA, rsLoRA, trained biases, ``modules_to_save``) raises ``ValueError``
+    naming the key or field; nothing is changed then.
+    """
+    layers = _unique_layers(_check_model(model))
+    directory = _check_path("directory", directory)
+    config_path = os.path.join(directory, ADAPTER_CONFIG_NAME)
+    weights_path = os.path.join(directory, ADAPTER_WEIGHTS_NAME)
+    if not os.path.isfile(weights_path) and os.path.isfile(os.path.join(directory, "adapter_model.bin")):
+        raise ValueError(f"{directory!r} holds adapter_model.bin (pickle); only {ADAPTER_WEIGHTS_NAME} is read")
+    config = _read_adapter_config(config_path)
+    file = _read_safetensors(weights_path)
+
+    updates = []
+    consumed = set()
+    for name, layer in layers:
+        r = _pattern_value(config["rank_pattern"], name) or config["r"]
+        alpha = _pattern_value(config["alpha_pattern"], name)
+        alpha = config["lora_alpha"] if alpha is None else alpha
+        key_a = _PEFT_PREFIX + _join(name, "lora_A.weight")
+        key_b = _PEFT_PREFIX + _join(name, "lora_B.weight")
+        for key, want in ((key_a, (layer.r, layer.in_features)), (key_b, (layer.out_features, layer.r))):
+            if key not in file:
+                raise ValueError(f"adapter {weights_path!r} has no entry {key!r}")
+            t = file[key]
+            if not t.dtype.is_floating_point:
+                raise ValueError(f"adapter entry {key!r} must be floating point, got {t.dtype}")
+            if tuple(t.shape) != want:
+                raise ValueError(f"adapter entry {key!r} has shape {tuple(t.shape)}, the layer {name!r} "
+                                 f"(r={layer.r}) expects {want}")
+        if r != layer.r:
+            raise ValueError(f"adapter_config.json gives r={r} for {name!r}, but its entries {key_a!r} and "
+                             f"{key_b!r} have rank {layer.r}")
+        updates.append((layer, file[key_a], file[key_b], alpha))
+        consumed.update((key_a, key_b))
+    unexpected = sorted(set(file) - consumed)
+    if unexpected:
+        shown = ", ".join(repr(k) for k in unexpected[:5]) + (", ..." if len(unexpected) > 5 else "")
+        raise ValueError(f"adapter {weights_path!r} has {len(unexpected)} entr"
+                         f"{'y' if len(unexpected) == 1 else 'ies'} with no QLoRALinear layer to go to: {shown}")
+
+    with torch.no_grad():
+        for layer, a, b, alpha in updates:
+            layer.lora_A.copy_(a)
+            layer.lora_B.copy_(b)
+            layer.lora_alpha = alpha
+            layer.scaling = alpha / layer.r
+            layer.lora_dropout = config["lora_dropout"]
+    return model
