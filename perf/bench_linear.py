@@ -1,0 +1,209 @@
+"""Benchmarks: the fused NF4 + LoRA linear layer (``qlora.functional.qlora_linear``), forward and backward.
+
+Side by side in one session, for ``y = x @ W^T + s * (x @ A^T) @ B^T`` (bf16, no bias, no dropout):
+
+- ``qlora_fused``: ``qlora_linear`` on an NF4 (double-quantized, blocksize 64) ``W``: the weight is
+  dequantized inside the matmul kernels, forward and backward;
+- ``dense_bf16``: plain torch on a dense bf16 ``W`` without grad (the speed-of-light reference, about 3.9x the
+  weight memory of NF4);
+- ``dequant_then_matmul``: the bitsandbytes / unsloth approach: dequantize the NF4 weight to bf16 on every
+  call (again in the backward), then the torch matmul.
+
+Modes: ``forward`` (grad mode on, as in training), ``backward`` (``torch.autograd.grad`` of a retained graph
+w.r.t. x, A and B, so no gradient accumulation is timed) and ``forward+backward``. Every case reports
+``time_ratio_vs_dense_bf16``: its time over the dense reference's, timed in the same session by the same
+method (in a full run, the ``dense_bf16`` case's own benchmark); ``qlora_fused`` also reports
+``time_ratio_vs_dequant_then_matmul``; and each its achieved TFLOP/s. The small-M cases (M in 1, 4, 16;
+forward, no grad: the decode path, a split-K GEMV on the GPU) report the bandwidth on the NF4 weight bytes
+(packed codes + scales) against the peak.
+
+GPU: M = K = N = 4096, r = 16. CPU (Triton interpreter): M = 64, K = N = 256, r = 8, orientation only.
+
+Run: ``.venv/bin/python -m pytest perf/bench_linear.py --benchmark-only``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from perf import benchutil as bu
+
+import qlora
+from qlora.functional import qlora_linear
+
+if bu.ON_GPU:
+    M, K, N, R = 4096, 4096, 4096, 16
+else:
+    M, K, N, R = 64, 256, 256, 8
+SMALL_MS = (1, 4, 16)
+BLOCKSIZE = 64
+NESTED_BLOCKSIZE = 256
+SCALING = 2.0
+DTYPE = torch.bfloat16
+# The references first: their benchmarks become the references of the ratios (see benchutil.offer_reference).
+IMPLS = ("dense_bf16", "dequant_then_matmul", "qlora_fused")
+MODES = ("forward", "backward", "forward+backward")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Counts
+# --------------------------------------------------------------------------------------------------------------
+
+
+def nf4_weight_bytes(n: int, k: int, blocksize: int = BLOCKSIZE, nested_blocksize: int = NESTED_BLOCKSIZE) -> int:
+    """Bytes of a double-quantized NF4 (n, k) weight a matmul streams: the packed codes (two per byte), one
+    uint8 scale code per block and one float32 second-level scale per ``nested_blocksize`` blocks."""
+    numel = n * k
+    nblocks = -(-numel // blocksize)
+    return -(-numel // 2) + nblocks + 4 * -(-nblocks // nested_blocksize)
+
+
+def dense_weight_bytes(n: int, k: int, itemsize: int = 2) -> int:
+    """Bytes of the dense (n, k) weight (bf16 by default)."""
+    return n * k * itemsize
+
+
+def linear_flops(m: int, n: int, k: int, r: int, mode: str) -> int:
+    """Floating-point operations (2 per multiply-add) of the layer: forward ``x W^T`` (2mnk) plus the LoRA
+    path ``(x A^T) B^T`` (2mkr + 2mrn); backward (no grad for W): ``dx = dy W`` (2mnk), ``g = dy B`` (2mnr),
+    ``dx += s g A`` (2mrk), ``dB = s dy^T u`` (2mnr) and ``dA = s g^T x`` (2mrk)."""
+    forward = 2 * m * n * k + 2 * m * k * r + 2 * m * r * n
+    backward = 2 * m * n * k + 4 * m * n * r + 4 * m * r * k
+    if mode == "forward":
+        return forward
+    if mode == "backward":
+        return backward
+    if mode == "forward+backward":
+        return forward + backward
+    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Implementations
+# --------------------------------------------------------------------------------------------------------------
+
+
+class _DequantMatmul(torch.autograd.Function):
+    """``x @ W^T`` with W dequantized to x's dtype in the forward and dequantized again in the backward
+    (nothing dense kept between the two), as bitsandbytes' 4-bit matmul does."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.weight = weight
+        return x @ weight.dequantize(x.dtype).t()
+
+    @staticmethod
+    def backward(ctx, dy):
+        return dy @ ctx.weight.dequantize(dy.dtype), None
+
+
+class Problem:
+    """The layer's tensors: dense bf16 W, its NF4 form, LoRA A (R, K) and B (N, R)."""
+
+    def __init__(self, n: int, k: int, r: int):
+        gen = torch.Generator(device=bu.DEVICE).manual_seed(0)
+
+        def randn(*shape, scale):
+            return torch.randn(shape, generator=gen, device=bu.DEVICE, dtype=torch.float32).mul_(scale).to(DTYPE)
+
+        self.n, self.k, self.r = n, k, r
+        self.dense = randn(n, k, scale=0.02)
+        self.nf4 = qlora.quantize_nf4(self.dense, blocksize=BLOCKSIZE, double_quant=True)
+        self.lora_a = randn(r, k, scale=0.01).requires_grad_()
+        self.lora_b = randn(n, r, scale=0.01).requires_grad_()
+        self._gen = gen
+
+    def x(self, m: int, requires_grad: bool) -> torch.Tensor:
+        x = torch.randn((m, self.k), generator=self._gen, device=bu.DEVICE, dtype=torch.float32).to(DTYPE)
+        return x.requires_grad_(requires_grad)
+
+    def forward(self, impl: str, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.lora_a, self.lora_b
+        if impl == "qlora_fused":
+            return qlora_linear(x, self.nf4, a, b, SCALING)
+        if impl == "dense_bf16":
+            return x @ self.dense.t() + SCALING * ((x @ a.t()) @ b.t())
+        if impl == "dequant_then_matmul":
+            return _DequantMatmul.apply(x, self.nf4) + SCALING * ((x @ a.t()) @ b.t())
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+
+    def make_fn(self, impl: str, mode: str, m: int):
+        """The callable a benchmark times for ``impl`` in ``mode`` at ``m`` rows."""
+        x = self.x(m, requires_grad=True)
+        inputs = (x, self.lora_a, self.lora_b)
+        dy = torch.randn((m, self.n), generator=self._gen, device=bu.DEVICE, dtype=torch.float32).to(DTYPE)
+        if mode == "forward":
+            return lambda: self.forward(impl, x)
+        if mode == "backward":
+            y = self.forward(impl, x)
+            return lambda: torch.autograd.grad(y, inputs, dy, retain_graph=True)
+        if mode == "forward+backward":
+            return lambda: torch.autograd.grad(self.forward(impl, x), inputs, dy)
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+    def make_decode_fn(self, impl: str, m: int):
+        """Forward without grad (inference / decode) at ``m`` rows."""
+        x = self.x(m, requires_grad=False)
+
+        def fn():
+            with torch.no_grad():
+                return self.forward(impl, x)
+
+        return fn
+
+
+@pytest.fixture(scope="module")
+def problem() -> Problem:
+    return Problem(N, K, R)
+
+
+def _where() -> str:
+    return "GPU" if bu.ON_GPU else "Triton interpreter, orientation only"
+
+
+def _ratio(seconds: float | None, reference: float) -> float | None:
+    return None if seconds is None else seconds / reference
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Benchmarks
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("mode", MODES)
+def test_linear(benchmark, problem, mode, impl):
+    benchmark.group = f"linear {mode} M={M} K={K} N={N} r={R} bf16 ({_where()})"
+    seconds = bu.run_benchmark(benchmark, problem.make_fn(impl, mode, M))
+    if impl != "qlora_fused":
+        bu.offer_reference((impl, mode, M), seconds)
+    dense = bu.reference_seconds(("dense_bf16", mode, M), lambda: problem.make_fn("dense_bf16", mode, M))
+    flops = linear_flops(M, N, K, R, mode)
+    info = dict(impl=impl, mode=mode, M=M, K=K, N=N, r=R, dtype="bfloat16", flops=flops,
+                dense_reference_seconds=dense, time_ratio_vs_dense_bf16=_ratio(seconds, dense))
+    if seconds is not None:
+        info["tflops"] = flops / seconds / 1e12
+    if impl == "qlora_fused":
+        dequant = bu.reference_seconds(("dequant_then_matmul", mode, M),
+                                       lambda: problem.make_fn("dequant_then_matmul", mode, M))
+        info.update(dequant_reference_seconds=dequant,
+                    time_ratio_vs_dequant_then_matmul=_ratio(seconds, dequant))
+    benchmark.extra_info.update(info)
+
+
+@pytest.mark.parametrize("m", SMALL_MS)
+def test_linear_small_m(benchmark, problem, m):
+    benchmark.group = f"linear forward small M K={K} N={N} r={R} bf16, no grad ({_where()})"
+    seconds = bu.run_benchmark(benchmark, problem.make_decode_fn("qlora_fused", m))
+    dense = bu.reference_seconds(("dense_bf16", "decode", m), lambda: problem.make_decode_fn("dense_bf16", m))
+    benchmark.extra_info.update(
+        impl="qlora_fused",
+        mode="forward (no grad)",
+        M=m, K=K, N=N, r=R, dtype="bfloat16",
+        dense_reference_seconds=dense,
+        time_ratio_vs_dense_bf16=_ratio(seconds, dense),
+        dense_weight_bytes=dense_weight_bytes(N, K),
+        dense_reference_weight_GBps=dense_weight_bytes(N, K) / dense / 1e9,
+        **bu.bandwidth_info(nf4_weight_bytes(N, K), seconds, what="weight"),
+    )

@@ -1,0 +1,137 @@
+"""The benchmark files' byte and FLOP counts, checked against hand-computed values, so a wrong bandwidth
+formula fails here rather than printing a plausible number. No benchmark runs."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import qlora  # noqa: E402
+from perf import bench_linear, bench_optim, bench_quantize  # noqa: E402
+from perf import benchutil as bu  # noqa: E402
+
+# --- quantize ---------------------------------------------------------------------------------------------
+
+
+def test_quantize_bytes_1024_square():
+    # n = 2**20: bf16 in 2n; out n/2 packed + 4 * n/64 float32 absmax.
+    assert bench_quantize.quantize_4bit_bytes(1024 * 1024) == {
+        "read": 2_097_152, "written": 524_288 + 65_536, "total": 2_686_976}
+
+
+def test_quantize_bytes_4096_square():
+    n = 4096 * 4096
+    assert bench_quantize.quantize_4bit_bytes(n) == {
+        "read": 33_554_432, "written": 8_388_608 + 1_048_576, "total": 42_991_616}
+
+
+def test_quantize_bytes_rounds_partial_blocks_up():
+    # 13000 elements: 6500 packed bytes, 204 blocks (the last one partial).
+    assert bench_quantize.quantize_4bit_bytes(13_000) == {"read": 26_000, "written": 6_500 + 816, "total": 33_316}
+
+
+def test_dequantize_bytes_1024_square():
+    # n = 2**20: read n/2 packed + n/64 uint8 scale codes + 4 * (n/64/256) float32 absmax2; write 2n bf16.
+    assert bench_quantize.dequantize_4bit_bytes(1024 * 1024) == {
+        "read": 524_288 + 16_384 + 256, "written": 2_097_152, "total": 2_638_080}
+
+
+def test_dequantize_bytes_4096_square():
+    assert bench_quantize.dequantize_4bit_bytes(4096 * 4096) == {
+        "read": 8_388_608 + 262_144 + 4_096, "written": 33_554_432, "total": 42_209_280}
+
+
+def test_dequantize_bytes_rounds_partial_blocks_up():
+    # 13000 elements: 6500 packed bytes, 204 scale codes, one (partial) nested block of absmax2.
+    assert bench_quantize.dequantize_4bit_bytes(13_000) == {"read": 6_500 + 204 + 4, "written": 26_000,
+                                                            "total": 32_708}
+
+
+def test_dequantize_read_bytes_match_the_real_container():
+    """What the formula says dequantize reads is what a double-quantized NF4Weight holds (codebooks aside)."""
+    w = qlora.quantize_nf4(torch.randn(100, 130, dtype=torch.bfloat16), blocksize=64, double_quant=True)
+    held = w.packed.numel() + w.absmax.numel() * w.absmax.element_size() + w.absmax2.numel() * 4
+    assert held == bench_quantize.dequantize_4bit_bytes(13_000)["read"]
+    assert held == bench_linear.nf4_weight_bytes(100, 130)
+
+
+# --- linear ------------------------------------------------------------------------------------------------
+
+
+def test_nf4_weight_bytes():
+    assert bench_linear.nf4_weight_bytes(4096, 4096) == 8_388_608 + 262_144 + 4_096
+    assert bench_linear.nf4_weight_bytes(256, 256) == 32_768 + 1_024 + 16
+    assert bench_linear.dense_weight_bytes(4096, 4096) == 33_554_432
+
+
+def test_linear_flops():
+    m, n, k, r = 2, 3, 5, 7
+    forward = 2 * 2 * 3 * 5 + 2 * 2 * 5 * 7 + 2 * 2 * 7 * 3  # x W^T, x A^T, u B^T
+    backward = 60 + 84 + 140 + 84 + 140  # dy W, dy B, g A, dy^T u, g^T x
+    assert bench_linear.linear_flops(m, n, k, r, "forward") == forward == 284
+    assert bench_linear.linear_flops(m, n, k, r, "backward") == backward == 508
+    assert bench_linear.linear_flops(m, n, k, r, "forward+backward") == 792
+    with pytest.raises(ValueError):
+        bench_linear.linear_flops(m, n, k, r, "sideways")
+
+
+# --- optimizers --------------------------------------------------------------------------------------------
+
+
+def test_adamw_step_bytes_32bit():
+    assert bench_optim.adamw_step_bytes(1_000, 32) == 28_000  # p 4+4, g 4, m 4+4, v 4+4
+    assert bench_optim.adamw_step_bytes(64 * 2**20, 32) == 1_879_048_192
+    assert bench_optim.adamw_step_bytes(1_000, 32, param_itemsize=2, grad_itemsize=2) == 22_000
+
+
+def test_adamw_step_bytes_8bit():
+    # p 8, g 4, codes 1+1 per moment; 4 absmax blocks per moment, each read and written (4+4 bytes).
+    assert bench_optim.adamw_step_bytes(1_000, 8) == 12_000 + 4_000 + 2 * 4 * 8
+    assert bench_optim.adamw_step_bytes(64 * 2**20, 8) == 16 * 64 * 2**20 + 16 * 262_144
+    with pytest.raises(ValueError):
+        bench_optim.adamw_step_bytes(1_000, 16)
+
+
+def test_paged_state_bytes():
+    assert bench_optim.paged_state_bytes(1_000, 32) == 8_000
+    assert bench_optim.paged_state_bytes(1_000, 8) == 2_000 + 32
+    assert bench_optim.paged_state_bytes(2**20, 8) == 2_129_920
+
+
+# --- shared helpers ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, peak", [
+    ("NVIDIA H100 80GB HBM3", 3.35e12),
+    ("NVIDIA H100 PCIe", 2.0e12),
+    ("NVIDIA H100 NVL", 3.9e12),
+    ("NVIDIA H200", 4.8e12),
+    ("NVIDIA A100-SXM4-80GB", 2.0e12),
+    ("NVIDIA A100 80GB PCIe", 2.0e12),
+    ("NVIDIA A100-SXM4-40GB", 1.555e12),
+    ("NVIDIA A100-PCIE-40GB", 1.555e12),
+    ("NVIDIA GH200 480GB", None),
+    ("NVIDIA GeForce RTX 4090", None),
+])
+def test_spec_peak_bandwidth_table(name, peak):
+    found = bu.spec_peak_bandwidth(name)
+    assert (None if found is None else found[0]) == peak
+
+
+def test_bandwidth_info_arithmetic(monkeypatch):
+    monkeypatch.setattr(bu, "ON_GPU", True)
+    monkeypatch.setattr(bu, "peak_bandwidth",
+                        lambda: {"peak_Bps": 4e12, "peak_source": "test", "copy_Bps": 2e12})
+    info = bu.bandwidth_info(3_000_000_000, 1.5)
+    assert info["bytes_moved"] == 3_000_000_000
+    assert info["achieved_GBps"] == pytest.approx(2.0)
+    assert info["fraction_of_peak"] == pytest.approx(0.5e-3)
+    assert info["fraction_of_copy"] == pytest.approx(1e-3)
+    weight = bu.bandwidth_info(100, None, what="weight")
+    assert weight == {"weight_bytes_moved": 100}
