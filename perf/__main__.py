@@ -1,4 +1,5 @@
-"""``python -m perf static|check``: the static performance layer. See ``perf/static.py`` and ``perf/check.py``."""
+"""``python -m perf static|check|roofline``: the static performance layer (``perf/static.py``, ``perf/check.py``)
+and the analytic roofline (``perf/roofline.py``)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,19 @@ def main(argv=None) -> int:
     check = sub.add_parser("check", help="fail when a kernel regressed against perf/baselines/static.json")
     check.add_argument("--baseline", default=None, help="baseline JSON (default: perf/baselines/static.json)")
     check.add_argument("--jobs", type=int, default=None)
+    roofline = sub.add_parser("roofline", help="analytic roofline (bytes, FLOPs, predicted time) of each kernel family")
+    roofline.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
+    roofline.add_argument("--device", choices=("h100", "a100", "all"), default="all",
+                          help="published peaks of which GPU (default: all)")
     args = parser.parse_args(argv)
+
+    if args.command == "roofline":
+        # Pure arithmetic on shapes and datasheet peaks: no qlora or triton import, so it runs anywhere, at once.
+        from . import roofline as roofline_mod
+
+        table = roofline_mod.rows(args.device)
+        print(json.dumps(roofline_mod.as_dicts(table), indent=1) if args.json else roofline_mod.format_table(table))
+        return 0
 
     # The static layer compiles for GPUs: the kernels must be decorated with the interpreter off.
     if "qlora" in sys.modules and os.environ.get("TRITON_INTERPRET") == "1":

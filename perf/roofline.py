@@ -1,0 +1,512 @@
+"""Analytic roofline of every kernel family at named workload shapes: ``python -m perf roofline``.
+
+No kernel is compiled or run: this module is arithmetic on shapes and on published device peaks, so it imports
+nothing beyond the standard library and runs in milliseconds on any machine.
+
+Model. A workload is a sequence of kernel launches (:class:`Op`), each with the DRAM bytes it must move, the
+floating-point operations it must do, and the unit doing them (BF16 tensor cores, or the FP32 CUDA cores for
+elementwise work). One launch takes ``max(bytes / HBM bandwidth, flops / peak of its unit)``; launches of one
+workload run one after another, so the workload's predicted time is the *sum* of its launches' times (for a
+single launch, exactly ``max(bytes/BW, flops/peak)``). Not modelled: launch latency (a few microseconds per
+launch, which matters at decode sizes), L2 reuse beyond the compulsory traffic, wave quantization, and the
+overlap of one launch's tail with the next.
+
+Bytes are the *compulsory* DRAM traffic of each launch: every input read once, every output written once, each
+operand in its stored dtype; a tile re-read from L2 costs nothing. The 16-entry NF4 codebook, the 256-entry
+dynamic map and scalar arguments (the double-quantization offset, hyperparameters) are read once into cache and
+are left out. Each workload's ``assumptions`` string states what it counts.
+
+FLOPs: a multiply-add counts 2 (matmuls: ``2*M*N*K``); elementwise work counts every add, multiply, compare,
+``abs``, ``max``, ``sqrt`` and division as 1. The FP32 peaks below count an FMA as 2, so for elementwise kernels
+the compute time is a rough lower bound; they are memory-bound by a wide margin either way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+TENSOR_BF16 = "bf16_tensor"  # dense BF16/FP16 tensor-core matmul, float32 accumulation
+FP32_SIMT = "fp32"  # non-tensor FP32 arithmetic on the CUDA cores (elementwise kernels, in-kernel dequantization)
+UNITS = (TENSOR_BF16, FP32_SIMT)
+
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+NF4_BLOCKSIZE = 64
+NESTED_BLOCKSIZE = 256  # double quantization: one float32 absmax2 per 256 first-level scales (bitsandbytes)
+ADAM8_BLOCKSIZE = 256  # 8-bit optimizer state: one float32 absmax per 256 elements (kernels/optim.py QBLOCK)
+SMALL_M = 16  # rows at or below which a forward is reported as the decode family (kernels/linear.py SMALL_M)
+
+# FLOPs per element of the elementwise kernels, counted from kernels/quantize.py and kernels/optim.py.
+QUANT4_FLOPS_PER_ELEM = 18  # |x|, running max, x * (1/absmax), 15 midpoint compares (linear scan of the table)
+QUANT4_FLOPS_PER_BLOCK = 1  # the IEEE reciprocal 1/absmax
+DQ_FLOPS_PER_SCALE = 13  # mean-sum add, - offset, |.|, max, * (1/absmax2), 8-step binary search over 255 midpoints
+DQ_FLOPS_PER_NESTED_BLOCK = 1  # 1/absmax2
+DEQUANT_FLOPS_PER_ELEM = 1  # code[q] * scale (the table lookup is a select, not arithmetic)
+DEQUANT_FLOPS_PER_BLOCK = 2  # nested_code[q] * absmax2 + offset, two roundings
+# p*decay (1); m = b1*m + c1*g (3); v = b2*v + c2*g*g (4); sqrt(v)/bc2 + eps (3); p - lr*(m/denom) (3).
+ADAMW_FLOPS_PER_ELEM = 14
+# 8-bit: the 14 above, decoding m and v (2 multiplies), and requantizing each of them: |.|, max, * (1/absmax)
+# and an 8-step binary search (11 each).
+ADAMW8_FLOPS_PER_ELEM = ADAMW_FLOPS_PER_ELEM + 2 + 2 * 11
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Devices
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Device:
+    """Published peaks of one GPU. Bandwidth in bytes/s, throughputs in FLOP/s (dense, no structured sparsity)."""
+
+    key: str
+    name: str
+    hbm_bytes_per_s: float
+    bf16_tensor_flops: float
+    fp32_flops: float
+
+    def peak(self, unit: str) -> float:
+        """FLOP/s of ``unit`` (one of :data:`UNITS`)."""
+        if unit == TENSOR_BF16:
+            return self.bf16_tensor_flops
+        if unit == FP32_SIMT:
+            return self.fp32_flops
+        raise ValueError(f"unit must be one of {UNITS}, got {unit!r}")
+
+    def ridge(self, unit: str) -> float:
+        """Arithmetic intensity (FLOP/byte) above which a launch on ``unit`` is compute-bound."""
+        return self.peak(unit) / self.hbm_bytes_per_s
+
+
+DEVICES: dict[str, Device] = {
+    # "NVIDIA H100 Tensor Core GPU" datasheet, H100 SXM column: GPU memory 80 GB HBM3 at 3.35 TB/s; BF16 Tensor
+    # Core 1,979 TFLOPS *with sparsity*, i.e. 989.4 dense (the dense figure in the "NVIDIA H100 Tensor Core GPU
+    # Architecture" whitepaper); FP32 67 TFLOPS (66.9 in the whitepaper).
+    "h100": Device("h100", "NVIDIA H100 SXM5 80GB (HBM3)", 3.35e12, 989.4e12, 66.9e12),
+    # "NVIDIA A100 Tensor Core GPU" datasheet, A100 80GB SXM column: HBM2e at 2,039 GB/s; BF16 Tensor Core
+    # 312 TFLOPS dense (624 with sparsity); FP32 19.5 TFLOPS.
+    "a100": Device("a100", "NVIDIA A100 SXM4 80GB (HBM2e)", 2.039e12, 312e12, 19.5e12),
+}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Workloads
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Op:
+    """One kernel launch: ``bytes`` of compulsory DRAM traffic, ``flops`` floating-point operations on ``unit``."""
+
+    name: str
+    bytes: int
+    flops: int
+    unit: str
+
+    def __post_init__(self) -> None:
+        if self.unit not in UNITS:
+            raise ValueError(f"unit must be one of {UNITS}, got {self.unit!r}")
+        for field_name in ("bytes", "flops"):
+            value = getattr(self, field_name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{field_name} must be a non-negative int, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A named computation at fixed shapes, done by ``approach`` as the launches ``ops`` run in order.
+
+    ``baseline``: the name of the workload this one is compared with (the speedup column), or None.
+    """
+
+    name: str
+    family: str
+    approach: str
+    ops: tuple[Op, ...]
+    assumptions: str
+    baseline: str | None = None
+
+    @property
+    def bytes(self) -> int:
+        return sum(op.bytes for op in self.ops)
+
+    @property
+    def flops(self) -> int:
+        return sum(op.flops for op in self.ops)
+
+    @property
+    def intensity(self) -> float:
+        """FLOP per DRAM byte over all launches."""
+        return self.flops / self.bytes
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _positive(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def _dtype_bytes(dtype: str, allowed=tuple(DTYPE_BYTES)) -> int:
+    if dtype not in allowed:
+        raise ValueError(f"dtype must be one of {allowed}, got {dtype!r}")
+    return DTYPE_BYTES[dtype]
+
+
+def _count_name(count: int) -> str:
+    """64M for 64 * 2**20; the plain number otherwise."""
+    return f"{count >> 20}M" if count % (1 << 20) == 0 else str(count)
+
+
+def nf4_storage_bytes(numel: int, blocksize: int = NF4_BLOCKSIZE, nested_blocksize: int = NESTED_BLOCKSIZE) -> int:
+    """Bytes of a double-quantized NF4 weight of ``numel`` elements: packed codes (1/2 byte each), one uint8 scale
+    code per ``blocksize`` elements and one float32 absmax2 per ``nested_blocksize`` scales (codebooks excluded)."""
+    _positive("numel", numel)
+    nblocks = _cdiv(numel, _positive("blocksize", blocksize))
+    return _cdiv(numel, 2) + nblocks + 4 * _cdiv(nblocks, _positive("nested_blocksize", nested_blocksize))
+
+
+def nf4_quantize(rows: int, cols: int, dtype: str = "bf16", blocksize: int = NF4_BLOCKSIZE) -> Workload:
+    """NF4 quantization of a (rows, cols) ``dtype`` weight, then double quantization of its float32 scales."""
+    n = _positive("rows", rows) * _positive("cols", cols)
+    elem = _dtype_bytes(dtype)
+    nblocks = _cdiv(n, _positive("blocksize", blocksize))
+    nested = _cdiv(nblocks, NESTED_BLOCKSIZE)
+    quantize = Op("quantize_4bit", n * elem + _cdiv(n, 2) + 4 * nblocks,
+                  QUANT4_FLOPS_PER_ELEM * n + QUANT4_FLOPS_PER_BLOCK * nblocks, FP32_SIMT)
+    double = Op("double_quantize", 4 * nblocks + nblocks + 4 * nested,
+                DQ_FLOPS_PER_SCALE * nblocks + DQ_FLOPS_PER_NESTED_BLOCK * nested, FP32_SIMT)
+    return Workload(
+        f"nf4_quantize_{rows}x{cols}_{dtype}", "quantize", "qlora", (quantize, double),
+        f"quantize_4bit reads the weight ({elem} B/elem) and writes packed codes (0.5 B/elem) and one float32 absmax "
+        f"per {blocksize}-block; double_quantize reads those absmax (4 B/block) and writes one uint8 code per block "
+        f"and one float32 absmax2 per {NESTED_BLOCKSIZE} blocks. Not counted: the implementation's extra read of "
+        f"the absmax for the order-independent mean (offset), +4 B/block.",
+    )
+
+
+def nf4_dequantize(rows: int, cols: int, dtype: str = "bf16", blocksize: int = NF4_BLOCKSIZE) -> Workload:
+    """Dequantization of a double-quantized NF4 (rows, cols) weight to a dense ``dtype`` tensor."""
+    n = _positive("rows", rows) * _positive("cols", cols)
+    elem = _dtype_bytes(dtype)
+    return Workload(
+        f"nf4_dequantize_{rows}x{cols}_{dtype}", "dequantize", "qlora", (_dequantize_op(n, elem, blocksize),),
+        f"reads packed codes (0.5 B/elem), one uint8 scale code per {blocksize}-block and one float32 absmax2 per "
+        f"{NESTED_BLOCKSIZE} blocks; writes the {dtype} weight ({elem} B/elem).",
+    )
+
+
+def _dequantize_op(n: int, elem: int, blocksize: int) -> Op:
+    nblocks = _cdiv(n, blocksize)
+    return Op("dequantize_nf4", nf4_storage_bytes(n, blocksize) + n * elem,
+              DEQUANT_FLOPS_PER_ELEM * n + DEQUANT_FLOPS_PER_BLOCK * nblocks, FP32_SIMT)
+
+
+LINEAR_APPROACHES = ("fused", "dequant_matmul", "dense")
+_APPROACH_PREFIX = {"fused": "nf4_fused", "dequant_matmul": "nf4_dequant_matmul", "dense": "dense"}
+
+
+def _linear_args(m, k, n, r, approach, dtype, blocksize):
+    for name, value in (("m", m), ("k", k), ("n", n), ("r", r), ("blocksize", blocksize)):
+        _positive(name, value)
+    if approach not in LINEAR_APPROACHES:
+        raise ValueError(f"approach must be one of {LINEAR_APPROACHES}, got {approach!r}")
+    # The fp32 compute dtype runs on CUDA cores, not on the BF16 tensor cores this model assigns matmuls to.
+    return _dtype_bytes(dtype, ("bf16", "fp16"))
+
+
+def _linear_name(kind: str, m, k, n, r, approach, dtype) -> str:
+    return f"{_APPROACH_PREFIX[approach]}_lora_{kind}_m{m}_k{k}_n{n}_r{r}_{dtype}"
+
+
+def lora_forward(m: int, k: int, n: int, r: int, approach: str = "fused", dtype: str = "bf16",
+                 blocksize: int = NF4_BLOCKSIZE) -> Workload:
+    """Forward of a LoRA linear ``y = x W^T + s * (x A^T) B^T``: x (m, k), W (n, k), A (r, k), B (n, r), y (m, n).
+
+    ``approach``: ``"fused"`` (this suite: W in NF4, dequantized tile by tile inside the matmul, the LoRA terms in
+    the same pass), ``"dequant_matmul"`` (bitsandbytes / unsloth: dequantize W to a dense tensor, then separate
+    matmuls) or ``"dense"`` (W stored in ``dtype``, torch matmuls). FLOPs ``2mnk + 2mkr + 2mnr`` for all three.
+    """
+    e = _linear_args(m, k, n, r, approach, dtype, blocksize)
+    w_nf4 = nf4_storage_bytes(n * k, blocksize)
+    base_flops, down_flops, up_flops = 2 * m * n * k, 2 * m * k * r, 2 * m * n * r
+    family = "lora_decode" if m <= SMALL_M else "lora_fwd"
+    name = _linear_name("fwd", m, k, n, r, approach, dtype)
+    if approach == "fused":
+        op = Op("nf4_lora_fwd", e * m * k + w_nf4 + e * r * k + e * n * r + e * m * n + 4 * m * r,
+                base_flops + down_flops + up_flops, TENSOR_BF16)
+        return Workload(
+            name, family, approach, (op,),
+            "one pass: reads x once, the NF4 weight (packed 0.5 B/elem + uint8 scale per block + float32 absmax2 "
+            "per 256 blocks), A and B; writes y and u = x A^T (m x r float32, kept for the backward). Not counted: "
+            "the implementation's separate u launch, which reads x a second time and u back (+2mk + 4mr B), "
+            "and at m <= 16 its split-K float32 partials, written and read back (+8 * splits * mn B).",
+            baseline=_linear_name("fwd", m, k, n, r, "dequant_matmul", dtype),
+        )
+    ops = [] if approach == "dense" else [_dequantize_op(n * k, e, blocksize)]
+    ops += [
+        Op("matmul x W^T", e * m * k + e * n * k + e * m * n, base_flops, TENSOR_BF16),
+        Op("lora_down u = x A^T", e * m * k + e * r * k + e * m * r, down_flops, TENSOR_BF16),
+        Op("lora_up y += s u B^T (addmm)", e * m * r + e * n * r + 2 * e * m * n, up_flops, TENSOR_BF16),
+    ]
+    what = ("dequantize_nf4 writes W densely (2 B/elem) and the matmul reads it back"
+            if approach == "dequant_matmul" else f"W stored in {dtype}, read once by the matmul")
+    return Workload(
+        name, family, approach, tuple(ops),
+        f"{what}; the LoRA branch is two more matmuls that read x again, write and read u ({dtype}), and add "
+        f"into y with addmm (reads and writes y once more). PEFT's separate scale and add would cost three more "
+        f"m x n passes; bitsandbytes' fused 4-bit GEMV (inference, m = 1, no autograd) is not this path.",
+    )
+
+
+def lora_backward(m: int, k: int, n: int, r: int, approach: str = "fused", dtype: str = "bf16",
+                  blocksize: int = NF4_BLOCKSIZE) -> Workload:
+    """Backward of :func:`lora_forward` with W frozen: ``dx = dy W + s (dy B) A``, ``dA = s (dy B)^T x``,
+    ``dB = s dy^T u``; dy (m, n), g = dy B (m, r). FLOPs ``2mnk + 4mnr + 4mkr`` for every approach
+    (dy W; dy B and dy^T u; g A and g^T x)."""
+    e = _linear_args(m, k, n, r, approach, dtype, blocksize)
+    w_nf4 = nf4_storage_bytes(n * k, blocksize)
+    name = _linear_name("bwd", m, k, n, r, approach, dtype)
+    if approach == "fused":
+        op = Op("nf4_lora_bwd",
+                e * m * n + w_nf4 + e * r * k + e * n * r + e * m * k + 4 * m * r  # dy, W, A, B, x, u
+                + 2 * 4 * m * r  # g = dy B, float32: written once, read back once
+                + e * m * k + e * r * k + e * n * r,  # dx, dA, dB
+                2 * m * n * k + 4 * m * n * r + 4 * m * k * r, TENSOR_BF16)
+        return Workload(
+            name, "lora_bwd", approach, (op,),
+            "reads dy, the NF4 weight, A, B, x and the saved u (m x r float32) once; writes dx, dA, dB; "
+            "g = dy B (m x r float32) is a full reduction over n that both dx and dA need, so it is written and "
+            "read back once. Not counted: the implementation's three launches each re-reading dy (+4mn B).",
+            baseline=_linear_name("bwd", m, k, n, r, "dequant_matmul", dtype),
+        )
+    ops = [] if approach == "dense" else [_dequantize_op(n * k, e, blocksize)]
+    ops += [
+        Op("matmul dx = dy W", e * m * n + e * n * k + e * m * k, 2 * m * n * k, TENSOR_BF16),
+        Op("lora g = dy B", e * m * n + e * n * r + e * m * r, 2 * m * n * r, TENSOR_BF16),
+        Op("lora dB = dy^T u", e * m * n + e * m * r + e * n * r, 2 * m * n * r, TENSOR_BF16),
+        Op("lora dA = g^T x", e * m * r + e * m * k + e * r * k, 2 * m * k * r, TENSOR_BF16),
+        Op("lora dx += g A (addmm)", e * m * r + e * r * k + 2 * e * m * k, 2 * m * k * r, TENSOR_BF16),
+    ]
+    what = ("dequantize_nf4 writes W densely again (autograd does not keep it) and dy W reads it back"
+            if approach == "dequant_matmul" else f"W stored in {dtype}, read once by dy W")
+    return Workload(
+        name, "lora_bwd", approach, tuple(ops),
+        f"{what}; the LoRA gradients are four separate matmuls (dy is read three times, x once, g and u in "
+        f"{dtype}), the last adding into dx with addmm (reads and writes dx once more).",
+    )
+
+
+ADAMW_VARIANTS = ("torch_fused", "adamw32", "adamw8bit")
+
+
+def adamw(numel: int, variant: str = "adamw32") -> Workload:
+    """One AdamW step over ``numel`` float32 parameters with float32 gradients.
+
+    ``variant``: ``"adamw32"`` (this suite, float32 moments), ``"adamw8bit"`` (this suite, uint8 moment codes with
+    a float32 absmax per 256 elements each) or ``"torch_fused"`` (``torch.optim.AdamW(fused=True)``, float32
+    moments: the same bytes as ``adamw32``, the 32-bit reference).
+    """
+    _positive("numel", numel)
+    if variant not in ADAMW_VARIANTS:
+        raise ValueError(f"variant must be one of {ADAMW_VARIANTS}, got {variant!r}")
+    size = _count_name(numel)
+    if variant == "adamw8bit":
+        # p read+write 8, g 4, m and v codes read+write 1+1 each, each absmax read+written once per 256 elements.
+        nbytes = 8 * numel + 4 * numel + 2 * numel + 2 * numel + 2 * 2 * 4 * _cdiv(numel, ADAM8_BLOCKSIZE)
+        op = Op("adamw8bit_step", nbytes, ADAMW8_FLOPS_PER_ELEM * numel, FP32_SIMT)
+        return Workload(
+            f"adamw8bit_{size}_fp32", "optim", "qlora", (op,),
+            "p read+write 8 B, g read 4 B, m and v uint8 codes read+write 2 B each, a float32 absmax per 256 "
+            "elements for m and for v read+written (1/16 B/elem): 16.0625 B/elem.",
+            baseline=f"torch_adamw_fused_{size}_fp32",
+        )
+    # p read+write 8, g read 4, m read+write 8, v read+write 8: 28 B/elem.
+    op = Op(f"{variant}_step", 28 * numel, ADAMW_FLOPS_PER_ELEM * numel, FP32_SIMT)
+    if variant == "torch_fused":
+        return Workload(f"torch_adamw_fused_{size}_fp32", "optim", "torch", (op,),
+                        "torch.optim.AdamW(fused=True): p, m, v read+written (8 B each), g read (4 B): 28 B/elem.")
+    return Workload(f"adamw32_{size}_fp32", "optim", "qlora", (op,),
+                    "p, m, v read+written (8 B each), g read (4 B): 28 B/elem.",
+                    baseline=f"torch_adamw_fused_{size}_fp32")
+
+
+def default_workloads() -> list[Workload]:
+    """The named workloads the report covers (4096 x 4096 weights, r = 16, bf16, 64M optimizer parameters)."""
+    dim, rank = 4096, 16
+    out = [nf4_quantize(dim, dim), nf4_dequantize(dim, dim)]
+    for approach in LINEAR_APPROACHES:
+        out.append(lora_forward(4096, dim, dim, rank, approach))
+    for approach in LINEAR_APPROACHES:
+        out.append(lora_backward(4096, dim, dim, rank, approach))
+    for m in (1, 4, 16):
+        for approach in LINEAR_APPROACHES:
+            out.append(lora_forward(m, dim, dim, rank, approach))
+    for variant in ADAMW_VARIANTS:
+        out.append(adamw(64 << 20, variant))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Roofline rows
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OpTime:
+    """Roofline of one launch on one device. Times in seconds; ``bound`` is ``"memory"`` or ``"compute"``."""
+
+    name: str
+    unit: str
+    bytes: int
+    flops: int
+    memory_s: float
+    compute_s: float
+    predicted_s: float
+    bound: str
+
+
+@dataclass(frozen=True)
+class RooflineRow:
+    """Roofline of one workload on one device.
+
+    ``bytes``/``flops``: totals over the launches; ``intensity``: flops / bytes (FLOP/byte). ``memory_s``: bytes
+    over HBM bandwidth; ``compute_s``: each launch's flops over its unit's peak, summed; ``predicted_s``: the sum
+    over launches of ``max(memory, compute)`` (one launch: ``max(memory_s, compute_s)``). ``bound``: ``"memory"``
+    or ``"compute"`` when every launch is, else ``"mixed"``; ``compute_share``: the fraction of ``predicted_s``
+    spent in compute-bound launches. ``speedup``: the ``baseline`` workload's predicted time over this one's, on
+    the same device (None without a baseline).
+    """
+
+    workload: str
+    family: str
+    approach: str
+    device: str
+    bytes: int
+    flops: int
+    intensity: float
+    memory_s: float
+    compute_s: float
+    predicted_s: float
+    bound: str
+    compute_share: float
+    baseline: str | None
+    speedup: float | None
+    assumptions: str
+    ops: tuple[OpTime, ...]
+
+
+def op_roofline(op: Op, device: Device) -> OpTime:
+    """``max(bytes / bandwidth, flops / peak)`` of one launch; compute-bound only when compute time is larger."""
+    memory_s = op.bytes / device.hbm_bytes_per_s
+    compute_s = op.flops / device.peak(op.unit)
+    return OpTime(op.name, op.unit, op.bytes, op.flops, memory_s, compute_s, max(memory_s, compute_s),
+                  "compute" if compute_s > memory_s else "memory")
+
+
+def roofline(workload: Workload, device: Device, baseline_s: float | None = None) -> RooflineRow:
+    """The row of ``workload`` on ``device``; ``baseline_s``: the baseline's predicted seconds on that device."""
+    times = tuple(op_roofline(op, device) for op in workload.ops)
+    predicted = sum(t.predicted_s for t in times)
+    compute_s = sum(t.predicted_s for t in times if t.bound == "compute")
+    bounds = {t.bound for t in times}
+    return RooflineRow(
+        workload=workload.name,
+        family=workload.family,
+        approach=workload.approach,
+        device=device.key,
+        bytes=workload.bytes,
+        flops=workload.flops,
+        intensity=workload.intensity,
+        memory_s=sum(t.memory_s for t in times),
+        compute_s=sum(t.compute_s for t in times),
+        predicted_s=predicted,
+        bound=bounds.pop() if len(bounds) == 1 else "mixed",
+        compute_share=compute_s / predicted,
+        baseline=workload.baseline,
+        speedup=None if baseline_s is None else baseline_s / predicted,
+        assumptions=workload.assumptions,
+        ops=times,
+    )
+
+
+def resolve_devices(selection: str = "all") -> list[Device]:
+    """``"all"`` or one key of :data:`DEVICES`."""
+    if selection == "all":
+        return list(DEVICES.values())
+    if selection not in DEVICES:
+        raise ValueError(f"device must be 'all' or one of {sorted(DEVICES)}, got {selection!r}")
+    return [DEVICES[selection]]
+
+
+def rows(devices: str | list[Device] = "all", workloads: list[Workload] | None = None) -> list[RooflineRow]:
+    """Rows of ``workloads`` (default :func:`default_workloads`) on each device, grouped by device.
+
+    A workload whose ``baseline`` is not among ``workloads`` gets ``speedup`` None."""
+    devs = resolve_devices(devices) if isinstance(devices, str) else list(devices)
+    loads = default_workloads() if workloads is None else list(workloads)
+    by_name = {w.name: w for w in loads}
+    if len(by_name) != len(loads):
+        raise ValueError("workloads must have distinct names")
+    out = []
+    for device in devs:
+        for w in loads:
+            base = by_name.get(w.baseline) if w.baseline else None
+            base_s = roofline(base, device).predicted_s if base is not None else None
+            out.append(roofline(w, device, base_s))
+    return out
+
+
+def as_dicts(table: list[RooflineRow]) -> list[dict]:
+    """JSON-ready dicts of ``table`` (nested launches included)."""
+    return [asdict(row) for row in table]
+
+
+def _fmt_us(seconds: float) -> str:
+    us = seconds * 1e6
+    return f"{us:.3g}" if us < 10 else f"{us:,.1f}"
+
+
+def format_table(table: list[RooflineRow]) -> str:
+    """Readable report: per device, its peaks and one line per workload; then each workload's assumptions."""
+    headers = ("workload", "MB", "GFLOP", "FLOP/B", "mem us", "comp us", "pred us", "bound", "speedup")
+    lines: list[str] = []
+    devices = [d for d in DEVICES.values() if any(r.device == d.key for r in table)]
+    for device in devices:
+        body = []
+        for row in (r for r in table if r.device == device.key):
+            bound = row.bound if row.bound != "mixed" else f"mixed ({row.compute_share:.0%} compute)"
+            speedup = "" if row.speedup is None else f"{row.speedup:.2f}x vs {_baseline_label(row.baseline)}"
+            body.append((row.workload, f"{row.bytes / 1e6:,.2f}", f"{row.flops / 1e9:,.3f}", f"{row.intensity:,.1f}",
+                         _fmt_us(row.memory_s), _fmt_us(row.compute_s), _fmt_us(row.predicted_s), bound, speedup))
+        widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(headers)]
+        lines.append(f"{device.name}: HBM {device.hbm_bytes_per_s / 1e12:.3f} TB/s, "
+                     f"BF16 tensor {device.bf16_tensor_flops / 1e12:.1f} TFLOP/s "
+                     f"(ridge {device.ridge(TENSOR_BF16):.0f} FLOP/B), FP32 {device.fp32_flops / 1e12:.1f} TFLOP/s "
+                     f"(ridge {device.ridge(FP32_SIMT):.1f} FLOP/B)")
+        # The workload column is left-aligned, the figures right-aligned; the last two are text.
+        align = ["<"] + [">"] * 6 + ["<", "<"]
+        for cells in (headers, *body):
+            lines.append("  ".join(f"{c:{a}{w}}" for c, a, w in zip(cells, align, widths)).rstrip())
+        lines.append("")
+    lines.append("MB = 1e6 bytes of compulsory DRAM traffic; us = microseconds; pred = sum over launches of "
+                 "max(mem, comp); 'mixed (N% compute)' = N% of that time in compute-bound launches.")
+    lines.append("Assumptions:")
+    # Workloads that differ only in shape share their text: list it once, under all their names.
+    names_by_text: dict[str, list[str]] = {}
+    for row in table:
+        names = names_by_text.setdefault(row.assumptions, [])
+        if row.workload not in names:
+            names.append(row.workload)
+    for text, names in names_by_text.items():
+        lines.append(f"- {', '.join(names)}: {text}")
+    return "\n".join(lines)
+
+
+def _baseline_label(name: str | None) -> str:
+    for prefix in ("nf4_dequant_matmul", "torch_adamw_fused"):
+        if name and name.startswith(prefix):
+            return prefix
+    return str(name)

@@ -1,0 +1,222 @@
+"""The analytic roofline (``perf/roofline.py``): byte and FLOP counts against hand-written formulas, the roofline
+arithmetic, bound selection, fused vs dequantize-then-matmul, and ``python -m perf roofline``.
+
+Pure arithmetic, no kernels: the whole file runs in well under a second plus one short subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from perf import roofline as rl  # noqa: E402
+
+H100, A100 = rl.DEVICES["h100"], rl.DEVICES["a100"]
+
+
+def _nf4_bytes(numel, blocksize=64):
+    """Packed codes, one uint8 scale code per block, one float32 absmax2 per 256 blocks."""
+    nblocks = -(-numel // blocksize)
+    return numel // 2 + nblocks + 4 * -(-nblocks // 256)
+
+
+def test_device_peaks_are_the_datasheet_figures():
+    assert (H100.hbm_bytes_per_s, H100.bf16_tensor_flops) == (3.35e12, 989.4e12)
+    assert (A100.hbm_bytes_per_s, A100.bf16_tensor_flops) == (2.039e12, 312e12)
+    assert H100.ridge(rl.TENSOR_BF16) == pytest.approx(989.4 / 3.35)
+    with pytest.raises(ValueError, match="unit"):
+        H100.peak("int8")
+
+
+def test_nf4_quantize_128x64_counts():
+    rows, cols, bs = 128, 64, 64
+    n = rows * cols  # 8192 elements, 128 blocks of 64, one nested block
+    nblocks = n // bs
+    quant_bytes = 2 * n + n // 2 + 4 * nblocks  # bf16 in, packed out, float32 absmax out
+    dq_bytes = 4 * nblocks + nblocks + 4 * 1  # absmax in, uint8 codes out, one absmax2 out
+    quant_flops = 18 * n + nblocks
+    dq_flops = 13 * nblocks + 1
+    w = rl.nf4_quantize(rows, cols, "bf16", bs)
+    assert w.name == "nf4_quantize_128x64_bf16"
+    assert [op.bytes for op in w.ops] == [quant_bytes, dq_bytes] == [20992, 644]
+    assert [op.flops for op in w.ops] == [quant_flops, dq_flops]
+    assert w.bytes == 21636
+    assert w.intensity == w.flops / w.bytes
+
+
+def test_nf4_dequantize_counts():
+    n = 128 * 64
+    w = rl.nf4_dequantize(128, 64)
+    assert w.bytes == _nf4_bytes(n) + 2 * n == 4228 + 16384
+    assert w.flops == n + 2 * (n // 64)
+
+
+def test_fused_forward_small_shape_counts():
+    m, k, n, r = 2, 64, 32, 4
+    e = 2  # bf16
+    w_nf4 = n * k // 2 + (n * k // 64) + 4  # 1024 packed + 32 scale codes + one absmax2
+    expected_bytes = e * m * k + w_nf4 + e * r * k + e * n * r + e * m * n + 4 * m * r
+    expected_flops = 2 * m * n * k + 2 * m * k * r + 2 * m * n * r
+    w = rl.lora_forward(m, k, n, r, "fused")
+    assert w.name == "nf4_fused_lora_fwd_m2_k64_n32_r4_bf16"
+    assert (w.bytes, w.flops) == (expected_bytes, expected_flops) == (2244, 9728)
+    assert w.intensity == pytest.approx(9728 / 2244)
+    assert w.baseline == "nf4_dequant_matmul_lora_fwd_m2_k64_n32_r4_bf16"
+
+
+def test_dequant_matmul_forward_small_shape_counts():
+    m, k, n, r, e = 2, 64, 32, 4, 2
+    dequant = _nf4_bytes(n * k) + e * n * k
+    base = e * m * k + e * n * k + e * m * n
+    down = e * m * k + e * r * k + e * m * r
+    up = e * m * r + e * n * r + 2 * e * m * n  # addmm reads y and writes it
+    w = rl.lora_forward(m, k, n, r, "dequant_matmul")
+    assert [op.bytes for op in w.ops] == [dequant, base, down, up]
+    assert w.bytes == 10948
+    matmul_flops = 2 * m * n * k + 2 * m * k * r + 2 * m * n * r
+    assert w.flops == matmul_flops + (n * k + 2 * (n * k // 64))  # plus the dequantize pass on CUDA cores
+    dense = rl.lora_forward(m, k, n, r, "dense")
+    assert [op.bytes for op in dense.ops] == [base, down, up]
+    assert dense.flops == matmul_flops
+
+
+def test_fused_backward_small_shape_counts():
+    m, k, n, r, e = 2, 64, 32, 4, 2
+    reads = e * m * n + _nf4_bytes(n * k) + e * r * k + e * n * r + e * m * k + 4 * m * r
+    g_round_trip = 8 * m * r
+    writes = e * m * k + e * r * k + e * n * r
+    w = rl.lora_backward(m, k, n, r, "fused")
+    assert w.bytes == reads + g_round_trip + writes
+    assert w.flops == 2 * m * n * k + 4 * m * n * r + 4 * m * k * r
+    unfused = rl.lora_backward(m, k, n, r, "dequant_matmul")
+    assert unfused.flops == w.flops + n * k + 2 * (n * k // 64)
+
+
+def test_adamw_bytes_per_element():
+    n = 1024
+    assert rl.adamw(n, "adamw32").bytes == rl.adamw(n, "torch_fused").bytes == 28 * n
+    assert rl.adamw(n, "adamw8bit").bytes == (8 + 4 + 2 + 2) * n + 2 * 2 * 4 * (n // 256)
+    assert rl.adamw(64 << 20, "adamw8bit").bytes / (64 << 20) == 16.0625
+    assert rl.adamw(64 << 20).name == "adamw32_64M_fp32"
+
+
+def test_single_launch_prediction_is_max_of_memory_and_compute():
+    for w in (rl.lora_forward(4096, 4096, 4096, 16), rl.lora_forward(1, 4096, 4096, 16), rl.adamw(1 << 20)):
+        for device in (H100, A100):
+            row = rl.roofline(w, device)
+            (op,) = w.ops
+            memory = w.bytes / device.hbm_bytes_per_s
+            compute = w.flops / device.peak(op.unit)
+            assert row.memory_s == pytest.approx(memory)
+            assert row.compute_s == pytest.approx(compute)
+            assert row.predicted_s == max(row.memory_s, row.compute_s)
+            assert row.intensity == w.flops / w.bytes
+
+
+def test_multi_launch_prediction_sums_each_launch_roofline():
+    w = rl.lora_forward(4096, 4096, 4096, 16, "dequant_matmul")
+    row = rl.roofline(w, H100)
+    per_op = [max(op.bytes / H100.hbm_bytes_per_s, op.flops / H100.peak(op.unit)) for op in w.ops]
+    assert row.predicted_s == pytest.approx(math.fsum(per_op))
+    assert row.predicted_s >= max(row.memory_s, row.compute_s)
+    # The dequantize pass is memory-bound, the big matmul compute-bound.
+    assert [t.bound for t in row.ops][:2] == ["memory", "compute"]
+    assert row.bound == "mixed" and 0 < row.compute_share < 1
+
+
+def test_bound_selection():
+    big = rl.lora_forward(4096, 4096, 4096, 16, "fused")
+    decode = rl.lora_forward(1, 4096, 4096, 16, "fused")
+    for device in (H100, A100):
+        assert big.intensity > device.ridge(rl.TENSOR_BF16)
+        assert rl.roofline(big, device).bound == "compute"
+        assert decode.intensity < device.ridge(rl.TENSOR_BF16)
+        assert rl.roofline(decode, device).bound == "memory"
+        assert rl.roofline(rl.adamw(64 << 20, "adamw8bit"), device).bound == "memory"
+    # A launch sitting exactly on the ridge is reported memory-bound (compute must be strictly slower).
+    ridge_op = rl.Op("ridge", 1000, int(1000 * 20), rl.FP32_SIMT)
+    device = rl.Device("toy", "toy", 1e12, 1e15, 20e12)
+    assert rl.op_roofline(ridge_op, device).bound == "memory"
+
+
+def test_fused_moves_fewer_bytes_than_dequantize_then_matmul():
+    for m in (1, 4, 16, 4096):
+        fused = rl.lora_forward(m, 4096, 4096, 16, "fused")
+        unfused = rl.lora_forward(m, 4096, 4096, 16, "dequant_matmul")
+        dense = rl.lora_forward(m, 4096, 4096, 16, "dense")
+        assert fused.bytes < dense.bytes < unfused.bytes
+    assert rl.lora_backward(64, 256, 128, 8, "fused").bytes < rl.lora_backward(64, 256, 128, 8, "dequant_matmul").bytes
+    # At decode sizes both read the weight and little else: the ratio is about the dense-write-and-read of W
+    # (4 B/elem) plus the NF4 read, over the NF4 read alone.
+    fused = rl.lora_forward(1, 4096, 4096, 16, "fused")
+    unfused = rl.lora_forward(1, 4096, 4096, 16, "dequant_matmul")
+    assert 8 < unfused.bytes / fused.bytes < 9
+
+
+def test_rows_report_speedup_against_the_baseline():
+    table = rl.rows("all")
+    assert len(table) == 2 * len(rl.default_workloads())
+    by_key = {(r.device, r.workload): r for r in table}
+    assert len(by_key) == len(table)
+    for row in table:
+        if row.baseline is None:
+            assert row.speedup is None
+            continue
+        base = by_key[(row.device, row.baseline)]
+        assert row.speedup == pytest.approx(base.predicted_s / row.predicted_s)
+        if row.family.startswith("lora"):
+            assert row.speedup > 1
+    assert {r.device for r in rl.rows("a100")} == {"a100"}
+    with pytest.raises(ValueError, match="device"):
+        rl.rows("v100")
+
+
+def test_bad_arguments_name_themselves():
+    with pytest.raises(ValueError, match="^m must"):
+        rl.lora_forward(0, 64, 32, 4)
+    with pytest.raises(ValueError, match="^approach must"):
+        rl.lora_forward(2, 64, 32, 4, "unfused")
+    with pytest.raises(ValueError, match="^dtype must"):
+        rl.lora_backward(2, 64, 32, 4, dtype="fp32")
+    with pytest.raises(ValueError, match="^variant must"):
+        rl.adamw(1024, "sgd")
+    with pytest.raises(ValueError, match="^cols must"):
+        rl.nf4_quantize(128, -1)
+
+
+def test_table_lists_every_workload_and_device():
+    table = rl.rows("all")
+    text = rl.format_table(table)
+    for w in rl.default_workloads():
+        assert w.name in text
+    assert H100.name in text and A100.name in text
+
+
+def test_cli_json_runs_without_triton():
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # The roofline is arithmetic only: it must not pull in triton or torch (it runs anywhere, fast).
+    script = ("import sys; from perf.__main__ import main; rc = main(['roofline', '--json']); "
+              "assert 'triton' not in sys.modules and 'torch' not in sys.modules, 'heavy import'; sys.exit(rc)")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(proc.stdout)
+    assert len(rows) == 2 * len(rl.default_workloads())
+    assert {"workload", "device", "bytes", "flops", "intensity", "predicted_s", "bound", "ops"} <= set(rows[0])
+
+    proc = subprocess.run([sys.executable, "-m", "perf", "roofline", "--json", "--device", "h100"], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(proc.stdout)
+    assert {r["device"] for r in rows} == {"h100"}
+    quant = next(r for r in rows if r["workload"] == "nf4_quantize_4096x4096_bf16")
+    assert quant["bytes"] == sum(op["bytes"] for op in quant["ops"])
