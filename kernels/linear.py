@@ -132,6 +132,16 @@ def _keep_mask(seed, rows, cols, ncols, p):
 
 
 @triton.jit
+def _grouped_tile(pid, num_pid_m, num_pid_cols, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of program ``pid`` in grouped order: GROUP_M row tiles sweep all column tiles
+    together, so the W tiles they share stay in L2 (the Triton matmul tutorial's ordering)."""
+    group_size = GROUP_M * num_pid_cols
+    first_m = (pid // group_size) * GROUP_M
+    rows_in_group = min(num_pid_m - first_m, GROUP_M)
+    return first_m + (pid % group_size) % rows_in_group, (pid % group_size) // rows_in_group
+
+
+@triton.jit
 def _lora_down_kernel(
     a_ptr, b_ptr, out_ptr, M, D, R, seed, p, out_scale,
     stride_am, stride_ad, stride_bd, stride_br,
@@ -182,16 +192,8 @@ def _nf4_lora_fwd_kernel(
     SPLIT_K == 1: y is the output in x's dtype. SPLIT_K > 1: y is a float32 (SPLIT_K, M, N) workspace; split s
     covers its slice of K and split 0 alone adds the LoRA term and the bias. ``M_BUCKET`` only keys autotuning.
     """
-    pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    # Grouped order: GROUP_M row tiles sweep the N tiles together so their W tiles stay in L2.
-    group_size = GROUP_M * num_pid_n
-    first_m = (pid // group_size) * GROUP_M
-    rows_in_group = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group_size) % rows_in_group
-    pid_n = (pid % group_size) // rows_in_group
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
 
     compute_dtype = x_ptr.dtype.element_ty
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -273,14 +275,7 @@ def _nf4_lora_bwd_dx_kernel(
 
     ``lora_scale`` is scaling / (1 - p) with dropout, else scaling; g (M, R) is float32 contiguous.
     """
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_k = tl.cdiv(K, BLOCK_K)
-    group_size = GROUP_M * num_pid_k
-    first_m = (pid // group_size) * GROUP_M
-    rows_in_group = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group_size) % rows_in_group
-    pid_k = (pid % group_size) // rows_in_group
+    pid_m, pid_k = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
 
     compute_dtype = dy_ptr.dtype.element_ty
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
