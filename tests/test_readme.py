@@ -22,3 +22,9 @@ def test_readme_examples_run():
     # B starts at zero (PEFT's init); the optimizer step moved it, so gradients flowed and the step ran.
     assert layer.lora_B.detach().abs().max() > 0
     assert namespace["dense"].weight.shape == (256, 256)
+    # The saved-and-reloaded model computes exactly what the original does.
+    import torch
+
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(namespace["fresh"](x), namespace["model"](x))
