@@ -1,3 +1,4 @@
 """Performance tracking for the QLoRA kernels: a static layer (compile for sm_80/sm_90, no GPU needed) that CI
-runs, and benchmarks (``perf/bench_*.py``) that time kernels where a GPU exists. Entry point: ``python -m perf``.
+runs, an analytic roofline, and a timed layer: the benchmarks (``perf/bench_*.py``) run and kept as results files
+(``perf/results/``), compared against a saved run and charted. Entry point: ``python -m perf``.
 """

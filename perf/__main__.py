@@ -1,5 +1,9 @@
-"""``python -m perf static|check|roofline``: the static performance layer (``perf/static.py``, ``perf/check.py``)
-and the analytic roofline (``perf/roofline.py``)."""
+"""``python -m perf static|check|roofline|bench|compare|plot``: the static performance layer (``perf/static.py``,
+``perf/check.py``), the analytic roofline (``perf/roofline.py``) and the timed layer: benchmark runs kept as
+results files (``perf/bench.py``), compared (``perf/compare.py``) and charted (``perf/plot.py``).
+
+Exit codes: 0 success; 1 a regression (``check``, ``bench --compare``, ``compare``); 2 a usage error or a
+benchmark run that failed."""
 
 from __future__ import annotations
 
@@ -24,7 +28,29 @@ def main(argv=None) -> int:
     roofline.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
     roofline.add_argument("--device", choices=("h100", "a100", "all"), default="all",
                           help="published peaks of which GPU (default: all)")
+    bench = sub.add_parser("bench", help="run the pytest-benchmark files and save a results file")
+    bench.add_argument("--only", metavar="PATTERN",
+                       help="pytest -k expression selecting benchmarks (e.g. 'linear', 'small_m', 'adamw and qlora')")
+    bench.add_argument("--out", metavar="PATH",
+                       help="results file to write, or a folder for the default name (default: perf/results/)")
+    bench.add_argument("--compare", metavar="SAVED.json",
+                       help="compare the new run with this results file; exit 1 when a median regressed")
+    bench.add_argument("--threshold", type=float, default=None,
+                       help="regression threshold for --compare, a fraction of the old median (default 0.10)")
+    bench.add_argument("--quick", action="store_true",
+                       help="fewer rounds (CPU: 1 timed after 1 warm-up; GPU: 5 after 1): a smoke run")
+    compare = sub.add_parser("compare", help="compare two saved results files; exit 1 when a median regressed")
+    compare.add_argument("old", metavar="OLD.json")
+    compare.add_argument("new", metavar="NEW.json")
+    compare.add_argument("--threshold", type=float, default=None,
+                         help="regression threshold, a fraction of the old median (default 0.10)")
+    plot = sub.add_parser("plot", help="PNG charts of results files: speed vs M, history over commits")
+    plot.add_argument("results", metavar="RESULTS", nargs="+", help="results files (perf/results/*.json)")
+    plot.add_argument("--out", metavar="DIR", help="folder for the PNGs (default: perf/results/plots/)")
     args = parser.parse_args(argv)
+
+    if args.command in ("bench", "compare", "plot"):
+        return _timed_layer(parser, args)
 
     if args.command == "roofline":
         # Pure arithmetic on shapes and datasheet peaks: no qlora or triton import, so it runs anywhere, at once.
@@ -72,6 +98,92 @@ def main(argv=None) -> int:
         return 1
     print("no regressions")
     return 0
+
+
+def _threshold(parser: argparse.ArgumentParser, value: float | None) -> float:
+    from .compare import DEFAULT_THRESHOLD, check_threshold
+
+    if value is None:
+        return DEFAULT_THRESHOLD
+    try:
+        return check_threshold(value)
+    except ValueError as err:
+        parser.error(f"--threshold {err}")
+
+
+def _load(parser: argparse.ArgumentParser, path: str, what: str) -> dict:
+    from .bench import BenchError, load
+
+    try:
+        return load(path)
+    except BenchError as err:
+        parser.error(f"{what}: {err}")
+
+
+def _timed_layer(parser: argparse.ArgumentParser, args) -> int:
+    """bench, compare and plot. Neither imports torch or qlora here: ``bench`` times in a child process."""
+    from pathlib import Path
+
+    from . import bench as bench_mod
+    from . import compare as compare_mod
+
+    if args.command == "compare":
+        threshold = _threshold(parser, args.threshold)
+        old, new = _load(parser, args.old, "OLD.json"), _load(parser, args.new, "NEW.json")
+        comp = compare_mod.compare_runs(old, new, threshold)
+        print(compare_mod.format_comparison(comp))
+        return comp.exit_code
+
+    if args.command == "plot":
+        from . import plot as plot_mod
+
+        runs = [_load(parser, path, "RESULTS") for path in args.results]
+        out_dir = Path(args.out) if args.out else bench_mod.RESULTS_DIR / "plots"
+        if out_dir.exists() and not out_dir.is_dir():
+            parser.error(f"--out {out_dir}: exists and is not a folder")
+        written, notes = plot_mod.make_plots(runs, out_dir)
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr)
+        for path in written:
+            print(path)
+        if not written:
+            print("no chart: the runs have no linear forward benchmark and no device has two runs", file=sys.stderr)
+            return 1
+        return 0
+
+    # bench: check every argument before minutes of benchmarking.
+    if args.threshold is not None and not args.compare:
+        parser.error("--threshold applies to --compare; give --compare SAVED.json as well")
+    threshold = _threshold(parser, args.threshold)
+    saved = _load(parser, args.compare, "--compare") if args.compare else None
+    out = args.out or None  # a string: save() reads a trailing separator as "a folder"
+    if out is not None and Path(out).exists() and not Path(out).is_dir() and Path(out).suffix != ".json":
+        parser.error(f"--out {out}: exists and is neither a folder nor a .json file")
+    if args.only is not None and not args.only.strip():
+        parser.error("--only: empty pattern; leave it out to run every benchmark")
+    date = bench_mod.utc_now()
+    git = bench_mod.git_info()
+    where = "quick, " if args.quick else ""
+    print(f"running {', '.join(p.name for p in bench_mod.bench_files())} under pytest-benchmark "
+          f"({where}{'-k ' + repr(args.only) if args.only else 'all benchmarks'})...", file=sys.stderr, flush=True)
+    try:
+        pb, skipped = bench_mod.run_pytest_benchmark(args.only, args.quick)
+        command = "python -m perf bench" + "".join(
+            f" {flag} {value!r}" if value is not True else f" {flag}"
+            for flag, value in (("--only", args.only), ("--quick", args.quick)) if value)
+        results = bench_mod.convert(pb, git=git, date=date, skipped=skipped, only=args.only, command=command)
+    except bench_mod.BenchError as err:
+        print(f"python -m perf bench: error: {err}", file=sys.stderr)
+        return 2
+    path = bench_mod.save(results, out)
+    print(bench_mod.format_table(results))
+    print(f"\nresults written to {path}")
+    if saved is None:
+        return 0
+    comp = compare_mod.compare_runs(saved, results, threshold)
+    print(f"\ncomparison with {args.compare}:")
+    print(compare_mod.format_comparison(comp))
+    return comp.exit_code
 
 
 if __name__ == "__main__":

@@ -9,6 +9,9 @@ Two regimes, chosen once at import:
   Derived figures use the median round divided by ``ops_per_round``.
 - CPU (the Triton interpreter): small shapes, one operation per round, three rounds. The numbers say how slow
   the interpreter is and nothing about kernel performance; every case says so in ``extra_info["timing"]``.
+
+``$QLORA_BENCH_QUICK=1`` (what ``python -m perf bench --quick`` sets) cuts the rounds: 1 timed round after 1
+warm-up round on CPU, 5 after 1 on a GPU. The per-round work (``ops_per_round``) is unchanged.
 """
 
 from __future__ import annotations
@@ -57,6 +60,11 @@ GPU_ROUNDS = 20
 GPU_WARMUP_ROUNDS = 2
 CPU_ROUNDS = 3
 CPU_WARMUP_ROUNDS = 1
+# --quick: enough for a smoke run and a rough number, far too few for a regression decision on its own.
+QUICK_ENV = "QLORA_BENCH_QUICK"
+QUICK: bool = os.environ.get(QUICK_ENV, "").strip() not in ("", "0")
+GPU_QUICK_ROUNDS, GPU_QUICK_WARMUP_ROUNDS = 5, 1
+CPU_QUICK_ROUNDS, CPU_QUICK_WARMUP_ROUNDS = 1, 1
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -118,18 +126,23 @@ def calibrate_ops(fn: Callable[[], object], round_seconds: float = GPU_ROUND_SEC
     return max(1, min(max_ops, int(round_seconds / max(best, 1e-7))))
 
 
+def rounds_and_warmup() -> tuple[int, int]:
+    """``(timed rounds, warm-up rounds)`` of every benchmark and reference in this session."""
+    if ON_GPU:
+        return (GPU_QUICK_ROUNDS, GPU_QUICK_WARMUP_ROUNDS) if QUICK else (GPU_ROUNDS, GPU_WARMUP_ROUNDS)
+    return (CPU_QUICK_ROUNDS, CPU_QUICK_WARMUP_ROUNDS) if QUICK else (CPU_ROUNDS, CPU_WARMUP_ROUNDS)
+
+
 def run_benchmark(benchmark, fn: Callable[[], object]) -> float | None:
     """Time ``fn`` with ``benchmark.pedantic`` in the regime of this machine; return the median seconds per
     operation (None under ``--benchmark-disable``, where nothing is timed)."""
-    if ON_GPU:
-        ops = calibrate_ops(fn)
-        rounds, warmup = GPU_ROUNDS, GPU_WARMUP_ROUNDS
-    else:
-        ops, rounds, warmup = 1, CPU_ROUNDS, CPU_WARMUP_ROUNDS
+    ops = calibrate_ops(fn) if ON_GPU else 1
+    rounds, warmup = rounds_and_warmup()
     benchmark.extra_info.update(
         device=device_name(),
         timing=GPU_TIMING if ON_GPU else INTERPRETER_TIMING,
         ops_per_round=ops,
+        warmup_rounds=warmup,
     )
     benchmark.pedantic(synchronized(fn, ops), rounds=rounds, warmup_rounds=warmup, iterations=1)
     stats = getattr(benchmark, "stats", None)
@@ -143,11 +156,8 @@ def run_benchmark(benchmark, fn: Callable[[], object]) -> float | None:
 def wall_seconds_per_op(fn: Callable[[], object]) -> float:
     """The median seconds per call of ``fn`` measured exactly as :func:`run_benchmark` does, without the
     benchmark fixture (for the in-run reference a ratio is taken against)."""
-    if ON_GPU:
-        ops = calibrate_ops(fn)
-        rounds, warmup = GPU_ROUNDS, GPU_WARMUP_ROUNDS
-    else:
-        ops, rounds, warmup = 1, CPU_ROUNDS, CPU_WARMUP_ROUNDS
+    ops = calibrate_ops(fn) if ON_GPU else 1
+    rounds, warmup = rounds_and_warmup()
     run = synchronized(fn, ops)
     for _ in range(warmup):
         run()
@@ -207,6 +217,59 @@ def device_name() -> str:
     if ON_GPU:
         return torch.cuda.get_device_name()
     return f"cpu ({os.cpu_count()} cores, Triton interpreter)"
+
+
+#: ``backend`` labels of a run (see :func:`run_info`).
+BACKEND_GPU = "gpu"
+BACKEND_INTERPRETER = "cpu-interpreter"
+#: The device of every interpreter run: the core count goes to ``cpu_count``, so that runs on CPU machines
+#: of different sizes still carry one device name (they time the interpreter, not a kernel).
+INTERPRETER_DEVICE = "cpu (Triton interpreter)"
+
+
+def _distribution_version(name: str) -> str | None:
+    """The installed version of distribution ``name`` without importing it, or None when not installed."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def run_info() -> dict:
+    """What a results file records about the process that ran the benchmarks: ``device`` (the GPU's name, or
+    :data:`INTERPRETER_DEVICE`), ``backend`` (:data:`BACKEND_GPU` or :data:`BACKEND_INTERPRETER`), the timing
+    note, the rounds, the CPU, and the library versions (bitsandbytes: its installed version or None, with
+    the import error when it is installed but does not import). ``perf/conftest.py`` puts this into
+    pytest-benchmark's JSON, where ``python -m perf bench`` reads it."""
+    import platform
+
+    import triton
+
+    rounds, warmup = rounds_and_warmup()
+    bnb_version = _distribution_version("bitsandbytes")
+    bnb_error = import_bitsandbytes()[1] if bnb_version is not None else None
+    return {
+        "device": torch.cuda.get_device_name() if ON_GPU else INTERPRETER_DEVICE,
+        "backend": BACKEND_GPU if ON_GPU else BACKEND_INTERPRETER,
+        "timing": GPU_TIMING if ON_GPU else INTERPRETER_TIMING,
+        "quick": QUICK,
+        "rounds": rounds,
+        "warmup_rounds": warmup,
+        "cpu_count": os.cpu_count(),
+        "cpu": platform.processor() or platform.machine(),
+        "cuda": torch.version.cuda if ON_GPU else None,
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "triton": triton.__version__,
+            "qlora": qlora.__version__,
+            "bitsandbytes": bnb_version,
+            "pytest-benchmark": _distribution_version("pytest-benchmark"),
+        },
+        "bitsandbytes_import_error": bnb_error,
+    }
 
 
 @functools.lru_cache(maxsize=None)

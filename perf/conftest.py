@@ -6,6 +6,9 @@
 - Summary: pytest-benchmark's table shows times per round only; at the end of the session the derived
   figures each case put in ``benchmark.extra_info`` (seconds per op, bandwidth, fractions, ratios) are
   printed as well.
+- JSON: ``--benchmark-json`` output gets a ``qlora_run`` entry (``perf.benchutil.run_info()``: device,
+  backend, rounds, library versions), taken in the process that ran the benchmarks; ``python -m perf bench``
+  turns the file into a results file with it.
 """
 
 from __future__ import annotations
@@ -78,3 +81,15 @@ def pytest_terminal_summary(terminalreporter):
                 labels.append(info[key])
     for label in labels:
         tr.write_line(f"note: {label}")
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    # Imported here, not at the top: the default test run loads no benchmark and must not pay for torch.
+    from perf import benchutil
+
+    info = benchutil.run_info()
+    # py-cpuinfo's brand string ("AMD EPYC 9554 ...") says more than platform.processor(), which is often empty.
+    brand = (output_json.get("machine_info") or {}).get("cpu", {}).get("brand_raw")
+    if brand:
+        info["cpu"] = brand
+    output_json["qlora_run"] = info
