@@ -27,8 +27,42 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat
 _DTYPES_BY_NAME = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
 
 
+class _QuantStateView:
+    """``weight.quant_state``: holds the JSON entry as the attribute ``bitsandbytes__nf4``, as a state dict key
+    ``<prefix>.quant_state.bitsandbytes__nf4`` reads when resolved attribute by attribute."""
+
+    def __init__(self, json_tensor: torch.Tensor) -> None:
+        self.bitsandbytes__nf4 = json_tensor
+
+
+class BnbKeyAttributes:
+    """Attributes named after the bitsandbytes state dict keys (``quant_map``, ``nested_absmax``,
+    ``nested_quant_map``, ``quant_state.bitsandbytes__nf4``; ``absmax`` is a field already), so that every key
+    ``<module>.weight.<entry>`` that a layer's state dict holds also resolves with ``getattr`` from the module, as
+    ``torch.distributed.checkpoint.state_dict.get_model_state_dict`` resolves keys. (bitsandbytes' ``Params4bit``
+    answers the same names.) Needs the fields ``code``, ``absmax2``, ``nested_code``, ``blocksize``, ``dtype``,
+    ``shape``, ``offset``, ``nested_blocksize``."""
+
+    @property
+    def quant_map(self) -> torch.Tensor:
+        return self.code
+
+    @property
+    def nested_absmax(self) -> torch.Tensor | None:
+        return self.absmax2
+
+    @property
+    def nested_quant_map(self) -> torch.Tensor | None:
+        return self.nested_code
+
+    @property
+    def quant_state(self) -> _QuantStateView:
+        nested = (self.nested_blocksize, self.offset) if self.absmax2 is not None else None
+        return _QuantStateView(quant_state_tensor(self.blocksize, self.dtype, self.shape, nested))
+
+
 @dataclass(frozen=True)
-class NF4Weight:
+class NF4Weight(BnbKeyAttributes):
     """A weight of ``shape`` quantized to NF4 in blocks of ``blocksize`` consecutive (row-major) elements.
 
     Fields (``n = prod(shape)``, ``nblocks = ceil(n / blocksize)``):
@@ -133,12 +167,6 @@ class NF4Weight:
         """
         if not isinstance(prefix, str) or not prefix:
             raise ValueError(f"prefix must be a non-empty string, got {prefix!r}")
-        meta: dict[str, object] = {
-            "quant_type": QUANT_TYPE,
-            "blocksize": self.blocksize,
-            "dtype": _DTYPE_NAMES[self.dtype],
-            "shape": list(self.shape),
-        }
         out = {
             prefix: self.packed.reshape(-1, 1),
             f"{prefix}.absmax": self.absmax,
@@ -147,13 +175,9 @@ class NF4Weight:
         if self.double_quant:
             out[f"{prefix}.nested_absmax"] = self.absmax2
             out[f"{prefix}.nested_quant_map"] = self.nested_code
-            meta.update(
-                nested_blocksize=self.nested_blocksize,
-                nested_dtype="float32",
-                nested_offset=float(self.offset),
-            )
-        json_bytes = json.dumps(meta).encode("utf-8")
-        out[f"{prefix}.{_STATE_KEY}"] = torch.tensor(list(json_bytes), dtype=torch.uint8)
+        out[f"{prefix}.{_STATE_KEY}"] = quant_state_tensor(
+            self.blocksize, self.dtype, self.shape,
+            (self.nested_blocksize, self.offset) if self.double_quant else None)
         return out
 
     @classmethod
@@ -229,6 +253,22 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
     return NF4Weight(packed=packed, absmax=qabsmax, code=code, blocksize=blocksize, shape=weight.shape,
                      dtype=weight.dtype, absmax2=absmax2, offset=offset, nested_code=nested_code,
                      nested_blocksize=NESTED_BLOCKSIZE)
+
+
+def quant_state_tensor(blocksize: int, dtype: torch.dtype, shape, nested: tuple[int, float] | None) -> torch.Tensor:
+    """The ``<prefix>.quant_state.bitsandbytes__nf4`` entry: 1-D uint8 CPU tensor of UTF-8 JSON with the keys and
+    order of bitsandbytes' ``QuantState.as_dict(packed=True)``. ``nested`` is ``(nested_blocksize, offset)`` for a
+    double-quantized weight, else None."""
+    meta: dict[str, object] = {
+        "quant_type": QUANT_TYPE,
+        "blocksize": blocksize,
+        "dtype": _DTYPE_NAMES[dtype],
+        "shape": [int(d) for d in shape],
+    }
+    if nested is not None:
+        nested_blocksize, offset = nested
+        meta.update(nested_blocksize=nested_blocksize, nested_dtype="float32", nested_offset=float(offset))
+    return torch.tensor(list(json.dumps(meta).encode("utf-8")), dtype=torch.uint8)
 
 
 def _read_quant_state(tensor: torch.Tensor, key: str) -> dict:

@@ -24,6 +24,19 @@ codes of the signed / unsigned dynamic map) with ``exp_avg_absmax``, ``exp_avg_s
 one per 256 elements). Paged states are backed by host (or managed) memory: call :meth:`synchronize`
 before reading ``optimizer.state`` directly on a GPU (``state_dict()`` does it).
 
+Sharded parameters (``torch.distributed.tensor.DTensor``, as FSDP2's ``fully_shard`` makes them): each rank steps
+its local shard with its local gradient shard, and the state is shaped like the local shard. The 8-bit-or-not choice
+uses the parameter's global size (so every rank and a single process choose alike); an 8-bit state is quantized in
+256-element blocks of the local shard, so it equals the single-process state exactly when every shard starts on a
+multiple of 256 elements. ``state_dict()`` returns the state of a sharded parameter as DTensors: element-wise fields
+with the parameter's mesh, placements and global shape; each 8-bit ``*_absmax`` as a 2-D DTensor of shape
+``(shards, blocks of the largest shard)``, one row per shard (zero-padded), sharded on dim 0. Its blocks follow the
+shards, so it reloads only onto the same sharding, and its 2-D shape makes DCP refuse any other (an unsharded
+parameter's absmax is 1-D; another world size or parameter shape changes the 2-D shape).
+``torch.distributed.checkpoint`` and ``get_optimizer_state_dict`` / ``set_optimizer_state_dict`` of
+``torch.distributed.checkpoint.state_dict`` work with it; ``load_state_dict`` takes those DTensors or per-rank
+local tensors.
+
 Gradients: parameters whose ``grad`` is None are skipped; sparse gradients are rejected (TypeError).
 NaN/Inf gradients are not checked, as in ``torch.optim.AdamW``: they propagate into the parameter. With
 float32 moments that stays elementwise, exactly as in PyTorch; an 8-bit moment block that turns non-finite
@@ -34,6 +47,7 @@ is stored as NaN and turns its whole 256-element block of parameters NaN at the 
 from __future__ import annotations
 
 import math
+import sys
 from itertools import chain
 from typing import Any, Iterable
 
@@ -93,6 +107,40 @@ def _hyperparameters(lr, betas, eps, weight_decay, where: str = "") -> tuple[flo
     if weight_decay < 0:
         raise ValueError(f"weight_decay{where} must be >= 0, got {weight_decay}")
     return lr, beta1, beta2, eps, weight_decay
+
+
+def _is_dtensor(t) -> bool:
+    """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (none can exist before that module is imported)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    """The tensor the kernels step: a DTensor's local shard (sharing its memory), else ``p`` itself."""
+    return p.to_local() if _is_dtensor(p) else p
+
+
+def _absmax_layout(p) -> tuple[int, tuple[int, int], list]:
+    """How the per-shard 8-bit scales of the DTensor ``p`` are saved: ``(blocks per row, global shape,
+    placements)``. Every rank's local scales are padded to the block count of the largest shard and form one row of
+    a ``(shards, blocks per row)`` DTensor, sharded on dim 0 along the one mesh dimension that shards ``p``
+    (replicated along the others)."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    sharding = [(i, pl) for i, pl in enumerate(p.placements) if not isinstance(pl, Replicate)]
+    if len(sharding) > 1 or (sharding and type(sharding[0][1]) is not Shard):
+        raise NotImplementedError(
+            f"8-bit optimizer state of a parameter with placements {p.placements}: only one plain Shard placement "
+            "(FSDP2's fully_shard on a 1-D mesh, or HSDP's (Replicate, Shard)) is supported")
+    largest = list(p.shape)
+    mesh_dim, ways = None, 1
+    if sharding:
+        mesh_dim, placement = sharding[0]
+        ways = p.device_mesh.size(mesh_dim)
+        largest[placement.dim] = -(-largest[placement.dim] // ways)
+    per_rank = -(-math.prod(largest) // _kernels.QBLOCK)
+    placements = [Shard(0) if i == mesh_dim else Replicate() for i in range(p.device_mesh.ndim)]
+    return per_rank, (ways, per_rank), placements
 
 
 def _count(name: str, value, minimum: int) -> int:
@@ -176,7 +224,8 @@ class _TritonAdamW(torch.optim.Optimizer):
         return self._pagers[device]
 
     def _storage(self, p: torch.Tensor, create: bool) -> dict[str, torch.Tensor] | None:
-        """Flat state tensors of ``p`` (paged or resident); zeroed fresh ones when ``create``."""
+        """Flat state tensors of ``p`` (paged or resident), sized for its local shard when it is a DTensor; zeroed
+        fresh ones when ``create``."""
         key = id(p)
         for pager in self._pagers.values():
             if key in pager.states:
@@ -186,7 +235,7 @@ class _TritonAdamW(torch.optim.Optimizer):
         if not create:
             return None
         fields = self._fields(p)
-        n = p.numel()
+        n = _local(p).numel()
         pager = self._pager(p.device) if n and n >= self._min_paged_size else None
         if pager is not None:
             return pager.register(key, n, fields).tensors
@@ -195,11 +244,13 @@ class _TritonAdamW(torch.optim.Optimizer):
         return tensors
 
     def _attach(self, p: torch.Tensor, tensors: dict[str, torch.Tensor], step: int) -> None:
-        """Expose the flat storage in ``self.state[p]``: element fields in ``p``'s shape, absmax flat."""
+        """Expose the flat storage in ``self.state[p]``: element fields in the shape of ``p`` (of its local shard
+        when it is a DTensor), absmax flat."""
         state = {"step": step}
+        shape = _local(p).shape
         for f in self._fields(p):
             t = tensors[f.name]
-            state[f.name] = t.view(p.shape) if f.unit == 1 else t
+            state[f.name] = t.view(shape) if f.unit == 1 else t
         self.state[p] = state
 
     def _init_state(self, p: torch.Tensor) -> None:
@@ -232,8 +283,12 @@ class _TritonAdamW(torch.optim.Optimizer):
                         f"grad of {where} must be a float tensor of the parameter's shape {tuple(p.shape)} on "
                         f"{p.device}, got {str(grad.dtype).replace('torch.', '')} {tuple(grad.shape)} on {grad.device}"
                     )
+                if _is_dtensor(p) != _is_dtensor(grad) or (
+                        _is_dtensor(p) and tuple(grad.placements) != tuple(p.placements)):
+                    want, got = (getattr(t, "placements", "a plain tensor") for t in (p, grad))
+                    raise ValueError(f"grad of {where} must be sharded like the parameter ({want}), got {got}")
                 check_backend_device(where, p)
-                work.append((p, grad, hp))
+                work.append((p, _local(grad), hp))
         resident, paged = [], {}
         for p, grad, hp in work:
             if not self.state[p]:
@@ -246,7 +301,7 @@ class _TritonAdamW(torch.optim.Optimizer):
 
         def step_resident():
             for p, grad, hp in resident:
-                with _flat(p) as flat:
+                with _flat(_local(p)) as flat:
                     self._launch(p, flat, grad.reshape(-1), self._resident[id(p)], hp)
 
         by_device: dict[torch.device, dict] = {}
@@ -255,7 +310,7 @@ class _TritonAdamW(torch.optim.Optimizer):
         if not by_device:
             step_resident()
         for i, (device, items) in enumerate(by_device.items()):
-            flats = {key: _flat(p) for key, (p, _, _) in items.items()}
+            flats = {key: _flat(_local(p)) for key, (p, _, _) in items.items()}
             grads = {key: g.reshape(-1) for key, (_, g, _) in items.items()}
 
             def step_chunk(key, start, stop, views, items=items, flats=flats, grads=grads):
@@ -310,8 +365,32 @@ class _TritonAdamW(torch.optim.Optimizer):
 
     # -- state dict ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """``torch.optim.Optimizer.state_dict()``; the state of a sharded (DTensor) parameter as DTensors (see the
+        module docstring), so that ``torch.distributed.checkpoint`` saves every rank's shard."""
         self.synchronize()
-        return super().state_dict()
+        out = super().state_dict()
+        params = chain.from_iterable(g["params"] for g in self.param_groups)
+        for index, p in enumerate(params):  # super() numbers parameters in this order
+            if _is_dtensor(p) and index in out["state"]:
+                out["state"][index] = self._sharded_state(p, out["state"][index])
+        return out
+
+    def _sharded_state(self, p, state: dict[str, Any]) -> dict[str, Any]:
+        """A new state dict entry for the DTensor ``p`` whose local state is ``state``."""
+        dtensor = type(p)
+        out = {"step": state["step"]}
+        for f in self._fields(p):
+            t = state[f.name]
+            if f.unit == 1:
+                out[f.name] = dtensor.from_local(t, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                                                 stride=p.stride())
+            else:
+                per_rank, shape, placements = _absmax_layout(p)
+                padded = t.new_zeros(1, per_rank)
+                padded[0, : t.numel()] = t
+                out[f.name] = dtensor.from_local(padded, p.device_mesh, placements, run_check=False, shape=shape,
+                                                 stride=(per_rank, 1))
+        return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict saved by an optimizer with the same parameter layout (groups, parameter counts
@@ -372,12 +451,17 @@ class _TritonAdamW(torch.optim.Optimizer):
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"{where}: step must be an int >= 0, got {saved['step']!r}")
         values = {}
+        local = _local(p)
         for f in fields:
             t = saved[f.name]
             name = f"{where}: {f.name}"
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
-            shape = tuple(p.shape) if f.unit == 1 else (f.count(p.numel()),)
+            shape = tuple(local.shape) if f.unit == 1 else (f.count(local.numel()),)
+            if _is_dtensor(t):
+                t = self._local_saved(p, t, f, name)
+            elif _is_dtensor(p) and f.unit != 1 and tuple(t.shape) == (1, _absmax_layout(p)[0]):
+                t = t[0, : shape[0]]  # one rank's padded row, saved per rank
             if tuple(t.shape) != shape:
                 raise ValueError(f"state_dict has a different parameter layout: {name} has shape "
                                  f"{tuple(t.shape)}, expected {shape}")
@@ -388,6 +472,25 @@ class _TritonAdamW(torch.optim.Optimizer):
                 raise TypeError(f"{name} must have dtype {f.dtype}, got {t.dtype}")
             values[f.name] = t
         return step, values
+
+    @staticmethod
+    def _local_saved(p, t, f: FieldSpec, name: str) -> torch.Tensor:
+        """This rank's part of the saved DTensor ``t`` of field ``f`` of the DTensor parameter ``p``."""
+        if not _is_dtensor(p):
+            raise ValueError(f"{name} is a DTensor but the parameter is not; load a gathered (plain) state dict")
+        if f.unit == 1:
+            shape, placements = tuple(p.shape), tuple(p.placements)
+        else:
+            _, shape, placements = _absmax_layout(p)
+            placements = tuple(placements)
+        if tuple(t.shape) != shape or tuple(t.placements) != placements or t.device_mesh != p.device_mesh:
+            raise ValueError(f"state_dict has a different parameter layout: {name} is a DTensor of shape "
+                             f"{tuple(t.shape)} with placements {tuple(t.placements)}, expected {shape} with "
+                             f"{placements} on the parameter's mesh (8-bit state reloads only onto the same sharding)")
+        local = t.to_local()
+        if f.unit != 1:
+            local = local.reshape(-1)[: f.count(_local(p).numel())]
+        return local
 
 
 class _FlatParam:
