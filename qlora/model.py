@@ -9,6 +9,8 @@ number of elements, as for the dense weight it replaced) and the bytes they occu
 
 from __future__ import annotations
 
+from itertools import chain
+
 import math
 import sys
 from dataclasses import dataclass
@@ -242,13 +244,18 @@ def trainable_parameters_report(model: nn.Module) -> ParameterReport:
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     trainable = total = weight_4bit = scales = lora = other = 0
     lora_ids = set()
+    nf4_storage_ids = set()  # the NF4 weight held as frozen parameters/buffers (quant_storage): counted above
     for _, layer in qlora_layers(model):
         w = layer.weight
         total += w.numel
         weight_4bit += _nbytes(w.packed)
         scales += _nbytes(w.absmax) + _nbytes(w.absmax2) + _nbytes(w.code) + _nbytes(w.nested_code)
         lora_ids.update((id(layer.lora_A), id(layer.lora_B)))
+        held = chain(layer.named_parameters(recurse=False), layer.named_buffers(recurse=False))
+        nf4_storage_ids.update(id(t) for name, t in held if name.startswith("nf4_"))
     for param in model.parameters():
+        if id(param) in nf4_storage_ids:
+            continue
         total += param.numel()
         if param.requires_grad:
             trainable += param.numel()
@@ -257,6 +264,7 @@ def trainable_parameters_report(model: nn.Module) -> ParameterReport:
         else:
             other += _nbytes(param)
     for buf in model.buffers():
-        other += _nbytes(buf)
+        if id(buf) not in nf4_storage_ids:
+            other += _nbytes(buf)
     return ParameterReport(trainable=trainable, total=total, weight_4bit_bytes=weight_4bit, scale_bytes=scales,
                            lora_bytes=lora, other_bytes=other)

@@ -314,6 +314,16 @@ def test_report_counts_and_bytes_by_hand(prepared):
     assert report.total_bytes == report.weight_4bit_bytes + scales + 4 * (lora + biases + norms + embed)
 
 
+@pytest.mark.parametrize("storage", [torch.uint8, torch.bfloat16, torch.float32])
+def test_report_is_the_same_when_the_nf4_weight_is_held_as_parameters(prepared, storage):
+    # With quant_storage (FSDP), the NF4 bytes live in frozen nf4_* parameters/buffers: counted once, as NF4.
+    model = copy.deepcopy(prepared[0])
+    before = trainable_parameters_report(model)
+    for _, layer in qlora_layers(model):
+        layer.set_quant_storage(storage)
+    assert trainable_parameters_report(model) == before
+
+
 def test_report_summary_line(prepared):
     text = str(trainable_parameters_report(prepared[0]))
     first, second = text.splitlines()
