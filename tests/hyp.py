@@ -1,7 +1,7 @@
 """Hypothesis profiles shared by every test module.
 
 ``ci`` (the default) is sized so the whole default run stays well within 15 minutes on 2 cores: the
-kernels run under the Triton interpreter there (measured: about 2 minutes for the whole suite). ``thorough``
+kernels run under the Triton interpreter there (measured: about 3 minutes for the whole suite). ``thorough``
 draws ten times as many examples, randomized, and is selected with ``QLORA_HYPOTHESIS_PROFILE=thorough``. Tests
 ask for a base number through :func:`examples` (the number their cost allows), which scales with the profile,
 instead of hard-coding ``max_examples``.
