@@ -129,7 +129,7 @@ def _absmax_layout(p) -> tuple[int, tuple[int, int], list]:
 
     sharding = [(i, pl) for i, pl in enumerate(p.placements) if not isinstance(pl, Replicate)]
     if len(sharding) > 1 or (sharding and type(sharding[0][1]) is not Shard):
-        raise NotImplementedError(
+        raise ValueError(
             f"8-bit optimizer state of a parameter with placements {p.placements}: only one plain Shard placement "
             "(FSDP2's fully_shard on a 1-D mesh, or HSDP's (Replicate, Shard)) is supported")
     largest = list(p.shape)
