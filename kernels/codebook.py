@@ -107,7 +107,7 @@ def _normal_float_kernel(out_ptr, coef_ptr, offset, NUM_POSITIVE: tl.constexpr, 
     The sort is done by placement: the float32 linspace strictly decreases (consecutive points are a whole step
     apart, far more than a rounding), ppf and rounding to float32 are monotone, so the k-th negative value is the
     k-th smallest and the j-th positive one the j-th largest. (tl.sort gives the same table; under the
-    interpreter it costs about a second for 256 values.)
+    interpreter one tl.sort of 256 values took 0.6-0.7 s, against milliseconds for the whole kernel.)
     """
     i = tl.arange(0, SIZE)
     is_negative = i < NUM_NEGATIVE

@@ -132,6 +132,22 @@ def _keep_mask(seed, rows, cols, ncols, p):
 
 
 @triton.jit
+def _load_tile(ptr, rows, cols, stride_r, stride_c, mask_r, mask_c):
+    """The (len(rows), len(cols)) tile at ``ptr + rows * stride_r + cols * stride_c``, zero where masked off."""
+    return tl.load(ptr + rows[:, None] * stride_r + cols[None, :] * stride_c, mask=mask_r[:, None] & mask_c[None, :],
+                   other=0.0)
+
+
+@triton.jit
+def _dot(a, b, acc, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """``acc + a @ b``; with UPCAST (interpreter) the operands are widened to float32 first (module docstring)."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
 def _grouped_tile(pid, num_pid_m, num_pid_cols, GROUP_M: tl.constexpr):
     """(row tile, column tile) of program ``pid`` in grouped order: GROUP_M row tiles sweep all column tiles
     together, so the W tiles they share stay in L2 (the Triton matmul tutorial's ordering)."""
@@ -162,16 +178,11 @@ def _lora_down_kernel(
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         mask_d = offs_d < D
-        a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_d[None, :] * stride_ad,
-                    mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+        a = _load_tile(a_ptr, offs_m, offs_d, stride_am, stride_ad, mask_m, mask_d)
         if HAS_DROPOUT:
             a = tl.where(_keep_mask(seed, offs_m, offs_d, D, p), a, 0.0)
-        b = tl.load(b_ptr + offs_d[:, None].to(tl.int64) * stride_bd + offs_r[None, :] * stride_br,
-                    mask=mask_d[:, None] & mask_r[None, :], other=0.0)
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        b = _load_tile(b_ptr, offs_d.to(tl.int64), offs_r, stride_bd, stride_br, mask_d, mask_r)
+        acc = _dot(a, b, acc, UPCAST, DOT_PRECISION)
     out = out_ptr + offs_m[:, None] * R + offs_r[None, :]
     tl.store(out, acc * out_scale, mask=mask_m[:, None] & mask_r[None, :])
 
@@ -208,33 +219,25 @@ def _nf4_lora_fwd_kernel(
     for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < k_end
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        x = _load_tile(x_ptr, offs_m, offs_k, stride_xm, stride_xk, mask_m, mask_k)
         # W^T tile (BLOCK_K, BLOCK_N): element (k, n) of W^T is W[n, k], flat index n * K + k.
         w = _dequant_tile(packed_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr, code_ptr, offset,
                           offs_n, offs_k, k0, K, mask_n, mask_k, BLOCKSIZE, DOUBLE_QUANT, NESTED_BLOCKSIZE,
                           K_ALIGNED and BLOCKSIZE % BLOCK_K == 0, True, INDEX_64)
-        w = _to_dtype(w, compute_dtype, UPCAST)
-        if UPCAST:
-            x = x.to(tl.float32)
-            w = w.to(tl.float32)
-        acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
+        acc = _dot(x, _to_dtype(w, compute_dtype, UPCAST), acc, UPCAST, DOT_PRECISION)
 
     if pid_k == 0:
         lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for r0 in range(0, R, BLOCK_R):
             offs_r = r0 + tl.arange(0, BLOCK_R)
             mask_r = offs_r < R
-            # u is float32; round it to the compute dtype as an unfused LoRA (lora_A's output) would.
+            # u is float32; round it to the compute dtype as an unfused LoRA (lora_A's output) would. (Loaded
+            # directly: through _load_tile with a unit stride the sm_90 build of one config changes registers.)
             u = tl.load(u_ptr + offs_m[:, None] * R + offs_r[None, :],
                         mask=mask_m[:, None] & mask_r[None, :], other=0.0)
             u = _to_dtype(u, compute_dtype, UPCAST)
-            bt = tl.load(b_ptr + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br,
-                         mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-            if UPCAST:
-                u = u.to(tl.float32)
-                bt = bt.to(tl.float32)
-            lora = tl.dot(u, bt, lora, input_precision=DOT_PRECISION)
+            bt = _load_tile(b_ptr, offs_r, offs_n, stride_br, stride_bn, mask_r, mask_n)
+            lora = _dot(u, bt, lora, UPCAST, DOT_PRECISION)
         acc += scaling * lora
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -287,32 +290,21 @@ def _nf4_lora_bwd_dx_kernel(
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
-        dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
-                     mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+        dy = _load_tile(dy_ptr, offs_m, offs_n, stride_dym, stride_dyn, mask_m, mask_n)
         # W tile (BLOCK_N, BLOCK_K) read row-major as stored: flat index n * K + k.
         w = _dequant_tile(packed_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr, code_ptr, offset,
                           offs_n.to(tl.int64), offs_k, pid_k.to(tl.int64) * BLOCK_K, K, mask_n, mask_k,
                           BLOCKSIZE, DOUBLE_QUANT, NESTED_BLOCKSIZE, K_ALIGNED and BLOCKSIZE % BLOCK_K == 0, False,
                           INDEX_64)
-        w = _to_dtype(w, compute_dtype, UPCAST)
-        if UPCAST:
-            dy = dy.to(tl.float32)
-            w = w.to(tl.float32)
-        acc = tl.dot(dy, w, acc, input_precision=DOT_PRECISION)
+        acc = _dot(dy, _to_dtype(w, compute_dtype, UPCAST), acc, UPCAST, DOT_PRECISION)
 
     lora = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         mask_r = offs_r < R
-        g = tl.load(g_ptr + offs_m[:, None] * R + offs_r[None, :],
-                    mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-        g = _to_dtype(g, compute_dtype, UPCAST)
-        a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
-                    mask=mask_r[:, None] & mask_k[None, :], other=0.0)
-        if UPCAST:
-            g = g.to(tl.float32)
-            a = a.to(tl.float32)
-        lora = tl.dot(g, a, lora, input_precision=DOT_PRECISION)
+        g = _to_dtype(_load_tile(g_ptr, offs_m, offs_r, R, 1, mask_m, mask_r), compute_dtype, UPCAST)
+        a = _load_tile(a_ptr, offs_r, offs_k, stride_ar, stride_ak, mask_r, mask_k)
+        lora = _dot(g, a, lora, UPCAST, DOT_PRECISION)
     if HAS_DROPOUT:
         lora = tl.where(_keep_mask(seed, offs_m, offs_k, K, p), lora, 0.0)
     acc += lora_scale * lora
@@ -345,19 +337,13 @@ def _lora_grad_kernel(
     for m0 in range(0, M, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
         mask_m = offs_m < M
-        left_t = tl.load(left_ptr + offs_m[None, :] * R + offs_r[:, None],
-                         mask=mask_r[:, None] & mask_m[None, :], other=0.0)
-        left_t = _to_dtype(left_t, compute_dtype, UPCAST)
-        right = tl.load(right_ptr + offs_m[:, None] * stride_rm + offs_c[None, :] * stride_rc,
-                        mask=mask_m[:, None] & mask_c[None, :], other=0.0)
+        left_t = _to_dtype(_load_tile(left_ptr, offs_r, offs_m, 1, R, mask_r, mask_m), compute_dtype, UPCAST)
+        right = _load_tile(right_ptr, offs_m, offs_c, stride_rm, stride_rc, mask_m, mask_c)
         if HAS_COLSUM:
             colsum += tl.sum(right.to(tl.float32), axis=0)
         if HAS_DROPOUT:
             right = tl.where(_keep_mask(seed, offs_m, offs_c, C, p), right, 0.0)
-        if UPCAST:
-            left_t = left_t.to(tl.float32)
-            right = right.to(tl.float32)
-        acc = tl.dot(left_t, right, acc, input_precision=DOT_PRECISION)
+        acc = _dot(left_t, right, acc, UPCAST, DOT_PRECISION)
     out = out_ptr + offs_r[:, None] * stride_or + offs_c[None, :] * stride_oc
     tl.store(out, _to_dtype(acc * out_scale, out_ptr.dtype.element_ty, UPCAST), mask=mask_r[:, None] & mask_c[None, :])
     if HAS_COLSUM:
@@ -680,9 +666,9 @@ def nf4_lora_forward(
         DOT_PRECISION=_dot_precision(x.dtype),
         BLOCK_R=_lora_block_r(r),
     )
-    args = (x, *_weight_args(packed, absmax, code, absmax2, offset, nested_code)[:5], u, lora_b,
-            y if bias is None else bias)
-    scalars = (m, n, k, r, _weight_args(packed, absmax, code, absmax2, offset, nested_code)[5], scaling,
+    weight = _weight_args(packed, absmax, code, absmax2, offset, nested_code)
+    args = (x, *weight[:5], u, lora_b, y if bias is None else bias)
+    scalars = (m, n, k, r, weight[5], scaling,
                x.stride(0), x.stride(1), lora_b.stride(0), lora_b.stride(1), triton.next_power_of_2(m))
     if config is None and not interp and m > SMALL_M:
         kernel = _tuned_kernel("fwd")

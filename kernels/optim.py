@@ -193,17 +193,16 @@ _TABLES: dict[tuple[bool, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 def dynamic_tables(signed: bool, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
     """``(map, midpoints)`` for the signed or unsigned dynamic map on ``device``, cached.
 
-    ``map`` is float32 (256,) sorted ascending; ``midpoints`` is float32 (256,): ``(map[i] + map[i+1]) / 2``
-    computed in float32 for i < 255, then ``+inf`` so a 256-entry binary search never runs past the end.
+    ``map`` is :func:`qlora.kernels.codebook.dynamic_map`, float32 (256,) sorted ascending; ``midpoints`` is
+    float32 (256,): ``(map[i] + map[i+1]) / 2`` computed in float32 for i < 255, padded with ``+inf`` to 256
+    entries (the kernel's 8-step binary search probes indices 0..254 only).
     """
     device = torch.device(device)
     key = (bool(signed), device)
     if key not in _TABLES:
         from .codebook import dynamic_map
 
-        values = dynamic_map(signed=bool(signed), device=device).to(torch.float32).contiguous()
-        if values.shape != (256,):
-            raise ValueError(f"dynamic map must have 256 entries, got shape {tuple(values.shape)}")
+        values = dynamic_map(signed=bool(signed), device=device)
         mids = torch.full((256,), float("inf"), dtype=torch.float32, device=device)
         mids[:255] = (values[:-1] + values[1:]) / 2
         _TABLES[key] = (values, mids)
@@ -246,6 +245,21 @@ def _check_state(name: str, t: torch.Tensor, dtype: torch.dtype, numel: int) -> 
         raise ValueError(f"{name} must be contiguous (the step updates it in place)")
 
 
+def _launch(kernel, args: tuple, units: int, size_name: str, gpu_size: int, gpu_warps: int, unit_elems: int = 1,
+            **constexprs) -> None:
+    """Launch ``kernel(*args)`` over ``units`` work units (elements, or blocks of ``unit_elems`` elements) with
+    IEEE float32 semantics and no fp fusion. The constexpr ``size_name`` (units per program) is ``gpu_size``, with
+    ``gpu_warps`` warps, on a GPU; under the interpreter one large slab per program, one warp."""
+    if interpreter_active():
+        size, warps = min(_INTERP_MAX_BLOCK // unit_elems, triton.next_power_of_2(units)), 1
+    else:
+        size, warps = gpu_size, gpu_warps
+    with ieee_semantics():
+        kernel[(triton.cdiv(units, size),)](
+            *args, **{size_name: size}, **constexprs, num_warps=warps, enable_fp_fusion=False,
+        )
+
+
 def adamw_step_(
     param: torch.Tensor,
     grad: torch.Tensor,
@@ -274,15 +288,8 @@ def adamw_step_(
     if n == 0:
         return
     s = step_scalars(step, lr, beta1, beta2, eps, weight_decay)
-    if interpreter_active():
-        block, warps = min(_INTERP_MAX_BLOCK, triton.next_power_of_2(n)), 1
-    else:
-        block, warps = _GPU_BLOCK_32, _GPU_WARPS_32
-    with ieee_semantics():
-        _adamw32_kernel[(triton.cdiv(n, block),)](
-            param, grad.contiguous(), exp_avg, exp_avg_sq, n, *s,
-            BLOCK=block, num_warps=warps, enable_fp_fusion=False,
-        )
+    _launch(_adamw32_kernel, (param, grad.contiguous(), exp_avg, exp_avg_sq, n, *s), n,
+            "BLOCK", _GPU_BLOCK_32, _GPU_WARPS_32)
 
 
 def adamw8bit_step_(
@@ -328,17 +335,13 @@ def adamw8bit_step_(
     s = step_scalars(step, lr, beta1, beta2, eps, weight_decay)
     smap, smid = dynamic_tables(True, param.device)
     umap, umid = dynamic_tables(False, param.device)
-    if interpreter_active():
-        qblocks, warps = min(_INTERP_MAX_BLOCK // QBLOCK, triton.next_power_of_2(nblocks)), 1
-    else:
-        qblocks, warps = _GPU_QBLOCKS_8, _GPU_WARPS_8
-    with ieee_semantics():
-        _adamw8bit_kernel[(triton.cdiv(nblocks, qblocks),)](
-            param, grad.contiguous(), exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes, exp_avg_sq_absmax,
-            smap, smid, umap, umid, n, *s,
-            QBLOCK=QBLOCK, QBLOCKS=qblocks, SIGNED_ZERO=zero_code(True), UNSIGNED_ZERO=zero_code(False),
-            num_warps=warps, enable_fp_fusion=False,
-        )
+    _launch(
+        _adamw8bit_kernel,
+        (param, grad.contiguous(), exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes, exp_avg_sq_absmax,
+         smap, smid, umap, umid, n, *s),
+        nblocks, "QBLOCKS", _GPU_QBLOCKS_8, _GPU_WARPS_8, unit_elems=QBLOCK,
+        QBLOCK=QBLOCK, SIGNED_ZERO=zero_code(True), UNSIGNED_ZERO=zero_code(False),
+    )
 
 
 # --- static compile specs ----------------------------------------------------------------------------

@@ -208,11 +208,16 @@ def _next_pow2(value: int) -> int:
     return 1 << max(0, (value - 1).bit_length())
 
 
+def _gpu_quant_config(blocksize: int) -> tuple[int, int]:
+    """(blocks per program, num_warps) of the quantize kernels on a GPU (the launchers and ``compile_specs``)."""
+    return max(1, _GPU_QUANT_ELEMS // blocksize), (8 if blocksize >= 4096 else _NUM_WARPS)
+
+
 def _quant_config(n: int, blocksize: int) -> tuple[int, int]:
     """(blocks per program, num_warps) for the quantize kernels."""
     if interpreter_active():
         return min(max(1, _INTERPRETER_ELEMS // blocksize), _next_pow2(_cdiv(n, blocksize))), 1
-    return max(1, _GPU_QUANT_ELEMS // blocksize), (8 if blocksize >= 4096 else _NUM_WARPS)
+    return _gpu_quant_config(blocksize)
 
 
 def _stream_config(count: int, gpu_tile: int) -> int:
@@ -295,6 +300,12 @@ def quantize_4bit(x: torch.Tensor, code: torch.Tensor, blocksize: int = 64) -> t
     _check_code(code, 16, x, "x", sorted_needed=True)
     check_blocksize(blocksize)
     check_finite("x", x)
+    return _quantize_4bit(x, code, blocksize)
+
+
+def _quantize_4bit(x: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`quantize_4bit` without its checks (and their host syncs), for a caller whose arguments are valid by
+    construction: ``qlora.nf4.quantize_nf4`` checks the weight itself and passes the NF4 table it just built."""
     flat = _flat(x)
     n = flat.numel()
     packed = torch.empty(_cdiv(n, 2), dtype=torch.uint8, device=x.device)
@@ -466,6 +477,12 @@ def double_quantize(absmax: torch.Tensor, code: torch.Tensor, blocksize: int = 2
     check_finite("absmax", absmax)
     if absmax.numel() and not bool((absmax >= 0).all()):
         raise ValueError("absmax must be non-negative (scales are maxima of absolute values)")
+    return _double_quantize(absmax, code, blocksize)
+
+
+def _double_quantize(absmax: torch.Tensor, code: torch.Tensor, blocksize: int):
+    """:func:`double_quantize` without its checks (and their host syncs), for a caller whose scales come from
+    :func:`_quantize_4bit` of a finite input (finite, non-negative) and whose code is ``dynamic_map(signed=True)``."""
     offset = _float32_mean(absmax) if absmax.numel() else 0.0
     qabsmax, absmax2 = _quantize_8bit(absmax, code, blocksize, offset)
     return qabsmax, absmax2, offset
@@ -504,13 +521,14 @@ def compile_specs() -> list[KernelSpec]:
     specs = []
     q4_cases = [(torch.bfloat16, b) for b in BLOCKSIZES] + [(torch.float32, 64), (torch.float16, 64)]
     for dtype, blocksize in q4_cases:
+        blocks_per_program, num_warps = _gpu_quant_config(blocksize)
         specs.append(KernelSpec(
             name=f"q4_{_NAMES[dtype]}_b{blocksize}", fn=_quantize_4bit_kernel,
             signature={"x_ptr": f"*{_TRITON_TYPES[dtype]}", "code_ptr": "*fp32", "packed_ptr": "*u8",
                        "absmax_ptr": "*fp32", "n": "i32", "nbytes": "i32", "BLOCKSIZE": "constexpr",
                        "BLOCKS_PER_PROGRAM": "constexpr"},
-            constexprs={"BLOCKSIZE": blocksize, "BLOCKS_PER_PROGRAM": max(1, _GPU_QUANT_ELEMS // blocksize)},
-            options={**options, "num_warps": 8 if blocksize >= 4096 else _NUM_WARPS},
+            constexprs={"BLOCKSIZE": blocksize, "BLOCKS_PER_PROGRAM": blocks_per_program},
+            options={**options, "num_warps": num_warps},
         ))
     for dtype in FLOAT_DTYPES:
         for double_quant in (False, True):
@@ -526,12 +544,13 @@ def compile_specs() -> list[KernelSpec]:
                 options=options,
             ))
     for blocksize in BLOCKSIZES:
+        blocks_per_program, num_warps = _gpu_quant_config(blocksize)
         specs.append(KernelSpec(
             name=f"q8_fp32_b{blocksize}", fn=_quantize_8bit_kernel,
             signature={"x_ptr": "*fp32", "code_ptr": "*fp32", "codes_ptr": "*u8", "absmax_ptr": "*fp32",
                        "n": "i32", "offset": "fp32", "BLOCKSIZE": "constexpr", "BLOCKS_PER_PROGRAM": "constexpr"},
-            constexprs={"BLOCKSIZE": blocksize, "BLOCKS_PER_PROGRAM": max(1, _GPU_QUANT_ELEMS // blocksize)},
-            options={**options, "num_warps": 8 if blocksize >= 4096 else _NUM_WARPS},
+            constexprs={"BLOCKSIZE": blocksize, "BLOCKS_PER_PROGRAM": blocks_per_program},
+            options={**options, "num_warps": num_warps},
         ))
     for add_offset in (False, True):
         specs.append(KernelSpec(

@@ -28,6 +28,7 @@ import pytest
 import torch
 
 from perf import benchutil as bu
+from perf import roofline as rl
 
 import qlora
 from qlora.functional import qlora_linear
@@ -54,9 +55,7 @@ MODES = ("forward", "backward", "forward+backward")
 def nf4_weight_bytes(n: int, k: int, blocksize: int = BLOCKSIZE, nested_blocksize: int = NESTED_BLOCKSIZE) -> int:
     """Bytes of a double-quantized NF4 (n, k) weight a matmul streams: the packed codes (two per byte), one
     uint8 scale code per block and one float32 second-level scale per ``nested_blocksize`` blocks."""
-    numel = n * k
-    nblocks = -(-numel // blocksize)
-    return -(-numel // 2) + nblocks + 4 * -(-nblocks // nested_blocksize)
+    return rl.nf4_storage_bytes(n * k, blocksize, nested_blocksize)
 
 
 def dense_weight_bytes(n: int, k: int, itemsize: int = 2) -> int:

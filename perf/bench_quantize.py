@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from perf import benchutil as bu
+from perf import roofline as rl
 
 import qlora
 from qlora.kernels import codebook as _codebook
@@ -47,8 +48,7 @@ def dequantize_4bit_bytes(n: int, blocksize: int = BLOCKSIZE, nested_blocksize: 
     """DRAM bytes of one double-quantized 4-bit dequantize of ``n`` elements: the packed codes, the uint8
     scale codes (one per block) and the float32 second-level scales (one per ``nested_blocksize`` blocks)
     read; the output (``out_itemsize`` bytes each) written. The codebooks (1.1 KiB) are left out."""
-    nblocks = -(-n // blocksize)
-    read = -(-n // 2) + nblocks + 4 * -(-nblocks // nested_blocksize)
+    read = rl.nf4_storage_bytes(n, blocksize, nested_blocksize)
     written = out_itemsize * n
     return {"read": read, "written": written, "total": read + written}
 

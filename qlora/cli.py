@@ -29,8 +29,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     if args.only:
         checks = [c for c in checks if args.only.lower() in c.name.lower()]
         if not checks:
-            print(f"qlora verify: no check matches --only {args.only!r}", file=sys.stderr)
-            return 2
+            return _error("verify", f"no check matches --only {args.only!r}")
     outcomes = verify.run_checks(checks)
     print(verify.format_table(outcomes))
     failed = sum(not o.passed for o in outcomes)

@@ -30,6 +30,7 @@ import torch
 from tqdm import tqdm
 
 from .kernels._checks import BLOCKSIZES, FLOAT_DTYPES
+from .model import _matches  # the PEFT suffix rule prepare_model's target_modules use
 from .nf4 import quantize_nf4
 
 __all__ = ["ConvertError", "ConvertSummary", "input_files", "select_linear_weights", "quantize_safetensors"]
@@ -77,10 +78,6 @@ def input_files(path: str | os.PathLike) -> list[Path]:
 
 def _is_candidate(key: str, t: torch.Tensor) -> bool:
     return key.endswith(".weight") and t.dim() == 2 and t.dtype in FLOAT_DTYPES and t.numel() > 0
-
-
-def _matches(module: str, targets: Sequence[str]) -> bool:
-    return any(module == t or module.endswith("." + t) for t in targets)
 
 
 def select_linear_weights(tensors: dict[str, torch.Tensor], targets: Sequence[str] | None = None) -> list[str]:

@@ -37,7 +37,7 @@ from torch import nn
 from . import demo_data, minilm
 from ._runtime import interpreter_active
 from .interop import load_adapter, save_adapter
-from .model import _human_bytes, prepare_model, qlora_layers, trainable_parameters_report
+from .model import _human_bytes, _linear_slots, prepare_model, qlora_layers, trainable_parameters_report
 from .optim import PagedAdamW8bit
 
 __all__ = ["DemoConfig", "DemoError", "DemoResult", "DenseLoRALinear", "Classifier", "run", "resolve_device",
@@ -93,11 +93,10 @@ class DenseLoRALinear(nn.Module):
 
 
 def add_dense_lora(model: nn.Module, r: int, lora_alpha: float) -> list[tuple[str, DenseLoRALinear]]:
-    """Wrap every ``nn.Linear`` of ``model`` (in place) in :class:`DenseLoRALinear` and freeze everything but the
-    adapters; returns ``(qualified name, wrapper)`` in registration order."""
-    slots = [(parent, attr, f"{pname}.{attr}" if pname else attr, child)
-             for pname, parent in model.named_modules() for attr, child in parent.named_children()
-             if isinstance(child, nn.Linear)]
+    """Wrap every ``nn.Linear`` of ``model`` that :func:`qlora.prepare_model` would replace (in place; the same
+    enumeration, so the baseline's layers and names are the QLoRA model's) in :class:`DenseLoRALinear` and
+    freeze everything but the adapters; returns ``(qualified name, wrapper)`` in registration order."""
+    slots = _linear_slots(model)
     model.requires_grad_(False)
     wrapped = []
     for parent, attr, name, linear in slots:
@@ -268,13 +267,13 @@ def run(cfg: DemoConfig, log: Callable[[str], None] = print) -> DemoResult:
     device = resolve_device(cfg.device)
     out = _prepare_out(cfg.out)
     try:
-        tokenizer = minilm.load_tokenizer()
-        minilm.model_dir()
+        folder = minilm.model_dir()  # checks that the weights, config and vocabulary are all installed
     except minilm.MiniLMNotInstalled as err:
         raise DemoError(str(err)) from None
+    tokenizer = minilm.load_tokenizer(folder)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     dense_dtype = str(dtype).replace("torch.", "")
-    n_layers = cfg.layers or minilm.MiniLMConfig.from_json(minilm.model_dir() / "config.json").num_hidden_layers
+    n_layers = cfg.layers or minilm.MiniLMConfig.from_json(folder / "config.json").num_hidden_layers
 
     def encode(split: str):
         pairs = demo_data.examples(split)
@@ -287,14 +286,15 @@ def run(cfg: DemoConfig, log: Callable[[str], None] = print) -> DemoResult:
         raise DemoError(f"--batch-size {cfg.batch_size} is larger than the training set ({n_train} sentences)")
     batches = _batches(n_train, cfg.batch_size, cfg.steps, cfg.seed)
     log_every = cfg.log_every or max(1, round(cfg.steps / 10))
-    # Evaluation batches of at most 128 token rows: under the interpreter a fused-linear launch costs about the same
-    # for 1 to 128 rows (one row tile), so this is the fewest dequantizations of the base weights.
+    # Evaluation batches of at most 128 token rows: under the interpreter a fused-linear launch is dominated by the
+    # in-loop dequantization of the weight, not by the rows (observed while writing the demo: a step on 8 x 14
+    # tokens took about as long as one on a single token), so few large batches dequantize least often.
     eval_batch = max(1, 128 // evalset[0].shape[1])
     eval_passes = -(-len(evalset[2]) // eval_batch)
 
     mode = "Triton interpreter on CPU" if interpreter_active() else f"compiled Triton kernels on {device}"
     log(f"qlora demo: {BASE_MODEL_NAME} ({n_layers} transformer layer{'s' if n_layers != 1 else ''}) from "
-        f"{minilm.model_dir()}")
+        f"{folder}")
     log(f"task: {len(demo_data.LABELS)}-way topic classification {demo_data.LABELS}, {n_train} training / "
         f"{len(evalset[2])} evaluation sentences, batch {cfg.batch_size} x {train[0].shape[1]} tokens")
     log(f"kernels: {mode}; compute dtype {dense_dtype}; LoRA r={cfg.rank}, alpha={cfg.alpha:g} on every linear "
@@ -349,8 +349,8 @@ def run(cfg: DemoConfig, log: Callable[[str], None] = print) -> DemoResult:
                 t_d += time.perf_counter() - ts
         if step == 1:
             first = time.perf_counter() - t_train
-            # A forward pass costs about 40% of a training step (forward + backward + optimizer), and the reload
-            # check quantizes the encoder again and runs one more forward pass.
+            # A rough estimate, not a measurement: a forward pass taken as 40% of a training step (forward +
+            # backward + optimizer); the reload check quantizes the encoder again and runs one more forward pass.
             after = 0.4 * t_q * (eval_passes + 1) + t_prepare
             log(f"first step: {first:.1f} s (QLoRA {t_q:.1f} s, LoRA {t_d:.2f} s); estimated time: training "
                 f"{_fmt_seconds(first * cfg.steps)}, then evaluation and the reload check about "

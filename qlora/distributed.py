@@ -142,10 +142,15 @@ def _json_as_tensors(state: dict) -> dict:
             for k, v in state.items()}
 
 
-def _optimizer_state(model: nn.Module, optimizer) -> dict:
+def _checkpoint_state(model: nn.Module, optimizer) -> tuple[nn.Module, dict]:
+    """The unwrapped model and the state DCP saves or loads in place: ``{"model": ..., "optim": ...}``."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    return get_optimizer_state_dict(model, optimizer)
+    model = _unwrap(model)
+    state = {"model": _json_as_bytes(model.state_dict())}
+    if optimizer is not None:
+        state["optim"] = get_optimizer_state_dict(model, optimizer)
+    return model, state
 
 
 def save_checkpoint(checkpoint_dir: str | os.PathLike, model: nn.Module, optimizer=None) -> None:
@@ -158,10 +163,7 @@ def save_checkpoint(checkpoint_dir: str | os.PathLike, model: nn.Module, optimiz
     import torch.distributed.checkpoint as dcp
 
     path = _check_path("checkpoint_dir", checkpoint_dir)
-    model = _unwrap(model)
-    state = {"model": _json_as_bytes(model.state_dict())}
-    if optimizer is not None:
-        state["optim"] = _optimizer_state(model, optimizer)
+    _, state = _checkpoint_state(model, optimizer)
     with _quiet_single_process():
         dcp.save(state, checkpoint_id=path)
 
@@ -181,10 +183,7 @@ def load_checkpoint(checkpoint_dir: str | os.PathLike, model: nn.Module, optimiz
     path = _check_path("checkpoint_dir", checkpoint_dir)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint_dir {path!r} is not a directory")
-    model = _unwrap(model)
-    state = {"model": _json_as_bytes(model.state_dict())}
-    if optimizer is not None:
-        state["optim"] = _optimizer_state(model, optimizer)
+    model, state = _checkpoint_state(model, optimizer)
     with _quiet_single_process():
         dcp.load(state, checkpoint_id=path)
     model.load_state_dict(_json_as_tensors(state["model"]))

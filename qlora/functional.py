@@ -23,7 +23,7 @@ import math
 import torch
 
 from .kernels import linear as _linear
-from .kernels._checks import FLOAT_DTYPES, check_backend_device
+from .kernels._checks import FLOAT_DTYPES, check_backend_device, check_same_device
 from .nf4 import NF4Weight
 from .ops import nf4_lora_forward as _forward_op
 
@@ -32,12 +32,6 @@ __all__ = ["qlora_linear", "dropout_mask"]
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
-
-
-def _weight_kwargs(weight: NF4Weight) -> dict:
-    return dict(packed=weight.packed, absmax=weight.absmax, code=weight.code, shape=tuple(weight.shape),
-                blocksize=weight.blocksize, absmax2=weight.absmax2, offset=weight.offset,
-                nested_code=weight.nested_code, nested_blocksize=weight.nested_blocksize)
 
 
 def _check_inputs(x, weight, lora_A, lora_B, scaling, bias, dropout_p, training):
@@ -74,14 +68,11 @@ def _check_inputs(x, weight, lora_A, lora_B, scaling, bias, dropout_p, training)
         if bias.dtype != x.dtype:
             raise TypeError(f"bias has dtype {_dtype_name(bias.dtype)} but x has {_dtype_name(x.dtype)}; "
                             "they must match")
-    named = [("x", x), ("weight", weight.packed), ("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias)]
-    for name, t in named:
+    named = dict(x=x, weight=weight.packed, lora_A=lora_A, lora_B=lora_B, bias=bias)
+    for name, t in named.items():
         if t is not None:
             check_backend_device(name, t)
-    devices = {name: t.device for name, t in named if t is not None}
-    if len(set(devices.values())) > 1:
-        listing = ", ".join(f"{name} on {dev}" for name, dev in devices.items())
-        raise ValueError(f"x, weight, lora_A, lora_B and bias must be on one device, got {listing}")
+    check_same_device(**named)
     if isinstance(scaling, torch.Tensor) and scaling.numel() == 1:
         scaling = scaling.item()
     if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):

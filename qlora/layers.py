@@ -29,12 +29,12 @@ import torch
 from torch import nn
 
 from .functional import qlora_linear
+from .kernels._checks import FLOAT_DTYPES
 from .nf4 import (_DTYPE_NAMES, _STATE_KEY, NESTED_BLOCKSIZE, BnbKeyAttributes, NF4Weight, _read_quant_state,
                   quant_state_tensor, quantize_nf4)
 
 __all__ = ["QLoRALinear", "QUANT_STORAGES", "ShardedNF4Weight"]
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Dtypes the packed bytes may be viewed as when the weight is stored as parameters. uint8 is the default and the
 # safe choice under FSDP2 (never cast); the float dtypes reproduce bitsandbytes' ``quant_storage`` layout.
 QUANT_STORAGES = (torch.uint8, torch.float16, torch.bfloat16, torch.float32)
@@ -84,17 +84,7 @@ class ShardedNF4Weight(BnbKeyAttributes):
     nested_code: torch.Tensor | None = None
     nested_blocksize: int = NESTED_BLOCKSIZE
 
-    @property
-    def double_quant(self) -> bool:
-        return self.absmax2 is not None
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def device(self) -> torch.device:
-        return self.packed.device
+    # double_quant, numel and device come from BnbKeyAttributes, as NF4Weight's do.
 
     def full(self) -> NF4Weight:
         """The whole weight on every rank (all-gathers each sharded tensor: a collective, all ranks must call)."""
@@ -139,7 +129,7 @@ class QLoRALinear(nn.Module):
                 0.0 <= lora_dropout < 1.0):
             raise ValueError(f"lora_dropout must be a number in [0, 1), got {lora_dropout!r}")
         dtype = weight.dtype if dtype is None else dtype
-        if dtype not in _FLOAT_DTYPES:
+        if dtype not in FLOAT_DTYPES:
             raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
         _check_quant_storage(weight, quant_storage)
         self.out_features, self.in_features = (int(d) for d in weight.shape)

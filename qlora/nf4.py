@@ -17,7 +17,7 @@ import torch
 
 from .kernels import codebook as _codebook
 from .kernels import quantize as _quantize
-from .kernels._checks import BLOCKSIZES
+from .kernels._checks import check_backend_device, check_blocksize, check_finite
 
 NESTED_BLOCKSIZE = 256
 QUANT_TYPE = "nf4"
@@ -40,8 +40,21 @@ class BnbKeyAttributes:
     ``nested_quant_map``, ``quant_state.bitsandbytes__nf4``; ``absmax`` is a field already), so that every key
     ``<module>.weight.<entry>`` that a layer's state dict holds also resolves with ``getattr`` from the module, as
     ``torch.distributed.checkpoint.state_dict.get_model_state_dict`` resolves keys. (bitsandbytes' ``Params4bit``
-    answers the same names.) Needs the fields ``code``, ``absmax2``, ``nested_code``, ``blocksize``, ``dtype``,
-    ``shape``, ``offset``, ``nested_blocksize``."""
+    answers the same names.) Needs the fields ``packed``, ``code``, ``absmax2``, ``nested_code``, ``blocksize``,
+    ``dtype``, ``shape``, ``offset``, ``nested_blocksize``; derives ``double_quant``, ``numel`` and ``device`` from
+    them for every container that has those fields."""
+
+    @property
+    def double_quant(self) -> bool:
+        return self.absmax2 is not None
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
 
     @property
     def quant_map(self) -> torch.Tensor:
@@ -57,7 +70,7 @@ class BnbKeyAttributes:
 
     @property
     def quant_state(self) -> _QuantStateView:
-        nested = (self.nested_blocksize, self.offset) if self.absmax2 is not None else None
+        nested = (self.nested_blocksize, self.offset) if self.double_quant else None
         return _QuantStateView(quant_state_tensor(self.blocksize, self.dtype, self.shape, nested))
 
 
@@ -93,18 +106,6 @@ class NF4Weight(BnbKeyAttributes):
         _validate(self)
 
     @property
-    def double_quant(self) -> bool:
-        return self.absmax2 is not None
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def device(self) -> torch.device:
-        return self.packed.device
-
-    @property
     def nbytes(self) -> int:
         """Bytes held by every tensor of the container, codebooks included."""
         tensors = [self.packed, self.absmax, self.code, self.absmax2, self.nested_code]
@@ -125,16 +126,14 @@ class NF4Weight(BnbKeyAttributes):
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense weight, ``shape``, in ``dtype`` (default: the original dtype); float32 arithmetic inside."""
-        out_dtype = self.dtype if dtype is None else dtype
-        if out_dtype not in _DTYPE_NAMES:
-            raise TypeError(f"dtype must be one of float32, float16, bfloat16, got {out_dtype}")
+        # dequantize_4bit rejects a dtype other than float32/float16/bfloat16 (TypeError naming ``dtype``).
         return _quantize.dequantize_4bit(
             self.packed,
             self.absmax,
             self.code,
             self.shape,
             self.blocksize,
-            out_dtype,
+            self.dtype if dtype is None else dtype,
             absmax2=self.absmax2,
             offset=self.offset,
             nested_code=self.nested_code,
@@ -175,9 +174,7 @@ class NF4Weight(BnbKeyAttributes):
         if self.double_quant:
             out[f"{prefix}.nested_absmax"] = self.absmax2
             out[f"{prefix}.nested_quant_map"] = self.nested_code
-        out[f"{prefix}.{_STATE_KEY}"] = quant_state_tensor(
-            self.blocksize, self.dtype, self.shape,
-            (self.nested_blocksize, self.offset) if self.double_quant else None)
+        out[f"{prefix}.{_STATE_KEY}"] = self.quant_state.bitsandbytes__nf4
         return out
 
     @classmethod
@@ -234,22 +231,27 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
 
     Blocks run over the flattened (row-major) weight. With ``double_quant`` the float32 scales are themselves
     quantized to 8 bits in blocks of 256 around their mean (SPEC section 3). NaN/Inf in ``weight`` is rejected.
+
+    Every argument is checked here, once; the launchers are then called without their own checks, which would
+    re-validate the codebooks built just below and the scales of a finite weight (up to six more reductions, each
+    a host sync on a GPU).
     """
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
     if weight.dtype not in _DTYPE_NAMES:
         raise TypeError(f"weight must be float32, float16 or bfloat16, got {weight.dtype}")
-    if isinstance(blocksize, bool) or blocksize not in BLOCKSIZES:
-        raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize!r}")
+    check_backend_device("weight", weight)
+    check_blocksize(blocksize)
     if not isinstance(double_quant, bool):
         raise TypeError(f"double_quant must be a bool, got {type(double_quant).__name__}")
+    check_finite("weight", weight)
     code = _codebook.normal_float_codebook(4, device=weight.device)
-    packed, absmax = _quantize.quantize_4bit(weight, code, blocksize)
+    packed, absmax = _quantize._quantize_4bit(weight, code, blocksize)
     if not double_quant:
         return NF4Weight(packed=packed, absmax=absmax, code=code, blocksize=blocksize, shape=weight.shape,
                          dtype=weight.dtype)
     nested_code = _codebook.dynamic_map(signed=True, device=weight.device)
-    qabsmax, absmax2, offset = _quantize.double_quantize(absmax, nested_code, NESTED_BLOCKSIZE)
+    qabsmax, absmax2, offset = _quantize._double_quantize(absmax, nested_code, NESTED_BLOCKSIZE)
     return NF4Weight(packed=packed, absmax=qabsmax, code=code, blocksize=blocksize, shape=weight.shape,
                      dtype=weight.dtype, absmax2=absmax2, offset=offset, nested_code=nested_code,
                      nested_blocksize=NESTED_BLOCKSIZE)
@@ -314,8 +316,7 @@ def _read_quant_state(tensor: torch.Tensor, key: str) -> dict:
 def _validate(w: NF4Weight) -> None:
     """Every field consistent with every other one; messages name the field."""
     n = math.prod(w.shape)
-    if isinstance(w.blocksize, bool) or w.blocksize not in BLOCKSIZES:
-        raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {w.blocksize!r}")
+    check_blocksize(w.blocksize)
     if w.dtype not in _DTYPE_NAMES:
         raise TypeError(f"dtype must be float32, float16 or bfloat16, got {w.dtype}")
     for name in ("packed", "absmax", "code"):

@@ -301,7 +301,7 @@ class _TritonAdamW(torch.optim.Optimizer):
 
         def step_resident():
             for p, grad, hp in resident:
-                with _flat(_local(p)) as flat:
+                with _FlatParam(_local(p)) as flat:
                     self._launch(p, flat, grad.reshape(-1), self._resident[id(p)], hp)
 
         by_device: dict[torch.device, dict] = {}
@@ -310,7 +310,7 @@ class _TritonAdamW(torch.optim.Optimizer):
         if not by_device:
             step_resident()
         for i, (device, items) in enumerate(by_device.items()):
-            flats = {key: _flat(_local(p)) for key, (p, _, _) in items.items()}
+            flats = {key: _FlatParam(_local(p)) for key, (p, _, _) in items.items()}
             grads = {key: g.reshape(-1) for key, (_, g, _) in items.items()}
 
             def step_chunk(key, start, stop, views, items=items, flats=flats, grads=grads):
@@ -513,10 +513,6 @@ class _FlatParam:
         if exc[0] is None:
             self.write_back()
         return False
-
-
-def _flat(p: torch.Tensor) -> _FlatParam:
-    return _FlatParam(p)
 
 
 class AdamW8bit(_TritonAdamW):

@@ -311,9 +311,6 @@ class HostPager(Pager):
     def _allocate(self, count: int, dtype: torch.dtype) -> torch.Tensor:
         return torch.zeros(count, dtype=dtype, pin_memory=self.device.type == "cuda")
 
-    def _buffer(self, slot: int) -> torch.Tensor:
-        return self._buffers[slot]
-
     def run(self, active, fn, meanwhile=None) -> None:
         if not self._buffers and self.states:  # no device memory until some state is paged
             for _ in range(self.num_pages):
@@ -325,7 +322,7 @@ class HostPager(Pager):
         super().run(active, fn, meanwhile)
 
     def _pairs(self, chunks: list[Chunk], slot: int):
-        buffer = self._buffer(slot)
+        buffer = self._buffers[slot]
         for chunk in chunks:
             tensors = self.states[chunk.key].tensors
             for seg in chunk.segments:
@@ -343,7 +340,7 @@ class HostPager(Pager):
             self.last_step["bytes_to_host"] += nbytes
 
     def _views(self, chunk: Chunk, slot: int) -> dict[str, torch.Tensor]:
-        buffer = self._buffer(slot)
+        buffer = self._buffers[slot]
         dtypes = {f.name: f.dtype for f in self.states[chunk.key].fields}
         return {
             seg.name: buffer[seg.offset:seg.offset + seg.nbytes].view(dtypes[seg.name]) for seg in chunk.segments

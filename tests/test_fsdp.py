@@ -141,6 +141,19 @@ def micro_step_loss(model, tokens: torch.Tensor, step: int, rank: int) -> torch.
     return nn.functional.cross_entropy(logits.reshape(-1, VOCAB), tokens[:, 1:].reshape(-1))
 
 
+def rank_backward(model, opt, data: torch.Tensor, step: int, rank: int) -> torch.Tensor:
+    """One rank's part of a distributed step: zero the gradients and backpropagate the rank's half of the batch.
+    Returns the loss averaged over the ranks (all-reduced)."""
+    import torch.distributed as dist
+
+    opt.zero_grad()
+    loss = micro_step_loss(model, half(data[step], rank), step, rank)
+    loss.backward()
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    return total / WORLD
+
+
 def eval_logits(model) -> torch.Tensor:
     model.eval()
     with torch.no_grad():
@@ -201,12 +214,7 @@ def worker_fsdp_rank(rank: int, out: Path) -> None:
             model = _fsdp_model(mesh, seed=1)
             opt = make_optimizer("8bit", lora_parameters(model))
             load_checkpoint(out / "ckpt_resume", model, opt)
-        opt.zero_grad()
-        loss = micro_step_loss(model, half(data[step], rank), step, rank)
-        loss.backward()
-        total = loss.detach().clone()
-        dist.all_reduce(total)
-        record["loss"].append(total / WORLD)
+        record["loss"].append(rank_backward(model, opt, data, step, rank))
         params = dict(model.named_parameters())
         record["grads"].append({n: params[n].grad.full_tensor() for n in names})
         opt.step()
@@ -260,12 +268,7 @@ def worker_ddp_rank(rank: int, out: Path) -> None:
     opt = make_optimizer("32bit", lora_parameters(model))
     record: dict = {"loss": [], "grads": []}
     for step in range(STEPS):
-        opt.zero_grad()
-        loss = micro_step_loss(model, half(data[step], rank), step, rank)
-        loss.backward()
-        total = loss.detach().clone()
-        dist.all_reduce(total)
-        record["loss"].append(total / WORLD)
+        record["loss"].append(rank_backward(model, opt, data, step, rank))
         params = dict(model.module.named_parameters())
         record["grads"].append({n: params[n].grad.clone() for n in names})
         opt.step()

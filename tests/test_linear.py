@@ -27,7 +27,6 @@ from hypothesis import strategies as st
 from hyp import examples
 
 import qlora  # noqa: F401  (interpreter switch before the kernels)
-from qlora import functional as F
 from qlora.functional import dropout_mask, qlora_linear
 from qlora.kernels import linear as K
 from qlora.layers import QLoRALinear
@@ -118,6 +117,13 @@ def _check_against_oracle(x, w, lora_a, lora_b, scaling, bias, mask, dy, y, grad
         _assert_close("dbias", dbias, dbias_ref, _tol(dbias_ref, ady.sum(0), (m + 1) * U32, dtype))
 
 
+def _weight_kwargs(weight: NF4Weight) -> dict:
+    """The NF4 weight as the kernel launchers' keyword arguments."""
+    return dict(packed=weight.packed, absmax=weight.absmax, code=weight.code, shape=tuple(weight.shape),
+                blocksize=weight.blocksize, absmax2=weight.absmax2, offset=weight.offset,
+                nested_code=weight.nested_code, nested_blocksize=weight.nested_blocksize)
+
+
 def _randn(gen, shape, dtype, scale=1.0):
     return (torch.randn(shape, generator=gen) * scale).to(dtype)
 
@@ -193,7 +199,7 @@ def test_small_tiles_and_split_k_match_oracle(case, split_k, group_m):
     dtype, p, seed = case["dtype"], case["dropout_p"], case["seed"] % (2**31)
     x2 = x.reshape(-1, case["k"])
     dy2 = dy.reshape(-1, case["n"])
-    kw = F._weight_kwargs(weight)
+    kw = _weight_kwargs(weight)
     cfg = K.MatmulConfig(16, 16, 16, group_m=group_m, split_k=split_k)
     y, u = K.nf4_lora_forward(x2, lora_a=lora_a, lora_b=lora_b, scaling=case["scaling"], bias=bias, dropout_p=p,
                               seed=seed, config=cfg, **kw)
@@ -406,7 +412,7 @@ def test_qlora_linear_rejects_bad_inputs(small, change, error, message):
 
 
 def test_kernel_launchers_reject_bad_inputs(small):
-    kw = F._weight_kwargs(small["weight"])
+    kw = _weight_kwargs(small["weight"])
     x, a, b = small["x"], small["a"], small["b"]
     with pytest.raises(ValueError, match="packed must hold 120 bytes"):
         K.nf4_lora_forward(x, lora_a=a, lora_b=b, scaling=1.0, **{**kw, "packed": kw["packed"][:-1]})
