@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .kernels._checks import BLOCKSIZES, FLOAT_DTYPES, check_backend_device
+from .kernels._checks import FLOAT_DTYPES, check_backend_device, check_blocksize
 from .layers import QLoRALinear
 
 __all__ = ["prepare_model", "trainable_parameters_report", "ParameterReport", "qlora_layers"]
@@ -136,8 +136,7 @@ def prepare_model(model: nn.Module, r: int = 16, lora_alpha: float = 32, lora_dr
         raise TypeError(f"lora_alpha must be a finite real number, got {lora_alpha!r}")
     _check_number("lora_dropout", lora_dropout, 0.0, 1.0, high_open=True)
     targets = _check_target_modules(target_modules)
-    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize not in BLOCKSIZES:
-        raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize!r}")
+    check_blocksize(blocksize)
     if not isinstance(double_quant, bool):
         raise TypeError(f"double_quant must be a bool, got {type(double_quant).__name__}")
     if progress is not None and not isinstance(progress, bool):
