@@ -6,6 +6,9 @@ Import through ``qlora`` (``import qlora.kernels``) so the interpreter switch in
 runs before any kernel is decorated.
 """
 
+from ._compat import install_interpreter_fixes
 from ._runtime import interpreter_active, kernel_device
+
+install_interpreter_fixes()
 
 __all__ = ["interpreter_active", "kernel_device"]

@@ -89,12 +89,19 @@ def _normal_quantile(p, coef_ptr):
 def _linspace_f32(start, end, steps, i):
     """Element i of torch's CPU float32 linspace(start, end, steps), as the oracle replays it: step rounded to
     float32, then start + step*i below steps//2 and end - step*(steps-1-i) above, each ONE float32 rounding
-    (x86-64 builds of torch contract these into fused multiply-adds; tl.fma is exact under the interpreter too)."""
+    (x86-64 builds of torch contract these into fused multiply-adds).
+
+    The single rounding is obtained without an fma (Triton 3.6's interpreter evaluates tl.fma as a float32
+    multiply and add, two roundings): in float64 both expressions are exact, since step is a float32 of
+    magnitude >= 2**-23 (|end - start| >= 2**-16, steps <= 129), step*i with i < 2**8 has at most 32 significant
+    bits, and the sum with a float32 in (0.5, 1) is a multiple of 2**-47 below 2: 48 bits. One cast rounds."""
     # div_rn: Triton lowers a float32 `/` to an approximate division on NVIDIA GPUs.
-    step = tl.math.div_rn(end - start, tl.full([], steps - 1, tl.float32))
-    low = tl.fma(step, i.to(tl.float32), start)
-    high = tl.fma(-step, (steps - 1 - i).to(tl.float32), end)
-    return tl.where(i < steps // 2, low, high)
+    start = tl.full([], start, tl.float32)
+    end = tl.full([], end, tl.float32)
+    step = tl.math.div_rn(end - start, tl.full([], steps - 1, tl.float32)).to(tl.float64)
+    low = start.to(tl.float64) + step * i.to(tl.float64)
+    high = end.to(tl.float64) - step * (steps - 1 - i).to(tl.float64)
+    return tl.where(i < steps // 2, low, high).to(tl.float32)
 
 
 @triton.jit
