@@ -1,4 +1,4 @@
-"""``python -m perf static|check|roofline|bench|compare|plot``: the static performance layer (``perf/static.py``,
+"""``python -m perf static|check|roofline|bench|compare|plot|calibrate``: the static performance layer (``perf/static.py``,
 ``perf/check.py``), the analytic roofline (``perf/roofline.py``) and the timed layer: benchmark runs kept as
 results files (``perf/bench.py``), compared (``perf/compare.py``) and charted (``perf/plot.py``).
 
@@ -26,7 +26,7 @@ def main(argv=None) -> int:
     check.add_argument("--jobs", type=int, default=None)
     roofline = sub.add_parser("roofline", help="analytic roofline (bytes, FLOPs, predicted time) of each kernel family")
     roofline.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
-    roofline.add_argument("--device", choices=("h100", "a100", "all"), default="all",
+    roofline.add_argument("--device", choices=("h100", "h200", "a100", "all"), default="all",
                           help="published peaks of which GPU (default: all)")
     bench = sub.add_parser("bench", help="run the pytest-benchmark files and save a results file")
     bench.add_argument("--only", metavar="PATTERN",
@@ -47,7 +47,24 @@ def main(argv=None) -> int:
     plot = sub.add_parser("plot", help="PNG charts of results files: speed vs M, history over commits")
     plot.add_argument("results", metavar="RESULTS", nargs="+", help="results files (perf/results/*.json)")
     plot.add_argument("--out", metavar="DIR", help="folder for the PNGs (default: perf/results/plots/)")
+    calibrate = sub.add_parser("calibrate", help="the roofline's prediction next to each measured time of a run")
+    calibrate.add_argument("results", metavar="RESULTS.json")
+    calibrate.add_argument("--device", choices=("h100", "h200", "a100"), default="h200",
+                           help="peaks to predict with when the run is not on a GPU the roofline knows")
+    calibrate.add_argument("--out", metavar="PATH.md", help="also write the table as Markdown here")
     args = parser.parse_args(argv)
+
+    if args.command == "calibrate":
+        from . import calibrate as calibrate_mod
+
+        results = _load(parser, args.results, "RESULTS.json")
+        table = calibrate_mod.format_markdown(results, calibrate_mod.calibration_rows(results, args.device))
+        print(table, end="")
+        if args.out:
+            from pathlib import Path
+
+            Path(args.out).write_text(table)
+        return 0
 
     if args.command in ("bench", "compare", "plot"):
         return _timed_layer(parser, args)

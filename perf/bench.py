@@ -282,7 +282,9 @@ def row_key(row: dict) -> tuple[str, str]:
 
 def roofline_device(device: str) -> rl.Device | None:
     """The ``perf/roofline.py`` device whose published peaks are this GPU's, or None. Only the exact variants
-    the roofline models: H100 SXM (not PCIe or NVL, whose bandwidth differs) and A100 80GB SXM."""
+    the roofline models: H100 SXM (not PCIe or NVL, whose bandwidth differs), H200 (not NVL) and A100 80GB SXM."""
+    if re.search(r"\bH200\b", device, re.I) and not re.search(r"\bNVL\b", device, re.I):
+        return rl.DEVICES["h200"]
     if re.search(r"\bH100\b", device, re.I) and not re.search(r"\b(PCIe|NVL)\b", device, re.I):
         return rl.DEVICES["h100"]
     if re.search(r"\bA100\b", device, re.I) and re.search(r"\b80\s*GB\b", device, re.I) \
@@ -301,7 +303,8 @@ _ADAMW_VARIANT = {
     "bnb_PagedAdamW8bit": "adamw8bit",
     "bnb_PagedAdamW": "adamw32",
 }
-_LINEAR_APPROACH = {"qlora_fused": "fused", "dense_bf16": "dense", "dequant_then_matmul": "dequant_matmul"}
+_LINEAR_APPROACH = {"qlora_fused": "fused", "dense_bf16": "dense", "dequant_then_matmul": "dequant_matmul",
+                    "bitsandbytes_4bit": "dequant_matmul"}  # bnb's matmul_4bit dequantizes, then a dense GEMM
 _DTYPE = {"bfloat16": "bf16", "float16": "fp16"}
 
 

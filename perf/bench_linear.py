@@ -7,7 +7,10 @@ Side by side in one session, for ``y = x @ W^T + s * (x @ A^T) @ B^T`` (bf16, no
 - ``dense_bf16``: plain torch on a dense bf16 ``W`` without grad (the speed-of-light reference, about 3.9x the
   weight memory of NF4);
 - ``dequant_then_matmul``: the bitsandbytes / unsloth approach: dequantize the NF4 weight to bf16 on every
-  call (again in the backward), then the torch matmul.
+  call (again in the backward), then the torch matmul;
+- ``bitsandbytes_4bit``: bitsandbytes itself, ``bnb.matmul_4bit`` on its own NF4 (double-quantized, blocksize
+  64) form of W, plus the same LoRA term in torch, as PEFT's ``Linear4bit`` LoRA layer computes it (GPU only,
+  when ``import bitsandbytes`` works; its decode path at M = 1 is bitsandbytes' GEMV kernel).
 
 Modes: ``forward`` (grad mode on, as in training), ``backward`` (``torch.autograd.grad`` of a retained graph
 w.r.t. x, A and B, so no gradient accumulation is timed) and ``forward+backward``. Every case reports
@@ -43,7 +46,12 @@ NESTED_BLOCKSIZE = 256
 SCALING = 2.0
 DTYPE = torch.bfloat16
 # The references first: their benchmarks become the references of the ratios (see benchutil.offer_reference).
-IMPLS = ("dense_bf16", "dequant_then_matmul", "qlora_fused")
+IMPLS = ("dense_bf16", "dequant_then_matmul", "qlora_fused", "bitsandbytes_4bit")
+bnb, BNB_REASON = bu.import_bitsandbytes()
+
+
+def _impl_param(impl: str):
+    return pytest.param(impl, marks=bu.bitsandbytes_marks(BNB_REASON)) if impl == "bitsandbytes_4bit" else impl
 MODES = ("forward", "backward", "forward+backward")
 
 
@@ -112,6 +120,10 @@ class Problem:
         self.lora_a = randn(r, k, scale=0.01).requires_grad_()
         self.lora_b = randn(n, r, scale=0.01).requires_grad_()
         self._gen = gen
+        self.bnb_weight = self.bnb_state = None
+        if bnb is not None and bu.ON_GPU:
+            self.bnb_weight, self.bnb_state = bnb.functional.quantize_4bit(
+                self.dense, blocksize=BLOCKSIZE, compress_statistics=True, quant_type="nf4")
 
     def x(self, m: int, requires_grad: bool) -> torch.Tensor:
         x = torch.randn((m, self.k), generator=self._gen, device=bu.DEVICE, dtype=torch.float32).to(DTYPE)
@@ -125,6 +137,9 @@ class Problem:
             return x @ self.dense.t() + SCALING * ((x @ a.t()) @ b.t())
         if impl == "dequant_then_matmul":
             return _DequantMatmul.apply(x, self.nf4) + SCALING * ((x @ a.t()) @ b.t())
+        if impl == "bitsandbytes_4bit":
+            return bnb.matmul_4bit(x, self.bnb_weight.t(), quant_state=self.bnb_state) \
+                + SCALING * ((x @ a.t()) @ b.t())
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
 
     def make_fn(self, impl: str, mode: str, m: int):
@@ -170,7 +185,7 @@ def _ratio(seconds: float | None, reference: float) -> float | None:
 # --------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", [_impl_param(i) for i in IMPLS])
 @pytest.mark.parametrize("mode", MODES)
 def test_linear(benchmark, problem, mode, impl):
     benchmark.group = f"linear {mode} M={M} K={K} N={N} r={R} bf16 ({_where()})"
@@ -191,13 +206,14 @@ def test_linear(benchmark, problem, mode, impl):
     benchmark.extra_info.update(info)
 
 
+@pytest.mark.parametrize("impl", [_impl_param(i) for i in ("qlora_fused", "bitsandbytes_4bit")])
 @pytest.mark.parametrize("m", SMALL_MS)
-def test_linear_small_m(benchmark, problem, m):
+def test_linear_small_m(benchmark, problem, m, impl):
     benchmark.group = f"linear forward small M K={K} N={N} r={R} bf16, no grad ({_where()})"
-    seconds = bu.run_benchmark(benchmark, problem.make_decode_fn("qlora_fused", m))
+    seconds = bu.run_benchmark(benchmark, problem.make_decode_fn(impl, m))
     dense = bu.reference_seconds(("dense_bf16", "decode", m), lambda: problem.make_decode_fn("dense_bf16", m))
     benchmark.extra_info.update(
-        impl="qlora_fused",
+        impl=impl,
         mode="forward (no grad)",
         M=m, K=K, N=N, r=R, dtype="bfloat16",
         dense_reference_seconds=dense,

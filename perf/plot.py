@@ -15,9 +15,9 @@ from pathlib import Path
 
 from .bench import BACKEND_INTERPRETER, BENCH_FILES, device_slug, parse_date
 
-IMPL_ORDER = ("dense_bf16", "dequant_then_matmul", "qlora_fused")
+IMPL_ORDER = ("dense_bf16", "dequant_then_matmul", "bitsandbytes_4bit", "qlora_fused")
 IMPL_STYLE = {"dense_bf16": ("tab:gray", "s"), "dequant_then_matmul": ("tab:orange", "^"),
-              "qlora_fused": ("tab:blue", "o")}
+              "bitsandbytes_4bit": ("tab:green", "v"), "qlora_fused": ("tab:blue", "o")}
 _FORWARD_MODES = ("forward", "forward (no grad)")
 
 

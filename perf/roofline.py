@@ -85,6 +85,9 @@ DEVICES: dict[str, Device] = {
     # "NVIDIA A100 Tensor Core GPU" datasheet, A100 80GB SXM column: HBM2e at 2,039 GB/s; BF16 Tensor Core
     # 312 TFLOPS dense (624 with sparsity); FP32 19.5 TFLOPS.
     "a100": Device("a100", "NVIDIA A100 SXM4 80GB (HBM2e)", 2.039e12, 312e12, 19.5e12),
+    # "NVIDIA H200 Tensor Core GPU" datasheet, H200 SXM column: 141 GB HBM3e at 4.8 TB/s; BF16 Tensor Core
+    # 1,979 TFLOPS with sparsity (989.4 dense, the H100 SXM's compute); FP32 67 TFLOPS.
+    "h200": Device("h200", "NVIDIA H200 SXM 141GB (HBM3e)", 4.8e12, 989.4e12, 66.9e12),
 }
 
 

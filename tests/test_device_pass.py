@@ -1,0 +1,100 @@
+"""One pass of every kernel family against the oracle on the device the kernels run on, at fixed shapes that
+reach every dispatch path: a CUDA GPU when the kernels are compiled (``bash perf/gpu_check.sh`` runs this file
+there), the Triton interpreter on CPU otherwise (tiny shapes; part of the default run, so the GPU pass cannot rot).
+
+The Hypothesis property tests of ``test_quantize.py``/``test_linear.py`` build CPU tensors and so run only under
+the interpreter; this file is what exercises the compiled builds: the GPU launch configs (autotuned tiles, split-K
+below ``SMALL_M`` rows, grouped tile order), ``div.rn``/no-FMA arithmetic and 64-bit addressing. Bounds are those of
+``test_linear.py`` (reused, not restated); quantization is compared byte for byte.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import qlora
+from qlora.functional import dropout_mask, qlora_linear
+from qlora.kernels import codebook as KC
+from qlora.kernels import quantize as KQ
+from qlora.nf4 import quantize_nf4
+from qlora.reference import codebook as RC
+from qlora.reference import quantize as RQ
+from test_linear import DTYPES, _check_against_oracle, _dense_weight
+
+ON_GPU = torch.cuda.is_available() and not qlora.interpreter_active()
+DEV = qlora.kernels.kernel_device()
+
+# Rows M: 1 and SMALL_M (16) take the split-K decode path on a GPU, 17 the first tiled one, and the largest a grid
+# of several M tiles. K is no multiple of any tile or blocksize; N is odd.
+if ON_GPU:
+    MS, K_IN, N_OUT, RANK = (1, 16, 17, 1024), 1000, 333, 16
+    QUANT_NUMELS = (1, 4097, 3 * 1024 * 1024 + 77)
+else:
+    MS, K_IN, N_OUT, RANK = (1, 16, 17, 40), 72, 33, 4
+    QUANT_NUMELS = (1, 4097)
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # intended IEEE events under the interpreter
+
+
+def _bits(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().contiguous().view(torch.int32).numpy()
+
+
+def test_codebooks_on_device_match_oracle():
+    for bits in (2, 4, 8):
+        table = KC.normal_float_codebook(bits, device=DEV)
+        assert table.device.type == DEV.type
+        np.testing.assert_array_equal(_bits(table), RC.normal_float_codebook(bits).view(np.int32))
+    np.testing.assert_array_equal(_bits(KC.dynamic_map(True, device=DEV)), RC.dynamic_map(True).view(np.int32))
+
+
+@pytest.mark.parametrize("numel", QUANT_NUMELS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_quantize_roundtrip_on_device_matches_oracle(numel, dtype):
+    gen = torch.Generator().manual_seed(numel)
+    x = (torch.randn(numel, generator=gen) * 3).to(dtype)
+    code = KC.normal_float_codebook(4, device=DEV)
+    packed, absmax = KQ.quantize_4bit(x.to(DEV), code, blocksize=64)
+    ref_packed, ref_absmax = RQ.quantize_4bit(x.float().numpy(), RC.normal_float_codebook(4), blocksize=64)
+    np.testing.assert_array_equal(packed.cpu().numpy(), ref_packed)
+    np.testing.assert_array_equal(_bits(absmax), ref_absmax.view(np.int32))
+    nested = KC.dynamic_map(True, device=DEV)
+    qabsmax, absmax2, offset = KQ.double_quantize(absmax, nested, 256)
+    ref_q, ref_a2, ref_off = RQ.double_quantize(ref_absmax, 256)
+    np.testing.assert_array_equal(qabsmax.cpu().numpy(), ref_q)
+    np.testing.assert_array_equal(_bits(absmax2), ref_a2.view(np.int32))
+    assert np.float32(offset) == ref_off
+    out = KQ.dequantize_4bit(packed, qabsmax, code, (numel,), 64, dtype, absmax2=absmax2, offset=offset,
+                             nested_code=nested, nested_blocksize=256)
+    ref_scales = RQ.double_dequantize(ref_q, ref_a2, ref_off, 256)
+    ref_out = RQ.dequantize_4bit(ref_packed, ref_scales, RC.normal_float_codebook(4), (numel,), 64)
+    # The kernel computes code * scale in float32 and rounds once to dtype; torch's cast of the oracle's float32 is
+    # the same round-to-nearest-even.
+    torch.testing.assert_close(out.cpu(), torch.from_numpy(np.ascontiguousarray(ref_out)).to(dtype), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("m", MS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+def test_fused_layer_on_device_matches_oracle(m, dtype, dropout_p):
+    """Forward and every gradient of ``qlora_linear`` at one M of every dispatch regime, within test_linear's
+    derived bounds."""
+    gen = torch.Generator().manual_seed(m)
+    weight = quantize_nf4((torch.randn(N_OUT, K_IN, generator=gen)).to(dtype).to(DEV), blocksize=64)
+    x = torch.randn(m, K_IN, generator=gen).to(dtype)
+    lora_a = (torch.randn(RANK, K_IN, generator=gen) / K_IN**0.5).to(dtype)
+    lora_b = (torch.randn(N_OUT, RANK, generator=gen) * 0.5).to(dtype)
+    bias = torch.randn(N_OUT, generator=gen).to(dtype)
+    dy = torch.randn(m, N_OUT, generator=gen).to(dtype)
+    leaves = [t.to(DEV).requires_grad_(True) for t in (x, lora_a, lora_b, bias)]
+    seed = 1234 + m
+    y = qlora_linear(leaves[0], weight, leaves[1], leaves[2], 2.0, leaves[3], dropout_p=dropout_p, training=True,
+                     seed=seed)
+    y.backward(dy.to(DEV))
+    mask = dropout_mask(seed, x.shape, dropout_p) if dropout_p > 0 else None
+    grads = tuple(t.grad.cpu() for t in leaves)
+    cpu_weight = weight.to("cpu")
+    _check_against_oracle(x, _dense_weight(cpu_weight, dtype), lora_a, lora_b, 2.0, bias, mask, dy, y.detach().cpu(),
+                          grads, dtype)
