@@ -4,7 +4,7 @@
 #   bash perf/gpu_check.sh [--dry-run] [OUT_DIR]        (OUT_DIR default: perf/results/)
 #
 # 0. environment: the Python to use (PYTHON, else .venv/bin/python, else the system python3 with its own torch and
-#    triton; qlora is put on PYTHONPATH through links, nothing installed, no network needed); torch is installed
+#    triton; qlora/kernels and qlora/reference linked in place, nothing installed, no network needed); torch is installed
 #    from QLORA_TORCH only when none imports.
 # 1. tests: the kernels against the oracle on the GPU (tests/test_device_pass.py: every family, every dispatch path,
 #    bf16/fp16/fp32) and the device-aware optimizer and model tests;
@@ -81,15 +81,12 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
     "$PY" -m pip install -q "${QLORA_TORCH:-torch}" || { echo "gpu_check.sh: cannot install torch" >&2; exit 2; }
 fi
 if ! "$PY" -c "import qlora.kernels, qlora.reference, hypothesis, pytest_benchmark" 2>/dev/null; then
-    # The machine's own torch/triton stay visible; only the project is added (editable, no dependency resolution).
-    # The machine's own torch and triton stay in use (a venv made from a venv's python would not see them): the
-    # package is laid out as it installs (qlora/, kernels/ as qlora/kernels, reference/ as qlora/reference) with
-    # symbolic links in .venv-gpu/src, which goes first on PYTHONPATH. Nothing is installed or fetched.
-    rm -rf .venv-gpu/src && mkdir -p .venv-gpu/src/qlora
-    for f in "$PWD"/qlora/*; do ln -s "$f" .venv-gpu/src/qlora/; done
-    ln -s "$PWD/kernels" .venv-gpu/src/qlora/kernels
-    ln -s "$PWD/reference" .venv-gpu/src/qlora/reference
-    export PYTHONPATH="$PWD/.venv-gpu/src:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+    # The machine's own torch and triton stay in use: nothing is installed or fetched. The folders are linked where
+    # the installed package has them (kernels/ as qlora/kernels, reference/ as qlora/reference; links ignored by
+    # git), so `import qlora.kernels` works from the repository root, which Python and pytest put on sys.path.
+    for sub in kernels reference; do
+        [ -L "qlora/$sub" ] || ln -s "../$sub" "qlora/$sub" || exit 2
+    done
     "$PY" -c "import qlora.kernels, qlora.reference" || { echo "gpu_check.sh: qlora does not import" >&2; exit 2; }
 fi
 "$PY" - <<'EOF' | tee "$OUT_DIR/gpu_check_env.txt"
