@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from ._checks import FLOAT_DTYPES, check_blocksize, check_same_device, check_tensor
-from ._runtime import interpreter_active
+from ._runtime import interpreter_active, kernel_device
 from ._static import KernelSpec
 from .quantize import load_block_scale, unpack_4bit
 
@@ -780,7 +780,10 @@ def lora_dropout_mask(seed: int, shape, p: float, device: torch.device | str | N
     if not isinstance(shape, (tuple, list, torch.Size)) or len(shape) != 2:
         raise ValueError(f"shape must be (M, K), got {shape!r}")
     m, d = int(shape[0]), int(shape[1])
-    device = torch.device("cpu") if device is None and interpreter_active() else device
+    # Default: where the kernels run (a CPU tensor cannot be written by a compiled kernel).
+    device = kernel_device() if device is None else torch.device(device)
+    if device.type != kernel_device().type:
+        raise ValueError(f"device must be a {kernel_device().type} device where the kernels run, got {device}")
     out = torch.empty((m, d), dtype=torch.float32, device=device)
     if out.numel() == 0:
         return out
