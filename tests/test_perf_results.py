@@ -499,13 +499,13 @@ def test_plot_writes_png_files(tmp_path, capsys):
 
 def test_bench_command_runs_one_real_case(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "perf", "bench", "--quick", "--only", "test_linear_small_m[1]",
+        [sys.executable, "-m", "perf", "bench", "--quick", "--only", "test_linear_small_m[1-qlora_fused]",
          "--out", str(tmp_path) + "/"],
         cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     (path,) = tmp_path.glob("*.json")
     res = bench.load(path)
-    assert [r["name"] for r in res["rows"]] == ["test_linear_small_m[1]"]
+    assert [r["name"] for r in res["rows"]] == ["test_linear_small_m[1-qlora_fused]"]
     meta = res["metadata"]
     assert meta["backend"] == "cpu-interpreter" and meta["quick"] and meta["rounds"] == 1
     assert res["rows"][0]["median_s"] > 0 and res["rows"][0]["GBps"] > 0

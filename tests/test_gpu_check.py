@@ -1,0 +1,48 @@
+"""``perf/gpu_check.sh --dry-run``: the one-shot GPU check walked on CPU under the Triton interpreter with tiny
+shapes, so the script a short GPU loan depends on cannot rot between loans; and its usage errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "perf" / "gpu_check.sh"
+
+
+def _run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHON": sys.executable}
+    return subprocess.run(["bash", str(SCRIPT), *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_dry_run_walks_every_step_and_writes_its_files(tmp_path):
+    proc = _run("--dry-run", str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = tmp_path / "out"
+    summary = json.loads((out / "gpu_check_summary.json").read_text())
+    assert summary["dry_run"] is True and summary["device"] == "cpu"
+    assert [s["step"] for s in summary["steps"]] == ["tests", "bench", "calibrate", "plot"]
+    assert all(s["status"] == "passed" and s["rc"] == 0 for s in summary["steps"]), summary["steps"]
+    results = json.loads((out / "gpu_check_bench.json").read_text())
+    assert results["metadata"]["backend"] == "cpu-interpreter" and results["rows"]
+    table = (out / "gpu_check_calibration.md").read_text()
+    # One table line per modelled benchmark, with the prediction for the default H200 peaks and no ratio on CPU.
+    modelled = [line for line in table.splitlines() if line.startswith("| test_")]
+    assert modelled and all(line.rstrip().endswith("| h200 |") for line in modelled)
+    assert list((out / "plots").glob("*.png"))
+    assert "tests=" not in proc.stderr  # no shell error text
+
+
+def test_usage_errors_exit_2(tmp_path):
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("x")
+    proc = _run("--dry-run", str(not_a_folder))
+    assert proc.returncode == 2 and "is not a folder" in proc.stderr
+    proc = _run("--bogus")
+    assert proc.returncode == 2 and "unknown option --bogus" in proc.stderr
+    proc = _run("--dry-run", str(tmp_path / "a"), str(tmp_path / "b"))
+    assert proc.returncode == 2 and "one OUT_DIR only" in proc.stderr
