@@ -220,7 +220,7 @@ def test_gpu_run_divides_ops_per_round_and_adds_roofline_percentages():
 @pytest.mark.parametrize("name, key", [
     ("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA A100-SXM4-80GB", "a100"), ("NVIDIA H100 PCIe", None),
     ("NVIDIA H100 NVL", None), ("NVIDIA A100-SXM4-40GB", None), ("NVIDIA A100 80GB PCIe", None),
-    ("NVIDIA H200", None), ("cpu (Triton interpreter)", None),
+    ("NVIDIA H200", "h200"), ("NVIDIA H200 NVL", None), ("cpu (Triton interpreter)", None),
 ])
 def test_roofline_device_only_for_the_modelled_variants(name, key):
     found = bench.roofline_device(name)
