@@ -164,7 +164,7 @@ def test_fused_moves_fewer_bytes_than_dequantize_then_matmul():
 
 def test_rows_report_speedup_against_the_baseline():
     table = rl.rows("all")
-    assert len(table) == 2 * len(rl.default_workloads())
+    assert len(table) == len(rl.DEVICES) * len(rl.default_workloads())
     by_key = {(r.device, r.workload): r for r in table}
     assert len(by_key) == len(table)
     for row in table:
@@ -210,7 +210,7 @@ def test_cli_json_runs_without_triton():
                           timeout=60)
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(proc.stdout)
-    assert len(rows) == 2 * len(rl.default_workloads())
+    assert len(rows) == len(rl.DEVICES) * len(rl.default_workloads())
     assert {"workload", "device", "bytes", "flops", "intensity", "predicted_s", "bound", "ops"} <= set(rows[0])
 
     proc = subprocess.run([sys.executable, "-m", "perf", "roofline", "--json", "--device", "h100"], cwd=REPO,
