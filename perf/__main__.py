@@ -38,6 +38,9 @@ def main(argv=None) -> int:
     roofline.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
     roofline.add_argument("--device", choices=("h100", "h200", "a100", "all"), default="all",
                           help="published peaks of which GPU (default: all)")
+    roofline.add_argument("--triton", metavar="VERSION",
+                          help="static baseline (perf/baselines/static-triton<VERSION>.json) whose instruction counts "
+                               "give the issue time (default: the newest committed)")
     bench = sub.add_parser("bench", help="run the pytest-benchmark files and save a results file")
     bench.add_argument("--only", metavar="PATTERN",
                        help="pytest -k expression selecting benchmarks (e.g. 'linear', 'small_m', 'adamw and qlora')")
@@ -83,7 +86,10 @@ def main(argv=None) -> int:
         # Pure arithmetic on shapes and datasheet peaks: no qlora or triton import, so it runs anywhere, at once.
         from . import roofline as roofline_mod
 
-        table = roofline_mod.rows(args.device)
+        try:
+            table = roofline_mod.rows(args.device, triton=args.triton)
+        except ValueError as err:
+            parser.error(f"--triton: {err}")
         print(json.dumps(roofline_mod.as_dicts(table), indent=1) if args.json else roofline_mod.format_table(table))
         return 0
 

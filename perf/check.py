@@ -22,7 +22,9 @@ BASELINE_DIR = Path(__file__).parent / "baselines"
 DEFAULT_TOLERANCE = {"registers_pct": 10.0, "shared_pct": 10.0, "instr_per_weight_element_pct": 10.0,
                      "issue_to_mma_pct": 0.0}
 _FIELDS = ("registers", "sgprs", "spill_bytes", "shared_bytes", "mma", "wgmma", "loop_instructions",
-           "instr_per_weight_element", "issue_to_mma", "weight_load_bytes", "weight_load_async")
+           "instr_per_weight_element", "issue_to_mma", "weight_load_bytes", "weight_load_async",
+           # not gated: what the roofline's issue term needs to pick a build (perf/roofline.py fused_issue)
+           "kernel", "config", "num_warps", "regime", "weight_elements_per_iteration")
 
 
 def triton_version() -> str:

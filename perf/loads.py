@@ -27,7 +27,7 @@ class GlobalLoad:
     bytes_per_thread: int
     asynchronous: bool  # cp.async (LDGSTS) or TMA: the copy overlaps with the issuing warp's work
     kind: str  # "ld.global", "cp.async", "tma", "load"
-    params: frozenset[int]  # indices of the LLVM function parameters the address derives from
+    params: frozenset[int]  # indices of the pointer parameters the address derives from
 
 
 def _definitions(lines: list[str]) -> dict[str, list[str]]:
@@ -61,7 +61,7 @@ def global_loads(llir: str) -> list[GlobalLoad]:
         if m:
             for i, decl in enumerate(m.group(1).split(",")):
                 names = _VALUE_RE.findall(decl)
-                if names:
+                if names and decl.strip().startswith("ptr"):  # index arithmetic reaches int params too: skip them
                     params[names[-1]] = i
             break
     defs = _definitions(lines)

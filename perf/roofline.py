@@ -423,17 +423,18 @@ def adamw(numel: int, variant: str = "adamw32") -> Workload:
                     baseline=f"torch_adamw_fused_{size}_fp32")
 
 
-def default_workloads() -> list[Workload]:
-    """The named workloads the report covers (4096 x 4096 weights, r = 16, bf16, 64M optimizer parameters)."""
+def default_workloads(triton: str | None = None) -> list[Workload]:
+    """The named workloads the report covers (4096 x 4096 weights, r = 16, bf16, 64M optimizer parameters);
+    ``triton``: whose static baseline gives the instruction counts (default: the newest committed)."""
     dim, rank = 4096, 16
     out = [nf4_quantize(dim, dim), nf4_dequantize(dim, dim)]
     for approach in LINEAR_APPROACHES:
-        out.append(lora_forward(4096, dim, dim, rank, approach))
+        out.append(lora_forward(4096, dim, dim, rank, approach, triton=triton))
     for approach in LINEAR_APPROACHES:
-        out.append(lora_backward(4096, dim, dim, rank, approach))
+        out.append(lora_backward(4096, dim, dim, rank, approach, triton=triton))
     for m in (1, 4, 16):
         for approach in LINEAR_APPROACHES:
-            out.append(lora_forward(m, dim, dim, rank, approach))
+            out.append(lora_forward(m, dim, dim, rank, approach, triton=triton))
     for variant in ADAMW_VARIANTS:
         out.append(adamw(64 << 20, variant))
     return out
@@ -541,12 +542,13 @@ def resolve_devices(selection: str = "all") -> list[Device]:
     return [DEVICES[selection]]
 
 
-def rows(devices: str | list[Device] = "all", workloads: list[Workload] | None = None) -> list[RooflineRow]:
+def rows(devices: str | list[Device] = "all", workloads: list[Workload] | None = None,
+         triton: str | None = None) -> list[RooflineRow]:
     """Rows of ``workloads`` (default :func:`default_workloads`) on each device, grouped by device.
 
     A workload whose ``baseline`` is not among ``workloads`` gets ``speedup`` None."""
     devs = resolve_devices(devices) if isinstance(devices, str) else list(devices)
-    loads = default_workloads() if workloads is None else list(workloads)
+    loads = default_workloads(triton) if workloads is None else list(workloads)
     by_name = {w.name: w for w in loads}
     if len(by_name) != len(loads):
         raise ValueError("workloads must have distinct names")
