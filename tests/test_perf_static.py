@@ -156,7 +156,7 @@ def test_baseline_is_per_triton_version_and_a_missing_one_is_an_error(tmp_path, 
 
 
 # One module on one target keeps this cheap on CI's 2 cores (6 builds); the full run is `python -m perf check`.
-_CHECK_SUBSET = ["--module", "optim", "--target", "sm_90"]
+_CHECK_SUBSET = ["--module", "optim", "--target", "sm_90", "--jobs", "1"]
 
 
 def test_perf_check_passes_on_the_committed_baseline_and_fails_on_a_planted_regression(tmp_path):
@@ -172,3 +172,26 @@ def test_perf_check_passes_on_the_committed_baseline_and_fails_on_a_planted_regr
     assert proc.returncode == 1 and "REGRESSIONS" in proc.stdout and key in proc.stdout, proc.stdout + proc.stderr
     proc = _run(["-m", "perf", "check", *_CHECK_SUBSET, "--baseline", str(tmp_path / "static-triton9.99.json")])
     assert proc.returncode == 1 and "no static baseline" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_static_dump_writes_binary_listing_ttgir_and_record(tmp_path):
+    out = tmp_path / "dump"
+    proc = _run(["-m", "perf", "static", "--module", "optim", "--target", "sm_90", "--target", "gfx942",
+                 "--jobs", "1", "--dump", str(out)])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    records = sorted(out.glob("*.json"))
+    assert len(records) == 12, records  # 6 optim specs x 2 targets
+    for record in records:
+        row = json.loads(record.read_text())
+        stem = record.name[:-len(".json")]
+        exts = ("cubin", "sass", "ttgir") if row["target"] == "sm_90" else ("hsaco", "amdgcn", "ttgir")
+        for ext in exts:
+            assert (out / f"{stem}.{ext}").stat().st_size > 0, (stem, ext)
+        assert row["key"] == stem and row["kernel"].startswith("_") and row["num_warps"] > 0
+        assert {"config", "regime", "specialization", "registers", "spill_bytes", "shared_bytes"} <= set(row)
+        if row["target"] == "sm_90":
+            assert row["loop_instructions"] > 0 and row["loop_by_class"]
+            sass_text = (out / f"{stem}.sass").read_text()
+            assert row["kernel"] in sass_text
+        else:
+            assert row["sgprs"] > 0 and row["loop_instructions"] is None
