@@ -5,11 +5,16 @@ nothing beyond the standard library and runs in milliseconds on any machine.
 
 Model. A workload is a sequence of kernel launches (:class:`Op`), each with the DRAM bytes it must move, the
 floating-point operations it must do, and the unit doing them (BF16 tensor cores, or the FP32 CUDA cores for
-elementwise work). One launch takes ``max(bytes / HBM bandwidth, flops / peak of its unit)``; launches of one
-workload run one after another, so the workload's predicted time is the *sum* of its launches' times (for a
-single launch, exactly ``max(bytes/BW, flops/peak)``). Not modelled: launch latency (a few microseconds per
-launch, which matters at decode sizes), L2 reuse beyond the compulsory traffic, wave quantization, and the
-overlap of one launch's tail with the next.
+elementwise work), and the warp-instructions it must issue. One launch takes
+``max(bytes / HBM bandwidth, flops / peak of its unit, warp-instructions / (SMs x 4 schedulers x clock))``;
+launches of one workload run one after another, so the workload's predicted time is the *sum* of its launches'
+times. This is a static model, not a timing. Instruction counts come from the SASS cost model of
+``python -m perf static`` (``perf/sass.py``) as recorded in the committed baseline of a Triton version
+(``perf/baselines/static-triton<version>.json``): for the fused NF4 kernels, instructions per weight element of
+the build that would run times the weight elements all programs dequantize (each row tile of ``BLOCK_M`` rows
+dequantizes all of W once). Not modelled: launch latency and host time (a few microseconds per launch, which
+dominate at decode sizes), the issue cost of kernels without a per-element figure (LoRA helpers, quantize,
+optimizers), L2 reuse beyond the compulsory traffic, wave quantization, and overlap between launches.
 
 Bytes are the *compulsory* DRAM traffic of each launch: every input read once, every output written once, each
 operand in its stored dtype; a tile re-read from L2 costs nothing. The 16-entry NF4 codebook, the 256-entry
@@ -23,7 +28,9 @@ the compute time is a rough lower bound; they are memory-bound by a wide margin 
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 TENSOR_BF16 = "bf16_tensor"  # dense BF16/FP16 tensor-core matmul, float32 accumulation
 FP32_SIMT = "fp32"  # non-tensor FP32 arithmetic on the CUDA cores (elementwise kernels, in-kernel dequantization)
@@ -63,6 +70,14 @@ class Device:
     hbm_bytes_per_s: float
     bf16_tensor_flops: float
     fp32_flops: float
+    sms: int = 0
+    clock_hz: float = 0.0  # the clock at which the dense tensor peak is quoted (peak / (SMs x FLOP/clk/SM))
+    target: str = ""  # the perf static target whose builds run here
+
+    @property
+    def issue_per_s(self) -> float:
+        """Warp-instructions per second: 4 schedulers per SM, one instruction each per clock."""
+        return self.sms * 4 * self.clock_hz
 
     def peak(self, unit: str) -> float:
         """FLOP/s of ``unit`` (one of :data:`UNITS`)."""
@@ -81,13 +96,15 @@ DEVICES: dict[str, Device] = {
     # "NVIDIA H100 Tensor Core GPU" datasheet, H100 SXM column: GPU memory 80 GB HBM3 at 3.35 TB/s; BF16 Tensor
     # Core 1,979 TFLOPS *with sparsity*, i.e. 989.4 dense (the dense figure in the "NVIDIA H100 Tensor Core GPU
     # Architecture" whitepaper); FP32 67 TFLOPS (66.9 in the whitepaper).
-    "h100": Device("h100", "NVIDIA H100 SXM5 80GB (HBM3)", 3.35e12, 989.4e12, 66.9e12),
+    "h100": Device("h100", "NVIDIA H100 SXM5 80GB (HBM3)", 3.35e12, 989.4e12, 66.9e12, 132, 1.83e9, "sm_90"),
     # "NVIDIA A100 Tensor Core GPU" datasheet, A100 80GB SXM column: HBM2e at 2,039 GB/s; BF16 Tensor Core
-    # 312 TFLOPS dense (624 with sparsity); FP32 19.5 TFLOPS.
-    "a100": Device("a100", "NVIDIA A100 SXM4 80GB (HBM2e)", 2.039e12, 312e12, 19.5e12),
+    # 312 TFLOPS dense (624 with sparsity); FP32 19.5 TFLOPS. SMs and clocks (H100 SXM: 132 SMs; A100: 108 SMs,
+    # 1.41 GHz boost) are the whitepapers'; the H100 clock is the one its dense peak implies, 989.4e12 / (132 SMs x
+    # 4096 FLOP/clk/SM) = 1.83 GHz.
+    "a100": Device("a100", "NVIDIA A100 SXM4 80GB (HBM2e)", 2.039e12, 312e12, 19.5e12, 108, 1.41e9, "sm_80"),
     # "NVIDIA H200 Tensor Core GPU" datasheet, H200 SXM column: 141 GB HBM3e at 4.8 TB/s; BF16 Tensor Core
     # 1,979 TFLOPS with sparsity (989.4 dense, the H100 SXM's compute); FP32 67 TFLOPS.
-    "h200": Device("h200", "NVIDIA H200 SXM 141GB (HBM3e)", 4.8e12, 989.4e12, 66.9e12),
+    "h200": Device("h200", "NVIDIA H200 SXM 141GB (HBM3e)", 4.8e12, 989.4e12, 66.9e12, 132, 1.83e9, "sm_90"),
 }
 
 
@@ -98,12 +115,17 @@ DEVICES: dict[str, Device] = {
 
 @dataclass(frozen=True)
 class Op:
-    """One kernel launch: ``bytes`` of compulsory DRAM traffic, ``flops`` floating-point operations on ``unit``."""
+    """One kernel launch: ``bytes`` of compulsory DRAM traffic, ``flops`` floating-point operations on ``unit``,
+    ``instructions`` warp-instructions issued per target (``{"sm_90": n}``; a target not listed: not modelled)."""
 
     name: str
     bytes: int
     flops: int
     unit: str
+    instructions: tuple = ()  # ((target, warp-instructions), ...): hashable
+
+    def issue_count(self, target: str) -> float:
+        return dict(self.instructions).get(target, 0.0)
 
     def __post_init__(self) -> None:
         if self.unit not in UNITS:
@@ -207,8 +229,61 @@ def _dequantize_op(n: int, elem: int, blocksize: int) -> Op:
               DEQUANT_FLOPS_PER_ELEM * n + DEQUANT_FLOPS_PER_BLOCK * nblocks, FP32_SIMT)
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Instruction issue, from the static baselines (python -m perf static --update)
+# --------------------------------------------------------------------------------------------------------------
+
+BASELINE_DIR = Path(__file__).parent / "baselines"
+FUSED_FWD_KERNEL = "_nf4_lora_fwd_kernel"
+FUSED_DX_KERNEL = "_nf4_lora_bwd_dx_kernel"
+
+
+def static_builds(triton: str | None = None) -> tuple[str | None, list[dict]]:
+    """``(version, builds)`` of the static baseline of Triton ``triton`` (``"3.9"``), default the newest committed
+    one; ``(None, [])`` when there is none. Plain JSON: nothing is compiled or imported."""
+    files = {p.name[len("static-triton"):-len(".json")]: p for p in BASELINE_DIR.glob("static-triton*.json")}
+    if triton is None:
+        if not files:
+            return None, []
+        triton = max(files, key=lambda v: tuple(int(x) for x in v.split(".")))
+    if triton not in files:
+        raise ValueError(f"triton must be one of {sorted(files)} (committed static baselines), got {triton!r}")
+    data = json.loads(files[triton].read_text())
+    return triton, [dict(b, key=k) for k, b in data["kernels"].items()]
+
+
+def fused_issue(builds: list[dict], kernel: str, rows: int, weight_elements: int) -> tuple:
+    """``((target, warp-instructions), ...)``: what the fused NF4 ``kernel`` issues to dequantize a weight of
+    ``weight_elements`` for ``rows`` rows, per target. Each program of ``BLOCK_M`` rows dequantizes the whole
+    weight once (split-K divides the work, not its total), so warp-instructions = instructions per weight
+    element / 32 x weight elements x ceil(rows / BLOCK_M). The build: at ``rows <= SMALL_M`` those with
+    ``BLOCK_M <= SMALL_M`` (the split-K path), else the others (the autotuned configs); of those the one with the
+    fewest instructions (the autotuner's best case)."""
+    best: dict[str, float] = {}
+    for b in builds:
+        per_elem, config = b.get("instr_per_weight_element"), b.get("config") or {}
+        if b.get("kernel") != kernel or not per_elem or "BLOCK_M" not in config:
+            continue
+        if (config["BLOCK_M"] <= SMALL_M) != (rows <= SMALL_M):
+            continue
+        target = b["key"].rsplit("@", 1)[1]
+        count = per_elem / 32 * weight_elements * _cdiv(rows, config["BLOCK_M"])
+        best[target] = min(best.get(target, count), count)
+    return tuple(sorted(best.items()))
+
+
 LINEAR_APPROACHES = ("fused", "dequant_matmul", "dense")
 _APPROACH_PREFIX = {"fused": "nf4_fused", "dequant_matmul": "nf4_dequant_matmul", "dense": "dense"}
+
+
+def _small_m_splits(m: int, n: int, k: int, sms: int = 132, block_m: int = 16, block_n: int = 64,
+                    block_k: int = 64) -> int:
+    """Split-K factor of the small-M launch, the rule of kernels/linear.py ``_small_m_split_k`` (about two
+    programs per SM, each keeping at least two K steps; a power of two up to 16) for an H100/H200's 132 SMs."""
+    tiles = _cdiv(m, block_m) * _cdiv(n, block_n)
+    want = max(1, 2 * sms // max(tiles, 1))
+    max_split = max(1, _cdiv(k, 2 * block_k))
+    return max(s for s in (1, 2, 4, 8, 16) if s == 1 or (s <= want and s <= max_split))
 
 
 def _linear_args(m, k, n, r, approach, dtype, blocksize):
@@ -225,7 +300,7 @@ def _linear_name(kind: str, m, k, n, r, approach, dtype) -> str:
 
 
 def lora_forward(m: int, k: int, n: int, r: int, approach: str = "fused", dtype: str = "bf16",
-                 blocksize: int = NF4_BLOCKSIZE) -> Workload:
+                 blocksize: int = NF4_BLOCKSIZE, triton: str | None = None) -> Workload:
     """Forward of a LoRA linear ``y = x W^T + s * (x A^T) B^T``: x (m, k), W (n, k), A (r, k), B (n, r), y (m, n).
 
     ``approach``: ``"fused"`` (this suite: W in NF4, dequantized tile by tile inside the matmul, the LoRA terms in
@@ -238,14 +313,23 @@ def lora_forward(m: int, k: int, n: int, r: int, approach: str = "fused", dtype:
     family = "lora_decode" if m <= SMALL_M else "lora_fwd"
     name = _linear_name("fwd", m, k, n, r, approach, dtype)
     if approach == "fused":
-        op = Op("nf4_lora_fwd", e * m * k + w_nf4 + e * r * k + e * n * r + e * m * n + 4 * m * r,
-                base_flops + down_flops + up_flops, TENSOR_BF16)
+        _, builds = static_builds(triton)
+        ops = [Op("lora_down u = x A^T", e * m * k + e * r * k + 4 * m * r, down_flops, TENSOR_BF16)]
+        splits = _small_m_splits(m, n, k) if m <= SMALL_M else 1
+        fwd_bytes = e * m * k + w_nf4 + 4 * m * r + e * n * r + e * m * n
+        if splits > 1:
+            fwd_bytes += 4 * splits * m * n - e * m * n  # float32 partials written instead of y
+        ops.append(Op("nf4_lora_fwd", fwd_bytes, base_flops + up_flops, TENSOR_BF16,
+                      fused_issue(builds, FUSED_FWD_KERNEL, m, n * k)))
+        if splits > 1:
+            ops.append(Op("split_k_reduce", 4 * splits * m * n + e * m * n, splits * m * n, FP32_SIMT))
         return Workload(
-            name, family, approach, (op,),
-            "one pass: reads x once, the NF4 weight (packed 0.5 B/elem + uint8 scale per block + float32 absmax2 "
-            "per 256 blocks), A and B; writes y and u = x A^T (m x r float32, kept for the backward). Not counted: "
-            "the implementation's separate u launch, which reads x a second time and u back (+2mk + 4mr B), "
-            "and at m <= 16 its split-K float32 partials, written and read back (+8 * splits * mn B).",
+            name, family, approach, tuple(ops),
+            "the implementation's launches: lora_down reads x and A and writes u = x A^T (m x r float32, kept for "
+            "the backward); the fused kernel reads x again, the NF4 weight (packed 0.5 B/elem + uint8 scale per "
+            "block + float32 absmax2 per 256 blocks), u and B, and writes y; at m <= 16 it splits K "
+            f"(splits = {splits} here, the launcher's rule for 132 SMs) into float32 partials that a reduce launch "
+            "reads back. Issue time from the static baseline's instructions per weight element.",
             baseline=_linear_name("fwd", m, k, n, r, "dequant_matmul", dtype),
         )
     ops = [] if approach == "dense" else [_dequantize_op(n * k, e, blocksize)]
@@ -265,7 +349,7 @@ def lora_forward(m: int, k: int, n: int, r: int, approach: str = "fused", dtype:
 
 
 def lora_backward(m: int, k: int, n: int, r: int, approach: str = "fused", dtype: str = "bf16",
-                  blocksize: int = NF4_BLOCKSIZE) -> Workload:
+                  blocksize: int = NF4_BLOCKSIZE, triton: str | None = None) -> Workload:
     """Backward of :func:`lora_forward` with W frozen: ``dx = dy W + s (dy B) A``, ``dA = s (dy B)^T x``,
     ``dB = s dy^T u``; dy (m, n), g = dy B (m, r). FLOPs ``2mnk + 4mnr + 4mkr`` for every approach
     (dy W; dy B and dy^T u; g A and g^T x)."""
@@ -273,16 +357,19 @@ def lora_backward(m: int, k: int, n: int, r: int, approach: str = "fused", dtype
     w_nf4 = nf4_storage_bytes(n * k, blocksize)
     name = _linear_name("bwd", m, k, n, r, approach, dtype)
     if approach == "fused":
-        op = Op("nf4_lora_bwd",
-                e * m * n + w_nf4 + e * r * k + e * n * r + e * m * k + 4 * m * r  # dy, W, A, B, x, u
-                + 2 * 4 * m * r  # g = dy B, float32: written once, read back once
-                + e * m * k + e * r * k + e * n * r,  # dx, dA, dB
-                2 * m * n * k + 4 * m * n * r + 4 * m * k * r, TENSOR_BF16)
+        _, builds = static_builds(triton)
+        ops = (
+            Op("lora_down g = dy B", e * m * n + e * n * r + 4 * m * r, 2 * m * n * r, TENSOR_BF16),
+            Op("nf4_lora_bwd_dx", e * m * n + w_nf4 + 4 * m * r + e * r * k + e * m * k,
+               2 * m * n * k + 2 * m * k * r, TENSOR_BF16, fused_issue(builds, FUSED_DX_KERNEL, m, n * k)),
+            Op("lora_grad dA = g^T x", 4 * m * r + e * m * k + e * r * k, 2 * m * k * r, TENSOR_BF16),
+            Op("lora_grad dB = dy^T u", 4 * m * r + e * m * n + e * n * r, 2 * m * n * r, TENSOR_BF16),
+        )
         return Workload(
-            name, "lora_bwd", approach, (op,),
-            "reads dy, the NF4 weight, A, B, x and the saved u (m x r float32) once; writes dx, dA, dB; "
-            "g = dy B (m x r float32) is a full reduction over n that both dx and dA need, so it is written and "
-            "read back once. Not counted: the implementation's three launches each re-reading dy (+4mn B).",
+            name, "lora_bwd", approach, ops,
+            "the implementation's four launches: g = dy B (reads dy, writes g float32); dx = dy W + s g A with W "
+            "dequantized in the loop (reads dy again, the NF4 weight, g, A; writes dx); dA = g^T x (reads g and "
+            "x); dB = dy^T u (reads dy a third time and u). Issue time of the dx kernel from the static baseline.",
             baseline=_linear_name("bwd", m, k, n, r, "dequant_matmul", dtype),
         )
     ops = [] if approach == "dense" else [_dequantize_op(n * k, e, blocksize)]
@@ -336,17 +423,18 @@ def adamw(numel: int, variant: str = "adamw32") -> Workload:
                     baseline=f"torch_adamw_fused_{size}_fp32")
 
 
-def default_workloads() -> list[Workload]:
-    """The named workloads the report covers (4096 x 4096 weights, r = 16, bf16, 64M optimizer parameters)."""
+def default_workloads(triton: str | None = None) -> list[Workload]:
+    """The named workloads the report covers (4096 x 4096 weights, r = 16, bf16, 64M optimizer parameters);
+    ``triton``: whose static baseline gives the instruction counts (default: the newest committed)."""
     dim, rank = 4096, 16
     out = [nf4_quantize(dim, dim), nf4_dequantize(dim, dim)]
     for approach in LINEAR_APPROACHES:
-        out.append(lora_forward(4096, dim, dim, rank, approach))
+        out.append(lora_forward(4096, dim, dim, rank, approach, triton=triton))
     for approach in LINEAR_APPROACHES:
-        out.append(lora_backward(4096, dim, dim, rank, approach))
+        out.append(lora_backward(4096, dim, dim, rank, approach, triton=triton))
     for m in (1, 4, 16):
         for approach in LINEAR_APPROACHES:
-            out.append(lora_forward(m, dim, dim, rank, approach))
+            out.append(lora_forward(m, dim, dim, rank, approach, triton=triton))
     for variant in ADAMW_VARIANTS:
         out.append(adamw(64 << 20, variant))
     return out
@@ -367,6 +455,7 @@ class OpTime:
     flops: int
     memory_s: float
     compute_s: float
+    issue_s: float
     predicted_s: float
     bound: str
 
@@ -376,10 +465,11 @@ class RooflineRow:
     """Roofline of one workload on one device.
 
     ``bytes``/``flops``: totals over the launches; ``intensity``: flops / bytes (FLOP/byte). ``memory_s``: bytes
-    over HBM bandwidth; ``compute_s``: each launch's flops over its unit's peak, summed; ``predicted_s``: the sum
-    over launches of ``max(memory, compute)`` (one launch: ``max(memory_s, compute_s)``). ``bound``: ``"memory"``
-    or ``"compute"`` when every launch is, else ``"mixed"``; ``compute_share``: the fraction of ``predicted_s``
-    spent in compute-bound launches. ``speedup``: the ``baseline`` workload's predicted time over this one's, on
+    over HBM bandwidth; ``compute_s``: each launch's flops over its unit's peak, summed; ``issue_s``: each launch's
+    warp-instructions over the issue rate, summed (0 where not modelled); ``predicted_s``: the sum over launches
+    of ``max(memory, compute, issue)``. ``bound``: ``"memory"``, ``"compute"`` or ``"issue"`` when every launch
+    is, else ``"mixed"``; ``compute_share``: the fraction of ``predicted_s`` spent in launches bound by compute or
+    issue. ``speedup``: the ``baseline`` workload's predicted time over this one's, on
     the same device (None without a baseline).
     """
 
@@ -392,6 +482,7 @@ class RooflineRow:
     intensity: float
     memory_s: float
     compute_s: float
+    issue_s: float
     predicted_s: float
     bound: str
     compute_share: float
@@ -402,18 +493,24 @@ class RooflineRow:
 
 
 def op_roofline(op: Op, device: Device) -> OpTime:
-    """``max(bytes / bandwidth, flops / peak)`` of one launch; compute-bound only when compute time is larger."""
+    """``max(bytes / bandwidth, flops / peak, warp-instructions / issue rate)`` of one launch; the bound is the
+    largest term (compute or issue only when strictly larger than memory; issue over compute likewise)."""
     memory_s = op.bytes / device.hbm_bytes_per_s
     compute_s = op.flops / device.peak(op.unit)
-    return OpTime(op.name, op.unit, op.bytes, op.flops, memory_s, compute_s, max(memory_s, compute_s),
-                  "compute" if compute_s > memory_s else "memory")
+    count = op.issue_count(device.target)
+    issue_s = count / device.issue_per_s if count and device.issue_per_s else 0.0
+    bound = "compute" if compute_s > memory_s else "memory"
+    if issue_s > max(memory_s, compute_s):
+        bound = "issue"
+    return OpTime(op.name, op.unit, op.bytes, op.flops, memory_s, compute_s, issue_s,
+                  max(memory_s, compute_s, issue_s), bound)
 
 
 def roofline(workload: Workload, device: Device, baseline_s: float | None = None) -> RooflineRow:
     """The row of ``workload`` on ``device``; ``baseline_s``: the baseline's predicted seconds on that device."""
     times = tuple(op_roofline(op, device) for op in workload.ops)
     predicted = sum(t.predicted_s for t in times)
-    compute_s = sum(t.predicted_s for t in times if t.bound == "compute")
+    compute_s = sum(t.predicted_s for t in times if t.bound != "memory")
     bounds = {t.bound for t in times}
     return RooflineRow(
         workload=workload.name,
@@ -425,6 +522,7 @@ def roofline(workload: Workload, device: Device, baseline_s: float | None = None
         intensity=workload.intensity,
         memory_s=sum(t.memory_s for t in times),
         compute_s=sum(t.compute_s for t in times),
+        issue_s=sum(t.issue_s for t in times),
         predicted_s=predicted,
         bound=bounds.pop() if len(bounds) == 1 else "mixed",
         compute_share=compute_s / predicted,
@@ -444,12 +542,13 @@ def resolve_devices(selection: str = "all") -> list[Device]:
     return [DEVICES[selection]]
 
 
-def rows(devices: str | list[Device] = "all", workloads: list[Workload] | None = None) -> list[RooflineRow]:
+def rows(devices: str | list[Device] = "all", workloads: list[Workload] | None = None,
+         triton: str | None = None) -> list[RooflineRow]:
     """Rows of ``workloads`` (default :func:`default_workloads`) on each device, grouped by device.
 
     A workload whose ``baseline`` is not among ``workloads`` gets ``speedup`` None."""
     devs = resolve_devices(devices) if isinstance(devices, str) else list(devices)
-    loads = default_workloads() if workloads is None else list(workloads)
+    loads = default_workloads(triton) if workloads is None else list(workloads)
     by_name = {w.name: w for w in loads}
     if len(by_name) != len(loads):
         raise ValueError("workloads must have distinct names")
@@ -474,28 +573,30 @@ def _fmt_us(seconds: float) -> str:
 
 def format_table(table: list[RooflineRow]) -> str:
     """Readable report: per device, its peaks and one line per workload; then each workload's assumptions."""
-    headers = ("workload", "MB", "GFLOP", "FLOP/B", "mem us", "comp us", "pred us", "bound", "speedup")
+    headers = ("workload", "MB", "GFLOP", "FLOP/B", "mem us", "comp us", "issue us", "pred us", "bound", "speedup")
     lines: list[str] = []
     devices = [d for d in DEVICES.values() if any(r.device == d.key for r in table)]
     for device in devices:
         body = []
         for row in (r for r in table if r.device == device.key):
-            bound = row.bound if row.bound != "mixed" else f"mixed ({row.compute_share:.0%} compute)"
+            bound = row.bound if row.bound != "mixed" else f"mixed ({row.compute_share:.0%} compute/issue)"
             speedup = "" if row.speedup is None else f"{row.speedup:.2f}x vs {_baseline_label(row.baseline)}"
             body.append((row.workload, f"{row.bytes / 1e6:,.2f}", f"{row.flops / 1e9:,.3f}", f"{row.intensity:,.1f}",
-                         _fmt_us(row.memory_s), _fmt_us(row.compute_s), _fmt_us(row.predicted_s), bound, speedup))
+                         _fmt_us(row.memory_s), _fmt_us(row.compute_s),
+                         _fmt_us(row.issue_s) if row.issue_s else "-", _fmt_us(row.predicted_s), bound, speedup))
         widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(headers)]
         lines.append(f"{device.name}: HBM {device.hbm_bytes_per_s / 1e12:.3f} TB/s, "
                      f"BF16 tensor {device.bf16_tensor_flops / 1e12:.1f} TFLOP/s "
                      f"(ridge {device.ridge(TENSOR_BF16):.0f} FLOP/B), FP32 {device.fp32_flops / 1e12:.1f} TFLOP/s "
                      f"(ridge {device.ridge(FP32_SIMT):.1f} FLOP/B)")
         # The workload column is left-aligned, the figures right-aligned; the last two are text.
-        align = ["<"] + [">"] * 6 + ["<", "<"]
+        align = ["<"] + [">"] * 7 + ["<", "<"]
         for cells in (headers, *body):
             lines.append("  ".join(f"{c:{a}{w}}" for c, a, w in zip(cells, align, widths)).rstrip())
         lines.append("")
-    lines.append("MB = 1e6 bytes of compulsory DRAM traffic; us = microseconds; pred = sum over launches of "
-                 "max(mem, comp); 'mixed (N% compute)' = N% of that time in compute-bound launches.")
+    lines.append("A static model, not a timing. MB = 1e6 bytes of DRAM traffic; us = microseconds; issue = warp-"
+                 "instructions over SMs x 4 x clock ('-': not modelled); pred = sum over launches of max(mem, comp, "
+                 "issue); 'mixed (N% compute/issue)' = N% of that time in launches bound by compute or issue.")
     lines.append("Assumptions:")
     # Workloads that differ only in shape share their text: list it once, under all their names.
     names_by_text: dict[str, list[str]] = {}

@@ -239,10 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser(
         "bench", help="run the repository's perf layer: python -m perf static, check (and bench on a GPU)",
-        description="Runs `python -m perf static` and `python -m perf check` (kernel resource usage against "
-                    "perf/baselines/static.json; no GPU needed) and, when a CUDA device is present, `python -m "
-                    "perf bench`, from the repository root. Needs the perf/ folder of a clone. The exit status is "
-                    "the first failing command's.")
+        description="Runs `python -m perf static` and `python -m perf check` (kernel builds against "
+                    "perf/baselines/static-triton<version>.json; no GPU needed) and, when a CUDA device is "
+                    "present, `python -m perf bench`, from the repository root. Needs the perf/ folder of a clone. "
+                    "The exit status is the first failing command's.")
     bench.add_argument("--static-only", action="store_true", help="skip the timed benchmarks even on a GPU")
     bench.set_defaults(func=_cmd_bench)
     return parser

@@ -89,47 +89,109 @@ def test_static_report_sees_spills_of_a_kernel_built_to_spill(tmp_path):
 def _rows():
     return [
         {"key": "quantize.q4@sm_90", "registers": 40, "spill_bytes": 0, "shared_bytes": 0, "mma": False,
-         "wgmma": False},
+         "wgmma": False, "loop_instructions": 300, "instr_per_weight_element": None, "issue_to_mma": None},
         {"key": "linear.fwd@sm_90", "registers": 168, "spill_bytes": 0, "shared_bytes": 65536, "mma": False,
-         "wgmma": True},
+         "wgmma": True, "loop_instructions": 1154, "instr_per_weight_element": 36.06, "issue_to_mma": 9.016},
+        {"key": "linear.fwd@gfx942", "registers": 224, "sgprs": 74, "spill_bytes": 0, "shared_bytes": 32768,
+         "mma": True, "wgmma": False},
     ]
 
 
 def test_compare_passes_on_identical_and_within_tolerance():
-    baseline = perf_check.make_baseline(_rows())
+    baseline = perf_check.make_baseline(_rows(), version="3.9")
     assert perf_check.compare(_rows(), baseline) == []
     grown = _rows()
     grown[1]["registers"] = 180  # +7%: inside the 10% tolerance
+    grown[1]["instr_per_weight_element"] = 39.0  # +8.2%: inside the 10% tolerance
     assert perf_check.compare(grown, baseline) == []
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("spill_bytes", 64, "spills 64 B"),
-    ("wgmma", False, "lost its wgmma"),
-    ("registers", 200, "200 registers"),
-    ("shared_bytes", 98304, "98304 B shared memory"),
+@pytest.mark.parametrize("index, field, value, message", [
+    (1, "spill_bytes", 64, "spills 64 B"),
+    (1, "wgmma", False, "lost its wgmma"),
+    (1, "registers", 200, "200 registers"),
+    (1, "shared_bytes", 98304, "98304 B shared memory"),
+    (1, "instr_per_weight_element", 39.7, "39.7 instructions per weight element"),  # +10.1%
+    (1, "issue_to_mma", 9.02, "9.02 issue_to_mma"),  # any growth
+    (2, "spill_bytes", 256, "spills 256 B"),  # AMD scratch
+    (2, "mma", False, "lost its v_mfma"),
+    (2, "sgprs", 90, "90 SGPRs"),
 ])
-def test_compare_flags_each_regression(field, value, message):
-    baseline = perf_check.make_baseline(_rows())
+def test_compare_flags_each_regression(index, field, value, message):
+    baseline = perf_check.make_baseline(_rows(), version="3.9")
     planted = _rows()
-    planted[1][field] = value
+    planted[index][field] = value
     problems = perf_check.compare(planted, baseline)
     assert len(problems) == 1 and message in problems[0], problems
 
 
 def test_compare_flags_missing_and_new_kernels():
-    baseline = perf_check.make_baseline(_rows())
-    problems = perf_check.compare(_rows()[:1] + [dict(_rows()[1], key="linear.renamed@sm_90")], baseline)
-    assert any("no longer compiled" in p for p in problems) and any("not in the baseline" in p for p in problems)
+    baseline = perf_check.make_baseline(_rows(), version="3.9")
+    problems = perf_check.compare(_rows()[:1] + [dict(_rows()[1], key="linear.renamed@sm_90")] + _rows()[2:],
+                                  baseline)
+    assert any("no longer built" in p for p in problems) and any("not in the baseline" in p for p in problems)
+
+
+def test_compare_failures_known_and_new_and_a_subset_selection():
+    error = "AssertionError: input_precision must be one of ('ieee',). Got tf32"
+    baseline = perf_check.make_baseline(_rows()[:2], {"linear.fwd@gfx90a": error}, version="3.9")
+    # A build that failed when the baseline was written is reported as known, not as a regression.
+    assert perf_check.compare(_rows()[:2], baseline, {"linear.fwd@gfx90a": error}) == []
+    assert perf_check.known_failures(baseline, {"linear.fwd@gfx90a": error}) == [f"linear.fwd@gfx90a: {error}"]
+    # A baselined build that stops compiling, or a new failing build, is a regression.
+    problems = perf_check.compare(_rows()[:1], baseline, {"linear.fwd@sm_90": error, "optim.x@sm_80": error})
+    assert any("linear.fwd@sm_90: no longer compiles" in p for p in problems), problems
+    assert any("optim.x@sm_80: does not compile" in p for p in problems), problems
+    # Checking a subset expects only the subset's builds.
+    assert perf_check.compare(_rows()[:1], baseline, selection=lambda k: k.startswith("quantize.")) == []
+
+
+def test_baseline_is_per_triton_version_and_a_missing_one_is_an_error(tmp_path, monkeypatch):
+    assert perf_check.baseline_path("3.6").name == "static-triton3.6.json"
+    assert perf_check.baseline_path().name == f"static-triton{perf_check.triton_version()}.json"
+    assert perf_check.baseline_path().exists(), "the running Triton version has no committed baseline"
+    monkeypatch.setattr(perf_check, "BASELINE_DIR", tmp_path)
+    with pytest.raises(perf_check.MissingBaseline, match="no static baseline"):
+        perf_check.load_baseline(perf_check.baseline_path("9.99"))
+
+
+# One module on one target keeps this cheap on CI's 2 cores (6 builds); the full run is `python -m perf check`.
+_CHECK_SUBSET = ["--module", "optim", "--target", "sm_90", "--jobs", "1"]
 
 
 def test_perf_check_passes_on_the_committed_baseline_and_fails_on_a_planted_regression(tmp_path):
-    proc = _run(["-m", "perf", "check"])
+    proc = _run(["-m", "perf", "check", *_CHECK_SUBSET])
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    baseline = json.loads(perf_check.BASELINE_PATH.read_text())
-    key = sorted(baseline["kernels"])[0]
+    assert "no regressions" in proc.stdout and ": 6 builds" in proc.stdout, proc.stdout
+    baseline = json.loads(perf_check.baseline_path().read_text())
+    key = sorted(k for k in baseline["kernels"] if k.startswith("optim.") and k.endswith("@sm_90"))[0]
     baseline["kernels"][key]["registers"] = max(1, baseline["kernels"][key]["registers"] // 2)
     planted = tmp_path / "planted.json"
     planted.write_text(json.dumps(baseline))
-    proc = _run(["-m", "perf", "check", "--baseline", str(planted)])
+    proc = _run(["-m", "perf", "check", *_CHECK_SUBSET, "--baseline", str(planted)])
     assert proc.returncode == 1 and "REGRESSIONS" in proc.stdout and key in proc.stdout, proc.stdout + proc.stderr
+    proc = _run(["-m", "perf", "check", *_CHECK_SUBSET, "--baseline", str(tmp_path / "static-triton9.99.json")])
+    assert proc.returncode == 1 and "no static baseline" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_static_dump_writes_binary_listing_ttgir_and_record(tmp_path):
+    out = tmp_path / "dump"
+    proc = _run(["-m", "perf", "static", "--module", "optim", "--target", "sm_90", "--target", "gfx942",
+                 "--jobs", "1", "--dump", str(out)])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    records = sorted(out.glob("*.json"))
+    assert len(records) == 12, records  # 6 optim specs x 2 targets
+    for record in records:
+        row = json.loads(record.read_text())
+        stem = record.name[:-len(".json")]
+        exts = ("cubin", "sass", "ttgir") if row["target"] == "sm_90" else ("hsaco", "amdgcn", "ttgir")
+        for ext in exts:
+            assert (out / f"{stem}.{ext}").stat().st_size > 0, (stem, ext)
+        assert row["key"] == stem and row["kernel"].startswith("_") and row["num_warps"] > 0
+        assert {"config", "regime", "specialization", "registers", "spill_bytes", "shared_bytes"} <= set(row)
+        if row["target"] == "sm_90":
+            assert row["loop_instructions"] > 0 and row["loop_by_class"]
+            sass_text = (out / f"{stem}.sass").read_text()
+            assert row["kernel"] in sass_text
+        else:
+            assert row["sgprs"] > 0 and row["loop_instructions"] is None

@@ -1,0 +1,205 @@
+"""Instruction-issue cost model of one NVIDIA build, read from its SASS (``nvdisasm`` of the cubin).
+
+Model (perf/README.md, "The SASS cost model"):
+
+- A **loop** is a backward branch: a ``BRA`` whose target label lies at or before it; its body is every instruction
+  from the target to the branch. The **main loop** is the innermost loop (one containing no other) with the most
+  tensor-core instructions, ties broken by size; a kernel without a backward branch is its own "iteration" (the
+  straight-line program, what one program instance issues once).
+- Each instruction is one issue slot of one warp (dual issue does not exist on sm_80/sm_90). A loop iteration of a
+  CTA with ``W`` warps issues ``instructions x W`` warp-instructions through the SM's 4 schedulers (one each per
+  clock): **issue clocks = instructions x W / 4**, assuming every warp runs the same stream (Triton's layouts
+  spread a tile evenly over warps) and nothing else is resident. A second resident CTA doubles issue and MMA work
+  alike, so their ratio stands.
+- **MMA clocks** = FLOPs of the loop's tensor-core instructions for the whole CTA / tensor FLOP per clock per SM
+  (dense BF16/FP16: 4096 on sm_90, 2048 on sm_80). ``HMMA.MNK`` is one warp's ``2*M*N*K`` FLOPs, executed by
+  every warp; ``HGMMA.MxNxK`` one warpgroup's (4 warps), executed by every warpgroup.
+- **issue_to_mma** = issue clocks / MMA clocks: above 1 the loop cannot keep the tensor cores busy however fast
+  memory is. Limits: latency (a loop can be slower than its issue time), throughput differences between classes
+  (a few ops, e.g. MUFU, issue at a lower rate), and predicated-off instructions are counted as issued (they are).
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ISSUE_PER_CLOCK = 4  # warp-instructions an SM issues per clock: 4 schedulers, one each (sm_80 and sm_90)
+TENSOR_FLOP_PER_CLOCK = {80: 2048, 86: 1024, 89: 1024, 90: 4096}  # dense BF16/FP16, per SM
+
+_INSTR_RE = re.compile(r"^\s*/\*([0-9a-f]+)\*/\s+(?:(@!?U?P[0-9T]+)\s+)?([A-Z][A-Z0-9_.x]*)(.*?);")
+_LABEL_RE = re.compile(r"^(\.L_x_\d+|\.L_\w+):")
+_TARGET_RE = re.compile(r"`\((\.L_\w+)\)")
+
+CLASSES = ("mma", "global_load", "global_load_async", "global_store", "shared_load", "shared_store", "convert",
+           "control", "alu")
+_CLASS_OF = {
+    "HMMA": "mma", "HGMMA": "mma", "IMMA": "mma", "QGMMA": "mma", "BMMA": "mma", "DMMA": "mma",
+    "LDG": "global_load", "LD": "global_load",
+    "LDGSTS": "global_load_async", "UTMALDG": "global_load_async", "UBLKCP": "global_load_async",
+    "STG": "global_store", "ST": "global_store", "RED": "global_store", "ATOM": "global_store",
+    "ATOMG": "global_store", "UTMASTG": "global_store",
+    "LDS": "shared_load", "LDSM": "shared_load", "STS": "shared_store", "STSM": "shared_store",
+    "F2F": "convert", "F2FP": "convert", "F2I": "convert", "I2F": "convert", "I2FP": "convert", "I2I": "convert",
+    "FRND": "convert",
+    "BRA": "control", "BAR": "control", "EXIT": "control", "RET": "control", "CALL": "control", "BSSY": "control",
+    "BSYNC": "control", "WARPSYNC": "control", "DEPBAR": "control", "LDGDEPBAR": "control", "NOP": "control",
+    "WARPGROUP": "control", "SYNCS": "control", "ARRIVES": "control", "MEMBAR": "control", "ELECT": "control",
+}
+_WIDTH_RE = re.compile(r"\.(U8|S8|U16|S16|32|64|128)\b")
+_WIDTH_BYTES = {"U8": 1, "S8": 1, "U16": 2, "S16": 2, "32": 4, "64": 8, "128": 16}
+
+
+@dataclass(frozen=True)
+class Instruction:
+    address: int
+    opcode: str  # with modifiers: "LDG.E.U8", "HGMMA.64x64x16.F32.BF16"
+    operands: str
+    predicate: str | None = None
+
+    @property
+    def base(self) -> str:
+        return self.opcode.split(".", 1)[0]
+
+    @property
+    def klass(self) -> str:
+        return _CLASS_OF.get(self.base, "alu")
+
+    def memory_width(self) -> int | None:
+        """Bytes per thread of a load or store (4 when the opcode names no width), None for other classes."""
+        if self.klass not in ("global_load", "global_load_async", "global_store", "shared_load", "shared_store"):
+            return None
+        widths = [_WIDTH_BYTES[w] for w in _WIDTH_RE.findall(self.opcode)]
+        return max(widths) if widths else 4
+
+    def mma_flops(self, num_warps: int) -> int:
+        """FLOPs this instruction does for a whole CTA of ``num_warps`` warps (0 unless a tensor-core op)."""
+        if self.base == "HGMMA":
+            m = re.search(r"HGMMA\.(\d+)x(\d+)x(\d+)", self.opcode)
+            if not m:
+                raise ValueError(f"cannot read the shape of {self.opcode}")
+            mm, nn, kk = map(int, m.groups())
+            return 2 * mm * nn * kk * max(1, num_warps // 4)
+        if self.base == "HMMA":
+            m = re.search(r"HMMA\.(\d{2})(\d)(\d{1,2})\b", self.opcode)
+            if not m:
+                raise ValueError(f"cannot read the shape of {self.opcode}")
+            mm, nn, kk = map(int, m.groups())
+            return 2 * mm * nn * kk * num_warps
+        return 0
+
+
+@dataclass
+class Sass:
+    instructions: list[Instruction]
+    labels: dict[str, int]  # label -> address of the instruction after it
+
+    def loops(self) -> list[tuple[int, int]]:
+        """(first, last) instruction indices of every backward branch's body, in program order."""
+        index_of = {ins.address: i for i, ins in enumerate(self.instructions)}
+        out = []
+        for i, ins in enumerate(self.instructions):
+            if ins.base != "BRA":
+                continue
+            m = _TARGET_RE.search(ins.operands)
+            if not m or m.group(1) not in self.labels:
+                continue
+            target = self.labels[m.group(1)]
+            # A branch to itself is the trap loop ptxas puts after EXIT, not a loop of the kernel.
+            if target < ins.address and target in index_of:
+                out.append((index_of[target], i))
+        return sorted(set(out))
+
+
+def parse_sass(text: str) -> Sass:
+    """``nvdisasm -c`` output of a one-kernel cubin -> instructions and label addresses."""
+    instructions: list[Instruction] = []
+    labels: dict[str, int] = {}
+    pending: list[str] = []
+    for line in text.splitlines():
+        m = _LABEL_RE.match(line.strip())
+        if m:
+            pending.append(m.group(1))
+            continue
+        m = _INSTR_RE.match(line)
+        if not m:
+            continue
+        ins = Instruction(int(m.group(1), 16), m.group(3), m.group(4).strip(), m.group(2))
+        for label in pending:
+            labels[label] = ins.address
+        pending = []
+        instructions.append(ins)
+    return Sass(instructions, labels)
+
+
+def nvdisasm_path() -> Path:
+    import triton
+
+    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+
+
+def disassemble(cubin: bytes) -> str:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([str(nvdisasm_path()), "-c", f.name], check=True, capture_output=True,
+                              text=True).stdout
+
+
+@dataclass
+class LoopModel:
+    """The main loop of one build (or the whole program when it has no loop) under the issue model."""
+
+    has_loop: bool
+    loops: int  # backward branches in the kernel
+    instructions: int  # per iteration, per thread (= per warp)
+    by_class: dict[str, int] = field(default_factory=dict)
+    by_opcode: dict[str, int] = field(default_factory=dict)  # base opcode -> count, largest first
+    memory_ops: dict[str, int] = field(default_factory=dict)  # full load/store opcode -> count
+    issue_clocks: float = 0.0  # per CTA iteration
+    mma_flops: int = 0  # per CTA iteration
+    mma_clocks: float = 0.0
+    issue_to_mma: float | None = None  # None without tensor-core work in the loop
+    mma_in_kernel: bool = False  # any tensor-core instruction anywhere in the kernel
+    instructions_total: int = 0  # whole kernel, static
+
+
+def model(sass: Sass, num_warps: int, arch: int) -> LoopModel:
+    """Issue/MMA model of the main loop of ``sass`` for a CTA of ``num_warps`` warps on ``sm_{arch}``."""
+    loops = sass.loops()
+    innermost = [(a, b) for (a, b) in loops
+                 if not any((c, d) != (a, b) and a <= c and d <= b for (c, d) in loops)]
+    instrs = sass.instructions
+    if innermost:
+        def rank(span):
+            body = instrs[span[0]:span[1] + 1]
+            return (sum(ins.klass == "mma" for ins in body), len(body))
+
+        first, last = max(innermost, key=rank)
+        body = instrs[first:last + 1]
+    else:
+        body = [ins for ins in instrs if ins.base != "NOP"]  # the tail padding after EXIT is not issued
+    by_class = {c: 0 for c in CLASSES}
+    by_opcode: dict[str, int] = {}
+    memory: dict[str, int] = {}
+    flops = 0
+    for ins in body:
+        by_class[ins.klass] += 1
+        by_opcode[ins.base] = by_opcode.get(ins.base, 0) + 1
+        if ins.memory_width() is not None:
+            memory[ins.opcode] = memory.get(ins.opcode, 0) + 1
+        flops += ins.mma_flops(num_warps)
+    issue = len(body) * num_warps / ISSUE_PER_CLOCK
+    per_clock = TENSOR_FLOP_PER_CLOCK.get(arch)
+    mma_clocks = flops / per_clock if per_clock and flops else 0.0
+    return LoopModel(
+        has_loop=bool(innermost), loops=len(loops), instructions=len(body), by_class=by_class,
+        by_opcode=dict(sorted(by_opcode.items(), key=lambda kv: (-kv[1], kv[0]))), memory_ops=memory,
+        issue_clocks=issue, mma_flops=flops, mma_clocks=mma_clocks,
+        issue_to_mma=issue / mma_clocks if mma_clocks else None,
+        mma_in_kernel=any(ins.klass == "mma" for ins in instrs),
+        instructions_total=sum(ins.base != "NOP" for ins in instrs),
+    )

@@ -1,0 +1,116 @@
+"""The SASS issue model (perf/sass.py), the packed-load tracer (perf/loads.py) and the amdgcn metadata reader on
+hand-written listings whose counts are worked out here by hand; no compiler involved."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from perf import loads, sass  # noqa: E402
+from perf.static import parse_amdgcn_metadata  # noqa: E402
+
+# A prologue of 2, a loop body of 8 (.L_x_1 .. the backward BRA) holding 2 HGMMA.64x64x16, one LDG.E.U8, one
+# LDGSTS.E.BYPASS.128, one F2FP, one FSEL, one LOP3; a forward branch out; EXIT; the trap self-loop; NOP padding.
+_SASS = textwrap.dedent("""
+    _k:
+            /*0000*/                   LDC R1, c[0x0][0x28] ;
+            /*0010*/               @P0 BRA `(.L_x_0) ;
+    .L_x_1:
+            /*0020*/                   LDG.E.U8 R4, desc[UR4][R2.64] ;
+            /*0030*/                   LDGSTS.E.BYPASS.128 [R5], desc[UR4][R6.64], P1 ;
+            /*0040*/                   FSEL R7, R8, R9, P2 ;
+            /*0050*/                   LOP3.LUT R10, R4, 0xf, RZ, 0xc0, !PT ;
+            /*0060*/                   F2FP.BF16.F32.PACK_AB R11, R7, R7 ;
+            /*0070*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], R24 ;
+            /*0080*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR12], R24, gsb0 ;
+            /*0090*/              @!P3 BRA `(.L_x_1) ;
+    .L_x_0:
+            /*00a0*/                   EXIT ;
+    .L_x_2:
+            /*00b0*/                   BRA `(.L_x_2);
+            /*00c0*/                   NOP;
+""")
+
+
+def test_main_loop_counts_classes_and_mma_work():
+    parsed = sass.parse_sass(_SASS)
+    assert len(parsed.instructions) == 13 and parsed.labels[".L_x_1"] == 0x20
+    assert parsed.loops() == [(2, 9)]  # the trap self-loop after EXIT is not a loop
+    m = sass.model(parsed, num_warps=8, arch=90)
+    assert m.has_loop and m.loops == 1 and m.instructions == 8
+    assert m.by_class["mma"] == 2 and m.by_class["global_load"] == 1 and m.by_class["global_load_async"] == 1
+    assert m.by_class["convert"] == 1 and m.by_class["control"] == 1 and m.by_class["alu"] == 2
+    assert m.memory_ops == {"LDG.E.U8": 1, "LDGSTS.E.BYPASS.128": 1}
+    # 8 warps = 2 warpgroups, each HGMMA 2*64*64*16 FLOPs: 2 instructions x 2 x 131072 = 524288 FLOPs per iteration;
+    # at 4096 FLOP/clk/SM that is 128 clocks. Issue: 8 instructions x 8 warps / 4 schedulers = 16 clocks.
+    assert m.mma_flops == 524288 and m.mma_clocks == 128 and m.issue_clocks == 16
+    assert m.issue_to_mma == pytest.approx(16 / 128)
+
+
+def test_hmma_shapes_and_a_kernel_without_loop():
+    ins = sass.Instruction(0, "HMMA.16816.F32.BF16", "R0, R4, R8, R0")
+    assert ins.mma_flops(num_warps=4) == 2 * 16 * 8 * 16 * 4
+    assert sass.Instruction(0, "HMMA.1688.F32.TF32", "").mma_flops(num_warps=1) == 2 * 16 * 8 * 8
+    straight = sass.parse_sass(textwrap.dedent("""
+            /*0000*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+            /*0010*/                   FMUL R4, R4, 2 ;
+            /*0020*/                   STG.E.128 desc[UR4][R2.64], R4 ;
+            /*0030*/                   EXIT ;
+    .L_x_0:
+            /*0040*/                   BRA `(.L_x_0);
+            /*0050*/                   NOP;
+    """))
+    m = sass.model(straight, num_warps=4, arch=80)
+    assert not m.has_loop and m.instructions == 5 and m.issue_to_mma is None  # NOP padding is not issued
+    assert sass.Instruction(0, "LDG.E.128", "").memory_width() == 16
+    assert sass.Instruction(0, "LDG.E.U8", "").memory_width() == 1
+
+
+_LLIR = textwrap.dedent("""
+    define ptx_kernel void @k(ptr addrspace(1) %0, ptr addrspace(1) %1, i32 %2, ptr addrspace(1) %3) {
+      %5 = getelementptr i8, ptr addrspace(1) %1, i64 %9
+      %6 = getelementptr bfloat, ptr addrspace(1) %0, i64 %9
+      %7 = phi ptr addrspace(1) [ %5, %4 ], [ %8, %10 ]
+      %8 = getelementptr i8, ptr addrspace(1) %7, i32 %2
+      %9 = sext i32 %2 to i64
+      %11 = tail call i16 asm sideeffect "mov.u16 $0, 0x0;\\0A\\09@$2 ld.global.b8 { $0 }, [ $1 + 0 ];", "=c,l,b"(ptr addrspace(1) %8, i1 true)
+      %12 = tail call { i32, i32 } asm sideeffect "@$3 ld.global.v2.b32 { $0, $1 }, [ $2 + 0 ];", "=r,=r,l,b"(ptr addrspace(1) %7, i1 true)
+      tail call void asm sideeffect "cp.async.cg.shared.global [ $0 + 0 ], [ $1 + 0 ], 0x10, $2;", "r,l,r"(ptr addrspace(3) %13, ptr addrspace(1) %6, i32 16)
+      %14 = load <4 x i32>, ptr addrspace(1) %3, align 16
+      ret void
+    }
+""")
+
+
+def test_loads_are_traced_to_their_parameters():
+    found = loads.global_loads(_LLIR)
+    assert [(ld.kind, ld.bytes_per_thread, ld.asynchronous, sorted(ld.params)) for ld in found] == [
+        ("ld.global", 1, False, [1]), ("ld.global", 8, False, [1]), ("cp.async", 16, True, [0]),
+        ("load", 16, False, [3]),
+    ]
+    widest = loads.widest_load_of(_LLIR, 1)
+    assert (widest.bytes_per_thread, widest.asynchronous) == (8, False)
+    assert loads.widest_load_of(_LLIR, 2) is None  # an int parameter: no load reads it
+
+
+def test_amdgcn_metadata():
+    text = textwrap.dedent("""
+        amdhsa.kernels:
+          - .agpr_count:     4
+            .group_segment_fixed_size: 0
+            .private_segment_fixed_size: 96
+            .sgpr_count:     74
+            .sgpr_spill_count: 0
+            .vgpr_count:     224
+            .vgpr_spill_count: 12
+    """)
+    assert parse_amdgcn_metadata(text) == {"vgprs": 224, "agprs": 4, "sgprs": 74, "scratch_bytes": 96,
+                                           "vgpr_spills": 12, "sgpr_spills": 0}
+    with pytest.raises(RuntimeError, match="vgpr_count"):
+        parse_amdgcn_metadata(".sgpr_count: 3")
