@@ -228,7 +228,7 @@ def test_roofline_device_only_for_the_modelled_variants(name, key):
 
 
 def test_gpu_without_a_roofline_device_keeps_peak_but_no_roofline():
-    rows = by_name(results_of(gpu=True, device="NVIDIA H200"))
+    rows = by_name(results_of(gpu=True, device="NVIDIA H200 NVL"))
     q = rows["test_quantize[qlora]"]
     assert q["percent_of_roofline"] is None and q["percent_of_peak"] is not None
 
