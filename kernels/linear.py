@@ -1,34 +1,31 @@
-"""Fused NF4 dequant-matmul + LoRA: forward and backward kernels (SPEC section 6).
+"""NF4 base-weight matmul + LoRA: forward and backward of the QLoRA linear layer (SPEC section 6).
 
 Shapes: ``x`` (M, K), base weight W (N, K) stored as NF4 (packed 4-bit codes, blockwise scales, possibly
 double-quantized), ``lora_a`` (R, K), ``lora_b`` (N, R), ``bias`` (N,). Compute dtype = ``x.dtype`` (fp32, fp16
-or bf16); every matmul accumulates in float32.
+or bf16); every matmul accumulates in float32. Wherever W is dequantized (a tile in registers or the whole
+weight in a buffer) it equals ``dequantize_4bit(..., dtype)`` bit for bit.
 
-Forward, two launches:
+Three paths compute ``y = x @ W^T + scaling * round(u) @ B^T + bias`` (u = dropout(x) @ A^T, float32, rounded to
+the compute dtype before its second matmul as an unfused LoRA's activation is):
 
-1. ``_lora_down_kernel``: ``u = dropout(x) @ A^T`` (M, R), float32, kept for the backward.
-2. ``_nf4_lora_fwd_kernel``: ``y = x @ W^T + scaling * u @ B^T + bias``. W is dequantized tile by tile inside
-   the K loop (it never exists densely in memory) and cast to the compute dtype, so the tile equals
-   ``dequantize_4bit(..., dtype)`` bit for bit; the LoRA term and the bias are added in the epilogue and y is
-   written once. For small M the K loop is split over programs (split-K) whose float32 partials
-   ``_split_k_reduce_kernel`` sums.
+- ``"gemv"`` (decode, M <= ``SMALL_M`` with K a multiple of the blocksize): ``_nf4_gemv_kernel`` streams the packed
+  bytes of W along K in 16-byte vectors (a row of W is K/2 contiguous bytes), looks each code up in the 16-entry
+  table, splits N over programs and K over ``split_k`` programs (enough to fill the SMs) and writes float32
+  partials; the programs of column tile 0 also compute their K split's partial of u. ``_gemv_epilogue_kernel``
+  sums the partials, writes u, adds the LoRA term and the bias. **2 launches** (+1 with dropout: the mask).
+- ``"dequant"`` (every other shape on the default dispatch: training shapes): the quantize module's
+  ``dequantize_4bit`` writes W in the compute dtype into a buffer, ``lora_down`` computes u, and
+  ``_matmul_lora_kernel`` (a plain tiled ``tl.dot`` GEMM, autotuned) adds LoRA and bias in its epilogue.
+  **3 launches** (+1 with a split ``lora_down``, +1 with dropout).
+- ``"fused"`` (explicit ``config`` only): ``_matmul_lora_kernel`` dequantizing W tile by tile in its K loop.
 
-Backward:
+Backward (``nf4_lora_backward``): ``g = dy @ B`` (``lora_down``), ``dx = dy @ W + lora_scale * (round(g) @ A) *
+keep`` (``_matmul_lora_kernel`` on W in its stored (N, K) layout: dequantized buffer by default, tiles with a
+``"fused"`` config), ``dA`` and ``dB`` (+ ``dbias``) with ``lora_grad``. **5 launches** by default (dequantize,
+g, dx, dA, dB; +1 per split ``lora_down``; +1 with dropout when the forward's mask is not passed in).
 
-- ``g = dy @ B`` (M, R) with ``_lora_down_kernel``;
-- ``dx = dy @ W + scaling * (g @ A) * mask`` with ``_nf4_lora_bwd_dx_kernel``, reading W in its stored (N, K)
-  layout (no transposed copy);
-- ``dA = scaling * g^T @ dropout(x)`` and ``dB = scaling * dy^T @ u`` (with ``dbias = sum_m dy`` fused in)
-  with ``_lora_grad_kernel``.
-
-Dropout: the keep mask of element (m, k) is ``tl.rand(seed, m * K + k) >= p``, regenerated wherever it is
-needed (forward ``u``, backward ``dx`` and ``dA``), so it is never stored. Kernels multiply the 0/1 keep mask in
-exactly and apply the ``1 / (1 - p)`` factor to the float32 result, not to the rounded inputs.
-:func:`lora_dropout_mask` materializes the same mask (scaled) for tests.
-
-Under the Triton interpreter ``tl.dot`` on bf16 is wrong, so with ``UPCAST`` the operands (all exactly
-representable in the compute dtype) are widened to float32 before each dot: the products are exact, the sum is
-float32, which is what the GPU's tensor cores compute.
+Dropout: the keep mask is the bit-packed one of :func:`.lora.lora_dropout_bits`, generated once per call from a
+seed the kernel reads on the device; pass the forward's ``keep`` to the backward to reuse it.
 """
 
 from __future__ import annotations
@@ -41,23 +38,27 @@ import triton
 import triton.language as tl
 
 from ._checks import FLOAT_DTYPES, check_blocksize, check_same_device, check_tensor
-from ._runtime import interpreter_active, kernel_device
+from ._runtime import interpreter_active
 from ._static import KernelSpec
-from .quantize import load_block_scale, unpack_4bit
+from ._tl import block_scale, dot, grouped_tile, keep_tile, load_tile, round_to
+from .lora import (LORA_BLOCK_RS, SPLIT_CHOICES, check_scalar, lora_block_r, lora_down, lora_dropout_bits,
+                   lora_dropout_mask, lora_grad, num_sms, pow2_clamp, seed_tensor)
+from .quantize import (_GPU_DEQUANT_BYTES, _NUM_WARPS, _dequantize_4bit_kernel, _kernel_view, _stream_config,
+                       unpack_4bit)
 
 NESTED_BLOCKSIZE = 256
-SMALL_M = 16  # at or below this many rows the forward takes the split-K (GEMV-like) path on a GPU
+SMALL_M = 16  # at or below this many rows the forward takes the GEMV-shaped decode path
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Device helpers and kernels
+# Device helpers
 # --------------------------------------------------------------------------------------------------------------
 
 
 @triton.jit
 def _code_value(code_ptr, q):
-    """code[q] for a tensor of 4-bit codes, by a select tree over the 16 table entries: no per-element gather,
-    so nothing per element is staged through shared memory by the software pipeliner on a GPU."""
+    """code[q] for a tensor of 4-bit codes, by a select tree over the 16 table entries (no per-element gather,
+    which the software pipeliner of the tiled kernel would stage through shared memory)."""
     b0 = (q & 1) != 0
     b1 = (q & 2) != 0
     b2 = (q & 4) != 0
@@ -79,286 +80,254 @@ def _code_value(code_ptr, q):
 
 @triton.jit
 def _dequant_tile(packed_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr, code_ptr, offset,
-                  offs_n, offs_k, k0, K, mask_n, mask_k,
+                  rows, cols, col0, row_len, mask_rows, mask_cols,
                   BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
                   ROW_SCALE: tl.constexpr, TRANSPOSED: tl.constexpr, INDEX_64: tl.constexpr):
-    """float32 ``code[q] * scale`` of W (N, K) at rows ``offs_n`` (int64) and columns ``offs_k`` (all in
-    [k0, k0 + BLOCK_K)): shape (BLOCK_K, BLOCK_N) if TRANSPOSED (a W^T tile) else (BLOCK_N, BLOCK_K).
+    """float32 ``code[q] * scale`` of W (?, row_len) at ``rows`` x ``cols`` (cols in [col0, col0 + tile)):
+    shape (len(cols), len(rows)) if TRANSPOSED (a W^T tile) else (len(rows), len(cols)).
 
-    ROW_SCALE: K is a multiple of BLOCKSIZE and BLOCK_K divides BLOCKSIZE, so each row of the tile lies in one
-    4-bit block whose scale is loaded once per row; otherwise scales are gathered per element (blocks may span
-    rows). INDEX_64: N * K may pass 2**31, else flat indices are int32 (half the registers).
-    Masked-off elements come back finite; callers zero the other operand there.
+    ROW_SCALE: row_len is a multiple of BLOCKSIZE and the column tile divides BLOCKSIZE, so each tile row lies in
+    one 4-bit block whose scale is loaded once per row; otherwise scales are gathered per element. INDEX_64: the
+    flat index may pass 2**31. Masked-off elements come back finite; callers zero the other operand there.
     """
-    if not INDEX_64:
-        offs_n = offs_n.to(tl.int32)
-        offs_k = offs_k.to(tl.int32)
-    if TRANSPOSED:
-        idx = offs_n[None, :] * K + offs_k[:, None]
-        mask = mask_k[:, None] & mask_n[None, :]
+    if INDEX_64:
+        rows = rows.to(tl.int64)
+        cols = cols.to(tl.int64)
     else:
-        idx = offs_n[:, None] * K + offs_k[None, :]
-        mask = mask_n[:, None] & mask_k[None, :]
+        rows = rows.to(tl.int32)
+        cols = cols.to(tl.int32)
+    if TRANSPOSED:
+        idx = rows[None, :] * row_len + cols[:, None]
+        mask = mask_cols[:, None] & mask_rows[None, :]
+    else:
+        idx = rows[:, None] * row_len + cols[None, :]
+        mask = mask_rows[:, None] & mask_cols[None, :]
     values = _code_value(code_ptr, unpack_4bit(packed_ptr, idx, mask))
     if ROW_SCALE:
-        scale = load_block_scale(absmax_ptr, absmax2_ptr, nested_code_ptr, offset, (offs_n * K + k0) // BLOCKSIZE,
-                                 mask_n, DOUBLE_QUANT, NESTED_BLOCKSIZE)
+        scale = block_scale(absmax_ptr, absmax2_ptr, nested_code_ptr, offset, (rows * row_len + col0) // BLOCKSIZE,
+                            mask_rows, DOUBLE_QUANT, NESTED_BLOCKSIZE)
         if TRANSPOSED:
             return values * scale[None, :]
         else:
             return values * scale[:, None]
     else:
-        return values * load_block_scale(absmax_ptr, absmax2_ptr, nested_code_ptr, offset, idx // BLOCKSIZE, mask,
-                                         DOUBLE_QUANT, NESTED_BLOCKSIZE)
+        return values * block_scale(absmax_ptr, absmax2_ptr, nested_code_ptr, offset, idx // BLOCKSIZE, mask,
+                                    DOUBLE_QUANT, NESTED_BLOCKSIZE)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Decode path: GEMV-shaped kernel over packed bytes, and its split-K epilogue
+# --------------------------------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _to_dtype(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
-    """float32 ``x`` rounded to ``dtype``, nearest-even. The interpreter's own fp32 -> bf16 cast truncates, so
-    with UPCAST (interpreter) bf16 is rounded on the bits, as torch does; a GPU's ``cvt.rn`` is used otherwise."""
-    if UPCAST and dtype == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return x.to(dtype)
-
-
-@triton.jit
-def _keep_mask(seed, rows, cols, ncols, p):
-    """Dropout keep mask (bool) of elements (rows[:, None], cols[None, :]) of a (?, ncols) matrix."""
-    flat = rows.to(tl.int64)[:, None] * ncols + cols[None, :]
-    return tl.rand(seed, flat) >= p
-
-
-@triton.jit
-def _load_tile(ptr, rows, cols, stride_r, stride_c, mask_r, mask_c):
-    """The (len(rows), len(cols)) tile at ``ptr + rows * stride_r + cols * stride_c``, zero where masked off."""
-    return tl.load(ptr + rows[:, None] * stride_r + cols[None, :] * stride_c, mask=mask_r[:, None] & mask_c[None, :],
-                   other=0.0)
-
-
-@triton.jit
-def _dot(a, b, acc, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """``acc + a @ b``; with UPCAST (interpreter) the operands are widened to float32 first (module docstring)."""
-    if UPCAST:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-
-
-@triton.jit
-def _grouped_tile(pid, num_pid_m, num_pid_cols, GROUP_M: tl.constexpr):
-    """(row tile, column tile) of program ``pid`` in grouped order: GROUP_M row tiles sweep all column tiles
-    together, so the W tiles they share stay in L2 (the Triton matmul tutorial's ordering)."""
-    group_size = GROUP_M * num_pid_cols
-    first_m = (pid // group_size) * GROUP_M
-    rows_in_group = min(num_pid_m - first_m, GROUP_M)
-    return first_m + (pid % group_size) % rows_in_group, (pid % group_size) // rows_in_group
-
-
-@triton.jit
-def _lora_down_kernel(
-    a_ptr, b_ptr, out_ptr, M, D, R, seed, p, out_scale,
-    stride_am, stride_ad, stride_bd, stride_br,
-    HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+def _nf4_gemv_kernel(
+    # pointers
+    x_ptr, packed_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr, code_ptr, a_ptr, bits_ptr, ws_ptr, u_ws_ptr,
+    # sizes
+    M, N, K, R, offset, k_per_split, words_per_row,
+    # strides
+    stride_xm, stride_xk, stride_ar, stride_ak,
+    # meta-parameters
+    BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, K_ALIGNED32: tl.constexpr,
+    INDEX_64: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """out (M, R) float32 contiguous = out_scale * (a * keep) (M, D) @ b (D, R); a and b in the compute dtype.
+    """ws[s] (M, N) float32 = x[:, split s] @ W[:, split s]^T (M <= BLOCK_M; K a multiple of BLOCKSIZE), and for
+    column tile 0 u_ws[s] (M, R) float32 = (x * keep)[:, split s] @ A[:, split s]^T.
 
-    ``u = dropout(x) @ A^T`` (b = A viewed transposed) and ``g = dy @ B``.
+    Program (n tile, s) reads rows of W as packed bytes (row n starts at byte n * K / 2): high nibbles are the
+    even columns, low nibbles the odd ones, so x is split into its even and odd columns instead of interleaving
+    W. SUB_K = min(BLOCK_K, BLOCKSIZE): the tile's K range holds BLOCK_K / SUB_K scale blocks per row.
     """
-    pid_m = tl.program_id(0)
-    pid_r = tl.program_id(1)
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    mask_m = offs_m < M
-    mask_r = offs_r < R
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        mask_d = offs_d < D
-        a = _load_tile(a_ptr, offs_m, offs_d, stride_am, stride_ad, mask_m, mask_d)
-        if HAS_DROPOUT:
-            a = tl.where(_keep_mask(seed, offs_m, offs_d, D, p), a, 0.0)
-        b = _load_tile(b_ptr, offs_d.to(tl.int64), offs_r, stride_bd, stride_br, mask_d, mask_r)
-        acc = _dot(a, b, acc, UPCAST, DOT_PRECISION)
-    out = out_ptr + offs_m[:, None] * R + offs_r[None, :]
-    tl.store(out, acc * out_scale, mask=mask_m[:, None] & mask_r[None, :])
-
-
-@triton.jit
-def _nf4_lora_fwd_kernel(
-    x_ptr, packed_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr, code_ptr, u_ptr, b_ptr, bias_ptr, y_ptr,
-    M, N, K, R, offset, scaling,
-    stride_xm, stride_xk, stride_bn, stride_br, M_BUCKET,
-    BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
-    K_ALIGNED: tl.constexpr, INDEX_64: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
-):
-    """y (M, N) = x @ W^T + scaling * u @ B^T + bias, W dequantized in the K loop.
-
-    SPLIT_K == 1: y is the output in x's dtype. SPLIT_K > 1: y is a float32 (SPLIT_K, M, N) workspace; split s
-    covers its slice of K and split 0 alone adds the LoRA term and the bias. ``M_BUCKET`` only keys autotuning.
-    """
-    pid_k = tl.program_id(1)
-    pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
-
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
     compute_dtype = x_ptr.dtype.element_ty
+    offs_m = tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    if INDEX_64:
+        offs_n = offs_n.to(tl.int64)
+    half_k = K // 2
+    if K_ALIGNED32:
+        half_k = tl.multiple_of(half_k, 16)  # every row starts on a 16-byte boundary: 128-bit loads
+    row_bytes = offs_n * half_k
+    # Split bounds are multiples of BLOCK_K (k_per_split) or K (a multiple of BLOCKSIZE >= 32): telling the
+    # compiler so keeps the bounds masks constant over 16-byte vectors.
+    k_start = tl.multiple_of(pid_s * k_per_split, BLOCK_K)
+    k_end = min(K, k_start + k_per_split)
+    k_end_half = tl.multiple_of(k_end // 2, 16)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        offs_kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        mask_kb = offs_kb < k_end_half
+        packed = tl.load(packed_ptr + row_bytes[:, None] + offs_kb[None, :],
+                         mask=mask_n[:, None] & mask_kb[None, :], other=0)
+        v_hi = tl.load(code_ptr + (packed >> 4).to(tl.int32))
+        v_lo = tl.load(code_ptr + (packed & 15).to(tl.int32))
+        if SUB_K == BLOCK_K:
+            scale = block_scale(absmax_ptr, absmax2_ptr, nested_code_ptr, offset, (offs_n * K + k0) // BLOCKSIZE,
+                                mask_n, DOUBLE_QUANT, NESTED_BLOCKSIZE)
+            w_hi = round_to(v_hi * scale[:, None], compute_dtype)
+            w_lo = round_to(v_lo * scale[:, None], compute_dtype)
+        else:
+            blocks = (offs_n[:, None] * K + k0 + tl.arange(0, BLOCK_K // SUB_K)[None, :] * SUB_K) // BLOCKSIZE
+            scale = block_scale(absmax_ptr, absmax2_ptr, nested_code_ptr, offset, blocks, mask_n[:, None],
+                                DOUBLE_QUANT, NESTED_BLOCKSIZE)[:, :, None]
+            w_hi = round_to(tl.reshape(tl.reshape(v_hi, (BLOCK_N, BLOCK_K // SUB_K, SUB_K // 2)) * scale,
+                                       (BLOCK_N, BLOCK_K // 2)), compute_dtype)
+            w_lo = round_to(tl.reshape(tl.reshape(v_lo, (BLOCK_N, BLOCK_K // SUB_K, SUB_K // 2)) * scale,
+                                       (BLOCK_N, BLOCK_K // 2)), compute_dtype)
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = load_tile(x_ptr, offs_m, offs_k, stride_xm, stride_xk, mask_m, offs_k < k_end)
+        x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_K // 2, 2)))
+        acc = dot(x_even, tl.trans(w_hi), acc)
+        acc = dot(x_odd, tl.trans(w_lo), acc)
+    ws = ws_ptr + pid_s.to(tl.int64) * M * N
+    tl.store(ws + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask_m[:, None] & mask_n[None, :])
+
+    if pid_n == 0:
+        for r0 in range(0, R, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            mask_r = offs_r < R
+            u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+            for k0 in range(k_start, k_end, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                mask_k = offs_k < k_end
+                x = load_tile(x_ptr, offs_m, offs_k, stride_xm, stride_xk, mask_m, mask_k)
+                if HAS_DROPOUT:
+                    x = tl.where(keep_tile(bits_ptr, offs_m, offs_k, words_per_row, mask_m, mask_k), x, 0.0)
+                a_t = load_tile(a_ptr, offs_k, offs_r, stride_ak, stride_ar, mask_k, mask_r)
+                u = dot(x, a_t, u)
+            u_ws = u_ws_ptr + pid_s.to(tl.int64) * M * R
+            tl.store(u_ws + offs_m[:, None] * R + offs_r[None, :], u, mask=mask_m[:, None] & mask_r[None, :])
+
+
+@triton.jit
+def _gemv_epilogue_kernel(
+    # pointers
+    ws_ptr, u_ws_ptr, b_ptr, bias_ptr, y_ptr, u_ptr,
+    # sizes
+    M, N, R, num_splits, scaling, u_scale,
+    # strides
+    stride_bn, stride_br,
+    # meta-parameters
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """y (M, N) = sum_s ws[s] + scaling * round(u) @ B^T + bias with u (M, R) = u_scale * sum_s u_ws[s] (written
+    by column tile 0); M <= BLOCK_M."""
+    pid_n = tl.program_id(0)
+    compute_dtype = y_ptr.dtype.element_ty
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for s in range(0, num_splits):
+        acc += load_tile(ws_ptr + s * M * N, offs_m, offs_n, N, 1, mask_m, mask_n)
+    lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        mask_r = offs_r < R
+        u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for s in range(0, num_splits):
+            u += load_tile(u_ws_ptr + s * M * R, offs_m, offs_r, R, 1, mask_m, mask_r)
+        u = u * u_scale
+        if pid_n == 0:
+            tl.store(u_ptr + offs_m[:, None] * R + offs_r[None, :], u, mask=mask_m[:, None] & mask_r[None, :])
+        b_t = load_tile(b_ptr, offs_r, offs_n, stride_br, stride_bn, mask_r, mask_n)
+        lora = dot(round_to(u, compute_dtype), b_t, lora)
+    acc += scaling * lora
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m[:, None] * N + offs_n[None, :], round_to(acc, compute_dtype),
+             mask=mask_m[:, None] & mask_n[None, :])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Tiled path: one GEMM kernel with the LoRA term in its epilogue, B dense or NF4 (dequantized in the K loop)
+# --------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _matmul_lora_kernel(
+    # pointers
+    a_ptr, b_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr, code_ptr, l_ptr, rm_ptr, bias_ptr, bits_ptr, c_ptr,
+    # sizes
+    M, N, K, R, offset, lora_scale, words_per_row,
+    # strides
+    stride_am, stride_ak, stride_bk, stride_bn, stride_rr, stride_rn,
+    # meta-parameters
+    B_NF4: tl.constexpr, B_TRANSPOSED: tl.constexpr, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+    NESTED_BLOCKSIZE: tl.constexpr, ROW_SCALE: tl.constexpr, INDEX_64: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, ALIGNED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """c (M, N) = a (M, K) @ b (K, N) + lora_scale * (round(l) @ rm) [* keep] + bias, float32 accumulation.
+
+    a in the compute dtype (x or dy); l (M, R) float32 contiguous (u or g), rm (R, N) (B^T or A); keep from the
+    bit-packed mask of (M, N) (dx's dropout); bias (N,). b: dense (strides stride_bk, stride_bn) unless B_NF4:
+    then the NF4 weight W, b = W^T (forward, W (N, K)) if B_TRANSPOSED else W (dx, W (K, N)), dequantized tile
+    by tile and rounded to the compute dtype (bit-exact with dequantize_4bit). ALIGNED: N, K and the strides
+    are multiples of 16 (what a launch on such shapes specializes on), so the bounds masks stay constant over
+    16-byte vectors and the operand loads are 128-bit.
+    """
+    if ALIGNED:
+        # (v // 16) * 16 == v here; written so, the compiler's divisibility analysis sees it (tl.multiple_of on
+        # a scalar argument is dropped).
+        N = (N // 16) * 16
+        K = (K // 16) * 16
+        stride_am = (stride_am // 16) * 16
+        if not B_NF4:
+            # Dense W (N_w, K_w) row-major: b = W^T has unit stride along k, b = W along n.
+            if B_TRANSPOSED:
+                stride_bn = (stride_bn // 16) * 16
+            else:
+                stride_bk = (stride_bk // 16) * 16
+    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    compute_dtype = a_ptr.dtype.element_ty
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    k_per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
-    k_start = pid_k * k_per_split
-    k_end = min(K, k_start + k_per_split)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(k_start, k_end, BLOCK_K):
+    for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < k_end
-        x = _load_tile(x_ptr, offs_m, offs_k, stride_xm, stride_xk, mask_m, mask_k)
-        # W^T tile (BLOCK_K, BLOCK_N): element (k, n) of W^T is W[n, k], flat index n * K + k.
-        w = _dequant_tile(packed_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr, code_ptr, offset,
-                          offs_n, offs_k, k0, K, mask_n, mask_k, BLOCKSIZE, DOUBLE_QUANT, NESTED_BLOCKSIZE,
-                          K_ALIGNED and BLOCKSIZE % BLOCK_K == 0, True, INDEX_64)
-        acc = _dot(x, _to_dtype(w, compute_dtype, UPCAST), acc, UPCAST, DOT_PRECISION)
+        mask_k = offs_k < K
+        a = load_tile(a_ptr, offs_m, offs_k, stride_am, stride_ak, mask_m, mask_k)
+        if B_NF4:
+            if B_TRANSPOSED:
+                w = _dequant_tile(b_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr, code_ptr, offset,
+                                  offs_n, offs_k, k0, K, mask_n, mask_k, BLOCKSIZE, DOUBLE_QUANT, NESTED_BLOCKSIZE,
+                                  ROW_SCALE, True, INDEX_64)
+            else:
+                w = _dequant_tile(b_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr, code_ptr, offset,
+                                  offs_k, offs_n, pid_n * BLOCK_N, N, mask_k, mask_n, BLOCKSIZE, DOUBLE_QUANT,
+                                  NESTED_BLOCKSIZE, ROW_SCALE, False, INDEX_64)
+            b = round_to(w, compute_dtype)
+        else:
+            b = load_tile(b_ptr, offs_k, offs_n, stride_bk, stride_bn, mask_k, mask_n)
+        acc = dot(a, b, acc)
 
-    if pid_k == 0:
-        lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for r0 in range(0, R, BLOCK_R):
-            offs_r = r0 + tl.arange(0, BLOCK_R)
-            mask_r = offs_r < R
-            # u is float32; round it to the compute dtype as an unfused LoRA (lora_A's output) would. (Loaded
-            # directly: through _load_tile with a unit stride the sm_90 build of one config changes registers.)
-            u = tl.load(u_ptr + offs_m[:, None] * R + offs_r[None, :],
-                        mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-            u = _to_dtype(u, compute_dtype, UPCAST)
-            bt = _load_tile(b_ptr, offs_r, offs_n, stride_br, stride_bn, mask_r, mask_n)
-            lora = _dot(u, bt, lora, UPCAST, DOT_PRECISION)
-        acc += scaling * lora
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-
-    mask_out = mask_m[:, None] & mask_n[None, :]
-    if SPLIT_K == 1:
-        tl.store(y_ptr + offs_m[:, None] * N + offs_n[None, :], _to_dtype(acc, y_ptr.dtype.element_ty, UPCAST),
-                 mask=mask_out)
-    else:
-        ws = y_ptr + pid_k.to(tl.int64) * M * N
-        tl.store(ws + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask_out)
-
-
-@triton.jit
-def _split_k_reduce_kernel(ws_ptr, y_ptr, numel, SPLIT_K: tl.constexpr, UPCAST: tl.constexpr,
-                           BLOCK: tl.constexpr):
-    """y (numel,) = sum over s of ws[s, :] (float32 workspace), rounded once to y's dtype."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < numel
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in tl.static_range(SPLIT_K):
-        acc += tl.load(ws_ptr + s * numel + offs, mask=mask, other=0.0)
-    tl.store(y_ptr + offs, _to_dtype(acc, y_ptr.dtype.element_ty, UPCAST), mask=mask)
-
-
-@triton.jit
-def _nf4_lora_bwd_dx_kernel(
-    dy_ptr, packed_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr, code_ptr, g_ptr, a_ptr, dx_ptr,
-    M, N, K, R, offset, lora_scale, seed, p,
-    stride_dym, stride_dyn, stride_ar, stride_ak,
-    BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
-    K_ALIGNED: tl.constexpr, INDEX_64: tl.constexpr, HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr,
-):
-    """dx (M, K) = dy @ W + lora_scale * (g @ A) * keep, W (N, K) dequantized in its stored layout.
-
-    ``lora_scale`` is scaling / (1 - p) with dropout, else scaling; g (M, R) is float32 contiguous.
-    """
-    pid_m, pid_k = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
-
-    compute_dtype = dy_ptr.dtype.element_ty
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_k = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask_m = offs_m < M
-    mask_k = offs_k < K
-
-    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
-        dy = _load_tile(dy_ptr, offs_m, offs_n, stride_dym, stride_dyn, mask_m, mask_n)
-        # W tile (BLOCK_N, BLOCK_K) read row-major as stored: flat index n * K + k.
-        w = _dequant_tile(packed_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr, code_ptr, offset,
-                          offs_n.to(tl.int64), offs_k, pid_k.to(tl.int64) * BLOCK_K, K, mask_n, mask_k,
-                          BLOCKSIZE, DOUBLE_QUANT, NESTED_BLOCKSIZE, K_ALIGNED and BLOCKSIZE % BLOCK_K == 0, False,
-                          INDEX_64)
-        acc = _dot(dy, _to_dtype(w, compute_dtype, UPCAST), acc, UPCAST, DOT_PRECISION)
-
-    lora = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         mask_r = offs_r < R
-        g = _to_dtype(_load_tile(g_ptr, offs_m, offs_r, R, 1, mask_m, mask_r), compute_dtype, UPCAST)
-        a = _load_tile(a_ptr, offs_r, offs_k, stride_ar, stride_ak, mask_r, mask_k)
-        lora = _dot(g, a, lora, UPCAST, DOT_PRECISION)
+        # l is float32; rounded to the compute dtype as an unfused LoRA's intermediate activation would be.
+        lt = round_to(load_tile(l_ptr, offs_m, offs_r, R, 1, mask_m, mask_r), compute_dtype)
+        rm = load_tile(rm_ptr, offs_r, offs_n, stride_rr, stride_rn, mask_r, mask_n)
+        lora = dot(lt, rm, lora)
     if HAS_DROPOUT:
-        lora = tl.where(_keep_mask(seed, offs_m, offs_k, K, p), lora, 0.0)
+        lora = tl.where(keep_tile(bits_ptr, offs_m, offs_n, words_per_row, mask_m, mask_n), lora, 0.0)
     acc += lora_scale * lora
-    tl.store(dx_ptr + offs_m[:, None] * K + offs_k[None, :], _to_dtype(acc, dx_ptr.dtype.element_ty, UPCAST),
-             mask=mask_m[:, None] & mask_k[None, :])
-
-
-@triton.jit
-def _lora_grad_kernel(
-    left_ptr, right_ptr, out_ptr, colsum_ptr, M, R, C, seed, p, out_scale,
-    stride_rm, stride_rc, stride_or, stride_oc,
-    HAS_DROPOUT: tl.constexpr, HAS_COLSUM: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    """out[j, c] = out_scale * sum_m left[m, j] * (right * keep)[m, c]; colsum[c] = sum_m right[m, c].
-
-    left (M, R) float32 contiguous (g or u), right (M, C) in the compute dtype (x or dy); out at
-    ``j * stride_or + c * stride_oc`` in the compute dtype. ``dA`` (left g, right x, dropout) and ``dB^T``
-    (left u, right dy, with the bias gradient as colsum).
-    """
-    pid_c = tl.program_id(0)
-    pid_r = tl.program_id(1)
-    compute_dtype = right_ptr.dtype.element_ty
-    offs_c = pid_c.to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
-    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    mask_c = offs_c < C
-    mask_r = offs_r < R
-    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
-    colsum = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for m0 in range(0, M, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
-        mask_m = offs_m < M
-        left_t = _to_dtype(_load_tile(left_ptr, offs_r, offs_m, 1, R, mask_r, mask_m), compute_dtype, UPCAST)
-        right = _load_tile(right_ptr, offs_m, offs_c, stride_rm, stride_rc, mask_m, mask_c)
-        if HAS_COLSUM:
-            colsum += tl.sum(right.to(tl.float32), axis=0)
-        if HAS_DROPOUT:
-            right = tl.where(_keep_mask(seed, offs_m, offs_c, C, p), right, 0.0)
-        acc = _dot(left_t, right, acc, UPCAST, DOT_PRECISION)
-    out = out_ptr + offs_r[:, None] * stride_or + offs_c[None, :] * stride_oc
-    tl.store(out, _to_dtype(acc * out_scale, out_ptr.dtype.element_ty, UPCAST), mask=mask_r[:, None] & mask_c[None, :])
-    if HAS_COLSUM:
-        if pid_r == 0:
-            tl.store(colsum_ptr + offs_c, _to_dtype(colsum, colsum_ptr.dtype.element_ty, UPCAST), mask=mask_c)
-
-
-@triton.jit
-def _dropout_mask_kernel(out_ptr, M, D, seed, p, scale, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """out (M, D) float32 = scale where kept, else 0: the mask the other kernels regenerate."""
-    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
-    keep = _keep_mask(seed, offs_m, offs_d, D, p)
-    tl.store(out_ptr + offs_m[:, None] * D + offs_d[None, :], tl.where(keep, scale, 0.0),
-             mask=(offs_m < M)[:, None] & (offs_d < D)[None, :])
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(c_ptr + offs_m[:, None] * N + offs_n[None, :], round_to(acc, c_ptr.dtype.element_ty),
+             mask=mask_m[:, None] & mask_n[None, :])
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -368,7 +337,10 @@ def _dropout_mask_kernel(out_ptr, M, D, seed, p, scale, BLOCK_M: tl.constexpr, B
 
 @dataclass(frozen=True)
 class MatmulConfig:
-    """Tile sizes and launch options of the fused NF4 matmul kernels (forward and dx)."""
+    """Tiles and launch options of one path. ``path``: ``"gemv"`` (decode kernel; block_n x block_k tiles of W,
+    K split over ``split_k`` programs), ``"fused"`` (tiled kernel dequantizing W in its K loop) or ``"dequant"``
+    (W dequantized to a buffer, then the tiled GEMM). For the tiled paths block_n is the output column tile and
+    block_k the reduction step (in dx: columns are K, the reduction runs over N)."""
 
     block_m: int
     block_n: int
@@ -377,98 +349,73 @@ class MatmulConfig:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 3
+    path: str = "fused"
 
     def meta(self) -> dict:
         return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k, GROUP_M=self.group_m)
 
+    @property
+    def tag(self) -> str:
+        return f"m{self.block_m}n{self.block_n}k{self.block_k}w{self.num_warps}s{self.num_stages}"
 
-# Autotune lists of the large-M path (training shapes), per GPU architecture (compute capability major).
-# Each entry (forward and dx) compiles for sm_80 and sm_90 with zero spill (checked from the cubin; see
-# compile_specs): the in-loop dequantization holds a W tile's codes, indices and a 16-way select tree in
-# registers next to the accumulator, so 128 x 128 tiles spill and are left out. The PTX issues mma.sync on sm_80
-# and wgmma on sm_90. Not yet timed on a GPU.
+
+PATHS = ("gemv", "fused", "dequant")
+# Tiles of the dense GEMM (the "dequant" path) per GPU architecture (compute capability major). Its epilogue
+# holds a second (BLOCK_M, BLOCK_N) float32 tile (the LoRA term) beside the accumulator, so 128 x 256 tiles and
+# 4-warp 128 x 128 tiles spill; 128 x 128 x 64 with 8 warps and 4 stages compiles with 0 spills for sm_80 and
+# sm_90 under triton 3.6 and 3.9 (compile_specs, `python -m perf static`), with 128-bit cp.async loads and
+# wgmma on sm_90.
 GPU_CONFIGS: dict[int, tuple[MatmulConfig, ...]] = {
-    8: (
-        MatmulConfig(64, 128, 32, num_warps=8, num_stages=3),
-        MatmulConfig(128, 64, 32, num_warps=8, num_stages=3),
-        MatmulConfig(64, 64, 32, num_warps=4, num_stages=3),
-    ),
-    9: (
-        MatmulConfig(64, 128, 64, num_warps=8, num_stages=3),
-        MatmulConfig(128, 64, 32, num_warps=8, num_stages=3),
-        MatmulConfig(64, 64, 32, num_warps=4, num_stages=3),
-    ),
+    8: (MatmulConfig(128, 128, 64, num_warps=8, num_stages=4, path="dequant"),),
+    9: (MatmulConfig(128, 128, 64, num_warps=8, num_stages=4, path="dequant"),),
 }
-# Small-M forward (decoding, evaluation): one 16-row tile, wide K steps, K split over programs to fill the GPU.
-SMALL_M_CONFIG = MatmulConfig(16, 64, 64, group_m=1, num_warps=4, num_stages=4)
-SPLIT_K_CHOICES = (1, 2, 4, 8, 16)
-LORA_BLOCK_RS = (16, 32, 64)  # LoRA rank tile on a GPU; larger ranks loop over it
-GPU_DOWN_BLOCK = dict(BLOCK_M=64, BLOCK_D=32)  # the in-loop dropout RNG (Philox) spills at 64 x 64
-GPU_GRAD_BLOCK = dict(BLOCK_M=64, BLOCK_C=64)
-REDUCE_BLOCK = 1024
-MASK_BLOCK = dict(BLOCK_M=32, BLOCK_D=128)
+# The fused tiled kernel, when asked for with path="fused" (compile-checked; not on the default dispatch).
+# (64 x 128 x 64 with 8 warps spills 88 bytes on sm_80 under triton 3.6.)
+FUSED_CONFIGS = (MatmulConfig(64, 64, 32, num_warps=4),)
+# Decode: 16-row tile (tl.dot's minimum), 64 columns of W x one 64-element scale block of K per step. One stage:
+# a pipelined K loop would stage the per-element code-table gathers through shared memory (cp.async); latency is
+# hidden by occupancy instead (128 registers: 4 programs of 4 warps per SM).
+SMALL_M_CONFIG = MatmulConfig(16, 64, 64, group_m=1, num_warps=4, num_stages=1, path="gemv")
+EPILOGUE_BLOCK_N = 128
+SPLIT_K_CHOICES = SPLIT_CHOICES
 
 
-def _pow2_clamp(n: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
-
-
-def _lora_block_r(r: int) -> int:
-    """Rank tile: >= 16 (tl.dot's minimum), a power of two, at most 64 on a GPU; at most 32 under the interpreter
-    (still one program for usual ranks; larger ranks go through the rank loops, which tests thus reach)."""
-    return _pow2_clamp(r, 16, 32 if interpreter_active() else LORA_BLOCK_RS[-1])
-
-
-def _interpreter_config(rows: int, cols: int, inner: int) -> MatmulConfig:
+def _interpreter_config(rows: int, cols: int, inner: int, path: str) -> MatmulConfig:
     # Few, huge programs: interpreter cost grows with the number of program instances and loop trips.
-    return MatmulConfig(_pow2_clamp(rows, 16, 128), _pow2_clamp(cols, 16, 256), _pow2_clamp(inner, 16, 256),
-                        group_m=1)
+    if path == "gemv":
+        return MatmulConfig(16, pow2_clamp(cols, 16, 512), pow2_clamp(inner, 32, 1024), group_m=1, path=path)
+    return MatmulConfig(pow2_clamp(rows, 16, 128), pow2_clamp(cols, 16, 512), pow2_clamp(inner, 16, 512),
+                        group_m=1, path=path)
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 compute means fp32 products (torch's default, TF32 off); bf16/fp16 ignore the setting.
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def _num_sms() -> int:
-    return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
-
-
-def _small_m_split_k(m: int, n: int, k: int, cfg: MatmulConfig) -> int:
-    """Enough K splits that about two programs per SM run, each keeping at least two K steps."""
-    tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
-    want = max(1, 2 * _num_sms() // max(tiles, 1))
-    max_split = max(1, triton.cdiv(k, 2 * cfg.block_k))
-    split = 1
-    for s in SPLIT_K_CHOICES:
-        if s <= want and s <= max_split:
-            split = s
-    return split
-
-
-def _autotuned(kernel, configs: tuple[MatmulConfig, ...]):
+def _autotuned(configs: tuple[MatmulConfig, ...]):
     return triton.autotune(
         configs=[triton.Config(c.meta(), num_warps=c.num_warps, num_stages=c.num_stages) for c in configs],
-        key=["M_BUCKET", "N", "K"],
-    )(kernel)
+        key=["M", "N", "K"],
+    )(_matmul_lora_kernel)
 
 
-_TUNED: dict[tuple[str, int], object] = {}
+_TUNED: dict[int, object] = {}
 
 
-def _tuned_kernel(name: str):
-    """The autotuned large-M kernel for the current GPU's architecture (built on first use)."""
-    major = torch.cuda.get_device_capability()[0]
-    arch = 9 if major >= 9 else 8
-    key = (name, arch)
-    if key not in _TUNED:
-        kernel = _nf4_lora_fwd_kernel if name == "fwd" else _nf4_lora_bwd_dx_kernel
-        _TUNED[key] = _autotuned(kernel, GPU_CONFIGS[arch])
-    return _TUNED[key]
+def _tuned_matmul():
+    """The autotuned dense GEMM for the current GPU's architecture (built on first use)."""
+    arch = 9 if torch.cuda.get_device_capability()[0] >= 9 else 8
+    if arch not in _TUNED:
+        _TUNED[arch] = _autotuned(GPU_CONFIGS[arch])
+    return _TUNED[arch]
+
+
+def choose_path(m: int, k: int, blocksize: int, config: MatmulConfig | None = None) -> str:
+    """The forward path for M rows and K columns: the GEMV kernel for decode shapes whose rows of W are whole
+    scale blocks (K a multiple of the blocksize, hence of 32), the dequantize-then-GEMM path otherwise."""
+    if config is not None:
+        return config.path
+    return "gemv" if m <= SMALL_M and k % blocksize == 0 else "dequant"
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Launchers
+# Argument checks
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -512,28 +459,7 @@ def _check_nf4(packed, absmax, code, shape, blocksize, absmax2, offset, nested_c
     return n, k, double_quant
 
 
-def _check_scalar(name: str, value, lo: float | None = None, hi_open: float | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise TypeError(f"{name} must be a finite Python number, got {value!r}")
-    if lo is not None and not (lo <= value < hi_open):
-        raise ValueError(f"{name} must be in [{lo}, {hi_open}), got {value!r}")
-    return float(value)
-
-
-def _check_seed(seed) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
-        raise ValueError(f"seed must be an int in [0, 2**31), got {seed!r}")
-    return seed
-
-
-def _weight_args(packed, absmax, code, absmax2, offset, nested_code):
-    """Kernel pointer/scalar arguments of the weight; unused double-quant pointers alias absmax."""
-    if absmax2 is None:
-        return packed, absmax, absmax, absmax, code, 0.0
-    return packed, absmax, absmax2, nested_code, code, float(offset)
-
-
-def _check_lora(x_name, x, lora_a, lora_b, n, k, dtype):
+def _check_lora(lora_a, lora_b, n, k, dtype):
     check_tensor("lora_a", lora_a, (dtype,), ndim=2)
     check_tensor("lora_b", lora_b, (dtype,), ndim=2)
     r = lora_a.shape[0]
@@ -544,155 +470,198 @@ def _check_lora(x_name, x, lora_a, lora_b, n, k, dtype):
     return r
 
 
-def lora_down(a: torch.Tensor, b: torch.Tensor, *, dropout_p: float = 0.0, seed: int = 0) -> torch.Tensor:
-    """``(dropout(a) @ b)`` as float32 (M, R): a (M, D) and b (D, R) in one float dtype, any strides.
+def _check_config(config, m: int):
+    if config is None:
+        return
+    if not isinstance(config, MatmulConfig):
+        raise TypeError(f"config must be a MatmulConfig or None, got {type(config).__name__}")
+    if config.path not in PATHS:
+        raise ValueError(f"config.path must be one of {PATHS}, got {config.path!r}")
+    if config.split_k not in SPLIT_K_CHOICES or (config.split_k > 1 and config.path != "gemv"):
+        raise ValueError(f"config.split_k must be one of {SPLIT_K_CHOICES} (> 1 only with path 'gemv'), "
+                         f"got {config.split_k!r}")
+    if config.path == "gemv" and (m > config.block_m or config.block_m != 16 or config.block_k < 32):
+        raise ValueError(f"a 'gemv' config needs block_m == 16 >= M ({m}) and block_k >= 32, got {config}")
 
-    With ``dropout_p > 0`` element (m, d) of ``a`` is kept where ``rand(seed, m * D + d) >= p`` and the result is
-    multiplied by ``1 / (1 - p)`` in float32.
-    """
-    check_tensor("a", a, FLOAT_DTYPES, ndim=2)
-    check_tensor("b", b, (a.dtype,), ndim=2)
-    check_same_device(a=a, b=b)
-    if b.shape[0] != a.shape[1]:
-        raise ValueError(f"b must have {a.shape[1]} rows to match a {tuple(a.shape)}, got {tuple(b.shape)}")
-    p = _check_scalar("dropout_p", dropout_p, 0.0, 1.0)
-    seed = _check_seed(seed)
-    m, d = a.shape
-    r = b.shape[1]
-    out = torch.empty((m, r), dtype=torch.float32, device=a.device)
-    if m == 0 or r == 0:
+
+def _keep_bits(keep, seed, m: int, k: int, p: float, device) -> torch.Tensor | None:
+    """The bit-packed dropout mask of the (M, K) input: ``keep`` as given (checked), or generated from ``seed``."""
+    if p == 0:
+        if not isinstance(seed, torch.Tensor):
+            seed_tensor(seed, device)  # an int seed is validated even when unused
+        return None
+    if keep is None:
+        return lora_dropout_bits(seed_tensor(seed, device), (m, k), p)
+    check_tensor("keep", keep, (torch.int32,), ndim=2)
+    if tuple(keep.shape) != (m, triton.cdiv(k, 32)) or not keep.is_contiguous():
+        raise ValueError(f"keep must be contiguous int32 of shape {(m, triton.cdiv(k, 32))}, got "
+                         f"{tuple(keep.shape)}")
+    return keep
+
+
+class _Weight:
+    """The NF4 weight's kernel arguments; unused double-quant pointers alias absmax."""
+
+    def __init__(self, packed, absmax, code, shape, blocksize, absmax2, offset, nested_code, double_quant):
+        self.packed, self.absmax, self.code, self.blocksize = packed, absmax, code, blocksize
+        self.absmax2, self.offset_arg, self.nested_code = absmax2, offset, nested_code
+        self.double_quant = double_quant
+        self.n, self.k = int(shape[0]), int(shape[1])
+        self.ptrs = (packed, absmax, absmax2 if double_quant else absmax, nested_code if double_quant else absmax,
+                     code)
+        self.offset = float(offset) if double_quant else 0.0
+        self.index_64 = self.n * self.k >= 2**31 - 1
+
+    def dense(self, dtype: torch.dtype) -> torch.Tensor:
+        """W (N, K) in ``dtype``, contiguous: the dequantize_4bit kernel's output (so the GEMM sees exactly its
+        values), launched directly since the launcher has checked the weight already."""
+        out = torch.empty((self.n, self.k), dtype=dtype, device=self.packed.device)
+        nelem = self.n * self.k
+        nbytes = triton.cdiv(nelem, 2)
+        per_program = _stream_config(nbytes, _GPU_DEQUANT_BYTES)
+        _dequantize_4bit_kernel[(triton.cdiv(nbytes, per_program),)](
+            self.packed, *self.ptrs[1:4], self.offset, self.code, _kernel_view(out), nelem, nbytes,
+            (self.blocksize // 2).bit_length() - 1, BYTES_PER_PROGRAM=per_program, DOUBLE_QUANT=self.double_quant,
+            NESTED_BLOCKSIZE=NESTED_BLOCKSIZE, num_warps=_NUM_WARPS, enable_fp_fusion=False)
         return out
-    if d == 0:
-        return out.zero_()
-    block_r = _lora_block_r(r)
-    if interpreter_active():
-        meta = dict(BLOCK_M=_pow2_clamp(m, 16, 256), BLOCK_D=_pow2_clamp(d, 16, 512))
+
+    def consts(self, row_len: int, col_tile: int) -> dict:
+        return dict(BLOCKSIZE=self.blocksize, DOUBLE_QUANT=self.double_quant, NESTED_BLOCKSIZE=NESTED_BLOCKSIZE,
+                    ROW_SCALE=row_len % self.blocksize == 0 and self.blocksize % col_tile == 0,
+                    INDEX_64=self.index_64)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _launch_matmul(a, weight: _Weight, transposed: bool, l, rm, stride_rr, stride_rn, bias, keep, out, lora_scale,
+                   config: MatmulConfig | None):
+    """out (M, cols) = a @ (W^T if transposed else W) + lora_scale * (round(l) @ rm) [* keep] + bias."""
+    m, inner = a.shape
+    cols = out.shape[1]
+    r = l.shape[1]
+    interp = interpreter_active()
+    path = "dequant" if config is None else config.path
+    if config is None and interp:
+        config = _interpreter_config(m, cols, inner, "dequant")
+    if path == "fused":
+        b = weight.packed
+        stride_bk = stride_bn = 0
+        consts = weight.consts(weight.k, config.block_k if transposed else config.block_n)
     else:
-        meta = dict(GPU_DOWN_BLOCK)
-    grid = (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(r, block_r))
-    _lora_down_kernel[grid](
-        a, b, out, m, d, r, seed, p, 1.0 / (1.0 - p),
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-        HAS_DROPOUT=p > 0, UPCAST=interpreter_active(), DOT_PRECISION=_dot_precision(a.dtype),
-        BLOCK_R=block_r, **meta,
-    )
-    return out
+        b = weight.dense(a.dtype)  # (N, K)
+        stride_bk, stride_bn = (1, weight.k) if transposed else (weight.k, 1)
+        consts = weight.consts(weight.k, 1)
+    args = (a, b, *weight.ptrs[1:], l, rm, out if bias is None else bias, out if keep is None else keep, out,
+            m, cols, inner, r, weight.offset, float(lora_scale), triton.cdiv(cols, 32),
+            a.stride(0), a.stride(1), stride_bk, stride_bn, stride_rr, stride_rn)
+    # Unit strides stay 1 (Triton specializes them); the others, N and K must be multiples of 16.
+    aligned = (not interp and a.stride(1) == 1 and min(stride_bk, stride_bn) <= 1
+               and all(v % 16 == 0 for v in (cols, inner, a.stride(0), max(stride_bk, stride_bn))))
+    consts.update(B_NF4=path == "fused", B_TRANSPOSED=transposed, HAS_BIAS=bias is not None,
+                  HAS_DROPOUT=keep is not None, ALIGNED=aligned, BLOCK_R=lora_block_r(r))
+    if config is None:
+        def grid(meta):
+            return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(cols, meta["BLOCK_N"]),)
 
-
-def lora_grad(left: torch.Tensor, right: torch.Tensor, out: torch.Tensor, *, scale: float,
-              colsum: torch.Tensor | None = None, dropout_p: float = 0.0, seed: int = 0) -> None:
-    """``out[j, c] = scale * sum_m left[m, j] * dropout(right)[m, c]`` written into ``out`` (R, C) (any strides,
-    right's dtype); with ``colsum`` (C,) also ``colsum[c] = sum_m right[m, c]`` (before dropout).
-
-    left (M, R) float32 contiguous, right (M, C) in a float dtype, any strides. Rows of ``out`` are
-    ``left``'s columns, so ``out`` may be a transposed view (``dB.T``).
-    """
-    check_tensor("left", left, (torch.float32,), ndim=2)
-    check_tensor("right", right, FLOAT_DTYPES, ndim=2)
-    check_tensor("out", out, (right.dtype,), ndim=2)
-    check_same_device(left=left, right=right, out=out, colsum=colsum)
-    if not left.is_contiguous():
-        raise ValueError("left must be contiguous")
-    m, r = left.shape
-    c = right.shape[1]
-    if right.shape[0] != m or tuple(out.shape) != (r, c):
-        raise ValueError(f"left {tuple(left.shape)}, right {tuple(right.shape)} and out {tuple(out.shape)} disagree")
-    if colsum is not None:
-        check_tensor("colsum", colsum, (right.dtype,), ndim=1)
-        if colsum.numel() != c or not colsum.is_contiguous():
-            raise ValueError(f"colsum must be contiguous of shape ({c},), got {tuple(colsum.shape)}")
-    p = _check_scalar("dropout_p", dropout_p, 0.0, 1.0)
-    seed = _check_seed(seed)
-    if r == 0 or c == 0:
+        _tuned_matmul()[grid](*args, enable_fp_fusion=False, **consts)
         return
-    if m == 0:
-        out.zero_()
-        if colsum is not None:
-            colsum.zero_()
-        return
-    block_r = _lora_block_r(r)
-    if interpreter_active():
-        meta = dict(BLOCK_M=_pow2_clamp(m, 16, 256), BLOCK_C=_pow2_clamp(c, 16, 512))
+    grid = (triton.cdiv(m, config.block_m) * triton.cdiv(cols, config.block_n),)
+    _matmul_lora_kernel[grid](*args, **consts, **config.meta(), num_warps=config.num_warps,
+                              num_stages=config.num_stages, enable_fp_fusion=False)
+
+
+def _gemv_split_k(n: int, k: int, cfg: MatmulConfig) -> int:
+    """K splits so that about two programs per SM run, each keeping at least two K steps."""
+    tiles = triton.cdiv(n, cfg.block_n)
+    want = triton.cdiv(2 * num_sms(), tiles)
+    most = max(1, k // (2 * cfg.block_k))
+    split = 1
+    for s in SPLIT_K_CHOICES:
+        if s <= most and split < want:
+            split = s
+    return split
+
+
+def _launch_gemv(x, weight: _Weight, lora_a, lora_b, bias, keep, scaling, p, config: MatmulConfig | None):
+    m, k = x.shape
+    n, r = weight.n, lora_a.shape[0]
+    interp = interpreter_active()
+    if config is None:
+        config = _interpreter_config(m, n, k, "gemv") if interp else SMALL_M_CONFIG
+        split = 1 if interp else _gemv_split_k(n, k, config)
     else:
-        meta = dict(GPU_GRAD_BLOCK)
-    grid = (triton.cdiv(c, meta["BLOCK_C"]), triton.cdiv(r, block_r))
-    _lora_grad_kernel[grid](
-        left, right, out, out if colsum is None else colsum, m, r, c, seed, p, float(scale),
-        right.stride(0), right.stride(1), out.stride(0), out.stride(1),
-        HAS_DROPOUT=p > 0, HAS_COLSUM=colsum is not None, UPCAST=interpreter_active(),
-        DOT_PRECISION=_dot_precision(right.dtype), BLOCK_R=block_r, **meta,
-    )
+        split = config.split_k
+    block_k = config.block_k
+    k_per_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
+    split = triton.cdiv(k, k_per_split)
+    block_r = lora_block_r(r)
+    ws = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
+    u_ws = torch.empty((split, m, r), dtype=torch.float32, device=x.device)
+    _nf4_gemv_kernel[(triton.cdiv(n, config.block_n), split)](
+        x, *weight.ptrs, lora_a, x if keep is None else keep, ws, u_ws,
+        m, n, k, r, weight.offset, k_per_split, triton.cdiv(k, 32),
+        x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1),
+        BLOCKSIZE=weight.blocksize, DOUBLE_QUANT=weight.double_quant, NESTED_BLOCKSIZE=NESTED_BLOCKSIZE,
+        K_ALIGNED32=k % 32 == 0, INDEX_64=weight.index_64, HAS_DROPOUT=keep is not None,
+        BLOCK_M=16, BLOCK_N=config.block_n, BLOCK_K=block_k, SUB_K=min(block_k, weight.blocksize), BLOCK_R=block_r,
+        num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=False)
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    u = torch.empty((m, r), dtype=torch.float32, device=x.device)
+    block_n = pow2_clamp(n, 16, 512) if interp else EPILOGUE_BLOCK_N
+    _gemv_epilogue_kernel[(triton.cdiv(n, block_n),)](
+        ws, u_ws, lora_b, y if bias is None else bias, y, u, m, n, r, split, float(scaling), 1.0 / (1.0 - p),
+        lora_b.stride(0), lora_b.stride(1), HAS_BIAS=bias is not None, BLOCK_M=16, BLOCK_N=block_n,
+        BLOCK_R=block_r, enable_fp_fusion=False)
+    return y, u
 
 
 def nf4_lora_forward(
     x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, shape, blocksize: int,
     lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, bias: torch.Tensor | None = None, *,
     absmax2: torch.Tensor | None = None, offset: float | None = None, nested_code: torch.Tensor | None = None,
-    nested_blocksize: int = NESTED_BLOCKSIZE, dropout_p: float = 0.0, seed: int = 0,
+    nested_blocksize: int = NESTED_BLOCKSIZE, dropout_p: float = 0.0, seed=0, keep: torch.Tensor | None = None,
     config: MatmulConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused ``y = x @ W^T + scaling * (dropout(x) @ A^T) @ B^T + bias``; returns ``(y, u)``.
+    """``y = x @ W^T + scaling * (dropout(x) @ A^T) @ B^T + bias``; returns ``(y, u)``.
 
     x (M, K) fp32/fp16/bf16, any strides; W (N, K) given as NF4 tensors (``shape = (N, K)``, the arguments of
-    ``dequantize_4bit``) and dequantized to x's dtype in the K loop; lora_a (R, K), lora_b (N, R), bias (N,)
-    in x's dtype. y (M, N) in x's dtype, contiguous; u (M, R) float32 = ``dropout(x) @ A^T`` for the backward.
-    ``config`` forces a tile configuration (tests use it to exercise split-K under the interpreter).
+    ``dequantize_4bit``), used in x's dtype; lora_a (R, K), lora_b (N, R), bias (N,) in x's dtype. y (M, N) in
+    x's dtype, contiguous; u (M, R) float32 = ``dropout(x) @ A^T`` for the backward. Dropout: ``keep`` (the
+    bit-packed mask, :func:`lora_dropout_bits`) or else ``seed`` (int, or one-element int64 tensor on the
+    kernels' device, read by the kernel). ``config`` forces a path and its tiles (module docstring).
     """
     n, k, double_quant = _check_nf4(packed, absmax, code, shape, blocksize, absmax2, offset, nested_code,
                                     nested_blocksize)
     check_tensor("x", x, FLOAT_DTYPES, ndim=2)
     if x.shape[1] != k:
         raise ValueError(f"x must have {k} columns (in_features of the weight), got shape {tuple(x.shape)}")
-    r = _check_lora("x", x, lora_a, lora_b, n, k, x.dtype)
+    r = _check_lora(lora_a, lora_b, n, k, x.dtype)
     if bias is not None:
         check_tensor("bias", bias, (x.dtype,), ndim=1)
         if bias.numel() != n or not bias.is_contiguous():
             raise ValueError(f"bias must be contiguous of shape ({n},), got {tuple(bias.shape)}")
     check_same_device(x=x, packed=packed, absmax=absmax, code=code, absmax2=absmax2, nested_code=nested_code,
                       lora_a=lora_a, lora_b=lora_b, bias=bias)
-    scaling = _check_scalar("scaling", scaling)
-    p = _check_scalar("dropout_p", dropout_p, 0.0, 1.0)
-    seed = _check_seed(seed)
+    scaling = check_scalar("scaling", scaling)
+    p = check_scalar("dropout_p", dropout_p, 0.0, 1.0)
     m = x.shape[0]
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    # u = dropout(x) @ A^T: A (R, K) read transposed through its strides.
-    u = lora_down(x, lora_a.t(), dropout_p=p, seed=seed)
+    _check_config(config, m)
+    keep = _keep_bits(keep, seed, m, k, p, x.device)
     if m == 0:
-        return y, u
-    interp = interpreter_active()
-    common = dict(
-        BLOCKSIZE=blocksize, DOUBLE_QUANT=double_quant, NESTED_BLOCKSIZE=NESTED_BLOCKSIZE,
-        K_ALIGNED=k % blocksize == 0, INDEX_64=n * k >= 2**31 - 1, HAS_BIAS=bias is not None, UPCAST=interp,
-        DOT_PRECISION=_dot_precision(x.dtype),
-        BLOCK_R=_lora_block_r(r),
-    )
-    weight = _weight_args(packed, absmax, code, absmax2, offset, nested_code)
-    args = (x, *weight[:5], u, lora_b, y if bias is None else bias)
-    scalars = (m, n, k, r, weight[5], scaling,
-               x.stride(0), x.stride(1), lora_b.stride(0), lora_b.stride(1), triton.next_power_of_2(m))
-    if config is None and not interp and m > SMALL_M:
-        kernel = _tuned_kernel("fwd")
-
-        def grid(meta):
-            return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), 1)
-
-        kernel[grid](*args, y, *scalars, SPLIT_K=1, enable_fp_fusion=False, **common)
-        return y, u
-    if config is None:
-        config = _interpreter_config(m, n, k) if interp else SMALL_M_CONFIG
-        split_k = 1 if interp else _small_m_split_k(m, n, k, config)
-    else:
-        split_k = config.split_k
-    if split_k not in SPLIT_K_CHOICES:
-        raise ValueError(f"config.split_k must be one of {SPLIT_K_CHOICES}, got {split_k!r}")
-    grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n), split_k)
-    target = y if split_k == 1 else torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
-    launch = dict(num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=False)
-    _nf4_lora_fwd_kernel[grid](*args, target, *scalars, SPLIT_K=split_k, **config.meta(), **common, **launch)
-    if split_k > 1:
-        block = REDUCE_BLOCK if not interp else _pow2_clamp(m * n, 16, 1 << 16)
-        _split_k_reduce_kernel[(triton.cdiv(m * n, block),)](target, y, m * n, SPLIT_K=split_k, UPCAST=interp,
-                                                              BLOCK=block)
+        return torch.empty((0, n), dtype=x.dtype, device=x.device), torch.empty((0, r), device=x.device)
+    weight = _Weight(packed, absmax, code, (n, k), blocksize, absmax2, offset, nested_code, double_quant)
+    path = choose_path(m, k, blocksize, config)
+    if path == "gemv":
+        if k % blocksize != 0:
+            raise ValueError(f"the 'gemv' path needs K ({k}) to be a multiple of the blocksize ({blocksize})")
+        return _launch_gemv(x, weight, lora_a, lora_b, bias, keep, scaling, p, config)
+    u = lora_down(x, lora_a.t(), dropout_p=p, keep=keep)
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    # rm = B^T: element (r, n) of lora_b (N, R) at n * stride(0) + r * stride(1).
+    _launch_matmul(x, weight, True, u, lora_b, lora_b.stride(1), lora_b.stride(0), bias, None, y, scaling, config)
     return y, u
 
 
@@ -700,15 +669,16 @@ def nf4_lora_backward(
     dy: torch.Tensor, x: torch.Tensor, u: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor,
     code: torch.Tensor, shape, blocksize: int, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, *,
     absmax2: torch.Tensor | None = None, offset: float | None = None, nested_code: torch.Tensor | None = None,
-    nested_blocksize: int = NESTED_BLOCKSIZE, dropout_p: float = 0.0, seed: int = 0,
+    nested_blocksize: int = NESTED_BLOCKSIZE, dropout_p: float = 0.0, seed=0, keep: torch.Tensor | None = None,
     need_dx: bool = True, need_lora: bool = True, need_bias: bool = False, config: MatmulConfig | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients of :func:`nf4_lora_forward`: ``(dx, dA, dB, dbias)``, each None unless asked for.
 
-    dy (M, N) and x (M, K) in one float dtype, any strides; u (M, R) float32 from the forward (same ``dropout_p``
-    and ``seed``). ``dx = dy @ W + scaling * ((dy @ B) @ A) * mask`` with W dequantized in its stored layout,
-    ``dA = scaling * (dy @ B)^T @ dropout(x)``, ``dB = scaling * dy^T @ u``, ``dbias = dy.sum(0)``; all in x's
-    dtype with float32 accumulation, contiguous.
+    dy (M, N) and x (M, K) in one float dtype, any strides; u (M, R) float32 from the forward (same dropout mask:
+    pass the forward's ``keep``, or the same ``dropout_p`` and ``seed``). ``dx = dy @ W + scaling * ((dy @ B) @ A)
+    * mask`` with W in its stored layout, ``dA = scaling * (dy @ B)^T @ dropout(x)``, ``dB = scaling * dy^T @ u``,
+    ``dbias = dy.sum(0)``; all in x's dtype with float32 accumulation, contiguous. A ``config`` with path "fused"
+    dequantizes W tile by tile in the dx kernel; any other path dequantizes it into a buffer first.
     """
     n, k, double_quant = _check_nf4(packed, absmax, code, shape, blocksize, absmax2, offset, nested_code,
                                     nested_blocksize)
@@ -716,27 +686,31 @@ def nf4_lora_backward(
     check_tensor("dy", dy, (x.dtype,), ndim=2)
     if x.shape[1] != k or tuple(dy.shape) != (x.shape[0], n):
         raise ValueError(f"dy {tuple(dy.shape)} and x {tuple(x.shape)} must be (M, {n}) and (M, {k})")
-    r = _check_lora("x", x, lora_a, lora_b, n, k, x.dtype)
+    r = _check_lora(lora_a, lora_b, n, k, x.dtype)
     check_tensor("u", u, (torch.float32,), ndim=2)
     if tuple(u.shape) != (x.shape[0], r) or not u.is_contiguous():
         raise ValueError(f"u must be contiguous float32 of shape {(x.shape[0], r)}, got {tuple(u.shape)}")
     check_same_device(dy=dy, x=x, u=u, packed=packed, absmax=absmax, code=code, absmax2=absmax2,
                       nested_code=nested_code, lora_a=lora_a, lora_b=lora_b)
-    scaling = _check_scalar("scaling", scaling)
-    p = _check_scalar("dropout_p", dropout_p, 0.0, 1.0)
-    seed = _check_seed(seed)
+    scaling = check_scalar("scaling", scaling)
+    p = check_scalar("dropout_p", dropout_p, 0.0, 1.0)
     m = x.shape[0]
+    _check_config(config, m)
     dx = d_a = d_b = d_bias = None
+    keep = _keep_bits(keep, seed, m, k, p, x.device) if (need_dx or need_lora) else None
     g = lora_down(dy, lora_b) if (need_dx or need_lora) else None  # g = dy @ B, float32 (M, R)
     lora_scale = scaling / (1.0 - p)
     if need_dx:
         dx = torch.empty((m, k), dtype=x.dtype, device=x.device)
         if m:
-            _launch_dx(dy, packed, absmax, code, absmax2, offset, nested_code, g, lora_a, dx, m, n, k, r,
-                       blocksize, double_quant, lora_scale, seed, p, config)
+            weight = _Weight(packed, absmax, code, (n, k), blocksize, absmax2, offset, nested_code, double_quant)
+            if config is not None and config.path == "gemv":
+                config = None  # the decode path is forward-only; dx takes the default
+            _launch_matmul(dy, weight, False, g, lora_a, lora_a.stride(0), lora_a.stride(1), None, keep, dx,
+                           lora_scale, config)
     if need_lora:
         d_a = torch.empty((r, k), dtype=x.dtype, device=x.device)
-        lora_grad(g, x, d_a, scale=lora_scale, dropout_p=p, seed=seed)
+        lora_grad(g, x, d_a, scale=lora_scale, dropout_p=p, keep=keep)
     if need_lora or need_bias:
         d_b = torch.empty((n, r), dtype=x.dtype, device=x.device)
         d_bias = torch.empty((n,), dtype=x.dtype, device=x.device) if need_bias else None
@@ -746,147 +720,73 @@ def nf4_lora_backward(
     return dx, d_a, d_b, d_bias
 
 
-def _launch_dx(dy, packed, absmax, code, absmax2, offset, nested_code, g, lora_a, dx, m, n, k, r, blocksize,
-               double_quant, lora_scale, seed, p, config):
-    interp = interpreter_active()
-    weight = _weight_args(packed, absmax, code, absmax2, offset, nested_code)
-    args = (dy, *weight[:5], g, lora_a, dx, m, n, k, r, weight[5], lora_scale, seed, p,
-            dy.stride(0), dy.stride(1), lora_a.stride(0), lora_a.stride(1))
-    common = dict(BLOCKSIZE=blocksize, DOUBLE_QUANT=double_quant, NESTED_BLOCKSIZE=NESTED_BLOCKSIZE,
-                  K_ALIGNED=k % blocksize == 0, INDEX_64=n * k >= 2**31 - 1, HAS_DROPOUT=p > 0, UPCAST=interp,
-                  DOT_PRECISION=_dot_precision(dy.dtype), BLOCK_R=_lora_block_r(r))
-    if config is None and not interp:
-        kernel = _tuned_kernel("dx")
-
-        def grid(meta):
-            return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_K"]),)
-
-        kernel[grid](*args, enable_fp_fusion=False, **common)
-        return
-    if config is None:
-        config = _interpreter_config(m, k, n)
-        # rows x dx columns x reduction over N: the interpreter config's "cols" is K here, "inner" is N.
-        config = MatmulConfig(config.block_m, config.block_k, config.block_n, group_m=1)
-    grid = (triton.cdiv(m, config.block_m) * triton.cdiv(k, config.block_k),)
-    _nf4_lora_bwd_dx_kernel[grid](*args, **common, **config.meta(), num_warps=config.num_warps,
-                                  num_stages=config.num_stages, enable_fp_fusion=False)
-
-
-def lora_dropout_mask(seed: int, shape, p: float, device: torch.device | str | None = None) -> torch.Tensor:
-    """The scaled keep mask (float32, 0 or ``1 / (1 - p)``) that the kernels regenerate for ``x`` of ``shape``
-    (M, K), flattened leading dims included: element (m, k) is kept where ``rand(seed, m * K + k) >= p``."""
-    seed = _check_seed(seed)
-    p = _check_scalar("p", p, 0.0, 1.0)
-    if not isinstance(shape, (tuple, list, torch.Size)) or len(shape) != 2:
-        raise ValueError(f"shape must be (M, K), got {shape!r}")
-    m, d = int(shape[0]), int(shape[1])
-    # Default: where the kernels run (a CPU tensor cannot be written by a compiled kernel).
-    device = kernel_device() if device is None else torch.device(device)
-    if device.type != kernel_device().type:
-        raise ValueError(f"device must be a {kernel_device().type} device where the kernels run, got {device}")
-    out = torch.empty((m, d), dtype=torch.float32, device=device)
-    if out.numel() == 0:
-        return out
-    grid = (triton.cdiv(m, MASK_BLOCK["BLOCK_M"]), triton.cdiv(d, MASK_BLOCK["BLOCK_D"]))
-    _dropout_mask_kernel[grid](out, m, d, seed, p, 1.0 / (1.0 - p), **MASK_BLOCK)
-    return out
-
-
 # --------------------------------------------------------------------------------------------------------------
-# Static compile specifications (every GPU launch config)
+# Static compile specifications: derived from the configs the launchers above use
 # --------------------------------------------------------------------------------------------------------------
 
-_TL_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+_WEIGHT_TYPES = {"packed_ptr": "*u8", "absmax_ptr": "*u8", "absmax2_ptr": "*fp32", "nested_code_ptr": "*fp32",
+                 "code_ptr": "*fp32", "offset": "fp32"}
 
 
-def _matmul_signature(kind: str, dt: str, out_dt: str) -> dict[str, str]:
-    weight = {"packed_ptr": "*u8", "absmax_ptr": "*u8", "absmax2_ptr": "*fp32", "nested_code_ptr": "*fp32",
-              "code_ptr": "*fp32"}
-    if kind == "fwd":
-        sig = {"x_ptr": f"*{dt}", **weight, "u_ptr": "*fp32", "b_ptr": f"*{dt}", "bias_ptr": f"*{dt}",
-               "y_ptr": f"*{out_dt}", "M": "i32", "N": "i32", "K": "i32", "R": "i32", "offset": "fp32",
-               "scaling": "fp32", "stride_xm": "i32", "stride_xk": "i32", "stride_bn": "i32", "stride_br": "i32",
-               "M_BUCKET": "i32"}
-        consts = ("BLOCKSIZE", "DOUBLE_QUANT", "NESTED_BLOCKSIZE", "K_ALIGNED", "INDEX_64", "HAS_BIAS", "UPCAST",
-                  "DOT_PRECISION",
-                  "BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_R", "GROUP_M", "SPLIT_K")
-    else:
-        sig = {"dy_ptr": f"*{dt}", **weight, "g_ptr": "*fp32", "a_ptr": f"*{dt}", "dx_ptr": f"*{dt}",
-               "M": "i32", "N": "i32", "K": "i32", "R": "i32", "offset": "fp32", "lora_scale": "fp32",
-               "seed": "i32", "p": "fp32", "stride_dym": "i32", "stride_dyn": "i32", "stride_ar": "i32",
-               "stride_ak": "i32"}
-        consts = ("BLOCKSIZE", "DOUBLE_QUANT", "NESTED_BLOCKSIZE", "K_ALIGNED", "INDEX_64", "HAS_DROPOUT", "UPCAST",
-                  "DOT_PRECISION",
-                  "BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_R", "GROUP_M")
-    return {**sig, **{c: "constexpr" for c in consts}}
+def _signature(fn, types: dict[str, str], constexprs: dict) -> dict[str, str]:
+    """Every argument of ``fn`` typed: constexprs by name, pointers and scalars from ``types``, other ints i32."""
+    return {name: ("constexpr" if name in constexprs else types.get(name, "i32")) for name in fn.arg_names}
+
+
+def _weight_consts(row_scale: bool) -> dict:
+    # bf16, double-quantized, blocksize 64 (the QLoRA default); K a multiple of 64.
+    return dict(BLOCKSIZE=64, DOUBLE_QUANT=True, NESTED_BLOCKSIZE=NESTED_BLOCKSIZE, ROW_SCALE=row_scale,
+                INDEX_64=False)
 
 
 def compile_specs() -> list[KernelSpec]:
-    """Every kernel of this module in every config a GPU launch can pick: the autotune lists of both
-    architectures and the split-K small-M path, in bf16 (the training dtype; fp16 compiles to the same code
-    shape), double-quantized with blocksize 64, LoRA rank tile 16; plus the LoRA helper kernels per rank tile."""
+    """Every kernel of this module in every config a GPU launch can pick (bf16, double-quantized, blocksize 64,
+    rank tile 16, dropout on where a kernel applies it): the dense GEMM's autotune lists of both architectures,
+    forward and dx; the fused tiled kernel's configs; the decode kernel and its epilogue."""
+    dt = "bf16"
     specs: list[KernelSpec] = []
-    dt = _TL_TYPES[torch.bfloat16]
-    weight_consts = dict(BLOCKSIZE=64, DOUBLE_QUANT=True, NESTED_BLOCKSIZE=NESTED_BLOCKSIZE, K_ALIGNED=True,
-                         INDEX_64=False, UPCAST=False,
-                         DOT_PRECISION="tf32", BLOCK_R=16)
-    seen = []
-    for arch in sorted(GPU_CONFIGS):
-        for cfg in GPU_CONFIGS[arch]:
-            if cfg in seen:
+    types = {**_WEIGHT_TYPES, "a_ptr": f"*{dt}", "l_ptr": "*fp32", "rm_ptr": f"*{dt}", "bias_ptr": f"*{dt}",
+             "bits_ptr": "*i32", "c_ptr": f"*{dt}", "lora_scale": "fp32"}
+    tiled = [(cfg, False) for arch in sorted(GPU_CONFIGS) for cfg in GPU_CONFIGS[arch]]
+    tiled += [(cfg, True) for cfg in FUSED_CONFIGS]
+    seen = set()
+    for cfg, fused in tiled:
+        for transposed in (True, False):  # forward (b = W^T, bias) and dx (b = W, dropout)
+            name = f"{'fused' if fused else 'dense'}_{'fwd' if transposed else 'dx'}_{cfg.tag}"
+            if name in seen:
                 continue
-            seen.append(cfg)
-            tag = f"m{cfg.block_m}n{cfg.block_n}k{cfg.block_k}w{cfg.num_warps}s{cfg.num_stages}"
-            options = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False)
-            specs.append(KernelSpec(
-                name=f"nf4_lora_fwd_{tag}", fn=_nf4_lora_fwd_kernel, signature=_matmul_signature("fwd", dt, dt),
-                constexprs=dict(weight_consts, HAS_BIAS=True, SPLIT_K=1, **cfg.meta()), options=options))
-            # dx tiles (M, K) and loops over N: the autotuner reads BLOCK_K as the dx column tile.
-            specs.append(KernelSpec(
-                name=f"nf4_lora_bwd_dx_{tag}", fn=_nf4_lora_bwd_dx_kernel,
-                signature=_matmul_signature("dx", dt, dt),
-                constexprs=dict(weight_consts, HAS_DROPOUT=True, **cfg.meta()), options=options))
+            seen.add(name)
+            col_tile = cfg.block_k if transposed else cfg.block_n
+            # Unit strides are compile-time constants at a real launch (Triton specializes ints equal to 1):
+            # x / dy contiguous; dense W^T (forward) or W (dx) along its rows; rm = B^T (forward) or A (dx).
+            unit = dict(stride_ak=1, **({"stride_bk": 1, "stride_rr": 1} if transposed else
+                                        {"stride_bn": 1, "stride_rn": 1}))
+            if fused:
+                unit.pop("stride_bk", None)
+                unit.pop("stride_bn", None)
+            consts = dict(_weight_consts(64 % col_tile == 0 and fused), B_NF4=fused, B_TRANSPOSED=transposed,
+                          HAS_BIAS=transposed, HAS_DROPOUT=not transposed, ALIGNED=True, BLOCK_R=16, **cfg.meta(),
+                          **unit)
+            sig = _signature(_matmul_lora_kernel, {**types, "b_ptr": "*u8" if fused else f"*{dt}"}, consts)
+            specs.append(KernelSpec(name, _matmul_lora_kernel, sig, consts,
+                                    dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False)))
     cfg = SMALL_M_CONFIG
-    options = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False)
-    for split_k in SPLIT_K_CHOICES:
-        specs.append(KernelSpec(
-            name=f"nf4_lora_fwd_small_m_split{split_k}", fn=_nf4_lora_fwd_kernel,
-            signature=_matmul_signature("fwd", dt, dt if split_k == 1 else "fp32"),
-            constexprs=dict(weight_consts, HAS_BIAS=True, SPLIT_K=split_k, **cfg.meta()), options=options))
-        if split_k > 1:
-            specs.append(KernelSpec(
-                name=f"split_k_reduce_{split_k}", fn=_split_k_reduce_kernel,
-                signature={"ws_ptr": "*fp32", "y_ptr": f"*{dt}", "numel": "i32", "SPLIT_K": "constexpr",
-                           "UPCAST": "constexpr", "BLOCK": "constexpr"},
-                constexprs=dict(SPLIT_K=split_k, UPCAST=False, BLOCK=REDUCE_BLOCK), options={"num_warps": 4}))
-    for block_r in LORA_BLOCK_RS:
-        specs.append(KernelSpec(
-            name=f"lora_down_r{block_r}", fn=_lora_down_kernel,
-            signature={"a_ptr": f"*{dt}", "b_ptr": f"*{dt}", "out_ptr": "*fp32", "M": "i32", "D": "i32", "R": "i32",
-                       "seed": "i32", "p": "fp32", "out_scale": "fp32", "stride_am": "i32", "stride_ad": "i32",
-                       "stride_bd": "i32", "stride_br": "i32", "HAS_DROPOUT": "constexpr", "UPCAST": "constexpr",
-                       "DOT_PRECISION": "constexpr", "BLOCK_M": "constexpr", "BLOCK_D": "constexpr",
-                       "BLOCK_R": "constexpr"},
-            constexprs=dict(HAS_DROPOUT=True, UPCAST=False, DOT_PRECISION="tf32", BLOCK_R=block_r, **GPU_DOWN_BLOCK),
-            options={"num_warps": 4}))
-        specs.append(KernelSpec(
-            name=f"lora_grad_r{block_r}", fn=_lora_grad_kernel,
-            signature={"left_ptr": "*fp32", "right_ptr": f"*{dt}", "out_ptr": f"*{dt}", "colsum_ptr": f"*{dt}",
-                       "M": "i32", "R": "i32", "C": "i32", "seed": "i32", "p": "fp32", "out_scale": "fp32",
-                       "stride_rm": "i32", "stride_rc": "i32", "stride_or": "i32", "stride_oc": "i32",
-                       "HAS_DROPOUT": "constexpr", "HAS_COLSUM": "constexpr", "UPCAST": "constexpr",
-                       "DOT_PRECISION": "constexpr", "BLOCK_M": "constexpr", "BLOCK_R": "constexpr",
-                       "BLOCK_C": "constexpr"},
-            constexprs=dict(HAS_DROPOUT=True, HAS_COLSUM=True, UPCAST=False, DOT_PRECISION="tf32",
-                            BLOCK_R=block_r, **GPU_GRAD_BLOCK),
-            options={"num_warps": 4}))
-    specs.append(KernelSpec(
-        name="dropout_mask", fn=_dropout_mask_kernel,
-        signature={"out_ptr": "*fp32", "M": "i32", "D": "i32", "seed": "i32", "p": "fp32", "scale": "fp32",
-                   "BLOCK_M": "constexpr", "BLOCK_D": "constexpr"},
-        constexprs=dict(MASK_BLOCK), options={"num_warps": 4}))
+    consts = dict(BLOCKSIZE=64, DOUBLE_QUANT=True, NESTED_BLOCKSIZE=NESTED_BLOCKSIZE, K_ALIGNED32=True,
+                  INDEX_64=False, HAS_DROPOUT=True, BLOCK_M=16, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                  SUB_K=min(cfg.block_k, 64), BLOCK_R=16, stride_xk=1, stride_ak=1)
+    sig = _signature(_nf4_gemv_kernel, {**_WEIGHT_TYPES, "x_ptr": f"*{dt}", "a_ptr": f"*{dt}", "bits_ptr": "*i32",
+                                        "ws_ptr": "*fp32", "u_ws_ptr": "*fp32"}, consts)
+    specs.append(KernelSpec(f"gemv_{cfg.tag}", _nf4_gemv_kernel, sig, consts,
+                            dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False)))
+    consts = dict(HAS_BIAS=True, BLOCK_M=16, BLOCK_N=EPILOGUE_BLOCK_N, BLOCK_R=16, stride_br=1)
+    sig = _signature(_gemv_epilogue_kernel, {"ws_ptr": "*fp32", "u_ws_ptr": "*fp32", "b_ptr": f"*{dt}",
+                                             "bias_ptr": f"*{dt}", "y_ptr": f"*{dt}", "u_ptr": "*fp32",
+                                             "scaling": "fp32", "u_scale": "fp32"}, consts)
+    specs.append(KernelSpec("gemv_epilogue", _gemv_epilogue_kernel, sig, consts,
+                            dict(num_warps=4, enable_fp_fusion=False)))
     return specs
 
 
-__all__ = ["MatmulConfig", "nf4_lora_forward", "nf4_lora_backward", "lora_down", "lora_grad",
-           "lora_dropout_mask", "compile_specs", "GPU_CONFIGS", "SMALL_M_CONFIG"]
+__all__ = ["MatmulConfig", "nf4_lora_forward", "nf4_lora_backward", "lora_down", "lora_grad", "lora_dropout_bits",
+           "lora_dropout_mask", "choose_path", "compile_specs", "GPU_CONFIGS", "FUSED_CONFIGS", "SMALL_M_CONFIG",
+           "LORA_BLOCK_RS"]

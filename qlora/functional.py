@@ -108,11 +108,11 @@ def qlora_linear(x: torch.Tensor, weight: NF4Weight, lora_A: torch.Tensor, lora_
         raise ValueError(f"seed must be None or an int in [0, 2**31), got {seed!r}")
     seed_t = None
     if p > 0:
-        # The seed travels as a one-element int64 CPU tensor (see qlora/ops.py): drawn by torch.randint it is a
+        # The seed travels as a one-element int64 tensor on x's device, read only by the kernels (see qlora/ops.py): drawn by torch.randint it is a
         # node of a compiled graph rather than a host-side .item() (a graph break), and the draw takes from the
         # default generator exactly as an eager host-side draw would.
-        seed_t = (torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device="cpu") if seed is None
-                  else torch.tensor([seed], dtype=torch.int64, device="cpu"))
+        seed_t = (torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=x.device) if seed is None
+                  else torch.tensor([seed], dtype=torch.int64, device=x.device))
     lead = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1])
     y, _ = _forward_op(x2d, weight.packed, weight.absmax, weight.code, list(weight.shape), weight.blocksize,

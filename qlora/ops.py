@@ -22,8 +22,8 @@ eager ones bit for bit.
 Dropout seed: a one-element int64 tensor (or None without dropout), not a Python int. A Python int would have to
 be drawn on the host (``.item()`` is a graph break under ``torch.compile``) and would be baked into the graph as a
 constant; a tensor is drawn in the graph by ``torch.randint`` and saved for the backward like any activation, so
-the forward and the backward see one seed. The operator reads it with ``.item()`` inside, out of the compiler's
-sight; keep it on the CPU so that read is not a device synchronization.
+the forward and the backward see one seed. The kernels load it from the tensor on the device (no ``.item()``, no
+host synchronization: a CUDA graph can capture the layer).
 
 The forward is differentiable (``register_autograd``) in ``x``, ``lora_a``, ``lora_b`` and ``bias``; its
 backward calls the backward operator. ``u`` (float32 ``dropout(x) @ lora_a^T``) is an output only so that the
@@ -50,6 +50,11 @@ def seed_value(seed: Optional[Tensor]) -> int:
     return int(seed.item())
 
 
+def _seed_arg(seed: Optional[Tensor]):
+    # The kernels load the seed from the tensor on the device; nothing here reads it on the host.
+    return 0 if seed is None else seed
+
+
 def _weight(packed, absmax, code, shape, blocksize, absmax2, offset, nested_code, nested_blocksize) -> dict:
     # The launchers take the weight as keyword arguments; shape arrives from the schema as a list of ints.
     return dict(packed=packed, absmax=absmax, code=code, shape=tuple(int(d) for d in shape), blocksize=blocksize,
@@ -72,10 +77,10 @@ def nf4_lora_forward(
     u (M, R) float32 contiguous, ``dropout(x) @ A^T``.
 
     x (M, K) fp32/fp16/bf16, any strides; W = the NF4 weight of ``shape`` (N, K); lora_a (R, K), lora_b (N, R),
-    bias (N,) contiguous or None, all in x's dtype; seed a one-element int64 tensor (CPU) or None.
+    bias (N,) contiguous or None, all in x's dtype; seed a one-element int64 tensor (on x's device) or None.
     """
     return _linear.nf4_lora_forward(
-        x, lora_a=lora_a, lora_b=lora_b, scaling=scaling, bias=bias, dropout_p=dropout_p, seed=seed_value(seed),
+        x, lora_a=lora_a, lora_b=lora_b, scaling=scaling, bias=bias, dropout_p=dropout_p, seed=_seed_arg(seed),
         **_weight(packed, absmax, code, shape, blocksize, absmax2, offset, nested_code, nested_blocksize))
 
 
@@ -108,7 +113,7 @@ def nf4_lora_backward(
     ``dropout_p`` and ``seed``.
     """
     grads = _linear.nf4_lora_backward(
-        dy, x, u, lora_a=lora_a, lora_b=lora_b, scaling=scaling, dropout_p=dropout_p, seed=seed_value(seed),
+        dy, x, u, lora_a=lora_a, lora_b=lora_b, scaling=scaling, dropout_p=dropout_p, seed=_seed_arg(seed),
         need_dx=need_dx, need_lora=need_lora, need_bias=need_bias,
         **_weight(packed, absmax, code, shape, blocksize, absmax2, offset, nested_code, nested_blocksize))
     return tuple(x.new_empty((0,)) if g is None else g for g in grads)

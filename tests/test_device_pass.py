@@ -28,11 +28,13 @@ DEV = qlora.kernels.kernel_device()
 
 # Rows M: 1 and SMALL_M (16) take the split-K decode path on a GPU, 17 the first tiled one, and the largest a grid
 # of several M tiles. K is no multiple of any tile or blocksize; N is odd.
+# A second K, a multiple of the blocksize but not of the GEMV's 64-column step times its split, sends M <= 16 down
+# the decode (GEMV) path; the first sends every M down the dequantize-then-GEMM path.
 if ON_GPU:
-    MS, K_IN, N_OUT, RANK = (1, 16, 17, 1024), 1000, 333, 16
+    MS, K_INS, N_OUT, RANK = (1, 16, 17, 1024), (1000, 1088), 333, 16
     QUANT_NUMELS = (1, 4097, 3 * 1024 * 1024 + 77)
 else:
-    MS, K_IN, N_OUT, RANK = (1, 16, 17, 40), 72, 33, 4
+    MS, K_INS, N_OUT, RANK = (1, 16, 17, 40), (72, 64), 33, 4
     QUANT_NUMELS = (1, 4097)
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # intended IEEE events under the interpreter
@@ -78,7 +80,8 @@ def test_quantize_roundtrip_on_device_matches_oracle(numel, dtype):
 @pytest.mark.parametrize("m", MS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("dropout_p", [0.0, 0.25])
-def test_fused_layer_on_device_matches_oracle(m, dtype, dropout_p):
+@pytest.mark.parametrize("K_IN", K_INS)
+def test_fused_layer_on_device_matches_oracle(m, dtype, dropout_p, K_IN):
     """Forward and every gradient of ``qlora_linear`` at one M of every dispatch regime, within test_linear's
     derived bounds."""
     gen = torch.Generator().manual_seed(m)

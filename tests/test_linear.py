@@ -29,6 +29,7 @@ from hyp import examples
 import qlora  # noqa: F401  (interpreter switch before the kernels)
 from qlora.functional import dropout_mask, qlora_linear
 from qlora.kernels import linear as K
+from qlora.kernels import lora as KL
 from qlora.layers import QLoRALinear
 from qlora.nf4 import NF4Weight, quantize_nf4
 from qlora.reference import quantize as ref_quantize
@@ -190,17 +191,14 @@ def test_qlora_linear_matches_oracle(case):
                           dtype)
 
 
-@examples(8)
-@given(case=layer_cases(), split_k=st.sampled_from([2, 4, 8, 16]), group_m=st.sampled_from([1, 2, 3]))
-def test_small_tiles_and_split_k_match_oracle(case, split_k, group_m):
-    """The GPU-style paths under the interpreter: 16-wide tiles (many programs, grouped order, edge masks in every
-    direction), the split-K forward with its float32 workspace and reduction, and a dx launch with small tiles."""
+def _run_path(case, cfg):
+    """Forward and backward launchers with ``cfg`` against the oracle (the GPU tile shapes, scaled down)."""
     weight, x, lora_a, lora_b, bias, dy = _build(case)
     dtype, p, seed = case["dtype"], case["dropout_p"], case["seed"] % (2**31)
     x2 = x.reshape(-1, case["k"])
     dy2 = dy.reshape(-1, case["n"])
     kw = _weight_kwargs(weight)
-    cfg = K.MatmulConfig(16, 16, 16, group_m=group_m, split_k=split_k)
+    assert K.choose_path(x2.shape[0], case["k"], weight.blocksize, cfg) == cfg.path
     y, u = K.nf4_lora_forward(x2, lora_a=lora_a, lora_b=lora_b, scaling=case["scaling"], bias=bias, dropout_p=p,
                               seed=seed, config=cfg, **kw)
     grads = K.nf4_lora_backward(dy2, x2, u, lora_a=lora_a, lora_b=lora_b, scaling=case["scaling"], dropout_p=p,
@@ -208,6 +206,40 @@ def test_small_tiles_and_split_k_match_oracle(case, split_k, group_m):
     mask = K.lora_dropout_mask(seed, x2.shape, p) if p > 0 else None
     _check_against_oracle(x2, _dense_weight(weight, dtype), lora_a, lora_b, case["scaling"], bias, mask, dy2, y,
                           grads, dtype)
+
+
+@examples(8)
+@given(case=layer_cases(), path=st.sampled_from(["fused", "dequant"]), group_m=st.sampled_from([1, 2, 3]))
+def test_tiled_paths_with_small_tiles_match_oracle(case, path, group_m):
+    """The tiled paths under the interpreter with 16-wide tiles: many programs, grouped order, edge masks in every
+    direction (K and N not multiples of the tile, odd N), W dequantized tile by tile ("fused") or into a buffer
+    ("dequant"); forward and dx."""
+    _run_path(case, K.MatmulConfig(16, 16, 16, group_m=group_m, path=path))
+
+
+@st.composite
+def decode_cases(draw):
+    """Decode shapes: M <= 16 rows, K a multiple of the blocksize (the GEMV path's rows are whole scale blocks)."""
+    case = draw(layer_cases())
+    case["lead"] = (draw(st.sampled_from([1, 2, 5, 16])),)
+    case["k"] = case["blocksize"] * draw(st.integers(1, 5))
+    return case
+
+
+@examples(8)
+@given(case=decode_cases(), split_k=st.sampled_from([1, 2, 4, 8]), block_k=st.sampled_from([32, 64, 128]),
+       block_n=st.sampled_from([16, 32]))
+def test_gemv_path_matches_oracle(case, split_k, block_k, block_n):
+    """The decode kernel: K split over programs (some splits empty), BLOCK_K below, at and above the blocksize
+    (several scale blocks per row in one step), N not a multiple of the tile, the LoRA down-projection folded
+    into column tile 0, and the split-K epilogue."""
+    _run_path(case, K.MatmulConfig(16, block_n, block_k, split_k=split_k, path="gemv"))
+
+
+def test_default_dispatch():
+    assert K.choose_path(1, 4096, 64) == "gemv" and K.choose_path(16, 4096, 64) == "gemv"
+    assert K.choose_path(17, 4096, 64) == "dequant" and K.choose_path(4096, 4096, 64) == "dequant"
+    assert K.choose_path(1, 1000, 64) == "dequant"  # rows of W not whole scale blocks
 
 
 @examples(6)
@@ -456,17 +488,117 @@ def test_module_rejects_bad_arguments():
 
 def test_compile_specs_cover_every_kernel_argument():
     """Each spec names every argument of its kernel and gives every constexpr a value (compiled in
-    tests/test_perf_static.py / `python -m perf static`)."""
-    specs = K.compile_specs()
-    names = {s.name for s in specs}
-    assert len(names) == len(specs)
-    kernels = {s.fn for s in specs}
-    assert {K._nf4_lora_fwd_kernel, K._nf4_lora_bwd_dx_kernel, K._lora_down_kernel, K._lora_grad_kernel,
-            K._split_k_reduce_kernel, K._dropout_mask_kernel} <= kernels
-    for spec in specs:
-        assert list(spec.signature) == list(spec.fn.arg_names), spec.name
-        constexprs = {k for k, v in spec.signature.items() if v == "constexpr"}
-        assert constexprs == set(spec.constexprs), spec.name
-    configs = {c for arch in K.GPU_CONFIGS.values() for c in arch}
-    assert {s.name for s in specs if s.name.startswith("nf4_lora_fwd_m")} == {
-        f"nf4_lora_fwd_m{c.block_m}n{c.block_n}k{c.block_k}w{c.num_warps}s{c.num_stages}" for c in configs}
+    tests/test_perf_static.py / `python -m perf static`); every GPU autotune config is listed."""
+    for module in (K, KL):
+        specs = module.compile_specs()
+        names = {s.name for s in specs}
+        assert len(names) == len(specs)
+        for spec in specs:
+            assert list(spec.signature) == list(spec.fn.arg_names), spec.name
+            constexprs = {k for k, v in spec.signature.items() if v == "constexpr"}
+            assert constexprs == set(spec.constexprs), spec.name
+    kernels = {s.fn for s in K.compile_specs()} | {s.fn for s in KL.compile_specs()}
+    assert {K._matmul_lora_kernel, K._nf4_gemv_kernel, K._gemv_epilogue_kernel, KL._lora_down_kernel,
+            KL._lora_grad_kernel, KL._sum_splits_kernel, KL._dropout_bits_kernel} <= kernels
+    names = {s.name for s in K.compile_specs()}
+    for cfg in {c for arch in K.GPU_CONFIGS.values() for c in arch}:
+        assert {f"dense_fwd_{cfg.tag}", f"dense_dx_{cfg.tag}"} <= names
+    for cfg in K.FUSED_CONFIGS:
+        assert {f"fused_fwd_{cfg.tag}", f"fused_dx_{cfg.tag}"} <= names
+    assert f"gemv_{K.SMALL_M_CONFIG.tag}" in names
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Dropout mask, device seed, launch counts
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _philox4x32(counter: np.ndarray, seed: int) -> list[np.ndarray]:
+    """Philox4x32-10 (Salmon et al. 2011) on counters (c0, c1, 0, 0) = (low, high word of ``counter``), key =
+    (low, high word of ``seed``): an independent NumPy model of Triton's ``randint4x``."""
+    mask = np.uint64(0xFFFFFFFF)
+    c = [(counter.astype(np.uint64) & mask), (counter.astype(np.uint64) >> np.uint64(32)),
+         np.zeros_like(counter, np.uint64), np.zeros_like(counter, np.uint64)]
+    k0, k1 = np.uint64(seed & 0xFFFFFFFF), np.uint64(seed >> 32)
+    for _ in range(10):
+        p0 = np.uint64(0xD2511F53) * c[0]
+        p2 = np.uint64(0xCD9E8D57) * c[2]
+        c = [((p2 >> np.uint64(32)) ^ c[1] ^ k0) & mask, p2 & mask, ((p0 >> np.uint64(32)) ^ c[3] ^ k1) & mask,
+             p0 & mask]
+        k0, k1 = (k0 + np.uint64(0x9E3779B9)) & mask, (k1 + np.uint64(0xBB67AE85)) & mask
+    return c
+
+
+@pytest.mark.parametrize("m, k, p, seed", [(3, 70, 0.25, 1234), (1, 32, 0.6, 0), (5, 7, 0.1, 2**31 - 1)])
+def test_dropout_bits_are_philox_randint4x(m, k, p, seed):
+    """Every bit of the packed mask against an independent Philox model: word w of row m from the 4 outputs of
+    counters (m * words + w) * 8 + j, bit 4 j + i kept where output i >= round(p * 2**32); bits past K are 0."""
+    bits = KL.lora_dropout_bits(seed, (m, k), p).numpy().view(np.uint32)
+    words = -(-k // 32)
+    threshold = np.uint64(round(p * 2**32))
+    counters = (np.arange(m * words, dtype=np.uint64)[:, None] * 8 + np.arange(8, dtype=np.uint64)).reshape(-1)
+    outs = _philox4x32(counters, seed)
+    kept = np.stack([o >= threshold for o in outs], axis=-1).reshape(m, words, 32)  # bit 4 j + i
+    cols = np.arange(words * 32).reshape(words, 32)
+    kept &= (cols < k)[None]
+    want = (kept.astype(np.uint64) << np.arange(32, dtype=np.uint64)).sum(-1).astype(np.uint32)
+    np.testing.assert_array_equal(bits, want)
+    mask = K.lora_dropout_mask(seed, (m, k), p).numpy()
+    np.testing.assert_array_equal(mask != 0, kept.reshape(m, -1)[:, :k])
+
+
+def test_seed_tensor_is_never_read_on_the_host(monkeypatch):
+    """CUDA graphs: with dropout, the layer's forward and backward never read a tensor's value on the host (the
+    seed is a tensor the kernels load); host reads are made to fail for the duration."""
+    gen = torch.Generator().manual_seed(4)
+    weight = quantize_nf4(_randn(gen, (24, 64), torch.bfloat16))
+    x = _randn(gen, (3, 64), torch.bfloat16).requires_grad_(True)
+    a = _randn(gen, (4, 64), torch.bfloat16, 0.2).requires_grad_(True)
+    b = _randn(gen, (24, 4), torch.bfloat16).requires_grad_(True)
+
+    def host_read(*args, **kwargs):
+        raise AssertionError("a tensor was read on the host")
+
+    for name in ("item", "tolist", "__int__", "__float__", "__bool__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, host_read)
+    qlora_linear(x, weight, a, b, 2.0, dropout_p=0.3).float().sum().backward()
+    monkeypatch.undo()
+    assert x.grad is not None and a.grad is not None
+
+
+def _count_launches(monkeypatch):
+    from triton.runtime import interpreter
+
+    counts = []
+    original = interpreter.InterpretedFunction.run
+
+    def run(self, *args, **kwargs):
+        counts.append(self.fn.__name__)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(interpreter.InterpretedFunction, "run", run)
+    return counts
+
+
+@pytest.mark.parametrize("m, k, p, forward, backward", [
+    (1, 64, 0.0, ["_nf4_gemv_kernel", "_gemv_epilogue_kernel"], 5),
+    (16, 64, 0.3, ["_dropout_bits_kernel", "_nf4_gemv_kernel", "_gemv_epilogue_kernel"], 5),
+    (17, 64, 0.0, ["_lora_down_kernel", "_dequantize_4bit_kernel", "_matmul_lora_kernel"], 5),
+    (40, 48, 0.3, ["_dropout_bits_kernel", "_lora_down_kernel", "_dequantize_4bit_kernel", "_matmul_lora_kernel"], 5),
+])
+def test_launch_counts_per_layer(monkeypatch, m, k, p, forward, backward):
+    """Launches per layer as the module docstring states them (interpreter: no split lora_down); the backward
+    reuses the forward's bit-packed mask: g, dequantize, dx, dA, dB."""
+    gen = torch.Generator().manual_seed(5)
+    weight = quantize_nf4(_randn(gen, (24, k), torch.bfloat16))
+    x, a = _randn(gen, (m, k), torch.bfloat16), _randn(gen, (4, k), torch.bfloat16)
+    b = _randn(gen, (24, 4), torch.bfloat16)
+    kw = _weight_kwargs(weight)
+    keep = KL.lora_dropout_bits(9, (m, k), p) if p > 0 else None
+    counts = _count_launches(monkeypatch)
+    y, u = K.nf4_lora_forward(x, lora_a=a, lora_b=b, scaling=1.0, dropout_p=p, seed=9, **kw)
+    assert counts == forward
+    counts.clear()
+    K.nf4_lora_backward(torch.ones_like(y), x, u, lora_a=a, lora_b=b, scaling=1.0, dropout_p=p, keep=keep,
+                        need_bias=True, **kw)
+    assert len(counts) == backward, counts
