@@ -64,6 +64,8 @@ def launch_arguments(spec) -> tuple[list, dict]:
     import torch
 
     values = spec.launch_values()
+    # Every argument by name: a spec may pin a runtime int (a unit stride) as "constexpr" with its launch value,
+    # which Triton's binder then specializes exactly as it would the int 1 of a real launch.
     args = []
     kwargs = {}
     for name in spec.fn.arg_names:
@@ -79,9 +81,9 @@ def launch_arguments(spec) -> tuple[list, dict]:
             if element not in _TORCH_DTYPES:
                 raise ValueError(f"spec {spec.name}: pointer type {kind!r} of {name!r} is not one of "
                                  f"{sorted('*' + t for t in _TORCH_DTYPES)}")
-            args.append(LaunchPointer(getattr(torch, _TORCH_DTYPES[element])))
+            kwargs[name] = LaunchPointer(getattr(torch, _TORCH_DTYPES[element]))
         else:
-            args.append(values[name])
+            kwargs[name] = values[name]
     return args, {**kwargs, **spec.options}
 
 
