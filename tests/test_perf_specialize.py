@@ -38,21 +38,24 @@ _SCRIPT = textwrap.dedent("""
         def get_current_target(self): return TARGET
         def is_active(self): return True
 
-    # A real decode launch of the fused forward: M = 1 rows, K = 4096, N = 4096, r = 16, bf16, contiguous tensors.
-    m, k, n, r = 1, 4096, 4096, 16
+    # A real decode launch of the NF4 GEMV: M = 1 rows, K = 4096, N = 4096, r = 16, bf16, contiguous tensors,
+    # 16 K-splits of 256 columns, dropout on (bit-packed keep mask).
+    m, k, n, r, split = 1, 4096, 4096, 16, 16
     bf16 = torch.bfloat16
     x = torch.empty((m, k), dtype=bf16)
+    lora_a = torch.empty((r, k), dtype=bf16)
     tensors = dict(x_ptr=x, packed_ptr=torch.empty(n * k // 2, dtype=torch.uint8),
                    absmax_ptr=torch.empty(n * k // 64, dtype=torch.uint8),
                    absmax2_ptr=torch.empty(n * k // 64 // 256, dtype=torch.float32),
                    nested_code_ptr=torch.empty(256, dtype=torch.float32), code_ptr=torch.empty(16, dtype=torch.float32),
-                   u_ptr=torch.empty((m, r), dtype=torch.float32), b_ptr=torch.empty((n, r), dtype=bf16),
-                   bias_ptr=torch.empty(n, dtype=bf16), y_ptr=torch.empty((2, m, n), dtype=torch.float32))
-    scalars = dict(M=m, N=n, K=k, R=r, offset=0.25, scaling=2.0, stride_xm=x.stride(0), stride_xk=x.stride(1),
-                   stride_bn=tensors["b_ptr"].stride(0), stride_br=tensors["b_ptr"].stride(1), M_BUCKET=1)
-    consts = dict(BLOCKSIZE=64, DOUBLE_QUANT=True, NESTED_BLOCKSIZE=256, K_ALIGNED=True, INDEX_64=False,
-                  HAS_BIAS=True, UPCAST=False, DOT_PRECISION="tf32", BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, BLOCK_R=16,
-                  GROUP_M=1, SPLIT_K=2)
+                   a_ptr=lora_a, bits_ptr=torch.empty((m, k // 32), dtype=torch.int32),
+                   ws_ptr=torch.empty((split, m, n), dtype=torch.float32),
+                   u_ws_ptr=torch.empty((split, m, r), dtype=torch.float32))
+    scalars = dict(M=m, N=n, K=k, R=r, offset=0.25, k_per_split=k // split, words_per_row=k // 32,
+                   stride_xm=x.stride(0), stride_xk=x.stride(1), stride_ar=lora_a.stride(0),
+                   stride_ak=lora_a.stride(1))
+    consts = dict(BLOCKSIZE=64, DOUBLE_QUANT=True, NESTED_BLOCKSIZE=256, K_ALIGNED32=True, INDEX_64=False,
+                  HAS_DROPOUT=True, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, SUB_K=64, BLOCK_R=16)
     options = dict(num_warps=4, num_stages=4, enable_fp_fusion=False)
 
     captured = {}
@@ -62,17 +65,17 @@ _SCRIPT = textwrap.dedent("""
     driver.set_active(StandInDriver())
     knobs.runtime.jit_cache_hook = hook
     try:
-        args = [tensors[a] if a in tensors else scalars[a] for a in linear._nf4_lora_fwd_kernel.arg_names
+        args = [tensors[a] if a in tensors else scalars[a] for a in linear._nf4_gemv_kernel.arg_names
                 if a not in consts]
-        linear._nf4_lora_fwd_kernel[(1,)](*args, **consts, **options)
+        linear._nf4_gemv_kernel[(1,)](*args, **consts, **options)
     finally:
         knobs.runtime.jit_cache_hook = None  # (no reset_active: this machine has no driver to go back to)
 
-    types = {torch.bfloat16: "bf16", torch.float32: "fp32", torch.uint8: "u8"}
+    types = {torch.bfloat16: "bf16", torch.float32: "fp32", torch.uint8: "u8", torch.int32: "i32"}
     signature = {a: "*" + types[t.dtype] for a, t in tensors.items()}
     signature.update({a: ("fp32" if isinstance(v, float) else "i32") for a, v in scalars.items()})
     signature.update({c: "constexpr" for c in consts})
-    spec = KernelSpec("decode", linear._nf4_lora_fwd_kernel, signature, consts, options, launch_args=scalars)
+    spec = KernelSpec("decode", linear._nf4_gemv_kernel, signature, consts, options, launch_args=scalars)
     ours = specialize_spec(spec, TARGET)
     key = lambda d: {str(list(k)): v for k, v in d.items()}
     jit_attrs = {k: v for k, v in captured["configs"][0].items() if v}
@@ -97,11 +100,11 @@ def test_perf_specialization_equals_the_jit_launch(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["perf"] == out["jit"]
-    # And it is the as-launched specialization, not the plain i32 signature: M = 1, M_BUCKET = 1 and the unit
-    # strides became constants, the 4096-sized ints are divisible by 16, R = 16 too, pointers are aligned.
+    # And it is the as-launched specialization, not the plain i32 signature: M = 1 and the unit strides became
+    # constants, the 4096-sized ints are divisible by 16, R = 16 too, pointers are aligned.
     summary = out["summary"]
-    for arg in ("M", "M_BUCKET", "stride_xk", "stride_br"):
+    for arg in ("M", "stride_xk", "stride_ak"):
         assert summary[arg] == "constexpr=1", (arg, summary[arg])
-    for arg in ("N", "K", "R", "stride_xm", "stride_bn"):
+    for arg in ("N", "K", "R", "stride_xm", "stride_ar", "k_per_split", "words_per_row"):
         assert summary[arg] == "i32 div16", (arg, summary[arg])
     assert summary["packed_ptr"] == "*u8 div16" and summary["offset"] == "fp32"
