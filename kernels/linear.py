@@ -46,6 +46,18 @@ from ._static import KernelSpec
 from .quantize import load_block_scale, unpack_4bit
 
 NESTED_BLOCKSIZE = 256
+# Host-side facts and integer helpers of the launchers, which run on every call: the backend is fixed once the
+# kernels are decorated, and triton.cdiv / triton.next_power_of_2 are constexpr functions that cost a microsecond
+# or two per host call (a small layer's forward + backward made ~40 of them).
+_INTERPRET = interpreter_active()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << (int(n) - 1).bit_length() if n > 0 else 0
 SMALL_M = 16  # at or below this many rows the forward takes the split-K (GEMV-like) path on a GPU
 
 
@@ -410,13 +422,13 @@ MASK_BLOCK = dict(BLOCK_M=32, BLOCK_D=128)
 
 
 def _pow2_clamp(n: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
+    return max(lo, min(hi, _next_pow2(max(int(n), 1))))
 
 
 def _lora_block_r(r: int) -> int:
     """Rank tile: >= 16 (tl.dot's minimum), a power of two, at most 64 on a GPU; at most 32 under the interpreter
     (still one program for usual ranks; larger ranks go through the rank loops, which tests thus reach)."""
-    return _pow2_clamp(r, 16, 32 if interpreter_active() else LORA_BLOCK_RS[-1])
+    return _pow2_clamp(r, 16, 32 if _INTERPRET else LORA_BLOCK_RS[-1])
 
 
 def _interpreter_config(rows: int, cols: int, inner: int) -> MatmulConfig:
@@ -436,9 +448,9 @@ def _num_sms() -> int:
 
 def _small_m_split_k(m: int, n: int, k: int, cfg: MatmulConfig) -> int:
     """Enough K splits that about two programs per SM run, each keeping at least two K steps."""
-    tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+    tiles = _cdiv(m, cfg.block_m) * _cdiv(n, cfg.block_n)
     want = max(1, 2 * _num_sms() // max(tiles, 1))
-    max_split = max(1, triton.cdiv(k, 2 * cfg.block_k))
+    max_split = max(1, _cdiv(k, 2 * cfg.block_k))
     split = 1
     for s in SPLIT_K_CHOICES:
         if s <= want and s <= max_split:
@@ -485,7 +497,7 @@ def _check_nf4(packed, absmax, code, shape, blocksize, absmax2, offset, nested_c
     n, k = int(shape[0]), int(shape[1])
     if packed.numel() != (n * k + 1) // 2:
         raise ValueError(f"packed must hold {(n * k + 1) // 2} bytes for shape {(n, k)}, got {packed.numel()}")
-    nblocks = triton.cdiv(n * k, blocksize)
+    nblocks = _cdiv(n * k, blocksize)
     double_quant = absmax2 is not None
     if double_quant != (nested_code is not None) or double_quant != (offset is not None):
         raise ValueError("absmax2, offset and nested_code must be given together (double quantization) or not at all")
@@ -498,8 +510,8 @@ def _check_nf4(packed, absmax, code, shape, blocksize, absmax2, offset, nested_c
             raise ValueError(f"nested_blocksize must be {NESTED_BLOCKSIZE}, got {nested_blocksize!r}")
         check_tensor("absmax2", absmax2, (torch.float32,), ndim=1)
         check_tensor("nested_code", nested_code, (torch.float32,), ndim=1)
-        if absmax2.numel() != triton.cdiv(nblocks, NESTED_BLOCKSIZE):
-            raise ValueError(f"absmax2 must hold {triton.cdiv(nblocks, NESTED_BLOCKSIZE)} scales, "
+        if absmax2.numel() != _cdiv(nblocks, NESTED_BLOCKSIZE):
+            raise ValueError(f"absmax2 must hold {_cdiv(nblocks, NESTED_BLOCKSIZE)} scales, "
                              f"got {absmax2.numel()}")
         if nested_code.numel() != 256:
             raise ValueError(f"nested_code must hold 256 values, got {nested_code.numel()}")
@@ -565,15 +577,15 @@ def lora_down(a: torch.Tensor, b: torch.Tensor, *, dropout_p: float = 0.0, seed:
     if d == 0:
         return out.zero_()
     block_r = _lora_block_r(r)
-    if interpreter_active():
+    if _INTERPRET:
         meta = dict(BLOCK_M=_pow2_clamp(m, 16, 256), BLOCK_D=_pow2_clamp(d, 16, 512))
     else:
         meta = dict(GPU_DOWN_BLOCK)
-    grid = (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(r, block_r))
+    grid = (_cdiv(m, meta["BLOCK_M"]), _cdiv(r, block_r))
     _lora_down_kernel[grid](
         a, b, out, m, d, r, seed, p, 1.0 / (1.0 - p),
         a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-        HAS_DROPOUT=p > 0, UPCAST=interpreter_active(), DOT_PRECISION=_dot_precision(a.dtype),
+        HAS_DROPOUT=p > 0, UPCAST=_INTERPRET, DOT_PRECISION=_dot_precision(a.dtype),
         BLOCK_R=block_r, **meta,
     )
     return out
@@ -611,15 +623,15 @@ def lora_grad(left: torch.Tensor, right: torch.Tensor, out: torch.Tensor, *, sca
             colsum.zero_()
         return
     block_r = _lora_block_r(r)
-    if interpreter_active():
+    if _INTERPRET:
         meta = dict(BLOCK_M=_pow2_clamp(m, 16, 256), BLOCK_C=_pow2_clamp(c, 16, 512))
     else:
         meta = dict(GPU_GRAD_BLOCK)
-    grid = (triton.cdiv(c, meta["BLOCK_C"]), triton.cdiv(r, block_r))
+    grid = (_cdiv(c, meta["BLOCK_C"]), _cdiv(r, block_r))
     _lora_grad_kernel[grid](
         left, right, out, out if colsum is None else colsum, m, r, c, seed, p, float(scale),
         right.stride(0), right.stride(1), out.stride(0), out.stride(1),
-        HAS_DROPOUT=p > 0, HAS_COLSUM=colsum is not None, UPCAST=interpreter_active(),
+        HAS_DROPOUT=p > 0, HAS_COLSUM=colsum is not None, UPCAST=_INTERPRET,
         DOT_PRECISION=_dot_precision(right.dtype), BLOCK_R=block_r, **meta,
     )
 
@@ -659,7 +671,7 @@ def nf4_lora_forward(
     u = lora_down(x, lora_a.t(), dropout_p=p, seed=seed)
     if m == 0:
         return y, u
-    interp = interpreter_active()
+    interp = _INTERPRET
     common = dict(
         BLOCKSIZE=blocksize, DOUBLE_QUANT=double_quant, NESTED_BLOCKSIZE=NESTED_BLOCKSIZE,
         K_ALIGNED=k % blocksize == 0, INDEX_64=n * k >= 2**31 - 1, HAS_BIAS=bias is not None, UPCAST=interp,
@@ -669,12 +681,12 @@ def nf4_lora_forward(
     weight = _weight_args(packed, absmax, code, absmax2, offset, nested_code)
     args = (x, *weight[:5], u, lora_b, y if bias is None else bias)
     scalars = (m, n, k, r, weight[5], scaling,
-               x.stride(0), x.stride(1), lora_b.stride(0), lora_b.stride(1), triton.next_power_of_2(m))
+               x.stride(0), x.stride(1), lora_b.stride(0), lora_b.stride(1), _next_pow2(m))
     if config is None and not interp and m > SMALL_M:
         kernel = _tuned_kernel("fwd")
 
         def grid(meta):
-            return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), 1)
+            return (_cdiv(m, meta["BLOCK_M"]) * _cdiv(n, meta["BLOCK_N"]), 1)
 
         kernel[grid](*args, y, *scalars, SPLIT_K=1, enable_fp_fusion=False, **common)
         return y, u
@@ -685,13 +697,13 @@ def nf4_lora_forward(
         split_k = config.split_k
     if split_k not in SPLIT_K_CHOICES:
         raise ValueError(f"config.split_k must be one of {SPLIT_K_CHOICES}, got {split_k!r}")
-    grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n), split_k)
+    grid = (_cdiv(m, config.block_m) * _cdiv(n, config.block_n), split_k)
     target = y if split_k == 1 else torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
     launch = dict(num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=False)
     _nf4_lora_fwd_kernel[grid](*args, target, *scalars, SPLIT_K=split_k, **config.meta(), **common, **launch)
     if split_k > 1:
         block = REDUCE_BLOCK if not interp else _pow2_clamp(m * n, 16, 1 << 16)
-        _split_k_reduce_kernel[(triton.cdiv(m * n, block),)](target, y, m * n, SPLIT_K=split_k, UPCAST=interp,
+        _split_k_reduce_kernel[(_cdiv(m * n, block),)](target, y, m * n, SPLIT_K=split_k, UPCAST=interp,
                                                               BLOCK=block)
     return y, u
 
@@ -748,7 +760,7 @@ def nf4_lora_backward(
 
 def _launch_dx(dy, packed, absmax, code, absmax2, offset, nested_code, g, lora_a, dx, m, n, k, r, blocksize,
                double_quant, lora_scale, seed, p, config):
-    interp = interpreter_active()
+    interp = _INTERPRET
     weight = _weight_args(packed, absmax, code, absmax2, offset, nested_code)
     args = (dy, *weight[:5], g, lora_a, dx, m, n, k, r, weight[5], lora_scale, seed, p,
             dy.stride(0), dy.stride(1), lora_a.stride(0), lora_a.stride(1))
@@ -759,7 +771,7 @@ def _launch_dx(dy, packed, absmax, code, absmax2, offset, nested_code, g, lora_a
         kernel = _tuned_kernel("dx")
 
         def grid(meta):
-            return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_K"]),)
+            return (_cdiv(m, meta["BLOCK_M"]) * _cdiv(k, meta["BLOCK_K"]),)
 
         kernel[grid](*args, enable_fp_fusion=False, **common)
         return
@@ -767,7 +779,7 @@ def _launch_dx(dy, packed, absmax, code, absmax2, offset, nested_code, g, lora_a
         config = _interpreter_config(m, k, n)
         # rows x dx columns x reduction over N: the interpreter config's "cols" is K here, "inner" is N.
         config = MatmulConfig(config.block_m, config.block_k, config.block_n, group_m=1)
-    grid = (triton.cdiv(m, config.block_m) * triton.cdiv(k, config.block_k),)
+    grid = (_cdiv(m, config.block_m) * _cdiv(k, config.block_k),)
     _nf4_lora_bwd_dx_kernel[grid](*args, **common, **config.meta(), num_warps=config.num_warps,
                                   num_stages=config.num_stages, enable_fp_fusion=False)
 
@@ -787,7 +799,7 @@ def lora_dropout_mask(seed: int, shape, p: float, device: torch.device | str | N
     out = torch.empty((m, d), dtype=torch.float32, device=device)
     if out.numel() == 0:
         return out
-    grid = (triton.cdiv(m, MASK_BLOCK["BLOCK_M"]), triton.cdiv(d, MASK_BLOCK["BLOCK_D"]))
+    grid = (_cdiv(m, MASK_BLOCK["BLOCK_M"]), _cdiv(d, MASK_BLOCK["BLOCK_D"]))
     _dropout_mask_kernel[grid](out, m, d, seed, p, 1.0 / (1.0 - p), **MASK_BLOCK)
     return out
 
