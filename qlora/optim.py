@@ -12,10 +12,16 @@ arithmetic of :mod:`qlora.kernels.optim`; parameters may be float32, float16 or 
 float32 (moments are always float32 or 8-bit, whatever the parameter dtype).
 
 Paging (``paging=``): ``"auto"`` picks ``"unified"`` (CUDA managed memory) where the GPU supports concurrent
-managed access, else ``"host"`` (pinned host memory streamed through ``num_pages`` device pages of
-``page_size`` bytes); CPU parameters (the Triton interpreter) use ``"host"``. ``"none"`` keeps every state
-resident. Tensors under ``min_paged_size`` elements stay resident either way. A paged step equals the
-resident step bit for bit; :meth:`memory_report` gives the device budget and what moved in the last step.
+managed access, else ``"host"`` (pinned host memory cached on the device in pages of ``page_size`` bytes);
+CPU parameters (the Triton interpreter) use ``"host"``. ``"none"`` keeps every state resident. Tensors under
+``min_paged_size`` elements stay resident either way. Pages are prefetched to the device before the step and stay
+there; they go back only when the device budget (``num_pages`` pages, or by default half of free device memory
+plus what the cache holds) needs the room, so a step whose state fits moves 0 bytes (bitsandbytes' semantics).
+A paged step equals the resident step bit for bit; :meth:`memory_report` gives the device budget and what moved
+in the last step.
+
+Launches: one per (step scalars, parameter dtype, gradient dtype, state kind) over all tensors under
+``qlora.kernels.optim.MULTI_TENSOR_MAX_NUMEL`` elements (pointer tables), one per larger tensor.
 
 State per parameter (what ``state_dict()`` saves, 8-bit states in their quantized form):
 ``step`` (int); float32 moments ``exp_avg``, ``exp_avg_sq`` (the parameter's shape, as in

@@ -6,21 +6,22 @@ in the order parameters first get state, into fixed-size *pages*: a large tensor
 small tensors share one. A chunk holds the slices of each of its parameter's state fields (``exp_avg``,
 ``exp_avg_sq`` or their 8-bit codes and absmax); inside a page each slice starts on a 128-byte boundary.
 
-One optimizer step walks the pages holding a parameter with a gradient, in plan order, and hands every chunk
-to the step kernel as views on the device. Two back ends move the bytes:
+One optimizer step walks the pages holding a parameter with a gradient, in plan order, and hands their chunks to
+the step kernels as views on the device, a batch of pages per call (all of them when they fit the budget). Pages
+are cached on the device between steps and leave it only when the budget needs room (least recently used first);
+the budget is ``num_pages`` pages, or ``BUDGET_FRACTION`` of free device memory plus what the cache holds. Two
+back ends move the bytes:
 
-- :class:`HostPager` (``paging="host"``): each field lives in (pinned, on CUDA) host memory. The device holds
-  ``num_pages`` page buffers; page *k* is copied into buffer ``k % num_pages`` on an upload stream, the
-  kernels run on the compute stream, and the page is copied back on a download stream. Up to ``num_pages``
-  pages are in flight, so uploads and downloads overlap the kernels (double buffering with ``num_pages=2``).
-  With CPU tensors (the Triton interpreter) the same plan runs with synchronous copies, which is how its
-  logic (page boundaries, partial last page, many tensors in one page, ordering) is tested without a GPU.
+- :class:`HostPager` (``paging="host"``): each field lives in (pinned, on CUDA) host memory; a cached page sits in
+  a device page buffer, uploaded on an upload stream, and written back on a download stream when it is evicted
+  or on :meth:`Pager.synchronize`. With CPU tensors (the Triton interpreter) the same logic runs with synchronous
+  copies, which is how it (page boundaries, partial last page, many tensors in one page, eviction, bytes moved) is
+  tested without a GPU.
 - :class:`UnifiedPager` (``paging="unified"``): each field lives in CUDA managed memory (``cudaMallocManaged``
-  through the CUDA runtime torch ships, via ctypes); the kernels read it in place. A page is prefetched to
-  the GPU on the upload stream before its kernels, and when the paged state is larger than the device budget
-  it is prefetched back to the host afterwards, so at most ``num_pages`` pages of state sit on the GPU.
+  through the CUDA runtime torch ships, via ctypes); the kernels read it in place. A page is prefetched to the GPU
+  before its kernels and prefetched back to the host only when evicted.
 
-Either way the device memory used by paged state is at most ``num_pages * page_size`` bytes, and the kernel
+Either way the device memory used by paged state is at most the budget, and the kernel
 sees the same values it would see with resident state: a paged step equals an unpaged one bit for bit.
 """
 
