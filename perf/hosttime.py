@@ -72,6 +72,32 @@ def best_seconds(fn: Callable[[], object], rounds: int = 15, inner: int = 20) ->
     return best
 
 
+def interleaved_ratio(fn_a: Callable[[], object], fn_b: Callable[[], object], rounds: int = 30,
+                      inner: int = 20) -> float:
+    """``best_seconds(fn_a) / best_seconds(fn_b)`` with the rounds of the two interleaved, so that a burst of load
+    from other processes slows both alike; minima, since load only ever adds time."""
+    fn_a()
+    fn_b()
+    best_a = best_b = float("inf")
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for _ in range(rounds):
+            for fn, which in ((fn_a, 0), (fn_b, 1)):
+                t0 = time.perf_counter()
+                for _ in range(inner):
+                    fn()
+                elapsed = (time.perf_counter() - t0) / inner
+                if which == 0:
+                    best_a = min(best_a, elapsed)
+                else:
+                    best_b = min(best_b, elapsed)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return best_a / best_b
+
+
 # --- layer ----------------------------------------------------------------------------------------------------
 
 LAYER_SHAPE = dict(m=4, in_features=256, out_features=256, r=8)

@@ -26,7 +26,12 @@ OPTIMIZER_RATIO_BOUND = 1.0  # the goal; measured 0.1x (one launch per step inst
 def test_layer_forward_backward_host_time_against_plain_torch_lora():
     qlora_step, torch_step = ht.layer_workloads()
     with ht.stubbed_triton_launches():
-        ratio = min(ht.best_seconds(qlora_step) / ht.best_seconds(torch_step) for _ in range(2))
+        # Up to three interleaved measurements: a loaded machine only ever inflates a ratio by chance.
+        ratio = float("inf")
+        for _ in range(3):
+            ratio = min(ratio, ht.interleaved_ratio(qlora_step, torch_step))
+            if ratio <= LAYER_RATIO_BOUND:
+                break
     assert ratio <= LAYER_RATIO_BOUND, f"QLoRALinear forward+backward host time is {ratio:.2f}x plain-torch LoRA"
 
 
