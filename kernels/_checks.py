@@ -9,6 +9,10 @@ import torch
 from ._runtime import interpreter_active
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Decided once: Triton read TRITON_INTERPRET when the kernels were decorated (qlora/_runtime.py sets it before
+# this package is imported), so the backend cannot change afterwards; these checks run on every launch.
+_INTERPRET = interpreter_active()
+_BACKEND_DEVICE_TYPE = "cpu" if _INTERPRET else "cuda"
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
@@ -17,7 +21,8 @@ def check_tensor(name: str, t, dtypes: Iterable[torch.dtype] | None = None, ndim
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if dtypes is not None:
-        dtypes = tuple(dtypes)
+        if not isinstance(dtypes, tuple):
+            dtypes = tuple(dtypes)
         if t.dtype not in dtypes:
             allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
             raise TypeError(f"{name} must have dtype in ({allowed}), got {str(t.dtype).replace('torch.', '')}")
@@ -27,7 +32,9 @@ def check_tensor(name: str, t, dtypes: Iterable[torch.dtype] | None = None, ndim
 
 
 def check_backend_device(name: str, t: torch.Tensor) -> None:
-    if interpreter_active():
+    if t.device.type == _BACKEND_DEVICE_TYPE:
+        return
+    if _INTERPRET:
         if t.device.type != "cpu":
             raise ValueError(
                 f"{name} is on {t.device}, but the kernels run under the Triton interpreter, which needs CPU "
@@ -42,6 +49,16 @@ def check_backend_device(name: str, t: torch.Tensor) -> None:
 
 def check_same_device(**tensors: torch.Tensor) -> None:
     """All named tensors on one device; the message lists each one's device."""
+    first = None
+    for t in tensors.values():
+        if t is None:
+            continue
+        if first is None:
+            first = t.device
+        elif t.device != first:
+            break
+    else:
+        return
     devices = {name: t.device for name, t in tensors.items() if t is not None}
     if len(set(devices.values())) > 1:
         listing = ", ".join(f"{name} on {dev}" for name, dev in devices.items())

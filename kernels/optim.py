@@ -27,9 +27,9 @@ to NaN throughout at the next step (the oracle's rule, ``qlora.reference.optim.a
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+import struct
+from typing import NamedTuple, Sequence
 
-import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -63,9 +63,15 @@ class StepScalars(NamedTuple):
     eps: float
 
 
+_PACK_F32 = struct.Struct("<f")
+
+
 def _f32(x: float) -> float:
-    with np.errstate(over="ignore"):
-        return float(np.float32(x))
+    """``x`` rounded to the nearest float32 (ties to even, as NumPy's cast); +-inf where it overflows."""
+    try:
+        return _PACK_F32.unpack(_PACK_F32.pack(x))[0]
+    except OverflowError:
+        return math.copysign(math.inf, x)
 
 
 def step_scalars(step: int, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float) -> StepScalars:
@@ -108,13 +114,9 @@ def _to_param_dtype(x, p_ptr):
 
 
 @triton.jit
-def _adamw32_kernel(
-    p_ptr, g_ptr, m_ptr, v_ptr, n,
-    decay, beta1, beta2, c1, c2, step_size, bc2_sqrt, eps,
-    BLOCK: tl.constexpr,
-):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
+def _adamw32_update(p_ptr, g_ptr, m_ptr, v_ptr, offs, mask,
+                    decay, beta1, beta2, c1, c2, step_size, bc2_sqrt, eps):
+    """The 32-bit step of elements ``offs`` (masked): every kernel below runs exactly this code per element."""
     p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     m = tl.load(m_ptr + offs, mask=mask, other=0.0)
@@ -127,6 +129,39 @@ def _adamw32_kernel(
     tl.store(p_ptr + offs, _to_param_dtype(p, p_ptr), mask=mask)
     tl.store(m_ptr + offs, m, mask=mask)
     tl.store(v_ptr + offs, v, mask=mask)
+
+
+@triton.jit
+def _adamw32_kernel(
+    p_ptr, g_ptr, m_ptr, v_ptr, n,
+    decay, beta1, beta2, c1, c2, step_size, bc2_sqrt, eps,
+    BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    _adamw32_update(p_ptr, g_ptr, m_ptr, v_ptr, offs, offs < n,
+                    decay, beta1, beta2, c1, c2, step_size, bc2_sqrt, eps)
+
+
+@triton.jit
+def _adamw32_multi_kernel(
+    table_ptr, work_ptr,
+    decay, beta1, beta2, c1, c2, step_size, bc2_sqrt, eps,
+    P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Many tensors in one launch. ``table`` (int64, 5 per tensor): addresses of param, grad, exp_avg, exp_avg_sq,
+    then the element count; ``work`` (int64, 2 per program): the tensor it steps and its first element."""
+    pid = tl.program_id(0)
+    t = tl.load(work_ptr + 2 * pid)
+    start = tl.load(work_ptr + 2 * pid + 1)
+    row = table_ptr + 5 * t
+    p_ptr = tl.load(row).to(tl.pointer_type(P_DTYPE))
+    g_ptr = tl.load(row + 1).to(tl.pointer_type(G_DTYPE))
+    m_ptr = tl.load(row + 2).to(tl.pointer_type(tl.float32))
+    v_ptr = tl.load(row + 3).to(tl.pointer_type(tl.float32))
+    n = tl.load(row + 4)
+    offs = start + tl.arange(0, BLOCK)
+    _adamw32_update(p_ptr, g_ptr, m_ptr, v_ptr, offs, offs < n,
+                    decay, beta1, beta2, c1, c2, step_size, bc2_sqrt, eps)
 
 
 @triton.jit
@@ -153,13 +188,11 @@ def _quantize_rows(x, valid, mid_ptr, ZERO_CODE: tl.constexpr):
 
 
 @triton.jit
-def _adamw8bit_kernel(
-    p_ptr, g_ptr, mq_ptr, mabs_ptr, vq_ptr, vabs_ptr,
-    smap_ptr, smid_ptr, umap_ptr, umid_ptr, n,
-    decay, beta1, beta2, c1, c2, step_size, bc2_sqrt, eps,
-    QBLOCK: tl.constexpr, QBLOCKS: tl.constexpr, SIGNED_ZERO: tl.constexpr, UNSIGNED_ZERO: tl.constexpr,
-):
-    blk = tl.program_id(0).to(tl.int64) * QBLOCKS + tl.arange(0, QBLOCKS)
+def _adamw8bit_update(p_ptr, g_ptr, mq_ptr, mabs_ptr, vq_ptr, vabs_ptr, smap_ptr, smid_ptr, umap_ptr, umid_ptr,
+                      blk, n, decay, beta1, beta2, c1, c2, step_size, bc2_sqrt, eps,
+                      QBLOCK: tl.constexpr, SIGNED_ZERO: tl.constexpr, UNSIGNED_ZERO: tl.constexpr):
+    """The 8-bit step of the 256-element blocks ``blk`` of a tensor of ``n`` elements: every kernel below runs
+    exactly this code per block."""
     offs = blk[:, None] * QBLOCK + tl.arange(0, QBLOCK)[None, :]
     mask = offs < n
     bmask = blk * QBLOCK < n
@@ -183,6 +216,46 @@ def _adamw8bit_kernel(
     tl.store(vq_ptr + offs, vq, mask=mask)
     tl.store(mabs_ptr + blk, mabs, mask=bmask)
     tl.store(vabs_ptr + blk, vabs, mask=bmask)
+
+
+@triton.jit
+def _adamw8bit_kernel(
+    p_ptr, g_ptr, mq_ptr, mabs_ptr, vq_ptr, vabs_ptr,
+    smap_ptr, smid_ptr, umap_ptr, umid_ptr, n,
+    decay, beta1, beta2, c1, c2, step_size, bc2_sqrt, eps,
+    QBLOCK: tl.constexpr, QBLOCKS: tl.constexpr, SIGNED_ZERO: tl.constexpr, UNSIGNED_ZERO: tl.constexpr,
+):
+    blk = tl.program_id(0).to(tl.int64) * QBLOCKS + tl.arange(0, QBLOCKS)
+    _adamw8bit_update(p_ptr, g_ptr, mq_ptr, mabs_ptr, vq_ptr, vabs_ptr, smap_ptr, smid_ptr, umap_ptr, umid_ptr,
+                      blk, n, decay, beta1, beta2, c1, c2, step_size, bc2_sqrt, eps,
+                      QBLOCK, SIGNED_ZERO, UNSIGNED_ZERO)
+
+
+@triton.jit
+def _adamw8bit_multi_kernel(
+    table_ptr, work_ptr, smap_ptr, smid_ptr, umap_ptr, umid_ptr,
+    decay, beta1, beta2, c1, c2, step_size, bc2_sqrt, eps,
+    P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr,
+    QBLOCK: tl.constexpr, QBLOCKS: tl.constexpr, SIGNED_ZERO: tl.constexpr, UNSIGNED_ZERO: tl.constexpr,
+):
+    """Many tensors in one launch. ``table`` (int64, 7 per tensor): addresses of param, grad, exp_avg codes and
+    absmax, exp_avg_sq codes and absmax, then the element count; ``work`` (int64, 2 per program): the tensor it
+    steps and its first 256-element block."""
+    pid = tl.program_id(0)
+    t = tl.load(work_ptr + 2 * pid)
+    first = tl.load(work_ptr + 2 * pid + 1)
+    row = table_ptr + 7 * t
+    p_ptr = tl.load(row).to(tl.pointer_type(P_DTYPE))
+    g_ptr = tl.load(row + 1).to(tl.pointer_type(G_DTYPE))
+    mq_ptr = tl.load(row + 2).to(tl.pointer_type(tl.uint8))
+    mabs_ptr = tl.load(row + 3).to(tl.pointer_type(tl.float32))
+    vq_ptr = tl.load(row + 4).to(tl.pointer_type(tl.uint8))
+    vabs_ptr = tl.load(row + 5).to(tl.pointer_type(tl.float32))
+    n = tl.load(row + 6)
+    blk = first + tl.arange(0, QBLOCKS)
+    _adamw8bit_update(p_ptr, g_ptr, mq_ptr, mabs_ptr, vq_ptr, vabs_ptr, smap_ptr, smid_ptr, umap_ptr, umid_ptr,
+                      blk, n, decay, beta1, beta2, c1, c2, step_size, bc2_sqrt, eps,
+                      QBLOCK, SIGNED_ZERO, UNSIGNED_ZERO)
 
 
 # --- dynamic maps -----------------------------------------------------------------------------------
@@ -342,6 +415,146 @@ def adamw8bit_step_(
         nblocks, "QBLOCKS", _GPU_QBLOCKS_8, _GPU_WARPS_8, unit_elems=QBLOCK,
         QBLOCK=QBLOCK, SIGNED_ZERO=zero_code(True), UNSIGNED_ZERO=zero_code(False),
     )
+
+
+# --- many tensors per launch ------------------------------------------------------------------------------
+
+# Tensors at least this large get a launch of their own (the single-tensor kernels above, whose pointers carry
+# the alignment the compiler vectorizes on); smaller ones share one launch per (dtype pair, state kind, step
+# scalars), where a launch's fixed host cost (~10-40 us) would dwarf their microsecond of device work.
+MULTI_TENSOR_MAX_NUMEL = 1 << 20
+_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+_WORK_TABLES: dict[tuple, torch.Tensor] = {}
+
+
+def _index_tensor(values: list[int], device: torch.device) -> torch.Tensor:
+    """int64 (len(values),) on ``device``; from pinned memory without a host sync on CUDA."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=torch.int64)
+    return torch.tensor(values, dtype=torch.int64, pin_memory=True).to(device, non_blocking=True)
+
+
+def _work_table(numels: tuple[int, ...], unit_elems: int, units_per_program: int,
+                device: torch.device) -> torch.Tensor:
+    """int64 ``(2 * programs,)``: for each program, the index of its tensor and its first unit (element or
+    256-element block) there; cached per layout, which stays the same from step to step."""
+    key = (numels, unit_elems, units_per_program, device)
+    table = _WORK_TABLES.get(key)
+    if table is None:
+        work: list[int] = []
+        for i, n in enumerate(numels):
+            units = -(-n // unit_elems)
+            for first in range(0, units, units_per_program):
+                work += (i, first)
+        if len(_WORK_TABLES) >= 64:  # layouts change only when the set of parameters with gradients does
+            _WORK_TABLES.clear()
+        table = _WORK_TABLES[key] = _index_tensor(work, device)
+    return table
+
+
+def _program_units(units: int, unit_elems: int, gpu_size: int) -> tuple[int, int]:
+    """``(units per program, warps)``: ``gpu_size`` on a GPU; under the interpreter one slab per tensor."""
+    if interpreter_active():
+        return min(_INTERP_MAX_BLOCK // unit_elems, triton.next_power_of_2(max(units, 1))), 1
+    return gpu_size, _GPU_WARPS_32 if unit_elems == 1 else _GPU_WARPS_8
+
+
+def _adamw_multi(rows: list[int], numels: tuple[int, ...], p_dtype: torch.dtype, g_dtype: torch.dtype,
+                 device: torch.device, s: StepScalars) -> None:
+    """One 32-bit launch over many tensors, unchecked: ``rows`` holds, per tensor, the addresses of its param,
+    grad, exp_avg and exp_avg_sq (contiguous, ``p_dtype``, ``g_dtype``, float32, float32) and its element count
+    (> 0), as ``numels`` lists them."""
+    size, warps = _program_units(max(numels), 1, _GPU_BLOCK_32)
+    work = _work_table(numels, 1, size, device)
+    with ieee_semantics():
+        _adamw32_multi_kernel[(work.numel() // 2,)](
+            _index_tensor(rows, device), work, *s, P_DTYPE=_TL_DTYPES[p_dtype], G_DTYPE=_TL_DTYPES[g_dtype],
+            BLOCK=size, num_warps=warps, enable_fp_fusion=False)
+
+
+def _adamw8bit_multi(rows: list[int], numels: tuple[int, ...], p_dtype: torch.dtype, g_dtype: torch.dtype,
+                     device: torch.device, s: StepScalars) -> None:
+    """One 8-bit launch over many tensors, unchecked: ``rows`` holds, per tensor, the addresses of its param, grad,
+    exp_avg codes, exp_avg absmax, exp_avg_sq codes, exp_avg_sq absmax and its element count (> 0)."""
+    size, warps = _program_units(-(-max(numels) // QBLOCK), QBLOCK, _GPU_QBLOCKS_8)
+    work = _work_table(numels, QBLOCK, size, device)
+    smap, smid = dynamic_tables(True, device)
+    umap, umid = dynamic_tables(False, device)
+    with ieee_semantics():
+        _adamw8bit_multi_kernel[(work.numel() // 2,)](
+            _index_tensor(rows, device), work, smap, smid, umap, umid, *s, P_DTYPE=_TL_DTYPES[p_dtype],
+            G_DTYPE=_TL_DTYPES[g_dtype], QBLOCK=QBLOCK, QBLOCKS=size, SIGNED_ZERO=zero_code(True),
+            UNSIGNED_ZERO=zero_code(False), num_warps=warps, enable_fp_fusion=False)
+
+
+def _check_many(params, grads, states: dict[str, tuple[Sequence[torch.Tensor], torch.dtype, int]]) -> None:
+    """Per-tensor checks of the multi-tensor launchers (names carry the list index); one dtype per list."""
+    if not isinstance(params, (list, tuple)) or not isinstance(grads, (list, tuple)) or len(grads) != len(params):
+        raise ValueError("params and grads must be lists of the same length")
+    for name, (tensors, _, _) in states.items():
+        if not isinstance(tensors, (list, tuple)) or len(tensors) != len(params):
+            raise ValueError(f"{name} must be a list with one tensor per parameter ({len(params)})")
+    for i, (p, g) in enumerate(zip(params, grads)):
+        check_tensor(f"params[{i}]", p, FLOAT_DTYPES)
+        check_tensor(f"grads[{i}]", g, FLOAT_DTYPES)
+        if g.shape != p.shape:
+            raise ValueError(f"grads[{i}] must have the shape of params[{i}] {tuple(p.shape)}, got {tuple(g.shape)}")
+        if not p.is_contiguous():
+            raise ValueError(f"params[{i}] must be contiguous (the step updates it in place)")
+        if p.dtype != params[0].dtype or g.dtype != grads[0].dtype:
+            raise TypeError(f"params (and grads) must share one dtype; params[{i}] is {p.dtype}, grads[{i}] "
+                            f"{g.dtype}, params[0] {params[0].dtype}, grads[0] {grads[0].dtype}")
+        named = {f"params[{i}]": p, f"grads[{i}]": g, "params[0]": params[0]}
+        for name, (tensors, dtype, unit) in states.items():
+            _check_state(f"{name}[{i}]", tensors[i], dtype, -(-p.numel() // unit))
+            named[f"{name}[{i}]"] = tensors[i]
+        check_same_device(**named)
+
+
+def adamw_multi_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+                      exp_avgs: Sequence[torch.Tensor], exp_avg_sqs: Sequence[torch.Tensor], *, step: int,
+                      lr: float, beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
+    """:func:`adamw_step_` on many tensors in one launch, bit for bit the same result.
+
+    Lists of equal length: ``params`` (one float dtype, contiguous), ``grads`` (one float dtype, the params'
+    shapes), ``exp_avgs``/``exp_avg_sqs`` (float32, contiguous, the params' element counts); all on one device.
+    """
+    _check_many(params, grads, {"exp_avgs": (exp_avgs, torch.float32, 1),
+                                "exp_avg_sqs": (exp_avg_sqs, torch.float32, 1)})
+    _check_scalars(step, lr, beta1, beta2, eps, weight_decay)
+    keep = [i for i, p in enumerate(params) if p.numel()]
+    if not keep:
+        return
+    grads = [grads[i].contiguous() for i in keep]
+    rows: list[int] = []
+    for i, g in zip(keep, grads):
+        rows += (params[i].data_ptr(), g.data_ptr(), exp_avgs[i].data_ptr(), exp_avg_sqs[i].data_ptr(),
+                 params[i].numel())
+    _adamw_multi(rows, tuple(params[i].numel() for i in keep), params[0].dtype, grads[0].dtype, params[0].device,
+                 step_scalars(step, lr, beta1, beta2, eps, weight_decay))
+
+
+def adamw8bit_multi_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+                          exp_avg_codes: Sequence[torch.Tensor], exp_avg_absmax: Sequence[torch.Tensor],
+                          exp_avg_sq_codes: Sequence[torch.Tensor], exp_avg_sq_absmax: Sequence[torch.Tensor], *,
+                          step: int, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
+    """:func:`adamw8bit_step_` on many tensors in one launch, bit for bit the same result; lists as in
+    :func:`adamw_multi_step_`, the states as :func:`adamw8bit_step_` takes them."""
+    _check_many(params, grads, {"exp_avg_codes": (exp_avg_codes, torch.uint8, 1),
+                                "exp_avg_absmax": (exp_avg_absmax, torch.float32, QBLOCK),
+                                "exp_avg_sq_codes": (exp_avg_sq_codes, torch.uint8, 1),
+                                "exp_avg_sq_absmax": (exp_avg_sq_absmax, torch.float32, QBLOCK)})
+    _check_scalars(step, lr, beta1, beta2, eps, weight_decay)
+    keep = [i for i, p in enumerate(params) if p.numel()]
+    if not keep:
+        return
+    grads = [grads[i].contiguous() for i in keep]
+    rows: list[int] = []
+    for i, g in zip(keep, grads):
+        rows += (params[i].data_ptr(), g.data_ptr(), exp_avg_codes[i].data_ptr(), exp_avg_absmax[i].data_ptr(),
+                 exp_avg_sq_codes[i].data_ptr(), exp_avg_sq_absmax[i].data_ptr(), params[i].numel())
+    _adamw8bit_multi(rows, tuple(params[i].numel() for i in keep), params[0].dtype, grads[0].dtype,
+                     params[0].device, step_scalars(step, lr, beta1, beta2, eps, weight_decay))
 
 
 # --- static compile specs ----------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import torch
 
 from .kernels import linear as _linear
 from .kernels._checks import FLOAT_DTYPES, check_backend_device, check_same_device
+from ._eager import NF4LoRAFunction
 from .nf4 import NF4Weight
 from .ops import nf4_lora_forward as _forward_op
 
@@ -35,51 +36,69 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def _check_inputs(x, weight, lora_A, lora_B, scaling, bias, dropout_p, training):
-    """Every argument checked against the others; each error names the argument at fault."""
+    """Every argument checked against the others; each error names the argument at fault.
+
+    This runs on every call, so it checks only what a call can change: the weight is an immutable
+    :class:`~qlora.nf4.NF4Weight`, validated in full (shapes, dtypes, one device) when it was built, so its
+    fields are trusted here. Devices are compared to x's; the backend rule (CPU under the interpreter, CUDA
+    otherwise) is checked on x alone, and on another tensor only when it sits elsewhere (for its message).
+    """
     if not isinstance(weight, NF4Weight):
         raise TypeError(f"weight must be a qlora.nf4.NF4Weight (use qlora.nf4.quantize_nf4), got "
                         f"{type(weight).__name__}")
-    if len(weight.shape) != 2:
-        raise ValueError(f"weight must be 2-dimensional (out_features, in_features), got shape {tuple(weight.shape)}")
-    out_features, in_features = weight.shape
+    shape = weight.shape
+    if len(shape) != 2:
+        raise ValueError(f"weight must be 2-dimensional (out_features, in_features), got shape {tuple(shape)}")
+    out_features, in_features = shape
     for name, t in (("x", x), ("lora_A", lora_A), ("lora_B", lora_B)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"x must be float32, float16 or bfloat16, got {_dtype_name(x.dtype)}")
-    if x.dim() < 1 or x.shape[-1] != in_features:
+    dtype = x.dtype
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"x must be float32, float16 or bfloat16, got {_dtype_name(dtype)}")
+    x_shape = x.shape
+    if not x_shape or x_shape[-1] != in_features:
         raise ValueError(f"x must have shape (..., {in_features}) to match the weight's in_features, got "
-                         f"{tuple(x.shape)}")
-    if lora_A.dim() != 2 or lora_A.shape[0] < 1 or lora_A.shape[1] != in_features:
-        raise ValueError(f"lora_A must have shape (r, {in_features}) with r >= 1, got {tuple(lora_A.shape)}")
-    rank = lora_A.shape[0]
-    if tuple(lora_B.shape) != (out_features, rank):
+                         f"{tuple(x_shape)}")
+    a_shape = lora_A.shape
+    if len(a_shape) != 2 or a_shape[0] < 1 or a_shape[1] != in_features:
+        raise ValueError(f"lora_A must have shape (r, {in_features}) with r >= 1, got {tuple(a_shape)}")
+    rank = a_shape[0]
+    if lora_B.shape != (out_features, rank):
         raise ValueError(f"lora_B must have shape ({out_features}, {rank}) (out_features, r of lora_A), got "
                          f"{tuple(lora_B.shape)}")
-    for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
-        if t.dtype != x.dtype:
-            raise TypeError(f"{name} has dtype {_dtype_name(t.dtype)} but x has {_dtype_name(x.dtype)}; "
-                            "they must match")
+    if lora_A.dtype != dtype or lora_B.dtype != dtype:
+        name, t = ("lora_A", lora_A) if lora_A.dtype != dtype else ("lora_B", lora_B)
+        raise TypeError(f"{name} has dtype {_dtype_name(t.dtype)} but x has {_dtype_name(dtype)}; they must match")
     if bias is not None:
         if not isinstance(bias, torch.Tensor):
             raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
-        if tuple(bias.shape) != (out_features,):
+        if bias.shape != (out_features,):
             raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
-        if bias.dtype != x.dtype:
-            raise TypeError(f"bias has dtype {_dtype_name(bias.dtype)} but x has {_dtype_name(x.dtype)}; "
+        if bias.dtype != dtype:
+            raise TypeError(f"bias has dtype {_dtype_name(bias.dtype)} but x has {_dtype_name(dtype)}; "
                             "they must match")
-    named = dict(x=x, weight=weight.packed, lora_A=lora_A, lora_B=lora_B, bias=bias)
-    for name, t in named.items():
-        if t is not None:
-            check_backend_device(name, t)
-    check_same_device(**named)
-    if isinstance(scaling, torch.Tensor) and scaling.numel() == 1:
-        scaling = scaling.item()
-    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
+    device = x.device
+    check_backend_device("x", x)
+    w_device = weight.packed.device
+    if (w_device != device or lora_A.device != device or lora_B.device != device
+            or (bias is not None and bias.device != device)):
+        named = dict(x=x, weight=weight.packed, lora_A=lora_A, lora_B=lora_B, bias=bias)
+        for name, t in named.items():
+            if t is not None:
+                check_backend_device(name, t)
+        check_same_device(**named)
+    if type(scaling) is not float:
+        if isinstance(scaling, torch.Tensor) and scaling.numel() == 1:
+            scaling = scaling.item()
+        if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
+            raise TypeError(f"scaling must be a finite real number, got {scaling!r}")
+    if not math.isfinite(scaling):
         raise TypeError(f"scaling must be a finite real number, got {scaling!r}")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+    if (isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float))
+            or not 0.0 <= dropout_p < 1.0):
         raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
-    if not isinstance(training, bool):
+    if training is not True and training is not False:
         raise TypeError(f"training must be a bool, got {type(training).__name__}")
     return float(scaling), float(dropout_p)
 
@@ -101,20 +120,28 @@ def qlora_linear(x: torch.Tensor, weight: NF4Weight, lora_A: torch.Tensor, lora_
 
     Returns:
         (..., out_features) in x's dtype. Differentiable in x, lora_A, lora_B and bias.
+
+    Eager calls go through :class:`qlora._eager.NF4LoRAFunction` (the launchers, without the custom operators'
+    dispatch cost); under ``torch.compile`` the custom operators of :mod:`qlora.ops` are traced. Both run the
+    same launchers with the same arguments: results are bit-identical.
     """
     scaling, dropout_p = _check_inputs(x, weight, lora_A, lora_B, scaling, bias, dropout_p, training)
     p = dropout_p if training else 0.0
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31):
         raise ValueError(f"seed must be None or an int in [0, 2**31), got {seed!r}")
-    seed_t = None
-    if p > 0:
-        # The seed travels as a one-element int64 tensor on x's device, read only by the kernels (see qlora/ops.py): drawn by torch.randint it is a
-        # node of a compiled graph rather than a host-side .item() (a graph break), and the draw takes from the
-        # default generator exactly as an eager host-side draw would.
-        seed_t = (torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=x.device) if seed is None
-                  else torch.tensor([seed], dtype=torch.int64, device=x.device))
     lead = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1])
+    seed_t = None
+    if p > 0:
+        # The seed travels as a one-element int64 tensor on x's device, read only by the kernels (qlora/ops.py):
+        # under torch.compile the draw is a graph node rather than a host-side .item() (a graph break), nothing
+        # reads a device tensor on the host (CUDA graphs can capture the layer), and eager and compiled calls take
+        # the same draw from the default generator.
+        seed_t = (torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=x.device) if seed is None
+                  else torch.tensor([seed], dtype=torch.int64, device=x.device))
+    if not torch.compiler.is_compiling():
+        y = NF4LoRAFunction.apply(x2d, lora_A, lora_B, bias, weight, scaling, p, 0 if seed_t is None else seed_t)
+        return y.reshape(*lead, weight.shape[0])
     y, _ = _forward_op(x2d, weight.packed, weight.absmax, weight.code, list(weight.shape), weight.blocksize,
                        weight.absmax2, weight.offset, weight.nested_code, weight.nested_blocksize, lora_A, lora_B,
                        scaling, bias, p, seed_t)

@@ -12,10 +12,16 @@ arithmetic of :mod:`qlora.kernels.optim`; parameters may be float32, float16 or 
 float32 (moments are always float32 or 8-bit, whatever the parameter dtype).
 
 Paging (``paging=``): ``"auto"`` picks ``"unified"`` (CUDA managed memory) where the GPU supports concurrent
-managed access, else ``"host"`` (pinned host memory streamed through ``num_pages`` device pages of
-``page_size`` bytes); CPU parameters (the Triton interpreter) use ``"host"``. ``"none"`` keeps every state
-resident. Tensors under ``min_paged_size`` elements stay resident either way. A paged step equals the
-resident step bit for bit; :meth:`memory_report` gives the device budget and what moved in the last step.
+managed access, else ``"host"`` (pinned host memory cached on the device in pages of ``page_size`` bytes);
+CPU parameters (the Triton interpreter) use ``"host"``. ``"none"`` keeps every state resident. Tensors under
+``min_paged_size`` elements stay resident either way. Pages are prefetched to the device before the step and stay
+there; they go back only when the device budget (``num_pages`` pages, or by default half of free device memory
+plus what the cache holds) needs the room, so a step whose state fits moves 0 bytes (bitsandbytes' semantics).
+A paged step equals the resident step bit for bit; :meth:`memory_report` gives the device budget and what moved
+in the last step.
+
+Launches: one per (step scalars, parameter dtype, gradient dtype, state kind) over all tensors under
+``qlora.kernels.optim.MULTI_TENSOR_MAX_NUMEL`` elements (pointer tables), one per larger tensor.
 
 State per parameter (what ``state_dict()`` saves, 8-bit states in their quantized form):
 ``step`` (int); float32 moments ``exp_avg``, ``exp_avg_sq`` (the parameter's shape, as in
@@ -60,8 +66,8 @@ from .paging import MIN_PAGE_SIZE, PAGE_ALIGN, FieldSpec, HostPager, Pager, Unif
 __all__ = ["AdamW8bit", "PagedAdamW", "PagedAdamW8bit"]
 
 PAGING_MODES = ("auto", "unified", "host", "none")
-DEFAULT_PAGE_SIZE = 8 << 20  # bytes; 4 pages = 32 MiB of device memory for paged state
-DEFAULT_NUM_PAGES = 4
+DEFAULT_PAGE_SIZE = 8 << 20  # bytes
+DEFAULT_NUM_PAGES = None  # the device budget follows free device memory (qlora.paging.BUDGET_FRACTION)
 DEFAULT_MIN_PAGED_SIZE = 100_000  # elements, as bitsandbytes: smaller states are not worth a transfer
 DEFAULT_MIN_8BIT_SIZE = 4096  # elements (SPEC 7)
 
@@ -163,7 +169,7 @@ class _TritonAdamW(torch.optim.Optimizer):
         optim_bits: int,
         paging: str,
         page_size: int,
-        num_pages: int,
+        num_pages: int | None,
         min_paged_size: int,
         min_8bit_size: int,
     ):
@@ -175,7 +181,8 @@ class _TritonAdamW(torch.optim.Optimizer):
         self._page_size = _count("page_size", page_size, MIN_PAGE_SIZE)
         if page_size % PAGE_ALIGN:
             raise ValueError(f"page_size must be a multiple of {PAGE_ALIGN} bytes, got {page_size}")
-        self._num_pages = _count("num_pages", num_pages, 2)  # two at least: one computes while one moves
+        # two at least: one computes while one moves; None: the budget follows free device memory
+        self._num_pages = None if num_pages is None else _count("num_pages", num_pages, 2)
         self._min_paged_size = _count("min_paged_size", min_paged_size, 0)
         self._min_8bit_size = _count("min_8bit_size", min_8bit_size, 0)
         self._pagers: dict[torch.device, Pager] = {}
@@ -262,47 +269,71 @@ class _TritonAdamW(torch.optim.Optimizer):
     # -- the step --------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure=None):
-        """One AdamW step for every parameter with a gradient; returns ``closure()``'s loss if given."""
+        """One AdamW step for every parameter with a gradient; returns ``closure()``'s loss if given.
+
+        Tensors are stepped in few launches: one per (step scalars, parameter dtype, gradient dtype, state kind)
+        over all small tensors (pointer tables, :func:`qlora.kernels.optim._adamw_multi`), one per tensor of at
+        least ``MULTI_TENSOR_MAX_NUMEL`` elements; paged state one such launch per batch of pages on the device.
+        The step scalars are computed once per (hyperparameters, step count).
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        work = []  # (param, grad, hyperparameters), all validated before any state changes
+        dtensor_module = sys.modules.get("torch.distributed.tensor")
+        dtensor = dtensor_module.DTensor if dtensor_module is not None else None
+        work = []  # (param, local grad, hyperparameters), all validated before any state changes
         for gi, group in enumerate(self.param_groups):
             hp = _hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"],
                                   f" (parameter group {gi})")
             for pi, p in enumerate(group["params"]):
-                if p.grad is None:
-                    continue
                 grad = p.grad
-                where = f"parameter {pi} of group {gi}"
+                if grad is None:
+                    continue
                 if grad.is_sparse:
-                    raise TypeError(f"{type(self).__name__} does not support sparse gradients ({where})")
+                    raise TypeError(f"{type(self).__name__} does not support sparse gradients "
+                                    f"(parameter {pi} of group {gi})")
                 if grad.shape != p.shape or grad.dtype not in FLOAT_DTYPES or grad.device != p.device:
                     raise ValueError(
-                        f"grad of {where} must be a float tensor of the parameter's shape {tuple(p.shape)} on "
-                        f"{p.device}, got {str(grad.dtype).replace('torch.', '')} {tuple(grad.shape)} on {grad.device}"
+                        f"grad of parameter {pi} of group {gi} must be a float tensor of the parameter's shape "
+                        f"{tuple(p.shape)} on {p.device}, got {str(grad.dtype).replace('torch.', '')} "
+                        f"{tuple(grad.shape)} on {grad.device}"
                     )
-                if _is_dtensor(p) != _is_dtensor(grad) or (
-                        _is_dtensor(p) and tuple(grad.placements) != tuple(p.placements)):
-                    want, got = (getattr(t, "placements", "a plain tensor") for t in (p, grad))
-                    raise ValueError(f"grad of {where} must be sharded like the parameter ({want}), got {got}")
-                check_backend_device(where, p)
-                work.append((p, _local(grad), hp))
+                if dtensor is not None and (isinstance(p, dtensor) or isinstance(grad, dtensor)):
+                    if isinstance(p, dtensor) != isinstance(grad, dtensor) or (
+                            tuple(grad.placements) != tuple(p.placements)):
+                        want, got = (getattr(t, "placements", "a plain tensor") for t in (p, grad))
+                        raise ValueError(f"grad of parameter {pi} of group {gi} must be sharded like the parameter "
+                                         f"({want}), got {got}")
+                    grad = grad.to_local()
+                check_backend_device(f"parameter {pi} of group {gi}", p)
+                work.append((p, grad, hp))
+        state = self.state
         resident, paged = [], {}
-        for p, grad, hp in work:
-            if not self.state[p]:
+        for item in work:
+            p = item[0]
+            st = state[p]
+            if not st:
                 self._init_state(p)
-            self.state[p]["step"] += 1
-            if any(id(p) in pager.states for pager in self._pagers.values()):
-                paged[id(p)] = (p, grad, hp)
+                st = state[p]
+            st["step"] += 1
+            if id(p) in self._resident:
+                resident.append(item)
             else:
-                resident.append((p, grad, hp))
+                paged[id(p)] = item
+        scalars: dict[tuple, _kernels.StepScalars] = {}
+        flats: list[_FlatParam] = []
 
         def step_resident():
+            batch = _LaunchBatch(scalars)
             for p, grad, hp in resident:
-                with _FlatParam(_local(p)) as flat:
-                    self._launch(p, flat, grad.reshape(-1), self._resident[id(p)], hp)
+                local = _local(p)
+                if not local.is_contiguous():
+                    flat = _FlatParam(local)
+                    flats.append(flat)
+                    local = flat.flat
+                batch.add(local, grad, self._resident[id(p)], 0, local.numel(), state[p]["step"], hp)
+            batch.launch()
 
         by_device: dict[torch.device, dict] = {}
         for key, item in paged.items():
@@ -310,29 +341,27 @@ class _TritonAdamW(torch.optim.Optimizer):
         if not by_device:
             step_resident()
         for i, (device, items) in enumerate(by_device.items()):
-            flats = {key: _FlatParam(_local(p)) for key, (p, _, _) in items.items()}
-            grads = {key: g.reshape(-1) for key, (_, g, _) in items.items()}
+            locals_ = {}
+            for key, (p, grad, _) in items.items():
+                local = _local(p)
+                if not local.is_contiguous():
+                    flat = _FlatParam(local)
+                    flats.append(flat)
+                    local = flat.flat
+                locals_[key] = (local, grad.contiguous())
 
-            def step_chunk(key, start, stop, views, items=items, flats=flats, grads=grads):
-                p, _, hp = items[key]
-                self._launch(p, flats[key].flat[start:stop], grads[key][start:stop], views, hp)
+            def step_pages(chunks, items=items, locals_=locals_):
+                batch = _LaunchBatch(scalars)
+                for key, start, stop, views in chunks:
+                    p, _, hp = items[key]
+                    local, grad = locals_[key]
+                    batch.add(local, grad, views, start, stop, state[p]["step"], hp)
+                batch.launch()
 
-            self._pagers[device].run(items.keys(), step_chunk, meanwhile=step_resident if i == 0 else None)
-            for flat in flats.values():
-                flat.write_back()
+            self._pagers[device].run(items.keys(), step_pages, meanwhile=step_resident if i == 0 else None)
+        for flat in flats:
+            flat.write_back()
         return loss
-
-    def _launch(self, p, flat_param, flat_grad, state: dict[str, torch.Tensor], hp) -> None:
-        lr, beta1, beta2, eps, weight_decay = hp
-        scalars = dict(step=self.state[p]["step"], lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-                       weight_decay=weight_decay)
-        if "exp_avg" in state:
-            _kernels.adamw_step_(flat_param, flat_grad, state["exp_avg"], state["exp_avg_sq"], **scalars)
-        else:
-            _kernels.adamw8bit_step_(
-                flat_param, flat_grad, state["exp_avg_codes"], state["exp_avg_absmax"],
-                state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"], **scalars,
-            )
 
     # -- paging ----------------------------------------------------------------------------------
     def synchronize(self) -> None:
@@ -354,7 +383,9 @@ class _TritonAdamW(torch.optim.Optimizer):
             "paging": self._paging,
             "page_size": self._page_size,
             "num_pages": self._num_pages,
-            "device_budget_bytes": 0 if self._paging == "none" else self._page_size * self._num_pages,
+            "device_budget_bytes": 0 if self._paging == "none" else (
+                self._page_size * self._num_pages if self._num_pages is not None
+                else sum(r["device_budget_bytes"] for r in devices.values())),
             "resident_tensors": len(self._resident),
             "resident_state_bytes": sum(t.numel() * t.element_size() for ts in self._resident.values()
                                         for t in ts.values()),
@@ -422,6 +453,8 @@ class _TritonAdamW(torch.optim.Optimizer):
                 raise ValueError(f"state_dict has state for parameter id {pid!r}, which no saved group lists")
             loaded[pid] = self._check_saved_state(params[pid], saved, index[pid])
         self.synchronize()
+        for pager in self._pagers.values():  # the host state is rewritten below: drop the device copies
+            pager.invalidate()
         super().load_state_dict({"state": {}, "param_groups": saved_groups})
         for pid, (step, values) in loaded.items():
             p = params[pid]
@@ -515,6 +548,64 @@ class _FlatParam:
         return False
 
 
+class _LaunchBatch:
+    """Collects (parameter slice, gradient slice, state views) and launches them grouped: one multi-tensor launch
+    per (step scalars, parameter dtype, gradient dtype, state kind); a slice of at least
+    ``MULTI_TENSOR_MAX_NUMEL`` elements gets its own single-tensor launch. ``scalars`` caches the step scalars
+    per (hyperparameters, step count) across batches of one optimizer step."""
+
+    def __init__(self, scalars: dict):
+        self.scalars = scalars
+        self.groups: dict[tuple, tuple[list[int], list[int]]] = {}
+        self.keep: list[torch.Tensor] = []  # gradient copies the launches read
+
+    def add(self, param: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor], start: int, stop: int,
+            step: int, hp: tuple) -> None:
+        """Elements ``[start, stop)`` of the contiguous ``param`` and of ``grad`` (same shape), with ``state``
+        the flat state tensors of exactly those elements."""
+        n = stop - start
+        if n <= 0:
+            return
+        if not grad.is_contiguous():
+            grad = grad.contiguous()
+            self.keep.append(grad)
+        key_s = (hp, step)
+        s = self.scalars.get(key_s)
+        if s is None:
+            lr, beta1, beta2, eps, weight_decay = hp
+            s = self.scalars[key_s] = _kernels.step_scalars(step, lr, beta1, beta2, eps, weight_decay)
+        eight_bit = "exp_avg" not in state
+        if n >= _kernels.MULTI_TENSOR_MAX_NUMEL:
+            flat_p, flat_g = param.view(-1)[start:stop], grad.view(-1)[start:stop]
+            lr, beta1, beta2, eps, weight_decay = hp
+            kw = dict(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
+            if eight_bit:
+                _kernels.adamw8bit_step_(flat_p, flat_g, state["exp_avg_codes"], state["exp_avg_absmax"],
+                                         state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"], **kw)
+            else:
+                _kernels.adamw_step_(flat_p, flat_g, state["exp_avg"], state["exp_avg_sq"], **kw)
+            return
+        key = (s, param.dtype, grad.dtype, eight_bit, param.device)
+        group = self.groups.get(key)
+        if group is None:
+            group = self.groups[key] = ([], [])
+        rows, numels = group
+        p_ptr = param.data_ptr() + start * param.element_size()
+        g_ptr = grad.data_ptr() + start * grad.element_size()
+        if eight_bit:
+            rows += (p_ptr, g_ptr, state["exp_avg_codes"].data_ptr(), state["exp_avg_absmax"].data_ptr(),
+                     state["exp_avg_sq_codes"].data_ptr(), state["exp_avg_sq_absmax"].data_ptr(), n)
+        else:
+            rows += (p_ptr, g_ptr, state["exp_avg"].data_ptr(), state["exp_avg_sq"].data_ptr(), n)
+        numels.append(n)
+
+    def launch(self) -> None:
+        for (s, p_dtype, g_dtype, eight_bit, device), (rows, numels) in self.groups.items():
+            launch = _kernels._adamw8bit_multi if eight_bit else _kernels._adamw_multi
+            launch(rows, tuple(numels), p_dtype, g_dtype, device, s)
+        self.groups.clear()
+
+
 class AdamW8bit(_TritonAdamW):
     """AdamW with 8-bit blockwise-quantized moments, all state resident on the parameters' device.
 
@@ -541,7 +632,7 @@ class PagedAdamW(_TritonAdamW):
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, paging: str = "auto", *,
-                 page_size: int = DEFAULT_PAGE_SIZE, num_pages: int = DEFAULT_NUM_PAGES,
+                 page_size: int = DEFAULT_PAGE_SIZE, num_pages: int | None = DEFAULT_NUM_PAGES,
                  min_paged_size: int = DEFAULT_MIN_PAGED_SIZE):
         super().__init__(params, lr, betas, eps, weight_decay, optim_bits=32, paging=paging, page_size=page_size,
                          num_pages=num_pages, min_paged_size=min_paged_size, min_8bit_size=0)
@@ -552,7 +643,7 @@ class PagedAdamW8bit(_TritonAdamW):
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, paging: str = "auto", *,
-                 page_size: int = DEFAULT_PAGE_SIZE, num_pages: int = DEFAULT_NUM_PAGES,
+                 page_size: int = DEFAULT_PAGE_SIZE, num_pages: int | None = DEFAULT_NUM_PAGES,
                  min_paged_size: int = DEFAULT_MIN_PAGED_SIZE, min_8bit_size: int = DEFAULT_MIN_8BIT_SIZE):
         super().__init__(params, lr, betas, eps, weight_decay, optim_bits=8, paging=paging, page_size=page_size,
                          num_pages=num_pages, min_paged_size=min_paged_size, min_8bit_size=min_8bit_size)

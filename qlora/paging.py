@@ -6,21 +6,22 @@ in the order parameters first get state, into fixed-size *pages*: a large tensor
 small tensors share one. A chunk holds the slices of each of its parameter's state fields (``exp_avg``,
 ``exp_avg_sq`` or their 8-bit codes and absmax); inside a page each slice starts on a 128-byte boundary.
 
-One optimizer step walks the pages holding a parameter with a gradient, in plan order, and hands every chunk
-to the step kernel as views on the device. Two back ends move the bytes:
+One optimizer step walks the pages holding a parameter with a gradient, in plan order, and hands their chunks to
+the step kernels as views on the device, a batch of pages per call (all of them when they fit the budget). Pages
+are cached on the device between steps and leave it only when the budget needs room (least recently used first);
+the budget is ``num_pages`` pages, or ``BUDGET_FRACTION`` of free device memory plus what the cache holds. Two
+back ends move the bytes:
 
-- :class:`HostPager` (``paging="host"``): each field lives in (pinned, on CUDA) host memory. The device holds
-  ``num_pages`` page buffers; page *k* is copied into buffer ``k % num_pages`` on an upload stream, the
-  kernels run on the compute stream, and the page is copied back on a download stream. Up to ``num_pages``
-  pages are in flight, so uploads and downloads overlap the kernels (double buffering with ``num_pages=2``).
-  With CPU tensors (the Triton interpreter) the same plan runs with synchronous copies, which is how its
-  logic (page boundaries, partial last page, many tensors in one page, ordering) is tested without a GPU.
+- :class:`HostPager` (``paging="host"``): each field lives in (pinned, on CUDA) host memory; a cached page sits in
+  a device page buffer, uploaded on an upload stream, and written back on a download stream when it is evicted
+  or on :meth:`Pager.synchronize`. With CPU tensors (the Triton interpreter) the same logic runs with synchronous
+  copies, which is how it (page boundaries, partial last page, many tensors in one page, eviction, bytes moved) is
+  tested without a GPU.
 - :class:`UnifiedPager` (``paging="unified"``): each field lives in CUDA managed memory (``cudaMallocManaged``
-  through the CUDA runtime torch ships, via ctypes); the kernels read it in place. A page is prefetched to
-  the GPU on the upload stream before its kernels, and when the paged state is larger than the device budget
-  it is prefetched back to the host afterwards, so at most ``num_pages`` pages of state sit on the GPU.
+  through the CUDA runtime torch ships, via ctypes); the kernels read it in place. A page is prefetched to the GPU
+  before its kernels and prefetched back to the host only when evicted.
 
-Either way the device memory used by paged state is at most ``num_pages * page_size`` bytes, and the kernel
+Either way the device memory used by paged state is at most the budget, and the kernel
 sees the same values it would see with resident state: a paged step equals an unpaged one bit for bit.
 """
 
@@ -31,6 +32,7 @@ import glob
 import os
 import weakref
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
@@ -190,17 +192,43 @@ class _NullContext:
         return False
 
 
-StepFn = Callable[[int, int, int, dict[str, torch.Tensor]], None]
-"""``fn(key, start, stop, views)``: run the step for elements ``[start, stop)`` of parameter ``key``;
-``views`` maps each field name to a flat device tensor holding that chunk's entries."""
+StepFn = Callable[[list[tuple[int, int, int, dict[str, torch.Tensor]]]], None]
+"""``fn(chunks)``: run the step for every ``(key, start, stop, views)`` of ``chunks``: elements ``[start, stop)``
+of parameter ``key``, ``views`` mapping each field name to a flat device tensor holding that chunk's entries.
+One call per batch of pages on the device, so its chunks can share launches."""
+
+
+BUDGET_FRACTION = 0.5  # of (free device memory + what the page cache holds), when no page count is given
+
+
+def free_device_bytes(device: torch.device) -> int:
+    """Free memory of ``device``: ``cudaMemGetInfo`` on CUDA; on the CPU (the interpreter's "device") the
+    kernel's MemAvailable, else free physical pages."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
 class Pager(ABC):
-    """Common logic of the back ends: the plan, the page walk, the byte counters."""
+    """Common logic of the back ends: the plan, the device page cache, the page walk, the byte counters.
+
+    Pages stay on the device between steps (bitsandbytes' semantics): a step prefetches the pages it needs that
+    are not there yet, and a page leaves the device only when room is needed for another one (least recently used
+    first). The device budget is ``num_pages`` pages when given, else it follows free device memory: at each step
+    ``BUDGET_FRACTION`` of (free memory + what the cache holds), at least two pages. A step whose pages all fit
+    moves 0 bytes once they are on the device.
+    """
 
     backend = ""
 
-    def __init__(self, device: torch.device, page_size: int, num_pages: int):
+    def __init__(self, device: torch.device, page_size: int, num_pages: int | None):
         self.device = device
         self.page_size = page_size
         self.num_pages = num_pages
@@ -208,6 +236,13 @@ class Pager(ABC):
         self.states: dict[int, PagedState] = {}
         self.streams = _Streams(device)
         self.last_step = {"pages": 0, "bytes_to_device": 0, "bytes_to_host": 0}
+        self.bytes_synchronized = 0  # written back to host by synchronize(), outside steps
+        self._cached: OrderedDict[int, int] = OrderedDict()  # page -> slot, least recently used first
+        self._dirty: set[int] = set()  # cached pages whose device copy is newer than the host one
+        self._used_at: dict[int, object] = {}  # page -> event of the last compute that used it (CUDA)
+        self._free_slots: list[int] = []
+        self._num_slots = 0
+        self._budget_pages = num_pages if num_pages is not None else 2
 
     # -- allocation ------------------------------------------------------------------------------
     def register(self, key: int, numel: int, fields: Sequence[FieldSpec]) -> PagedState:
@@ -218,72 +253,135 @@ class Pager(ABC):
         state = PagedState(key, numel, tuple(fields), tensors)
         state.chunks = self.plan.add(key, numel, fields)
         self.states[key] = state
+        # A cached page the new chunks land in holds nothing of them: write it back and drop it.
+        touched = {c.page for c in state.chunks} & set(self._cached)
+        if touched:
+            for page in touched:
+                self._evict(page, count=False)
+            self.streams.synchronize()
         return state
 
     @abstractmethod
     def _allocate(self, count: int, dtype: torch.dtype) -> torch.Tensor:
         """A zeroed flat tensor of ``count`` entries in this back end's state memory."""
 
-    # -- the step --------------------------------------------------------------------------------
-    def run(self, active: Iterable[int], fn: StepFn, meanwhile: Callable[[], None] | None = None) -> None:
-        """Run ``fn`` on every chunk of the ``active`` parameters, page by page, in plan order.
+    # -- the device cache ------------------------------------------------------------------------
+    def budget_pages(self) -> int:
+        """Pages the device may hold now: ``num_pages``, or the share of free device memory (at least 2)."""
+        if self.num_pages is not None:
+            return self.num_pages
+        held = len(self._cached) * self.page_size
+        return max(2, int((free_device_bytes(self.device) + held) * BUDGET_FRACTION) // self.page_size)
 
-        ``meanwhile`` runs on the compute stream right after the first uploads are queued (the resident
-        parameters' steps), so it overlaps them.
-        """
-        active = set(active)
-        pages = [
-            [c for c in chunks if c.key in active] for chunks in self.plan.pages
-        ]
-        pages = [chunks for chunks in pages if chunks]
+    def _evict(self, page: int, count: bool = True) -> int:
+        """Take ``page`` off the device (writing it back if needed); returns its slot."""
         s = self.streams
-        self.last_step = {"pages": len(pages), "bytes_to_device": 0, "bytes_to_host": 0}
-        if s.cuda:
-            # This step's uploads read host state that the previous step's downloads wrote.
-            s.upload.wait_stream(s.download)
-        loaded, stored = {}, {}
-        depth = self.num_pages
+        slot = self._cached.pop(page)
+        event = self._used_at.pop(page, None)
+        if event is not None:
+            s.wait(s.download, event)
+        with s.on(s.download):
+            moved = self._store(self.plan.pages[page], slot, page in self._dirty)
+        self._dirty.discard(page)
+        if count:
+            self.last_step["bytes_to_host"] += moved
+        else:
+            self.bytes_synchronized += moved
+        self._free_slots.append(slot)
+        return slot
 
-        def upload(k: int) -> None:
-            if k >= len(pages):
-                return
-            if k - depth in stored:  # the buffer page k reuses must be written back first
-                s.wait(s.upload, stored[k - depth])
-            with s.on(s.upload):
-                self._load(pages[k], k % depth)
-            loaded[k] = s.record(s.upload)
+    def _ensure(self, page: int, pinned: set[int], budget: int) -> None:
+        """Bring ``page`` to the device unless it is there, evicting the least recently used unpinned page when
+        the budget is full."""
+        if page in self._cached:
+            self._cached.move_to_end(page)
+            return
+        s = self.streams
+        if len(self._cached) >= budget:
+            victim = next(p for p in self._cached if p not in pinned)
+            self._evict(victim)
+            s.wait(s.upload, s.record(s.download))
+        if not self._free_slots:
+            self._free_slots.append(self._new_slot(self._num_slots))
+            self._num_slots += 1
+        slot = self._free_slots.pop()
+        with s.on(s.upload):
+            self.last_step["bytes_to_device"] += self._load(self.plan.pages[page], slot)
+        self._cached[page] = slot
 
-        for k in range(depth):
-            upload(k)
-        if meanwhile is not None:
-            meanwhile()
-        compute = s.compute()
-        for k, chunks in enumerate(pages):
-            s.wait(compute, loaded[k])
-            for chunk in chunks:
-                fn(chunk.key, chunk.start, chunk.stop, self._views(chunk, k % depth))
-            computed = s.record(compute)
-            s.wait(s.download, computed)
-            with s.on(s.download):
-                self._store(chunks, k % depth)
-            stored[k] = s.record(s.download)
-            upload(k + depth)
+    def _new_slot(self, index: int) -> int:
+        """Make device slot ``index`` usable (a page buffer for the host back end); returns it."""
+        return index
 
-    def synchronize(self) -> None:
-        """Wait until every queued copy has landed (call before reading or writing the host tensors)."""
+    def invalidate(self) -> None:
+        """Write every cached page back and drop it (after the host state was rewritten, e.g. by a load)."""
+        for page in list(self._cached):
+            self._evict(page, count=False)
         self.streams.synchronize()
 
-    @abstractmethod
-    def _load(self, chunks: list[Chunk], slot: int) -> None:
-        """Queue (on the current stream) whatever brings these chunks to the device in buffer ``slot``."""
+    # -- the step --------------------------------------------------------------------------------
+    def run(self, active: Iterable[int], fn: StepFn, meanwhile: Callable[[], None] | None = None) -> None:
+        """Run ``fn`` on the chunks of the ``active`` parameters, in plan order, a batch of pages at a time.
+
+        When every page the step needs fits the budget they form one batch (one ``fn`` call); otherwise batches
+        of half the budget, so one batch uploads while the previous computes. ``meanwhile`` runs on the compute
+        stream once the first batch's uploads are queued (the resident parameters' steps), overlapping them.
+        """
+        active = set(active)
+        pages = [k for k, chunks in enumerate(self.plan.pages) if any(c.key in active for c in chunks)]
+        s = self.streams
+        self.last_step = {"pages": len(pages), "bytes_to_device": 0, "bytes_to_host": 0}
+        budget = self._budget_pages = self.budget_pages()
+        while len(self._cached) > budget:  # the budget shrank: give the oldest pages back
+            self._evict(next(iter(self._cached)))
+        if s.cuda:
+            # This step's uploads read host state that earlier write-backs wrote.
+            s.upload.wait_stream(s.download)
+        size = len(pages) if len(pages) <= budget else max(1, budget // 2)
+        batches = [pages[i:i + size] for i in range(0, len(pages), size)]
+        compute = s.compute()
+        for b, batch in enumerate(batches):
+            pinned = set(batch)
+            for page in batch:
+                self._ensure(page, pinned, budget)
+            loaded = s.record(s.upload)
+            if b == 0 and meanwhile is not None:
+                meanwhile()
+            s.wait(compute, loaded)
+            fn([(c.key, c.start, c.stop, self._views(c, self._cached[page]))
+                for page in batch for c in self.plan.pages[page] if c.key in active])
+            done = s.record(compute)
+            for page in batch:
+                self._dirty.add(page)
+                self._used_at[page] = done
+        if not batches and meanwhile is not None:
+            meanwhile()
+
+    def synchronize(self) -> None:
+        """Write every page the device changed back to its host state and wait until every copy has landed (call
+        before reading or writing the host tensors; pages stay on the device)."""
+        s = self.streams
+        for page in list(self._dirty):
+            event = self._used_at.get(page)
+            if event is not None:
+                s.wait(s.download, event)
+            with s.on(s.download):
+                self.bytes_synchronized += self._store(self.plan.pages[page], self._cached[page], True)
+        self._dirty.clear()
+        s.synchronize()
 
     @abstractmethod
-    def _store(self, chunks: list[Chunk], slot: int) -> None:
-        """Queue (on the current stream) whatever takes these chunks back to the host from ``slot``."""
+    def _load(self, chunks: list[Chunk], slot: int) -> int:
+        """Queue (on the current stream) what brings these chunks to the device in ``slot``; returns the bytes."""
+
+    @abstractmethod
+    def _store(self, chunks: list[Chunk], slot: int, dirty: bool) -> int:
+        """Queue (on the current stream) what takes these chunks off the device from ``slot`` (back to the host
+        when ``dirty``); returns the bytes moved."""
 
     @abstractmethod
     def _views(self, chunk: Chunk, slot: int) -> dict[str, torch.Tensor]:
-        """Device views of the chunk's field slices, as loaded in buffer ``slot``."""
+        """Device views of the chunk's field slices, as loaded in ``slot``."""
 
     # -- report ----------------------------------------------------------------------------------
     def report(self) -> dict:
@@ -291,35 +389,35 @@ class Pager(ABC):
             "backend": self.backend,
             "page_size": self.page_size,
             "num_pages": self.num_pages,
-            "device_budget_bytes": self.page_size * self.num_pages,
+            "device_budget_bytes": self.page_size * self._budget_pages,
             "paged_tensors": len(self.states),
             "paged_state_bytes": sum(st.nbytes for st in self.states.values()),
             "plan_pages": len(self.plan.pages),
+            "cached_pages": len(self._cached),
             "last_step": dict(self.last_step),
+            "bytes_synchronized_to_host": self.bytes_synchronized,
         }
 
 
 class HostPager(Pager):
-    """State in host memory (pinned when the device is CUDA), streamed through ``num_pages`` device buffers."""
+    """State in host memory (pinned when the device is CUDA), cached on the device in page buffers."""
 
     backend = "host"
 
-    def __init__(self, device: torch.device, page_size: int, num_pages: int):
+    def __init__(self, device: torch.device, page_size: int, num_pages: int | None):
         super().__init__(device, page_size, num_pages)
         self._buffers: list[torch.Tensor] = []
 
     def _allocate(self, count: int, dtype: torch.dtype) -> torch.Tensor:
         return torch.zeros(count, dtype=dtype, pin_memory=self.device.type == "cuda")
 
-    def run(self, active, fn, meanwhile=None) -> None:
-        if not self._buffers and self.states:  # no device memory until some state is paged
-            for _ in range(self.num_pages):
-                buffer = torch.empty(self.page_size, dtype=torch.uint8, device=self.device)
-                if self.streams.cuda:  # used on the side streams too: keep it alive until they are done
-                    buffer.record_stream(self.streams.upload)
-                    buffer.record_stream(self.streams.download)
-                self._buffers.append(buffer)
-        super().run(active, fn, meanwhile)
+    def _new_slot(self, index: int) -> int:
+        buffer = torch.empty(self.page_size, dtype=torch.uint8, device=self.device)
+        if self.streams.cuda:  # used on the side streams too: keep it alive until they are done
+            buffer.record_stream(self.streams.upload)
+            buffer.record_stream(self.streams.download)
+        self._buffers.append(buffer)
+        return index
 
     def _pairs(self, chunks: list[Chunk], slot: int):
         buffer = self._buffers[slot]
@@ -329,15 +427,21 @@ class HostPager(Pager):
                 host = tensors[seg.name][seg.lo:seg.hi]
                 yield host, buffer[seg.offset:seg.offset + seg.nbytes].view(host.dtype), seg.nbytes
 
-    def _load(self, chunks: list[Chunk], slot: int) -> None:
+    def _load(self, chunks: list[Chunk], slot: int) -> int:
+        moved = 0
         for host, dev, nbytes in self._pairs(chunks, slot):
             dev.copy_(host, non_blocking=True)
-            self.last_step["bytes_to_device"] += nbytes
+            moved += nbytes
+        return moved
 
-    def _store(self, chunks: list[Chunk], slot: int) -> None:
+    def _store(self, chunks: list[Chunk], slot: int, dirty: bool) -> int:
+        if not dirty:  # the host copy is current: dropping the page moves nothing
+            return 0
+        moved = 0
         for host, dev, nbytes in self._pairs(chunks, slot):
             host.copy_(dev, non_blocking=True)
-            self.last_step["bytes_to_host"] += nbytes
+            moved += nbytes
+        return moved
 
     def _views(self, chunk: Chunk, slot: int) -> dict[str, torch.Tensor]:
         buffer = self._buffers[slot]
@@ -481,7 +585,7 @@ class UnifiedPager(Pager):
 
     backend = "unified"
 
-    def __init__(self, device: torch.device, page_size: int, num_pages: int):
+    def __init__(self, device: torch.device, page_size: int, num_pages: int | None):
         if device.type != "cuda":
             raise ValueError(f"paging='unified' needs CUDA parameters, got parameters on {device}")
         super().__init__(device, page_size, num_pages)
@@ -505,23 +609,28 @@ class UnifiedPager(Pager):
                 t = tensors[seg.name]
                 yield t.data_ptr() + seg.lo * t.element_size(), seg.nbytes
 
-    def _evicting(self) -> bool:
-        """Under pressure: the paged state does not fit the device budget, so pages go back after use."""
-        return sum(st.nbytes for st in self.states.values()) > self.page_size * self.num_pages
-
-    def _load(self, chunks: list[Chunk], slot: int) -> None:
+    def _load(self, chunks: list[Chunk], slot: int) -> int:
         stream = torch.cuda.current_stream(self.device).cuda_stream
+        moved = 0
         for ptr, nbytes in self._ranges(chunks):
             self.runtime.prefetch(ptr, nbytes, self.ordinal, stream)
-            self.last_step["bytes_to_device"] += nbytes
+            moved += nbytes
+        return moved
 
-    def _store(self, chunks: list[Chunk], slot: int) -> None:
-        if not self._evicting():
-            return
+    def _store(self, chunks: list[Chunk], slot: int, dirty: bool) -> int:
+        # Only evictions come here (see synchronize): the page goes back to its host home.
         stream = torch.cuda.current_stream(self.device).cuda_stream
+        moved = 0
         for ptr, nbytes in self._ranges(chunks):
             self.runtime.prefetch(ptr, nbytes, _CUDA_CPU_DEVICE_ID, stream)
-            self.last_step["bytes_to_host"] += nbytes
+            moved += nbytes
+        return moved
+
+    def synchronize(self) -> None:
+        """Wait for every queued prefetch and kernel: managed memory is coherent, pages stay where they are."""
+        self._dirty.clear()
+        self.streams.synchronize()
+        torch.cuda.current_stream(self.device).synchronize()
 
     def _views(self, chunk: Chunk, slot: int) -> dict[str, torch.Tensor]:
         tensors = self.states[chunk.key].tensors

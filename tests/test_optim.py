@@ -260,6 +260,8 @@ def _drive(opt, params, steps, seed, skip=()):
 
 
 def _assert_same_state(a, b, params_a, params_b):
+    a.synchronize()  # paged state stays on the device between steps: write it back before reading it
+    b.synchronize()
     for pa, pb in zip(params_a, params_b):
         _assert_bits_equal(pa, pb.detach().cpu(), "param")
         sa, sb = a.state[pa], b.state[pb]
@@ -455,7 +457,16 @@ def test_paged_step_equals_resident_step_bit_for_bit(shapes, dtype, eight_bit, p
     assert report["paged_tensors"] == len(shapes) and report["resident_tensors"] == 0
     assert dev["backend"] == "host"
     assert dev["device_bytes_allocated"] <= report["device_budget_bytes"] == page_kib * 1024 * num_pages
-    assert dev["last_step"]["bytes_to_device"] == dev["last_step"]["bytes_to_host"] == report["paged_state_bytes"]
+    # Pages stay on the device between steps and leave it only under pressure (LRU). The last step steps every
+    # tensor: when all pages fit it moves nothing; when there are at least twice as many pages as the budget,
+    # every page was evicted before its turn came again, so all the paged state went up and came back down.
+    moved = dev["last_step"]
+    if dev["plan_pages"] <= num_pages:
+        assert moved["bytes_to_device"] == moved["bytes_to_host"] == 0
+    elif dev["plan_pages"] >= 2 * num_pages:
+        assert moved["bytes_to_device"] == moved["bytes_to_host"] == report["paged_state_bytes"]
+    else:
+        assert 0 < moved["bytes_to_device"] <= report["paged_state_bytes"]
 
 
 @pytest.mark.parametrize("eight_bit", [False, True])

@@ -1,0 +1,56 @@
+"""The eager (uncompiled) path of :func:`qlora.functional.qlora_linear`: one ``torch.autograd.Function`` that calls
+the launchers of :mod:`qlora.kernels.linear` directly.
+
+The custom operators of :mod:`qlora.ops` are what ``torch.compile`` traces; in eager code they cost host time a GPU
+step pays before any kernel runs (dispatcher round trips, ``fill_defaults``, the Dynamo-disable wrapper, the autograd
+wrapper of ``register_autograd``): about half the host time of a small layer's
+forward + backward before this path existed. This Function runs the very same launchers with the very same
+arguments, so eager results equal compiled ones bit for bit (``tests/test_compile.py``).
+
+The :class:`~qlora.nf4.NF4Weight` is validated when it is built and is immutable, so nothing about it is checked
+here; :func:`qlora.functional.qlora_linear` checks what can change per call before calling :meth:`apply`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .kernels import linear as _linear
+from .nf4 import NF4Weight
+
+
+def _weight_kwargs(weight: NF4Weight) -> dict:
+    return dict(packed=weight.packed, absmax=weight.absmax, code=weight.code, shape=weight.shape,
+                blocksize=weight.blocksize, absmax2=weight.absmax2, offset=weight.offset,
+                nested_code=weight.nested_code, nested_blocksize=weight.nested_blocksize)
+
+
+class NF4LoRAFunction(torch.autograd.Function):
+    """``y = x @ W^T + scaling * (dropout(x) @ A^T) @ B^T + bias`` for x (M, K); differentiable in x, lora_a,
+    lora_b and bias. ``seed`` is a one-element int64 tensor on x's device, read only by the kernels (0 without
+    dropout)."""
+
+    @staticmethod
+    def forward(ctx, x, lora_a, lora_b, bias, weight: NF4Weight, scaling: float, dropout_p: float, seed):
+        kw = _weight_kwargs(weight)
+        y, u = _linear.nf4_lora_forward(x, lora_a=lora_a, lora_b=lora_b, scaling=scaling, bias=bias,
+                                        dropout_p=dropout_p, seed=seed, **kw)
+        ctx.save_for_backward(x, u, lora_a, lora_b)
+        ctx.weight_kwargs = kw
+        ctx.meta = (scaling, dropout_p, seed, bias is not None)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, u, lora_a, lora_b = ctx.saved_tensors
+        scaling, dropout_p, seed, has_bias = ctx.meta
+        need_x, need_a, need_b, need_bias = ctx.needs_input_grad[:4]
+        need_lora = need_a or need_b
+        need_bias = has_bias and need_bias
+        if not (need_x or need_lora or need_bias):
+            return None, None, None, None, None, None, None, None
+        dx, d_a, d_b, d_bias = _linear.nf4_lora_backward(
+            dy.to(x.dtype), x, u, lora_a=lora_a, lora_b=lora_b, scaling=scaling, dropout_p=dropout_p, seed=seed,
+            need_dx=need_x, need_lora=need_lora, need_bias=need_bias, **ctx.weight_kwargs)
+        return (dx if need_x else None, d_a if need_a else None, d_b if need_b else None,
+                d_bias if need_bias else None, None, None, None, None)
