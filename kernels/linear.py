@@ -37,12 +37,13 @@ import torch
 import triton
 import triton.language as tl
 
+from ._host import cdiv, next_pow2
 from ._checks import FLOAT_DTYPES, check_blocksize, check_same_device, check_tensor
 from ._runtime import interpreter_active
 from ._static import KernelSpec
 from ._tl import block_scale, dot, grouped_tile, keep_tile, load_tile, round_to
 from .lora import (LORA_BLOCK_RS, SPLIT_CHOICES, check_scalar, lora_block_r, lora_down, lora_dropout_bits,
-                   lora_dropout_mask, lora_grad, num_sms, pow2_clamp, seed_tensor)
+                   lora_dropout_mask, lora_grad, num_sms, pow2_clamp, seed_tensor, check_seed_int)
 from .quantize import (_GPU_DEQUANT_BYTES, _NUM_WARPS, _dequantize_4bit_kernel, _kernel_view, _stream_config,
                        unpack_4bit)
 
@@ -432,7 +433,7 @@ def _check_nf4(packed, absmax, code, shape, blocksize, absmax2, offset, nested_c
     n, k = int(shape[0]), int(shape[1])
     if packed.numel() != (n * k + 1) // 2:
         raise ValueError(f"packed must hold {(n * k + 1) // 2} bytes for shape {(n, k)}, got {packed.numel()}")
-    nblocks = triton.cdiv(n * k, blocksize)
+    nblocks = cdiv(n * k, blocksize)
     double_quant = absmax2 is not None
     if double_quant != (nested_code is not None) or double_quant != (offset is not None):
         raise ValueError("absmax2, offset and nested_code must be given together (double quantization) or not at all")
@@ -445,8 +446,8 @@ def _check_nf4(packed, absmax, code, shape, blocksize, absmax2, offset, nested_c
             raise ValueError(f"nested_blocksize must be {NESTED_BLOCKSIZE}, got {nested_blocksize!r}")
         check_tensor("absmax2", absmax2, (torch.float32,), ndim=1)
         check_tensor("nested_code", nested_code, (torch.float32,), ndim=1)
-        if absmax2.numel() != triton.cdiv(nblocks, NESTED_BLOCKSIZE):
-            raise ValueError(f"absmax2 must hold {triton.cdiv(nblocks, NESTED_BLOCKSIZE)} scales, "
+        if absmax2.numel() != cdiv(nblocks, NESTED_BLOCKSIZE):
+            raise ValueError(f"absmax2 must hold {cdiv(nblocks, NESTED_BLOCKSIZE)} scales, "
                              f"got {absmax2.numel()}")
         if nested_code.numel() != 256:
             raise ValueError(f"nested_code must hold 256 values, got {nested_code.numel()}")
@@ -488,13 +489,13 @@ def _keep_bits(keep, seed, m: int, k: int, p: float, device) -> torch.Tensor | N
     """The bit-packed dropout mask of the (M, K) input: ``keep`` as given (checked), or generated from ``seed``."""
     if p == 0:
         if not isinstance(seed, torch.Tensor):
-            seed_tensor(seed, device)  # an int seed is validated even when unused
+            check_seed_int(seed)  # validated even when unused
         return None
     if keep is None:
         return lora_dropout_bits(seed_tensor(seed, device), (m, k), p)
     check_tensor("keep", keep, (torch.int32,), ndim=2)
-    if tuple(keep.shape) != (m, triton.cdiv(k, 32)) or not keep.is_contiguous():
-        raise ValueError(f"keep must be contiguous int32 of shape {(m, triton.cdiv(k, 32))}, got "
+    if tuple(keep.shape) != (m, cdiv(k, 32)) or not keep.is_contiguous():
+        raise ValueError(f"keep must be contiguous int32 of shape {(m, cdiv(k, 32))}, got "
                          f"{tuple(keep.shape)}")
     return keep
 
@@ -517,9 +518,9 @@ class _Weight:
         values), launched directly since the launcher has checked the weight already."""
         out = torch.empty((self.n, self.k), dtype=dtype, device=self.packed.device)
         nelem = self.n * self.k
-        nbytes = triton.cdiv(nelem, 2)
+        nbytes = cdiv(nelem, 2)
         per_program = _stream_config(nbytes, _GPU_DEQUANT_BYTES)
-        _dequantize_4bit_kernel[(triton.cdiv(nbytes, per_program),)](
+        _dequantize_4bit_kernel[(cdiv(nbytes, per_program),)](
             self.packed, *self.ptrs[1:4], self.offset, self.code, _kernel_view(out), nelem, nbytes,
             (self.blocksize // 2).bit_length() - 1, BYTES_PER_PROGRAM=per_program, DOUBLE_QUANT=self.double_quant,
             NESTED_BLOCKSIZE=NESTED_BLOCKSIZE, num_warps=_NUM_WARPS, enable_fp_fusion=False)
@@ -555,7 +556,7 @@ def _launch_matmul(a, weight: _Weight, transposed: bool, l, rm, stride_rr, strid
         stride_bk, stride_bn = (1, weight.k) if transposed else (weight.k, 1)
         consts = weight.consts(weight.k, 1)
     args = (a, b, *weight.ptrs[1:], l, rm, out if bias is None else bias, out if keep is None else keep, out,
-            m, cols, inner, r, weight.offset, float(lora_scale), triton.cdiv(cols, 32),
+            m, cols, inner, r, weight.offset, float(lora_scale), cdiv(cols, 32),
             a.stride(0), a.stride(1), stride_bk, stride_bn, stride_rr, stride_rn)
     # Unit strides stay 1 (Triton specializes them); the others, N and K must be multiples of 16.
     aligned = (not interp and a.stride(1) == 1 and min(stride_bk, stride_bn) <= 1
@@ -564,19 +565,19 @@ def _launch_matmul(a, weight: _Weight, transposed: bool, l, rm, stride_rr, strid
                   HAS_DROPOUT=keep is not None, ALIGNED=aligned, BLOCK_R=lora_block_r(r))
     if config is None:
         def grid(meta):
-            return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(cols, meta["BLOCK_N"]),)
+            return (cdiv(m, meta["BLOCK_M"]) * cdiv(cols, meta["BLOCK_N"]),)
 
         _tuned_matmul()[grid](*args, enable_fp_fusion=False, **consts)
         return
-    grid = (triton.cdiv(m, config.block_m) * triton.cdiv(cols, config.block_n),)
+    grid = (cdiv(m, config.block_m) * cdiv(cols, config.block_n),)
     _matmul_lora_kernel[grid](*args, **consts, **config.meta(), num_warps=config.num_warps,
                               num_stages=config.num_stages, enable_fp_fusion=False)
 
 
 def _gemv_split_k(n: int, k: int, cfg: MatmulConfig) -> int:
     """K splits so that about two programs per SM run, each keeping at least two K steps."""
-    tiles = triton.cdiv(n, cfg.block_n)
-    want = triton.cdiv(2 * num_sms(), tiles)
+    tiles = cdiv(n, cfg.block_n)
+    want = cdiv(2 * num_sms(), tiles)
     most = max(1, k // (2 * cfg.block_k))
     split = 1
     for s in SPLIT_K_CHOICES:
@@ -595,14 +596,14 @@ def _launch_gemv(x, weight: _Weight, lora_a, lora_b, bias, keep, scaling, p, con
     else:
         split = config.split_k
     block_k = config.block_k
-    k_per_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
-    split = triton.cdiv(k, k_per_split)
+    k_per_split = cdiv(cdiv(k, split), block_k) * block_k
+    split = cdiv(k, k_per_split)
     block_r = lora_block_r(r)
     ws = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
     u_ws = torch.empty((split, m, r), dtype=torch.float32, device=x.device)
-    _nf4_gemv_kernel[(triton.cdiv(n, config.block_n), split)](
+    _nf4_gemv_kernel[(cdiv(n, config.block_n), split)](
         x, *weight.ptrs, lora_a, x if keep is None else keep, ws, u_ws,
-        m, n, k, r, weight.offset, k_per_split, triton.cdiv(k, 32),
+        m, n, k, r, weight.offset, k_per_split, cdiv(k, 32),
         x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1),
         BLOCKSIZE=weight.blocksize, DOUBLE_QUANT=weight.double_quant, NESTED_BLOCKSIZE=NESTED_BLOCKSIZE,
         K_ALIGNED32=k % 32 == 0, INDEX_64=weight.index_64, HAS_DROPOUT=keep is not None,
@@ -611,7 +612,7 @@ def _launch_gemv(x, weight: _Weight, lora_a, lora_b, bias, keep, scaling, p, con
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     u = torch.empty((m, r), dtype=torch.float32, device=x.device)
     block_n = pow2_clamp(n, 16, 512) if interp else EPILOGUE_BLOCK_N
-    _gemv_epilogue_kernel[(triton.cdiv(n, block_n),)](
+    _gemv_epilogue_kernel[(cdiv(n, block_n),)](
         ws, u_ws, lora_b, y if bias is None else bias, y, u, m, n, r, split, float(scaling), 1.0 / (1.0 - p),
         lora_b.stride(0), lora_b.stride(1), HAS_BIAS=bias is not None, BLOCK_M=16, BLOCK_N=block_n,
         BLOCK_R=block_r, enable_fp_fusion=False)

@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._host import cdiv, next_pow2
 from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
 from ._runtime import interpreter_active, kernel_device
 from ._static import KernelSpec
@@ -167,7 +168,7 @@ def _lora_grad_kernel(
 
 
 def pow2_clamp(n: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
+    return max(lo, min(hi, next_pow2(max(int(n), 1))))
 
 
 def lora_block_r(r: int) -> int:
@@ -203,9 +204,14 @@ def seed_tensor(seed, device: torch.device) -> torch.Tensor:
         # A seed on another device (a CPU draw for a GPU layer) is copied without a host read or a sync; drawn
         # on the kernels' device it is used as it is (what a captured CUDA graph needs).
         return seed.reshape(1).to(device=device, dtype=torch.int64, non_blocking=True)
+    check_seed_int(seed)
+    return torch.tensor([seed], dtype=torch.int64, device=device)
+
+
+def check_seed_int(seed) -> None:
+    """An int seed must lie in [0, 2**31) (checked also where dropout is off and no tensor is made of it)."""
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
         raise ValueError(f"seed must be an int in [0, 2**31), got {seed!r}")
-    return torch.tensor([seed], dtype=torch.int64, device=device)
 
 
 def _threshold_biased(p: float) -> int:
@@ -217,7 +223,7 @@ def choose_splits(tiles: int, reduction: int, block: int) -> int:
     """K splits so that tiles * splits reaches about two programs per SM, each split keeping >= 2 steps."""
     if interpreter_active():
         return 1
-    want = triton.cdiv(2 * num_sms(), max(tiles, 1))
+    want = cdiv(2 * num_sms(), max(tiles, 1))
     most = max(1, reduction // (2 * block))
     split = 1
     for s in SPLIT_CHOICES:
@@ -230,7 +236,7 @@ def sum_splits(ws: torch.Tensor, out: torch.Tensor, scale: float = 1.0) -> None:
     """out (any shape, contiguous) = scale * ws.sum(0) in float32, rounded once to out's dtype."""
     numel = out.numel()
     block = REDUCE_BLOCK if not interpreter_active() else pow2_clamp(numel, 16, 1 << 16)
-    _sum_splits_kernel[(triton.cdiv(numel, block),)](ws, out, numel, ws.shape[0], float(scale), BLOCK=block)
+    _sum_splits_kernel[(cdiv(numel, block),)](ws, out, numel, ws.shape[0], float(scale), BLOCK=block)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -247,11 +253,11 @@ def lora_dropout_bits(seed, shape, p: float) -> torch.Tensor:
     m, k = int(shape[0]), int(shape[1])
     device = kernel_device() if not isinstance(seed, torch.Tensor) else seed.device
     seed_t = seed_tensor(seed, device)
-    words = triton.cdiv(k, 32)
+    words = cdiv(k, 32)
     bits = torch.empty((m, words), dtype=torch.int32, device=device)
     if bits.numel() == 0:
         return bits
-    grid = (triton.cdiv(m, BITS_BLOCK["BLOCK_M"]), triton.cdiv(words, BITS_BLOCK["BLOCK_W"]))
+    grid = (cdiv(m, BITS_BLOCK["BLOCK_M"]), cdiv(words, BITS_BLOCK["BLOCK_W"]))
     _dropout_bits_kernel[grid](seed_t, bits, m, k, words, _threshold_biased(p), **BITS_BLOCK)
     return bits
 
@@ -324,20 +330,20 @@ def lora_down(a: torch.Tensor, b: torch.Tensor, *, dropout_p: float = 0.0, seed=
         return out
     if d == 0:
         return out.zero_()
-    words = triton.cdiv(d, 32)
+    words = cdiv(d, 32)
     if p > 0:
         check_tensor("keep", keep, (torch.int32,), ndim=2)
         if tuple(keep.shape) != (m, words) or not keep.is_contiguous():
             raise ValueError(f"keep must be contiguous int32 of shape {(m, words)}, got {tuple(keep.shape)}")
     block_r = lora_block_r(r)
     meta, launch = _down_meta(m, d, block_r)
-    tiles = triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(r, block_r)
+    tiles = cdiv(m, meta["BLOCK_M"]) * cdiv(r, block_r)
     split = choose_splits(tiles, d, meta["BLOCK_D"])
-    d_per_split = triton.cdiv(triton.cdiv(d, split), meta["BLOCK_D"]) * meta["BLOCK_D"]
-    split = triton.cdiv(d, d_per_split)
+    d_per_split = cdiv(cdiv(d, split), meta["BLOCK_D"]) * meta["BLOCK_D"]
+    split = cdiv(d, d_per_split)
     scale = 1.0 / (1.0 - p)
     target = out if split == 1 else torch.empty((split, m, r), dtype=torch.float32, device=a.device)
-    grid = (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(r, block_r), split)
+    grid = (cdiv(m, meta["BLOCK_M"]), cdiv(r, block_r), split)
     _lora_down_kernel[grid](
         a, b, out if keep is None else keep, target, m, d, r, words, d_per_split, scale if split == 1 else 1.0,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1),
@@ -388,10 +394,10 @@ def lora_grad(left: torch.Tensor, right: torch.Tensor, out: torch.Tensor, *, sca
         meta, launch = dict(BLOCK_M=pow2_clamp(m, 16, 256), BLOCK_C=pow2_clamp(c, 16, 512)), {}
     else:
         meta, launch = _grad_block(block_r), dict(num_warps=4, num_stages=3)
-    grid = (triton.cdiv(c, meta["BLOCK_C"]), triton.cdiv(r, block_r))
+    grid = (cdiv(c, meta["BLOCK_C"]), cdiv(r, block_r))
     _lora_grad_kernel[grid](
         left, right, out if keep is None else keep, out, out if colsum is None else colsum, m, r, c,
-        triton.cdiv(c, 32), float(scale),
+        cdiv(c, 32), float(scale),
         right.stride(0), right.stride(1), out.stride(0), out.stride(1),
         HAS_DROPOUT=p > 0, HAS_COLSUM=colsum is not None, BLOCK_R=block_r, **meta, **launch,
     )

@@ -34,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._host import cdiv, next_pow2
 from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
 from ._runtime import ieee_semantics, interpreter_active
 from ._static import KernelSpec
@@ -324,11 +325,11 @@ def _launch(kernel, args: tuple, units: int, size_name: str, gpu_size: int, gpu_
     IEEE float32 semantics and no fp fusion. The constexpr ``size_name`` (units per program) is ``gpu_size``, with
     ``gpu_warps`` warps, on a GPU; under the interpreter one large slab per program, one warp."""
     if interpreter_active():
-        size, warps = min(_INTERP_MAX_BLOCK // unit_elems, triton.next_power_of_2(units)), 1
+        size, warps = min(_INTERP_MAX_BLOCK // unit_elems, next_pow2(units)), 1
     else:
         size, warps = gpu_size, gpu_warps
     with ieee_semantics():
-        kernel[(triton.cdiv(units, size),)](
+        kernel[(cdiv(units, size),)](
             *args, **{size_name: size}, **constexprs, num_warps=warps, enable_fp_fusion=False,
         )
 
@@ -393,7 +394,7 @@ def adamw8bit_step_(
     """
     _check_param_grad(param, grad)
     n = param.numel()
-    nblocks = triton.cdiv(n, QBLOCK)
+    nblocks = cdiv(n, QBLOCK)
     _check_state("exp_avg_codes", exp_avg_codes, torch.uint8, n)
     _check_state("exp_avg_absmax", exp_avg_absmax, torch.float32, nblocks)
     _check_state("exp_avg_sq_codes", exp_avg_sq_codes, torch.uint8, n)
@@ -455,7 +456,7 @@ def _work_table(numels: tuple[int, ...], unit_elems: int, units_per_program: int
 def _program_units(units: int, unit_elems: int, gpu_size: int) -> tuple[int, int]:
     """``(units per program, warps)``: ``gpu_size`` on a GPU; under the interpreter one slab per tensor."""
     if interpreter_active():
-        return min(_INTERP_MAX_BLOCK // unit_elems, triton.next_power_of_2(max(units, 1))), 1
+        return min(_INTERP_MAX_BLOCK // unit_elems, next_pow2(max(units, 1))), 1
     return gpu_size, _GPU_WARPS_32 if unit_elems == 1 else _GPU_WARPS_8
 
 
