@@ -30,7 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .kernels._checks import BLOCKSIZES
-from .layers import QLoRALinear
+from .layers import QLoRALinear, _check_quant_storage
 from .nf4 import _STATE_KEY, NESTED_BLOCKSIZE, NF4Weight, _read_quant_state
 
 __all__ = ["save_quantized", "load_quantized", "save_adapter", "load_adapter", "ADAPTER_CONFIG_NAME",
@@ -162,6 +162,32 @@ def _check_nf4_entries(file: Mapping[str, torch.Tensor], key: str, shape: torch.
     return [key, state_key, *expect]
 
 
+class _LoadSnapshot:
+    """What :func:`load_quantized` may change, kept so that :meth:`restore` undoes it exactly: each QLoRALinear's
+    registered parameters, buffers and held NF4 weight (the NF4 tensors are never written in place, only replaced),
+    and a CPU copy of every other tensor that ``load_state_dict`` copies into."""
+
+    def __init__(self, model: nn.Module, layers: list[QLoRALinear], own: Mapping[str, torch.Tensor],
+                 keys: Mapping[str, torch.Tensor]) -> None:
+        self.layers = [(layer, dict(layer._parameters), dict(layer._buffers), set(layer._non_persistent_buffers_set),
+                        layer._nf4_held, None if layer._nf4_meta is None else dict(layer._nf4_meta))
+                       for layer in layers]
+        self.values = [(own[k], own[k].detach().to("cpu", copy=True)) for k in keys]
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for layer, params, buffers, non_persistent, held, meta in self.layers:
+            layer._parameters.clear()
+            layer._parameters.update(params)
+            layer._buffers.clear()
+            layer._buffers.update(buffers)
+            layer._non_persistent_buffers_set.clear()
+            layer._non_persistent_buffers_set.update(non_persistent)
+            layer._nf4_held, layer._nf4_meta = held, meta
+        for target, saved in self.values:
+            target.copy_(saved)
+
+
 def load_quantized(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> nn.Module:
     """Load a file written by :func:`save_quantized` (or a Hugging Face / bitsandbytes NF4 checkpoint with the
     same module names) into the prepared ``model``, in place.
@@ -169,9 +195,10 @@ def load_quantized(model: nn.Module, path: str | os.PathLike, strict: bool = Tru
     Every :class:`QLoRALinear` takes its NF4 weight from the file (blocksize, double quantization and original
     dtype as stored; the shape must match the layer); every other entry of ``model.state_dict()`` except the
     LoRA adapters is loaded as ``load_state_dict`` does (floating tensors cast to the parameter's dtype). The
-    adapters are untouched. A missing entry, a malformed NF4 entry (dtype, shape, JSON), a shape mismatch or,
-    when ``strict``, an entry the model has no place for raises ``ValueError`` naming the key; nothing is
-    changed then. Returns ``model``.
+    adapters are untouched. A missing entry, a malformed NF4 entry (dtype, shape, JSON, values), a shape mismatch
+    or, when ``strict``, an entry the model has no place for raises ``ValueError`` naming the key; nothing is
+    changed then. Any other failure while loading (a module's own loading hook raising) restores every tensor of
+    the model bit for bit before the error propagates. Returns ``model``.
     """
     layers = _check_model(model)
     path = _check_path("path", path)
@@ -189,6 +216,10 @@ def load_quantized(model: nn.Module, path: str | os.PathLike, strict: bool = Tru
         except (KeyError, TypeError, ValueError) as err:
             message = err.args[0] if err.args else repr(err)
             raise ValueError(f"NF4 weight {key!r} in {path!r}: {message}") from None
+        try:
+            _check_quant_storage(weight, layer.quant_storage)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"NF4 weight {key!r} in {path!r}: {err}") from None
         weights.append((layer, weight))
         consumed.update(entries)
 
@@ -218,15 +249,24 @@ def load_quantized(model: nn.Module, path: str | os.PathLike, strict: bool = Tru
         raise ValueError(f"checkpoint {path!r} has {len(unexpected)} entr{'y' if len(unexpected) == 1 else 'ies'} "
                          f"the model has no place for: {shown} (pass strict=False to ignore them)")
 
-    for layer, weight in weights:
-        layer._nf4 = weight
-    # The remaining entries go through load_state_dict so that modules with their own loading hooks see them;
-    # the NF4 weights are already in place and the adapters are deliberately absent, hence strict=False.
-    result = model.load_state_dict(rest, strict=False)
-    left = set(result.missing_keys) - skip
-    if left or result.unexpected_keys:  # cannot happen after the checks above; fail loudly if it does
-        raise RuntimeError(f"load_state_dict disagreed with the checks: missing {sorted(left)}, unexpected "
-                           f"{result.unexpected_keys}")
+    # Everything is checked; what follows can still fail inside a module's own loading hook. Keep what it changes,
+    # so that a failure leaves the model as it was, every tensor bit for bit.
+    snapshot = _LoadSnapshot(model, [layer for layer, _ in weights], own, rest)
+    try:
+        for layer, weight in weights:
+            layer._nf4 = weight
+        # The remaining entries go through load_state_dict so that modules with their own loading hooks see them;
+        # the NF4 weights are already in place and the adapters are deliberately absent, hence strict=False.
+        result = model.load_state_dict(rest, strict=False)
+        # The NF4 keys are those of the weights as stored now (double quantization may differ from before).
+        skip |= {k for name, layer in layers for k in layer.weight.to_bnb_state_dict(_join(name, "weight"))}
+        left = set(result.missing_keys) - skip
+        if left or result.unexpected_keys:  # cannot happen after the checks above; fail loudly if it does
+            raise RuntimeError(f"load_state_dict disagreed with the checks: missing {sorted(left)}, unexpected "
+                               f"{result.unexpected_keys}")
+    except BaseException:
+        snapshot.restore()
+        raise
     return model
 
 
