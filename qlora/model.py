@@ -78,11 +78,30 @@ def _linear_slots(model: nn.Module) -> list[tuple[nn.Module, str, str, nn.Linear
     for parent_name, parent in model.named_modules(remove_duplicate=False):
         if isinstance(parent, nn.MultiheadAttention):
             continue
-        for attr, child in parent.named_children():
+        # Not named_children(): it lists a module once per parent, so nn.Sequential(lin, act, lin) would keep its
+        # second slot dense.
+        for attr, child in parent._modules.items():
             if isinstance(child, nn.Linear):
                 name = f"{parent_name}.{attr}" if parent_name else attr
                 slots.append((parent, attr, name, child))
     return slots
+
+
+def _check_plain_forward(name: str, linear: nn.Linear) -> None:
+    """Refuse a layer whose forward is not ``nn.Linear``'s: QLoRALinear computes ``x @ W^T + b`` (plus the
+    adapter), so whatever else it computes (a subclass's ``forward``, an instance's own ``forward``, forward hooks)
+    would be dropped silently."""
+    kind = type(linear).__name__
+    if type(linear).forward is not nn.Linear.forward:
+        reason = f"is a {kind}, an nn.Linear subclass with its own forward"
+    elif "forward" in vars(linear):
+        reason = "has its forward replaced on the instance"
+    elif linear._forward_hooks or linear._forward_pre_hooks:
+        reason = "has forward hooks or pre-hooks registered"
+    else:
+        return
+    raise TypeError(f"{name} {reason}, which a QLoRALinear would not compute; leave it out with target_modules, or "
+                    "make it a plain nn.Linear")
 
 
 def _check_number(name: str, value, low: float, high: float | None, high_open: bool) -> float:
@@ -114,10 +133,12 @@ def prepare_model(model: nn.Module, r: int = 16, lora_alpha: float = 32, lora_dr
 
     Each replaced layer keeps its bias (frozen, PEFT's ``bias="none"``) and computes exactly the quantized base
     layer until training moves ``lora_B`` from zero. Afterwards only the ``lora_A``/``lora_B`` parameters of the
-    model's :class:`QLoRALinear` layers require gradients. A linear layer shared by several parents is replaced
-    by one ``QLoRALinear`` everywhere; a weight tied to another module (an embedding tied to the LM head) is
+    model's :class:`QLoRALinear` layers require gradients. A linear layer registered in several places (two
+    parents, or twice in one ``nn.Sequential``/``nn.ModuleList``) is replaced by one ``QLoRALinear`` everywhere; a weight tied to another module (an embedding tied to the LM head) is
     untied: the other module keeps its dense copy, frozen. ``nn.MultiheadAttention``'s ``out_proj`` is never
-    replaced (that module reads its weight directly). All arguments and every targeted weight (dtype, device,
+    replaced (that module reads its weight directly). A targeted layer whose forward is not ``nn.Linear``'s (a
+    subclass with its own ``forward``, a replaced ``forward``, forward hooks) is refused with ``TypeError`` naming it,
+    since the replacement would not compute it. All arguments and every targeted weight (dtype, device,
     finiteness) are checked before the model is modified.
 
     Returns:
@@ -158,6 +179,7 @@ def prepare_model(model: nn.Module, r: int = 16, lora_alpha: float = 32, lora_dr
     for _, _, name, linear in chosen:
         layers.setdefault(id(linear), (name, linear))
     for name, linear in layers.values():
+        _check_plain_forward(name, linear)
         weight = linear.weight
         if weight.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name}.weight must be float32, float16 or bfloat16 to quantize, got {weight.dtype}")

@@ -9,6 +9,8 @@ must be the value saved).
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import pytest
 import torch
 from torch import nn
@@ -110,3 +112,69 @@ def test_load_quantized_failing_half_way_leaves_every_tensor_bit_identical(tmp_p
     _assert_unchanged(dst, before)
     assert [id(p) for p in dst.parameters()] == params_before
     assert not dst[0].weight.double_quant and dst[0].quant_storage == quant_storage
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Item 3: prepare_model on a layer registered twice under one parent, and on nn.Linear subclasses
+# --------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("container", ["sequential", "modulelist"])
+def test_layer_registered_twice_in_one_parent_is_replaced_in_both_slots(container):
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 16).to(DEVICE)
+    if container == "sequential":
+        model = nn.Sequential(lin, nn.ReLU(), lin)
+    else:
+        model = nn.Module()
+        model.layers = nn.ModuleList([lin, lin])
+    prepare_model(model, r=2, lora_alpha=4, lora_dropout=0.0)
+    slots = [model[0], model[2]] if container == "sequential" else list(model.layers)
+    assert all(isinstance(m, QLoRALinear) for m in slots)
+    assert slots[0] is slots[1]
+    assert not any(isinstance(m, nn.Linear) for m in model.modules())
+    # One adapter: the trainable parameters are that layer's lora_A and lora_B, once.
+    assert [n for n, p in model.named_parameters() if p.requires_grad] in (
+        [f"{p}.lora_A", f"{p}.lora_B"] for p in ("0", "layers.0"))
+
+
+class _TimesTen(nn.Linear):
+    def forward(self, x):
+        return 10 * super().forward(x)
+
+
+class _PlainSubclass(nn.Linear):
+    """A subclass that changes nothing in the forward: replaced like nn.Linear."""
+
+    def extra_repr(self) -> str:
+        return "plain"
+
+
+def test_linear_subclass_with_its_own_forward_is_refused_by_name_and_nothing_changes():
+    torch.manual_seed(0)
+    model = nn.Sequential(OrderedDict(keep=nn.Linear(16, 16), odd=nn.Sequential(_TimesTen(16, 8)))).to(DEVICE)
+    before = _snapshot(model)
+    with pytest.raises(TypeError, match=r"odd\.0 is a _TimesTen, an nn\.Linear subclass with its own forward"):
+        prepare_model(model, r=2)
+    assert type(model.keep) is nn.Linear and type(model.odd[0]) is _TimesTen
+    _assert_unchanged(model, before)
+    prepare_model(model, r=2, target_modules=["keep"])  # leaving it out works
+    assert isinstance(model.keep, QLoRALinear) and type(model.odd[0]) is _TimesTen
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda m: setattr(m, "forward", lambda x: 2 * nn.Linear.forward(m, x)), "forward replaced on the instance"),
+    (lambda m: m.register_forward_hook(lambda mod, args, out: out * 2), "forward hooks"),
+    (lambda m: m.register_forward_pre_hook(lambda mod, args: None), "forward hooks"),
+])
+def test_linear_with_replaced_forward_or_hooks_is_refused(change, message):
+    model = nn.Sequential(nn.Linear(16, 8)).to(DEVICE)
+    change(model[0])
+    with pytest.raises(TypeError, match=message):
+        prepare_model(model, r=2)
+    assert type(model[0]) is nn.Linear
+
+
+def test_linear_subclass_without_its_own_forward_is_replaced():
+    model = nn.Sequential(_PlainSubclass(16, 8)).to(DEVICE)
+    prepare_model(model, r=2)
+    assert isinstance(model[0], QLoRALinear)
