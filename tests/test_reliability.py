@@ -178,3 +178,161 @@ def test_linear_subclass_without_its_own_forward_is_replaced():
     model = nn.Sequential(_PlainSubclass(16, 8)).to(DEVICE)
     prepare_model(model, r=2)
     assert isinstance(model[0], QLoRALinear)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Items 4, 5 and 7 (optimizers): a step that raises changes nothing; state dict values; unsupported options;
+# frozen integer parameters
+# --------------------------------------------------------------------------------------------------------------
+
+OPTIMIZERS = {
+    "AdamW8bit": lambda ps, **kw: qlora.AdamW8bit(ps, min_8bit_size=512, **kw),
+    "PagedAdamW": lambda ps, **kw: qlora.PagedAdamW(ps, paging="host", page_size=4096, min_paged_size=0, **kw),
+    "PagedAdamW8bit": lambda ps, **kw: qlora.PagedAdamW8bit(ps, paging="host", page_size=4096, min_paged_size=0,
+                                                            min_8bit_size=512, **kw),
+}
+
+
+def _params_with_grads(seed: int, shapes=((600,), (24, 5))) -> list[nn.Parameter]:
+    g = torch.Generator().manual_seed(seed)
+    params = [nn.Parameter(torch.randn(s, generator=g).to(DEVICE)) for s in shapes]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g).to(DEVICE)
+    return params
+
+
+def _optimizer_snapshot(opt) -> tuple:
+    """Every parameter and every state tensor (plus step counters), copied."""
+    opt.synchronize()
+    params = [p.detach().clone() for g in opt.param_groups for p in g["params"]]
+    state = {id(p): {k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in s.items()}
+             for p, s in opt.state.items()}
+    return params, state
+
+
+def _assert_optimizer_unchanged(opt, before) -> None:
+    params, state = _optimizer_snapshot(opt)
+    for a, b in zip(params, before[0]):
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+    assert state.keys() == before[1].keys()
+    for pid, fields in before[1].items():
+        assert state[pid].keys() == fields.keys()
+        for k, v in fields.items():
+            got = state[pid][k]
+            assert (torch.equal(got.view(torch.uint8), v.view(torch.uint8)) if isinstance(v, torch.Tensor)
+                    else got == v), k
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+@pytest.mark.parametrize("stepped_before", [False, True])
+def test_a_step_that_overflows_changes_nothing(name, stepped_before):
+    params = _params_with_grads(0)
+    opt = OPTIMIZERS[name](params, lr=1e-3)
+    if stepped_before:
+        opt.step()
+    before = _optimizer_snapshot(opt)
+    opt.param_groups[0]["lr"] = 1e39  # finite in float64, overflows the float32 step size
+    with pytest.raises(ValueError, match=r"step_size overflows \(parameter group 0\) at step"):
+        opt.step()
+    _assert_optimizer_unchanged(opt, before)
+    opt.param_groups[0]["lr"] = 1e-3  # and the next good step still works from where it was
+    opt.step()
+    assert all(opt.state[p]["step"] == (2 if stepped_before else 1) for p in params)
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_a_second_group_that_overflows_leaves_the_first_unstepped(name):
+    first, second = _params_with_grads(0), _params_with_grads(1)
+    opt = OPTIMIZERS[name]([{"params": first}, {"params": second, "eps": 1e39}])
+    before = _optimizer_snapshot(opt)
+    with pytest.raises(ValueError, match=r"eps overflows \(parameter group 1\)"):
+        opt.step()
+    _assert_optimizer_unchanged(opt, before)
+    assert not opt.state  # no parameter got state
+
+
+def test_a_corrupted_step_counter_is_refused_before_anything_changes():
+    params = _params_with_grads(0)
+    opt = qlora.AdamW8bit(params, min_8bit_size=512)
+    opt.step()
+    opt.state[params[1]]["step"] = 1.5
+    before = _optimizer_snapshot(opt)
+    with pytest.raises(ValueError, match=r"state of parameter 1 of group 0: step must be an int >= 0, got 1\.5"):
+        opt.step()
+    _assert_optimizer_unchanged(opt, before)
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+@pytest.mark.parametrize("option", ["maximize", "amsgrad"])
+def test_unsupported_adamw_options_are_refused(name, option):
+    params = _params_with_grads(0)
+    with pytest.raises(ValueError, match=f"{option}=True is not supported"):
+        OPTIMIZERS[name](params, **{option: True})
+    with pytest.raises(ValueError, match=rf"{option}=True \(parameter group 1\) is not supported"):
+        OPTIMIZERS[name]([{"params": params[:1]}, {"params": params[1:], option: True}])
+    OPTIMIZERS[name](params, **{option: False})  # torch.optim.AdamW's default is accepted
+
+
+def test_a_torch_adamw_state_dict_saved_with_maximize_is_refused():
+    params = _params_with_grads(0)
+    torch_opt = torch.optim.AdamW([nn.Parameter(p.detach().clone()) for p in params], maximize=True)
+    for p, q in zip(torch_opt.param_groups[0]["params"], params):
+        p.grad = q.grad.clone()
+    torch_opt.step()
+    opt = qlora.PagedAdamW(params, paging="none")
+    with pytest.raises(ValueError, match=r"maximize=True \(saved parameter group 0\) is not supported"):
+        opt.load_state_dict(torch_opt.state_dict())
+    assert not opt.state
+
+
+@pytest.mark.parametrize("field, index, value", [
+    ("exp_avg_absmax", 1, float("nan")),
+    ("exp_avg_absmax", 0, -1.0),
+    ("exp_avg_sq_absmax", 2, float("inf")),
+])
+def test_optimizer_state_dict_with_impossible_8bit_scales_is_refused(field, index, value):
+    params = _params_with_grads(0)
+    opt = qlora.AdamW8bit(params, min_8bit_size=512)
+    opt.step()
+    saved = opt.state_dict()
+    saved["state"][0][field] = saved["state"][0][field].clone()
+    saved["state"][0][field][index] = value
+    fresh = qlora.AdamW8bit([nn.Parameter(p.detach().clone()) for p in params], min_8bit_size=512)
+    with pytest.raises(ValueError, match=rf"state of parameter 0: {field} must hold finite scales >= 0, got "
+                                         rf"{value} at index {index}"):
+        fresh.load_state_dict(saved)
+    assert not fresh.state
+
+
+def test_optimizer_state_dict_with_a_negative_second_moment_is_refused():
+    params = _params_with_grads(0)
+    opt = qlora.PagedAdamW(params, paging="none")
+    opt.step()
+    saved = opt.state_dict()
+    saved["state"][1]["exp_avg_sq"] = saved["state"][1]["exp_avg_sq"].clone()
+    saved["state"][1]["exp_avg_sq"][3, 2] = -1e-3
+    fresh = qlora.PagedAdamW([nn.Parameter(p.detach().clone()) for p in params], paging="none")
+    with pytest.raises(ValueError, match=r"state of parameter 1: exp_avg_sq must be >= 0"):
+        fresh.load_state_dict(saved)
+    assert not fresh.state
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_optimizers_take_model_parameters_with_the_nf4_weight_held_as_uint8(name):
+    """README's FSDP pattern: set_quant_storage(torch.uint8) makes the NF4 weight frozen uint8 parameters, and
+    model.parameters() is passed to the optimizer as is; those are never stepped."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 16)).to(DEVICE)
+    prepare_model(model, r=4, lora_alpha=8, lora_dropout=0.0)
+    model[0].set_quant_storage(torch.uint8)
+    assert any(p.dtype == torch.uint8 for p in model.parameters())
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    opt = OPTIMIZERS[name](model.parameters(), lr=1e-2)
+    model(torch.randn(3, 32, device=DEVICE)).square().sum().backward()
+    lora_a = model[0].lora_A.detach().clone()
+    opt.step()
+    assert not torch.equal(model[0].lora_A, lora_a)
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]) and p not in opt.state, n
+    opt.load_state_dict(opt.state_dict())  # the layout with the frozen parameters round-trips
