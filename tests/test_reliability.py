@@ -9,6 +9,9 @@ must be the value saved).
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import re
 from collections import OrderedDict
 
 import pytest
@@ -19,6 +22,8 @@ import qlora  # noqa: F401  (interpreter switch before the kernels)
 from qlora.interop import load_quantized, save_quantized
 from qlora.layers import QLoRALinear
 from qlora.model import prepare_model
+from qlora.nf4 import NF4Weight, quantize_nf4
+from safetensors.torch import save_file
 
 DEVICE = torch.device("cpu" if qlora.interpreter_active() else "cuda")
 
@@ -336,3 +341,78 @@ def test_optimizers_take_model_parameters_with_the_nf4_weight_held_as_uint8(name
         if n in frozen:
             assert torch.equal(p, frozen[n]) and p not in opt.state, n
     opt.load_state_dict(opt.state_dict())  # the layout with the frozen parameters round-trips
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Item 5 (NF4 files): values checked at load, naming the key
+# --------------------------------------------------------------------------------------------------------------
+
+_KEY = "0.weight"
+
+
+def _json(meta: dict) -> torch.Tensor:
+    return torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8)
+
+
+def _with_offset(offset):
+    def change(sd):
+        meta = json.loads(bytes(sd[f"{_KEY}.quant_state.bitsandbytes__nf4"].tolist()))
+        sd[f"{_KEY}.quant_state.bitsandbytes__nf4"] = _json({**meta, "nested_offset": offset})
+    return change
+
+
+def _set(entry, index, value):
+    def change(sd):
+        t = sd[f"{_KEY}.{entry}"].clone()
+        t[index] = value
+        sd[f"{_KEY}.{entry}"] = t
+    return change
+
+
+def _replace(entry, fn):
+    def change(sd):
+        sd[f"{_KEY}.{entry}"] = fn(sd[f"{_KEY}.{entry}"].clone())
+    return change
+
+
+BAD_VALUES = [  # (double-quantized?, change, the key named, words of the message)
+    (True, _replace("quant_map", lambda t: t.flip(0)), "quant_map", "must be the NF4 codebook"),
+    (True, _set("quant_map", 3, float("nan")), "quant_map",
+     r"must be the NF4 codebook \(only NF4 is supported\); entry 3 is nan"),
+    (False, _replace("quant_map", lambda t: t * 0.5), "quant_map", "must be the NF4 codebook"),
+    (True, _set("nested_quant_map", 7, float("nan")), "nested_quant_map", "must be the signed dynamic map"),
+    (True, _set("nested_absmax", 0, float("nan")), "nested_absmax", "finite block scales >= 0; entry 0 is nan"),
+    (True, _set("nested_absmax", 0, -1.0), "nested_absmax", "finite block scales >= 0; entry 0 is -1.0"),
+    (False, _set("absmax", 5, float("nan")), "absmax", "finite block scales >= 0; entry 5 is nan"),
+    (False, _set("absmax", 2, -0.25), "absmax", "finite block scales >= 0; entry 2 is -0.25"),
+    (False, _set("absmax", 1, float("inf")), "absmax", "finite block scales >= 0; entry 1 is inf"),
+    (True, _with_offset(0.1), "quant_state.bitsandbytes__nf4", "'nested_offset' of .* must be a float32 value"),
+    (True, _with_offset(1e300), "quant_state.bitsandbytes__nf4", "'nested_offset' of .* must be a float32 value"),
+]
+
+
+@pytest.mark.parametrize("dq, change, entry, message", BAD_VALUES)
+def test_nf4_entries_with_impossible_values_are_refused_naming_the_key(tmp_path, dq, change, entry, message):
+    src = _two_layer(0, double_quant=dq)
+    sd = src[0].weight.to_bnb_state_dict(_KEY)
+    change(sd)
+    pattern = f"(?=.*{re.escape(repr(f'{_KEY}.{entry}'))})(?=.*{message})"  # names the key, and says why
+    with pytest.raises(ValueError, match=pattern):
+        NF4Weight.from_bnb_state_dict(sd, _KEY)
+    # The same through a file into a prepared model: refused, nothing changed.
+    file = {k: v for k, v in src.state_dict().items() if "lora_" not in k}
+    file.update(sd)
+    save_file({k: v.contiguous() for k, v in file.items()}, tmp_path / "bad.safetensors")
+    dst = _two_layer(1, double_quant=dq)
+    before = _snapshot(dst)
+    with pytest.raises(ValueError, match=pattern):
+        load_quantized(dst, tmp_path / "bad.safetensors")
+    _assert_unchanged(dst, before)
+
+
+def test_nf4_weight_refuses_an_offset_that_is_not_a_float32_value():
+    w = quantize_nf4(torch.randn(16, 16, device=DEVICE))
+    for offset in (0.1, 1e300):
+        with pytest.raises(ValueError, match="offset must be a finite Python float holding a float32 value"):
+            dataclasses.replace(w, offset=offset)
+    dataclasses.replace(w, offset=0.5)  # float32 values are fine
