@@ -311,7 +311,9 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name
     adapters' dtype. ``adapter_config.json``: a PEFT ``LoraConfig`` (``peft_type`` "LORA", ``r``, ``lora_alpha``,
     ``lora_dropout``, ``target_modules``, ``bias`` "none", ``fan_in_fan_out`` false, ``inference_mode`` true,
     ...). When layers differ in rank or alpha, the most common value is ``r``/``lora_alpha`` and the others go to
-    ``rank_pattern``/``alpha_pattern`` under their full module paths, as PEFT reads them.
+    ``rank_pattern``/``alpha_pattern`` under their full module paths, as PEFT reads them. PEFT has no such pattern
+    for ``lora_dropout``: layers that differ in it are refused (ValueError naming two of them) before anything is
+    written.
     """
     layers = _unique_layers(_check_model(model))
     directory = _check_path("directory", directory)
@@ -323,7 +325,14 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name
     # Counter.most_common keeps first-seen order among ties, so a uniform model gets its one value.
     r = Counter(layer.r for _, layer in layers).most_common(1)[0][0]
     alpha = Counter(layer.lora_alpha for _, layer in layers).most_common(1)[0][0]
-    dropout = Counter(layer.lora_dropout for _, layer in layers).most_common(1)[0][0]
+    dropout = layers[0][1].lora_dropout
+    differing = next(((name, layer) for name, layer in layers if layer.lora_dropout != dropout), None)
+    if differing is not None:
+        # adapter_config.json holds one lora_dropout (PEFT has no per-layer pattern for it): refuse rather than
+        # write a value some layers do not have.
+        raise ValueError(f"layers differ in lora_dropout ({layers[0][0]!r}: {dropout}, {differing[0]!r}: "
+                         f"{differing[1].lora_dropout}); a PEFT adapter holds one value: set the same lora_dropout "
+                         "on every QLoRALinear before saving")
     config = {
         "peft_type": "LORA",
         "task_type": None,
@@ -383,7 +392,8 @@ def _read_adapter_config(path: str) -> dict:
         raise ValueError(f"field 'lora_dropout' of {path!r} must be a number in [0, 1), got {dropout!r}")
     # Features that change what the stored tensors mean; loading them as plain LoRA would compute something else.
     unsupported = {"bias": ("none", None), "fan_in_fan_out": (False, None), "use_dora": (False, None),
-                   "use_rslora": (False, None), "modules_to_save": (None, []), "layer_replication": (None, [])}
+                   "use_rslora": (False, None), "modules_to_save": (None, []), "layer_replication": (None, []),
+                   "lora_bias": (False, None)}
     for name, allowed in unsupported.items():
         if field(name) not in allowed:
             raise ValueError(f"field {name!r} of {path!r} is {field(name)!r}; only {allowed[0]!r} is supported")

@@ -12,6 +12,7 @@ from __future__ import annotations
 from itertools import chain
 
 import math
+import numbers
 import sys
 from dataclasses import dataclass
 from typing import Iterable, Sequence
@@ -153,7 +154,7 @@ def prepare_model(model: nn.Module, r: int = 16, lora_alpha: float = 32, lora_dr
         raise TypeError(f"r must be an int >= 1, got {r!r}")
     if r < 1:
         raise ValueError(f"r must be an int >= 1, got {r!r}")
-    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)) or not math.isfinite(lora_alpha):
+    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, numbers.Real) or not math.isfinite(lora_alpha):
         raise TypeError(f"lora_alpha must be a finite real number, got {lora_alpha!r}")
     _check_number("lora_dropout", lora_dropout, 0.0, 1.0, high_open=True)
     targets = _check_target_modules(target_modules)
@@ -181,6 +182,9 @@ def prepare_model(model: nn.Module, r: int = 16, lora_alpha: float = 32, lora_dr
     for name, linear in layers.values():
         _check_plain_forward(name, linear)
         weight = linear.weight
+        if weight.numel() == 0:
+            raise ValueError(f"{name} has in_features={linear.in_features} and out_features={linear.out_features}; "
+                             "a layer without weights has nothing to quantize (leave it out with target_modules)")
         if weight.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name}.weight must be float32, float16 or bfloat16 to quantize, got {weight.dtype}")
         check_backend_device(f"{name}.weight", weight)

@@ -14,12 +14,14 @@ import json
 import re
 from collections import OrderedDict
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 import qlora  # noqa: F401  (interpreter switch before the kernels)
-from qlora.interop import load_quantized, save_quantized
+from qlora.functional import qlora_linear
+from qlora.interop import load_adapter, load_quantized, save_adapter, save_quantized
 from qlora.layers import QLoRALinear
 from qlora.model import prepare_model
 from qlora.nf4 import NF4Weight, quantize_nf4
@@ -416,3 +418,117 @@ def test_nf4_weight_refuses_an_offset_that_is_not_a_float32_value():
         with pytest.raises(ValueError, match="offset must be a finite Python float holding a float32 value"):
             dataclasses.replace(w, offset=offset)
     dataclasses.replace(w, offset=0.5)  # float32 values are fine
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Item 7: the smaller ones (layer, functional form, adapters)
+# --------------------------------------------------------------------------------------------------------------
+
+def _layer_inputs(seed: int = 0, n: int = 8, k: int = 64, r: int = 2):
+    g = torch.Generator().manual_seed(seed)
+    weight = quantize_nf4(torch.randn(n, k, generator=g).to(DEVICE))
+    lora_a = torch.randn(r, k, generator=g).to(DEVICE)
+    lora_b = torch.randn(n, r, generator=g).to(DEVICE)
+    x = torch.randn(3, k, generator=g).to(DEVICE)
+    return x, weight, lora_a, lora_b
+
+
+def test_a_non_contiguous_bias_is_accepted_and_gets_its_gradient():
+    x, weight, lora_a, lora_b = _layer_inputs()
+    storage = torch.randn(16, device=DEVICE, requires_grad=True)
+    strided = storage[::2]  # (8,), stride 2
+    assert not strided.is_contiguous()
+    y = qlora_linear(x, weight, lora_a, lora_b, 2.0, bias=strided)
+    dense = strided.detach().clone().requires_grad_(True)
+    y_dense = qlora_linear(x, weight, lora_a, lora_b, 2.0, bias=dense)
+    assert torch.equal(y, y_dense)  # the same kernel on the same values
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    y_dense.backward(dy)
+    assert torch.equal(storage.grad[::2], dense.grad) and not storage.grad[1::2].any()
+
+
+@pytest.mark.parametrize("scaling", [np.float32(2.0), np.float64(2.0), np.int64(2), torch.tensor(2.0)])
+def test_scaling_takes_any_real_scalar(scaling):
+    x, weight, lora_a, lora_b = _layer_inputs()
+    assert torch.equal(qlora_linear(x, weight, lora_a, lora_b, scaling), qlora_linear(x, weight, lora_a, lora_b, 2.0))
+
+
+@pytest.mark.parametrize("scaling", [1e39, -1e39, 3.5e38])
+def test_scaling_beyond_float32_is_refused_not_inf(scaling):
+    x, weight, lora_a, lora_b = _layer_inputs()
+    with pytest.raises(ValueError, match="scaling must be within float32's range"):
+        qlora_linear(x, weight, lora_a, lora_b, scaling)
+    layer = QLoRALinear(weight, r=1, lora_alpha=scaling)  # the layer's scaling goes through the same check
+    with pytest.raises(ValueError, match="scaling must be within float32's range"):
+        layer(x)
+
+
+def test_double_backward_says_it_is_unsupported():
+    x, weight, lora_a, lora_b = _layer_inputs()
+    x.requires_grad_(True)
+    lora_a.requires_grad_(True)
+    y = qlora_linear(x, weight, lora_a, lora_b, 2.0)
+    (dx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)  # first order works
+    with pytest.raises(RuntimeError, match="does not support double backward"):
+        dx.sum().backward()
+
+
+def test_strict_load_state_dict_reports_an_extra_weight_entry():
+    layer = QLoRALinear(quantize_nf4(torch.randn(8, 64, device=DEVICE), double_quant=False), r=2, lora_alpha=4)
+    sd = layer.state_dict()
+    sd["weight.extra"] = torch.zeros(3)
+    fresh = QLoRALinear(quantize_nf4(torch.randn(8, 64, device=DEVICE), double_quant=False), r=2, lora_alpha=4)
+    with pytest.raises(RuntimeError, match=r'Unexpected key\(s\) in state_dict: "weight\.extra"'):
+        fresh.load_state_dict(sd)
+    result = fresh.load_state_dict(sd, strict=False)  # non-strict loads and reports it, as nn.Module does
+    assert result.unexpected_keys == ["weight.extra"] and _nf4_equal(fresh.weight, layer.weight)
+
+
+def test_strict_load_state_dict_reports_nested_entries_next_to_a_plain_weight():
+    dq = QLoRALinear(quantize_nf4(torch.randn(8, 64, device=DEVICE)), r=2, lora_alpha=4).state_dict()
+    plain = QLoRALinear(quantize_nf4(torch.randn(8, 64, device=DEVICE), double_quant=False), r=2, lora_alpha=4)
+    sd = plain.state_dict()
+    sd["weight.nested_absmax"] = dq["weight.nested_absmax"]
+    with pytest.raises(RuntimeError, match=r'Unexpected key\(s\) in state_dict: "weight\.nested_absmax"'):
+        plain.load_state_dict(sd)
+
+
+def test_save_adapter_refuses_layers_with_different_dropouts(tmp_path):
+    model = _two_layer(0)
+    model[2].lora_dropout = 0.1
+    with pytest.raises(ValueError, match=r"layers differ in lora_dropout \('0': 0\.0, '2': 0\.1\)"):
+        save_adapter(model, tmp_path / "adapter")
+    assert not (tmp_path / "adapter").exists()
+    model[2].lora_dropout = 0.0
+    save_adapter(model, tmp_path / "adapter")
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["lora_dropout"] == 0.0
+
+
+def test_load_adapter_names_lora_bias(tmp_path):
+    model = _two_layer(0)
+    save_adapter(model, tmp_path / "adapter")
+    config_path = tmp_path / "adapter" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["lora_bias"] = True
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"field 'lora_bias' of .* is True; only False is supported"):
+        load_adapter(_two_layer(1), tmp_path / "adapter")
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors is a no-op")
+@pytest.mark.parametrize("in_features, out_features", [(0, 4), (4, 0)])
+def test_a_linear_without_weights_is_refused_by_prepare_model(in_features, out_features):
+    model = nn.Sequential(nn.Linear(16, 8), nn.Linear(in_features, out_features)).to(DEVICE)
+    with pytest.raises(ValueError, match=rf"^1 has in_features={in_features} and out_features={out_features}"):
+        prepare_model(model, r=2)
+    assert type(model[0]) is nn.Linear
+    with pytest.raises(ValueError, match="both >= 1"):
+        QLoRALinear(quantize_nf4(torch.zeros(out_features, in_features, device=DEVICE)), r=1, lora_alpha=1)
+
+
+def test_numpy_lora_alpha_is_accepted():
+    model = _two_layer(0)
+    layer = QLoRALinear(model[0].weight, r=2, lora_alpha=np.float32(8.0))
+    assert layer.scaling == 4.0
+    prepare_model(nn.Sequential(nn.Linear(16, 8)).to(DEVICE), r=2, lora_alpha=np.float32(8.0))
