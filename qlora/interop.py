@@ -22,7 +22,7 @@ import json
 import math
 import os
 from collections import Counter
-from typing import Mapping
+from typing import Mapping, NamedTuple
 
 import torch
 from torch import nn
@@ -33,8 +33,8 @@ from .kernels._checks import BLOCKSIZES
 from .layers import QLoRALinear, _check_quant_storage
 from .nf4 import _STATE_KEY, NESTED_BLOCKSIZE, NF4Weight, _read_quant_state
 
-__all__ = ["save_quantized", "load_quantized", "save_adapter", "load_adapter", "ADAPTER_CONFIG_NAME",
-           "ADAPTER_WEIGHTS_NAME"]
+__all__ = ["save_quantized", "load_quantized", "save_adapter", "load_adapter", "SkippedAdapterEntries",
+           "ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME"]
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -283,17 +283,12 @@ def _unique_layers(layers: list[tuple[str, QLoRALinear]]) -> list[tuple[str, QLo
     return out
 
 
-def _target_names(model: nn.Module, adapted: list[str]) -> list[str]:
-    """The shortest PEFT ``target_modules`` that selects exactly the adapted layers among the model's linear
-    layers: a layer's last name component when every linear layer so named is adapted, else its full path."""
-    linear_names = [name for name, m in model.named_modules() if isinstance(m, (nn.Linear, QLoRALinear))]
-    adapted_set = set(adapted)
-    out = set()
-    for name in adapted:
-        last = name.rsplit(".", 1)[-1]
-        same_last = [n for n in linear_names if n.rsplit(".", 1)[-1] == last]
-        out.add(last if all(n in adapted_set for n in same_last) else name)
-    return sorted(out)
+def _target_names(adapted: list[str]) -> list[str]:
+    """PEFT ``target_modules`` that select exactly the adapted layers: their full module paths. PEFT matches an
+    entry against a module's name or a dot-aligned suffix of it, so a full path selects that module in any model
+    with the same structure (under a wrapper's prefix too) and nothing else; a shorter suffix such as "dense" would
+    also select modules this model lacks or kept dense (a Hugging Face BERT's ``pooler.dense``)."""
+    return sorted(set(adapted))
 
 
 def _pattern_value(pattern: Mapping[str, object], name: str):
@@ -310,7 +305,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name
     ``base_model.model.<M>.lora_B.weight`` (out_features, r) for each :class:`QLoRALinear` at ``M``, in the
     adapters' dtype. ``adapter_config.json``: a PEFT ``LoraConfig`` (``peft_type`` "LORA", ``r``, ``lora_alpha``,
     ``lora_dropout``, ``target_modules``, ``bias`` "none", ``fan_in_fan_out`` false, ``inference_mode`` true,
-    ...). When layers differ in rank or alpha, the most common value is ``r``/``lora_alpha`` and the others go to
+    ...; ``target_modules`` the full paths of the adapted layers, so that PEFT adapts exactly those). When layers
+    differ in rank or alpha, the most common value is ``r``/``lora_alpha`` and the others go to
     ``rank_pattern``/``alpha_pattern`` under their full module paths, as PEFT reads them. PEFT has no such pattern
     for ``lora_dropout``: layers that differ in it are refused (ValueError naming two of them) before anything is
     written.
@@ -342,7 +338,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name
         "r": r,
         "lora_alpha": alpha,
         "lora_dropout": dropout,
-        "target_modules": _target_names(model, [name for name, _ in layers]),
+        "target_modules": _target_names([name for name, _ in layers]),
         "bias": "none",
         "fan_in_fan_out": False,
         "modules_to_save": None,
@@ -411,7 +407,18 @@ def _read_adapter_config(path: str) -> dict:
     return config
 
 
-def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+class SkippedAdapterEntries(NamedTuple):
+    """What ``load_adapter(..., strict=False)`` left out: ``unexpected_keys``, the adapter's entries with no
+    QLoRALinear to go to (a module this model lacks, such as a Hugging Face BERT's ``pooler.dense``), and
+    ``missing_keys``, the entries this model's layers would need but the adapter lacks (those layers keep their
+    adapters as they were). Both sorted."""
+
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike,
+                 strict: bool = True) -> nn.Module | SkippedAdapterEntries:
     """Load a PEFT LoRA adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``) into the
     prepared ``model``, in place, and return it.
 
@@ -422,9 +429,16 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     so the model computes the saved adapter. A missing or unexpected key, a shape or rank mismatch, or a config
     feature other than plain LoRA (DoRA, rsLoRA, trained biases, ``modules_to_save``) raises ``ValueError``
     naming the key or field; nothing is changed then.
+
+    ``strict=False`` loads the layers the adapter has both entries for and skips the rest: entries with no layer to
+    go to and layers without entries (which keep their adapters). It returns a :class:`SkippedAdapterEntries`
+    naming what was skipped instead of the model. A layer with only one of its two entries, a shape or rank
+    mismatch, or an adapter that matches no layer at all is refused either way.
     """
     layers = _unique_layers(_check_model(model))
     directory = _check_path("directory", directory)
+    if not isinstance(strict, bool):
+        raise TypeError(f"strict must be a bool, got {type(strict).__name__}")
     config_path = os.path.join(directory, ADAPTER_CONFIG_NAME)
     weights_path = os.path.join(directory, ADAPTER_WEIGHTS_NAME)
     if not os.path.isfile(weights_path) and os.path.isfile(os.path.join(directory, "adapter_model.bin")):
@@ -434,12 +448,16 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
 
     updates = []
     consumed = set()
+    missing: list[str] = []
     for name, layer in layers:
         r = _pattern_value(config["rank_pattern"], name) or config["r"]
         alpha = _pattern_value(config["alpha_pattern"], name)
         alpha = config["lora_alpha"] if alpha is None else alpha
         key_a = _PEFT_PREFIX + _join(name, "lora_A.weight")
         key_b = _PEFT_PREFIX + _join(name, "lora_B.weight")
+        if not strict and key_a not in file and key_b not in file:
+            missing += [key_a, key_b]
+            continue
         for key, want in ((key_a, (layer.r, layer.in_features)), (key_b, (layer.out_features, layer.r))):
             if key not in file:
                 raise ValueError(f"adapter {weights_path!r} has no entry {key!r}")
@@ -455,10 +473,14 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         updates.append((layer, file[key_a], file[key_b], alpha))
         consumed.update((key_a, key_b))
     unexpected = sorted(set(file) - consumed)
-    if unexpected:
+    if unexpected and strict:
         shown = ", ".join(repr(k) for k in unexpected[:5]) + (", ..." if len(unexpected) > 5 else "")
         raise ValueError(f"adapter {weights_path!r} has {len(unexpected)} entr"
-                         f"{'y' if len(unexpected) == 1 else 'ies'} with no QLoRALinear layer to go to: {shown}")
+                         f"{'y' if len(unexpected) == 1 else 'ies'} with no QLoRALinear layer to go to: {shown} "
+                         "(pass strict=False to load the rest)")
+    if not updates:
+        raise ValueError(f"adapter {weights_path!r} has no entry for any QLoRALinear layer of the model (its entries "
+                         f"start {unexpected[:2]!r}); is it the adapter of another model?")
 
     with torch.no_grad():
         for layer, a, b, alpha in updates:
@@ -467,4 +489,4 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
             layer.lora_alpha = alpha
             layer.scaling = alpha / layer.r
             layer.lora_dropout = config["lora_dropout"]
-    return model
+    return model if strict else SkippedAdapterEntries(sorted(missing), unexpected)

@@ -25,7 +25,7 @@ from qlora.interop import load_adapter, load_quantized, save_adapter, save_quant
 from qlora.layers import QLoRALinear
 from qlora.model import prepare_model
 from qlora.nf4 import NF4Weight, quantize_nf4
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 DEVICE = torch.device("cpu" if qlora.interpreter_active() else "cuda")
 
@@ -532,3 +532,102 @@ def test_numpy_lora_alpha_is_accepted():
     layer = QLoRALinear(model[0].weight, r=2, lora_alpha=np.float32(8.0))
     assert layer.scaling == 4.0
     prepare_model(nn.Sequential(nn.Linear(16, 8)).to(DEVICE), r=2, lora_alpha=np.float32(8.0))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Item 8: adapters in a model with more modules than the one that saved them (PEFT on a Hugging Face BERT)
+# --------------------------------------------------------------------------------------------------------------
+
+class _Bert(nn.Module):
+    """The module names of a Hugging Face BertModel, small: the encoder's linear layers are adapted; the pooler's
+    `dense` exists only in the Hugging Face model (the qlora encoder has no pooler)."""
+
+    def __init__(self, pooler: bool) -> None:
+        super().__init__()
+        layer = nn.Module()
+        layer.attention = nn.Module()
+        layer.attention.self = nn.ModuleDict({n: nn.Linear(16, 16) for n in ("query", "key", "value")})
+        layer.attention.output = nn.ModuleDict({"dense": nn.Linear(16, 16)})
+        layer.output = nn.ModuleDict({"dense": nn.Linear(16, 16)})
+        self.encoder = nn.Module()
+        self.encoder.layer = nn.ModuleList([layer])
+        if pooler:
+            self.pooler = nn.ModuleDict({"dense": nn.Linear(16, 16)})
+
+
+def _peft_targets(model: nn.Module, target_modules: list[str]) -> list[str]:
+    """PEFT's rule for a list of target_modules (peft.tuners.tuners_utils.check_target_module_exists): a module is
+    targeted when its name is an entry or ends with "." + an entry."""
+    return sorted(name for name, m in model.named_modules() if isinstance(m, nn.Linear) and any(
+        name == t or name.endswith("." + t) for t in target_modules))
+
+
+def test_saved_target_modules_select_exactly_the_adapted_layers_in_a_larger_model(tmp_path):
+    torch.manual_seed(0)
+    ours = prepare_model(_Bert(pooler=False).to(DEVICE), r=2, lora_alpha=4, lora_dropout=0.0)
+    save_adapter(ours, tmp_path / "adapter")
+    targets = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["target_modules"]
+    adapted = sorted(name for name, m in ours.named_modules() if isinstance(m, QLoRALinear))
+    assert _peft_targets(_Bert(pooler=True), targets) == adapted  # pooler.dense is not picked up
+    wrapped = nn.Module()  # the same encoder under a task model's prefix ("bert.") is still found
+    wrapped.bert = _Bert(pooler=True)
+    assert _peft_targets(wrapped, targets) == [f"bert.{n}" for n in adapted]
+
+
+def test_load_adapter_strict_false_loads_the_rest_and_says_what_it_skipped(tmp_path):
+    torch.manual_seed(0)
+    # The adapter PEFT writes for the Hugging Face model: pooler.dense included.
+    theirs = prepare_model(_Bert(pooler=True).to(DEVICE), r=2, lora_alpha=4, lora_dropout=0.0)
+    for m in theirs.modules():
+        if isinstance(m, QLoRALinear):
+            nn.init.normal_(m.lora_B)
+    save_adapter(theirs, tmp_path / "adapter")
+    ours = prepare_model(_Bert(pooler=False).to(DEVICE), r=2, lora_alpha=8, lora_dropout=0.0)
+    before = _snapshot(ours)
+    with pytest.raises(ValueError, match=r"2 entries with no QLoRALinear layer to go to: "
+                                         r"'base_model\.model\.pooler\.dense\.lora_A\.weight'.*strict=False"):
+        load_adapter(ours, tmp_path / "adapter")  # strict by default: nothing changed
+    _assert_unchanged(ours, before)
+    skipped = load_adapter(ours, tmp_path / "adapter", strict=False)
+    assert skipped.unexpected_keys == ["base_model.model.pooler.dense.lora_A.weight",
+                                       "base_model.model.pooler.dense.lora_B.weight"]
+    assert skipped.missing_keys == []
+    theirs_layers = dict((n, m) for n, m in theirs.named_modules() if isinstance(m, QLoRALinear))
+    for name, layer in ours.named_modules():
+        if isinstance(layer, QLoRALinear):
+            assert torch.equal(layer.lora_A, theirs_layers[name].lora_A), name
+            assert torch.equal(layer.lora_B, theirs_layers[name].lora_B), name
+            assert layer.scaling == 2.0  # the adapter's lora_alpha (4) over r (2)
+
+
+def test_load_adapter_strict_false_keeps_layers_the_adapter_lacks(tmp_path):
+    torch.manual_seed(0)
+    small = prepare_model(_Bert(pooler=False).to(DEVICE), r=2, lora_alpha=4, lora_dropout=0.0,
+                          target_modules=["query", "value"])
+    save_adapter(small, tmp_path / "adapter")
+    full = prepare_model(_Bert(pooler=False).to(DEVICE), r=2, lora_alpha=4, lora_dropout=0.0)
+    key_before = full.encoder.layer[0].attention.self["key"].lora_A.detach().clone()
+    with pytest.raises(ValueError, match=r"has no entry 'base_model\.model\.encoder\.layer\.0\.attention\.self\.key"):
+        load_adapter(full, tmp_path / "adapter")
+    skipped = load_adapter(full, tmp_path / "adapter", strict=False)
+    assert skipped.unexpected_keys == [] and "base_model.model.encoder.layer.0.attention.self.key.lora_A.weight" in (
+        skipped.missing_keys)
+    assert len(skipped.missing_keys) == 6  # key, attention.output.dense, output.dense: A and B each
+    assert torch.equal(full.encoder.layer[0].attention.self["key"].lora_A, key_before)
+    assert torch.equal(full.encoder.layer[0].attention.self["query"].lora_A,
+                       small.encoder.layer[0].attention.self["query"].lora_A)
+
+
+def test_load_adapter_strict_false_still_refuses_half_pairs_and_foreign_adapters(tmp_path):
+    torch.manual_seed(0)
+    model = _two_layer(0)
+    save_adapter(model, tmp_path / "adapter")
+    tensors = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    del tensors["base_model.model.0.lora_B.weight"]
+    save_file(tensors, tmp_path / "adapter" / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match=r"has no entry 'base_model\.model\.0\.lora_B\.weight'"):
+        load_adapter(_two_layer(1), tmp_path / "adapter", strict=False)
+    renamed = {k.replace("model.0.", "model.other.").replace("model.2.", "model.more."): v for k, v in tensors.items()}
+    save_file(renamed, tmp_path / "adapter" / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match="has no entry for any QLoRALinear layer"):
+        load_adapter(_two_layer(1), tmp_path / "adapter", strict=False)
