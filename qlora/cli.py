@@ -159,16 +159,6 @@ def _bounded_int(low: int, high: int, what: str):
     return parse
 
 
-# Demo ranges. Adam moves each weight by about lr per step, so a learning rate above 1 only diverges (and from
-# about 3e37 the optimizer's float32 step scalars overflow). The LoRA rank is at most the encoder's hidden size
-# (384, the smaller side of every layer). alpha/rank above 1e4 swamps the pretrained layer it adapts. The batch
-# is at most the training set (demo_data: 120 sentences); steps and log rows are capped at a day's run.
-_MAX_LR = 1.0
-_MAX_ALPHA = 1e4
-_MAX_RANK = 384
-_MAX_STEPS = 100_000
-
-
 def _seed(text: str) -> int:
     try:
         value = int(text)
@@ -194,8 +184,7 @@ def _max_length(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .demo import DemoConfig
-    from .demo_data import examples
+    from .demo import FLOAT_RANGES, INT_RANGES, DemoConfig
     from .kernels._checks import BLOCKSIZES
 
     d = DemoConfig()
@@ -221,17 +210,17 @@ def build_parser() -> argparse.ArgumentParser:
                     "metrics.json, the adapter (PEFT\nformat) and the head into --out; reloads the adapter into a "
                     "fresh model and exits 1 unless\nits outputs are identical.\n\n"
                     "Under the Triton interpreter (no GPU) the defaults take about 5 minutes on 2 CPU cores.")
-    demo.add_argument("--steps", type=_bounded_int(1, _MAX_STEPS, "a step count"), default=d.steps, metavar="N",
+    demo.add_argument("--steps", type=_bounded_int(*INT_RANGES["steps"], "a step count"), default=d.steps, metavar="N",
                       help=f"training steps (default {d.steps})")
-    demo.add_argument("--rank", type=_bounded_int(1, _MAX_RANK, "a LoRA rank"), default=d.rank, metavar="R",
-                      help=f"LoRA rank, at most {_MAX_RANK} (default {d.rank})")
-    demo.add_argument("--alpha", type=_bounded_float(0.0, _MAX_ALPHA, "a LoRA alpha"), default=d.alpha,
+    demo.add_argument("--rank", type=_bounded_int(*INT_RANGES["rank"], "a LoRA rank"), default=d.rank, metavar="R",
+                      help=f"LoRA rank, at most {INT_RANGES['rank'][1]} (default {d.rank})")
+    demo.add_argument("--alpha", type=_bounded_float(*FLOAT_RANGES["alpha"], "a LoRA alpha"), default=d.alpha,
                       help=f"LoRA alpha; scaling = alpha / rank (default {d.alpha:g})")
-    demo.add_argument("--lr", type=_bounded_float(0.0, _MAX_LR, "a learning rate"), default=d.lr,
+    demo.add_argument("--lr", type=_bounded_float(*FLOAT_RANGES["lr"], "a learning rate"), default=d.lr,
                       help=f"learning rate of the adapters (default {d.lr:g})")
-    demo.add_argument("--head-lr", type=_bounded_float(0.0, _MAX_LR, "a learning rate"), default=d.head_lr,
+    demo.add_argument("--head-lr", type=_bounded_float(*FLOAT_RANGES["head_lr"], "a learning rate"), default=d.head_lr,
                       help=f"learning rate of the classification head (default {d.head_lr:g})")
-    demo.add_argument("--batch-size", type=_bounded_int(1, len(examples("train")), "a batch size"),
+    demo.add_argument("--batch-size", type=_bounded_int(*INT_RANGES["batch_size"], "a batch size"),
                       default=d.batch_size, metavar="B",
                       help=f"sentences per step (default {d.batch_size})")
     demo.add_argument("--max-length", type=_max_length, default=d.max_length, metavar="T",
@@ -245,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"folder for the plot, metrics, adapter and head (default ./{d.out})")
     demo.add_argument("--seed", type=_seed, default=d.seed,
                       help=f"seed of the initialization and batch order (default {d.seed})")
-    demo.add_argument("--log-every", type=_bounded_int(1, _MAX_STEPS, "a step count"), default=None, metavar="N",
+    demo.add_argument("--log-every", type=_bounded_int(*INT_RANGES["log_every"], "a step count"), default=None, metavar="N",
                       help="steps per row of the loss table (default: about 10 rows)")
     demo.set_defaults(func=_cmd_demo)
 

@@ -234,6 +234,15 @@ def test_demo_numeric_options_are_range_checked_at_parse_time(capsys, argv, opti
     assert f"argument {option}" in err and "expected" in err, err
 
 
+@pytest.mark.parametrize("field, value", [("lr", 1e39), ("alpha", float("nan")), ("rank", 0), ("batch_size", 500),
+                                          ("steps", True), ("log_every", 0)])
+def test_demo_run_checks_its_config_as_the_parser_does(tmp_path, field, value):
+    cfg = demo.DemoConfig(out=str(tmp_path / "out"), **{field: value})
+    with pytest.raises(demo.DemoError, match=f"^{demo.option_name(field)} must be"):
+        demo.run(cfg)
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
 def test_bad_arguments_are_usage_errors(capsys):
     for argv in (["quantize", "in.safetensors"],  # OUT missing
                  ["quantize", "a", "b", "--blocksize", "48"],
