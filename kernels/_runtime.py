@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
+from triton import knobs as _knobs
+
+# Read once, when this package is imported: ``qlora/_runtime.py`` has set Triton's switch by then (and made Triton's
+# own library functions agree with it), and every @triton.jit below was decorated under this value. The launchers ask
+# on every call, so this must not parse the environment each time.
+_INTERPRET: bool = bool(_knobs.runtime.interpret)
 
 
 def interpreter_active() -> bool:
     """True when ``@triton.jit`` functions run under the Triton interpreter (on CPU tensors).
 
-    ``qlora`` sets ``TRITON_INTERPRET`` before this package is imported (see ``qlora/_runtime.py``).
+    The value of Triton's switch (``triton.knobs.runtime.interpret``) when this package was imported, which
+    ``qlora`` sets before (see ``qlora/_runtime.py``).
     """
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in {"1", "true", "yes", "on"}
+    return _INTERPRET
 
 
 def kernel_device() -> torch.device:

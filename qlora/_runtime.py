@@ -1,19 +1,34 @@
-"""Choose how the Triton kernels run, before any of them is decorated.
+"""Choose how the Triton kernels run, once, before any of them is decorated, whatever was imported before.
 
-Triton reads ``TRITON_INTERPRET`` when a function is decorated with ``@triton.jit``, so the choice must
-be made before ``qlora.kernels`` is imported. ``qlora/__init__.py`` imports this module first, and every
-``qlora.*`` import goes through that file, so the rule below holds however the kernels are reached.
-
-Rule:
+Rule (decided once, when ``qlora`` is first imported):
 - ``QLORA_INTERPRET=1`` forces the Triton interpreter (kernels run on CPU tensors, slowly);
 - ``QLORA_INTERPRET=0`` forbids it (kernels compile for the GPU; CPU tensors are then rejected);
 - otherwise an explicit ``TRITON_INTERPRET`` is respected, and if neither is set the interpreter is used
   exactly when torch sees no CUDA device.
+
+Triton decides per function, when it is decorated with ``@triton.jit``: under its interpreter switch
+(``triton.knobs.runtime.interpret``, backed by ``TRITON_INTERPRET``) the decorator returns an
+``InterpretedFunction``, else a ``JITFunction``. Two things therefore have to agree with the choice:
+
+1. this package's kernels, decorated when ``qlora.kernels`` is imported: ``qlora/__init__.py`` imports this
+   module first, and every ``qlora.*`` import goes through that file. The choice is set through Triton's own
+   API (``triton.knobs.runtime.interpret``, present in triton 3.6 and later; it also writes the environment
+   variable), so it holds even where Triton's knob was already set in Python by someone else;
+2. Triton's own library functions that kernels call (``tl.max``, ``tl.sum``, ``tl.cdiv``, ``tl.rand``, ...), which
+   are ``@jit`` functions decorated when ``triton`` itself is imported. When ``triton`` was imported before
+   ``qlora`` (directly, or through ``torch._inductor``, bitsandbytes, PEFT, ...) under the other setting, those are
+   of the wrong kind: an interpreted kernel calling a ``JITFunction`` fails with "Cannot call @triton.jit'd outside
+   of the scope of a kernel". :func:`_retarget_triton_library` re-decorates each of them under the chosen setting,
+   in every ``triton.language`` module and as a ``tl.tensor`` method, so that the same kernels give the same
+   results whatever the import order.
+
+``interpreter_active()`` returns the decision; nothing re-reads the environment afterwards.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
@@ -32,14 +47,94 @@ def _decide() -> bool:
     return not torch.cuda.is_available()
 
 
+def _jit_kwargs(function) -> dict:
+    """The keyword arguments ``function`` (a JITFunction or InterpretedFunction) was decorated with."""
+    kwargs = getattr(function, "kwargs", None)  # InterpretedFunction keeps the decorator's keywords as they were
+    if isinstance(kwargs, dict):
+        return dict(kwargs)
+    # A JITFunction stores them as attributes; only the interpreter receives these, and it ignores their values.
+    names = ("version", "do_not_specialize", "do_not_specialize_on_alignment", "debug", "noinline", "repr",
+             "launch_metadata")
+    return {name: getattr(function, name) for name in names if hasattr(function, name)}
+
+
+def _cell_is_set(cell) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:  # an empty closure cell
+        return False
+    return True
+
+
+def _forwarder(function):
+    """A plain function calling ``function``: what ``tl.tensor`` holds as the method of an InterpretedFunction."""
+
+    def method(*args, **kwargs):
+        return function(*args, **kwargs)
+
+    method.__name__ = getattr(function, "__name__", "method")
+    method.__doc__ = f"Forwards to :py:func:`{method.__name__}` free function"
+    return method
+
+
+def _retarget_triton_library(interpret: bool) -> int:
+    """Re-decorate Triton's own ``@jit`` library functions that were decorated under the other interpreter setting
+    (see the module docstring); returns how many functions were replaced (0 when Triton was imported after the
+    switch was set, the usual case)."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITCallable, JITFunction, jit
+
+    wrong = JITFunction if interpret else InterpretedFunction
+    modules = [m for name, m in list(sys.modules.items())
+               if m is not None and (name == "triton.language" or name.startswith("triton.language."))]
+    import triton.language as tl
+
+    holders = [vars(m) for m in modules]
+    replaced: dict[int, object] = {}
+    for namespace in holders:
+        for value in list(namespace.values()):
+            if type(value) is wrong and id(value) not in replaced:
+                module = getattr(value.fn, "__module__", "") or ""
+                if module == "triton" or module.startswith("triton."):  # never a user's kernel
+                    replaced[id(value)] = jit(value.fn, **_jit_kwargs(value))
+    if not replaced:
+        return 0
+    for namespace in holders:
+        for key, value in list(namespace.items()):
+            if id(value) in replaced:
+                namespace[key] = replaced[id(value)]
+    # ``@core._tensor_member_fn`` makes a library function a method of ``tl.tensor`` (``x.sum()``): the JITFunction
+    # itself, or for an InterpretedFunction (not a descriptor) a plain function that forwards to it. Do as it does.
+    for key, value in list(vars(tl.core.tensor).items()):
+        cells = getattr(value, "__closure__", None) or ()
+        held = [value] + [c.cell_contents for c in cells if _cell_is_set(c)]
+        old = next((h for h in held if id(h) in replaced), None)
+        if old is not None:
+            new = replaced[id(old)]
+            setattr(tl.core.tensor, key, new if isinstance(new, JITCallable) else _forwarder(new))
+    return len(replaced)
+
+
+def _apply(interpret: bool) -> None:
+    """Make Triton run (and decorate) under ``interpret`` from now on, in this process."""
+    os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
+    # Triton 3.9 warns that its default for contracting a*b+c into an FMA will flip. Keep fusion on by default
+    # (matmul epilogues want it) and state it; kernels whose results SPEC defines by separate roundings (the
+    # double-quantized scale, the optimizer steps) are launched with enable_fp_fusion=False explicitly.
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    import triton
+    from triton import knobs
+
+    # Through Triton's API: a value set there in Python (by a framework imported earlier) outranks the environment.
+    knobs.runtime.interpret = interpret
+    _retarget_triton_library(interpret)
+    del triton
+
+
 INTERPRET: bool = _decide()
-os.environ["TRITON_INTERPRET"] = "1" if INTERPRET else "0"
-# Triton 3.9 warns that its default for contracting a*b+c into an FMA will flip. Keep fusion on by default
-# (matmul epilogues want it) and state it; kernels whose results SPEC defines by separate roundings (the
-# double-quantized scale, the optimizer steps) are launched with enable_fp_fusion=False explicitly.
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+_apply(INTERPRET)
 
 
 def interpreter_active() -> bool:
-    """True when the kernels run under the Triton interpreter (CPU tensors)."""
+    """True when the kernels run under the Triton interpreter (CPU tensors); decided once, at import."""
     return INTERPRET

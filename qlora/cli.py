@@ -129,14 +129,34 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text}")
-    return value
+def _bounded_float(low: float, high: float, what: str):
+    """An argparse type: a finite number in (low, high]."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what} in ({low:g}, {high:g}], got {text!r}") from None
+        if not low < value <= high:  # also refuses nan and inf
+            raise argparse.ArgumentTypeError(f"expected {what} in ({low:g}, {high:g}], got {text}")
+        return value
+
+    return parse
+
+
+def _bounded_int(low: int, high: int, what: str):
+    """An argparse type: an integer in [low, high]."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what} in [{low}, {high}], got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"expected {what} in [{low}, {high}], got {value}")
+        return value
+
+    return parse
 
 
 def _seed(text: str) -> int:
@@ -164,7 +184,7 @@ def _max_length(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .demo import DemoConfig
+    from .demo import FLOAT_RANGES, INT_RANGES, DemoConfig
     from .kernels._checks import BLOCKSIZES
 
     d = DemoConfig()
@@ -190,16 +210,18 @@ def build_parser() -> argparse.ArgumentParser:
                     "metrics.json, the adapter (PEFT\nformat) and the head into --out; reloads the adapter into a "
                     "fresh model and exits 1 unless\nits outputs are identical.\n\n"
                     "Under the Triton interpreter (no GPU) the defaults take about 5 minutes on 2 CPU cores.")
-    demo.add_argument("--steps", type=_positive_int, default=d.steps, metavar="N",
+    demo.add_argument("--steps", type=_bounded_int(*INT_RANGES["steps"], "a step count"), default=d.steps, metavar="N",
                       help=f"training steps (default {d.steps})")
-    demo.add_argument("--rank", type=_positive_int, default=d.rank, metavar="R", help=f"LoRA rank (default {d.rank})")
-    demo.add_argument("--alpha", type=_positive_float, default=d.alpha,
+    demo.add_argument("--rank", type=_bounded_int(*INT_RANGES["rank"], "a LoRA rank"), default=d.rank, metavar="R",
+                      help=f"LoRA rank, at most {INT_RANGES['rank'][1]} (default {d.rank})")
+    demo.add_argument("--alpha", type=_bounded_float(*FLOAT_RANGES["alpha"], "a LoRA alpha"), default=d.alpha,
                       help=f"LoRA alpha; scaling = alpha / rank (default {d.alpha:g})")
-    demo.add_argument("--lr", type=_positive_float, default=d.lr,
+    demo.add_argument("--lr", type=_bounded_float(*FLOAT_RANGES["lr"], "a learning rate"), default=d.lr,
                       help=f"learning rate of the adapters (default {d.lr:g})")
-    demo.add_argument("--head-lr", type=_positive_float, default=d.head_lr,
+    demo.add_argument("--head-lr", type=_bounded_float(*FLOAT_RANGES["head_lr"], "a learning rate"), default=d.head_lr,
                       help=f"learning rate of the classification head (default {d.head_lr:g})")
-    demo.add_argument("--batch-size", type=_positive_int, default=d.batch_size, metavar="B",
+    demo.add_argument("--batch-size", type=_bounded_int(*INT_RANGES["batch_size"], "a batch size"),
+                      default=d.batch_size, metavar="B",
                       help=f"sentences per step (default {d.batch_size})")
     demo.add_argument("--max-length", type=_max_length, default=d.max_length, metavar="T",
                       help=f"tokens per sentence, [CLS] and [SEP] included (default {d.max_length})")
@@ -212,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"folder for the plot, metrics, adapter and head (default ./{d.out})")
     demo.add_argument("--seed", type=_seed, default=d.seed,
                       help=f"seed of the initialization and batch order (default {d.seed})")
-    demo.add_argument("--log-every", type=_positive_int, default=None, metavar="N",
+    demo.add_argument("--log-every", type=_bounded_int(*INT_RANGES["log_every"], "a step count"), default=None, metavar="N",
                       help="steps per row of the loss table (default: about 10 rows)")
     demo.set_defaults(func=_cmd_demo)
 

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -96,9 +98,21 @@ def select_linear_weights(tensors: dict[str, torch.Tensor], targets: Sequence[st
     return chosen
 
 
-def _check_out(out: Path) -> None:
+def _check_out_kind(out: Path) -> None:
+    """OUT may be absent or a regular file: a symbolic link or a special file (a device such as /dev/null, a FIFO,
+    a socket) would be replaced by the rename that writes OUT."""
+    if out.is_symlink():
+        raise ConvertError(f"OUT {str(out)!r} is a symbolic link; give the path of the file itself (writing OUT "
+                           "replaces it)")
     if out.exists() and out.is_dir():
         raise ConvertError(f"OUT {str(out)!r} is a directory; give the path of the file to write")
+    if out.exists() and not stat.S_ISREG(out.stat().st_mode):
+        raise ConvertError(f"OUT {str(out)!r} exists and is not a regular file (a device, FIFO or socket); give the "
+                           "path of a file to write")
+
+
+def _check_out(out: Path) -> None:
+    _check_out_kind(out)
     parent = out.parent if str(out.parent) else Path(".")
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -144,12 +158,12 @@ def quantize_safetensors(src: str | os.PathLike, dst: str | os.PathLike, blocksi
             written from CPU tensors.
         progress: a tqdm bar over the weights (None: only on a terminal).
 
-    Raises :class:`ConvertError` naming the path or key for a missing or unreadable input, an unwritable output,
-    a selection that is empty, an output key that would collide with an input key, or a non-finite weight.
-    The output file is written to a temporary name and renamed, so a failed run leaves no partial ``dst``.
+    Raises :class:`ConvertError` naming the path or key for a missing or unreadable input, an unwritable output
+    or one that is not a regular file (a symbolic link, a device), a selection that is empty, an output key that
+    would collide with an input key, a non-finite weight, or a failed write. The output file is written to a
+    uniquely named temporary file in ``dst``'s folder and renamed, so a failed run leaves any old ``dst`` intact and
+    no temporary file behind.
     """
-    from safetensors.torch import save_file
-
     from ._runtime import interpreter_active
 
     if isinstance(blocksize, bool) or blocksize not in BLOCKSIZES:
@@ -202,11 +216,37 @@ def quantize_safetensors(src: str | os.PathLike, dst: str | os.PathLike, blocksi
             summary.copied.append(key)
     summary.bytes_after = sum(_nbytes(t) for t in result.values())
 
-    tmp = out.with_name(out.name + ".tmp")
-    try:
-        save_file(result, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, out)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise ConvertError(f"OUT {str(out)!r}: writing failed: {err.strerror or err}") from None
+    _write_atomically(result, out)
     return summary
+
+
+def _write_atomically(tensors: dict[str, torch.Tensor], out: Path) -> None:
+    """Write ``tensors`` to ``out`` through a temporary file of a unique name in ``out``'s folder, renamed over
+    ``out`` only once complete: a failure (disk full, a file size limit, an interrupt) leaves any old ``out`` as it
+    was and no temporary file behind, and no other file is ever overwritten."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    parent = out.parent if str(out.parent) else Path(".")
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent)
+    except OSError as err:
+        raise ConvertError(f"OUT {str(out)!r}: cannot create a temporary file in {str(parent)!r}: "
+                           f"{err.strerror or err}") from None
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        # mkstemp makes the file private (0600); give it the mode a newly created file gets under the umask.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        _check_out_kind(out)  # OUT may have been replaced by a link or a device meanwhile
+        os.replace(tmp, out)
+    except (OSError, SafetensorError) as err:
+        tmp.unlink(missing_ok=True)
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        raise ConvertError(f"OUT {str(out)!r}: writing failed: {reason}") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

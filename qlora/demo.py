@@ -71,6 +71,35 @@ class DemoConfig:
     log_every: int | None = None  # None: about ten rows
 
 
+# Ranges of the numeric settings, checked by ``qlora demo``'s parser and again by :func:`run`. Adam moves each weight
+# by about lr per step, so a learning rate above 1 only diverges (from about 3e37 the optimizer's float32 step scalars
+# overflow). The LoRA rank is at most the encoder's hidden size (384, the smaller side of every layer). alpha/rank
+# above 1e4 swamps the pretrained layer it adapts. The batch is at most the training set (120 sentences); steps and
+# log rows are capped at a day's run. Floats: (low, high]; ints: [low, high].
+FLOAT_RANGES = {"lr": (0.0, 1.0), "head_lr": (0.0, 1.0), "alpha": (0.0, 1e4)}
+INT_RANGES = {"steps": (1, 100_000), "rank": (1, 384), "batch_size": (1, len(demo_data.examples("train"))),
+              "max_length": (3, 512), "layers": (1, 6), "seed": (0, 2**31 - 1), "log_every": (1, 100_000)}
+
+
+def option_name(field: str) -> str:
+    """The command-line option of a :class:`DemoConfig` field: ``head_lr`` -> ``--head-lr``."""
+    return "--" + field.replace("_", "-")
+
+
+def check_config(cfg: DemoConfig) -> None:
+    """Every numeric setting of ``cfg`` in its range (``FLOAT_RANGES``/``INT_RANGES``); DemoError naming the option."""
+    for field, (low, high) in FLOAT_RANGES.items():
+        value = getattr(cfg, field)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low < value <= high:
+            raise DemoError(f"{option_name(field)} must be a number in ({low:g}, {high:g}], got {value!r}")
+    for field, (low, high) in INT_RANGES.items():
+        value = getattr(cfg, field)
+        if value is None and field in ("layers", "log_every"):
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise DemoError(f"{option_name(field)} must be an integer in [{low}, {high}], got {value!r}")
+
+
 class DenseLoRALinear(nn.Module):
     """``y = x @ W^T + b + (lora_alpha / r) * (x @ lora_A^T) @ lora_B^T`` over a frozen dense ``nn.Linear``.
 
@@ -264,6 +293,7 @@ def _prepare_out(out: str) -> Path:
 
 def run(cfg: DemoConfig, log: Callable[[str], None] = print) -> DemoResult:
     """Run the demo (see the module docstring); ``log`` receives each line of the report."""
+    check_config(cfg)
     device = resolve_device(cfg.device)
     out = _prepare_out(cfg.out)
     try:

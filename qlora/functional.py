@@ -19,7 +19,10 @@ seeds than an eager one after the same ``torch.manual_seed`` (still reproducible
 from __future__ import annotations
 
 import math
+import numbers
+import struct
 
+import numpy as np
 import torch
 
 from .kernels import linear as _linear
@@ -33,6 +36,14 @@ __all__ = ["qlora_linear", "dropout_mask"]
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
+
+
+def _fits_float32(value: float) -> bool:
+    """Whether ``value`` rounds to a finite float32 (pure Python, no tensor)."""
+    try:
+        return math.isfinite(struct.unpack("f", struct.pack("f", value))[0])
+    except OverflowError:  # older Pythons raise instead of rounding to inf
+        return False
 
 
 def _check_inputs(x, weight, lora_A, lora_B, scaling, bias, dropout_p, training):
@@ -91,12 +102,15 @@ def _check_inputs(x, weight, lora_A, lora_B, scaling, bias, dropout_p, training)
     if type(scaling) is not float:
         if isinstance(scaling, torch.Tensor) and scaling.numel() == 1:
             scaling = scaling.item()
-        if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
+        # numbers.Real: Python and NumPy ints and floats (numpy.float32 included), not bool.
+        if isinstance(scaling, (bool, np.bool_)) or not isinstance(scaling, numbers.Real):
             raise TypeError(f"scaling must be a finite real number, got {scaling!r}")
     if not math.isfinite(scaling):
         raise TypeError(f"scaling must be a finite real number, got {scaling!r}")
-    if (isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float))
-            or not 0.0 <= dropout_p < 1.0):
+    if not _fits_float32(float(scaling)):
+        raise ValueError(f"scaling must be within float32's range (the kernels multiply by it in float32), got "
+                         f"{scaling!r}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
     if training is not True and training is not False:
         raise TypeError(f"training must be a bool, got {type(training).__name__}")
@@ -112,14 +126,17 @@ def qlora_linear(x: torch.Tensor, weight: NF4Weight, lora_A: torch.Tensor, lora_
         x: (..., in_features), float32/float16/bfloat16, any strides; leading dims are flattened.
         weight: :class:`~qlora.nf4.NF4Weight` of shape (out_features, in_features), dequantized to x's dtype
             inside the kernel (whatever dtype it was quantized from).
-        lora_A: (r, in_features), lora_B: (out_features, r), bias: (out_features,) or None; all in x's dtype.
-        scaling: ``lora_alpha / r``.
+        lora_A: (r, in_features), lora_B: (out_features, r), bias: (out_features,) or None (any strides); all in
+            x's dtype.
+        scaling: ``lora_alpha / r``: any finite real scalar within float32's range (Python, NumPy or a
+            one-element tensor).
         dropout_p: LoRA dropout probability in [0, 1), applied to x on the adapter path only, when ``training``.
         seed: dropout seed in [0, 2**31); None draws one from torch's default generator. ``dropout_mask(seed,
             x.shape, dropout_p)`` is the mask that was applied.
 
     Returns:
-        (..., out_features) in x's dtype. Differentiable in x, lora_A, lora_B and bias.
+        (..., out_features) in x's dtype. Differentiable in x, lora_A, lora_B and bias (first order; double
+        backward raises a RuntimeError saying it is unsupported).
 
     Eager calls go through :class:`qlora._eager.NF4LoRAFunction` (the launchers, without the custom operators'
     dispatch cost); under ``torch.compile`` the custom operators of :mod:`qlora.ops` are traced. Both run the
@@ -129,6 +146,8 @@ def qlora_linear(x: torch.Tensor, weight: NF4Weight, lora_A: torch.Tensor, lora_
     p = dropout_p if training else 0.0
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31):
         raise ValueError(f"seed must be None or an int in [0, 2**31), got {seed!r}")
+    if bias is not None and not bias.is_contiguous():
+        bias = bias.contiguous()  # the kernel reads it densely; autograd maps the gradient back to the view
     lead = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1])
     seed_t = None
@@ -146,6 +165,18 @@ def qlora_linear(x: torch.Tensor, weight: NF4Weight, lora_A: torch.Tensor, lora_
                        weight.absmax2, weight.offset, weight.nested_code, weight.nested_blocksize, lora_A, lora_B,
                        scaling, bias, p, seed_t)
     return y.reshape(*lead, weight.shape[0])
+
+
+def _double_backward_unsupported(ctx, *grads):
+    raise RuntimeError("qlora_linear (QLoRALinear) does not support double backward (gradients of gradients, "
+                       "create_graph=True followed by another backward): its backward is a fused kernel without a "
+                       "derivative of its own")
+
+
+# The backward operator gets an autograd formula only to say that: without one, torch raises its generic "no autograd
+# formula was registered" when a second-order gradient reaches it. First-order backward never records it.
+torch.library.register_autograd("qlora::nf4_lora_backward", _double_backward_unsupported,
+                                setup_context=lambda ctx, inputs, output: None)
 
 
 def dropout_mask(seed: int, shape, p: float, device: torch.device | str | None = None) -> torch.Tensor:

@@ -22,7 +22,7 @@ import json
 import math
 import os
 from collections import Counter
-from typing import Mapping
+from typing import Mapping, NamedTuple
 
 import torch
 from torch import nn
@@ -30,11 +30,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .kernels._checks import BLOCKSIZES
-from .layers import QLoRALinear
+from .layers import QLoRALinear, _check_quant_storage
 from .nf4 import _STATE_KEY, NESTED_BLOCKSIZE, NF4Weight, _read_quant_state
 
-__all__ = ["save_quantized", "load_quantized", "save_adapter", "load_adapter", "ADAPTER_CONFIG_NAME",
-           "ADAPTER_WEIGHTS_NAME"]
+__all__ = ["save_quantized", "load_quantized", "save_adapter", "load_adapter", "SkippedAdapterEntries",
+           "ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME"]
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -162,6 +162,32 @@ def _check_nf4_entries(file: Mapping[str, torch.Tensor], key: str, shape: torch.
     return [key, state_key, *expect]
 
 
+class _LoadSnapshot:
+    """What :func:`load_quantized` may change, kept so that :meth:`restore` undoes it exactly: each QLoRALinear's
+    registered parameters, buffers and held NF4 weight (the NF4 tensors are never written in place, only replaced),
+    and a CPU copy of every other tensor that ``load_state_dict`` copies into."""
+
+    def __init__(self, model: nn.Module, layers: list[QLoRALinear], own: Mapping[str, torch.Tensor],
+                 keys: Mapping[str, torch.Tensor]) -> None:
+        self.layers = [(layer, dict(layer._parameters), dict(layer._buffers), set(layer._non_persistent_buffers_set),
+                        layer._nf4_held, None if layer._nf4_meta is None else dict(layer._nf4_meta))
+                       for layer in layers]
+        self.values = [(own[k], own[k].detach().to("cpu", copy=True)) for k in keys]
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for layer, params, buffers, non_persistent, held, meta in self.layers:
+            layer._parameters.clear()
+            layer._parameters.update(params)
+            layer._buffers.clear()
+            layer._buffers.update(buffers)
+            layer._non_persistent_buffers_set.clear()
+            layer._non_persistent_buffers_set.update(non_persistent)
+            layer._nf4_held, layer._nf4_meta = held, meta
+        for target, saved in self.values:
+            target.copy_(saved)
+
+
 def load_quantized(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> nn.Module:
     """Load a file written by :func:`save_quantized` (or a Hugging Face / bitsandbytes NF4 checkpoint with the
     same module names) into the prepared ``model``, in place.
@@ -169,9 +195,10 @@ def load_quantized(model: nn.Module, path: str | os.PathLike, strict: bool = Tru
     Every :class:`QLoRALinear` takes its NF4 weight from the file (blocksize, double quantization and original
     dtype as stored; the shape must match the layer); every other entry of ``model.state_dict()`` except the
     LoRA adapters is loaded as ``load_state_dict`` does (floating tensors cast to the parameter's dtype). The
-    adapters are untouched. A missing entry, a malformed NF4 entry (dtype, shape, JSON), a shape mismatch or,
-    when ``strict``, an entry the model has no place for raises ``ValueError`` naming the key; nothing is
-    changed then. Returns ``model``.
+    adapters are untouched. A missing entry, a malformed NF4 entry (dtype, shape, JSON, values), a shape mismatch
+    or, when ``strict``, an entry the model has no place for raises ``ValueError`` naming the key; nothing is
+    changed then. Any other failure while loading (a module's own loading hook raising) restores every tensor of
+    the model bit for bit before the error propagates. Returns ``model``.
     """
     layers = _check_model(model)
     path = _check_path("path", path)
@@ -189,6 +216,10 @@ def load_quantized(model: nn.Module, path: str | os.PathLike, strict: bool = Tru
         except (KeyError, TypeError, ValueError) as err:
             message = err.args[0] if err.args else repr(err)
             raise ValueError(f"NF4 weight {key!r} in {path!r}: {message}") from None
+        try:
+            _check_quant_storage(weight, layer.quant_storage)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"NF4 weight {key!r} in {path!r}: {err}") from None
         weights.append((layer, weight))
         consumed.update(entries)
 
@@ -218,15 +249,24 @@ def load_quantized(model: nn.Module, path: str | os.PathLike, strict: bool = Tru
         raise ValueError(f"checkpoint {path!r} has {len(unexpected)} entr{'y' if len(unexpected) == 1 else 'ies'} "
                          f"the model has no place for: {shown} (pass strict=False to ignore them)")
 
-    for layer, weight in weights:
-        layer._nf4 = weight
-    # The remaining entries go through load_state_dict so that modules with their own loading hooks see them;
-    # the NF4 weights are already in place and the adapters are deliberately absent, hence strict=False.
-    result = model.load_state_dict(rest, strict=False)
-    left = set(result.missing_keys) - skip
-    if left or result.unexpected_keys:  # cannot happen after the checks above; fail loudly if it does
-        raise RuntimeError(f"load_state_dict disagreed with the checks: missing {sorted(left)}, unexpected "
-                           f"{result.unexpected_keys}")
+    # Everything is checked; what follows can still fail inside a module's own loading hook. Keep what it changes,
+    # so that a failure leaves the model as it was, every tensor bit for bit.
+    snapshot = _LoadSnapshot(model, [layer for layer, _ in weights], own, rest)
+    try:
+        for layer, weight in weights:
+            layer._nf4 = weight
+        # The remaining entries go through load_state_dict so that modules with their own loading hooks see them;
+        # the NF4 weights are already in place and the adapters are deliberately absent, hence strict=False.
+        result = model.load_state_dict(rest, strict=False)
+        # The NF4 keys are those of the weights as stored now (double quantization may differ from before).
+        skip |= {k for name, layer in layers for k in layer.weight.to_bnb_state_dict(_join(name, "weight"))}
+        left = set(result.missing_keys) - skip
+        if left or result.unexpected_keys:  # cannot happen after the checks above; fail loudly if it does
+            raise RuntimeError(f"load_state_dict disagreed with the checks: missing {sorted(left)}, unexpected "
+                               f"{result.unexpected_keys}")
+    except BaseException:
+        snapshot.restore()
+        raise
     return model
 
 
@@ -243,17 +283,12 @@ def _unique_layers(layers: list[tuple[str, QLoRALinear]]) -> list[tuple[str, QLo
     return out
 
 
-def _target_names(model: nn.Module, adapted: list[str]) -> list[str]:
-    """The shortest PEFT ``target_modules`` that selects exactly the adapted layers among the model's linear
-    layers: a layer's last name component when every linear layer so named is adapted, else its full path."""
-    linear_names = [name for name, m in model.named_modules() if isinstance(m, (nn.Linear, QLoRALinear))]
-    adapted_set = set(adapted)
-    out = set()
-    for name in adapted:
-        last = name.rsplit(".", 1)[-1]
-        same_last = [n for n in linear_names if n.rsplit(".", 1)[-1] == last]
-        out.add(last if all(n in adapted_set for n in same_last) else name)
-    return sorted(out)
+def _target_names(adapted: list[str]) -> list[str]:
+    """PEFT ``target_modules`` that select exactly the adapted layers: their full module paths. PEFT matches an
+    entry against a module's name or a dot-aligned suffix of it, so a full path selects that module in any model
+    with the same structure (under a wrapper's prefix too) and nothing else; a shorter suffix such as "dense" would
+    also select modules this model lacks or kept dense (a Hugging Face BERT's ``pooler.dense``)."""
+    return sorted(set(adapted))
 
 
 def _pattern_value(pattern: Mapping[str, object], name: str):
@@ -270,8 +305,11 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name
     ``base_model.model.<M>.lora_B.weight`` (out_features, r) for each :class:`QLoRALinear` at ``M``, in the
     adapters' dtype. ``adapter_config.json``: a PEFT ``LoraConfig`` (``peft_type`` "LORA", ``r``, ``lora_alpha``,
     ``lora_dropout``, ``target_modules``, ``bias`` "none", ``fan_in_fan_out`` false, ``inference_mode`` true,
-    ...). When layers differ in rank or alpha, the most common value is ``r``/``lora_alpha`` and the others go to
-    ``rank_pattern``/``alpha_pattern`` under their full module paths, as PEFT reads them.
+    ...; ``target_modules`` the full paths of the adapted layers, so that PEFT adapts exactly those). When layers
+    differ in rank or alpha, the most common value is ``r``/``lora_alpha`` and the others go to
+    ``rank_pattern``/``alpha_pattern`` under their full module paths, as PEFT reads them. PEFT has no such pattern
+    for ``lora_dropout``: layers that differ in it are refused (ValueError naming two of them) before anything is
+    written.
     """
     layers = _unique_layers(_check_model(model))
     directory = _check_path("directory", directory)
@@ -283,7 +321,14 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name
     # Counter.most_common keeps first-seen order among ties, so a uniform model gets its one value.
     r = Counter(layer.r for _, layer in layers).most_common(1)[0][0]
     alpha = Counter(layer.lora_alpha for _, layer in layers).most_common(1)[0][0]
-    dropout = Counter(layer.lora_dropout for _, layer in layers).most_common(1)[0][0]
+    dropout = layers[0][1].lora_dropout
+    differing = next(((name, layer) for name, layer in layers if layer.lora_dropout != dropout), None)
+    if differing is not None:
+        # adapter_config.json holds one lora_dropout (PEFT has no per-layer pattern for it): refuse rather than
+        # write a value some layers do not have.
+        raise ValueError(f"layers differ in lora_dropout ({layers[0][0]!r}: {dropout}, {differing[0]!r}: "
+                         f"{differing[1].lora_dropout}); a PEFT adapter holds one value: set the same lora_dropout "
+                         "on every QLoRALinear before saving")
     config = {
         "peft_type": "LORA",
         "task_type": None,
@@ -293,7 +338,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name
         "r": r,
         "lora_alpha": alpha,
         "lora_dropout": dropout,
-        "target_modules": _target_names(model, [name for name, _ in layers]),
+        "target_modules": _target_names([name for name, _ in layers]),
         "bias": "none",
         "fan_in_fan_out": False,
         "modules_to_save": None,
@@ -343,7 +388,8 @@ def _read_adapter_config(path: str) -> dict:
         raise ValueError(f"field 'lora_dropout' of {path!r} must be a number in [0, 1), got {dropout!r}")
     # Features that change what the stored tensors mean; loading them as plain LoRA would compute something else.
     unsupported = {"bias": ("none", None), "fan_in_fan_out": (False, None), "use_dora": (False, None),
-                   "use_rslora": (False, None), "modules_to_save": (None, []), "layer_replication": (None, [])}
+                   "use_rslora": (False, None), "modules_to_save": (None, []), "layer_replication": (None, []),
+                   "lora_bias": (False, None)}
     for name, allowed in unsupported.items():
         if field(name) not in allowed:
             raise ValueError(f"field {name!r} of {path!r} is {field(name)!r}; only {allowed[0]!r} is supported")
@@ -361,7 +407,18 @@ def _read_adapter_config(path: str) -> dict:
     return config
 
 
-def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+class SkippedAdapterEntries(NamedTuple):
+    """What ``load_adapter(..., strict=False)`` left out: ``unexpected_keys``, the adapter's entries with no
+    QLoRALinear to go to (a module this model lacks, such as a Hugging Face BERT's ``pooler.dense``), and
+    ``missing_keys``, the entries this model's layers would need but the adapter lacks (those layers keep their
+    adapters as they were). Both sorted."""
+
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike,
+                 strict: bool = True) -> nn.Module | SkippedAdapterEntries:
     """Load a PEFT LoRA adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``) into the
     prepared ``model``, in place, and return it.
 
@@ -372,9 +429,16 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     so the model computes the saved adapter. A missing or unexpected key, a shape or rank mismatch, or a config
     feature other than plain LoRA (DoRA, rsLoRA, trained biases, ``modules_to_save``) raises ``ValueError``
     naming the key or field; nothing is changed then.
+
+    ``strict=False`` loads the layers the adapter has both entries for and skips the rest: entries with no layer to
+    go to and layers without entries (which keep their adapters). It returns a :class:`SkippedAdapterEntries`
+    naming what was skipped instead of the model. A layer with only one of its two entries, a shape or rank
+    mismatch, or an adapter that matches no layer at all is refused either way.
     """
     layers = _unique_layers(_check_model(model))
     directory = _check_path("directory", directory)
+    if not isinstance(strict, bool):
+        raise TypeError(f"strict must be a bool, got {type(strict).__name__}")
     config_path = os.path.join(directory, ADAPTER_CONFIG_NAME)
     weights_path = os.path.join(directory, ADAPTER_WEIGHTS_NAME)
     if not os.path.isfile(weights_path) and os.path.isfile(os.path.join(directory, "adapter_model.bin")):
@@ -384,12 +448,16 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
 
     updates = []
     consumed = set()
+    missing: list[str] = []
     for name, layer in layers:
         r = _pattern_value(config["rank_pattern"], name) or config["r"]
         alpha = _pattern_value(config["alpha_pattern"], name)
         alpha = config["lora_alpha"] if alpha is None else alpha
         key_a = _PEFT_PREFIX + _join(name, "lora_A.weight")
         key_b = _PEFT_PREFIX + _join(name, "lora_B.weight")
+        if not strict and key_a not in file and key_b not in file:
+            missing += [key_a, key_b]
+            continue
         for key, want in ((key_a, (layer.r, layer.in_features)), (key_b, (layer.out_features, layer.r))):
             if key not in file:
                 raise ValueError(f"adapter {weights_path!r} has no entry {key!r}")
@@ -405,10 +473,14 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         updates.append((layer, file[key_a], file[key_b], alpha))
         consumed.update((key_a, key_b))
     unexpected = sorted(set(file) - consumed)
-    if unexpected:
+    if unexpected and strict:
         shown = ", ".join(repr(k) for k in unexpected[:5]) + (", ..." if len(unexpected) > 5 else "")
         raise ValueError(f"adapter {weights_path!r} has {len(unexpected)} entr"
-                         f"{'y' if len(unexpected) == 1 else 'ies'} with no QLoRALinear layer to go to: {shown}")
+                         f"{'y' if len(unexpected) == 1 else 'ies'} with no QLoRALinear layer to go to: {shown} "
+                         "(pass strict=False to load the rest)")
+    if not updates:
+        raise ValueError(f"adapter {weights_path!r} has no entry for any QLoRALinear layer of the model (its entries "
+                         f"start {unexpected[:2]!r}); is it the adapter of another model?")
 
     with torch.no_grad():
         for layer, a, b, alpha in updates:
@@ -417,4 +489,4 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
             layer.lora_alpha = alpha
             layer.scaling = alpha / layer.r
             layer.lora_dropout = config["lora_dropout"]
-    return model
+    return model if strict else SkippedAdapterEntries(sorted(missing), unexpected)

@@ -22,6 +22,7 @@ Hugging Face 4-bit checkpoint (SPEC section 5); under FSDP2 the sharded entries 
 from __future__ import annotations
 
 import math
+import numbers
 import sys
 from dataclasses import dataclass
 
@@ -119,11 +120,12 @@ class QLoRALinear(nn.Module):
         super().__init__()
         if not isinstance(weight, NF4Weight):
             raise TypeError(f"weight must be a qlora.nf4.NF4Weight, got {type(weight).__name__}")
-        if len(weight.shape) != 2:
-            raise ValueError(f"weight must be 2-dimensional (out_features, in_features), got {tuple(weight.shape)}")
+        if len(weight.shape) != 2 or 0 in weight.shape:
+            raise ValueError(f"weight must be 2-dimensional (out_features, in_features), both >= 1, got "
+                             f"{tuple(weight.shape)}")
         if isinstance(r, bool) or not isinstance(r, int) or r < 1:
             raise ValueError(f"r must be an int >= 1, got {r!r}")
-        if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)) or not math.isfinite(lora_alpha):
+        if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, numbers.Real) or not math.isfinite(lora_alpha):
             raise TypeError(f"lora_alpha must be a finite real number, got {lora_alpha!r}")
         if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, (int, float)) or not (
                 0.0 <= lora_dropout < 1.0):
@@ -401,6 +403,10 @@ class QLoRALinear(nn.Module):
                 error_msgs.append(f"while loading the NF4 weight {key!r}: {err.args[0] if err.args else err}")
         elif strict:
             missing_keys.extend(sorted(self._bnb_keys(key)))
+        if strict:
+            # Entries under the weight's name that no NF4 weight of this layout has (a stray "weight.foo", or nested
+            # entries next to a weight that is not double-quantized) are unexpected, as nn.Module reports others.
+            unexpected_keys.extend(sorted(present - set(self._bnb_keys(key))))
         rest = {k: v for k, v in state_dict.items() if k not in present}
         # nn.Module's loader must not look for the storage parameters under their own names: hide them.
         hidden = [(name, self._parameters[name]) for name in _QUANT_PARAMS if self._parameters.get(name) is not None]

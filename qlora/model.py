@@ -12,6 +12,7 @@ from __future__ import annotations
 from itertools import chain
 
 import math
+import numbers
 import sys
 from dataclasses import dataclass
 from typing import Iterable, Sequence
@@ -78,11 +79,30 @@ def _linear_slots(model: nn.Module) -> list[tuple[nn.Module, str, str, nn.Linear
     for parent_name, parent in model.named_modules(remove_duplicate=False):
         if isinstance(parent, nn.MultiheadAttention):
             continue
-        for attr, child in parent.named_children():
+        # Not named_children(): it lists a module once per parent, so nn.Sequential(lin, act, lin) would keep its
+        # second slot dense.
+        for attr, child in parent._modules.items():
             if isinstance(child, nn.Linear):
                 name = f"{parent_name}.{attr}" if parent_name else attr
                 slots.append((parent, attr, name, child))
     return slots
+
+
+def _check_plain_forward(name: str, linear: nn.Linear) -> None:
+    """Refuse a layer whose forward is not ``nn.Linear``'s: QLoRALinear computes ``x @ W^T + b`` (plus the
+    adapter), so whatever else it computes (a subclass's ``forward``, an instance's own ``forward``, forward hooks)
+    would be dropped silently."""
+    kind = type(linear).__name__
+    if type(linear).forward is not nn.Linear.forward:
+        reason = f"is a {kind}, an nn.Linear subclass with its own forward"
+    elif "forward" in vars(linear):
+        reason = "has its forward replaced on the instance"
+    elif linear._forward_hooks or linear._forward_pre_hooks:
+        reason = "has forward hooks or pre-hooks registered"
+    else:
+        return
+    raise TypeError(f"{name} {reason}, which a QLoRALinear would not compute; leave it out with target_modules, or "
+                    "make it a plain nn.Linear")
 
 
 def _check_number(name: str, value, low: float, high: float | None, high_open: bool) -> float:
@@ -114,10 +134,12 @@ def prepare_model(model: nn.Module, r: int = 16, lora_alpha: float = 32, lora_dr
 
     Each replaced layer keeps its bias (frozen, PEFT's ``bias="none"``) and computes exactly the quantized base
     layer until training moves ``lora_B`` from zero. Afterwards only the ``lora_A``/``lora_B`` parameters of the
-    model's :class:`QLoRALinear` layers require gradients. A linear layer shared by several parents is replaced
-    by one ``QLoRALinear`` everywhere; a weight tied to another module (an embedding tied to the LM head) is
+    model's :class:`QLoRALinear` layers require gradients. A linear layer registered in several places (two
+    parents, or twice in one ``nn.Sequential``/``nn.ModuleList``) is replaced by one ``QLoRALinear`` everywhere; a weight tied to another module (an embedding tied to the LM head) is
     untied: the other module keeps its dense copy, frozen. ``nn.MultiheadAttention``'s ``out_proj`` is never
-    replaced (that module reads its weight directly). All arguments and every targeted weight (dtype, device,
+    replaced (that module reads its weight directly). A targeted layer whose forward is not ``nn.Linear``'s (a
+    subclass with its own ``forward``, a replaced ``forward``, forward hooks) is refused with ``TypeError`` naming it,
+    since the replacement would not compute it. All arguments and every targeted weight (dtype, device,
     finiteness) are checked before the model is modified.
 
     Returns:
@@ -132,7 +154,7 @@ def prepare_model(model: nn.Module, r: int = 16, lora_alpha: float = 32, lora_dr
         raise TypeError(f"r must be an int >= 1, got {r!r}")
     if r < 1:
         raise ValueError(f"r must be an int >= 1, got {r!r}")
-    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)) or not math.isfinite(lora_alpha):
+    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, numbers.Real) or not math.isfinite(lora_alpha):
         raise TypeError(f"lora_alpha must be a finite real number, got {lora_alpha!r}")
     _check_number("lora_dropout", lora_dropout, 0.0, 1.0, high_open=True)
     targets = _check_target_modules(target_modules)
@@ -158,7 +180,11 @@ def prepare_model(model: nn.Module, r: int = 16, lora_alpha: float = 32, lora_dr
     for _, _, name, linear in chosen:
         layers.setdefault(id(linear), (name, linear))
     for name, linear in layers.values():
+        _check_plain_forward(name, linear)
         weight = linear.weight
+        if weight.numel() == 0:
+            raise ValueError(f"{name} has in_features={linear.in_features} and out_features={linear.out_features}; "
+                             "a layer without weights has nothing to quantize (leave it out with target_modules)")
         if weight.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name}.weight must be float32, float16 or bfloat16 to quantize, got {weight.dtype}")
         check_backend_device(f"{name}.weight", weight)

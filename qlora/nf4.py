@@ -8,8 +8,10 @@ Hugging Face 4-bit checkpoint holds, so checkpoints move both ways.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import struct
 from dataclasses import dataclass, replace
 from typing import Mapping
 
@@ -184,7 +186,9 @@ class NF4Weight(BnbKeyAttributes):
         """Read the NF4 weight named ``prefix`` from a bitsandbytes / Hugging Face 4-bit state dict.
 
         The packed weight may be stored as uint8 or, as bitsandbytes' ``quant_storage`` does for FSDP, as another
-        dtype whose bytes are the packed codes. Every key, dtype, shape and JSON field is checked; a missing or
+        dtype whose bytes are the packed codes. Every key, dtype, shape and JSON field is checked, and the values
+        that can be checked: ``quant_map`` must be the NF4 codebook and ``nested_quant_map`` the signed dynamic map
+        (bit for bit), float32 block scales finite and >= 0, ``nested_offset`` a float32 value. A missing or
         malformed entry raises ``KeyError``/``ValueError`` naming the key. Tensors land on ``device`` (default:
         where they are).
         """
@@ -223,6 +227,7 @@ class NF4Weight(BnbKeyAttributes):
                 nested_blocksize=meta["nested_blocksize"],
             )
         weight = cls(**{k: (v.contiguous() if isinstance(v, torch.Tensor) else v) for k, v in fields.items()})
+        _check_bnb_values(prefix, weight.code, weight.absmax, weight.nested_code, weight.absmax2)
         return weight if device is None else weight.to(device)
 
 
@@ -309,8 +314,65 @@ def _read_quant_state(tensor: torch.Tensor, key: str) -> dict:
         offset = meta["nested_offset"]
         if not isinstance(offset, (int, float)) or isinstance(offset, bool) or not math.isfinite(offset):
             raise ValueError(f"JSON field 'nested_offset' of {key!r} must be a finite number, got {offset!r}")
+        if not _is_float32_value(float(offset)):
+            raise ValueError(f"JSON field 'nested_offset' of {key!r} must be a float32 value (bitsandbytes stores the "
+                             f"offset as a float32 tensor; the kernels add it in float32), got {offset!r}")
         meta["nested_offset"] = float(offset)
     return meta
+
+
+def _is_float32_value(x: float) -> bool:
+    """Whether the Python float ``x`` is finite and exactly a float32 value (pure Python: no tensor is made)."""
+    if not math.isfinite(x):
+        return False
+    try:
+        return struct.unpack("f", struct.pack("f", x))[0] == x
+    except OverflowError:  # beyond float32's range
+        return False
+
+
+@functools.lru_cache(maxsize=None)
+def _reference_codebooks() -> tuple[torch.Tensor, torch.Tensor]:
+    """The NF4 codebook and the signed dynamic map, as CPU tensors: the only ``quant_map``/``nested_quant_map``
+    bitsandbytes writes for NF4 (and the only ones this package's quantizer produces)."""
+    device = _codebook_device()
+    return (_codebook.normal_float_codebook(4, device=device).cpu(),
+            _codebook.dynamic_map(signed=True, device=device).cpu())
+
+
+def _codebook_device() -> torch.device:
+    from .kernels._runtime import kernel_device
+
+    return kernel_device()
+
+
+def _check_bnb_values(prefix: str, code: torch.Tensor, absmax: torch.Tensor, nested_code: torch.Tensor | None,
+                      absmax2: torch.Tensor | None) -> None:
+    """Values a bitsandbytes NF4 entry can never hold, named by key (the keys, dtypes and shapes are checked by
+    the constructor): a ``quant_map`` other than the NF4 codebook (bit for bit), a ``nested_quant_map`` other than
+    the signed dynamic map, and float32 block scales (``absmax`` without double quantization, ``nested_absmax``)
+    that are NaN, infinite or negative. One reduction per scale tensor, at load only."""
+    nf4, dynamic = _reference_codebooks()
+    for key, value, want, what in ((f"{prefix}.quant_map", code, nf4, "the NF4 codebook"),
+                                   (f"{prefix}.nested_quant_map", nested_code, dynamic, "the signed dynamic map")):
+        if value is None or value.dtype != torch.float32 or value.shape != want.shape:
+            continue  # the constructor names the dtype or shape at fault
+        got = value.detach().cpu()
+        if not torch.equal(got.view(torch.int32), want.view(torch.int32)):
+            index = int((got.view(torch.int32) != want.view(torch.int32)).nonzero()[0][0])
+            raise ValueError(f"state dict entry {key!r} must be {what} (only NF4 is supported); entry {index} is "
+                             f"{got[index].item()!r}, expected {want[index].item()!r}")
+    scales = [(f"{prefix}.nested_absmax", absmax2)] if absmax2 is not None else []
+    if absmax.dtype == torch.float32:
+        scales.append((f"{prefix}.absmax", absmax))
+    for key, value in scales:
+        if value.dtype != torch.float32 or not value.numel():
+            continue
+        bad = ~(torch.isfinite(value) & (value >= 0))
+        if bool(bad.any()):
+            index = int(bad.nonzero()[0][0])
+            raise ValueError(f"state dict entry {key!r} must hold finite block scales >= 0; entry {index} is "
+                             f"{value[index].item()!r}")
 
 
 def _validate(w: NF4Weight) -> None:
@@ -348,5 +410,5 @@ def _validate(w: NF4Weight) -> None:
         if w.nested_code.dtype != torch.float32 or tuple(w.nested_code.shape) != (256,):
             raise ValueError(f"nested_code must be float32 of shape (256,), got {w.nested_code.dtype} "
                              f"{tuple(w.nested_code.shape)}")
-        if not isinstance(w.offset, float) or not math.isfinite(w.offset):
-            raise ValueError(f"offset must be a finite Python float, got {w.offset!r}")
+        if not isinstance(w.offset, float) or not _is_float32_value(w.offset):
+            raise ValueError(f"offset must be a finite Python float holding a float32 value, got {w.offset!r}")

@@ -115,6 +115,19 @@ def _hyperparameters(lr, betas, eps, weight_decay, where: str = "") -> tuple[flo
     return lr, beta1, beta2, eps, weight_decay
 
 
+# torch.optim.AdamW options these optimizers do not implement; a group (or a loaded state dict) asking for one is
+# refused instead of stepping plain AdamW silently.
+_UNSUPPORTED_OPTIONS = ("maximize", "amsgrad")
+
+
+def _refuse_unsupported(options: dict, where: str = "") -> None:
+    for name in _UNSUPPORTED_OPTIONS:
+        value = options.get(name, False)
+        if value is not False and value is not None:
+            raise ValueError(f"{name}={value!r}{where} is not supported by these optimizers (plain AdamW only); "
+                             f"use torch.optim.AdamW for {name}")
+
+
 def _is_dtensor(t) -> bool:
     """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (none can exist before that module is imported)."""
     module = sys.modules.get("torch.distributed.tensor")
@@ -172,7 +185,10 @@ class _TritonAdamW(torch.optim.Optimizer):
         num_pages: int | None,
         min_paged_size: int,
         min_8bit_size: int,
+        maximize: bool = False,
+        amsgrad: bool = False,
     ):
+        _refuse_unsupported({"maximize": maximize, "amsgrad": amsgrad})
         lr, beta1, beta2, eps, weight_decay = _hyperparameters(lr, betas, eps, weight_decay)
         if paging not in PAGING_MODES:
             raise ValueError(f"paging must be one of {PAGING_MODES}, got {paging!r}")
@@ -196,8 +212,13 @@ class _TritonAdamW(torch.optim.Optimizer):
         group = self.param_groups[-1]
         where = f" (parameter group {len(self.param_groups) - 1})"
         try:
+            _refuse_unsupported(group, where)
             _hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"], where)
             for i, p in enumerate(group["params"]):
+                if not p.is_floating_point() and not p.requires_grad:
+                    # A frozen integer parameter (the NF4 weight under set_quant_storage(torch.uint8)) never has a
+                    # gradient, so it is never stepped: accepted, so that model.parameters() can be passed as is.
+                    continue
                 if not p.is_floating_point() or p.dtype not in FLOAT_DTYPES:
                     raise TypeError(
                         f"params must be float32, float16 or bfloat16 tensors; parameter {i} of group "
@@ -280,6 +301,7 @@ class _TritonAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._check_step()
         dtensor_module = sys.modules.get("torch.distributed.tensor")
         dtensor = dtensor_module.DTensor if dtensor_module is not None else None
         work = []  # (param, local grad, hyperparameters), all validated before any state changes
@@ -363,6 +385,36 @@ class _TritonAdamW(torch.optim.Optimizer):
             flat.write_back()
         return loss
 
+    def _check_step(self) -> None:
+        """Refuse, before a step changes anything, what would make it fail part-way: every group's hyperparameters,
+        the float32 step scalars each group's parameters would use at their next step count (an ``lr`` or ``eps``
+        that overflows float32 only shows there), and each stepped parameter's ``step`` counter. So a step that
+        raises leaves every parameter and every state as it was. (Gradients are checked by ``step`` itself, also
+        before any change.)"""
+        for gi, group in enumerate(self.param_groups):
+            where = f" (parameter group {gi})"
+            _refuse_unsupported(group, where)
+            lr, beta1, beta2, eps, weight_decay = _hyperparameters(
+                group["lr"], group["betas"], group["eps"], group["weight_decay"], where)
+            next_steps = set()
+            for pi, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                state = self.state.get(p)
+                if not state:
+                    next_steps.add(1)
+                    continue
+                step = state.get("step")
+                if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+                    raise ValueError(f"state of parameter {pi} of group {gi}: step must be an int >= 0, got "
+                                     f"{step!r}")
+                next_steps.add(step + 1)
+            for step in sorted(next_steps):
+                try:
+                    _kernels.step_scalars(step, lr, beta1, beta2, eps, weight_decay)
+                except ValueError as err:
+                    raise ValueError(f"{err}{where} at step {step}") from None
+
     # -- paging ----------------------------------------------------------------------------------
     def synchronize(self) -> None:
         """Wait for every queued page copy, so host-backed state tensors hold the latest values."""
@@ -426,8 +478,10 @@ class _TritonAdamW(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict saved by an optimizer with the same parameter layout (groups, parameter counts
         per group, shapes, and 8-bit/32-bit state per parameter); continues bit for bit. A state dict of
-        ``torch.optim.AdamW`` loads into a 32-bit optimizer (its moments are widened to float32).
-        Anything else is refused with ValueError/TypeError before this optimizer changes."""
+        ``torch.optim.AdamW`` loads into a 32-bit optimizer (its moments are widened to float32), unless it was
+        saved with ``maximize`` or ``amsgrad``. Values are checked too: 8-bit block scales must be finite and
+        >= 0, float32 second moments >= 0. Anything else is refused with ValueError/TypeError naming the group,
+        parameter and field, before this optimizer changes."""
         if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
             raise TypeError("state_dict must be a dict with 'state' and 'param_groups' (from state_dict())")
         saved_groups = state_dict["param_groups"]
@@ -442,6 +496,9 @@ class _TritonAdamW(torch.optim.Optimizer):
                     f"state_dict has a different parameter layout: group {gi} holds {len(saved['params'])} "
                     f"parameter(s), this optimizer's holds {len(group['params'])}"
                 )
+            if not isinstance(saved, dict):
+                raise TypeError(f"saved parameter group {gi} must be a dict, got {type(saved).__name__}")
+            _refuse_unsupported(saved, f" (saved parameter group {gi})")
             _hyperparameters(saved.get("lr"), saved.get("betas"), saved.get("eps"), saved.get("weight_decay"),
                              f" (saved parameter group {gi})")
         params = dict(zip(chain.from_iterable(g["params"] for g in saved_groups),
@@ -503,6 +560,7 @@ class _TritonAdamW(torch.optim.Optimizer):
                     raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
             elif t.dtype != f.dtype:
                 raise TypeError(f"{name} must have dtype {f.dtype}, got {t.dtype}")
+            _check_saved_values(name, f.name, t)
             values[f.name] = t
         return step, values
 
@@ -524,6 +582,27 @@ class _TritonAdamW(torch.optim.Optimizer):
         if f.unit != 1:
             local = local.reshape(-1)[: f.count(_local(p).numel())]
         return local
+
+
+def _check_saved_values(name: str, field: str, t: torch.Tensor) -> None:
+    """Values a saved state field can never hold (one reduction per field, at load only): an 8-bit block scale
+    that is negative, infinite or NaN (the step would decode every moment of its block from it), or a negative
+    float32 second moment (its square root is taken). NaN float32 moments are left alone, as torch.optim.AdamW's
+    state may hold them after NaN gradients."""
+    if t.numel() == 0:
+        return
+    if field.endswith("_absmax"):
+        local = t.to_local() if _is_dtensor(t) else t
+        bad = ~(torch.isfinite(local) & (local >= 0))
+        if bool(bad.any()):
+            value = local[bad][0].item()
+            raise ValueError(f"{name} must hold finite scales >= 0, got {value} at index "
+                             f"{int(bad.nonzero()[0][0])}")
+    elif field == "exp_avg_sq":
+        local = t.to_local() if _is_dtensor(t) else t
+        negative = local < 0
+        if bool(negative.any()):
+            raise ValueError(f"{name} must be >= 0 (a second moment), got {local[negative][0].item()}")
 
 
 class _FlatParam:
@@ -609,16 +688,21 @@ class _LaunchBatch:
 class AdamW8bit(_TritonAdamW):
     """AdamW with 8-bit blockwise-quantized moments, all state resident on the parameters' device.
 
-    ``params``: iterable of float32/float16/bfloat16 tensors or of parameter-group dicts. ``lr >= 0``,
-    ``betas`` each in [0, 1), ``eps >= 0``, ``weight_decay >= 0`` (decoupled, as ``torch.optim.AdamW``;
-    default 1e-2 as there). Tensors with fewer than ``min_8bit_size`` elements keep float32 moments.
+    ``params``: iterable of float32/float16/bfloat16 tensors or of parameter-group dicts (frozen integer tensors,
+    such as the NF4 weight held as uint8 parameters, are accepted and never stepped). ``lr >= 0``, ``betas`` each
+    in [0, 1), ``eps >= 0``, ``weight_decay >= 0`` (decoupled, as ``torch.optim.AdamW``; default 1e-2 as there).
+    Tensors with fewer than ``min_8bit_size`` elements keep float32 moments. ``maximize`` and ``amsgrad`` are
+    ``torch.optim.AdamW``'s options; only False is supported (True is refused, here or in a parameter group).
+    A step that raises (hyperparameters that overflow float32, a bad gradient) changes no parameter and no state.
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 1e-2, *, min_8bit_size: int = DEFAULT_MIN_8BIT_SIZE):
+                 eps: float = 1e-8, weight_decay: float = 1e-2, *, min_8bit_size: int = DEFAULT_MIN_8BIT_SIZE,
+                 maximize: bool = False, amsgrad: bool = False):
         super().__init__(params, lr, betas, eps, weight_decay, optim_bits=8, paging="none",
                          page_size=DEFAULT_PAGE_SIZE, num_pages=DEFAULT_NUM_PAGES,
-                         min_paged_size=DEFAULT_MIN_PAGED_SIZE, min_8bit_size=min_8bit_size)
+                         min_paged_size=DEFAULT_MIN_PAGED_SIZE, min_8bit_size=min_8bit_size, maximize=maximize,
+                         amsgrad=amsgrad)
 
 
 class PagedAdamW(_TritonAdamW):
@@ -633,9 +717,10 @@ class PagedAdamW(_TritonAdamW):
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, paging: str = "auto", *,
                  page_size: int = DEFAULT_PAGE_SIZE, num_pages: int | None = DEFAULT_NUM_PAGES,
-                 min_paged_size: int = DEFAULT_MIN_PAGED_SIZE):
+                 min_paged_size: int = DEFAULT_MIN_PAGED_SIZE, maximize: bool = False, amsgrad: bool = False):
         super().__init__(params, lr, betas, eps, weight_decay, optim_bits=32, paging=paging, page_size=page_size,
-                         num_pages=num_pages, min_paged_size=min_paged_size, min_8bit_size=0)
+                         num_pages=num_pages, min_paged_size=min_paged_size, min_8bit_size=0, maximize=maximize,
+                         amsgrad=amsgrad)
 
 
 class PagedAdamW8bit(_TritonAdamW):
@@ -644,6 +729,8 @@ class PagedAdamW8bit(_TritonAdamW):
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, paging: str = "auto", *,
                  page_size: int = DEFAULT_PAGE_SIZE, num_pages: int | None = DEFAULT_NUM_PAGES,
-                 min_paged_size: int = DEFAULT_MIN_PAGED_SIZE, min_8bit_size: int = DEFAULT_MIN_8BIT_SIZE):
+                 min_paged_size: int = DEFAULT_MIN_PAGED_SIZE, min_8bit_size: int = DEFAULT_MIN_8BIT_SIZE,
+                 maximize: bool = False, amsgrad: bool = False):
         super().__init__(params, lr, betas, eps, weight_decay, optim_bits=8, paging=paging, page_size=page_size,
-                         num_pages=num_pages, min_paged_size=min_paged_size, min_8bit_size=min_8bit_size)
+                         num_pages=num_pages, min_paged_size=min_paged_size, min_8bit_size=min_8bit_size,
+                         maximize=maximize, amsgrad=amsgrad)

@@ -151,6 +151,98 @@ def test_quantize_failures_exit_2_and_name_the_problem(tmp_path, capsys, case, m
         assert not out.exists() or out.is_dir()
 
 
+def test_quantize_write_failure_exits_2_and_keeps_the_old_out(tmp_path):
+    """A write that fails inside safetensors (SafetensorError, here a file size limit as under `ulimit -f 16`): exit
+    2 with a message, the old OUT untouched, no temporary file left."""
+    import resource
+
+    save_file(_checkpoint(), str(tmp_path / "model.safetensors"))  # its NF4 output is over 16 KiB (a 25 KiB embed)
+    folder = tmp_path / "out"
+    folder.mkdir()
+    out = folder / "nf4.safetensors"
+    out.write_bytes(b"the previous OUT")
+
+    def limit_file_size():  # in the child, before exec: what `ulimit -f 16` sets
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 1024, 16 * 1024))
+
+    proc = subprocess.run([str(SCRIPT), "quantize", str(tmp_path / "model.safetensors"), str(out)],
+                          capture_output=True, text=True, preexec_fn=limit_file_size)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith(f"qlora quantize: error: OUT {str(out)!r}: writing failed"), proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert out.read_bytes() == b"the previous OUT"
+    assert sorted(p.name for p in folder.iterdir()) == ["nf4.safetensors"]
+
+
+@pytest.mark.parametrize("kind", ["symlink", "fifo", "dangling symlink"])
+def test_quantize_refuses_an_out_that_is_not_a_regular_file(tmp_path, capsys, kind):
+    import os
+
+    save_file(_checkpoint(), str(tmp_path / "model.safetensors"))
+    target = tmp_path / "target.safetensors"
+    out = tmp_path / "out.safetensors"
+    if kind == "symlink":
+        target.write_bytes(b"kept")
+        out.symlink_to(target)
+    elif kind == "dangling symlink":
+        out.symlink_to(tmp_path / "nowhere.safetensors")
+    else:
+        os.mkfifo(out)
+    assert cli.main(["quantize", str(tmp_path / "model.safetensors"), str(out)]) == 2
+    err = capsys.readouterr().err
+    expected = "is a symbolic link" if "symlink" in kind else "is not a regular file"
+    assert err.startswith(f"qlora quantize: error: OUT {str(out)!r}") and expected in err, err
+    if "symlink" in kind:
+        assert out.is_symlink()
+        assert kind != "symlink" or target.read_bytes() == b"kept"
+    else:
+        assert out.is_fifo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["model.safetensors", "out.safetensors"] + (["target.safetensors"] if kind == "symlink" else []))
+
+
+def test_quantize_leaves_an_existing_out_dot_tmp_alone(tmp_path):
+    save_file(_checkpoint(), str(tmp_path / "model.safetensors"))
+    out = tmp_path / "nf4.safetensors"
+    bystander = tmp_path / "nf4.safetensors.tmp"  # the name the temporary file used to have
+    bystander.write_bytes(b"someone else's file")
+    assert cli.main(["quantize", str(tmp_path / "model.safetensors"), str(out)]) == 0
+    assert bystander.read_bytes() == b"someone else's file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors", "nf4.safetensors",
+                                                          "nf4.safetensors.tmp"]
+    _assert_round_trip(out, _checkpoint(), QUANTIZED)
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["--lr", "1e39"], "--lr"),
+    (["--lr", "inf"], "--lr"),
+    (["--head-lr", "2"], "--head-lr"),
+    (["--alpha", "1e39"], "--alpha"),
+    (["--alpha", "0"], "--alpha"),
+    (["--rank", "100000"], "--rank"),
+    (["--batch-size", "121"], "--batch-size"),
+    (["--steps", "10000000000"], "--steps"),
+    (["--log-every", "0"], "--log-every"),
+    (["--seed", "-1"], "--seed"),
+    (["--max-length", "513"], "--max-length"),
+])
+def test_demo_numeric_options_are_range_checked_at_parse_time(capsys, argv, option):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["demo", *argv])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}" in err and "expected" in err, err
+
+
+@pytest.mark.parametrize("field, value", [("lr", 1e39), ("alpha", float("nan")), ("rank", 0), ("batch_size", 500),
+                                          ("steps", True), ("log_every", 0)])
+def test_demo_run_checks_its_config_as_the_parser_does(tmp_path, field, value):
+    cfg = demo.DemoConfig(out=str(tmp_path / "out"), **{field: value})
+    with pytest.raises(demo.DemoError, match=f"^{demo.option_name(field)} must be"):
+        demo.run(cfg)
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
 def test_bad_arguments_are_usage_errors(capsys):
     for argv in (["quantize", "in.safetensors"],  # OUT missing
                  ["quantize", "a", "b", "--blocksize", "48"],

@@ -522,7 +522,7 @@ def test_adapter_files_are_peft_format_and_round_trip_exactly(tmp_path):
     expected = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "lora_dropout": 0.05, "bias": "none",
                 "task_type": None, "fan_in_fan_out": False, "inference_mode": True,
                 "base_model_name_or_path": "tiny-lm", "rank_pattern": {}, "alpha_pattern": {},
-                "target_modules": ["down", "k_proj", "lm_head", "o_proj", "q_proj", "up", "v_proj"]}
+                "target_modules": sorted(LINEAR_NAMES)}  # full paths: PEFT then adapts exactly these
     assert {k: config[k] for k in expected} == expected
     tensors = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     assert set(tensors) == {f"base_model.model.{n}.lora_{ab}.weight" for n in LINEAR_NAMES for ab in "AB"}
@@ -552,7 +552,8 @@ def test_adapter_with_mixed_ranks_uses_rank_pattern(tmp_path):
     assert config["rank_pattern"] == {"blocks.1.mlp.down": 8}
     assert config["alpha_pattern"] == {"blocks.1.mlp.down": 16}
     # "down" alone would also select blocks.0.mlp.down, which is not adapted: the full path is written.
-    assert config["target_modules"] == ["blocks.1.mlp.down", "lm_head", "q_proj", "v_proj"]
+    assert config["target_modules"] == sorted(["blocks.1.mlp.down", "lm_head"] + [
+        f"blocks.{i}.attn.{p}" for i in range(BLOCKS) for p in ("q_proj", "v_proj")])
     target = prepare_model(_tiny(18), r=2, lora_alpha=1, target_modules=["q_proj", "v_proj", "lm_head"])
     prepare_model(target, r=8, lora_alpha=1, target_modules=["blocks.1.mlp.down"])
     load_adapter(target, tmp_path)

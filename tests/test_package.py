@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -81,3 +82,104 @@ def test_pyproject_declares_one_distribution_and_its_dependencies():
     assert meta["project"]["requires-python"].startswith(">=3.10")
     package_dir = meta["tool"]["setuptools"]["package-dir"]
     assert package_dir["qlora.kernels"] == "kernels" and package_dir["qlora.reference"] == "reference"
+
+
+# Work that reaches every kind of Triton library call the kernels make (tl.max/tl.sum reductions, tl.cdiv, tl.rand for
+# dropout, the 8-bit optimizer's blockwise absmax), printed as hex digests so that runs compare bit for bit.
+_WORK = """
+import hashlib, json, os, sys
+import torch
+import qlora
+import triton.language as tl
+
+def digest(*ts):
+    h = hashlib.sha256()
+    for t in ts:
+        h.update(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+torch.manual_seed(0)
+w = torch.randn(32, 64)
+q = qlora.quantize_nf4(w)
+layer = qlora.QLoRALinear(q, r=4, lora_alpha=8, lora_dropout=0.25)
+torch.nn.init.normal_(layer.lora_B)
+x = torch.randn(3, 64, requires_grad=True)
+y = layer(x)
+y.square().sum().backward()
+p = torch.nn.Parameter(torch.randn(4096))
+p.grad = torch.randn(4096)
+qlora.AdamW8bit([p], lr=1e-2).step()
+print(json.dumps({
+    "interpreter": qlora.interpreter_active(), "kernels_interpreter": qlora.kernels.interpreter_active(),
+    "tl.max": type(tl.max).__name__, "tensor.max": type(tl.tensor.max).__name__,
+    "nf4": digest(q.packed, q.absmax, q.absmax2, q.dequantize()), "forward": digest(y),
+    "backward": digest(x.grad, layer.lora_A.grad, layer.lora_B.grad), "adamw8bit": digest(p),
+}))
+"""
+
+# What a trainer may import before qlora: Triton itself, torch.compile's Inductor (imports Triton), a framework that
+# sets Triton's switch through its Python API, and the libraries that import Triton when they are installed.
+_IMPORTED_FIRST = {
+    "qlora first": "",
+    "triton first": "import triton",
+    "torch._inductor first": "import torch._inductor",
+    "triton knob set off in Python first": "import triton; triton.knobs.runtime.interpret = False",
+    "bitsandbytes first": "import bitsandbytes",
+    "peft first": "import peft",
+}
+
+
+def _run_work(prefix: str, cwd: Path, **env) -> dict:
+    clean = {k: v for k, v in os.environ.items() if k not in ("QLORA_INTERPRET", "TRITON_INTERPRET", "PYTHONPATH")}
+    proc = subprocess.run([sys.executable, "-c", prefix + "\n" + _WORK], cwd=cwd, env={**clean, **env},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def qlora_first_work(tmp_path_factory):
+    return _run_work("", tmp_path_factory.mktemp("work"), QLORA_INTERPRET="1")
+
+
+@pytest.mark.parametrize("first", [k for k in _IMPORTED_FIRST if k != "qlora first"])
+def test_import_order_does_not_change_the_results(first, qlora_first_work, tmp_path):
+    """Regression: with Triton imported before qlora (Triton decorates its own tl.max/tl.sum/... then), every
+    interpreted kernel failed with "Cannot call @triton.jit'd outside of the scope of a kernel"."""
+    module = _IMPORTED_FIRST[first].split(";")[0].split()[-1]
+    if importlib.util.find_spec(module.split(".")[0]) is None:
+        pytest.skip(f"{module} is not installed")
+    got = _run_work(_IMPORTED_FIRST[first], tmp_path, QLORA_INTERPRET="1")
+    assert qlora_first_work["interpreter"] and qlora_first_work["kernels_interpreter"]
+    # Triton's own layout under the interpreter: an InterpretedFunction, and a plain forwarding method on tl.tensor.
+    assert (qlora_first_work["tl.max"], qlora_first_work["tensor.max"]) == ("InterpretedFunction", "function")
+    assert got == qlora_first_work
+
+
+def test_triton_library_follows_a_compiled_choice_after_an_interpreted_import(tmp_path):
+    """The other direction: Triton imported under TRITON_INTERPRET=1, then QLORA_INTERPRET=0 chooses compiled
+    kernels; Triton's library functions must then be JITFunctions again (a compiled kernel inlines them)."""
+    code = ("import os, json; os.environ['TRITON_INTERPRET'] = '1'; import triton, triton.language as tl; "
+            "before = type(tl.sum).__name__; os.environ['QLORA_INTERPRET'] = '0'; import qlora; "
+            "import qlora.kernels.quantize as kq; "
+            "print(json.dumps([before, type(tl.sum).__name__, type(tl.tensor.sum).__name__, "
+            "type(kq.unpack_4bit).__name__, "
+            "qlora.interpreter_active(), qlora.kernels.interpreter_active()]))")
+    clean = {k: v for k, v in os.environ.items() if k not in ("QLORA_INTERPRET", "TRITON_INTERPRET", "PYTHONPATH")}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=clean, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == [
+        "InterpretedFunction", "JITFunction", "JITFunction", "JITFunction", False, False]
+
+
+def test_interpreter_choice_is_decided_once(monkeypatch):
+    """interpreter_active() is asked on every launch: it must not re-read (or follow) the environment afterwards."""
+    import qlora
+    import qlora.kernels
+
+    before = (qlora.interpreter_active(), qlora.kernels.interpreter_active())
+    assert before[0] == before[1]
+    monkeypatch.setenv("TRITON_INTERPRET", "0" if before[0] else "1")
+    monkeypatch.setenv("QLORA_INTERPRET", "0" if before[0] else "1")
+    assert (qlora.interpreter_active(), qlora.kernels.interpreter_active()) == before
