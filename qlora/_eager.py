@@ -25,6 +25,25 @@ def _weight_kwargs(weight: NF4Weight) -> dict:
                 nested_code=weight.nested_code, nested_blocksize=weight.nested_blocksize)
 
 
+DOUBLE_BACKWARD_MESSAGE = (
+    "qlora_linear (QLoRALinear) does not support double backward (gradients of gradients, create_graph=True "
+    "followed by another backward): its backward is a fused kernel without a derivative of its own")
+
+
+class _FirstOrderOnly(torch.autograd.Function):
+    """Identity on a gradient computed under ``create_graph=True``, whose own backward says double backward is
+    unsupported (rather than torch saying the gradient "does not require grad"). ``anchor``, an input of the layer
+    that requires grad, makes the result part of the graph."""
+
+    @staticmethod
+    def forward(ctx, t, anchor):
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError(DOUBLE_BACKWARD_MESSAGE)
+
+
 class NF4LoRAFunction(torch.autograd.Function):
     """``y = x @ W^T + scaling * (dropout(x) @ A^T) @ B^T + bias`` for x (M, K); differentiable in x, lora_a,
     lora_b and bias. ``seed`` is a one-element int64 tensor on x's device, read only by the kernels (0 without
@@ -52,5 +71,9 @@ class NF4LoRAFunction(torch.autograd.Function):
         dx, d_a, d_b, d_bias = _linear.nf4_lora_backward(
             dy.to(x.dtype), x, u, lora_a=lora_a, lora_b=lora_b, scaling=scaling, dropout_p=dropout_p, seed=seed,
             need_dx=need_x, need_lora=need_lora, need_bias=need_bias, **ctx.weight_kwargs)
-        return (dx if need_x else None, d_a if need_a else None, d_b if need_b else None,
-                d_bias if need_bias else None, None, None, None, None)
+        grads = (dx if need_x else None, d_a if need_a else None, d_b if need_b else None,
+                 d_bias if need_bias else None)
+        anchor = next((t for t in (x, lora_a, lora_b) if t.requires_grad), None)
+        if torch.is_grad_enabled() and anchor is not None:  # create_graph=True: may be differentiated again
+            grads = tuple(None if g is None else _FirstOrderOnly.apply(g, anchor) for g in grads)
+        return (*grads, None, None, None, None)

@@ -27,7 +27,7 @@ import torch
 
 from .kernels import linear as _linear
 from .kernels._checks import FLOAT_DTYPES, check_backend_device, check_same_device
-from ._eager import NF4LoRAFunction
+from ._eager import DOUBLE_BACKWARD_MESSAGE, NF4LoRAFunction
 from .nf4 import NF4Weight
 from .ops import nf4_lora_forward as _forward_op
 
@@ -168,9 +168,7 @@ def qlora_linear(x: torch.Tensor, weight: NF4Weight, lora_A: torch.Tensor, lora_
 
 
 def _double_backward_unsupported(ctx, *grads):
-    raise RuntimeError("qlora_linear (QLoRALinear) does not support double backward (gradients of gradients, "
-                       "create_graph=True followed by another backward): its backward is a fused kernel without a "
-                       "derivative of its own")
+    raise RuntimeError(DOUBLE_BACKWARD_MESSAGE)
 
 
 # The backward operator gets an autograd formula only to say that: without one, torch raises its generic "no autograd
