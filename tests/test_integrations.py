@@ -1,0 +1,286 @@
+"""qlora under transformers, bitsandbytes and PEFT (``qlora.integrations``), on a tiny random Llama.
+
+The model: ``LlamaForCausalLM`` from a ``LlamaConfig`` (hidden 64, MLP 128, one layer, 4 heads of 16, 2 KV heads,
+vocabulary 128), built and saved here, loaded 4-bit by transformers through ``BitsAndBytesConfig`` on the kernels'
+device (CPU under the Triton interpreter). Every linear layer has in_features 64 or 128, a multiple of the NF4
+blocksize: bitsandbytes 0.50.2's CPU ``dequantize_4bit`` decodes weights with in_features 16, 32 or 96 wrongly
+(its bytes are right: qlora reads them to the values SPEC section 5 gives), which would make bitsandbytes the
+wrong reference there.
+
+Tolerances. A layer's float32 output is compared with the float64 product of the same tensors (the NF4 weight
+dequantized exactly), bounded by Higham's gamma_n = n u / (1 - n u), u = 2^-24, times the sum of the magnitudes of
+the terms, with n = K + r + 2 roundings on any term's path (the K-term base and LoRA-A dot products, the r-term
+LoRA-B dot product, the scaling, the final sum). Two float32 results each within that bound of the exact value are
+within twice it of each other. bitsandbytes decodes a double-quantized block scale as nested_code * absmax2 +
+offset in float32 in its own order, so its dequantized weight may differ from qlora's by the two roundings of that
+decode: |dW| <= |code| * 2u (|nested_code * absmax2| + |absmax|) + 2u |W|, checked elementwise, then carried
+through the product as |x| @ |dW|^T.
+"""
+
+from __future__ import annotations
+
+import os
+
+# No Hub access in tests: bitsandbytes' CPU backend would otherwise try to download a kernel when it is imported.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import warnings  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+import qlora  # noqa: E402
+from qlora.integrations import import_hub_kernels_package  # noqa: E402
+from qlora.layers import QLoRALinear  # noqa: E402
+from qlora.model import prepare_model, qlora_layers  # noqa: E402
+
+import_hub_kernels_package()  # `python -m pytest` puts the repo root, and so its kernels/ folder, on sys.path
+transformers = pytest.importorskip("transformers")
+bnb = pytest.importorskip("bitsandbytes")
+peft = pytest.importorskip("peft")
+pytest.importorskip("accelerate")
+
+from qlora.integrations import peft as qpeft  # noqa: E402
+from qlora.integrations.bitsandbytes import nf4_weight_of  # noqa: E402
+
+U32 = 2.0**-24
+DEVICE = "cpu" if qlora.interpreter_active() else "cuda"
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+R, ALPHA = 4, 8
+
+
+def _gamma(n: int) -> float:
+    return n * U32 / (1 - n * U32)
+
+
+def tiny_llama_config():
+    return transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                    num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                                    max_position_embeddings=64, tie_word_embeddings=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A saved random float32 tiny Llama (safetensors + config.json + generation_config.json)."""
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(tiny_llama_config())
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(path)
+    return path
+
+
+def load_4bit(path, double_quant=True, quant_storage=torch.uint8, quant_type="nf4"):
+    """``path`` loaded 4-bit by transformers, float32 compute; bitsandbytes' AVX512-BF16 CPU repacking switched off
+    so that its own forward stays on the standard NF4 bytes (the repacked path rounds the scales to bfloat16)."""
+    config = transformers.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=quant_storage)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, quantization_config=config, device_map=DEVICE,
+                                                                  dtype=torch.float32)
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
+def bnb_layers(model):
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+
+
+def decode_bound(nf4) -> torch.Tensor:
+    """Elementwise bound on |bitsandbytes' dequantized weight - qlora's| (see the module docstring), float64."""
+    w = nf4.dequantize(torch.float32).double()
+    if not nf4.double_quant:
+        return 2 * U32 * w.abs()  # one float32 product each way; the scales are stored as they are
+    n = nf4.numel
+    scales_of_blocks = torch.arange(-(-n // nf4.blocksize), device=nf4.device) // nf4.nested_blocksize
+    product = (nf4.nested_code[nf4.absmax.long()] * nf4.absmax2[scales_of_blocks]).double().abs()
+    absmax = (product + abs(nf4.offset))
+    packed = nf4.packed.long()
+    codes = nf4.code[torch.stack([packed >> 4, packed & 15], 1).reshape(-1)[:n]].double().abs()
+    block = torch.arange(n, device=nf4.device) // nf4.blocksize
+    return (codes * 2 * U32 * (product + absmax)[block]).reshape(nf4.shape) + 2 * U32 * w.abs()
+
+
+def linear_bound(x, w, a=None, b=None, scaling=0.0, bias=None) -> torch.Tensor:
+    """gamma_{K+r+2} times the magnitudes of every term of x @ w^T + scaling (x @ a^T) @ b^T + bias (float64)."""
+    x, w = x.double().abs(), w.double().abs()
+    total = x @ w.T
+    r = 0
+    if a is not None:
+        r = a.shape[0]
+        total = total + abs(scaling) * (x @ a.double().abs().T) @ b.double().abs().T
+    if bias is not None:
+        total = total + bias.double().abs()
+    return _gamma(w.shape[1] + r + 2) * total
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 1. prepare_model adopts bitsandbytes Linear4bit layers in place
+# ------------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("double_quant, quant_storage", [(True, torch.uint8), (False, torch.bfloat16),
+                                                         (True, torch.float32)])
+def test_prepare_model_adopts_bnb_layers_without_requantizing(tiny_dir, double_quant, quant_storage):
+    model = load_4bit(tiny_dir, double_quant, quant_storage)
+    layers = dict(bnb_layers(model))
+    assert sorted(n.rsplit(".", 1)[-1] for n in layers) == sorted(TARGETS)
+    held = {n: (m.weight.data_ptr(), m.weight.quant_state) for n, m in layers.items()}
+    gen = torch.Generator().manual_seed(0)
+    inputs = {n: torch.randn(2, 5, m.in_features, generator=gen).to(DEVICE) for n, m in layers.items()}
+    with torch.no_grad():
+        reference = {n: layers[n](x) for n, x in inputs.items()}  # bitsandbytes' own forward
+    bnb_weights = {n: bnb.functional.dequantize_4bit(m.weight.data, m.weight.quant_state) for n, m in layers.items()}
+
+    prepare_model(model, r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=TARGETS)
+
+    assert not bnb_layers(model) and model.is_quantized is False
+    for name, layer in qlora_layers(model):
+        pointer, state = held[name]
+        nf4 = layer.weight
+        # The very bytes bitsandbytes holds: same memory, same scale tensors (no copy, no requantization).
+        assert nf4.packed.data_ptr() == pointer and nf4.absmax is state.absmax and nf4.code is state.code
+        assert nf4.double_quant == double_quant
+        if double_quant:
+            assert nf4.absmax2 is state.state2.absmax and nf4.offset == float(state.offset)
+        assert layer.lora_A.requires_grad and layer.lora_B.requires_grad and not bool(layer.lora_B.any())
+        w = nf4.dequantize(torch.float32)
+        dw = decode_bound(nf4)
+        assert bool(((bnb_weights[name].double() - w.double()).abs() <= dw).all()), name
+        x = inputs[name]
+        with torch.no_grad():
+            y = layer(x)
+        # Both products within gamma_{K+2} of their exact values, plus bitsandbytes' decode difference.
+        bound = 2 * linear_bound(x, w) + x.double().abs() @ dw.T
+        assert bool(((y.double() - reference[name].double()).abs() <= bound).all()), name
+    assert all(not p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
+
+
+def test_prepare_model_refuses_fp4_naming_the_layer(tiny_dir):
+    model = load_4bit(tiny_dir, quant_type="fp4")
+    with pytest.raises(TypeError, match=r"'model\.layers\.0\.self_attn\.q_proj'.*quant_type='fp4'"):
+        prepare_model(model, r=R, lora_alpha=ALPHA, target_modules=TARGETS)
+    assert len(bnb_layers(model)) == len(TARGETS)  # nothing replaced
+
+
+def test_prepare_model_refuses_int8_and_unquantized_layers():
+    model = nn.Sequential(nn.Linear(64, 64), bnb.nn.Linear8bitLt(64, 64, has_fp16_weights=False))
+    with pytest.raises(TypeError, match=r"layer '1' is a bitsandbytes Linear8bitLt \(LLM\.int8"):
+        prepare_model(model, r=R, lora_alpha=ALPHA)
+    assert isinstance(model[0], nn.Linear) and not isinstance(model[0], QLoRALinear)  # checked before changing
+    fresh = nn.Sequential(nn.Linear(64, 64), bnb.nn.Linear4bit(64, 64, quant_type="nf4"))  # never moved: raw
+    with pytest.raises(ValueError, match=r"layer '1' .* not quantized yet"):
+        prepare_model(fresh, r=R, lora_alpha=ALPHA)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="bitsandbytes repacks weights only for its CPU inference path")
+def test_prepare_model_refuses_bytes_bitsandbytes_repacked_for_cpu(tiny_dir):
+    if not bnb.nn.Linear4bit(64, 64).support_avx512bf16_for_cpu:  # bitsandbytes' own probe of the CPU
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes never repacks here")
+    model = load_4bit(tiny_dir)
+    layer = model.model.layers[0].mlp.down_proj
+    layer.support_avx512bf16_for_cpu = True
+    with torch.no_grad():
+        layer.eval()(torch.randn(1, layer.in_features))  # bitsandbytes repacks on this call
+    with pytest.raises(ValueError, match=r"'model\.layers\.0\.mlp\.down_proj'.*repacked"):
+        prepare_model(model, r=R, lora_alpha=ALPHA, target_modules=TARGETS)
+
+
+def test_prepare_model_does_not_import_bitsandbytes():
+    code = ("import sys, torch, qlora; qlora.prepare_model(torch.nn.Sequential(torch.nn.Linear(64, 64)), r=2, "
+            "lora_alpha=4); import qlora.integrations.bitsandbytes; print('bitsandbytes' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 2. PEFT on qlora's kernels (and 3. rsLoRA through PEFT)
+# ------------------------------------------------------------------------------------------------------------------
+
+class _count_qlora_ops(TorchDispatchMode):
+    """Records the qlora custom operators the dispatcher runs ("forward", "backward") while active."""
+
+    def __init__(self, calls: list) -> None:
+        super().__init__()
+        self.calls = calls
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "qlora":
+            self.calls.append(func.__name__.split(".")[0].removeprefix("nf4_lora_"))
+        return func(*args, **(kwargs or {}))
+
+
+def peft_pair(tiny_dir, use_rslora, lora_dropout=0.0):
+    """(plain PEFT model, PEFT model on qlora's layers), same 4-bit weights, same LoRA A (same seed), and the same
+    random LoRA B (so the adapters contribute)."""
+    def config():
+        return peft.LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=lora_dropout, target_modules=TARGETS,
+                               use_rslora=use_rslora)
+
+    torch.manual_seed(1)
+    plain = peft.get_peft_model(load_4bit(tiny_dir), config())
+    torch.manual_seed(1)
+    ours = peft.get_peft_model(load_4bit(tiny_dir), qpeft.enable(config()))
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for (name, p), (name2, q) in zip(plain.named_parameters(), ours.named_parameters()):
+            assert name == name2
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+                q.copy_(p)
+            assert torch.equal(p, q), name
+    return plain, ours
+
+
+def peft_layers(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_peft_layers_run_qlora_kernels_and_match_plain_peft(tiny_dir, use_rslora):
+    plain, ours = peft_pair(tiny_dir, use_rslora)
+    plain_layers, our_layers = peft_layers(plain), peft_layers(ours)
+    assert set(plain_layers) == set(our_layers) and len(our_layers) == len(TARGETS)
+    calls = []
+    gen = torch.Generator().manual_seed(3)
+    for name, layer in our_layers.items():
+        assert isinstance(layer, qpeft.QLoRAPeftLinear), name
+        base = plain_layers[name]
+        scaling = ALPHA / (R**0.5 if use_rslora else R)
+        assert layer.scaling["default"] == base.scaling["default"] == scaling
+        a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        w = nf4_weight_of(layer.get_base_layer()).dequantize(torch.float32)
+        x = torch.randn(2, 3, layer.in_features, generator=gen).to(DEVICE).requires_grad_(True)
+        dy = torch.randn(2, 3, layer.out_features, generator=gen).to(DEVICE)
+        with _count_qlora_ops(calls):
+            y = layer(x)
+            y.backward(dy)
+        assert calls == ["forward", "backward"], calls  # torch.ops.qlora.* ran, forward and backward
+        calls.clear()
+        y_plain = base(x)
+        y_plain.backward(dy)
+        xd = x.detach().double()
+        exact = xd @ w.double().T + scaling * (xd @ a.double().T) @ b.double().T
+        bound = linear_bound(x.detach(), w, a.detach(), b.detach(), scaling)
+        assert bool(((y.detach().double() - exact).abs() <= bound).all()), name
+        dw = decode_bound(nf4_weight_of(base.get_base_layer()))
+        assert bool(((y_plain.detach().double() - exact).abs() <= bound + xd.abs() @ dw.T).all()), name
+        # Gradients of both adapters against float64: dB = s dy^T (x A^T), dA = s (dy B)^T x, each a chain of two
+        # dot products (K, or out_features, then the 6 rows) and the scaling.
+        dyd = dy.double().reshape(-1, dy.shape[-1])
+        x2 = xd.reshape(-1, xd.shape[-1])
+        exact_db = scaling * dyd.T @ (x2 @ a.double().T)
+        exact_da = scaling * (dyd @ b.double()).T @ x2
+        bound_db = _gamma(x2.shape[1] + x2.shape[0] + 2) * scaling * dyd.abs().T @ (x2.abs() @ a.double().abs().T)
+        bound_da = _gamma(dyd.shape[1] + x2.shape[0] + 2) * scaling * (dyd.abs() @ b.double().abs()).T @ x2.abs()
+        for grads in (layer, base):
+            assert bool(((grads.lora_B["default"].weight.grad.double() - exact_db).abs() <= bound_db).all()), name
+            assert bool(((grads.lora_A["default"].weight.grad.double() - exact_da).abs() <= bound_da).all()), name
