@@ -284,3 +284,101 @@ def test_peft_layers_run_qlora_kernels_and_match_plain_peft(tiny_dir, use_rslora
         for grads in (layer, base):
             assert bool(((grads.lora_B["default"].weight.grad.double() - exact_db).abs() <= bound_db).all()), name
             assert bool(((grads.lora_A["default"].weight.grad.double() - exact_da).abs() <= bound_da).all()), name
+
+
+def test_peft_adapter_saved_on_qlora_layers_loads_in_plain_peft_and_back(tiny_dir, tmp_path):
+    plain, ours = peft_pair(tiny_dir, use_rslora=True)
+    ours.save_pretrained(tmp_path / "adapter")
+    saved = transformers.modeling_utils.load_state_dict(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert len(saved) == 2 * len(TARGETS)
+    own = {n: p for n, p in ours.named_parameters() if "lora_" in n}
+    for key, value in saved.items():  # PEFT's standard keys, bit-identical tensors
+        assert torch.equal(value, own[key.replace(".weight", ".default.weight")]), key
+    reloaded_plain = peft.PeftModel.from_pretrained(load_4bit(tiny_dir), str(tmp_path / "adapter"))
+    reloaded_ours = qpeft.from_pretrained(load_4bit(tiny_dir), str(tmp_path / "adapter"))
+    assert all(isinstance(m, qpeft.QLoRAPeftLinear) for m in peft_layers(reloaded_ours).values())
+    for model in (reloaded_plain, reloaded_ours):
+        for name, layer in peft_layers(model).items():
+            assert layer.scaling["default"] == ALPHA / R**0.5
+            mine = peft_layers(ours)[name]
+            assert torch.equal(layer.lora_A["default"].weight, mine.lora_A["default"].weight)
+            assert torch.equal(layer.lora_B["default"].weight, mine.lora_B["default"].weight)
+    # The reloaded qlora model computes what the saved one does: same bytes, same adapters, same kernels.
+    tokens = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    ours.eval(), reloaded_ours.eval()
+    with torch.no_grad():
+        assert torch.equal(ours(tokens).logits, reloaded_ours(tokens).logits)
+
+
+def test_peft_contract_disable_set_adapter_mixed_batch_merge(tiny_dir):
+    _, model = peft_pair(tiny_dir, use_rslora=False)
+    model.eval()
+    layer = model.base_model.model.model.layers[0].mlp.down_proj
+    base = layer.get_base_layer()
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 2, layer.in_features, generator=gen).to(DEVICE)
+    w = nf4_weight_of(base).dequantize(torch.float32)
+
+    def lora_exact(adapter, rows=slice(None)):
+        a, b = layer.lora_A[adapter].weight.double(), layer.lora_B[adapter].weight.double()
+        xd = x[rows].double()
+        return xd @ w.double().T + layer.scaling[adapter] * (xd @ a.T) @ b.T, linear_bound(
+            x[rows], w, a, b, layer.scaling[adapter])
+
+    def close(y, exact_and_bound):
+        exact, bound = exact_and_bound
+        return bool(((y.double() - exact).abs() <= bound).all())
+
+    with torch.no_grad():
+        assert close(layer(x), lora_exact("default"))
+        with model.disable_adapter():  # the base layer alone (bitsandbytes' forward)
+            assert close(layer(x), (x.double() @ w.double().T, 2 * linear_bound(x, w) + x.double().abs() @
+                                    decode_bound(nf4_weight_of(base)).T))
+        # A second adapter, keyed by name; set_adapter switches, mixed batches route rows by name.
+        model.add_adapter("other", qpeft.enable(peft.LoraConfig(r=2, lora_alpha=6, target_modules=TARGETS)))
+        layer.lora_B["other"].weight.copy_(torch.randn(layer.out_features, 2, generator=gen).to(DEVICE))
+        assert isinstance(layer, qpeft.QLoRAPeftLinear) and set(layer.lora_A) == {"default", "other"}
+        model.set_adapter("other")
+        assert layer.active_adapters == ["other"]
+        assert close(layer(x), lora_exact("other"))
+        y = layer(x, adapter_names=["default", "__base__", "other"])
+        assert close(y[0:1], lora_exact("default", slice(0, 1)))
+        assert close(y[2:3], lora_exact("other", slice(2, 3)))
+        model.set_adapter("default")
+
+        # Merging folds the adapter into the 4-bit weight: the new bytes are the NF4 quantization of
+        # dequantize(W) + delta, computed in float32 (qlora's quantizer is bit-exact with bitsandbytes').
+        before = nf4_weight_of(base)
+        delta = layer.get_delta_weight("default").float()
+        with pytest.warns(UserWarning, match="Merge lora module to 4-bit"):
+            layer.merge()
+        assert layer.merged and layer.merged_adapters == ["default"]
+        expected = qlora.quantize_nf4(before.dequantize(torch.float32) + delta, blocksize=before.blocksize,
+                                      double_quant=before.double_quant)
+        after = nf4_weight_of(layer.get_base_layer())
+        assert torch.equal(after.packed, expected.packed) and torch.equal(after.absmax, expected.absmax)
+        merged_w = after.dequantize(torch.float32)
+        assert close(layer(x), (x.double() @ merged_w.double().T, 2 * linear_bound(x, merged_w) +
+                                x.double().abs() @ decode_bound(after).T))
+        with pytest.warns(UserWarning, match="Unmerge lora module to 4-bit"):
+            layer.unmerge()
+        assert not layer.merged
+        restored = nf4_weight_of(layer.get_base_layer())
+        expected = qlora.quantize_nf4(merged_w - delta, blocksize=before.blocksize, double_quant=True)
+        assert torch.equal(restored.packed, expected.packed)
+
+
+def test_enable_refuses_what_the_kernels_do_not_compute():
+    with pytest.raises(TypeError, match="lora_config must be a peft.LoraConfig"):
+        qpeft.enable({"r": 8})
+    for field in ("use_dora", "lora_bias", "fan_in_fan_out"):
+        with pytest.raises(ValueError, match=f"lora_config.{field}=True"):
+            qpeft.enable(peft.LoraConfig(r=4, target_modules=TARGETS, **{field: True}))
+    config = peft.LoraConfig(r=4, target_modules=TARGETS)
+    assert qpeft.enable(config) is config and config._custom_modules == {bnb.nn.Linear4bit: qpeft.QLoRAPeftLinear}
+
+
+def test_peft_refuses_fp4_layers_naming_them(tiny_dir):
+    model = load_4bit(tiny_dir, quant_type="fp4")
+    with pytest.raises(TypeError, match=r"'model\.layers\.0\.self_attn\.q_proj'.*quant_type='fp4'"):
+        peft.get_peft_model(model, qpeft.enable(peft.LoraConfig(r=R, target_modules=TARGETS)))
