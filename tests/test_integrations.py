@@ -382,3 +382,55 @@ def test_peft_refuses_fp4_layers_naming_them(tiny_dir):
     model = load_4bit(tiny_dir, quant_type="fp4")
     with pytest.raises(TypeError, match=r"'model\.layers\.0\.self_attn\.q_proj'.*quant_type='fp4'"):
         peft.get_peft_model(model, qpeft.enable(peft.LoraConfig(r=R, target_modules=TARGETS)))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 4. qlora quantize MODEL_DIR OUT_DIR: transformers loads the output with no extra argument
+# ------------------------------------------------------------------------------------------------------------------
+
+def test_quantized_model_folder_loads_in_transformers_as_4bit(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from qlora import cli
+
+    torch.manual_seed(0)
+    config = tiny_llama_config()
+    config.num_hidden_layers = 2
+    src, out = tmp_path / "model", tmp_path / "model-nf4"
+    dense = transformers.LlamaForCausalLM(config)
+    dense.save_pretrained(src, max_shard_size="60KB")  # several shards and an index
+    tokenizer = Tokenizer(models.WordLevel({f"w{i}": i for i in range(128)}, unk_token="w0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="w0").save_pretrained(src)
+    shards = sorted(p.name for p in src.glob("*.safetensors"))
+    assert len(shards) > 1
+
+    assert cli.main(["quantize", str(src), str(out)]) == 0
+    assert sorted(p.name for p in out.glob("*.safetensors")) == shards
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (out / name).read_bytes() == (src / name).read_bytes(), name
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(out)  # no quantization argument
+    assert transformers.AutoTokenizer.from_pretrained(out)("w5 w7")["input_ids"] == [5, 7]
+    assert loaded.is_loaded_in_4bit
+    layers = dict(bnb_layers(loaded))
+    assert len(layers) == 2 * len(TARGETS) and not isinstance(loaded.lm_head, bnb.nn.Linear4bit)
+    state = dense.state_dict()
+    for name, layer in layers.items():  # the bytes qlora wrote, read back by bitsandbytes' loader
+        expected = qlora.quantize_nf4(state[name + ".weight"])
+        got = nf4_weight_of(layer, name)
+        assert torch.equal(got.packed, expected.packed) and torch.equal(got.absmax, expected.absmax), name
+        assert torch.equal(got.absmax2, expected.absmax2) and got.offset == expected.offset, name
+    assert torch.equal(loaded.lm_head.weight, dense.lm_head.weight)
+
+    # End to end: the loaded model adopted by prepare_model computes exactly what prepare_model makes of the dense
+    # model (same NF4 bytes, same dense embeddings/norms/lm_head, same kernels; LoRA B = 0). (Not compared with
+    # bitsandbytes quantizing at load time: its CPU double quantization can round the scales' mean one ulp apart.)
+    prepare_model(loaded, r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=TARGETS)
+    prepare_model(dense.to(DEVICE), r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=TARGETS)
+    loaded.eval(), dense.eval()
+    tokens = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens).logits, dense(tokens).logits)
