@@ -265,8 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "safetensors files sharded like IN's, config.json with a bitsandbytes quantization_config,\n"
                     "the tokenizer and other files copied.")
     quantize.add_argument("input", metavar="IN", help="a .safetensors file or a directory of *.safetensors shards")
-    quantize.add_argument("output", metavar="OUT", help="the .safetensors file to write (parent folders are created), "
-                                                        "or the folder to write when IN is a model folder")
+    quantize.add_argument("output", metavar="OUT",
+                          help="the .safetensors file to write (parent folders are created), or the folder to write "
+                               "when IN is a model folder")
     quantize.add_argument("--blocksize", type=int, choices=BLOCKSIZES, default=64, metavar="N",
                           help=f"NF4 block size, one of {', '.join(map(str, BLOCKSIZES))} (default 64)")
     quantize.add_argument("--no-double-quant", action="store_true",

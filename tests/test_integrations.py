@@ -481,7 +481,8 @@ def test_trainer_trains_reloads_in_plain_peft_and_checkpoints(tiny_dir, tmp_path
     model.train()
     plain_grads = _lora_grads(model, tokens)
     model.gradient_checkpointing_enable()
-    assert model.is_gradient_checkpointing if route == "prepare_model" else model.base_model.model.is_gradient_checkpointing
+    transformers_model = model if route == "prepare_model" else model.base_model.model
+    assert transformers_model.is_gradient_checkpointing
     checkpointed = _lora_grads(model, tokens)
     assert plain_grads.keys() == checkpointed.keys() and len(plain_grads) == 2 * len(TARGETS)
     for name, grad in plain_grads.items():

@@ -33,7 +33,8 @@ from ..kernels._checks import check_backend_device
 from ..layers import QLoRALinear
 from ..nf4 import NF4Weight
 
-__all__ = ["is_bnb_linear", "check_adoptable", "nf4_weight_of", "adopt_linear4bit", "params4bit_from", "finish_adoption"]
+__all__ = ["is_bnb_linear", "check_adoptable", "nf4_weight_of", "adopt_linear4bit", "params4bit_from",
+           "finish_adoption"]
 
 
 def _bnb():
