@@ -38,9 +38,14 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
-    from . import convert
+    from . import convert, hf_folder
     from .model import _human_bytes
 
+    if hf_folder.is_model_folder(args.input) and not str(args.output).endswith(".safetensors"):
+        return _cmd_quantize_folder(args)
+    for option, value in (("--compute-dtype", args.compute_dtype), ("--quant-storage", args.quant_storage)):
+        if value is not None:
+            return _error("quantize", f"{option} applies to a model folder (IN with config.json, OUT a folder)")
     start = time.perf_counter()
     try:
         summary = convert.quantize_safetensors(args.input, args.output, blocksize=args.blocksize,
@@ -60,6 +65,34 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     print(f"  whole checkpoint: {_human_bytes(s.bytes_before)} -> {_human_bytes(s.bytes_after)} ({ratio:.2f}x "
           f"smaller)")
     print(f"  written to {args.output}")
+    return 0
+
+
+def _cmd_quantize_folder(args: argparse.Namespace) -> int:
+    """IN is a model folder: write OUT as a 4-bit model folder transformers loads as it is (qlora/hf_folder.py)."""
+    from . import convert, hf_folder
+    from .model import _human_bytes
+
+    start = time.perf_counter()
+    try:
+        s = hf_folder.quantize_model_folder(args.input, args.output, blocksize=args.blocksize,
+                                            double_quant=not args.no_double_quant, targets=args.target,
+                                            compute_dtype=args.compute_dtype,
+                                            quant_storage=args.quant_storage or "uint8")
+    except convert.ConvertError as err:
+        return _error("quantize", str(err))
+    seconds = time.perf_counter() - start
+    dq = "with" if not args.no_double_quant else "without"
+    print(f"quantized {len(s.quantized)} weight{'s' if len(s.quantized) != 1 else ''} to NF4 (blocksize "
+          f"{args.blocksize}, {dq} double quantization), copied {len(s.copied)} other tensor"
+          f"{'s' if len(s.copied) != 1 else ''} unchanged, in {seconds:.1f} s")
+    print(f"  quantized weights: {s.params_quantized:,d} parameters, {_human_bytes(s.quantized_bytes_before)} -> "
+          f"{_human_bytes(s.quantized_bytes_after)} ({s.bits_per_param:.3f} bits per parameter)")
+    print(f"  weights: {_human_bytes(s.bytes_before)} -> {_human_bytes(s.bytes_after)} in {len(s.shards)} "
+          f"safetensors file{'s' if len(s.shards) != 1 else ''}; config.json with quantization_config; copied "
+          f"{', '.join(s.copied_files) or 'no other file'}")
+    print(f"  written to {args.output}: transformers.AutoModelForCausalLM.from_pretrained({str(args.output)!r}) "
+          "loads it in 4 bits")
     return 0
 
 
@@ -248,15 +281,26 @@ def build_parser() -> argparse.ArgumentParser:
                     "Linear weight: a 2-D float32/float16/bfloat16 tensor named '*.weight' whose name has no\n"
                     "component containing 'embed' or 'norm', equal to 'ln' or 'lm_head', or starting with 'ln_'\n"
                     "or 'ln<digit>'. With --target, exactly the 2-D float '*.weight' tensors whose module name\n"
-                    "(the key without '.weight') is a target or ends with '.' + a target.")
+                    "(the key without '.weight') is a target or ends with '.' + a target.\n\n"
+                    "When IN is a Hugging Face model folder (it has config.json) and OUT does not end in\n"
+                    "'.safetensors', OUT is a new folder that transformers loads in 4 bits as it is: the\n"
+                    "safetensors files sharded like IN's, config.json with a bitsandbytes quantization_config,\n"
+                    "the tokenizer and other files copied.")
     quantize.add_argument("input", metavar="IN", help="a .safetensors file or a directory of *.safetensors shards")
-    quantize.add_argument("output", metavar="OUT", help="the .safetensors file to write (parent folders are created)")
+    quantize.add_argument("output", metavar="OUT",
+                          help="the .safetensors file to write (parent folders are created), or the folder to write "
+                               "when IN is a model folder")
     quantize.add_argument("--blocksize", type=int, choices=BLOCKSIZES, default=64, metavar="N",
                           help=f"NF4 block size, one of {', '.join(map(str, BLOCKSIZES))} (default 64)")
     quantize.add_argument("--no-double-quant", action="store_true",
                           help="keep the block scales in float32 (default: quantize them to 8 bits)")
     quantize.add_argument("--target", nargs="+", metavar="PATTERN",
                           help="quantize only these modules: name suffixes such as 'query' or 'attention.self.query'")
+    quantize.add_argument("--compute-dtype", choices=("float32", "float16", "bfloat16"), default=None,
+                          help="model folder only: bnb_4bit_compute_dtype (default: the dtype of the weights)")
+    quantize.add_argument("--quant-storage", choices=("uint8", "float16", "bfloat16", "float32"), default=None,
+                          help="model folder only: dtype the packed bytes are stored as, bnb_4bit_quant_storage "
+                               "(default uint8)")
     quantize.set_defaults(func=_cmd_quantize)
 
     bench = sub.add_parser(

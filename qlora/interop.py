@@ -30,7 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .kernels._checks import BLOCKSIZES
-from .layers import QLoRALinear, _check_quant_storage
+from .layers import QLoRALinear, _check_quant_storage, lora_alpha_scaling
 from .nf4 import _STATE_KEY, NESTED_BLOCKSIZE, NF4Weight, _read_quant_state
 
 __all__ = ["save_quantized", "load_quantized", "save_adapter", "load_adapter", "SkippedAdapterEntries",
@@ -329,6 +329,10 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name
         raise ValueError(f"layers differ in lora_dropout ({layers[0][0]!r}: {dropout}, {differing[0]!r}: "
                          f"{differing[1].lora_dropout}); a PEFT adapter holds one value: set the same lora_dropout "
                          "on every QLoRALinear before saving")
+    rslora = {getattr(layer, "use_rslora", False) for _, layer in layers}
+    if len(rslora) > 1:
+        raise ValueError("the model's QLoRALinear layers differ in use_rslora; a PEFT adapter_config.json has one "
+                         "use_rslora for every layer")
     config = {
         "peft_type": "LORA",
         "task_type": None,
@@ -343,7 +347,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name
         "fan_in_fan_out": False,
         "modules_to_save": None,
         "init_lora_weights": True,
-        "use_rslora": False,
+        "use_rslora": rslora.pop(),  # rank-stabilized LoRA: scaling = lora_alpha / sqrt(r)
         "use_dora": False,
         "layers_to_transform": None,
         "layers_pattern": None,
@@ -388,8 +392,7 @@ def _read_adapter_config(path: str) -> dict:
         raise ValueError(f"field 'lora_dropout' of {path!r} must be a number in [0, 1), got {dropout!r}")
     # Features that change what the stored tensors mean; loading them as plain LoRA would compute something else.
     unsupported = {"bias": ("none", None), "fan_in_fan_out": (False, None), "use_dora": (False, None),
-                   "use_rslora": (False, None), "modules_to_save": (None, []), "layer_replication": (None, []),
-                   "lora_bias": (False, None)}
+                   "modules_to_save": (None, []), "layer_replication": (None, []), "lora_bias": (False, None)}
     for name, allowed in unsupported.items():
         if field(name) not in allowed:
             raise ValueError(f"field {name!r} of {path!r} is {field(name)!r}; only {allowed[0]!r} is supported")
@@ -403,7 +406,10 @@ def _read_adapter_config(path: str) -> dict:
             if not (ok_int if name == "rank_pattern" else ok_num):
                 raise ValueError(f"entry {k!r} of field {name!r} of {path!r} is invalid: {v!r}")
         config[name] = pattern
-    config.update(r=r, lora_alpha=alpha, lora_dropout=float(dropout))
+    use_rslora = field("use_rslora", False)
+    if not isinstance(use_rslora, bool):
+        raise ValueError(f"field 'use_rslora' of {path!r} must be true or false, got {use_rslora!r}")
+    config.update(r=r, lora_alpha=alpha, lora_dropout=float(dropout), use_rslora=use_rslora)
     return config
 
 
@@ -426,9 +432,9 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike,
     and ``...lora_B.weight`` of shape (out_features, r), with r the layer's rank and the config's (``r`` or its
     ``rank_pattern`` entry). The values are copied into ``lora_A``/``lora_B`` (bit-identical when the dtypes
     agree, else cast), and each layer takes the config's ``lora_alpha`` (``alpha_pattern``) and ``lora_dropout``,
-    so the model computes the saved adapter. A missing or unexpected key, a shape or rank mismatch, or a config
-    feature other than plain LoRA (DoRA, rsLoRA, trained biases, ``modules_to_save``) raises ``ValueError``
-    naming the key or field; nothing is changed then.
+    so the model computes the saved adapter (``use_rslora`` true: ``scaling = lora_alpha / sqrt(r)``). A missing or
+    unexpected key, a shape or rank mismatch, or a config feature other than plain LoRA or rsLoRA (DoRA, trained
+    biases, ``modules_to_save``) raises ``ValueError`` naming the key or field; nothing is changed then.
 
     ``strict=False`` loads the layers the adapter has both entries for and skips the rest: entries with no layer to
     go to and layers without entries (which keep their adapters). It returns a :class:`SkippedAdapterEntries`
@@ -487,6 +493,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike,
             layer.lora_A.copy_(a)
             layer.lora_B.copy_(b)
             layer.lora_alpha = alpha
-            layer.scaling = alpha / layer.r
+            layer.use_rslora = config["use_rslora"]
+            layer.scaling = lora_alpha_scaling(alpha, layer.r, layer.use_rslora)
             layer.lora_dropout = config["lora_dropout"]
     return model if strict else SkippedAdapterEntries(sorted(missing), unexpected)

@@ -102,6 +102,7 @@ class QLoRALinear(nn.Module):
     Args:
         weight: the NF4 base weight, shape (out_features, in_features).
         r: LoRA rank (>= 1); lora_alpha: scaling numerator (``scaling = lora_alpha / r``).
+        use_rslora: rank-stabilized LoRA (PEFT's ``use_rslora``): ``scaling = lora_alpha / sqrt(r)`` instead.
         lora_dropout: dropout probability in [0, 1) on the adapter's input, active in training mode.
         bias: optional (out_features,) tensor, copied into a parameter that is frozen (PEFT's ``bias="none"``);
             set ``layer.bias.requires_grad_(True)`` to train it.
@@ -116,7 +117,7 @@ class QLoRALinear(nn.Module):
 
     def __init__(self, weight: NF4Weight, r: int, lora_alpha: float, lora_dropout: float = 0.0,
                  bias: torch.Tensor | None = None, dtype: torch.dtype | None = None,
-                 quant_storage: torch.dtype | None = None) -> None:
+                 quant_storage: torch.dtype | None = None, use_rslora: bool = False) -> None:
         super().__init__()
         if not isinstance(weight, NF4Weight):
             raise TypeError(f"weight must be a qlora.nf4.NF4Weight, got {type(weight).__name__}")
@@ -130,6 +131,8 @@ class QLoRALinear(nn.Module):
         if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, (int, float)) or not (
                 0.0 <= lora_dropout < 1.0):
             raise ValueError(f"lora_dropout must be a number in [0, 1), got {lora_dropout!r}")
+        if not isinstance(use_rslora, bool):
+            raise TypeError(f"use_rslora must be a bool, got {type(use_rslora).__name__}")
         dtype = weight.dtype if dtype is None else dtype
         if dtype not in FLOAT_DTYPES:
             raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
@@ -137,7 +140,8 @@ class QLoRALinear(nn.Module):
         self.out_features, self.in_features = (int(d) for d in weight.shape)
         self.r = r
         self.lora_alpha = lora_alpha
-        self.scaling = lora_alpha / r
+        self.use_rslora = use_rslora
+        self.scaling = lora_alpha_scaling(lora_alpha, r, use_rslora)
         self.lora_dropout = float(lora_dropout)
         self._quant_storage = None
         self._nf4_held: NF4Weight | None = weight
@@ -158,14 +162,15 @@ class QLoRALinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, r: int, lora_alpha: float, lora_dropout: float = 0.0,
-                    blocksize: int = 64, double_quant: bool = True) -> "QLoRALinear":
+                    blocksize: int = 64, double_quant: bool = True, use_rslora: bool = False) -> "QLoRALinear":
         """Quantize ``linear.weight`` to NF4 (bit-exact with bitsandbytes) and attach a fresh adapter in the
         weight's dtype; the bias, if any, is copied and frozen."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
         with torch.no_grad():
             weight = quantize_nf4(linear.weight.detach(), blocksize=blocksize, double_quant=double_quant)
-        return cls(weight, r, lora_alpha, lora_dropout, bias=linear.bias, dtype=linear.weight.dtype)
+        return cls(weight, r, lora_alpha, lora_dropout, bias=linear.bias, dtype=linear.weight.dtype,
+                   use_rslora=use_rslora)
 
     def __setstate__(self, state):
         # A module pickled before parameter storage existed held its NF4Weight in the instance attribute ``_nf4``.
@@ -174,6 +179,9 @@ class QLoRALinear(nn.Module):
             state["_nf4_held"] = state.pop("_nf4")
             state.setdefault("_quant_storage", None)
             state.setdefault("_nf4_meta", None)
+        if "use_rslora" not in state:  # pickled before rsLoRA existed
+            state = dict(state)
+            state["use_rslora"] = False
         super().__setstate__(state)
 
     # -- where the NF4 weight lives ------------------------------------------------------------------------------
@@ -326,7 +334,8 @@ class QLoRALinear(nn.Module):
         storage = "" if self._quant_storage is None else (
             f", quant_storage={str(self._quant_storage).replace('torch.', '')}")
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
-                f"lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, lora_dropout={self.lora_dropout:g}, "
+                f"lora_alpha={self.lora_alpha}, {'use_rslora=True, ' if self.use_rslora else ''}"
+                f"scaling={self.scaling:g}, lora_dropout={self.lora_dropout:g}, "
                 f"bias={self.bias is not None}, quant=nf4, blocksize={blocksize}, double_quant={double_quant}"
                 f"{storage}, dtype={str(self.lora_A.dtype).replace('torch.', '')}")
 
@@ -484,6 +493,12 @@ class QLoRALinear(nn.Module):
             dst.copy_(src)
         if dq:
             m["offset"] = meta["nested_offset"]
+
+
+def lora_alpha_scaling(lora_alpha: float, r: int, use_rslora: bool = False) -> float:
+    """The LoRA scaling PEFT uses: ``lora_alpha / sqrt(r)`` with rank-stabilized LoRA (rsLoRA), else
+    ``lora_alpha / r``."""
+    return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
 
 
 def _local_piece(param, value: torch.Tensor, name: str) -> torch.Tensor:

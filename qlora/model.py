@@ -22,6 +22,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .kernels._checks import FLOAT_DTYPES, check_backend_device, check_blocksize
+from .integrations import bitsandbytes as _bnb  # imports no bitsandbytes: it looks for it in sys.modules
 from .layers import QLoRALinear
 
 __all__ = ["prepare_model", "trainable_parameters_report", "ParameterReport", "qlora_layers"]
@@ -116,7 +117,7 @@ def _check_number(name: str, value, low: float, high: float | None, high_open: b
 
 def prepare_model(model: nn.Module, r: int = 16, lora_alpha: float = 32, lora_dropout: float = 0.05,
                   target_modules: Iterable[str] | None = None, blocksize: int = 64, double_quant: bool = True,
-                  progress: bool | None = None) -> nn.Module:
+                  progress: bool | None = None, use_rslora: bool = False) -> nn.Module:
     """Replace ``model``'s targeted ``nn.Linear`` layers by :class:`QLoRALinear` (in place) and freeze the rest.
 
     Args:
@@ -131,6 +132,14 @@ def prepare_model(model: nn.Module, r: int = 16, lora_alpha: float = 32, lora_dr
         blocksize, double_quant: NF4 quantization of the base weights (SPEC sections 2 and 3).
         progress: show a tqdm bar over the layers; None shows it when more than 8 layers are quantized and
             stderr is a terminal.
+        use_rslora: rank-stabilized LoRA, ``scaling = lora_alpha / sqrt(r)`` (PEFT's ``use_rslora``).
+
+    A model loaded by transformers in 4 bits (``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")``)
+    is adopted in place: each targeted ``bitsandbytes.nn.Linear4bit`` becomes a :class:`QLoRALinear` over the very
+    packed bytes and quantization state bitsandbytes holds (any ``quant_storage``, double-quantized or not; nothing
+    is dequantized or requantized, so ``blocksize``/``double_quant`` do not apply to it), see
+    :mod:`qlora.integrations.bitsandbytes`. FP4 and LLM.int8 layers are refused with an error naming them. The
+    model's ``is_quantized`` flag is then cleared so that transformers' ``Trainer`` accepts it.
 
     Each replaced layer keeps its bias (frozen, PEFT's ``bias="none"``) and computes exactly the quantized base
     layer until training moves ``lora_B`` from zero. Afterwards only the ``lora_A``/``lora_B`` parameters of the
@@ -163,6 +172,8 @@ def prepare_model(model: nn.Module, r: int = 16, lora_alpha: float = 32, lora_dr
         raise TypeError(f"double_quant must be a bool, got {type(double_quant).__name__}")
     if progress is not None and not isinstance(progress, bool):
         raise TypeError(f"progress must be None, True or False, got {progress!r}")
+    if not isinstance(use_rslora, bool):
+        raise TypeError(f"use_rslora must be a bool, got {type(use_rslora).__name__}")
 
     slots = _linear_slots(model)
     chosen = [s for s in slots if targets is None or _matches(s[2], targets)]
@@ -180,6 +191,9 @@ def prepare_model(model: nn.Module, r: int = 16, lora_alpha: float = 32, lora_dr
     for _, _, name, linear in chosen:
         layers.setdefault(id(linear), (name, linear))
     for name, linear in layers.values():
+        if _bnb.is_bnb_linear(linear):
+            _bnb.check_adoptable(name, linear)  # NF4 Linear4bit only; FP4 and LLM.int8 raise naming the layer
+            continue
         _check_plain_forward(name, linear)
         weight = linear.weight
         if weight.numel() == 0:
@@ -196,14 +210,19 @@ def prepare_model(model: nn.Module, r: int = 16, lora_alpha: float = 32, lora_dr
     # is read: peak memory stays one dense layer above the quantized model.
     for name, linear in tqdm(list(layers.values()), desc="qlora: quantizing", unit="layer", disable=not show,
                              file=sys.stderr, leave=False):
-        replacement = QLoRALinear.from_linear(linear, r, lora_alpha, lora_dropout, blocksize=blocksize,
-                                              double_quant=double_quant)
+        if _bnb.is_bnb_linear(linear):
+            replacement = _bnb.adopt_linear4bit(linear, r, lora_alpha, lora_dropout, use_rslora=use_rslora, name=name)
+        else:
+            replacement = QLoRALinear.from_linear(linear, r, lora_alpha, lora_dropout, blocksize=blocksize,
+                                                  double_quant=double_quant, use_rslora=use_rslora)
         replacement.train(linear.training)
         # Every place holding the layer, matched by name or not: it stays one shared module.
         for parent, attr, _, held in slots:
             if held is linear:
                 setattr(parent, attr, replacement)
 
+    if any(_bnb.is_bnb_linear(linear) for _, linear in layers.values()):
+        _bnb.finish_adoption(model)  # transformers' Trainer then accepts the 4-bit model: it has adapters now
     for module in model.modules():
         adapter = isinstance(module, QLoRALinear)
         for pname, param in module.named_parameters(recurse=False):

