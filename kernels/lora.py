@@ -324,7 +324,7 @@ def lora_down(a: torch.Tensor, b: torch.Tensor, *, dropout_p: float = 0.0, seed=
     if p > 0 and keep is None:
         keep = lora_dropout_bits(seed, (m, d), p)
     elif p == 0 and not isinstance(seed, torch.Tensor):
-        seed_tensor(seed, a.device)  # validates an int seed even when unused
+        check_seed_int(seed)  # validated even when unused; no tensor (a host-to-device copy) is made
     out = torch.empty((m, r), dtype=torch.float32, device=a.device)
     if m == 0 or r == 0:
         return out
@@ -381,7 +381,7 @@ def lora_grad(left: torch.Tensor, right: torch.Tensor, out: torch.Tensor, *, sca
     if p > 0 and keep is None:
         keep = lora_dropout_bits(seed, (m, c), p)
     elif p == 0 and not isinstance(seed, torch.Tensor):
-        seed_tensor(seed, right.device)
+        check_seed_int(seed)  # validated even when unused; no tensor (a host-to-device copy) is made
     if r == 0 or c == 0:
         return
     if m == 0:
