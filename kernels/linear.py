@@ -39,11 +39,12 @@ import triton.language as tl
 
 from ._host import cdiv, next_pow2
 from ._checks import FLOAT_DTYPES, check_blocksize, check_same_device, check_tensor
-from ._runtime import interpreter_active
+from ._runtime import ieee_semantics, interpreter_active
 from ._static import KernelSpec
 from ._tl import block_scale, dot, grouped_tile, keep_tile, load_tile, round_to
 from .lora import (LORA_BLOCK_RS, SPLIT_CHOICES, check_scalar, lora_block_r, lora_down, lora_dropout_bits,
-                   lora_dropout_mask, lora_grad, num_sms, pow2_clamp, seed_tensor, check_seed_int)
+                   lora_dropout_mask, lora_grad, num_sms, pow2_clamp, seed_tensor, check_seed_int,
+                   launch_lora_down, launch_lora_grad)
 from .quantize import (_GPU_DEQUANT_BYTES, _NUM_WARPS, _dequantize_4bit_kernel, _kernel_view, _stream_config,
                        unpack_4bit)
 
@@ -601,14 +602,17 @@ def _launch_gemv(x, weight: _Weight, lora_a, lora_b, bias, keep, scaling, p, con
     block_r = lora_block_r(r)
     ws = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
     u_ws = torch.empty((split, m, r), dtype=torch.float32, device=x.device)
-    _nf4_gemv_kernel[(cdiv(n, config.block_n), split)](
-        x, *weight.ptrs, lora_a, x if keep is None else keep, ws, u_ws,
-        m, n, k, r, weight.offset, k_per_split, cdiv(k, 32),
-        x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1),
-        BLOCKSIZE=weight.blocksize, DOUBLE_QUANT=weight.double_quant, NESTED_BLOCKSIZE=NESTED_BLOCKSIZE,
-        K_ALIGNED32=k % 32 == 0, INDEX_64=weight.index_64, HAS_DROPOUT=keep is not None,
-        BLOCK_M=16, BLOCK_N=config.block_n, BLOCK_K=block_k, SUB_K=min(block_k, weight.blocksize), BLOCK_R=block_r,
-        num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=False)
+    # Under the interpreter, masked-off lanes of a partial N tile compute on values that are never stored (a
+    # NumPy overflow warning once seen in a full run); on a GPU ieee_semantics() is a no-op.
+    with ieee_semantics():
+        _nf4_gemv_kernel[(cdiv(n, config.block_n), split)](
+            x, *weight.ptrs, lora_a, x if keep is None else keep, ws, u_ws,
+            m, n, k, r, weight.offset, k_per_split, cdiv(k, 32),
+            x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1),
+            BLOCKSIZE=weight.blocksize, DOUBLE_QUANT=weight.double_quant, NESTED_BLOCKSIZE=NESTED_BLOCKSIZE,
+            K_ALIGNED32=k % 32 == 0, INDEX_64=weight.index_64, HAS_DROPOUT=keep is not None,
+            BLOCK_M=16, BLOCK_N=config.block_n, BLOCK_K=block_k, SUB_K=min(block_k, weight.blocksize),
+            BLOCK_R=block_r, num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=False)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     u = torch.empty((m, r), dtype=torch.float32, device=x.device)
     block_n = pow2_clamp(n, 16, 512) if interp else EPILOGUE_BLOCK_N
@@ -651,19 +655,48 @@ def nf4_lora_forward(
     m = x.shape[0]
     _check_config(config, m)
     keep = _keep_bits(keep, seed, m, k, p, x.device)
+    if config is not None and config.path == "gemv" and k % blocksize != 0:
+        raise ValueError(f"the 'gemv' path needs K ({k}) to be a multiple of the blocksize ({blocksize})")
+    weight = _Weight(packed, absmax, code, (n, k), blocksize, absmax2, offset, nested_code, double_quant)
+    return _forward(x, weight, lora_a, lora_b, bias, scaling, p, keep, config)
+
+
+def _forward(x, weight: _Weight, lora_a, lora_b, bias, scaling: float, p: float, keep, config):
+    """The forward's launches, arguments checked (by :func:`nf4_lora_forward` or by the layer)."""
+    m, n, r = x.shape[0], weight.n, lora_a.shape[0]
     if m == 0:
         return torch.empty((0, n), dtype=x.dtype, device=x.device), torch.empty((0, r), device=x.device)
-    weight = _Weight(packed, absmax, code, (n, k), blocksize, absmax2, offset, nested_code, double_quant)
-    path = choose_path(m, k, blocksize, config)
-    if path == "gemv":
-        if k % blocksize != 0:
-            raise ValueError(f"the 'gemv' path needs K ({k}) to be a multiple of the blocksize ({blocksize})")
+    if choose_path(m, weight.k, weight.blocksize, config) == "gemv":
         return _launch_gemv(x, weight, lora_a, lora_b, bias, keep, scaling, p, config)
-    u = lora_down(x, lora_a.t(), dropout_p=p, keep=keep)
+    u = launch_lora_down(x, lora_a.t(), p, keep)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     # rm = B^T: element (r, n) of lora_b (N, R) at n * stride(0) + r * stride(1).
     _launch_matmul(x, weight, True, u, lora_b, lora_b.stride(1), lora_b.stride(0), bias, None, y, scaling, config)
     return y, u
+
+
+def prechecked_weight(packed, absmax, code, shape, blocksize: int, absmax2, offset, nested_code) -> _Weight:
+    """The kernel arguments of an NF4 weight that was validated when it was built (``qlora.NF4Weight``)."""
+    return _Weight(packed, absmax, code, shape, blocksize, absmax2, offset, nested_code, absmax2 is not None)
+
+
+def nf4_lora_forward_prechecked(x, weight: _Weight, lora_a, lora_b, bias, scaling: float, dropout_p: float, seed):
+    """:func:`nf4_lora_forward` for callers that have checked every argument already (``qlora.functional``
+    checks what a call can change; the weight is immutable and was validated when built): x (M, K) 2-D, lora and
+    bias shapes, dtypes and devices agree, scaling a float, ``seed`` an int or a one-element int64 device tensor."""
+    keep = lora_dropout_bits(seed, (x.shape[0], weight.k), dropout_p) if dropout_p > 0 else None
+    return _forward(x, weight, lora_a, lora_b, bias, scaling, dropout_p, keep, None)
+
+
+def nf4_lora_backward_prechecked(dy, x, u, weight: _Weight, lora_a, lora_b, scaling: float, dropout_p: float, seed,
+                                 need_dx: bool, need_lora: bool, need_bias: bool):
+    """:func:`nf4_lora_backward` for callers that have checked every argument already (see
+    :func:`nf4_lora_forward_prechecked`); dy (M, N) in x's dtype."""
+    keep = None
+    if dropout_p > 0 and (need_dx or need_lora):
+        keep = lora_dropout_bits(seed, (x.shape[0], weight.k), dropout_p)
+    return _backward(dy, x, u, weight, lora_a, lora_b, scaling, dropout_p, keep, need_dx, need_lora, need_bias,
+                     None)
 
 
 def nf4_lora_backward(
@@ -697,25 +730,32 @@ def nf4_lora_backward(
     p = check_scalar("dropout_p", dropout_p, 0.0, 1.0)
     m = x.shape[0]
     _check_config(config, m)
-    dx = d_a = d_b = d_bias = None
     keep = _keep_bits(keep, seed, m, k, p, x.device) if (need_dx or need_lora) else None
-    g = lora_down(dy, lora_b) if (need_dx or need_lora) else None  # g = dy @ B, float32 (M, R)
+    weight = _Weight(packed, absmax, code, (n, k), blocksize, absmax2, offset, nested_code, double_quant)
+    return _backward(dy, x, u, weight, lora_a, lora_b, scaling, p, keep, need_dx, need_lora, need_bias, config)
+
+
+def _backward(dy, x, u, weight: _Weight, lora_a, lora_b, scaling: float, p: float, keep, need_dx: bool,
+              need_lora: bool, need_bias: bool, config):
+    """The backward's launches, arguments checked (by :func:`nf4_lora_backward` or by the layer)."""
+    m, n, k, r = x.shape[0], weight.n, weight.k, lora_a.shape[0]
+    dx = d_a = d_b = d_bias = None
+    g = launch_lora_down(dy, lora_b, 0.0, None) if (need_dx or need_lora) else None  # g = dy @ B, float32 (M, R)
     lora_scale = scaling / (1.0 - p)
     if need_dx:
         dx = torch.empty((m, k), dtype=x.dtype, device=x.device)
         if m:
-            weight = _Weight(packed, absmax, code, (n, k), blocksize, absmax2, offset, nested_code, double_quant)
             if config is not None and config.path == "gemv":
                 config = None  # the decode path is forward-only; dx takes the default
             _launch_matmul(dy, weight, False, g, lora_a, lora_a.stride(0), lora_a.stride(1), None, keep, dx,
                            lora_scale, config)
     if need_lora:
         d_a = torch.empty((r, k), dtype=x.dtype, device=x.device)
-        lora_grad(g, x, d_a, scale=lora_scale, dropout_p=p, keep=keep)
+        launch_lora_grad(g, x, d_a, lora_scale, None, p, keep)
     if need_lora or need_bias:
         d_b = torch.empty((n, r), dtype=x.dtype, device=x.device)
         d_bias = torch.empty((n,), dtype=x.dtype, device=x.device) if need_bias else None
-        lora_grad(u, dy, d_b.t(), scale=scaling, colsum=d_bias)
+        launch_lora_grad(u, dy, d_b.t(), scaling, d_bias, 0.0, None)
         if not need_lora:
             d_b = None
     return dx, d_a, d_b, d_bias

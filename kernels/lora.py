@@ -29,7 +29,7 @@ from ._tl import dot, keep_tile, load_tile, round_to
 
 LORA_BLOCK_RS = (16, 32, 64)  # LoRA rank tile on a GPU; larger ranks loop over it
 GPU_DOWN_BLOCK_D = 64
-GPU_GRAD_BLOCK = dict(BLOCK_M=64, BLOCK_C=64)
+GPU_GRAD_BLOCK = dict(BLOCK_M=32, BLOCK_C=64)  # 64 x 64 spills 8-24 bytes under triton 3.6
 BITS_BLOCK = dict(BLOCK_M=16, BLOCK_W=16)
 REDUCE_BLOCK = 1024
 SPLIT_CHOICES = (1, 2, 4, 8, 16, 32)
@@ -325,16 +325,25 @@ def lora_down(a: torch.Tensor, b: torch.Tensor, *, dropout_p: float = 0.0, seed=
         keep = lora_dropout_bits(seed, (m, d), p)
     elif p == 0 and not isinstance(seed, torch.Tensor):
         check_seed_int(seed)  # validated even when unused; no tensor (a host-to-device copy) is made
+    if p > 0:
+        check_tensor("keep", keep, (torch.int32,), ndim=2)
+        words = cdiv(d, 32)
+        if tuple(keep.shape) != (m, words) or not keep.is_contiguous():
+            raise ValueError(f"keep must be contiguous int32 of shape {(m, words)}, got {tuple(keep.shape)}")
+    return launch_lora_down(a, b, p, keep)
+
+
+def launch_lora_down(a: torch.Tensor, b: torch.Tensor, p: float, keep: torch.Tensor | None) -> torch.Tensor:
+    """:func:`lora_down` without its argument checks, for launchers that have checked them (the fused layer's
+    forward and backward): a (M, D), b (D, R) on one device, ``keep`` the (M, ceil(D/32)) bits when p > 0."""
+    m, d = a.shape
+    r = b.shape[1]
     out = torch.empty((m, r), dtype=torch.float32, device=a.device)
     if m == 0 or r == 0:
         return out
     if d == 0:
         return out.zero_()
     words = cdiv(d, 32)
-    if p > 0:
-        check_tensor("keep", keep, (torch.int32,), ndim=2)
-        if tuple(keep.shape) != (m, words) or not keep.is_contiguous():
-            raise ValueError(f"keep must be contiguous int32 of shape {(m, words)}, got {tuple(keep.shape)}")
     block_r = lora_block_r(r)
     meta, launch = _down_meta(m, d, block_r)
     tiles = cdiv(m, meta["BLOCK_M"]) * cdiv(r, block_r)
@@ -382,6 +391,14 @@ def lora_grad(left: torch.Tensor, right: torch.Tensor, out: torch.Tensor, *, sca
         keep = lora_dropout_bits(seed, (m, c), p)
     elif p == 0 and not isinstance(seed, torch.Tensor):
         check_seed_int(seed)  # validated even when unused; no tensor (a host-to-device copy) is made
+    launch_lora_grad(left, right, out, scale, colsum, p, keep)
+
+
+def launch_lora_grad(left: torch.Tensor, right: torch.Tensor, out: torch.Tensor, scale: float,
+                     colsum: torch.Tensor | None, p: float, keep: torch.Tensor | None) -> None:
+    """:func:`lora_grad` without its argument checks, for launchers that have checked them."""
+    m, r = left.shape
+    c = right.shape[1]
     if r == 0 or c == 0:
         return
     if m == 0:

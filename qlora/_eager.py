@@ -4,8 +4,9 @@ the launchers of :mod:`qlora.kernels.linear` directly.
 The custom operators of :mod:`qlora.ops` are what ``torch.compile`` traces; in eager code they cost host time a GPU
 step pays before any kernel runs (dispatcher round trips, ``fill_defaults``, the Dynamo-disable wrapper, the autograd
 wrapper of ``register_autograd``): about half the host time of a small layer's
-forward + backward before this path existed. This Function runs the very same launchers with the very same
-arguments, so eager results equal compiled ones bit for bit (``tests/test_compile.py``).
+forward + backward before this path existed. This Function runs the launchers' own launch code (after the
+checks, which qlora_linear and the weight's construction already made), so eager results equal compiled ones
+bit for bit (``tests/test_compile.py``).
 
 The :class:`~qlora.nf4.NF4Weight` is validated when it is built and is immutable, so nothing about it is checked
 here; :func:`qlora.functional.qlora_linear` checks what can change per call before calling :meth:`apply`.
@@ -17,12 +18,6 @@ import torch
 
 from .kernels import linear as _linear
 from .nf4 import NF4Weight
-
-
-def _weight_kwargs(weight: NF4Weight) -> dict:
-    return dict(packed=weight.packed, absmax=weight.absmax, code=weight.code, shape=weight.shape,
-                blocksize=weight.blocksize, absmax2=weight.absmax2, offset=weight.offset,
-                nested_code=weight.nested_code, nested_blocksize=weight.nested_blocksize)
 
 
 DOUBLE_BACKWARD_MESSAGE = (
@@ -51,11 +46,14 @@ class NF4LoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, lora_a, lora_b, bias, weight: NF4Weight, scaling: float, dropout_p: float, seed):
-        kw = _weight_kwargs(weight)
-        y, u = _linear.nf4_lora_forward(x, lora_a=lora_a, lora_b=lora_b, scaling=scaling, bias=bias,
-                                        dropout_p=dropout_p, seed=seed, **kw)
+        # The prechecked launchers: qlora_linear has checked everything a call can change, and the weight was
+        # validated when it was built, so the launchers' own checks would only repeat them.
+        kernel_weight = _linear.prechecked_weight(weight.packed, weight.absmax, weight.code, weight.shape,
+                                                  weight.blocksize, weight.absmax2, weight.offset,
+                                                  weight.nested_code)
+        y, u = _linear.nf4_lora_forward_prechecked(x, kernel_weight, lora_a, lora_b, bias, scaling, dropout_p, seed)
         ctx.save_for_backward(x, u, lora_a, lora_b)
-        ctx.weight_kwargs = kw
+        ctx.kernel_weight = kernel_weight
         ctx.meta = (scaling, dropout_p, seed, bias is not None)
         return y
 
@@ -68,9 +66,9 @@ class NF4LoRAFunction(torch.autograd.Function):
         need_bias = has_bias and need_bias
         if not (need_x or need_lora or need_bias):
             return None, None, None, None, None, None, None, None
-        dx, d_a, d_b, d_bias = _linear.nf4_lora_backward(
-            dy.to(x.dtype), x, u, lora_a=lora_a, lora_b=lora_b, scaling=scaling, dropout_p=dropout_p, seed=seed,
-            need_dx=need_x, need_lora=need_lora, need_bias=need_bias, **ctx.weight_kwargs)
+        dx, d_a, d_b, d_bias = _linear.nf4_lora_backward_prechecked(
+            dy.to(x.dtype), x, u, ctx.kernel_weight, lora_a, lora_b, scaling, dropout_p, seed, need_x, need_lora,
+            need_bias)
         grads = (dx if need_x else None, d_a if need_a else None, d_b if need_b else None,
                  d_bias if need_bias else None)
         anchor = next((t for t in (x, lora_a, lora_b) if t.requires_grad), None)
