@@ -34,6 +34,7 @@ from pathlib import Path
 import qlora  # noqa: F401  (interpreter switch before the kernels; the workers set QLORA_INTERPRET=1)
 import pytest
 import torch
+from helpers import nf4_equal
 from torch import nn
 
 from qlora.distributed import (export_pretrained, full_state_dict, fully_shard_model, load_checkpoint,
@@ -349,15 +350,6 @@ def worker_reference(scenario: str, out: Path) -> None:
 # The tests: one process (parameter storage, checkpoints without a process group)
 # ----------------------------------------------------------------------------------------------------------------
 
-def _nf4_equal(a, b) -> bool:
-    if (tuple(a.shape), a.dtype, a.blocksize, a.offset, a.nested_blocksize) != (
-            tuple(b.shape), b.dtype, b.blocksize, b.offset, b.nested_blocksize):
-        return False
-    for name in ("packed", "absmax", "code", "absmax2", "nested_code"):
-        x, y = getattr(a, name), getattr(b, name)
-        if (x is None) != (y is None) or (x is not None and not (x.dtype == y.dtype and torch.equal(x, y))):
-            return False
-    return True
 
 
 def _layer(seed: int, shape=(20, 48), **kwargs) -> QLoRALinear:
@@ -390,7 +382,7 @@ def test_parameter_storage_computes_and_saves_what_attribute_storage_does(storag
     if double_quant:
         expected["nf4_absmax2"] = (torch.int32, (1,), False)
     assert params == expected
-    assert _nf4_equal(held.weight, plain.weight)
+    assert nf4_equal(held.weight, plain.weight)
     x = torch.randn(5, 48, device=DEVICE)
     for a, b in zip(_run(held, x), _run(plain, x)):
         assert torch.equal(a, b)
@@ -409,19 +401,19 @@ def test_parameter_storage_computes_and_saves_what_attribute_storage_does(storag
             functools.reduce(getattr, key.split("."), layer)
     # Nothing casts the stored weight: a dtype change moves the adapter only.
     cast = copy.deepcopy(held).to(torch.float16)
-    assert cast.lora_A.dtype == torch.float16 and _nf4_equal(cast.weight, plain.weight)
+    assert cast.lora_A.dtype == torch.float16 and nf4_equal(cast.weight, plain.weight)
     assert cast._parameters["nf4_packed"].dtype == storage
     # Loading takes any quantization layout (here another blocksize and double quantization) and keeps the storage.
     other = _layer(1, blocksize=128, double_quant=not double_quant).set_quant_storage(storage)
     other.load_state_dict(sd_plain)
-    assert other.quant_storage == storage and _nf4_equal(other.weight, plain.weight)
+    assert other.quant_storage == storage and nf4_equal(other.weight, plain.weight)
     assert torch.equal(_run(other, x)[0], _run(plain, x)[0])
     back = _layer(2, double_quant=double_quant)
     back.load_state_dict(sd_held)
-    assert _nf4_equal(back.weight, plain.weight)
+    assert nf4_equal(back.weight, plain.weight)
     held.set_quant_storage(None)
     assert held.quant_storage is None and not any("nf4" in n for n, _ in held.named_parameters())
-    assert not any("nf4" in n for n, _ in held.named_buffers()) and _nf4_equal(held.weight, plain.weight)
+    assert not any("nf4" in n for n, _ in held.named_buffers()) and nf4_equal(held.weight, plain.weight)
 
 
 def test_quant_storage_is_checked_and_a_cast_storage_refused():

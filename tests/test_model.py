@@ -16,6 +16,7 @@ import os
 
 import pytest
 import torch
+from helpers import nf4_equal
 from torch import nn
 
 import qlora  # noqa: F401  (interpreter switch before the kernels)
@@ -105,15 +106,6 @@ def _tokens(seed: int, shape=(2, 6)) -> torch.Tensor:
     return torch.randint(0, VOCAB, shape, generator=g).to(DEVICE)
 
 
-def _nf4_equal(a, b) -> bool:
-    if (a.shape, a.dtype, a.blocksize, a.offset, a.nested_blocksize) != (
-            b.shape, b.dtype, b.blocksize, b.offset, b.nested_blocksize):
-        return False
-    for name in ("packed", "absmax", "code", "absmax2", "nested_code"):
-        x, y = getattr(a, name), getattr(b, name)
-        if (x is None) != (y is None) or (x is not None and not (x.dtype == y.dtype and torch.equal(x, y))):
-            return False
-    return True
 
 
 @pytest.fixture(scope="module")
@@ -363,10 +355,10 @@ def test_quantized_checkpoint_keys_and_exact_round_trip(prepared, tmp_path):
     assert meta["shape"] == [VOCAB, D] and meta["blocksize"] == 64 and meta["dtype"] == "float32"
 
     fresh = _prepared(7)  # other random weights: every NF4 tensor differs before loading
-    assert not _nf4_equal(fresh.lm_head.weight, model.lm_head.weight)
+    assert not nf4_equal(fresh.lm_head.weight, model.lm_head.weight)
     assert load_quantized(fresh, path) is fresh
     for (name, ours), (_, theirs) in zip(qlora_layers(model), qlora_layers(fresh)):
-        assert _nf4_equal(ours.weight, theirs.weight), name
+        assert nf4_equal(ours.weight, theirs.weight), name
     fresh_state = fresh.state_dict()
     for key, value in model.state_dict().items():
         if "lora_" not in key:
@@ -382,7 +374,7 @@ def test_quantized_round_trip_without_double_quant(tmp_path):
     assert "lm_head.weight.nested_absmax" not in load_file(tmp_path / "m.safetensors")
     fresh = prepare_model(_tiny(9), r=2, target_modules=["lm_head"])  # blocksize 64, double quant: replaced
     load_quantized(fresh, tmp_path / "m.safetensors")
-    assert _nf4_equal(fresh.lm_head.weight, model.lm_head.weight)
+    assert nf4_equal(fresh.lm_head.weight, model.lm_head.weight)
     assert torch.equal(fresh.blocks[0].attn.q_proj.weight, model.blocks[0].attn.q_proj.weight)  # dense, loaded
 
 
@@ -489,7 +481,7 @@ def test_load_quantized_non_strict_ignores_extra_entries(small_checkpoint, tmp_p
     with pytest.raises(ValueError, match="'rotary.inv_freq'.*strict=False"):
         load_quantized(target, tmp_path / "m.safetensors")
     load_quantized(target, tmp_path / "m.safetensors", strict=False)
-    assert _nf4_equal(target.lm_head.weight, model.lm_head.weight)
+    assert nf4_equal(target.lm_head.weight, model.lm_head.weight)
 
 
 def test_load_quantized_names_a_dense_weight_where_an_nf4_one_is_needed(tmp_path):

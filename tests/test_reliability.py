@@ -17,6 +17,7 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 import torch
+from helpers import nf4_equal
 from torch import nn
 
 import qlora  # noqa: F401  (interpreter switch before the kernels)
@@ -47,15 +48,6 @@ def _assert_unchanged(model: nn.Module, before: dict[str, torch.Tensor]) -> None
             got.view(torch.uint8) if got.numel() else got, value.view(torch.uint8) if value.numel() else value), key
 
 
-def _nf4_equal(a, b) -> bool:
-    if (a.shape, a.dtype, a.blocksize, a.offset, a.nested_blocksize) != (
-            b.shape, b.dtype, b.blocksize, b.offset, b.nested_blocksize):
-        return False
-    for name in ("packed", "absmax", "code", "absmax2", "nested_code"):
-        x, y = getattr(a, name), getattr(b, name)
-        if (x is None) != (y is None) or (x is not None and not (x.dtype == y.dtype and torch.equal(x, y))):
-            return False
-    return True
 
 
 def _two_layer(seed: int, **prepare) -> nn.Sequential:
@@ -76,7 +68,7 @@ def test_load_quantized_takes_double_quantization_as_stored(tmp_path, saved_dq, 
     load_quantized(dst, tmp_path / "m.safetensors")
     for i in (0, 2):
         assert dst[i].weight.double_quant is saved_dq
-        assert _nf4_equal(dst[i].weight, src[i].weight)
+        assert nf4_equal(dst[i].weight, src[i].weight)
     assert torch.equal(dst[1].weight, src[1].weight)
     # The reloaded model saves the same entries again (its state dict follows the weight as stored).
     assert dst.state_dict().keys() == src.state_dict().keys()
@@ -482,7 +474,7 @@ def test_strict_load_state_dict_reports_an_extra_weight_entry():
     with pytest.raises(RuntimeError, match=r'Unexpected key\(s\) in state_dict: "weight\.extra"'):
         fresh.load_state_dict(sd)
     result = fresh.load_state_dict(sd, strict=False)  # non-strict loads and reports it, as nn.Module does
-    assert result.unexpected_keys == ["weight.extra"] and _nf4_equal(fresh.weight, layer.weight)
+    assert result.unexpected_keys == ["weight.extra"] and nf4_equal(fresh.weight, layer.weight)
 
 
 def test_strict_load_state_dict_reports_nested_entries_next_to_a_plain_weight():
