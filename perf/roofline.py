@@ -234,8 +234,12 @@ def _dequantize_op(n: int, elem: int, blocksize: int) -> Op:
 # --------------------------------------------------------------------------------------------------------------
 
 BASELINE_DIR = Path(__file__).parent / "baselines"
-FUSED_FWD_KERNEL = "_nf4_lora_fwd_kernel"
-FUSED_DX_KERNEL = "_nf4_lora_bwd_dx_kernel"
+# The NF4-reading kernels of kernels/linear.py whose issue the model charges: the decode GEMV (the forward at
+# M <= 16) and the tiled kernel with W dequantized in its K loop (path "fused", which the dispatcher no longer
+# picks at training shapes: there W is dequantized into a buffer and a plain GEMM runs, and the baseline has no
+# per-weight-element count for the tiled build, so no issue term is charged at large M; see perf/README.md).
+FUSED_FWD_KERNEL = ("_nf4_gemv_kernel", "_matmul_lora_kernel")
+FUSED_DX_KERNEL = ("_matmul_lora_kernel",)
 
 
 def static_builds(triton: str | None = None) -> tuple[str | None, list[dict]]:
@@ -252,7 +256,7 @@ def static_builds(triton: str | None = None) -> tuple[str | None, list[dict]]:
     return triton, [dict(b, key=k) for k, b in data["kernels"].items()]
 
 
-def fused_issue(builds: list[dict], kernel: str, rows: int, weight_elements: int) -> tuple:
+def fused_issue(builds: list[dict], kernel: str | tuple[str, ...], rows: int, weight_elements: int) -> tuple:
     """``((target, warp-instructions), ...)``: what the fused NF4 ``kernel`` issues to dequantize a weight of
     ``weight_elements`` for ``rows`` rows, per target. Each program of ``BLOCK_M`` rows dequantizes the whole
     weight once (split-K divides the work, not its total), so warp-instructions = instructions per weight
@@ -262,7 +266,8 @@ def fused_issue(builds: list[dict], kernel: str, rows: int, weight_elements: int
     best: dict[str, float] = {}
     for b in builds:
         per_elem, config = b.get("instr_per_weight_element"), b.get("config") or {}
-        if b.get("kernel") != kernel or not per_elem or "BLOCK_M" not in config:
+        kernels = (kernel,) if isinstance(kernel, str) else kernel
+        if b.get("kernel") not in kernels or not per_elem or "BLOCK_M" not in config:
             continue
         if (config["BLOCK_M"] <= SMALL_M) != (rows <= SMALL_M):
             continue

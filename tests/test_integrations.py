@@ -19,6 +19,7 @@ through the product as |x| @ |dW|^T.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 # No Hub access in tests: bitsandbytes' CPU backend would otherwise try to download a kernel when it is imported.
@@ -31,7 +32,6 @@ import warnings  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import qlora  # noqa: E402
 from qlora.integrations import import_hub_kernels_package  # noqa: E402
@@ -205,17 +205,27 @@ def test_prepare_model_does_not_import_bitsandbytes():
 # 2. PEFT on qlora's kernels (and 3. rsLoRA through PEFT)
 # ------------------------------------------------------------------------------------------------------------------
 
-class _count_qlora_ops(TorchDispatchMode):
-    """Records the qlora custom operators the dispatcher runs ("forward", "backward") while active."""
+@contextlib.contextmanager
+def _count_qlora_ops(calls: list):
+    """Records the fused layer's launches ("forward", "backward") while active: the launch bodies of
+    qlora.kernels.linear that the eager path and the custom operators both end in."""
+    from qlora.kernels import linear as kernels_linear
 
-    def __init__(self, calls: list) -> None:
-        super().__init__()
-        self.calls = calls
+    originals = {name: getattr(kernels_linear, f"_{name}") for name in ("forward", "backward")}
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace == "qlora":
-            self.calls.append(func.__name__.split(".")[0].removeprefix("nf4_lora_"))
-        return func(*args, **(kwargs or {}))
+    def counting(name):
+        def run(*args, **kwargs):
+            calls.append(name)
+            return originals[name](*args, **kwargs)
+        return run
+
+    for name in originals:
+        setattr(kernels_linear, f"_{name}", counting(name))
+    try:
+        yield calls
+    finally:
+        for name, fn in originals.items():
+            setattr(kernels_linear, f"_{name}", fn)
 
 
 def peft_pair(tiny_dir, use_rslora, lora_dropout=0.0):
@@ -263,7 +273,7 @@ def test_peft_layers_run_qlora_kernels_and_match_plain_peft(tiny_dir, use_rslora
         with _count_qlora_ops(calls):
             y = layer(x)
             y.backward(dy)
-        assert calls == ["forward", "backward"], calls  # torch.ops.qlora.* ran, forward and backward
+        assert calls == ["forward", "backward"], calls  # qlora's kernels ran, forward and backward
         calls.clear()
         y_plain = base(x)
         y_plain.backward(dy)
