@@ -45,7 +45,8 @@ else
     export QLORA_INTERPRET=0
     CAP_TESTS=${CAP_TESTS:-180}; CAP_BENCH=${CAP_BENCH:-220}; CAP_OTHER=${CAP_OTHER:-60}
     BENCH_ARGS=()
-    TESTS=(tests/test_device_pass.py tests/test_optim.py tests/test_model.py)
+    TESTS=(tests/test_device_pass.py tests/test_optim.py tests/test_model.py
+           tests/test_compile.py::test_cuda_graph_capture_matches_eager_bit_for_bit)
 fi
 export PYTHONUNBUFFERED=1
 SUMMARY="$OUT_DIR/gpu_check_summary.json"
