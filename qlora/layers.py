@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import numbers
 import sys
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -32,9 +33,16 @@ from torch import nn
 from .functional import qlora_linear
 from .kernels._checks import FLOAT_DTYPES
 from .nf4 import (_DTYPE_NAMES, _STATE_KEY, NESTED_BLOCKSIZE, BnbKeyAttributes, NF4Weight, _read_quant_state,
-                  quant_state_tensor, quantize_nf4)
+                  quant_state_tensor, quantize_nf4, requantize_nf4)
 
-__all__ = ["QLoRALinear", "QUANT_STORAGES", "ShardedNF4Weight"]
+__all__ = ["QLoRALinear", "QUANT_STORAGES", "ShardedNF4Weight", "DEFAULT_R", "DEFAULT_LORA_ALPHA",
+           "DEFAULT_LORA_DROPOUT"]
+
+# The adapter defaults of every entry point (QLoRALinear, QLoRALinear.from_linear, qlora.prepare_model,
+# qlora.integrations.bitsandbytes.adopt_linear4bit): peft.LoraConfig's, so code moved from PEFT behaves the same.
+DEFAULT_R = 8
+DEFAULT_LORA_ALPHA = 8
+DEFAULT_LORA_DROPOUT = 0.0
 
 # Dtypes the packed bytes may be viewed as when the weight is stored as parameters. uint8 is the default and the
 # safe choice under FSDP2 (never cast); the float dtypes reproduce bitsandbytes' ``quant_storage`` layout.
@@ -101,9 +109,9 @@ class QLoRALinear(nn.Module):
 
     Args:
         weight: the NF4 base weight, shape (out_features, in_features).
-        r: LoRA rank (>= 1); lora_alpha: scaling numerator (``scaling = lora_alpha / r``).
+        r: LoRA rank (>= 1, default 8); lora_alpha: scaling numerator (``scaling = lora_alpha / r``, default 8).
         use_rslora: rank-stabilized LoRA (PEFT's ``use_rslora``): ``scaling = lora_alpha / sqrt(r)`` instead.
-        lora_dropout: dropout probability in [0, 1) on the adapter's input, active in training mode.
+        lora_dropout: dropout probability in [0, 1) on the adapter's input, active in training mode (default 0).
         bias: optional (out_features,) tensor, copied into a parameter that is frozen (PEFT's ``bias="none"``);
             set ``layer.bias.requires_grad_(True)`` to train it.
         dtype: dtype of the adapter and bias, and so of the inputs (default: the weight's original dtype).
@@ -113,9 +121,14 @@ class QLoRALinear(nn.Module):
 
     Parameters: ``lora_A`` (r, in_features), Kaiming-uniform with ``a = sqrt(5)`` as PEFT initializes it;
     ``lora_B`` (out_features, r), zeros, so a fresh layer computes the quantized base layer exactly.
+
+    Merging, as PEFT's bitsandbytes 4-bit LoRA layer: :meth:`merge` folds the adapter into the NF4 weight in place
+    (requantizing; ``merged`` is then True and the forward is the base layer alone), :meth:`unmerge` takes it out
+    again (requantizing again: approximate). :meth:`to_dense_linear` returns a separate dense ``nn.Linear``.
     """
 
-    def __init__(self, weight: NF4Weight, r: int, lora_alpha: float, lora_dropout: float = 0.0,
+    def __init__(self, weight: NF4Weight, r: int = DEFAULT_R, lora_alpha: float = DEFAULT_LORA_ALPHA,
+                 lora_dropout: float = DEFAULT_LORA_DROPOUT,
                  bias: torch.Tensor | None = None, dtype: torch.dtype | None = None,
                  quant_storage: torch.dtype | None = None, use_rslora: bool = False) -> None:
         super().__init__()
@@ -143,6 +156,7 @@ class QLoRALinear(nn.Module):
         self.use_rslora = use_rslora
         self.scaling = lora_alpha_scaling(lora_alpha, r, use_rslora)
         self.lora_dropout = float(lora_dropout)
+        self.merged = False
         self._quant_storage = None
         self._nf4_held: NF4Weight | None = weight
         self._nf4_meta: dict | None = None
@@ -161,7 +175,8 @@ class QLoRALinear(nn.Module):
             self.set_quant_storage(quant_storage)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, r: int, lora_alpha: float, lora_dropout: float = 0.0,
+    def from_linear(cls, linear: nn.Linear, r: int = DEFAULT_R, lora_alpha: float = DEFAULT_LORA_ALPHA,
+                    lora_dropout: float = DEFAULT_LORA_DROPOUT,
                     blocksize: int = 64, double_quant: bool = True, use_rslora: bool = False) -> "QLoRALinear":
         """Quantize ``linear.weight`` to NF4 (bit-exact with bitsandbytes) and attach a fresh adapter in the
         weight's dtype; the bias, if any, is copied and frozen."""
@@ -182,6 +197,9 @@ class QLoRALinear(nn.Module):
         if "use_rslora" not in state:  # pickled before rsLoRA existed
             state = dict(state)
             state["use_rslora"] = False
+        if "merged" not in state:  # pickled before the in-place merge existed: never merged
+            state = dict(state)
+            state["merged"] = False
         super().__setstate__(state)
 
     # -- where the NF4 weight lives ------------------------------------------------------------------------------
@@ -312,22 +330,74 @@ class QLoRALinear(nn.Module):
 
     # -- compute ------------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            # The adapter is in the NF4 weight: the base layer alone, as PEFT's forward of a merged layer. The fused
+            # kernel stays the one base path; scaling 0 makes its (finite: merge quantized them) adapter term exact
+            # zeros, and the detached adapters get no gradient.
+            return qlora_linear(x, self._nf4, self.lora_A.detach(), self.lora_B.detach(), 0.0, self.bias,
+                                dropout_p=0.0, training=self.training)
         return qlora_linear(x, self._nf4, self.lora_A, self.lora_B, self.scaling, self.bias,
                             dropout_p=self.lora_dropout, training=self.training)
 
+    # -- merging, as PEFT's bitsandbytes Linear4bit LoRA layer does it ------------------------------------------
+    def _delta_weight(self) -> torch.Tensor:
+        """``scaling * lora_B @ lora_A`` in float32, (out_features, in_features)."""
+        return self.scaling * (self.lora_B.detach().float() @ self.lora_A.detach().float())
+
     @torch.no_grad()
-    def merge(self) -> nn.Linear:
-        """A dense ``nn.Linear`` in the base weight's original dtype computing the same function (without dropout):
-        ``W = dequantize(float32) + scaling * (lora_B @ lora_A)`` in float32, rounded once; the bias copied."""
+    def merge(self, safe_merge: bool = False) -> None:
+        """Fold the adapter into the NF4 base weight in place, as PEFT's ``merge()`` on a 4-bit layer:
+        ``W := NF4(dequantize(W) + scaling * lora_B @ lora_A)`` (:func:`qlora.nf4.requantize_nf4`; the sum in float32,
+        rounded to the weight's original dtype, quantized with its blocksize and double quantization, held in the
+        layer's storage mode). Afterwards ``merged`` is True and the forward computes the base layer alone.
+
+        Lossy: every element of the merged weight is rounded to its block's NF4 grid, an error of up to half the
+        widest gap between adjacent codebook values times the block's new absmax (about 0.15 * absmax), larger than
+        the adapter's own effect when that is small. Merging an already merged layer warns and does nothing (PEFT's
+        "All adapters are already merged"); each merge warns about the rounding as PEFT does. ``safe_merge`` raises
+        ``ValueError`` before anything changes when the merged weight would hold NaN/Inf. Not while FSDP2 holds the
+        weight sharded.
+        """
+        if not isinstance(safe_merge, bool):
+            raise TypeError(f"safe_merge must be a bool, got {type(safe_merge).__name__}")
+        if self.merged:
+            warnings.warn("All adapters are already merged, nothing to do.")
+            return
+        warnings.warn("Merge lora module to 4-bit linear may get different generations due to rounding errors.")
+        self._store(requantize_nf4(self._nf4, self._delta_weight(), safe_merge, what="of this QLoRALinear"))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Take the adapter out of the NF4 weight again, as PEFT's ``unmerge()`` on a 4-bit layer:
+        ``W := NF4(dequantize(W) - scaling * lora_B @ lora_A)``. Approximate: it subtracts from the requantized
+        merged weight and rounds to the NF4 grid a second time, so the bytes differ from those before :meth:`merge`
+        (each element within the two roundings' errors of the original). Unmerging a layer that is not merged warns
+        and does nothing (PEFT's "Already unmerged"); otherwise it warns about the rounding as PEFT does.
+        """
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        warnings.warn("Unmerge lora module to 4-bit linear may get different generations due to rounding errors.")
+        self._store(requantize_nf4(self._nf4, -self._delta_weight()))
+        self.merged = False
+
+    @torch.no_grad()
+    def to_dense_linear(self) -> nn.Linear:
+        """A new dense ``nn.Linear`` in the base weight's original dtype computing the layer's function (without
+        dropout); the layer itself is unchanged. ``W = dequantize(float32) + scaling * (lora_B @ lora_A)`` in float32,
+        rounded once (no NF4 requantization: the adapter is not rounded to the 4-bit grid); when the layer is merged
+        the adapter is already in the NF4 weight, so ``W = dequantize``. The bias copied."""
         dense = self._nf4.dequantize(torch.float32)
-        dense += self.scaling * (self.lora_B.float() @ self.lora_A.float())
+        if not self.merged:
+            dense += self._delta_weight()
         dtype = self._nf4.dtype
-        merged = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, dtype=dtype,
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, dtype=dtype,
                            device=dense.device)
-        merged.weight.copy_(dense.to(dtype))
+        linear.weight.copy_(dense.to(dtype))
         if self.bias is not None:
-            merged.bias.copy_(self.bias.to(dtype))
-        return merged
+            linear.bias.copy_(self.bias.to(dtype))
+        return linear
 
     def extra_repr(self) -> str:
         blocksize, double_quant = self._quant_settings()
@@ -336,7 +406,7 @@ class QLoRALinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
                 f"lora_alpha={self.lora_alpha}, {'use_rslora=True, ' if self.use_rslora else ''}"
                 f"scaling={self.scaling:g}, lora_dropout={self.lora_dropout:g}, "
-                f"bias={self.bias is not None}, quant=nf4, blocksize={blocksize}, double_quant={double_quant}"
+                f"bias={self.bias is not None}, {'merged=True, ' if self.merged else ''}quant=nf4, blocksize={blocksize}, double_quant={double_quant}"
                 f"{storage}, dtype={str(self.lora_A.dtype).replace('torch.', '')}")
 
     # -- devices: the NF4 weight follows the module across devices, never across dtypes ------------------------

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from .kernels._checks import FLOAT_DTYPES, check_backend_device, check_blocksize
 from .integrations import bitsandbytes as _bnb  # imports no bitsandbytes: it looks for it in sys.modules
-from .layers import QLoRALinear
+from .layers import DEFAULT_LORA_ALPHA, DEFAULT_LORA_DROPOUT, DEFAULT_R, QLoRALinear
 
 __all__ = ["prepare_model", "trainable_parameters_report", "ParameterReport", "qlora_layers"]
 
@@ -115,9 +115,10 @@ def _check_number(name: str, value, low: float, high: float | None, high_open: b
     return float(value)
 
 
-def prepare_model(model: nn.Module, r: int = 16, lora_alpha: float = 32, lora_dropout: float = 0.05,
-                  target_modules: Iterable[str] | None = None, blocksize: int = 64, double_quant: bool = True,
-                  progress: bool | None = None, use_rslora: bool = False) -> nn.Module:
+def prepare_model(model: nn.Module, r: int = DEFAULT_R, lora_alpha: float = DEFAULT_LORA_ALPHA,
+                  lora_dropout: float = DEFAULT_LORA_DROPOUT, target_modules: Iterable[str] | None = None,
+                  blocksize: int = 64, double_quant: bool = True, progress: bool | None = None,
+                  use_rslora: bool = False) -> nn.Module:
     """Replace ``model``'s targeted ``nn.Linear`` layers by :class:`QLoRALinear` (in place) and freeze the rest.
 
     Args:
@@ -125,7 +126,7 @@ def prepare_model(model: nn.Module, r: int = 16, lora_alpha: float = 32, lora_dr
             the kernels run on (CPU under the Triton interpreter, CUDA otherwise). It cannot itself be an
             ``nn.Linear`` (there is no parent to put the replacement in: use ``QLoRALinear.from_linear``).
         r, lora_alpha, lora_dropout: the adapter of every replaced layer (rank >= 1, ``scaling = lora_alpha / r``,
-            dropout in [0, 1) on the adapter's input in training mode).
+            dropout in [0, 1) on the adapter's input in training mode); defaults 8, 8, 0.0 (PEFT's ``LoraConfig``).
         target_modules: None (every ``nn.Linear``, as the QLoRA paper found necessary to match 16-bit fine-tuning)
             or a list of module names matched as PEFT does: the qualified name itself or a suffix of it starting
             after a dot (``"q_proj"``, ``"self_attn.q_proj"``, ``"layers.0.self_attn.q_proj"``).

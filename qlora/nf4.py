@@ -262,6 +262,28 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
                      nested_blocksize=NESTED_BLOCKSIZE)
 
 
+def requantize_nf4(weight: NF4Weight, delta: torch.Tensor, safe_merge: bool = False, what: str = "the adapter"
+                   ) -> NF4Weight:
+    """``NF4(dequantize(weight) + delta)``: what merging a LoRA adapter into a 4-bit weight (``delta`` = ``scaling *
+    B @ A``) or unmerging it (``-delta``) does in PEFT's bitsandbytes layers.
+
+    The sum is formed in float32 (``weight`` dequantized to float32, ``delta`` (out_features, in_features), any float
+    dtype, promoted), rounded once to the weight's original dtype and quantized again with its blocksize and double
+    quantization. Lossy: each element lands on the NF4 grid of its block's new scale (SPEC section 2), so a merge
+    followed by an unmerge does not give back the original bytes. ``safe_merge`` checks the sum for NaN/Inf first
+    and raises PEFT's ``ValueError`` naming ``what`` (quantization refuses non-finite values in any case).
+    """
+    if not isinstance(weight, NF4Weight):
+        raise TypeError(f"weight must be a qlora.nf4.NF4Weight, got {type(weight).__name__}")
+    if not isinstance(delta, torch.Tensor) or not delta.is_floating_point() or tuple(delta.shape) != tuple(weight.shape):
+        raise ValueError(f"delta must be a floating tensor of the weight's shape {tuple(weight.shape)}, got "
+                         f"{getattr(delta, 'dtype', type(delta).__name__)} {tuple(getattr(delta, 'shape', ()))}")
+    dense = weight.dequantize(torch.float32) + delta.to(device=weight.device, dtype=torch.float32)
+    if safe_merge and not bool(torch.isfinite(dense).all()):
+        raise ValueError(f"NaNs detected in the merged weights. The adapter {what} seems to be broken")
+    return quantize_nf4(dense.to(weight.dtype), blocksize=weight.blocksize, double_quant=weight.double_quant)
+
+
 def quant_state_tensor(blocksize: int, dtype: torch.dtype, shape, nested: tuple[int, float] | None) -> torch.Tensor:
     """The ``<prefix>.quant_state.bitsandbytes__nf4`` entry: 1-D uint8 CPU tensor of UTF-8 JSON with the keys and
     order of bitsandbytes' ``QuantState.as_dict(packed=True)``. ``nested`` is ``(nested_blocksize, offset)`` for a

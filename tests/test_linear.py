@@ -336,7 +336,7 @@ def test_training_reduces_loss_and_merge_matches():
     with torch.no_grad():
         out = model(x)
         loss1 = float(torch.nn.functional.mse_loss(out, target))
-        merged = torch.nn.Sequential(model[0].merge(), torch.nn.GELU(), model[2].merge())
+        merged = torch.nn.Sequential(model[0].to_dense_linear(), torch.nn.GELU(), model[2].to_dense_linear())
         out_merged = merged(x)
     assert loss1 < 0.8 * loss0, (loss0, loss1)
     assert isinstance(merged[0], torch.nn.Linear) and merged[0].weight.dtype == torch.float32

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..kernels._checks import check_backend_device
-from ..layers import QLoRALinear
+from ..layers import DEFAULT_LORA_ALPHA, DEFAULT_LORA_DROPOUT, DEFAULT_R, QLoRALinear
 from ..nf4 import NF4Weight
 
 __all__ = ["is_bnb_linear", "check_adoptable", "nf4_weight_of", "adopt_linear4bit", "params4bit_from",
@@ -115,8 +115,9 @@ def nf4_weight_of(module: nn.Module, name: str = "") -> NF4Weight:
                          f"have the NF4 layout qlora reads: {err}") from None
 
 
-def adopt_linear4bit(module: nn.Module, r: int, lora_alpha: float, lora_dropout: float = 0.0,
-                     use_rslora: bool = False, name: str = "") -> QLoRALinear:
+def adopt_linear4bit(module: nn.Module, r: int = DEFAULT_R, lora_alpha: float = DEFAULT_LORA_ALPHA,
+                     lora_dropout: float = DEFAULT_LORA_DROPOUT, use_rslora: bool = False,
+                     name: str = "") -> QLoRALinear:
     """A :class:`QLoRALinear` computing what the NF4 ``Linear4bit`` ``module`` computes, plus a fresh adapter.
 
     The NF4 weight is :func:`nf4_weight_of` (bitsandbytes' own tensors, shared, not copied); the adapter (and the

@@ -45,7 +45,7 @@ from peft.tuners.tuners_utils import check_adapters_to_merge  # noqa: E402
 
 from ..functional import qlora_linear  # noqa: E402
 from ..kernels._checks import FLOAT_DTYPES  # noqa: E402
-from ..nf4 import NF4Weight, quantize_nf4  # noqa: E402
+from ..nf4 import NF4Weight, requantize_nf4  # noqa: E402
 from .bitsandbytes import check_adoptable, nf4_weight_of, params4bit_from  # noqa: E402
 
 __all__ = ["enable", "from_pretrained", "QLoRAPeftLinear"]
@@ -156,14 +156,10 @@ class QLoRAPeftLinear(nn.Module, LoraLayer):
 
     @torch.no_grad()
     def _requantize(self, sign: float, adapter: str, safe_merge: bool) -> None:
-        """Base weight := NF4(dequantize(W) + sign * delta), computed in float32, quantized from the weight's
-        original dtype with its blocksize and double quantization, stored with its ``quant_storage``."""
+        """Base weight := NF4(dequantize(W) + sign * delta) (:func:`qlora.nf4.requantize_nf4`), stored with the
+        Params4bit's ``quant_storage``."""
         base = self.get_base_layer()
-        nf4 = self._nf4()
-        dense = nf4.dequantize(torch.float32) + sign * self.get_delta_weight(adapter).float()
-        if safe_merge and not bool(torch.isfinite(dense).all()):
-            raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
-        requantized = quantize_nf4(dense.to(nf4.dtype), blocksize=nf4.blocksize, double_quant=nf4.double_quant)
+        requantized = requantize_nf4(self._nf4(), sign * self.get_delta_weight(adapter), safe_merge, what=adapter)
         base.weight = params4bit_from(requantized, like=base.weight)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
