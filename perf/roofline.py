@@ -25,7 +25,8 @@ are left out. Each workload's ``assumptions`` string states what it counts.
 
 FLOPs: a multiply-add counts 2 (matmuls: ``2*M*N*K``); elementwise work counts every add, multiply, compare,
 ``abs``, ``max``, ``sqrt`` and division as 1. The FP32 peaks below count an FMA as 2, so for elementwise kernels
-the compute time is a rough lower bound; they are memory-bound by a wide margin either way.
+the compute time is a rough lower bound; it is well below their byte time either way. What bounds the quantize,
+dequantize and 8-bit AdamW kernels is instruction issue (table lookups, searches and packing are not FLOPs).
 """
 
 from __future__ import annotations
