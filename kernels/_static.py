@@ -37,8 +37,10 @@ class KernelSpec:
       by 16). Missing names get :meth:`launch_values`' defaults. Pointer arguments are always taken as fresh
       16-byte-aligned allocations of the signature's dtype.
     - ``regime``: the launches this build serves, in words (``"M<=16"``, ``"M>16"``, ``"any"``).
-    - ``weight_elements_per_iteration``: NF4 weight elements one main-loop iteration of one program dequantizes
-      (for the instructions-per-weight-element figure); 0 for a kernel that reads no NF4 weight.
+    - ``weight_elements_per_iteration``: the elements one main-loop iteration of one program handles, for the
+      instructions-per-element figure: NF4 weight elements dequantized (linear kernels), or elements quantized,
+      dequantized or stepped (quantize and optimizer kernels; for a kernel without a loop, the elements one
+      program handles, over which its whole instruction stream is counted); 0 for no per-element figure.
     - ``weight_arg``: the argument holding the packed weight bytes (for the widest-load figure).
     """
 

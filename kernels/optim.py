@@ -564,9 +564,19 @@ _SCALAR_SIG = {name: "fp32" for name in StepScalars._fields}
 _TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
+# The launch the specs stand for: one step of a 64Mi-parameter tensor (the roofline's and the benchmark's shape)
+# with torch's default AdamW hyperparameters at step 1; the multi-tensor kernels read sizes from their tables.
+_SPEC_NUMEL = 64 << 20
+_SPEC_SCALARS = step_scalars(1, 1e-3, 0.9, 0.999, 1e-8, 1e-2)._asdict()
+
+
 def compile_specs() -> list[KernelSpec]:
-    """One spec per kernel, parameter dtype and GPU launch config (no fp fusion, as launched)."""
+    """One spec per kernel, parameter dtype and GPU launch config (no fp fusion, as launched): the single-tensor
+    kernels and the multi-tensor ones (gradient in the parameter's dtype). Per-element figure: the elements one
+    program steps (``BLOCK``, or ``QBLOCKS`` blocks of ``QBLOCK``); the kernels have no loop, so their whole
+    instruction stream is counted over those."""
     specs = []
+    multi_regime = f"many tensors per launch (each < {MULTI_TENSOR_MAX_NUMEL} elements)"
     for dtype, ty in _TRITON_DTYPES.items():
         specs.append(KernelSpec(
             name=f"adamw32_{ty}",
@@ -575,6 +585,8 @@ def compile_specs() -> list[KernelSpec]:
                        **_SCALAR_SIG, "BLOCK": "constexpr"},
             constexprs={"BLOCK": _GPU_BLOCK_32},
             options={"num_warps": _GPU_WARPS_32, "enable_fp_fusion": False},
+            launch_args={"n": _SPEC_NUMEL, **_SPEC_SCALARS}, regime="one tensor per launch (any n)",
+            weight_elements_per_iteration=_GPU_BLOCK_32,
         ))
         specs.append(KernelSpec(
             name=f"adamw8bit_{ty}",
@@ -587,5 +599,30 @@ def compile_specs() -> list[KernelSpec]:
             constexprs={"QBLOCK": QBLOCK, "QBLOCKS": _GPU_QBLOCKS_8, "SIGNED_ZERO": zero_code(True),
                         "UNSIGNED_ZERO": zero_code(False)},
             options={"num_warps": _GPU_WARPS_8, "enable_fp_fusion": False},
+            launch_args={"n": _SPEC_NUMEL, **_SPEC_SCALARS}, regime="one tensor per launch (any n)",
+            weight_elements_per_iteration=QBLOCK * _GPU_QBLOCKS_8,
+        ))
+        specs.append(KernelSpec(
+            name=f"adamw32_multi_{ty}",
+            fn=_adamw32_multi_kernel,
+            signature={"table_ptr": "*i64", "work_ptr": "*i64", **_SCALAR_SIG, "P_DTYPE": "constexpr",
+                       "G_DTYPE": "constexpr", "BLOCK": "constexpr"},
+            constexprs={"P_DTYPE": _TL_DTYPES[dtype], "G_DTYPE": _TL_DTYPES[dtype], "BLOCK": _GPU_BLOCK_32},
+            options={"num_warps": _GPU_WARPS_32, "enable_fp_fusion": False},
+            launch_args=dict(_SPEC_SCALARS), regime=multi_regime, weight_elements_per_iteration=_GPU_BLOCK_32,
+        ))
+        specs.append(KernelSpec(
+            name=f"adamw8bit_multi_{ty}",
+            fn=_adamw8bit_multi_kernel,
+            signature={"table_ptr": "*i64", "work_ptr": "*i64", "smap_ptr": "*fp32", "smid_ptr": "*fp32",
+                       "umap_ptr": "*fp32", "umid_ptr": "*fp32", **_SCALAR_SIG, "P_DTYPE": "constexpr",
+                       "G_DTYPE": "constexpr", "QBLOCK": "constexpr", "QBLOCKS": "constexpr",
+                       "SIGNED_ZERO": "constexpr", "UNSIGNED_ZERO": "constexpr"},
+            constexprs={"P_DTYPE": _TL_DTYPES[dtype], "G_DTYPE": _TL_DTYPES[dtype], "QBLOCK": QBLOCK,
+                        "QBLOCKS": _GPU_QBLOCKS_8, "SIGNED_ZERO": zero_code(True),
+                        "UNSIGNED_ZERO": zero_code(False)},
+            options={"num_warps": _GPU_WARPS_8, "enable_fp_fusion": False},
+            launch_args=dict(_SPEC_SCALARS), regime=multi_regime,
+            weight_elements_per_iteration=QBLOCK * _GPU_QBLOCKS_8,
         ))
     return specs

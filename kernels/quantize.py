@@ -514,11 +514,19 @@ _TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "
 _NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
+# The launch the specs stand for: a 4096 x 4096 weight (the roofline's and the benchmark's shape) at the default
+# blocksize 64, whose 262144 scales double quantization quantizes (8-bit, blocksize 256) and dequantizes.
+_SPEC_NUMEL = 4096 * 4096
+_SPEC_SCALES = _SPEC_NUMEL // 64
+_SPEC_OFFSET = 0.5
+
+
 def compile_specs() -> list[KernelSpec]:
     """Quantize kernels: every blocksize (the tile shape depends on it), bf16 input (the usual weight dtype) and
     fp32/fp16 at the default blocksize; 8-bit quantize with fp32 input (optimizer states, double quantization).
     Dequantize kernels take the blocksize at run time: each output dtype with float32 scales and with
-    double-quantized ones; 8-bit dequantize with and without the offset add."""
+    double-quantized ones; 8-bit dequantize with and without the offset add. Per-element figure: the elements one
+    program handles (the kernels have no loop, so their whole instruction stream is counted over those)."""
     options = {"num_warps": _NUM_WARPS, **_FP_OPTIONS}
     specs = []
     q4_cases = [(torch.bfloat16, b) for b in BLOCKSIZES] + [(torch.float32, 64), (torch.float16, 64)]
@@ -531,6 +539,9 @@ def compile_specs() -> list[KernelSpec]:
                        "BLOCKS_PER_PROGRAM": "constexpr"},
             constexprs={"BLOCKSIZE": blocksize, "BLOCKS_PER_PROGRAM": blocks_per_program},
             options={**options, "num_warps": num_warps},
+            launch_args={"n": _SPEC_NUMEL, "nbytes": _cdiv(_SPEC_NUMEL, 2)},
+            regime=f"{_NAMES[dtype]} input, blocksize {blocksize}",
+            weight_elements_per_iteration=blocksize * blocks_per_program,
         ))
     for dtype in FLOAT_DTYPES:
         for double_quant in (False, True):
@@ -544,6 +555,12 @@ def compile_specs() -> list[KernelSpec]:
                 constexprs={"BYTES_PER_PROGRAM": _GPU_DEQUANT_BYTES, "DOUBLE_QUANT": double_quant,
                             "NESTED_BLOCKSIZE": 256},
                 options=options,
+                # half_block_shift = log2(64 / 2): the default blocksize (any blocksize compiles the same).
+                launch_args={"offset": _SPEC_OFFSET, "n": _SPEC_NUMEL, "nbytes": _cdiv(_SPEC_NUMEL, 2),
+                             "half_block_shift": 5},
+                regime=f"{_NAMES[dtype]} output, {'double-quantized' if double_quant else 'float32'} scales, "
+                       "any blocksize",
+                weight_elements_per_iteration=2 * _GPU_DEQUANT_BYTES,
             ))
     for blocksize in BLOCKSIZES:
         blocks_per_program, num_warps = _gpu_quant_config(blocksize)
@@ -553,6 +570,9 @@ def compile_specs() -> list[KernelSpec]:
                        "n": "i32", "offset": "fp32", "BLOCKSIZE": "constexpr", "BLOCKS_PER_PROGRAM": "constexpr"},
             constexprs={"BLOCKSIZE": blocksize, "BLOCKS_PER_PROGRAM": blocks_per_program},
             options={**options, "num_warps": num_warps},
+            launch_args={"n": _SPEC_SCALES, "offset": _SPEC_OFFSET},
+            regime=f"fp32 input, blocksize {blocksize}",
+            weight_elements_per_iteration=blocksize * blocks_per_program,
         ))
     for add_offset in (False, True):
         specs.append(KernelSpec(
@@ -562,6 +582,10 @@ def compile_specs() -> list[KernelSpec]:
                        "ADD_OFFSET": "constexpr"},
             constexprs={"ELEMS_PER_PROGRAM": _GPU_DEQUANT_8BIT_ELEMS, "ADD_OFFSET": add_offset},
             options=options,
+            # block_shift = log2(256): double dequantization's blocksize (any blocksize compiles the same).
+            launch_args={"n": _SPEC_SCALES, "block_shift": 8, "offset": _SPEC_OFFSET},
+            regime=f"fp32 output, {'offset added' if add_offset else 'no offset'}, any blocksize",
+            weight_elements_per_iteration=_GPU_DEQUANT_8BIT_ELEMS,
         ))
     return specs
 

@@ -54,8 +54,9 @@ def format_markdown(results: dict, rows: list[dict]) -> str:
         f"# Roofline model vs measured: {meta.get('device')} ({meta.get('backend')}), commit "
         f"{(meta.get('git') or {}).get('commit7')}, {meta.get('date')}",
         "",
-        "measured = median per operation; predicted = `perf/roofline.py` (max of HBM byte time and tensor/FP32 "
-        "FLOP time per launch, summed), a static model, not a timing; ratio = measured / predicted.",
+        "measured = median per operation; predicted = `perf/roofline.py` (max of HBM byte time, tensor/FP32 "
+        "FLOP time and instruction issue time per launch, summed), a static model, not a timing; ratio = measured / "
+        "predicted.",
         "",
         "| benchmark | measured | predicted | ratio | model bound | device peaks |",
         "|---|---:|---:|---:|---|---|",

@@ -12,9 +12,11 @@ times. This is a static model, not a timing. Instruction counts come from the SA
 ``python -m perf static`` (``perf/sass.py``) as recorded in the committed baseline of a Triton version
 (``perf/baselines/static-triton<version>.json``): for the fused NF4 kernels, instructions per weight element of
 the build that would run times the weight elements all programs dequantize (each row tile of ``BLOCK_M`` rows
-dequantizes all of W once). Not modelled: launch latency and host time (a few microseconds per launch, which
-dominate at decode sizes), the issue cost of kernels without a per-element figure (LoRA helpers, quantize,
-optimizers), L2 reuse beyond the compulsory traffic, wave quantization, and overlap between launches.
+dequantizes all of W once); for the quantize, dequantize and AdamW kernels, instructions per element of the
+build the launcher picks times the elements handled, rounded up to whole programs (:func:`per_element_issue`).
+Not modelled: launch latency and host time (a few microseconds per launch, which dominate at decode sizes), the
+issue cost of kernels without a per-element figure (LoRA helpers, torch's and bitsandbytes' kernels), L2 reuse
+beyond the compulsory traffic, wave quantization, and overlap between launches.
 
 Bytes are the *compulsory* DRAM traffic of each launch: every input read once, every output written once, each
 operand in its stored dtype; a tile re-read from L2 costs nothing. The 16-entry NF4 codebook, the 256-entry
@@ -23,7 +25,8 @@ are left out. Each workload's ``assumptions`` string states what it counts.
 
 FLOPs: a multiply-add counts 2 (matmuls: ``2*M*N*K``); elementwise work counts every add, multiply, compare,
 ``abs``, ``max``, ``sqrt`` and division as 1. The FP32 peaks below count an FMA as 2, so for elementwise kernels
-the compute time is a rough lower bound; they are memory-bound by a wide margin either way.
+the compute time is a rough lower bound; it is well below their byte time either way. What bounds the quantize,
+dequantize and 8-bit AdamW kernels is instruction issue (table lookups, searches and packing are not FLOPs).
 """
 
 from __future__ import annotations
@@ -193,40 +196,53 @@ def nf4_storage_bytes(numel: int, blocksize: int = NF4_BLOCKSIZE, nested_blocksi
     return _cdiv(numel, 2) + nblocks + 4 * _cdiv(nblocks, _positive("nested_blocksize", nested_blocksize))
 
 
-def nf4_quantize(rows: int, cols: int, dtype: str = "bf16", blocksize: int = NF4_BLOCKSIZE) -> Workload:
-    """NF4 quantization of a (rows, cols) ``dtype`` weight, then double quantization of its float32 scales."""
+def nf4_quantize(rows: int, cols: int, dtype: str = "bf16", blocksize: int = NF4_BLOCKSIZE,
+                 triton: str | None = None) -> Workload:
+    """NF4 quantization of a (rows, cols) ``dtype`` weight, then double quantization of its float32 scales;
+    ``triton``: whose static baseline gives the instruction counts (default: the newest committed)."""
     n = _positive("rows", rows) * _positive("cols", cols)
     elem = _dtype_bytes(dtype)
     nblocks = _cdiv(n, _positive("blocksize", blocksize))
     nested = _cdiv(nblocks, NESTED_BLOCKSIZE)
+    _, builds = static_builds(triton)
     quantize = Op("quantize_4bit", n * elem + _cdiv(n, 2) + 4 * nblocks,
-                  QUANT4_FLOPS_PER_ELEM * n + QUANT4_FLOPS_PER_BLOCK * nblocks, FP32_SIMT)
+                  QUANT4_FLOPS_PER_ELEM * n + QUANT4_FLOPS_PER_BLOCK * nblocks, FP32_SIMT,
+                  per_element_issue(builds, QUANTIZE_BUILD.format(dtype=dtype, blocksize=blocksize), n))
     double = Op("double_quantize", 4 * nblocks + nblocks + 4 * nested,
-                DQ_FLOPS_PER_SCALE * nblocks + DQ_FLOPS_PER_NESTED_BLOCK * nested, FP32_SIMT)
+                DQ_FLOPS_PER_SCALE * nblocks + DQ_FLOPS_PER_NESTED_BLOCK * nested, FP32_SIMT,
+                per_element_issue(builds, DOUBLE_QUANTIZE_BUILD.format(blocksize=NESTED_BLOCKSIZE), nblocks))
     return Workload(
         f"nf4_quantize_{rows}x{cols}_{dtype}", "quantize", "qlora", (quantize, double),
         f"quantize_4bit reads the weight ({elem} B/elem) and writes packed codes (0.5 B/elem) and one float32 absmax "
         f"per {blocksize}-block; double_quantize reads those absmax (4 B/block) and writes one uint8 code per block "
         f"and one float32 absmax2 per {NESTED_BLOCKSIZE} blocks. Not counted: the implementation's extra read of "
-        f"the absmax for the order-independent mean (offset), +4 B/block.",
+        f"the absmax for the order-independent mean (offset), +4 B/block. Issue time of both launches from the "
+        f"static baseline's instructions per element.",
     )
 
 
-def nf4_dequantize(rows: int, cols: int, dtype: str = "bf16", blocksize: int = NF4_BLOCKSIZE) -> Workload:
-    """Dequantization of a double-quantized NF4 (rows, cols) weight to a dense ``dtype`` tensor."""
+def nf4_dequantize(rows: int, cols: int, dtype: str = "bf16", blocksize: int = NF4_BLOCKSIZE,
+                   triton: str | None = None) -> Workload:
+    """Dequantization of a double-quantized NF4 (rows, cols) weight to a dense ``dtype`` tensor; ``triton``: whose
+    static baseline gives the instruction counts (default: the newest committed)."""
     n = _positive("rows", rows) * _positive("cols", cols)
     elem = _dtype_bytes(dtype)
+    _, builds = static_builds(triton)
+    issue = per_element_issue(builds, DEQUANTIZE_BUILD.format(dtype=dtype), n)
     return Workload(
-        f"nf4_dequantize_{rows}x{cols}_{dtype}", "dequantize", "qlora", (_dequantize_op(n, elem, blocksize),),
+        f"nf4_dequantize_{rows}x{cols}_{dtype}", "dequantize", "qlora", (_dequantize_op(n, elem, blocksize, issue),),
         f"reads packed codes (0.5 B/elem), one uint8 scale code per {blocksize}-block and one float32 absmax2 per "
-        f"{NESTED_BLOCKSIZE} blocks; writes the {dtype} weight ({elem} B/elem).",
+        f"{NESTED_BLOCKSIZE} blocks; writes the {dtype} weight ({elem} B/elem). Issue time from the static "
+        f"baseline's instructions per element.",
     )
 
 
-def _dequantize_op(n: int, elem: int, blocksize: int) -> Op:
+def _dequantize_op(n: int, elem: int, blocksize: int, instructions: tuple = ()) -> Op:
+    """The dequantize launch; ``instructions`` as :attr:`Op.instructions` (empty: issue not modelled, e.g. for
+    the dequantize-then-matmul approach, which stands for bitsandbytes' kernel)."""
     nblocks = _cdiv(n, blocksize)
     return Op("dequantize_nf4", nf4_storage_bytes(n, blocksize) + n * elem,
-              DEQUANT_FLOPS_PER_ELEM * n + DEQUANT_FLOPS_PER_BLOCK * nblocks, FP32_SIMT)
+              DEQUANT_FLOPS_PER_ELEM * n + DEQUANT_FLOPS_PER_BLOCK * nblocks, FP32_SIMT, instructions)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -240,6 +256,14 @@ BASELINE_DIR = Path(__file__).parent / "baselines"
 # per-weight-element count for the tiled build, so no issue term is charged at large M; see perf/README.md).
 FUSED_FWD_KERNEL = ("_nf4_gemv_kernel", "_matmul_lora_kernel")
 FUSED_DX_KERNEL = ("_matmul_lora_kernel",)
+# The builds (``module.spec name`` in the baseline, kernels/*.py ``compile_specs``) the launchers of the
+# elementwise workloads pick: quantize_4bit compiles one build per input dtype and blocksize; double quantization is
+# the 8-bit quantize at the nested blocksize; dequantize_4bit of a double-quantized weight one per output dtype;
+# the optimizers' single-tensor kernels (a 64Mi-element tensor gets a launch of its own) one per parameter dtype.
+QUANTIZE_BUILD = "quantize.q4_{dtype}_b{blocksize}"
+DOUBLE_QUANTIZE_BUILD = "quantize.q8_fp32_b{blocksize}"
+DEQUANTIZE_BUILD = "quantize.dq4_{dtype}_nested"
+ADAMW_BUILD = {"adamw32": "optim.adamw32_fp32", "adamw8bit": "optim.adamw8bit_fp32"}
 
 
 def static_builds(triton: str | None = None) -> tuple[str | None, list[dict]]:
@@ -275,6 +299,24 @@ def fused_issue(builds: list[dict], kernel: str | tuple[str, ...], rows: int, we
         count = per_elem / 32 * weight_elements * _cdiv(rows, config["BLOCK_M"])
         best[target] = min(best.get(target, count), count)
     return tuple(sorted(best.items()))
+
+
+def per_element_issue(builds: list[dict], build: str, elements: int) -> tuple:
+    """``((target, warp-instructions), ...)``: what the build ``build`` (``"module.spec"``, a baseline key without
+    its ``@target``) issues to handle ``elements`` elements, per NVIDIA target whose baseline records its
+    instructions per element. One main-loop iteration (a whole program for a kernel without a loop) handles
+    ``weight_elements_per_iteration`` elements, so warp-instructions = instructions per element / 32 x elements
+    per iteration x ceil(elements / elements per iteration): a partly filled last program issues in full. Empty
+    when the baseline has no such figure for the build."""
+    _positive("elements", elements)
+    out = []
+    for b in builds:
+        name, _, target = b["key"].rpartition("@")
+        per_elem, per_iter = b.get("instr_per_weight_element"), b.get("weight_elements_per_iteration")
+        if name != build or not per_elem or not per_iter:
+            continue
+        out.append((target, per_elem / 32 * per_iter * _cdiv(elements, per_iter)))
+    return tuple(sorted(out))
 
 
 LINEAR_APPROACHES = ("fused", "dequant_matmul", "dense")
@@ -397,34 +439,41 @@ def lora_backward(m: int, k: int, n: int, r: int, approach: str = "fused", dtype
 ADAMW_VARIANTS = ("torch_fused", "adamw32", "adamw8bit")
 
 
-def adamw(numel: int, variant: str = "adamw32") -> Workload:
+def adamw(numel: int, variant: str = "adamw32", triton: str | None = None) -> Workload:
     """One AdamW step over ``numel`` float32 parameters with float32 gradients.
 
     ``variant``: ``"adamw32"`` (this suite, float32 moments), ``"adamw8bit"`` (this suite, uint8 moment codes with
     a float32 absmax per 256 elements each) or ``"torch_fused"`` (``torch.optim.AdamW(fused=True)``, float32
-    moments: the same bytes as ``adamw32``, the 32-bit reference).
+    moments: the same bytes as ``adamw32``, the 32-bit reference). ``triton``: whose static baseline gives the
+    instruction counts of this suite's kernels (default: the newest committed; torch's kernel: not modelled).
     """
     _positive("numel", numel)
     if variant not in ADAMW_VARIANTS:
         raise ValueError(f"variant must be one of {ADAMW_VARIANTS}, got {variant!r}")
     size = _count_name(numel)
+    issue = ()
+    if variant in ADAMW_BUILD:
+        _, builds = static_builds(triton)
+        issue = per_element_issue(builds, ADAMW_BUILD[variant], numel)
     if variant == "adamw8bit":
         # p read+write 8, g 4, m and v codes read+write 1+1 each, each absmax read+written once per 256 elements.
         nbytes = 8 * numel + 4 * numel + 2 * numel + 2 * numel + 2 * 2 * 4 * _cdiv(numel, ADAM8_BLOCKSIZE)
-        op = Op("adamw8bit_step", nbytes, ADAMW8_FLOPS_PER_ELEM * numel, FP32_SIMT)
+        op = Op("adamw8bit_step", nbytes, ADAMW8_FLOPS_PER_ELEM * numel, FP32_SIMT, issue)
         return Workload(
             f"adamw8bit_{size}_fp32", "optim", "qlora", (op,),
             "p read+write 8 B, g read 4 B, m and v uint8 codes read+write 2 B each, a float32 absmax per 256 "
-            "elements for m and for v read+written (1/16 B/elem): 16.0625 B/elem.",
+            "elements for m and for v read+written (1/16 B/elem): 16.0625 B/elem. Issue time from the static "
+            "baseline's instructions per element.",
             baseline=f"torch_adamw_fused_{size}_fp32",
         )
     # p read+write 8, g read 4, m read+write 8, v read+write 8: 28 B/elem.
-    op = Op(f"{variant}_step", 28 * numel, ADAMW_FLOPS_PER_ELEM * numel, FP32_SIMT)
+    op = Op(f"{variant}_step", 28 * numel, ADAMW_FLOPS_PER_ELEM * numel, FP32_SIMT, issue)
     if variant == "torch_fused":
         return Workload(f"torch_adamw_fused_{size}_fp32", "optim", "torch", (op,),
                         "torch.optim.AdamW(fused=True): p, m, v read+written (8 B each), g read (4 B): 28 B/elem.")
     return Workload(f"adamw32_{size}_fp32", "optim", "qlora", (op,),
-                    "p, m, v read+written (8 B each), g read (4 B): 28 B/elem.",
+                    "p, m, v read+written (8 B each), g read (4 B): 28 B/elem. Issue time from the static "
+                    "baseline's instructions per element.",
                     baseline=f"torch_adamw_fused_{size}_fp32")
 
 
@@ -432,7 +481,7 @@ def default_workloads(triton: str | None = None) -> list[Workload]:
     """The named workloads the report covers (4096 x 4096 weights, r = 16, bf16, 64M optimizer parameters);
     ``triton``: whose static baseline gives the instruction counts (default: the newest committed)."""
     dim, rank = 4096, 16
-    out = [nf4_quantize(dim, dim), nf4_dequantize(dim, dim)]
+    out = [nf4_quantize(dim, dim, triton=triton), nf4_dequantize(dim, dim, triton=triton)]
     for approach in LINEAR_APPROACHES:
         out.append(lora_forward(4096, dim, dim, rank, approach, triton=triton))
     for approach in LINEAR_APPROACHES:
@@ -441,7 +490,7 @@ def default_workloads(triton: str | None = None) -> list[Workload]:
         for approach in LINEAR_APPROACHES:
             out.append(lora_forward(m, dim, dim, rank, approach, triton=triton))
     for variant in ADAMW_VARIANTS:
-        out.append(adamw(64 << 20, variant))
+        out.append(adamw(64 << 20, variant, triton=triton))
     return out
 
 

@@ -320,7 +320,7 @@ def _fmt(value, spec="") -> str:
 
 def format_table(results: list[StaticResult]) -> str:
     header = ("kernel", "target", "warps", "regs", "sgpr", "spill B", "smem B", "mma", "loop instr",
-              "instr/w-elem", "issue/mma", "w-load", "launch")
+              "instr/elem", "issue/mma", "w-load", "launch")
     rows = []
     for r in results:
         wload = "-" if r.weight_load_bytes is None else (

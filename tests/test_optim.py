@@ -197,14 +197,21 @@ def test_adamw_step_half_params_round_once_from_float32(dtype):
 
 def test_hyperparameters_are_runtime_arguments():
     """An lr scheduler changes lr and the step count every step: none of them may be a constexpr (a recompile)."""
-    for kernel in (kopt._adamw32_kernel, kopt._adamw8bit_kernel):
+    for kernel in (kopt._adamw32_kernel, kopt._adamw8bit_kernel, kopt._adamw32_multi_kernel,
+                   kopt._adamw8bit_multi_kernel):
         annotations = inspect.get_annotations(kernel.fn)  # the Python function, interpreted or compiled
         constexprs = {name for name, ann in annotations.items() if "constexpr" in str(ann)}
         assert "BLOCK" in constexprs or "QBLOCKS" in constexprs  # the check sees constexprs at all
         assert not constexprs & set(kopt.StepScalars._fields), constexprs
     specs = kopt.compile_specs()
-    assert {s.name for s in specs} == {f"adamw{b}_{t}" for b in ("32", "8bit") for t in ("fp32", "fp16", "bf16")}
+    assert {s.name for s in specs} == {f"adamw{b}{multi}_{t}" for b in ("32", "8bit") for multi in ("", "_multi")
+                                       for t in ("fp32", "fp16", "bf16")}
     assert all(s.options["enable_fp_fusion"] is False for s in specs)
+    # The static report's per-element figure: the elements one program of the GPU launch steps.
+    for s in specs:
+        per_program = s.constexprs.get("BLOCK") or s.constexprs["QBLOCK"] * s.constexprs["QBLOCKS"]
+        assert s.weight_elements() == per_program == 1024, s.name
+        assert not s.launch_inferred, s.name  # every scalar argument as a launch passes it
 
 
 def test_kernel_launchers_reject_bad_inputs():

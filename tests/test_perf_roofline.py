@@ -124,18 +124,77 @@ def test_adamw_bytes_per_element():
     assert rl.adamw(64 << 20).name == "adamw32_64M_fp32"
 
 
-def test_single_launch_prediction_is_max_of_memory_and_compute():
-    for w in (rl.nf4_dequantize(4096, 4096), rl.adamw(1 << 20)):
+def test_single_launch_prediction_is_max_of_memory_compute_and_issue():
+    for w in (rl.nf4_dequantize(4096, 4096), rl.adamw(1 << 20), rl.adamw(1 << 20, "torch_fused")):
         for device in (H100, A100):
             row = rl.roofline(w, device)
             (op,) = w.ops
             memory = w.bytes / device.hbm_bytes_per_s
             compute = w.flops / device.peak(op.unit)
+            issue = op.issue_count(device.target) / device.issue_per_s
             assert row.memory_s == pytest.approx(memory)
             assert row.compute_s == pytest.approx(compute)
-            assert row.issue_s == 0  # no instruction count for these kernels: not modelled
-            assert row.predicted_s == max(row.memory_s, row.compute_s)
+            assert row.issue_s == pytest.approx(issue)
+            assert row.predicted_s == max(row.memory_s, row.compute_s, row.issue_s)
             assert row.intensity == w.flops / w.bytes
+    # torch's fused AdamW is not this suite's kernel: no instruction count, issue not modelled.
+    assert rl.adamw(1 << 20, "torch_fused").ops[0].instructions == ()
+
+
+def _baseline_builds(version):
+    """{build key: record} of the committed static baseline of Triton ``version``, read here independently."""
+    path = REPO / "perf" / "baselines" / f"static-triton{version}.json"
+    return json.loads(path.read_text())["kernels"]
+
+
+def _expected_issue(kernels, build, target, elements):
+    """Warp-instructions: instructions per element (thread-instructions) / 32 lanes x the elements of every
+    program the launch runs (the last one issues in full even when partly filled)."""
+    b = kernels[f"{build}@{target}"]
+    per_program = b["weight_elements_per_iteration"]
+    return b["instr_per_weight_element"] / 32 * per_program * -(-elements // per_program)
+
+
+def test_per_element_issue_rounds_up_to_whole_programs_and_skips_builds_without_a_figure():
+    builds = [
+        {"key": "quantize.q@sm_90", "instr_per_weight_element": 72.0, "weight_elements_per_iteration": 2048},
+        {"key": "quantize.q@sm_80", "instr_per_weight_element": 64.0, "weight_elements_per_iteration": 2048},
+        {"key": "quantize.q@gfx942", "instr_per_weight_element": None, "weight_elements_per_iteration": 2048},
+        {"key": "quantize.qq@sm_90", "instr_per_weight_element": 1.0, "weight_elements_per_iteration": 2048},
+        {"key": "optim.o@sm_90", "instr_per_weight_element": None, "weight_elements_per_iteration": None},
+    ]
+    # 2049 elements: two programs of 2048 -> 72/32 x 4096 on sm_90, 64/32 x 4096 on sm_80; only the named build.
+    assert dict(rl.per_element_issue(builds, "quantize.q", 2049)) == pytest.approx(
+        {"sm_90": 72 / 32 * 4096, "sm_80": 64 / 32 * 4096})
+    assert rl.per_element_issue(builds, "optim.o", 1 << 20) == ()
+    assert rl.per_element_issue(builds, "quantize.missing", 1 << 20) == ()
+    with pytest.raises(ValueError, match="elements"):
+        rl.per_element_issue(builds, "quantize.q", 0)
+
+
+@pytest.mark.parametrize("version", ["3.6", "3.9"])
+def test_quantize_dequantize_and_adamw_issue_comes_from_the_committed_baseline(version):
+    kernels = _baseline_builds(version)
+    n, nblocks, params = 4096 * 4096, 4096 * 4096 // 64, 64 << 20
+    cases = [
+        (rl.nf4_quantize(4096, 4096, triton=version).ops[0], "quantize.q4_bf16_b64", n),
+        (rl.nf4_quantize(4096, 4096, triton=version).ops[1], "quantize.q8_fp32_b256", nblocks),
+        (rl.nf4_dequantize(4096, 4096, triton=version).ops[0], "quantize.dq4_bf16_nested", n),
+        (rl.adamw(params, "adamw32", triton=version).ops[0], "optim.adamw32_fp32", params),
+        (rl.adamw(params, "adamw8bit", triton=version).ops[0], "optim.adamw8bit_fp32", params),
+    ]
+    for op, build, elements in cases:
+        for target in ("sm_80", "sm_90"):
+            expected = _expected_issue(kernels, build, target, elements)
+            assert expected > 0, (build, target)
+            assert op.issue_count(target) == pytest.approx(expected), (build, target)
+        assert op.issue_count("gfx942") == 0  # no issue model for AMD builds
+        # And the roofline charges it: the H200's issue time is that count over 132 SMs x 4 x 1.83 GHz.
+        h200 = rl.DEVICES["h200"]
+        assert rl.op_roofline(op, h200).issue_s == pytest.approx(op.issue_count("sm_90") / (132 * 4 * 1.83e9))
+    # The dequantize-then-matmul approach's dequantize stands for bitsandbytes' kernel: not charged.
+    dq = rl.lora_forward(4096, 4096, 4096, 16, "dequant_matmul", triton=version).ops[0]
+    assert dq.name == "dequantize_nf4" and dq.instructions == ()
 
 
 def test_issue_term_and_bound():
@@ -177,7 +236,10 @@ def test_bound_selection():
     for device in (H100, A100):
         assert big.intensity > device.ridge(rl.TENSOR_BF16)
         assert decode.intensity < device.ridge(rl.TENSOR_BF16)
-        assert rl.roofline(rl.adamw(64 << 20, "adamw8bit"), device).bound == "memory"
+        # AdamW: the 32-bit step's bytes outlast its instruction stream; the 8-bit step's dequantize-requantize
+        # (two 8-step searches per element) issues for longer than its 16 B/elem take to move.
+        assert rl.roofline(rl.adamw(64 << 20, "adamw32"), device).bound == "memory"
+        assert rl.roofline(rl.adamw(64 << 20, "adamw8bit"), device).bound == "issue"
         # With the committed static baseline, the decode GEMV's instruction stream outlasts its bytes: the
         # dequantizing launch is issue-bound. At large M the default path dequantizes into a buffer and runs a
         # plain GEMM; the baseline has no per-element count for it, so the model charges no issue there.

@@ -146,6 +146,32 @@ def test_compare_failures_known_and_new_and_a_subset_selection():
     assert perf_check.compare(_rows()[:1], baseline, selection=lambda k: k.startswith("quantize.")) == []
 
 
+@pytest.mark.parametrize("version", ["3.6", "3.9"])
+def test_committed_baselines_give_quantize_and_adamw_builds_a_gated_per_element_figure(version):
+    """Every quantize and AdamW build for NVIDIA records instructions per element: its whole program (these kernels
+    have no loop) times its warps' 32 lanes over the elements one program handles; +10% on one fails the check."""
+    baseline = perf_check.load_baseline(perf_check.baseline_path(version))
+    kernels = baseline["kernels"]
+    builds = [k for k in kernels if k.startswith(("quantize.", "optim.")) and "@sm_" in k]
+    assert len(builds) == 2 * (26 + 12), len(builds)  # 26 quantize + 12 optim specs, on sm_80 and sm_90
+    for key in builds:
+        b = kernels[key]
+        assert b["weight_elements_per_iteration"] > 0, key
+        recount = b["loop_instructions"] * b["num_warps"] * 32 / b["weight_elements_per_iteration"]
+        assert b["instr_per_weight_element"] == pytest.approx(recount, abs=0.0051), key  # stored to 2 decimals
+    rows = [dict(v, key=k) for k, v in kernels.items()]
+    assert perf_check.compare(rows, baseline) == []
+    key = "quantize.q4_bf16_b64@sm_90"
+    planted = [dict(r, instr_per_weight_element=r["instr_per_weight_element"] * 1.101) if r["key"] == key else r
+               for r in rows]
+    problems = perf_check.compare(planted, baseline)
+    assert len(problems) == 1 and problems[0].startswith(f"{key}: ") and "instructions per weight element" in \
+        problems[0], problems
+    within = [dict(r, instr_per_weight_element=r["instr_per_weight_element"] * 1.09) if r["key"] == key else r
+              for r in rows]
+    assert perf_check.compare(within, baseline) == []
+
+
 def test_baseline_is_per_triton_version_and_a_missing_one_is_an_error(tmp_path, monkeypatch):
     assert perf_check.baseline_path("3.6").name == "static-triton3.6.json"
     assert perf_check.baseline_path().name == f"static-triton{perf_check.triton_version()}.json"
@@ -155,14 +181,14 @@ def test_baseline_is_per_triton_version_and_a_missing_one_is_an_error(tmp_path, 
         perf_check.load_baseline(perf_check.baseline_path("9.99"))
 
 
-# One module on one target keeps this cheap on CI's 2 cores (6 builds); the full run is `python -m perf check`.
+# One module on one target keeps this cheap on CI's 2 cores (12 builds); the full run is `python -m perf check`.
 _CHECK_SUBSET = ["--module", "optim", "--target", "sm_90", "--jobs", "1"]
 
 
 def test_perf_check_passes_on_the_committed_baseline_and_fails_on_a_planted_regression(tmp_path):
     proc = _run(["-m", "perf", "check", *_CHECK_SUBSET])
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "no regressions" in proc.stdout and ": 6 builds" in proc.stdout, proc.stdout
+    assert "no regressions" in proc.stdout and ": 12 builds" in proc.stdout, proc.stdout
     baseline = json.loads(perf_check.baseline_path().read_text())
     key = sorted(k for k in baseline["kernels"] if k.startswith("optim.") and k.endswith("@sm_90"))[0]
     baseline["kernels"][key]["registers"] = max(1, baseline["kernels"][key]["registers"] // 2)
@@ -170,6 +196,15 @@ def test_perf_check_passes_on_the_committed_baseline_and_fails_on_a_planted_regr
     planted.write_text(json.dumps(baseline))
     proc = _run(["-m", "perf", "check", *_CHECK_SUBSET, "--baseline", str(planted)])
     assert proc.returncode == 1 and "REGRESSIONS" in proc.stdout and key in proc.stdout, proc.stdout + proc.stderr
+    # The AdamW builds' instructions per element are gated too: a baseline 10% below today's build is a +11% growth.
+    baseline = json.loads(perf_check.baseline_path().read_text())
+    key = "optim.adamw8bit_fp32@sm_90"
+    baseline["kernels"][key]["instr_per_weight_element"] = round(baseline["kernels"][key]["instr_per_weight_element"]
+                                                                 / 1.11, 2)
+    planted.write_text(json.dumps(baseline))
+    proc = _run(["-m", "perf", "check", *_CHECK_SUBSET, "--baseline", str(planted)])
+    assert proc.returncode == 1 and f"{key}: " in proc.stdout, proc.stdout + proc.stderr
+    assert "instructions per weight element" in proc.stdout, proc.stdout
     proc = _run(["-m", "perf", "check", *_CHECK_SUBSET, "--baseline", str(tmp_path / "static-triton9.99.json")])
     assert proc.returncode == 1 and "no static baseline" in proc.stdout, proc.stdout + proc.stderr
 
@@ -180,7 +215,7 @@ def test_static_dump_writes_binary_listing_ttgir_and_record(tmp_path):
                  "--jobs", "1", "--dump", str(out)])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     records = sorted(out.glob("*.json"))
-    assert len(records) == 12, records  # 6 optim specs x 2 targets
+    assert len(records) == 24, records  # 12 optim specs x 2 targets
     for record in records:
         row = json.loads(record.read_text())
         stem = record.name[:-len(".json")]
