@@ -47,6 +47,9 @@ _GPU_BLOCK_32 = 1024
 _GPU_WARPS_32 = 8
 _GPU_QBLOCKS_8 = 4
 _GPU_WARPS_8 = 8
+# The multi-tensor 8-bit kernel also loads its pointers from a table: at 8 warps its fp32 build keeps an 8-byte
+# stack frame on sm_90 under triton 3.9; 16 warps (two of the program's 1024 elements per thread) keep it in registers.
+_GPU_WARPS_8_MULTI = 16
 # Under the interpreter the cost is per program instance: give each program a large slab.
 _INTERP_MAX_BLOCK = 1 << 18
 
@@ -478,6 +481,7 @@ def _adamw8bit_multi(rows: list[int], numels: tuple[int, ...], p_dtype: torch.dt
     """One 8-bit launch over many tensors, unchecked: ``rows`` holds, per tensor, the addresses of its param, grad,
     exp_avg codes, exp_avg absmax, exp_avg_sq codes, exp_avg_sq absmax and its element count (> 0)."""
     size, warps = _program_units(-(-max(numels) // QBLOCK), QBLOCK, _GPU_QBLOCKS_8)
+    warps = warps if interpreter_active() else _GPU_WARPS_8_MULTI
     work = _work_table(numels, QBLOCK, size, device)
     smap, smid = dynamic_tables(True, device)
     umap, umid = dynamic_tables(False, device)
@@ -621,7 +625,7 @@ def compile_specs() -> list[KernelSpec]:
             constexprs={"P_DTYPE": _TL_DTYPES[dtype], "G_DTYPE": _TL_DTYPES[dtype], "QBLOCK": QBLOCK,
                         "QBLOCKS": _GPU_QBLOCKS_8, "SIGNED_ZERO": zero_code(True),
                         "UNSIGNED_ZERO": zero_code(False)},
-            options={"num_warps": _GPU_WARPS_8, "enable_fp_fusion": False},
+            options={"num_warps": _GPU_WARPS_8_MULTI, "enable_fp_fusion": False},
             launch_args=dict(_SPEC_SCALARS), regime=multi_regime,
             weight_elements_per_iteration=QBLOCK * _GPU_QBLOCKS_8,
         ))
