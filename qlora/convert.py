@@ -146,6 +146,21 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def nf4_entries(key: str, weight: torch.Tensor, device, blocksize: int, double_quant: bool, taken):
+    """``(entries, nf4)``: bitsandbytes' ``Linear4bit`` entries (SPEC section 5) of the finite float weight stored
+    under ``key``, on the CPU, and its :class:`~qlora.nf4.NF4Weight`; ``ConvertError`` naming the key when it holds
+    NaN/Inf or when an entry would overwrite a key of ``taken``."""
+    if not bool(torch.isfinite(weight).all()):
+        raise ConvertError(f"IN: the tensor {key!r} holds NaN or Inf; NF4 quantization needs finite weights")
+    with torch.no_grad():
+        nf4 = quantize_nf4(weight.to(device), blocksize=blocksize, double_quant=double_quant)
+    entries = {k: v.cpu().contiguous() for k, v in nf4.to_bnb_state_dict(key).items()}
+    for k in entries:
+        if k != key and k in taken:
+            raise ConvertError(f"IN: the tensor {k!r} would be overwritten by the NF4 entries of {key!r}")
+    return entries, nf4
+
+
 def quantize_safetensors(src: str | os.PathLike, dst: str | os.PathLike, blocksize: int = 64,
                          double_quant: bool = True, targets: Sequence[str] | None = None,
                          device: torch.device | str | None = None, progress: bool | None = None) -> ConvertSummary:
@@ -195,14 +210,7 @@ def quantize_safetensors(src: str | os.PathLike, dst: str | os.PathLike, blocksi
     show = progress if progress is not None else sys.stderr.isatty()
     for key in tqdm(chosen, desc="qlora quantize", unit="weight", disable=not show, file=sys.stderr):
         weight = tensors[key]
-        if not bool(torch.isfinite(weight).all()):
-            raise ConvertError(f"IN: the tensor {key!r} holds NaN or Inf; NF4 quantization needs finite weights")
-        with torch.no_grad():
-            nf4 = quantize_nf4(weight.to(device), blocksize=blocksize, double_quant=double_quant)
-        entries = {k: v.cpu().contiguous() for k, v in nf4.to_bnb_state_dict(key).items()}
-        for k in entries:
-            if k != key and k in tensors:
-                raise ConvertError(f"IN: the tensor {k!r} would be overwritten by the NF4 entries of {key!r}")
+        entries, nf4 = nf4_entries(key, weight, device, blocksize, double_quant, tensors)
         result.update(entries)
         summary.quantized.append(key)
         summary.params_quantized += weight.numel()

@@ -34,9 +34,9 @@ from typing import Sequence
 import torch
 from tqdm import tqdm
 
-from .convert import ConvertError, ConvertSummary, select_linear_weights
+from .convert import ConvertError, ConvertSummary, nf4_entries, select_linear_weights
 from .kernels._checks import BLOCKSIZES, FLOAT_DTYPES
-from .nf4 import _DTYPE_NAMES, _DTYPES_BY_NAME, quantize_nf4
+from .nf4 import _DTYPE_NAMES, _DTYPES_BY_NAME
 
 __all__ = ["is_model_folder", "quantize_model_folder", "FolderSummary", "QUANT_STORAGE_NAMES"]
 
@@ -242,16 +242,8 @@ def quantize_model_folder(src: str | os.PathLike, dst: str | os.PathLike, blocks
                     result[key] = value
                     summary.copied.append(key)
                     continue
-                if not bool(torch.isfinite(value).all()):
-                    raise ConvertError(f"IN: the tensor {key!r} holds NaN or Inf; NF4 quantization needs finite "
-                                       "weights")
-                with torch.no_grad():
-                    nf4 = quantize_nf4(value.to(device), blocksize=blocksize, double_quant=double_quant)
-                entries = {k: v.cpu().contiguous() for k, v in nf4.to_bnb_state_dict(key).items()}
+                entries, nf4 = nf4_entries(key, value, device, blocksize, double_quant, headers)
                 entries[key] = entries[key].reshape(-1).view(quant_storage).reshape(-1, 1)
-                for k in entries:
-                    if k != key and k in headers:
-                        raise ConvertError(f"IN: the tensor {k!r} would be overwritten by the NF4 entries of {key!r}")
                 result.update(entries)
                 summary.quantized.append(key)
                 summary.params_quantized += value.numel()
