@@ -265,8 +265,8 @@ def test_tiny_demo_trains_saves_and_reloads(tmp_path):
     proc = run_cli("demo", "--layers", "1", "--steps", "2", "--max-length", "6", "--out", str(out))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     text = proc.stdout
-    for expected in ("QLoRA loss", "LoRA loss", "estimated time", "accuracy", "trainable params:",
-                     "PagedAdamW8bit", "reload check", "identical"):
+    for expected in ("QLoRA loss", "LoRA loss", "estimated time", "time per training step", "accuracy",
+                     "trainable params:", "PagedAdamW8bit", "reload check", "identical"):
         assert expected in text, expected
     assert (out / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
@@ -276,6 +276,7 @@ def test_tiny_demo_trains_saves_and_reloads(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert len(metrics["losses"]["qlora"]) == len(metrics["losses"]["dense"]) == 2
     assert metrics["reload_identical"] is True
+    assert metrics["seconds"]["step_ratio_qlora_over_lora"] > 0
 
 
 def test_reload_check_sees_a_wrong_adapter_and_the_demo_then_exits_1(tmp_path, monkeypatch, capsys):
