@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._host import cdiv, next_pow2
 from ._checks import BLOCKSIZES, FLOAT_DTYPES, check_blocksize, check_finite, check_same_device, check_tensor
 from ._runtime import interpreter_active
 from ._static import KernelSpec
@@ -204,10 +205,6 @@ _NUM_WARPS = 4
 _FP_OPTIONS = {"enable_fp_fusion": False}
 
 
-def _next_pow2(value: int) -> int:
-    return 1 << max(0, (value - 1).bit_length())
-
-
 def _gpu_quant_config(blocksize: int) -> tuple[int, int]:
     """(blocks per program, num_warps) of the quantize kernels on a GPU (the launchers and ``compile_specs``)."""
     # More warps for the largest blocks: with 4 (8 at 4096) the fp32 8-bit build keeps an 8-byte stack frame on
@@ -218,19 +215,15 @@ def _gpu_quant_config(blocksize: int) -> tuple[int, int]:
 def _quant_config(n: int, blocksize: int) -> tuple[int, int]:
     """(blocks per program, num_warps) for the quantize kernels."""
     if interpreter_active():
-        return min(max(1, _INTERPRETER_ELEMS // blocksize), _next_pow2(_cdiv(n, blocksize))), 1
+        return min(max(1, _INTERPRETER_ELEMS // blocksize), max(1, next_pow2(cdiv(n, blocksize)))), 1
     return _gpu_quant_config(blocksize)
 
 
 def _stream_config(count: int, gpu_tile: int) -> int:
     """Tile (a power of two) of the dequantize kernels over `count` bytes or elements."""
     if interpreter_active():
-        return min(_INTERPRETER_ELEMS, _next_pow2(count))
+        return min(_INTERPRETER_ELEMS, max(1, next_pow2(count)))
     return gpu_tile
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -310,12 +303,12 @@ def _quantize_4bit(x: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple
     construction: ``qlora.nf4.quantize_nf4`` checks the weight itself and passes the NF4 table it just built."""
     flat = _flat(x)
     n = flat.numel()
-    packed = torch.empty(_cdiv(n, 2), dtype=torch.uint8, device=x.device)
-    absmax = torch.empty(_cdiv(n, blocksize), dtype=torch.float32, device=x.device)
+    packed = torch.empty(cdiv(n, 2), dtype=torch.uint8, device=x.device)
+    absmax = torch.empty(cdiv(n, blocksize), dtype=torch.float32, device=x.device)
     if n == 0:
         return packed, absmax
     blocks_per_program, num_warps = _quant_config(n, blocksize)
-    grid = (_cdiv(absmax.numel(), blocks_per_program),)
+    grid = (cdiv(absmax.numel(), blocks_per_program),)
     _quantize_4bit_kernel[grid](_kernel_view(flat), code.contiguous(), packed, absmax, n, packed.numel(),
                                 BLOCKSIZE=blocksize, BLOCKS_PER_PROGRAM=blocks_per_program, num_warps=num_warps,
                                 **_FP_OPTIONS)
@@ -341,8 +334,8 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tens
     check_blocksize(blocksize)
     _check_out_dtype(dtype)
     n = math.prod(shape)
-    _check_length("packed", packed, _cdiv(n, 2), f"ceil(n/2) for shape {shape}")
-    nblocks = _cdiv(n, blocksize)
+    _check_length("packed", packed, cdiv(n, 2), f"ceil(n/2) for shape {shape}")
+    nblocks = cdiv(n, blocksize)
     _check_length("absmax", absmax, nblocks, f"ceil(n/blocksize) for shape {shape} and blocksize {blocksize}")
     check_same_device(packed=packed, absmax=absmax)
     double_quant = absmax.dtype == torch.uint8
@@ -353,7 +346,7 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tens
             raise ValueError(f"absmax is uint8 (double-quantized), so {', '.join(missing)} must be given")
         check_blocksize(nested_blocksize, "nested_blocksize")
         check_tensor("absmax2", absmax2, (torch.float32,), ndim=1)
-        _check_length("absmax2", absmax2, _cdiv(nblocks, nested_blocksize),
+        _check_length("absmax2", absmax2, cdiv(nblocks, nested_blocksize),
                       f"ceil(nblocks/nested_blocksize) for {nblocks} blocks")
         _check_code(nested_code, 256, packed, "packed", sorted_needed=False, name="nested_code")
         check_same_device(packed=packed, absmax2=absmax2)
@@ -365,9 +358,9 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tens
     out = torch.empty(shape, dtype=dtype, device=packed.device)
     if n == 0:
         return out
-    nbytes = _cdiv(n, 2)
+    nbytes = cdiv(n, 2)
     bytes_per_program = _stream_config(nbytes, _GPU_DEQUANT_BYTES)
-    grid = (_cdiv(nbytes, bytes_per_program),)
+    grid = (cdiv(nbytes, bytes_per_program),)
     absmax = absmax.contiguous()
     # Without double quantization the nested pointers are never read; absmax and code stand in for them.
     _dequantize_4bit_kernel[grid](
@@ -382,11 +375,11 @@ def _quantize_8bit(x: torch.Tensor, code: torch.Tensor, blocksize: int, offset: 
     flat = _flat(x)
     n = flat.numel()
     codes = torch.empty(n, dtype=torch.uint8, device=x.device)
-    absmax = torch.empty(_cdiv(n, blocksize), dtype=torch.float32, device=x.device)
+    absmax = torch.empty(cdiv(n, blocksize), dtype=torch.float32, device=x.device)
     if n == 0:
         return codes, absmax
     blocks_per_program, num_warps = _quant_config(n, blocksize)
-    grid = (_cdiv(absmax.numel(), blocks_per_program),)
+    grid = (cdiv(absmax.numel(), blocks_per_program),)
     _quantize_8bit_kernel[grid](_kernel_view(flat), code.contiguous(), codes, absmax, n, offset, BLOCKSIZE=blocksize,
                                 BLOCKS_PER_PROGRAM=blocks_per_program, num_warps=num_warps, **_FP_OPTIONS)
     return codes, absmax
@@ -398,7 +391,7 @@ def _dequantize_8bit(codes, absmax, code, shape, blocksize, dtype, offset):
     if n == 0:
         return out
     elems_per_program = _stream_config(n, _GPU_DEQUANT_8BIT_ELEMS)
-    grid = (_cdiv(n, elems_per_program),)
+    grid = (cdiv(n, elems_per_program),)
     _dequantize_8bit_kernel[grid](_flat(codes), absmax.contiguous(), code.contiguous(), _kernel_view(out), n,
                                   blocksize.bit_length() - 1, 0.0 if offset is None else offset,
                                   ELEMS_PER_PROGRAM=elems_per_program, ADD_OFFSET=offset is not None,
@@ -429,7 +422,7 @@ def dequantize_8bit(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tenso
     _check_out_dtype(dtype)
     n = math.prod(shape)
     _check_length("codes", codes, n, f"prod(shape) for shape {shape}")
-    _check_length("absmax", absmax, _cdiv(n, blocksize),
+    _check_length("absmax", absmax, cdiv(n, blocksize),
                   f"ceil(n/blocksize) for shape {shape} and blocksize {blocksize}")
     check_same_device(codes=codes, absmax=absmax)
     return _dequantize_8bit(codes, absmax, code, shape, blocksize, dtype, None)
@@ -500,7 +493,7 @@ def double_dequantize(qabsmax: torch.Tensor, absmax2: torch.Tensor, offset: floa
     check_blocksize(blocksize)
     offset = _check_offset(offset)
     n = qabsmax.numel()
-    _check_length("absmax2", absmax2, _cdiv(n, blocksize), f"ceil(len(qabsmax)/blocksize) for {n} scales")
+    _check_length("absmax2", absmax2, cdiv(n, blocksize), f"ceil(len(qabsmax)/blocksize) for {n} scales")
     check_same_device(qabsmax=qabsmax, absmax2=absmax2)
     return _dequantize_8bit(qabsmax, absmax2, code, (n,), blocksize, torch.float32, offset)
 
@@ -539,7 +532,7 @@ def compile_specs() -> list[KernelSpec]:
                        "BLOCKS_PER_PROGRAM": "constexpr"},
             constexprs={"BLOCKSIZE": blocksize, "BLOCKS_PER_PROGRAM": blocks_per_program},
             options={**options, "num_warps": num_warps},
-            launch_args={"n": _SPEC_NUMEL, "nbytes": _cdiv(_SPEC_NUMEL, 2)},
+            launch_args={"n": _SPEC_NUMEL, "nbytes": cdiv(_SPEC_NUMEL, 2)},
             regime=f"{_NAMES[dtype]} input, blocksize {blocksize}",
             weight_elements_per_iteration=blocksize * blocks_per_program,
         ))
@@ -556,7 +549,7 @@ def compile_specs() -> list[KernelSpec]:
                             "NESTED_BLOCKSIZE": 256},
                 options=options,
                 # half_block_shift = log2(64 / 2): the default blocksize (any blocksize compiles the same).
-                launch_args={"offset": _SPEC_OFFSET, "n": _SPEC_NUMEL, "nbytes": _cdiv(_SPEC_NUMEL, 2),
+                launch_args={"offset": _SPEC_OFFSET, "n": _SPEC_NUMEL, "nbytes": cdiv(_SPEC_NUMEL, 2),
                              "half_block_shift": 5},
                 regime=f"{_NAMES[dtype]} output, {'double-quantized' if double_quant else 'float32'} scales, "
                        "any blocksize",
