@@ -44,7 +44,7 @@ from ._static import KernelSpec
 from ._tl import block_scale, dot, grouped_tile, keep_tile, load_tile, round_to
 from .lora import (LORA_BLOCK_RS, SPLIT_CHOICES, check_scalar, lora_block_r, lora_down, lora_dropout_bits,
                    lora_dropout_mask, lora_grad, num_sms, pow2_clamp, seed_tensor, check_seed_int,
-                   launch_lora_down, launch_lora_grad)
+                   launch_lora_down, launch_lora_grad, down_accumulate)
 from .quantize import (_GPU_DEQUANT_BYTES, _NUM_WARPS, _dequantize_4bit_kernel, _kernel_view, _stream_config,
                        unpack_4bit)
 
@@ -194,15 +194,10 @@ def _nf4_gemv_kernel(
         for r0 in range(0, R, BLOCK_R):
             offs_r = r0 + tl.arange(0, BLOCK_R)
             mask_r = offs_r < R
-            u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-            for k0 in range(k_start, k_end, BLOCK_K):
-                offs_k = k0 + tl.arange(0, BLOCK_K)
-                mask_k = offs_k < k_end
-                x = load_tile(x_ptr, offs_m, offs_k, stride_xm, stride_xk, mask_m, mask_k)
-                if HAS_DROPOUT:
-                    x = tl.where(keep_tile(bits_ptr, offs_m, offs_k, words_per_row, mask_m, mask_k), x, 0.0)
-                a_t = load_tile(a_ptr, offs_k, offs_r, stride_ak, stride_ar, mask_k, mask_r)
-                u = dot(x, a_t, u)
+            # b = A^T: element (k, r) of lora_a (R, K) at k * stride_ak + r * stride_ar.
+            u = down_accumulate(tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32), x_ptr, a_ptr, bits_ptr, offs_m,
+                                mask_m, offs_r, mask_r, k_start, k_end, words_per_row, stride_xm, stride_xk,
+                                stride_ak, stride_ar, HAS_DROPOUT, BLOCK_K)
             u_ws = u_ws_ptr + pid_s.to(tl.int64) * M * R
             tl.store(u_ws + offs_m[:, None] * R + offs_r[None, :], u, mask=mask_m[:, None] & mask_r[None, :])
 
@@ -809,8 +804,12 @@ def compile_specs() -> list[KernelSpec]:
                           HAS_BIAS=transposed, HAS_DROPOUT=not transposed, ALIGNED=True, BLOCK_R=16, **cfg.meta(),
                           **unit)
             sig = _signature(_matmul_lora_kernel, {**types, "b_ptr": "*u8" if fused else f"*{dt}"}, consts)
+            # The fused build dequantizes a (BLOCK_N x BLOCK_K) tile of the packed W per K step: its per-element
+            # figure and packed-load width are what `perf check` gates.
+            nf4 = dict(weight_elements_per_iteration=cfg.block_n * cfg.block_k, weight_arg="b_ptr") if fused else {}
             specs.append(KernelSpec(name, _matmul_lora_kernel, sig, consts,
-                                    dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False)))
+                                    dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False),
+                                    regime='M>16 with path="fused"' if fused else "M>16", **nf4))
     cfg = SMALL_M_CONFIG
     consts = dict(BLOCKSIZE=64, DOUBLE_QUANT=True, NESTED_BLOCKSIZE=NESTED_BLOCKSIZE, K_ALIGNED32=True,
                   INDEX_64=False, HAS_DROPOUT=True, BLOCK_M=16, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,

@@ -73,6 +73,22 @@ def _dropout_bits_kernel(
 
 
 @triton.jit
+def down_accumulate(acc, a_ptr, b_ptr, bits_ptr, offs_m, mask_m, offs_r, mask_r, d_start, d_end, words_per_row,
+                    stride_am, stride_ad, stride_bd, stride_br, HAS_DROPOUT: tl.constexpr, BLOCK_D: tl.constexpr):
+    """acc (BLOCK_M, BLOCK_R) float32 += (a * keep)[offs_m, d_start:d_end] @ b[d_start:d_end, offs_r]: the LoRA
+    down-projection's reduction, shared by ``_lora_down_kernel`` and the GEMV's folded ``u`` (kernels/linear.py)."""
+    for d0 in range(d_start, d_end, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < d_end
+        a = load_tile(a_ptr, offs_m, offs_d, stride_am, stride_ad, mask_m, mask_d)
+        if HAS_DROPOUT:
+            a = tl.where(keep_tile(bits_ptr, offs_m, offs_d, words_per_row, mask_m, mask_d), a, 0.0)
+        b = load_tile(b_ptr, offs_d.to(tl.int64), offs_r, stride_bd, stride_br, mask_d, mask_r)
+        acc = dot(a, b, acc)
+    return acc
+
+
+@triton.jit
 def _lora_down_kernel(
     # pointers
     a_ptr, b_ptr, bits_ptr, out_ptr,
@@ -94,15 +110,9 @@ def _lora_down_kernel(
     mask_r = offs_r < R
     d_start = pid_s * d_per_split
     d_end = min(D, d_start + d_per_split)
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for d0 in range(d_start, d_end, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        mask_d = offs_d < d_end
-        a = load_tile(a_ptr, offs_m, offs_d, stride_am, stride_ad, mask_m, mask_d)
-        if HAS_DROPOUT:
-            a = tl.where(keep_tile(bits_ptr, offs_m, offs_d, words_per_row, mask_m, mask_d), a, 0.0)
-        b = load_tile(b_ptr, offs_d.to(tl.int64), offs_r, stride_bd, stride_br, mask_d, mask_r)
-        acc = dot(a, b, acc)
+    acc = down_accumulate(tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32), a_ptr, b_ptr, bits_ptr, offs_m, mask_m,
+                          offs_r, mask_r, d_start, d_end, words_per_row, stride_am, stride_ad, stride_bd, stride_br,
+                          HAS_DROPOUT, BLOCK_D)
     out = out_ptr + pid_s.to(tl.int64) * M * R + offs_m[:, None] * R + offs_r[None, :]
     tl.store(out, acc * out_scale, mask=mask_m[:, None] & mask_r[None, :])
 
