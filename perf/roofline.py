@@ -252,8 +252,8 @@ def _dequantize_op(n: int, elem: int, blocksize: int, instructions: tuple = ()) 
 BASELINE_DIR = Path(__file__).parent / "baselines"
 # The NF4-reading kernels of kernels/linear.py whose issue the model charges: the decode GEMV (the forward at
 # M <= 16) and the tiled kernel with W dequantized in its K loop (path "fused", which the dispatcher no longer
-# picks at training shapes: there W is dequantized into a buffer and a plain GEMM runs, and the baseline has no
-# per-weight-element count for the tiled build, so no issue term is charged at large M; see perf/README.md).
+# picks at training shapes, where W is dequantized into a buffer and a plain GEMM runs: the "fused" approach
+# at large M models that tiled kernel, not the default path; see perf/README.md).
 FUSED_FWD_KERNEL = ("_nf4_gemv_kernel", "_matmul_lora_kernel")
 FUSED_DX_KERNEL = ("_matmul_lora_kernel",)
 # The builds (``module.spec name`` in the baseline, kernels/*.py ``compile_specs``) the launchers of the
