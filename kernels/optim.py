@@ -1,27 +1,13 @@
-"""Fused AdamW steps: 32-bit states, and 8-bit blockwise-quantized states (SPEC section 7).
+"""Fused AdamW steps: 32-bit states, and 8-bit blockwise-quantized states (docs/SPEC.md section 7).
 
-One kernel launch per parameter tensor (or per page-sized chunk of one) updates the parameter and both
-moments, reading and writing every byte once:
-
-- :func:`adamw_step_`: float32 ``exp_avg``/``exp_avg_sq``; the parameter (float32, float16 or bfloat16) is
-  updated in float32 and rounded back to its dtype.
-- :func:`adamw8bit_step_`: ``exp_avg`` held as uint8 codes of the signed dynamic map and
-  ``exp_avg_sq`` as codes of the unsigned one, each with one float32 absmax per 256 elements. A program
-  owns whole 256-element blocks: it dequantizes them, updates in float32, reduces the block's new absmax
-  and requantizes, so the state never round-trips through memory in float32.
-
-Arithmetic (both kernels, and the oracle's ``adamw8bit_step``): the host turns the hyperparameters into
-float32 scalars once per step, computed in float64 and rounded once (:func:`step_scalars`); per element every
-float32 operation is rounded on its own (``enable_fp_fusion=False``, ``div_rn``/``sqrt_rn``)::
-
-    p = p * decay;  m = b1*m + c1*g;  v = b2*v + c2*(g*g)
-    p = p - step_size * (m / (sqrt(v) / bc2_sqrt + eps))
-
-The scalars are runtime arguments, so an lr scheduler changing ``lr`` or the step count recompiles nothing.
-NaN/Inf gradients are not rejected: as in ``torch.optim.AdamW`` they propagate into the parameter and the
-moments, elementwise in the 32-bit step. A quantized block cannot hold one non-finite element, so in the 8-bit
-step a block of ``m`` or ``v`` that turns NaN or infinite is stored as codes of 0.0 with absmax NaN and decodes
-to NaN throughout at the next step (the oracle's rule, ``qlora.reference.optim.adamw8bit_step``).
+- :func:`adamw_step_` / :func:`adamw8bit_step_`: one tensor (float32 moments, or uint8 codes of the signed and
+  unsigned dynamic maps with one float32 absmax per 256 elements); the parameter may be fp32, fp16 or bf16.
+- :func:`adamw_multi_step_` / :func:`adamw8bit_multi_step_`: many tensors of one dtype in one launch, through a
+  table of addresses and a work list of (tensor, first element) per program.
+A program of the 8-bit kernels owns whole 256-element blocks: it dequantizes, updates in float32, reduces the new
+absmax and requantizes, so the state never round-trips through memory in float32. The host rounds the step's
+scalars once (:func:`step_scalars`); every float32 operation is rounded on its own (``enable_fp_fusion=False``).
+Non-finite gradients propagate as in torch (the 8-bit block rule: docs/DESIGN.md, "Non-finite values").
 """
 
 from __future__ import annotations

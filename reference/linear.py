@@ -1,24 +1,12 @@
-"""Oracle for the QLoRA linear layer (SPEC section 6), in float64 NumPy.
+"""Oracle of the QLoRA linear layer (docs/SPEC.md section 6), in float64 NumPy.
 
-The base weight arrives already dequantized (``W``, shape ``(N, K)``); the oracle only fixes the
-arithmetic of the layer around it::
+``W`` (N, K) arrives already dequantized; the oracle fixes the layer's arithmetic around it: ``y = x @ W^T +
+scaling * ((x * mask) @ A^T) @ B^T + bias`` and its gradients dx, dA, dB, dbias (W is frozen). ``mask`` is the
+dropout keep mask scaled by ``1/(1-p)``; leading dimensions of ``x`` are flattened to M rows and restored.
 
-    y  = x @ W^T + scaling * ((x * mask) @ A^T) @ B^T + bias
-    u  = (x * mask) @ A^T                     (M, r)
-    g  = dy @ B                               (M, r)
-    dx = dy @ W + scaling * (g @ A) * mask    (M, K)
-    dA = scaling * g^T @ (x * mask)           (r, K)
-    dB = scaling * dy^T @ u                   (N, r)
-    dbias = sum of dy over rows               (N,)
-
-``x`` may have any number of leading dimensions; they are flattened to ``M`` rows for the weight
-gradients and restored for ``y`` and ``dx``. ``mask`` is the dropout keep mask already scaled by
-``1/(1-p)`` (entries 0 or ``1/(1-p)``); without it the mask is 1. W is frozen: no gradient for W.
-
-Every input of a float dtype (float16, float32, float64) is converted to float64 and every result is
-float64; the kernels compute in bf16/fp16 with float32 accumulation and are compared to this with
-tolerances derived from those roundings. Non-finite values in the tensors propagate as IEEE arithmetic
-makes them (as ``torch.nn.functional.linear`` does); only ``scaling`` and the mask must be finite.
+Every float input is converted to float64 and every result is float64; tests compare the kernels (bf16/fp16 with
+float32 accumulation) to it with bounds derived from those roundings. Non-finite values propagate as IEEE
+arithmetic makes them (docs/DESIGN.md, non-finite values).
 """
 
 from __future__ import annotations

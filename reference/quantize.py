@@ -1,34 +1,14 @@
-"""Blockwise 4-bit and 8-bit quantization and double quantization of the scales (SPEC 2-3, DESIGN.md).
-
-Shapes and dtypes (``n = x.size``, ``nblocks = ceil(n / blocksize)``):
+"""Oracle of blockwise 4-bit and 8-bit quantization and of double quantization of the scales.
 
 - :func:`quantize_4bit` ``(x, code(16,), blocksize)`` -> ``packed`` uint8 ``(ceil(n/2),)``, ``absmax`` float32
-  ``(nblocks,)``; :func:`dequantize_4bit` inverts it to a float32 array of ``shape``.
-- :func:`quantize_8bit` ``(x, code(256,), blocksize)`` -> ``codes`` uint8 ``(n,)``, ``absmax`` float32
-  ``(nblocks,)``; :func:`dequantize_8bit` inverts it.
-- :func:`double_quantize` ``(absmax(m,), blocksize=256)`` -> ``qabsmax`` uint8 ``(m,)``, ``absmax2`` float32
-  ``(ceil(m/blocksize),)``, ``offset`` np.float32; :func:`double_dequantize` inverts it to float32 ``(m,)``.
+  ``(ceil(n/blocksize),)``; :func:`dequantize_4bit` inverts it to float32 of ``shape``.
+- :func:`quantize_8bit` / :func:`dequantize_8bit`: the same with one uint8 code per element.
+- :func:`double_quantize` ``(absmax(m,), blocksize=256)`` -> ``qabsmax`` uint8 ``(m,)``, ``absmax2`` float32,
+  ``offset`` np.float32; :func:`double_dequantize` inverts it.
 
-The arithmetic, in the order SPEC states it:
-
-1. ``x`` (any NumPy float dtype) is converted to float32 and flattened row-major; block ``j`` holds elements
-   ``j*blocksize .. (j+1)*blocksize - 1``, the last block possibly partial.
-2. ``absmax[j] = max |x|`` over block ``j``, in float32.
-3. ``s = x * (float32(1) / absmax[j])``: the reciprocal rounded to float32, then a float32 multiply.
-   A block whose reciprocal is not finite (absmax zero, or so small that 1/absmax overflows) takes ``s = 0``
-   for all its elements; its absmax is stored as it is.
-4. The code of ``s`` is the number of float32 midpoints ``(code[i] + code[i+1]) / 2`` (each computed in
-   float32) strictly below ``s``: the nearest table value, a tie on a midpoint going to the LOWER code, and
-   anything outside the table's range going to its end (the clamp to [-1, 1] is implied).
-5. 4-bit codes are packed two per byte, element ``2i`` in the high nibble and ``2i+1`` in the low one; an odd
-   ``n`` is padded with the code of ``s = 0`` (7 for NF4).
-6. Decoding is ``code[q] * absmax[j]`` in float32.
-7. Double quantization: ``offset = float32(sum(float64(absmax)) / m)`` (the sum correctly rounded, so it does
-   not depend on summation order), then ``absmax - offset`` (float32) is quantized with the signed dynamic
-   map in blocks of 256. Decoding is ``dyn[q] * absmax2[j // 256]`` rounded to float32, THEN ``+ offset``
-   rounded to float32: two roundings, never a fused multiply-add.
-
-Empty inputs give empty outputs; the offset of an empty double quantization is 0.0.
+The rules (the reciprocal scale, nearest code with ties to the lower one, nibble order and padding, zero and
+subnormal blocks, the order-independent offset, two roundings when decoding nested scales) are docs/SPEC.md
+sections 2 and 3; this file computes them step by step in the order SPEC states them.
 """
 
 from __future__ import annotations
