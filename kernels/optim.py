@@ -133,6 +133,18 @@ def _adamw32_kernel(
 
 
 @triton.jit
+def _work_item(table_ptr, work_ptr, ROW_WIDTH: tl.constexpr, P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr):
+    """This program's entry of a multi-tensor launch: (its tensor's table row, its first element or block, the
+    param and grad pointers, the element count). A row holds ROW_WIDTH int64: addresses, then the count last."""
+    pid = tl.program_id(0)
+    row = table_ptr + ROW_WIDTH * tl.load(work_ptr + 2 * pid)
+    first = tl.load(work_ptr + 2 * pid + 1)
+    p_ptr = tl.load(row).to(tl.pointer_type(P_DTYPE))
+    g_ptr = tl.load(row + 1).to(tl.pointer_type(G_DTYPE))
+    return row, first, p_ptr, g_ptr, tl.load(row + ROW_WIDTH - 1)
+
+
+@triton.jit
 def _adamw32_multi_kernel(
     table_ptr, work_ptr,
     decay, beta1, beta2, c1, c2, step_size, bc2_sqrt, eps,
@@ -140,15 +152,9 @@ def _adamw32_multi_kernel(
 ):
     """Many tensors in one launch. ``table`` (int64, 5 per tensor): addresses of param, grad, exp_avg, exp_avg_sq,
     then the element count; ``work`` (int64, 2 per program): the tensor it steps and its first element."""
-    pid = tl.program_id(0)
-    t = tl.load(work_ptr + 2 * pid)
-    start = tl.load(work_ptr + 2 * pid + 1)
-    row = table_ptr + 5 * t
-    p_ptr = tl.load(row).to(tl.pointer_type(P_DTYPE))
-    g_ptr = tl.load(row + 1).to(tl.pointer_type(G_DTYPE))
+    row, start, p_ptr, g_ptr, n = _work_item(table_ptr, work_ptr, 5, P_DTYPE, G_DTYPE)
     m_ptr = tl.load(row + 2).to(tl.pointer_type(tl.float32))
     v_ptr = tl.load(row + 3).to(tl.pointer_type(tl.float32))
-    n = tl.load(row + 4)
     offs = start + tl.arange(0, BLOCK)
     _adamw32_update(p_ptr, g_ptr, m_ptr, v_ptr, offs, offs < n,
                     decay, beta1, beta2, c1, c2, step_size, bc2_sqrt, eps)
@@ -231,17 +237,11 @@ def _adamw8bit_multi_kernel(
     """Many tensors in one launch. ``table`` (int64, 7 per tensor): addresses of param, grad, exp_avg codes and
     absmax, exp_avg_sq codes and absmax, then the element count; ``work`` (int64, 2 per program): the tensor it
     steps and its first 256-element block."""
-    pid = tl.program_id(0)
-    t = tl.load(work_ptr + 2 * pid)
-    first = tl.load(work_ptr + 2 * pid + 1)
-    row = table_ptr + 7 * t
-    p_ptr = tl.load(row).to(tl.pointer_type(P_DTYPE))
-    g_ptr = tl.load(row + 1).to(tl.pointer_type(G_DTYPE))
+    row, first, p_ptr, g_ptr, n = _work_item(table_ptr, work_ptr, 7, P_DTYPE, G_DTYPE)
     mq_ptr = tl.load(row + 2).to(tl.pointer_type(tl.uint8))
     mabs_ptr = tl.load(row + 3).to(tl.pointer_type(tl.float32))
     vq_ptr = tl.load(row + 4).to(tl.pointer_type(tl.uint8))
     vabs_ptr = tl.load(row + 5).to(tl.pointer_type(tl.float32))
-    n = tl.load(row + 6)
     blk = first + tl.arange(0, QBLOCKS)
     _adamw8bit_update(p_ptr, g_ptr, mq_ptr, mabs_ptr, vq_ptr, vabs_ptr, smap_ptr, smid_ptr, umap_ptr, umid_ptr,
                       blk, n, decay, beta1, beta2, c1, c2, step_size, bc2_sqrt, eps,
