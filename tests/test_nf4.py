@@ -164,9 +164,9 @@ def _with_meta(sd, key, **changes):
 
 @pytest.mark.parametrize("changes, match", [
     (dict(quant_type="fp4"), "only 'nf4'"),
-    (dict(blocksize=48), "blocksize must be one of"),
+    (dict(blocksize=48), "JSON field 'blocksize' of 'w.quant_state.bitsandbytes__nf4' must be one of"),
     (dict(dtype="float64"), "'dtype'"),
-    (dict(shape=[4, 15]), "packed must be uint8"),
+    (dict(shape=[4, 15]), "state dict entry 'w' must be uint8 of shape \\(30,\\) for shape \\(4, 15\\)"),
     (dict(shape=[4, -16]), "'shape'"),
     (dict(nested_offset=None), "lacks the JSON field"),
     (dict(nested_dtype="float16"), "nested_dtype"),
@@ -187,11 +187,11 @@ def test_garbage_json_and_wrong_tensors_are_refused():
         NF4Weight.from_bnb_state_dict(bad, "w")
     bad = dict(sd)
     bad["w.absmax"] = sd["w.absmax"][:-1]
-    with pytest.raises(ValueError, match="absmax must be"):
+    with pytest.raises(ValueError, match="state dict entry 'w.absmax' must be torch.uint8 of shape"):
         NF4Weight.from_bnb_state_dict(bad, "w")
     bad = dict(sd)
     bad["w.quant_map"] = sd["w.quant_map"].double()
-    with pytest.raises(ValueError, match="code must be float32"):
+    with pytest.raises(ValueError, match="state dict entry 'w.quant_map' must be float32 of shape"):
         NF4Weight.from_bnb_state_dict(bad, "w")
     with pytest.raises(ValueError, match="prefix"):
         NF4Weight.from_bnb_state_dict(sd, "")
