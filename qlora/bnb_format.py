@@ -81,7 +81,8 @@ def encode_quant_state(blocksize: int, dtype: torch.dtype, shape, nested: tuple[
 def decode_quant_state(tensor: torch.Tensor, key: str) -> dict:
     """The JSON object of the entry ``key`` (a 1-D uint8 tensor), with each field's type checked: ``quant_type``
     'nf4', ``blocksize`` int, ``dtype`` a name of :data:`DTYPE_NAMES`, ``shape`` a list of ints >= 0, and the nested
-    fields all or none (``nested_offset`` returned as a Python float). Values are checked by :func:`check_nf4`."""
+    fields all or none (``nested_offset`` returned as a Python float). ``blocksize``, ``nested_blocksize`` and
+    ``nested_offset`` also meet :func:`check_nf4`'s rules, reported in its words."""
     if not isinstance(tensor, torch.Tensor) or tensor.dtype != torch.uint8 or tensor.dim() != 1:
         raise ValueError(f"state dict entry {key!r} must be a 1-D uint8 tensor of UTF-8 JSON, got "
                          f"{getattr(tensor, 'dtype', type(tensor).__name__)} of shape "
@@ -118,6 +119,11 @@ def decode_quant_state(tensor: torch.Tensor, key: str) -> dict:
         if not isinstance(offset, (int, float)) or isinstance(offset, bool):
             raise ValueError(f"JSON field 'nested_offset' of {key!r} must be a number, got {offset!r}")
         meta["nested_offset"] = float(offset)
+        # The value rules of the nested fields, in check_nf4's words, for readers that build no NF4Weight (a
+        # sharded layer's load).
+        _check_nested_blocksize(f"JSON field 'nested_blocksize' of {key!r}", meta["nested_blocksize"])
+        _check_offset(f"JSON field 'nested_offset' of {key!r}", meta["nested_offset"])
+    check_blocksize(meta["blocksize"], name=f"JSON field 'blocksize' of {key!r}")
     return meta
 
 
@@ -144,6 +150,17 @@ def _is_float32_value(x) -> bool:
         return struct.unpack("f", struct.pack("f", x))[0] == x
     except OverflowError:  # beyond float32's range
         return False
+
+
+def _check_offset(name: str, offset) -> None:
+    if not _is_float32_value(offset):
+        raise ValueError(f"{name} must be a float32 value held as a finite Python float (bitsandbytes stores it as "
+                         f"a float32 tensor; the kernels add it in float32), got {offset!r}")
+
+
+def _check_nested_blocksize(name: str, nested_blocksize) -> None:
+    if isinstance(nested_blocksize, bool) or nested_blocksize != NESTED_BLOCKSIZE:
+        raise ValueError(f"{name} must be {NESTED_BLOCKSIZE}, got {nested_blocksize!r}")
 
 
 @functools.lru_cache(maxsize=None)
@@ -231,8 +248,7 @@ def check_nf4(packed, absmax, code, blocksize, shape, dtype, absmax2=None, offse
         for field, t in (("absmax2", absmax2), ("nested_code", nested_code)):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{name[field]} must be a torch.Tensor, got {type(t).__name__}")
-        if nested_blocksize != NESTED_BLOCKSIZE:
-            raise ValueError(f"{name['nested_blocksize']} must be {NESTED_BLOCKSIZE}, got {nested_blocksize!r}")
+        _check_nested_blocksize(name["nested_blocksize"], nested_blocksize)
         nblocks2 = -(-nblocks // nested_blocksize)
         if absmax2.dtype != torch.float32 or tuple(absmax2.shape) != (nblocks2,):
             raise ValueError(f"{name['absmax2']} must be float32 of shape ({nblocks2},), got {absmax2.dtype} "
@@ -240,9 +256,7 @@ def check_nf4(packed, absmax, code, blocksize, shape, dtype, absmax2=None, offse
         if nested_code.dtype != torch.float32 or tuple(nested_code.shape) != (256,):
             raise ValueError(f"{name['nested_code']} must be float32 of shape (256,), got {nested_code.dtype} "
                              f"{tuple(nested_code.shape)}")
-        if not _is_float32_value(offset):
-            raise ValueError(f"{name['offset']} must be a float32 value held as a finite Python float (bitsandbytes "
-                             f"stores it as a float32 tensor; the kernels add it in float32), got {offset!r}")
+        _check_offset(name["offset"], offset)
     tensors = {name[f]: t for f, t in (("packed", packed), ("absmax", absmax), ("code", code),
                                        ("absmax2", absmax2), ("nested_code", nested_code))}
     check_same_device(**tensors)
