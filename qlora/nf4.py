@@ -13,8 +13,7 @@ from typing import Mapping
 
 import torch
 
-from .bnb_format import (DTYPE_NAMES, NESTED_BLOCKSIZE, BnbKeyAttributes, check_nf4, quant_state_key,
-                         read_nf4)
+from .bnb_format import DTYPE_NAMES, NESTED_BLOCKSIZE, BnbKeyAttributes, check_nf4, nf4_keys, read_nf4
 from .kernels import codebook as _codebook
 from .kernels import quantize as _quantize
 from .kernels._checks import check_backend_device, check_blocksize, check_finite
@@ -113,16 +112,9 @@ class NF4Weight(BnbKeyAttributes):
         """
         if not isinstance(prefix, str) or not prefix:
             raise ValueError(f"prefix must be a non-empty string, got {prefix!r}")
-        out = {
-            prefix: self.packed.reshape(-1, 1),
-            f"{prefix}.absmax": self.absmax,
-            f"{prefix}.quant_map": self.code,
-        }
-        if self.double_quant:
-            out[f"{prefix}.nested_absmax"] = self.absmax2
-            out[f"{prefix}.nested_quant_map"] = self.nested_code
-        out[quant_state_key(prefix)] = self.quant_state.bitsandbytes__nf4
-        return out
+        nested = [self.absmax2, self.nested_code] if self.double_quant else []
+        values = [self.packed.reshape(-1, 1), self.absmax, self.code, *nested, self.quant_state.bitsandbytes__nf4]
+        return dict(zip(nf4_keys(prefix, self.double_quant), values, strict=True))
 
     @classmethod
     def from_bnb_state_dict(cls, state_dict: Mapping[str, torch.Tensor], prefix: str,
