@@ -189,6 +189,13 @@ def worker_fsdp_rank(rank: int, out: Path) -> None:
     save_checkpoint(out / "ckpt_final", model, opt)
     export_pretrained(model, out / "export.safetensors", out / "adapter")
     _mixed_precision(mesh, record)
+    # A sharded load checks the replicated code tables as every loader does (qlora.bnb_format): a quant_map that is
+    # not the NF4 codebook is refused on every rank, naming the key, before anything is copied.
+    bad = {k: v.flip(0) if k.endswith("up.weight.quant_map") else v for k, v in model.state_dict().items()}
+    try:
+        model.load_state_dict(bad)
+    except RuntimeError as err:
+        record["bad_code_table"] = str(err)
     if rank == 0:
         torch.save(record, out / "rank0.pt")
         (out / "done").touch()
@@ -512,6 +519,8 @@ def test_fsdp2_training_checkpoint_and_export_match_a_single_process(tmp_path):
     for key, value in run["up_full"].items():  # ShardedNF4Weight.full() gathers the layer's NF4 weight
         assert torch.equal(value, ref["state"][key]), key
     assert run["dsd_agrees"] and run["dsd_sharded_types"]["blocks.0.mlp.up.weight"] == "DTensor"
+    assert ("state dict entry 'blocks.0.mlp.up.weight.quant_map' must be the NF4 codebook (only NF4 is supported); "
+            "entry 0 is 1.0") in run.get("bad_code_table", "no error"), run.get("bad_code_table")
     # Losses and gradients of 5 steps (the last 2 after a DCP save and a reload into a fresh sharded model and
     # optimizer), and the final model, bit for bit.
     _assert_same_training(run, ref)
