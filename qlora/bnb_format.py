@@ -39,8 +39,9 @@ SAFETENSORS_METADATA = {"format": "pt"}
 # The key suffix under which each tensor field of an NF4 weight is stored (bitsandbytes' order).
 _FIELD_SUFFIXES = {"packed": "", "absmax": ".absmax", "code": ".quant_map", "absmax2": ".nested_absmax",
                    "nested_code": ".nested_quant_map"}
-_FIELD_NAMES = ("packed", "absmax", "code", "absmax2", "nested_code", "offset", "blocksize", "nested_blocksize",
-                "shape", "dtype")
+# check_nf4's default names: each field by its own name.
+_FIELD_NAMES = {f: f for f in ("packed", "absmax", "code", "absmax2", "nested_code", "offset", "blocksize",
+                               "nested_blocksize", "shape", "dtype")}
 
 
 def quant_state_key(prefix: str) -> str:
@@ -217,8 +218,9 @@ def check_nf4(packed, absmax, code, blocksize, shape, dtype, absmax2=None, offse
     quantization, ``absmax2``) finite and >= 0. ``names`` maps a field to what messages call it (default: the
     field's name; :func:`state_dict_names` for a state dict). Raises TypeError or ValueError.
     """
-    name = {f: f for f in _FIELD_NAMES}
-    name.update(names or {})
+    # This runs whenever an NF4Weight is built (per forward when a layer views its parameters as one): plain Python
+    # comparisons only, and no message is formatted unless a check fails.
+    name = _FIELD_NAMES if names is None else {**_FIELD_NAMES, **names}
     check_blocksize(blocksize, name=name["blocksize"])
     if not isinstance(shape, (tuple, list, torch.Size)) or not all(
             isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
@@ -257,9 +259,11 @@ def check_nf4(packed, absmax, code, blocksize, shape, dtype, absmax2=None, offse
             raise ValueError(f"{name['nested_code']} must be float32 of shape (256,), got {nested_code.dtype} "
                              f"{tuple(nested_code.shape)}")
         _check_offset(name["offset"], offset)
-    tensors = {name[f]: t for f, t in (("packed", packed), ("absmax", absmax), ("code", code),
-                                       ("absmax2", absmax2), ("nested_code", nested_code))}
-    check_same_device(**tensors)
+    device = packed.device
+    if absmax.device != device or code.device != device or (absmax2 is not None and (
+            absmax2.device != device or nested_code.device != device)):
+        check_same_device(**{name[f]: t for f, t in (("packed", packed), ("absmax", absmax), ("code", code),
+                                                      ("absmax2", absmax2), ("nested_code", nested_code))})
     if not values:
         return
     _check_table_bits(name["code"], code, 16)
