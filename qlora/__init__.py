@@ -9,6 +9,7 @@ forces the choice. The numerical contract is checked against the NumPy/SciPy ora
 from . import _runtime  # noqa: F401  (must run before any kernel module is imported)
 from ._runtime import interpreter_active
 from .nf4 import NF4Weight, quantize_nf4
+from . import bnb_format
 from . import functional
 from .layers import QLoRALinear
 from .optim import AdamW8bit, PagedAdamW, PagedAdamW8bit
@@ -22,6 +23,7 @@ __all__ = [
     "interpreter_active",
     "NF4Weight",
     "quantize_nf4",
+    "bnb_format",
     "functional",
     "QLoRALinear",
     "AdamW8bit",

@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from .kernels._checks import BLOCKSIZES, FLOAT_DTYPES
 from .model import _matches  # the PEFT suffix rule prepare_model's target_modules use
+from .bnb_format import SAFETENSORS_METADATA
 from .nf4 import quantize_nf4
 
 __all__ = ["ConvertError", "ConvertSummary", "input_files", "select_linear_weights", "quantize_safetensors"]
@@ -248,7 +249,7 @@ def _write_atomically(tensors: dict[str, torch.Tensor], out: Path) -> None:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        save_file(tensors, str(tmp), metadata=SAFETENSORS_METADATA)
         _check_out_kind(out)  # OUT may have been replaced by a link or a device meanwhile
         os.replace(tmp, out)
     except (OSError, SafetensorError) as err:

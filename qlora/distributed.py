@@ -27,10 +27,10 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .interop import _METADATA, _check_model, _check_path, _for_safetensors, _lora_keys, _unique_layers
+from .bnb_format import SAFETENSORS_METADATA, is_quant_state_key, quant_state_key, tensors_for_safetensors
+from .interop import _check_model, _check_path, _lora_keys, _unique_layers
 from .interop import save_adapter
 from .layers import QUANT_STORAGES, QLoRALinear, _check_quant_storage, _is_dtensor
-from .nf4 import _STATE_KEY
 
 __all__ = ["set_quant_storage", "fully_shard_model", "full_state_dict", "save_checkpoint", "load_checkpoint",
            "export_pretrained"]
@@ -134,11 +134,11 @@ def full_state_dict(model: nn.Module, *, cpu: bool = True) -> dict[str, torch.Te
 def _json_as_bytes(state: dict) -> dict:
     """The JSON quant states as ``bytes`` objects: DCP loads a tensor only into one of the saved size, and the
     JSON's length changes with the double-quantization offset; an object is loaded whatever its size."""
-    return {k: bytes(v.tolist()) if k.endswith("." + _STATE_KEY) else v for k, v in state.items()}
+    return {k: bytes(v.tolist()) if is_quant_state_key(k) else v for k, v in state.items()}
 
 
 def _json_as_tensors(state: dict) -> dict:
-    return {k: torch.tensor(list(v), dtype=torch.uint8) if k.endswith("." + _STATE_KEY) else v
+    return {k: torch.tensor(list(v), dtype=torch.uint8) if is_quant_state_key(k) else v
             for k, v in state.items()}
 
 
@@ -253,10 +253,10 @@ def _write_export(model: nn.Module, layers, full: dict[str, torch.Tensor], quant
     for key, value in full.items():
         if key in lora:
             continue
-        if f"{key}.{_STATE_KEY}" in full:  # a packed NF4 weight, possibly viewed as a float quant_storage
+        if quant_state_key(key) in full:  # a packed NF4 weight, possibly viewed as a float quant_storage
             value = value.contiguous().view(torch.uint8).reshape(-1, 1)
         state[key] = value
     os.makedirs(os.path.dirname(os.path.abspath(quantized_path)), exist_ok=True)
-    save_file(_for_safetensors(state), quantized_path, metadata=_METADATA)
+    save_file(tensors_for_safetensors(state), quantized_path, metadata=SAFETENSORS_METADATA)
     with _whole_adapters(_unique_layers(layers), full):
         save_adapter(model, adapter_dir, base_model_name_or_path)

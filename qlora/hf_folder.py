@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from .convert import ConvertError, ConvertSummary, nf4_entries, select_linear_weights
 from .kernels._checks import BLOCKSIZES, FLOAT_DTYPES
-from .nf4 import _DTYPE_NAMES, _DTYPES_BY_NAME
+from .bnb_format import DTYPE_NAMES, DTYPES_BY_NAME, SAFETENSORS_METADATA
 
 __all__ = ["is_model_folder", "quantize_model_folder", "FolderSummary", "QUANT_STORAGE_NAMES"]
 
@@ -145,7 +145,7 @@ def quantization_config(double_quant: bool, compute_dtype: torch.dtype, quant_st
         "load_in_8bit": False,
         "bnb_4bit_quant_type": "nf4",
         "bnb_4bit_use_double_quant": double_quant,
-        "bnb_4bit_compute_dtype": _DTYPE_NAMES[compute_dtype],
+        "bnb_4bit_compute_dtype": DTYPE_NAMES[compute_dtype],
         "bnb_4bit_quant_storage": str(quant_storage).replace("torch.", ""),
         "llm_int8_skip_modules": list(skip_modules),
         "llm_int8_threshold": 6.0,
@@ -188,9 +188,9 @@ def quantize_model_folder(src: str | os.PathLike, dst: str | os.PathLike, blocks
     if quant_storage not in _QUANT_STORAGES.values():
         raise ConvertError(f"--quant-storage must be one of {', '.join(QUANT_STORAGE_NAMES)}, got {quant_storage!r}")
     if isinstance(compute_dtype, str):
-        if compute_dtype not in _DTYPES_BY_NAME:
+        if compute_dtype not in DTYPES_BY_NAME:
             raise ConvertError(f"--compute-dtype must be one of float32, float16, bfloat16, got {compute_dtype!r}")
-        compute_dtype = _DTYPES_BY_NAME[compute_dtype]
+        compute_dtype = DTYPES_BY_NAME[compute_dtype]
     if compute_dtype is not None and compute_dtype not in FLOAT_DTYPES:
         raise ConvertError(f"--compute-dtype must be one of float32, float16, bfloat16, got {compute_dtype!r}")
     if not is_model_folder(src):
@@ -252,7 +252,7 @@ def quantize_model_folder(src: str | os.PathLike, dst: str | os.PathLike, blocks
                 summary.storage_bytes += nf4.packed.numel() + nf4.absmax.numel() * nf4.absmax.element_size() + (
                     nf4.absmax2.numel() * 4 if nf4.absmax2 is not None else 0)
                 bar.update()
-            save_file(result, str(tmp / shard), metadata={"format": "pt"})
+            save_file(result, str(tmp / shard), metadata=SAFETENSORS_METADATA)
             summary.bytes_after += sum(v.numel() * v.element_size() for v in result.values())
             weight_map.update({key: shard for key in result})
             summary.shards.append(shard)

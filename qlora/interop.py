@@ -1,19 +1,12 @@
-"""Checkpoint files shared with the Hugging Face stack: 4-bit base weights as bitsandbytes writes them, and LoRA
-adapters as PEFT writes them, both in safetensors.
+"""Checkpoint files shared with the Hugging Face stack, in safetensors: the frozen base weights of a prepared model
+as bitsandbytes writes them (:func:`save_quantized` / :func:`load_quantized`), and LoRA adapters as PEFT writes them
+(:func:`save_adapter` / :func:`load_adapter`).
 
-- :func:`save_quantized` / :func:`load_quantized`: the frozen part of a prepared model (see
-  :func:`qlora.model.prepare_model`). Each :class:`~qlora.layers.QLoRALinear` at module path ``M`` is stored under
-  ``M.weight`` with the keys of a bitsandbytes ``Linear4bit`` (SPEC section 5: ``M.weight`` packed,
-  ``M.weight.absmax``, ``.quant_map``, ``.nested_absmax``, ``.nested_quant_map``,
-  ``.quant_state.bitsandbytes__nf4``), next to ``M.bias`` and every other parameter and buffer of the model under
-  its ``state_dict`` name. The LoRA adapters are not part of it. A Hugging Face checkpoint of a model quantized
-  by bitsandbytes (NF4) has the same keys, so it loads into a prepared model whose module names match.
-- :func:`save_adapter` / :func:`load_adapter`: a PEFT LoRA adapter directory, ``adapter_config.json`` plus
-  ``adapter_model.safetensors`` with keys ``base_model.model.<M>.lora_A.weight`` (r, in_features) and
-  ``base_model.model.<M>.lora_B.weight`` (out_features, r), as ``PeftModel.save_pretrained`` writes them.
-
-Loading checks everything before it changes the model: a missing, unexpected or malformed entry raises
-``ValueError`` naming the key, and the model is left as it was.
+Each :class:`~qlora.layers.QLoRALinear` at module path ``M`` is stored under ``M.weight`` with the keys of a
+bitsandbytes ``Linear4bit`` (:mod:`qlora.bnb_format`, docs/SPEC.md section 5), so a Hugging Face NF4 checkpoint
+loads into a prepared model whose module names match. Adapters use PEFT's keys and ``adapter_config.json``.
+Loading checks every entry (:func:`qlora.bnb_format.read_nf4` for the NF4 weights) before it changes the model;
+docs/DESIGN.md ("Models, checkpoints, adapters") gives the reasons.
 """
 
 from __future__ import annotations
@@ -29,9 +22,9 @@ from torch import nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .kernels._checks import BLOCKSIZES
+from .bnb_format import SAFETENSORS_METADATA, nf4_keys, quant_state_key, tensors_for_safetensors
 from .layers import QLoRALinear, _check_quant_storage, lora_alpha_scaling
-from .nf4 import _STATE_KEY, NESTED_BLOCKSIZE, NF4Weight, _read_quant_state
+from .nf4 import NF4Weight
 
 __all__ = ["save_quantized", "load_quantized", "save_adapter", "load_adapter", "SkippedAdapterEntries",
            "ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME"]
@@ -40,8 +33,6 @@ ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 # PeftModel wraps the user's model in a LoraModel (``base_model``) which holds it as ``model``.
 _PEFT_PREFIX = "base_model.model."
-# transformers refuses safetensors files whose metadata does not say they hold PyTorch tensors.
-_METADATA = {"format": "pt"}
 
 
 def _join(*parts: str) -> str:
@@ -63,22 +54,6 @@ def _check_path(name: str, path) -> str:
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"{name} must be a str or os.PathLike, got {type(path).__name__}")
     return os.fspath(path)
-
-
-def _for_safetensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """CPU, contiguous tensors that share no storage, which is what safetensors can write: tied parameters and
-    views of one buffer get their own copy (each key then loads on its own, as ``load_state_dict`` expects)."""
-    out, seen = {}, set()
-    for key, t in tensors.items():
-        t = t.detach().to("cpu")
-        ptr = t.untyped_storage().data_ptr() if t.numel() else None
-        if not t.is_contiguous() or (ptr is not None and ptr in seen):
-            t = t.clone(memory_format=torch.contiguous_format)
-            ptr = t.untyped_storage().data_ptr() if t.numel() else None
-        if ptr is not None:
-            seen.add(ptr)
-        out[key] = t
-    return out
 
 
 def _read_safetensors(path: str) -> dict[str, torch.Tensor]:
@@ -110,56 +85,7 @@ def save_quantized(model: nn.Module, path: str | os.PathLike) -> None:
     path = _check_path("path", path)
     lora = _lora_keys(layers)
     state = {k: v for k, v in model.state_dict().items() if k not in lora}
-    save_file(_for_safetensors(state), path, metadata=_METADATA)
-
-
-def _check_nf4_entries(file: Mapping[str, torch.Tensor], key: str, shape: torch.Size) -> list[str]:
-    """Check the entries of the NF4 weight ``key`` against its JSON quant state and the layer's ``shape``, naming
-    the exact entry at fault; returns the keys the weight is made of."""
-    state_key = f"{key}.{_STATE_KEY}"
-    if state_key not in file:
-        others = sorted(k for k in file if k.startswith(f"{key}.quant_state."))
-        if others:
-            raise ValueError(f"{others[0]!r} is not an NF4 quant state; only bitsandbytes' NF4 format is supported")
-        if key in file:
-            raise ValueError(f"checkpoint has no entry {state_key!r}: {key!r} is not stored as an NF4 weight "
-                             f"({file[key].dtype} {tuple(file[key].shape)})")
-        raise ValueError(f"checkpoint has no entry {key!r} (nor {state_key!r}) for the NF4 weight of this layer")
-    meta = _read_quant_state(file[state_key], state_key)
-    if meta["blocksize"] not in BLOCKSIZES:
-        raise ValueError(f"JSON field 'blocksize' of {state_key!r} must be one of {BLOCKSIZES}, got "
-                         f"{meta['blocksize']!r}")
-    if tuple(meta["shape"]) != tuple(shape):
-        raise ValueError(f"JSON field 'shape' of {state_key!r} is {meta['shape']}, but the layer's weight has shape "
-                         f"{list(shape)}")
-    nested = "nested_offset" in meta
-    if nested and meta["nested_blocksize"] != NESTED_BLOCKSIZE:
-        raise ValueError(f"JSON field 'nested_blocksize' of {state_key!r} must be {NESTED_BLOCKSIZE}, got "
-                         f"{meta['nested_blocksize']!r}")
-    n = math.prod(shape)
-    nblocks = -(-n // meta["blocksize"])
-    expect = {
-        f"{key}.absmax": (torch.uint8 if nested else torch.float32, (nblocks,)),
-        f"{key}.quant_map": (torch.float32, (16,)),
-    }
-    if nested:
-        expect[f"{key}.nested_absmax"] = (torch.float32, (-(-nblocks // NESTED_BLOCKSIZE),))
-        expect[f"{key}.nested_quant_map"] = (torch.float32, (256,))
-    for k in [key, *expect]:
-        if k not in file:
-            raise ValueError(f"checkpoint has no entry {k!r} (part of the NF4 weight {key!r})")
-    packed = file[key]
-    # bitsandbytes may store the packed bytes in another dtype (quant_storage for FSDP); only the bytes count.
-    if packed.dtype == torch.bool or packed.dtype.is_complex or (
-            packed.numel() * packed.element_size() != (n + 1) // 2):
-        raise ValueError(f"checkpoint entry {key!r} must hold {(n + 1) // 2} packed bytes for shape {list(shape)}, "
-                         f"got {packed.dtype} {tuple(packed.shape)}")
-    for k, (dtype, want) in expect.items():
-        t = file[k]
-        if t.dtype != dtype or tuple(t.shape) != want:
-            raise ValueError(f"checkpoint entry {k!r} must be {dtype} of shape {want}, got {t.dtype} "
-                             f"{tuple(t.shape)}")
-    return [key, state_key, *expect]
+    save_file(tensors_for_safetensors(state), path, metadata=SAFETENSORS_METADATA)
 
 
 class _LoadSnapshot:
@@ -210,9 +136,8 @@ def load_quantized(model: nn.Module, path: str | os.PathLike, strict: bool = Tru
     weights: list[tuple[QLoRALinear, NF4Weight]] = []
     for name, layer in layers:
         key = _join(name, "weight")
-        entries = _check_nf4_entries(file, key, layer.weight.shape)
         try:
-            weight = NF4Weight.from_bnb_state_dict(file, key, device=layer.weight.device)
+            weight = NF4Weight.from_bnb_state_dict(file, key, device=layer.weight.device, shape=layer.weight.shape)
         except (KeyError, TypeError, ValueError) as err:
             message = err.args[0] if err.args else repr(err)
             raise ValueError(f"NF4 weight {key!r} in {path!r}: {message}") from None
@@ -221,7 +146,7 @@ def load_quantized(model: nn.Module, path: str | os.PathLike, strict: bool = Tru
         except (TypeError, ValueError) as err:
             raise ValueError(f"NF4 weight {key!r} in {path!r}: {err}") from None
         weights.append((layer, weight))
-        consumed.update(entries)
+        consumed.update(nf4_keys(key, weight.double_quant))
 
     own = model.state_dict()
     skip = _lora_keys(layers) | {k for name, layer in layers for k in layer.weight.to_bnb_state_dict(
@@ -235,7 +160,7 @@ def load_quantized(model: nn.Module, path: str | os.PathLike, strict: bool = Tru
         value = file[key]
         if tuple(value.shape) != tuple(target.shape):
             hint = ""
-            if f"{key}.{_STATE_KEY}" in file:
+            if quant_state_key(key) in file:
                 hint = " (the file holds an NF4 weight there: include that layer in prepare_model's target_modules)"
             raise ValueError(f"checkpoint entry {key!r} has shape {tuple(value.shape)}, the model expects "
                              f"{tuple(target.shape)}{hint}")
@@ -359,7 +284,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name
         tensors[_PEFT_PREFIX + _join(name, "lora_A.weight")] = layer.lora_A
         tensors[_PEFT_PREFIX + _join(name, "lora_B.weight")] = layer.lora_B
     os.makedirs(directory, exist_ok=True)
-    save_file(_for_safetensors(tensors), os.path.join(directory, ADAPTER_WEIGHTS_NAME), metadata=_METADATA)
+    save_file(tensors_for_safetensors(tensors), os.path.join(directory, ADAPTER_WEIGHTS_NAME), metadata=SAFETENSORS_METADATA)
     with open(os.path.join(directory, ADAPTER_CONFIG_NAME), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2, sort_keys=True)
         f.write("\n")

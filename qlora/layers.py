@@ -32,8 +32,9 @@ from torch import nn
 
 from .functional import qlora_linear
 from .kernels._checks import FLOAT_DTYPES
-from .nf4 import (_DTYPE_NAMES, _STATE_KEY, NESTED_BLOCKSIZE, BnbKeyAttributes, NF4Weight, _read_quant_state,
-                  quant_state_tensor, quantize_nf4, requantize_nf4)
+from .bnb_format import (DTYPE_NAMES, NESTED_BLOCKSIZE, BnbKeyAttributes, check_code_table, decode_quant_state,
+                         encode_quant_state, nf4_keys, quant_state_key)
+from .nf4 import NF4Weight, quantize_nf4, requantize_nf4
 
 __all__ = ["QLoRALinear", "QUANT_STORAGES", "ShardedNF4Weight", "DEFAULT_R", "DEFAULT_LORA_ALPHA",
            "DEFAULT_LORA_DROPOUT"]
@@ -439,10 +440,7 @@ class QLoRALinear(nn.Module):
     # -- state dict: bitsandbytes keys whatever the storage ------------------------------------------------------
     def _bnb_keys(self, key: str) -> list[str]:
         _, double_quant = self._quant_settings()
-        suffixes = ["", ".absmax", ".quant_map"]
-        if double_quant:
-            suffixes += [".nested_absmax", ".nested_quant_map"]
-        return [key + s for s in suffixes] + [f"{key}.{_STATE_KEY}"]
+        return nf4_keys(key, double_quant)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -465,7 +463,7 @@ class QLoRALinear(nn.Module):
         if dq:
             destination[f"{key}.nested_absmax"] = _bitcast(params[_ABSMAX2].detach(), torch.float32)
             destination[f"{key}.nested_quant_map"] = self._buffers[_NESTED_CODE].view(torch.float32)
-        destination[f"{key}.{_STATE_KEY}"] = quant_state_tensor(
+        destination[quant_state_key(key)] = encode_quant_state(
             m["blocksize"], m["dtype"], m["shape"], (m["nested_blocksize"], m["offset"]) if dq else None)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -521,15 +519,15 @@ class QLoRALinear(nn.Module):
         """
         m = self._nf4_meta
         dq = m["double_quant"]
-        state_key = f"{key}.{_STATE_KEY}"
+        state_key = quant_state_key(key)
         for k in self._bnb_keys(key):
             if k not in state_dict:
                 raise KeyError(f"state dict has no entry {k!r} (needed for the NF4 weight {key!r})")
         meta_tensor = state_dict[state_key]
         if _is_dtensor(meta_tensor):
             meta_tensor = meta_tensor.full_tensor()
-        meta = _read_quant_state(meta_tensor, state_key)
-        want = dict(blocksize=m["blocksize"], dtype=_DTYPE_NAMES[m["dtype"]], shape=list(m["shape"]))
+        meta = decode_quant_state(meta_tensor, state_key)
+        want = dict(blocksize=m["blocksize"], dtype=DTYPE_NAMES[m["dtype"]], shape=list(m["shape"]))
         for field, value in want.items():
             if meta[field] != value:
                 raise ValueError(f"JSON field {field!r} of {state_key!r} is {meta[field]!r}, but this sharded layer "
@@ -556,8 +554,7 @@ class QLoRALinear(nn.Module):
         for buffer, value, name, shape in codes:
             if _is_dtensor(value):
                 value = value.full_tensor()
-            if not isinstance(value, torch.Tensor) or value.dtype != torch.float32 or tuple(value.shape) != shape:
-                raise ValueError(f"entry {name!r} must be float32 of shape {shape}")
+            check_code_table(f"state dict entry {name!r}", value, shape[0])
             copies.append((buffer, value.view(torch.int32)))
         for dst, src in copies:
             dst.copy_(src)

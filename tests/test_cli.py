@@ -46,6 +46,19 @@ def test_a_wrong_kernel_result_fails_the_run(monkeypatch, capsys):
     assert "FAIL" in capsys.readouterr().out
 
 
+def test_the_linear_check_uses_the_library_bound_and_fails_past_it(monkeypatch):
+    """The qlora_linear check measures |kernel - oracle| / qlora.bounds.qlora_linear_bounds: the real kernels stay
+    within it; outputs scaled by 1 + 2^-7 (16 float16 unit roundoffs, far beyond one output rounding plus the
+    accumulation terms) exceed it."""
+    (check,) = [c for c in verify.all_checks() if "qlora_linear" in c.name and c.dtype == "float16"]
+    ratio, tolerance = check.run()
+    assert tolerance == 1.0 and 0.0 < ratio <= 1.0
+    real = verify.qlora_linear
+    monkeypatch.setattr(verify, "qlora_linear", lambda *args, **kwargs: real(*args, **kwargs) * (1 + 2.0**-7))
+    ratio, _ = check.run()
+    assert ratio > 2.0
+
+
 def test_a_crashing_check_is_reported_not_raised():
     def boom():
         raise ValueError("planted")

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import math
 import os
 import socket
 import subprocess
@@ -34,7 +33,7 @@ from pathlib import Path
 import qlora  # noqa: F401  (interpreter switch before the kernels; the workers set QLORA_INTERPRET=1)
 import pytest
 import torch
-from helpers import nf4_equal
+from helpers import TinyLM, nf4_equal
 from torch import nn
 
 from qlora.distributed import (export_pretrained, full_state_dict, fully_shard_model, load_checkpoint,
@@ -62,53 +61,11 @@ HEAD_STORAGE = torch.float32
 # The model and the training recipe shared by every process
 # ----------------------------------------------------------------------------------------------------------------
 
-class Attention(nn.Module):
-    """Single-head causal self-attention; x (batch, seq, D) -> (batch, seq, D)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(D, D) for _ in range(4))
-
-    def forward(self, x):
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        scores = q @ k.transpose(-1, -2) / math.sqrt(D)
-        future = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool, device=x.device).triu(1)
-        return self.o_proj(scores.masked_fill(future, float("-inf")).softmax(-1) @ v)
-
-
-class Block(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.ln1, self.attn, self.ln2 = nn.LayerNorm(D), Attention(), nn.LayerNorm(D)
-        self.up, self.down = nn.Linear(D, HIDDEN), nn.Linear(HIDDEN, D)
-
-    def forward(self, x):
-        x = x + self.attn(self.ln1(x))
-        return x + self.down(nn.functional.gelu(self.up(self.ln2(x))))
-
-
-class TinyLM(nn.Module):
-    """Tokens (batch, seq) int64 -> logits (batch, seq, VOCAB) float32; 7 linear layers."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(VOCAB, D)
-        self.blocks = nn.ModuleList(Block() for _ in range(BLOCKS))
-        self.ln_f = nn.LayerNorm(D)
-        self.lm_head = nn.Linear(D, VOCAB)
-
-    def forward(self, tokens):
-        x = self.embed(tokens)
-        for block in self.blocks:
-            x = block(x)
-        return self.lm_head(self.ln_f(x))
-
-
 def build_model(seed: int = 0) -> TinyLM:
     """The prepared model (NF4 weights as attributes), LoRA rank 8 with dropout 0.1, lora_B nonzero so that every
     adapter gets a gradient from the first step."""
     torch.manual_seed(seed)
-    model = prepare_model(TinyLM().to(DEVICE), r=R, lora_alpha=16, lora_dropout=0.1)
+    model = prepare_model(TinyLM(VOCAB, D, HIDDEN, BLOCKS).to(DEVICE), r=R, lora_alpha=16, lora_dropout=0.1)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("lora_B"):
@@ -197,15 +154,15 @@ def worker_fsdp_rank(rank: int, out: Path) -> None:
     data = batches()
     model = _fsdp_model(mesh)
     names = lora_names(model)
-    up = model.blocks[0].up
+    up = model.blocks[0].mlp.up
     record: dict = {"loss": [], "grads": [], "names": names,
                     "param_types": {n: type(p).__name__ for n, p in model.named_parameters()},
                     # (key, type, global shape, local shape) of the sharded state dict entries of one layer
                     "up_state": [(k, type(v).__name__, tuple(v.shape),
                                   tuple(v.to_local().shape) if hasattr(v, "to_local") else None)
-                                 for k, v in model.state_dict().items() if k.startswith("blocks.0.up.weight")],
+                                 for k, v in model.state_dict().items() if k.startswith("blocks.0.mlp.up.weight")],
                     "up_weight": (type(up.weight).__name__, tuple(up.weight.shape), up.weight.double_quant),
-                    "up_full": up.weight.full().to_bnb_state_dict("blocks.0.up.weight")}
+                    "up_full": up.weight.full().to_bnb_state_dict("blocks.0.mlp.up.weight")}
     opt = make_optimizer("8bit", lora_parameters(model))
     for step in range(STEPS):
         if step == RESUME_AT:
@@ -226,12 +183,19 @@ def worker_fsdp_rank(rank: int, out: Path) -> None:
     record["dsd_agrees"] = list(dsd_full) == list(record["state"]) and all(
         torch.equal(dsd_full[k].cpu(), v) for k, v in record["state"].items())
     record["dsd_sharded_types"] = {k: type(v).__name__ for k, v in get_model_state_dict(model).items()
-                                   if k.startswith("blocks.0.up.")}
+                                   if k.startswith("blocks.0.mlp.up.")}
     optim_state = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True))
     record["optim"] = optim_state["state"]
     save_checkpoint(out / "ckpt_final", model, opt)
     export_pretrained(model, out / "export.safetensors", out / "adapter")
     _mixed_precision(mesh, record)
+    # A sharded load checks the replicated code tables as every loader does (qlora.bnb_format): a quant_map that is
+    # not the NF4 codebook is refused on every rank, naming the key, before anything is copied.
+    bad = {k: v.flip(0) if k.endswith("up.weight.quant_map") else v for k, v in model.state_dict().items()}
+    try:
+        model.load_state_dict(bad)
+    except RuntimeError as err:
+        record["bad_code_table"] = str(err)
     if rank == 0:
         torch.save(record, out / "rank0.pt")
         (out / "done").touch()
@@ -460,7 +424,7 @@ def test_interop_files_and_single_process_checkpoints_with_parameter_storage(tmp
     target = set_quant_storage(build_model(seed=5), torch.uint8)
     load_quantized(target, tmp_path / "held.safetensors")  # assigns the NF4 weights, keeps parameter storage
     load_adapter(target, tmp_path / "adapter")
-    assert target.blocks[0].up.quant_storage == torch.uint8
+    assert target.blocks[0].mlp.up.quant_storage == torch.uint8
     assert torch.equal(eval_logits(target), eval_logits(model))
     # DCP without a process group: model and optimizer state, saved and reloaded; the next step agrees.
     data = batches()
@@ -545,16 +509,18 @@ def test_fsdp2_training_checkpoint_and_export_match_a_single_process(tmp_path):
     assert set(run["param_types"].values()) == {"DTensor"}
     assert any(n.endswith("nf4_packed") for n in run["param_types"])
     assert run["up_state"] == [
-        ("blocks.0.up.weight", "DTensor", (4096, 1), (2048, 1)),
-        ("blocks.0.up.weight.absmax", "DTensor", (128,), (64,)),
-        ("blocks.0.up.weight.quant_map", "Tensor", (16,), None),
-        ("blocks.0.up.weight.nested_absmax", "DTensor", (1,), (1,)),
-        ("blocks.0.up.weight.nested_quant_map", "Tensor", (256,), None),
-        ("blocks.0.up.weight.quant_state.bitsandbytes__nf4", "Tensor", run["up_state"][5][2], None)]
+        ("blocks.0.mlp.up.weight", "DTensor", (4096, 1), (2048, 1)),
+        ("blocks.0.mlp.up.weight.absmax", "DTensor", (128,), (64,)),
+        ("blocks.0.mlp.up.weight.quant_map", "Tensor", (16,), None),
+        ("blocks.0.mlp.up.weight.nested_absmax", "DTensor", (1,), (1,)),
+        ("blocks.0.mlp.up.weight.nested_quant_map", "Tensor", (256,), None),
+        ("blocks.0.mlp.up.weight.quant_state.bitsandbytes__nf4", "Tensor", run["up_state"][5][2], None)]
     assert run["up_weight"] == ("ShardedNF4Weight", (HIDDEN, D), True)
     for key, value in run["up_full"].items():  # ShardedNF4Weight.full() gathers the layer's NF4 weight
         assert torch.equal(value, ref["state"][key]), key
-    assert run["dsd_agrees"] and run["dsd_sharded_types"]["blocks.0.up.weight"] == "DTensor"
+    assert run["dsd_agrees"] and run["dsd_sharded_types"]["blocks.0.mlp.up.weight"] == "DTensor"
+    assert ("state dict entry 'blocks.0.mlp.up.weight.quant_map' must be the NF4 codebook (only NF4 is supported); "
+            "entry 0 is 1.0") in run.get("bad_code_table", "no error"), run.get("bad_code_table")
     # Losses and gradients of 5 steps (the last 2 after a DCP save and a reload into a fresh sharded model and
     # optimizer), and the final model, bit for bit.
     _assert_same_training(run, ref)

@@ -1,18 +1,8 @@
 """Fused NF4 dequant-matmul + LoRA (kernels/linear.py, qlora/functional.py, qlora/layers.py) against the float64
 oracle (qlora.reference.linear), torch.autograd on the dense weight, a tiny training run, and bad inputs.
 
-Tolerances. The kernels see exactly the oracle's operands: x, A, B, bias are drawn in the compute dtype and the
-oracle's dense W is the reference dequantization rounded to that dtype (what the kernel's in-loop dequantization
-produces). What remains is each kernel's own arithmetic, bounded elementwise by :func:`_tol` (Higham's bound
-for a float32 sum of n terms, |error| <= n * u32 * sum |terms|, u32 = 2^-24):
-
-- products of bf16/fp16 operands are exact in float32 (8 + 8 or 11 + 11 significand bits <= 24); fp32
-  products round once (one more u32 per term, folded into the "+ c" constants below);
-- the (M, r) intermediates u = dropout(x) @ A^T and g = dy @ B are kept in float32 and rounded once to the
-  compute dtype before their second matmul, as an unfused LoRA's bf16 activations are: relative u_d;
-- the dropout factor 1/(1-p) and the scaling multiply the float32 results (a few u32);
-- each output is rounded once to the compute dtype: relative u_d of the result (u_d = 2^-8 bf16, 2^-11 fp16,
-  2^-24 fp32: unit roundoff of round-to-nearest), plus half the smallest fp16 subnormal spacing (2^-25).
+Tolerances: the derived elementwise bounds of :mod:`qlora.bounds` (its docstring gives the derivation), the same
+ones ``qlora verify`` uses.
 """
 
 from __future__ import annotations
@@ -27,18 +17,15 @@ from hypothesis import strategies as st
 from hyp import examples
 
 import qlora  # noqa: F401  (interpreter switch before the kernels)
+from qlora.bounds import U32, elementwise_bound, oracle_dense_weight, qlora_linear_bounds
 from qlora.functional import dropout_mask, qlora_linear
 from qlora.kernels import linear as K
 from qlora.kernels import lora as KL
 from qlora.layers import QLoRALinear
 from qlora.nf4 import NF4Weight, quantize_nf4
-from qlora.reference import quantize as ref_quantize
 from qlora.reference.linear import qlora_linear_backward, qlora_linear_forward
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-U_D = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
-U32 = 2.0**-24
-ABS_FLOOR = 2.0**-25  # half the fp16 subnormal spacing; negligible for fp32/bf16
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -47,20 +34,7 @@ def _np(t: torch.Tensor) -> np.ndarray:
 
 def _dense_weight(weight: NF4Weight, dtype: torch.dtype) -> np.ndarray:
     """The oracle's dense W: reference dequantization (float32) rounded to the compute dtype by torch (RNE)."""
-    absmax = weight.absmax.numpy()
-    if weight.double_quant:
-        absmax = ref_quantize.double_dequantize(absmax, weight.absmax2.numpy(), np.float32(weight.offset),
-                                                weight.nested_blocksize)
-    w32 = ref_quantize.dequantize_4bit(weight.packed.numpy(), absmax, weight.code.numpy(), tuple(weight.shape),
-                                       weight.blocksize)
-    return _np(torch.from_numpy(np.ascontiguousarray(w32)).to(dtype))
-
-
-def _tol(ref: np.ndarray, abs_terms: np.ndarray, rel_of_terms: float, dtype: torch.dtype) -> np.ndarray:
-    """Elementwise bound: output rounding u_d * |ref| plus the accumulated error rel_of_terms * abs_terms
-    (abs_terms = the same sums over |operands|), itself possibly magnified by the output rounding (1 + u_d)."""
-    u_d = U_D[dtype]
-    return u_d * np.abs(ref) + (1 + u_d) * rel_of_terms * abs_terms + ABS_FLOOR
+    return oracle_dense_weight(weight, dtype)
 
 
 def _assert_close(name: str, got: torch.Tensor, ref: np.ndarray, tol: np.ndarray) -> None:
@@ -73,49 +47,21 @@ def _assert_close(name: str, got: torch.Tensor, ref: np.ndarray, tol: np.ndarray
 
 
 def _check_against_oracle(x, w, lora_a, lora_b, scaling, bias, mask, dy, y, grads, dtype):
-    """y and (dx, dA, dB, dbias) from the kernels against the oracle, with the bounds of the module docstring."""
-    xn, an, bn = _np(x), _np(lora_a), _np(lora_b)
+    """y and (dx, dA, dB, dbias) from the kernels against the oracle, within qlora.bounds.qlora_linear_bounds."""
+    xn, an, bn, dyn = _np(x), _np(lora_a), _np(lora_b), _np(dy)
     biasn = None if bias is None else _np(bias)
     maskn = None if mask is None else _np(mask)
-    dyn = _np(dy)
-    m = math.prod(xn.shape[:-1])
-    n_out, k_in = w.shape
-    r = an.shape[0]
-    u_d = U_D[dtype]
-    s = abs(scaling)
-    ax = np.abs(xn).reshape(m, k_in)
-    axd = ax if maskn is None else ax * maskn.reshape(m, k_in)
-    ady = np.abs(dyn).reshape(m, n_out)
-    aw, aa, ab = np.abs(w), np.abs(an), np.abs(bn)
-
-    # y = x @ W^T (K-term float32 sum) + s * u_rounded @ B^T (u: K-term sum, rounded u_d; then an r-term sum)
-    # + bias (three more float32 roundings for the adds and the scaling).
     y_ref = qlora_linear_forward(xn, w, an, bn, scaling, biasn, maskn)
-    base = (ax @ aw.T).reshape(y_ref.shape)
-    lora = (s * (axd @ aa.T) @ ab.T).reshape(y_ref.shape)
-    bias_abs = 0.0 if biasn is None else np.abs(biasn)
-    y_tol = _tol(y_ref, base, (k_in + 3) * U32, dtype) + _tol(0 * y_ref, lora, u_d + (k_in + r + 6) * U32, dtype) \
-        + 3 * U32 * bias_abs
-    _assert_close("y", y, y_ref, y_tol)
-
     dx_ref, da_ref, db_ref, dbias_ref = qlora_linear_backward(dyn, xn, w, an, bn, scaling, maskn)
     dx, da, db, dbias = grads
-    # dx = dy @ W (N-term sum) + s/(1-p) * (g_rounded @ A) * keep (g: N-term sum rounded u_d; r-term sum).
-    dx_base = (ady @ aw).reshape(dx_ref.shape)
-    g_abs = ady @ ab
-    dx_lora = s * (g_abs @ aa)
-    if maskn is not None:
-        dx_lora = dx_lora * maskn.reshape(m, k_in)
-    dx_tol = _tol(dx_ref, dx_base, (n_out + 3) * U32, dtype) \
-        + _tol(0 * dx_ref, dx_lora.reshape(dx_ref.shape), u_d + (n_out + r + 7) * U32, dtype)
-    _assert_close("dx", dx, dx_ref, dx_tol)
-    # dA = s/(1-p) * g_rounded^T @ (x * keep): an M-term sum of products of a rounded g.
-    _assert_close("dA", da, da_ref, _tol(da_ref, s * g_abs.T @ axd, u_d + (m + n_out + 5) * U32, dtype))
-    # dB = s * dy^T @ u_rounded: an M-term sum of products of a rounded u.
-    _assert_close("dB", db, db_ref, _tol(db_ref, s * ady.T @ (axd @ aa.T), u_d + (m + k_in + 5) * U32, dtype))
+    bounds = qlora_linear_bounds(xn, w, an, bn, scaling, biasn, maskn, dyn, dtype, y_ref, dx_ref, da_ref, db_ref,
+                                 None if dbias is None else dbias_ref)
+    _assert_close("y", y, y_ref, bounds.y)
+    _assert_close("dx", dx, dx_ref, bounds.dx)
+    _assert_close("dA", da, da_ref, bounds.d_lora_a)
+    _assert_close("dB", db, db_ref, bounds.d_lora_b)
     if dbias is not None:
-        # dbias = sum over M rows of dy, float32.
-        _assert_close("dbias", dbias, dbias_ref, _tol(dbias_ref, ady.sum(0), (m + 1) * U32, dtype))
+        _assert_close("dbias", dbias, dbias_ref, bounds.d_bias)
 
 
 def _weight_kwargs(weight: NF4Weight) -> dict:
@@ -379,7 +325,7 @@ def test_module_init_matches_peft_and_base_layer():
     y_ref = qlora_linear_forward(_np(x), _dense_weight(layer.weight, torch.float32), _np(layer.lora_A),
                                  _np(layer.lora_B), 2.0, _np(layer.bias))
     base = np.abs(_np(x)) @ np.abs(_dense_weight(layer.weight, torch.float32)).T
-    _assert_close("y", layer(x), y_ref, _tol(y_ref, base + np.abs(_np(layer.bias)), 52 * U32, torch.float32))
+    _assert_close("y", layer(x), y_ref, elementwise_bound(y_ref, base + np.abs(_np(layer.bias)), 52 * U32, torch.float32))
 
 
 def test_module_dtype_cast_keeps_nf4_weight_and_state_dict_round_trips():

@@ -16,7 +16,7 @@ import os
 
 import pytest
 import torch
-from helpers import nf4_equal
+from helpers import TinyLM, nf4_equal
 from torch import nn
 
 import qlora  # noqa: F401  (interpreter switch before the kernels)
@@ -34,60 +34,9 @@ LINEAR_NAMES = [f"blocks.{i}.{part}" for i in range(BLOCKS)
                 for part in [*(f"attn.{p}" for p in ATTN), "mlp.up", "mlp.down"]] + ["lm_head"]
 
 
-class Attention(nn.Module):
-    """Single-head causal self-attention in plain torch; x (batch, seq, D) -> (batch, seq, D)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        for name in ATTN:
-            setattr(self, name, nn.Linear(D, D))
-
-    def forward(self, x):
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        scores = q @ k.transpose(-1, -2) / math.sqrt(D)
-        future = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool, device=x.device).triu(1)
-        return self.o_proj(scores.masked_fill(future, float("-inf")).softmax(-1) @ v)
-
-
-class MLP(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.up, self.down = nn.Linear(D, HIDDEN), nn.Linear(HIDDEN, D)
-
-    def forward(self, x):
-        return self.down(nn.functional.gelu(self.up(x)))
-
-
-class Block(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.ln1, self.attn, self.ln2, self.mlp = nn.LayerNorm(D), Attention(), nn.LayerNorm(D), MLP()
-
-    def forward(self, x):
-        x = x + self.attn(self.ln1(x))
-        return x + self.mlp(self.ln2(x))
-
-
-class TinyLM(nn.Module):
-    """Tokens (batch, seq) int64 -> logits (batch, seq, VOCAB) float32; 13 nn.Linear layers, all with bias."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(VOCAB, D)
-        self.blocks = nn.ModuleList(Block() for _ in range(BLOCKS))
-        self.ln_f = nn.LayerNorm(D)
-        self.lm_head = nn.Linear(D, VOCAB)
-
-    def forward(self, tokens):
-        x = self.embed(tokens)
-        for block in self.blocks:
-            x = block(x)
-        return self.lm_head(self.ln_f(x))
-
-
 def _tiny(seed: int) -> TinyLM:
     torch.manual_seed(seed)
-    model = TinyLM()
+    model = TinyLM(VOCAB, D, HIDDEN, BLOCKS)
     with torch.no_grad():  # LayerNorm starts at (1, 0); perturb it so a mixed-up norm would show
         for m in model.modules():
             if isinstance(m, nn.LayerNorm):

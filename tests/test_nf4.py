@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +16,7 @@ from hypothesis import strategies as st
 
 import qlora
 from hyp import examples
+from qlora import bnb_format
 from qlora.nf4 import NF4Weight, quantize_nf4
 from qlora.reference import codebook as ref_codebook
 from qlora.reference import quantize as ref_quantize
@@ -164,9 +168,9 @@ def _with_meta(sd, key, **changes):
 
 @pytest.mark.parametrize("changes, match", [
     (dict(quant_type="fp4"), "only 'nf4'"),
-    (dict(blocksize=48), "blocksize must be one of"),
+    (dict(blocksize=48), "JSON field 'blocksize' of 'w.quant_state.bitsandbytes__nf4' must be one of"),
     (dict(dtype="float64"), "'dtype'"),
-    (dict(shape=[4, 15]), "packed must be uint8"),
+    (dict(shape=[4, 15]), "state dict entry 'w' must be uint8 of shape \\(30,\\) for shape \\(4, 15\\)"),
     (dict(shape=[4, -16]), "'shape'"),
     (dict(nested_offset=None), "lacks the JSON field"),
     (dict(nested_dtype="float16"), "nested_dtype"),
@@ -187,11 +191,11 @@ def test_garbage_json_and_wrong_tensors_are_refused():
         NF4Weight.from_bnb_state_dict(bad, "w")
     bad = dict(sd)
     bad["w.absmax"] = sd["w.absmax"][:-1]
-    with pytest.raises(ValueError, match="absmax must be"):
+    with pytest.raises(ValueError, match="state dict entry 'w.absmax' must be torch.uint8 of shape"):
         NF4Weight.from_bnb_state_dict(bad, "w")
     bad = dict(sd)
     bad["w.quant_map"] = sd["w.quant_map"].double()
-    with pytest.raises(ValueError, match="code must be float32"):
+    with pytest.raises(ValueError, match="state dict entry 'w.quant_map' must be float32 of shape"):
         NF4Weight.from_bnb_state_dict(bad, "w")
     with pytest.raises(ValueError, match="prefix"):
         NF4Weight.from_bnb_state_dict(sd, "")
@@ -244,3 +248,98 @@ def test_quantizing_reproduces_bitsandbytes_codes(name):
         assert torch.equal(ours.nested_code, theirs.nested_code)
     else:
         assert torch.equal(ours.absmax, theirs.absmax)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# qlora.bnb_format: keys, codec, and one validation whose messages name the field, the key or the JSON field
+# --------------------------------------------------------------------------------------------------------------
+
+def test_keys_and_codec_are_those_the_container_writes():
+    for double_quant in (True, False):
+        w = quantize_nf4(_weight((4, 16), torch.float16, 20), blocksize=32, double_quant=double_quant)
+        sd = w.to_bnb_state_dict("m.weight")
+        assert bnb_format.nf4_keys("m.weight", double_quant) == list(sd)
+        state_key = bnb_format.quant_state_key("m.weight")
+        assert state_key == "m.weight.quant_state.bitsandbytes__nf4" and bnb_format.is_quant_state_key(state_key)
+        assert not bnb_format.is_quant_state_key("m.weight.absmax")
+        meta = bnb_format.decode_quant_state(sd[state_key], state_key)
+        assert (meta["blocksize"], meta["dtype"], meta["shape"]) == (32, "float16", [4, 16])
+        assert ("nested_offset" in meta) == double_quant and meta.get("nested_offset") == w.offset
+        nested = (w.nested_blocksize, w.offset) if double_quant else None
+        assert torch.equal(bnb_format.encode_quant_state(32, torch.float16, (4, 16), nested), sd[state_key])
+
+
+def _refusal(fn) -> str:
+    with pytest.raises((TypeError, ValueError)) as err:
+        fn()
+    return str(err.value)
+
+
+def _loaded(sd: dict, key: str, value) -> dict:
+    return {**sd, key: value}
+
+
+@pytest.mark.parametrize("field, key, change", [
+    ("absmax", "w.absmax", lambda w: w.absmax[:-1]),
+    ("code", "w.quant_map", lambda w: w.code.double()),
+    ("absmax2", "w.nested_absmax", lambda w: torch.cat([w.absmax2, w.absmax2])),
+    ("nested_code", "w.nested_quant_map", lambda w: w.nested_code[:128]),
+])
+def test_a_broken_rule_reads_the_same_from_the_constructor_and_from_a_state_dict(field, key, change):
+    w = quantize_nf4(_weight((4, 16), torch.bfloat16, 21), blocksize=32)
+    bad = change(w)
+    direct = _refusal(lambda: dataclasses.replace(w, **{field: bad}))
+    loaded = _refusal(lambda: NF4Weight.from_bnb_state_dict(_loaded(w.to_bnb_state_dict("w"), key, bad), "w"))
+    assert direct.startswith(f"{field} must be ")
+    assert loaded == direct.replace(field, f"state dict entry {key!r}", 1)
+
+
+def test_values_are_checked_on_load_and_on_request_naming_the_field():
+    w = quantize_nf4(_weight((4, 16), torch.float32, 22), blocksize=32)
+    flipped = w.code.flip(0)
+    bad = dataclasses.replace(w, code=flipped)  # structure is fine: construction does not read the values
+    fields = {f.name: getattr(bad, f.name) for f in dataclasses.fields(bad)}
+    direct = _refusal(lambda: bnb_format.check_nf4(**fields, values=True))
+    assert direct.startswith("code must be the NF4 codebook (only NF4 is supported); entry 0 is 1.0")
+    loaded = _refusal(lambda: NF4Weight.from_bnb_state_dict(bad.to_bnb_state_dict("w"), "w"))
+    assert loaded == direct.replace("code", "state dict entry 'w.quant_map'", 1)
+    plain = quantize_nf4(_weight((4, 16), torch.float32, 23), blocksize=32, double_quant=False)
+    negative = plain.absmax.clone()
+    negative[1] = -0.5
+    fields = {f.name: getattr(plain, f.name) for f in dataclasses.fields(plain)}
+    assert _refusal(lambda: bnb_format.check_nf4(**{**fields, "absmax": negative}, values=True)) == (
+        "absmax must hold finite block scales >= 0; entry 1 is -0.5")
+    bnb_format.check_nf4(**fields, values=True)  # a quantizer's weight passes
+
+
+def test_offset_and_blocksize_rules_name_the_json_field_on_load():
+    w = quantize_nf4(_weight((4, 16), torch.bfloat16, 24), blocksize=32)
+    state_key = "w.quant_state.bitsandbytes__nf4"
+    direct = _refusal(lambda: dataclasses.replace(w, offset=0.1))
+    loaded = _refusal(lambda: NF4Weight.from_bnb_state_dict(
+        _with_meta(w.to_bnb_state_dict("w"), state_key, nested_offset=0.1), "w"))
+    assert loaded == direct.replace("offset", f"JSON field 'nested_offset' of {state_key!r}", 1)
+    assert _refusal(lambda: dataclasses.replace(w, blocksize=48)).startswith("blocksize must be one of (32, 64")
+    with pytest.raises(ValueError, match=r"but the weight must have shape \[16, 4\]"):
+        NF4Weight.from_bnb_state_dict(w.to_bnb_state_dict("w"), "w", shape=(16, 4))
+
+
+def test_code_table_check_for_sharded_loads():
+    table = quantize_nf4(_weight((4, 16), torch.float32, 25)).nested_code
+    bnb_format.check_code_table("x", table, 256)
+    broken = table.clone()
+    broken[9] = 0.0
+    with pytest.raises(ValueError, match=r"^x must be the signed dynamic map \(only NF4 is supported\); entry 9 is 0.0"):
+        bnb_format.check_code_table("x", broken, 256)
+    with pytest.raises(ValueError, match=r"^x must be float32 of shape \(16,\)"):
+        bnb_format.check_code_table("x", table, 16)
+
+
+def test_kernels_import_nothing_from_the_layer_above():
+    """kernels/ is the low-level layer (plain tensors in, plain tensors out): no import of qlora outside it."""
+    root = Path(qlora.kernels.__file__).parent
+    for path in root.glob("*.py"):
+        text = path.read_text(encoding="utf-8")
+        bad = re.findall(r"^\s*(?:from\s+(?:qlora(?!\.kernels)\S*|\.\.\S*)\s+import|import\s+qlora(?!\.kernels))",
+                         text, re.M)
+        assert not bad, (path.name, bad)

@@ -407,7 +407,7 @@ def test_nf4_entries_with_impossible_values_are_refused_naming_the_key(tmp_path,
 def test_nf4_weight_refuses_an_offset_that_is_not_a_float32_value():
     w = quantize_nf4(torch.randn(16, 16, device=DEVICE))
     for offset in (0.1, 1e300):
-        with pytest.raises(ValueError, match="offset must be a finite Python float holding a float32 value"):
+        with pytest.raises(ValueError, match="offset must be a float32 value held as a finite Python float"):
             dataclasses.replace(w, offset=offset)
     dataclasses.replace(w, offset=0.5)  # float32 values are fine
 
