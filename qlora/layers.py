@@ -364,7 +364,8 @@ class QLoRALinear(nn.Module):
 
         # The packed bytes in the quant_storage dtype, as bitsandbytes writes them; float32 bits shown as float32.
         destination[key] = own(params[_PACKED])
-        destination[f"{key}.absmax"] = own(params[_ABSMAX]) if dq else bitcast(params[_ABSMAX].detach(), torch.float32)
+        destination[f"{key}.absmax"] = (own(params[_ABSMAX]) if dq
+                                        else bitcast(params[_ABSMAX].detach(), torch.float32))
         destination[f"{key}.quant_map"] = self._buffers[_CODE].view(torch.float32)
         if dq:
             destination[f"{key}.nested_absmax"] = bitcast(params[_ABSMAX2].detach(), torch.float32)
