@@ -215,6 +215,8 @@ def fully_shard_model(model: nn.Module, blocks: Iterable[nn.Module] = (), *, mes
         raise RuntimeError("model is already sharded")
     if quant_storage is not None:
         set_quant_storage(model, quant_storage)
+    for _, layer in layers:  # a cached view would keep each whole weight alive next to its shards
+        layer._nf4_view = None
     for block in blocks:
         fully_shard(block, mesh=mesh, **fully_shard_kwargs)
     fully_shard(model, mesh=mesh, **fully_shard_kwargs)

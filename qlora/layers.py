@@ -338,6 +338,7 @@ class QLoRALinear(nn.Module):
         device = self._parameters[_PACKED].device
         probe = fn(torch.empty(0, device=device))
         if probe.device != device:
+            self._nf4_view = None  # it would keep the tensors on the old device alive
             for store, name, t in hidden:
                 moved = t.detach().to(probe.device)
                 store[name] = nn.Parameter(moved, requires_grad=False) if store is self._parameters else moved

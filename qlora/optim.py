@@ -146,7 +146,7 @@ class _TritonAdamW(torch.optim.Optimizer):
             _hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"], where)
             for i, p in enumerate(group["params"]):
                 if not p.is_floating_point() and not p.requires_grad:
-                    # A frozen integer parameter (the NF4 weight under set_quant_storage(torch.uint8)) never has a
+                    # A frozen integer parameter (the NF4 weight of a QLoRALinear in uint8 storage) never has a
                     # gradient, so it is never stepped: accepted, so that model.parameters() can be passed as is.
                     continue
                 if not p.is_floating_point() or p.dtype not in FLOAT_DTYPES:
