@@ -125,3 +125,13 @@ def test_quant_storage_none_is_refused_naming_the_argument():
     with pytest.raises(TypeError, match="quant_storage must be one of"):
         layer.set_quant_storage(None)
     assert layer.quant_storage == torch.uint8 and nf4_equal(layer.weight, _weight(10))
+
+
+def test_a_device_move_moves_every_nf4_tensor_and_drops_the_view():
+    layer = _layer(11)
+    layer._nf4  # cached: it references the tensors on the old device
+    moved = layer.to("meta")
+    assert moved is layer and layer._nf4_view is None  # the old tensors are not kept alive by the cache
+    tensors = [*layer.named_parameters(), *layer.named_buffers()]
+    assert {t.device.type for _, t in tensors} == {"meta"} and len(tensors) == 7  # lora_A/B, 3 params, 2 buffers
+    assert layer.nf4_packed.dtype == torch.uint8 and not layer.nf4_packed.requires_grad
