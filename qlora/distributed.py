@@ -1,20 +1,11 @@
-"""Distributed QLoRA: 4-bit base weights that PyTorch's FSDP2 shards, checkpoints that DCP saves, and the export of a
+"""Distributed QLoRA: the NF4 weight sharded by PyTorch's FSDP2, sharded checkpoints (DCP), and the export of a
 trained sharded model to one bitsandbytes-format file plus a PEFT adapter.
 
-The pieces (see ``docs/FSDP.md`` for a launch recipe and the design):
-
-- :func:`set_quant_storage` moves the NF4 weight of every :class:`~qlora.layers.QLoRALinear` into frozen parameters
-  (``QLoRALinear.set_quant_storage``), which is what ``torch.distributed.fsdp.fully_shard`` shards, DDP broadcasts
-  and DCP saves. Call it before ``fully_shard``.
-- :func:`fully_shard_model`: ``fully_shard`` on each given block, then on the root, after :func:`set_quant_storage`.
-- :func:`full_state_dict`: the whole (gathered) state dict on every rank, bitsandbytes keys for the NF4 weights.
-- :func:`save_checkpoint` / :func:`load_checkpoint`: a sharded checkpoint of model and optimizer with
-  ``torch.distributed.checkpoint`` (DCP). Loading works sharded (any world size for the model; the same sharding
-  for 8-bit optimizer state) and unsharded in a single process without a process group.
-- :func:`export_pretrained`: gathers the state and has one rank write what :func:`qlora.save_quantized` and
-  :func:`qlora.save_adapter` write for an unsharded model.
-
-Every function that gathers is a collective: all ranks call it, in the same order.
+The sharded side of :class:`~qlora.layers.QLoRALinear`'s parameters lives here (:class:`ShardedNF4Weight`, loading a
+sharded state dict); the user entry points are :func:`set_quant_storage`, :func:`fully_shard_model`,
+:func:`full_state_dict`, :func:`save_checkpoint` / :func:`load_checkpoint` and :func:`export_pretrained`. The
+optimizers' sharded state layout is :mod:`qlora.distributed_optim`. Launch recipe, storage table and what is tested:
+``docs/FSDP.md``. Every function that gathers is a collective: all ranks call it, in the same order.
 """
 
 from __future__ import annotations
@@ -22,18 +13,140 @@ from __future__ import annotations
 import os
 import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Iterable
 
 import torch
 from torch import nn
 
-from .bnb_format import SAFETENSORS_METADATA, is_quant_state_key, quant_state_key, tensors_for_safetensors
+from ._dtensor import bitcast, is_dtensor
+from .bnb_format import (DTYPE_NAMES, NESTED_BLOCKSIZE, SAFETENSORS_METADATA, BnbKeyAttributes, check_code_table,
+                         decode_quant_state, is_quant_state_key, quant_state_key, tensors_for_safetensors)
 from .interop import _check_model, _check_path, _lora_keys, _unique_layers
 from .interop import save_adapter
-from .layers import QUANT_STORAGES, QLoRALinear, _check_quant_storage, _is_dtensor
+from .layers import (_ABSMAX, _ABSMAX2, _CODE, _NESTED_CODE, _PACKED, QLoRALinear, _check_quant_storage,
+                     _check_quant_storage_dtype)
+from .nf4 import NF4Weight
 
-__all__ = ["set_quant_storage", "fully_shard_model", "full_state_dict", "save_checkpoint", "load_checkpoint",
-           "export_pretrained"]
+__all__ = ["ShardedNF4Weight", "set_quant_storage", "fully_shard_model", "full_state_dict", "save_checkpoint",
+           "load_checkpoint", "export_pretrained"]
+
+
+# -- QLoRALinear's NF4 parameters while FSDP2 holds them sharded --------------------------------------------------
+
+@dataclass(frozen=True)
+class ShardedNF4Weight(BnbKeyAttributes):
+    """What ``QLoRALinear.weight`` is while FSDP2 holds the layer's parameters sharded (outside forward/backward).
+
+    ``packed`` (the packed bytes viewed as ``quant_storage``, global shape ``(ceil(n/2) / itemsize, 1)``), ``absmax``
+    (uint8 ``(nblocks,)`` codes when double-quantized, else float32 scales) and ``absmax2`` (float32
+    ``(ceil(nblocks/256),)``, double-quantized only) are DTensors of which this rank holds its shard; ``code``
+    (float32 (16,)) and ``nested_code`` (float32 (256,) or None) are whole on every rank; ``blocksize``, ``shape``,
+    ``dtype``, ``offset``, ``nested_blocksize`` as in :class:`~qlora.nf4.NF4Weight`. :meth:`full` gathers it.
+    """
+
+    packed: torch.Tensor
+    absmax: torch.Tensor
+    code: torch.Tensor
+    blocksize: int
+    shape: torch.Size
+    dtype: torch.dtype
+    absmax2: torch.Tensor | None = None
+    offset: float | None = None
+    nested_code: torch.Tensor | None = None
+    nested_blocksize: int = NESTED_BLOCKSIZE
+
+    # double_quant, numel and device come from BnbKeyAttributes, as NF4Weight's do.
+
+    def full(self) -> NF4Weight:
+        """The whole weight on every rank (all-gathers each sharded tensor: a collective, all ranks must call)."""
+        return NF4Weight(
+            packed=self.packed.full_tensor().view(torch.uint8).reshape(-1), absmax=self.absmax.full_tensor(),
+            code=self.code, blocksize=self.blocksize, shape=self.shape, dtype=self.dtype,
+            absmax2=None if self.absmax2 is None else self.absmax2.full_tensor(), offset=self.offset,
+            nested_code=self.nested_code, nested_blocksize=self.nested_blocksize)
+
+
+def sharded_nf4_weight(layer: QLoRALinear) -> ShardedNF4Weight:
+    """``layer.weight`` of a layer whose NF4 parameters are sharded DTensors."""
+    m, params, buffers = layer._nf4_meta, layer._parameters, layer._buffers
+    dq = m["double_quant"]
+    return ShardedNF4Weight(
+        packed=params[_PACKED].detach(),
+        absmax=params[_ABSMAX].detach() if dq else bitcast(params[_ABSMAX].detach(), torch.float32),
+        code=buffers[_CODE].view(torch.float32), blocksize=m["blocksize"], shape=m["shape"],
+        dtype=m["dtype"], absmax2=bitcast(params[_ABSMAX2].detach(), torch.float32) if dq else None,
+        offset=m["offset"] if dq else None,
+        nested_code=buffers[_NESTED_CODE].view(torch.float32) if dq else None,
+        nested_blocksize=m["nested_blocksize"])
+
+
+@torch.no_grad()
+def load_sharded_nf4(layer: QLoRALinear, state_dict, key: str) -> None:
+    """Load the NF4 weight ``key`` of ``state_dict`` into ``layer``'s sharded (FSDP2) parameters, shard by shard;
+    the quantization settings must be the layer's own (called by ``QLoRALinear._load_from_state_dict``).
+
+    The sharded entries must be DTensors laid out like the parameters, as ``model.state_dict()`` (or
+    ``get_model_state_dict``) of a sharded model gives them and a DCP load fills them; a whole NF4 weight loads
+    before ``fully_shard`` (or through DCP, which reshards). Everything is checked before anything is written.
+    """
+    m = layer._nf4_meta
+    dq = m["double_quant"]
+    state_key = quant_state_key(key)
+    for k in layer._bnb_keys(key):
+        if k not in state_dict:
+            raise KeyError(f"state dict has no entry {k!r} (needed for the NF4 weight {key!r})")
+    meta_tensor = state_dict[state_key]
+    if is_dtensor(meta_tensor):
+        meta_tensor = meta_tensor.full_tensor()
+    meta = decode_quant_state(meta_tensor, state_key)
+    want = dict(blocksize=m["blocksize"], dtype=DTYPE_NAMES[m["dtype"]], shape=list(m["shape"]))
+    for field, value in want.items():
+        if meta[field] != value:
+            raise ValueError(f"JSON field {field!r} of {state_key!r} is {meta[field]!r}, but this sharded layer "
+                             f"has {value!r}; a sharded layer only loads its own quantization layout")
+    if ("nested_offset" in meta) != dq:
+        raise ValueError(f"{state_key!r} is {'' if 'nested_offset' in meta else 'not '}double-quantized, this "
+                         f"sharded layer is {'' if dq else 'not '}")
+    params, buffers = layer._parameters, layer._buffers
+    plan = [(params[_PACKED], state_dict[key], key, layer.quant_storage),
+            (params[_ABSMAX], state_dict[f"{key}.absmax"], f"{key}.absmax", torch.uint8 if dq else torch.float32)]
+    codes = [(buffers[_CODE], state_dict[f"{key}.quant_map"], f"{key}.quant_map", (16,))]
+    if dq:
+        plan.append((params[_ABSMAX2], state_dict[f"{key}.nested_absmax"], f"{key}.nested_absmax", torch.float32))
+        codes.append((buffers[_NESTED_CODE], state_dict[f"{key}.nested_quant_map"], f"{key}.nested_quant_map",
+                      (256,)))
+    copies = []
+    for param, value, name, dtype in plan:
+        if not isinstance(value, torch.Tensor) or value.dtype != dtype or value.shape != param.shape:
+            raise ValueError(f"entry {name!r} must be {dtype} of shape {tuple(param.shape)} for this sharded "
+                             f"layer, got {getattr(value, 'dtype', type(value).__name__)} "
+                             f"{tuple(getattr(value, 'shape', ()))}")
+        copies.append((param.to_local(), _local_piece(param, bitcast(value, param.dtype), name)))
+    for buffer, value, name, shape in codes:
+        if is_dtensor(value):
+            value = value.full_tensor()
+        check_code_table(f"state dict entry {name!r}", value, shape[0])
+        copies.append((buffer, value.view(torch.int32)))
+    for dst, src in copies:
+        dst.copy_(src)
+    if dq:
+        m["offset"] = meta["nested_offset"]
+    layer._nf4_view = None  # the offset changed: the next gathered forward builds a new view
+
+
+def _local_piece(param, value: torch.Tensor, name: str) -> torch.Tensor:
+    """This rank's shard of the DTensor ``value``, which must be laid out like the DTensor ``param``."""
+    if not is_dtensor(value):
+        raise ValueError(f"entry {name!r} is a whole tensor but the layer is sharded: load a whole NF4 weight before "
+                         "fully_shard, or load a sharded checkpoint through DCP (qlora.distributed.load_checkpoint)")
+    if value.device_mesh != param.device_mesh or tuple(value.placements) != tuple(param.placements):
+        raise ValueError(f"entry {name!r} is sharded as {value.placements} on {value.device_mesh}, the parameter "
+                         f"as {param.placements} on {param.device_mesh}")
+    return value.to_local()
+
+
+# -- entry points ---------------------------------------------------------------------------------------------
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -68,14 +181,12 @@ def _quiet_single_process():
         yield
 
 
-def set_quant_storage(model: nn.Module, quant_storage: torch.dtype | None = torch.uint8) -> nn.Module:
-    """Store the NF4 weight of every :class:`QLoRALinear` in ``model`` as frozen parameters whose packed bytes are
-    viewed as ``quant_storage`` (``torch.uint8`` by default; see :meth:`QLoRALinear.set_quant_storage`), or back as
-    a plain attribute (None). Values, forward and state dict are unchanged. Call before sharding. Returns ``model``.
+def set_quant_storage(model: nn.Module, quant_storage: torch.dtype = torch.uint8) -> nn.Module:
+    """View the packed NF4 bytes of every :class:`QLoRALinear` in ``model`` as ``quant_storage`` (``torch.uint8``
+    by default; see :meth:`QLoRALinear.set_quant_storage`). Every layer is checked before any changes; values,
+    forward and the state dict's bytes are unchanged. Call before sharding. Returns ``model``.
     """
-    if quant_storage is not None and quant_storage not in QUANT_STORAGES:
-        names = ", ".join(str(d).replace("torch.", "") for d in QUANT_STORAGES)
-        raise TypeError(f"quant_storage must be None or one of {names}, got {quant_storage!r}")
+    _check_quant_storage_dtype(quant_storage)
     layers = _unique_layers(_check_model(_unwrap(model)))
     for name, layer in layers:  # refuse before changing anything
         if layer._sharded():
@@ -90,26 +201,23 @@ def set_quant_storage(model: nn.Module, quant_storage: torch.dtype | None = torc
 
 
 def fully_shard_model(model: nn.Module, blocks: Iterable[nn.Module] = (), *, mesh=None,
-                      quant_storage: torch.dtype = torch.uint8, **fully_shard_kwargs) -> nn.Module:
-    """Shard ``model`` with FSDP2: every :class:`QLoRALinear` still holding its NF4 weight as an attribute gets
-    ``quant_storage`` (default uint8; layers already given a storage keep theirs), then
-    ``torch.distributed.fsdp.fully_shard(block, mesh=mesh, **fully_shard_kwargs)`` runs on each of ``blocks`` (e.g.
-    the transformer layers, each one communication group) and finally on ``model`` itself (the rest). ``mesh``: a
-    1-D ``DeviceMesh`` (default: ``fully_shard``'s, over the default process group on the current accelerator;
-    on CPU pass ``init_device_mesh("cpu", (world_size,))``). Returns ``model``.
+                      quant_storage: torch.dtype | None = None, **fully_shard_kwargs) -> nn.Module:
+    """Shard ``model`` with FSDP2: ``torch.distributed.fsdp.fully_shard(block, mesh=mesh, **fully_shard_kwargs)``
+    on each of ``blocks`` (e.g. the transformer layers, each one communication group) and finally on ``model``
+    itself (the rest). ``quant_storage``: None keeps each :class:`QLoRALinear`'s own (uint8 unless set), a dtype is
+    given to every layer first (:func:`set_quant_storage`). ``mesh``: a 1-D ``DeviceMesh`` (default:
+    ``fully_shard``'s, over the default process group on the current accelerator; on CPU pass
+    ``init_device_mesh("cpu", (world_size,))``). Returns ``model``.
     """
     from torch.distributed.fsdp import fully_shard
 
-    if quant_storage not in QUANT_STORAGES:
-        names = ", ".join(str(d).replace("torch.", "") for d in QUANT_STORAGES)
-        raise TypeError(f"quant_storage must be one of {names} (an NF4 weight held as an attribute would not be "
-                        f"sharded), got {quant_storage!r}")
     layers = _unique_layers(_check_model(model))
     if any(layer._sharded() for _, layer in layers):
         raise RuntimeError("model is already sharded")
-    for _, layer in layers:
-        if layer.quant_storage is None:
-            layer.set_quant_storage(quant_storage)
+    if quant_storage is not None:
+        set_quant_storage(model, quant_storage)
+    for _, layer in layers:  # a cached view would keep each whole weight alive next to its shards
+        layer._nf4_view = None
     for block in blocks:
         fully_shard(block, mesh=mesh, **fully_shard_kwargs)
     fully_shard(model, mesh=mesh, **fully_shard_kwargs)
@@ -125,7 +233,7 @@ def full_state_dict(model: nn.Module, *, cpu: bool = True) -> dict[str, torch.Te
     """
     out = {}
     for key, value in _unwrap(model).state_dict().items():
-        if _is_dtensor(value):
+        if is_dtensor(value):
             value = value.full_tensor()
         out[key] = value.detach().cpu() if cpu else value.detach()
     return out

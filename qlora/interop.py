@@ -90,26 +90,25 @@ def save_quantized(model: nn.Module, path: str | os.PathLike) -> None:
 
 class _LoadSnapshot:
     """What :func:`load_quantized` may change, kept so that :meth:`restore` undoes it exactly: each QLoRALinear's
-    registered parameters, buffers and held NF4 weight (the NF4 tensors are never written in place, only replaced),
+    registered parameters, buffers and NF4 metadata (the NF4 tensors are never written in place, only replaced),
     and a CPU copy of every other tensor that ``load_state_dict`` copies into."""
 
     def __init__(self, model: nn.Module, layers: list[QLoRALinear], own: Mapping[str, torch.Tensor],
                  keys: Mapping[str, torch.Tensor]) -> None:
         self.layers = [(layer, dict(layer._parameters), dict(layer._buffers), set(layer._non_persistent_buffers_set),
-                        layer._nf4_held, None if layer._nf4_meta is None else dict(layer._nf4_meta))
-                       for layer in layers]
+                        dict(layer._nf4_meta)) for layer in layers]
         self.values = [(own[k], own[k].detach().to("cpu", copy=True)) for k in keys]
 
     @torch.no_grad()
     def restore(self) -> None:
-        for layer, params, buffers, non_persistent, held, meta in self.layers:
+        for layer, params, buffers, non_persistent, meta in self.layers:
             layer._parameters.clear()
             layer._parameters.update(params)
             layer._buffers.clear()
             layer._buffers.update(buffers)
             layer._non_persistent_buffers_set.clear()
             layer._non_persistent_buffers_set.update(non_persistent)
-            layer._nf4_held, layer._nf4_meta = held, meta
+            layer._nf4_meta = meta
         for target, saved in self.values:
             target.copy_(saved)
 

@@ -1,43 +1,30 @@
 """``QLoRALinear``: a frozen NF4 base weight plus a trainable LoRA adapter, as PEFT builds it over bitsandbytes.
 
-A thin module over :func:`qlora.functional.qlora_linear`. The NF4 weight is stored in one of two ways:
-
-- **as an attribute** (the default, ``quant_storage=None``): an immutable :class:`~qlora.nf4.NF4Weight`, not buffers,
-  so ``module.to(torch.bfloat16)`` cannot cast its float32 codebooks and scales. :meth:`_apply` moves it with the
-  module's device changes (``.to(device)``, ``.cuda()``, ``.cpu()``), never its dtypes.
-- **as frozen parameters** (``quant_storage`` a dtype; see :meth:`QLoRALinear.set_quant_storage` and
-  ``docs/FSDP.md``), so that data-parallel wrappers see it: FSDP2's ``fully_shard`` shards it on dim 0 and gathers it
-  for forward and backward, DDP broadcasts it, DCP checkpoints it. Parameters ``nf4_packed`` (the packed bytes viewed
-  as ``quant_storage``, bitsandbytes' layout ``(ceil(n/2) / itemsize, 1)``), ``nf4_absmax`` (uint8 codes of the
-  scales when double-quantized, else the float32 scales' bits as int32) and ``nf4_absmax2`` (float32 bits as int32,
-  double-quantized only); buffers ``nf4_code`` and ``nf4_nested_code`` (float32 bits as int32, not persistent).
-  Float32 tensors are held as their int32 bit patterns so that nothing casts them: ``Module.to(dtype)`` and FSDP2's
-  ``MixedPrecisionPolicy`` only convert floating tensors. Shape, blocksize, original dtype and the
-  double-quantization offset are Python attributes and go into the JSON quant state.
-
-Either way the state dict stores the weight under ``<prefix>weight`` with exactly the keys of a bitsandbytes /
-Hugging Face 4-bit checkpoint (SPEC section 5); under FSDP2 the sharded entries are DTensors.
+A thin module over :func:`qlora.functional.qlora_linear`. The NF4 weight is always held as frozen parameters and
+buffers that no dtype conversion casts (``nf4_packed``: the packed bytes viewed as ``quant_storage``, uint8 by
+default; ``nf4_absmax``, ``nf4_absmax2``, ``nf4_code``, ``nf4_nested_code``: uint8 codes or float32 bit patterns
+as int32), so ``Module.to``, DDP, FSDP2 and DCP see it; each forward views them as an :class:`~qlora.nf4.NF4Weight`
+(cached while the tensors stay the same). The state dict holds bitsandbytes' keys (``docs/SPEC.md`` section 5).
+Table of the tensors and why: ``docs/FSDP.md``; merging and defaults: ``docs/DESIGN.md``. What is specific to
+sharded (FSDP2) parameters lives in :mod:`qlora.distributed`.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-import sys
 import warnings
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from ._dtensor import bitcast, is_dtensor
+from .bnb_format import encode_quant_state, nf4_keys, quant_state_key
 from .functional import qlora_linear
 from .kernels._checks import FLOAT_DTYPES
-from .bnb_format import (DTYPE_NAMES, NESTED_BLOCKSIZE, BnbKeyAttributes, check_code_table, decode_quant_state,
-                         encode_quant_state, nf4_keys, quant_state_key)
 from .nf4 import NF4Weight, quantize_nf4, requantize_nf4
 
-__all__ = ["QLoRALinear", "QUANT_STORAGES", "ShardedNF4Weight", "DEFAULT_R", "DEFAULT_LORA_ALPHA",
-           "DEFAULT_LORA_DROPOUT"]
+__all__ = ["QLoRALinear", "QUANT_STORAGES", "DEFAULT_R", "DEFAULT_LORA_ALPHA", "DEFAULT_LORA_DROPOUT"]
 
 # The adapter defaults of every entry point (QLoRALinear, QLoRALinear.from_linear, qlora.prepare_model,
 # qlora.integrations.bitsandbytes.adopt_linear4bit): peft.LoraConfig's, so code moved from PEFT behaves the same.
@@ -45,64 +32,14 @@ DEFAULT_R = 8
 DEFAULT_LORA_ALPHA = 8
 DEFAULT_LORA_DROPOUT = 0.0
 
-# Dtypes the packed bytes may be viewed as when the weight is stored as parameters. uint8 is the default and the
-# safe choice under FSDP2 (never cast); the float dtypes reproduce bitsandbytes' ``quant_storage`` layout.
+# Dtypes the packed bytes may be viewed as. uint8 is the default and the safe choice under FSDP2 (never cast); the
+# float dtypes reproduce bitsandbytes' ``quant_storage`` layout.
 QUANT_STORAGES = (torch.uint8, torch.float16, torch.bfloat16, torch.float32)
-# Names of the tensors that hold the weight in parameter storage.
+# Names of the tensors that hold the NF4 weight.
 _PACKED, _ABSMAX, _ABSMAX2 = "nf4_packed", "nf4_absmax", "nf4_absmax2"
 _CODE, _NESTED_CODE = "nf4_code", "nf4_nested_code"
 _QUANT_PARAMS = (_PACKED, _ABSMAX, _ABSMAX2)
 _QUANT_BUFFERS = (_CODE, _NESTED_CODE)
-
-
-def _is_dtensor(t) -> bool:
-    """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (none can exist before that module is imported)."""
-    module = sys.modules.get("torch.distributed.tensor")
-    return module is not None and isinstance(t, module.DTensor)
-
-
-def _bitcast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``t`` reinterpreted as ``dtype`` of the same item size, sharing memory; a DTensor stays a DTensor with the
-    same mesh, placements, global shape and stride (its local shard reinterpreted)."""
-    if t.dtype == dtype:
-        return t
-    if _is_dtensor(t):
-        return type(t).from_local(t.to_local().view(dtype), t.device_mesh, t.placements, run_check=False,
-                                  shape=t.shape, stride=t.stride())
-    return t.view(dtype)
-
-
-@dataclass(frozen=True)
-class ShardedNF4Weight(BnbKeyAttributes):
-    """What ``QLoRALinear.weight`` is while FSDP2 holds the layer's parameters sharded (outside forward/backward).
-
-    ``packed`` (the packed bytes viewed as ``quant_storage``, global shape ``(ceil(n/2) / itemsize, 1)``), ``absmax``
-    (uint8 ``(nblocks,)`` codes when double-quantized, else float32 scales) and ``absmax2`` (float32
-    ``(ceil(nblocks/256),)``, double-quantized only) are DTensors of which this rank holds its shard; ``code``
-    (float32 (16,)) and ``nested_code`` (float32 (256,) or None) are whole on every rank; ``blocksize``, ``shape``,
-    ``dtype``, ``offset``, ``nested_blocksize`` as in :class:`~qlora.nf4.NF4Weight`. :meth:`full` gathers it.
-    """
-
-    packed: torch.Tensor
-    absmax: torch.Tensor
-    code: torch.Tensor
-    blocksize: int
-    shape: torch.Size
-    dtype: torch.dtype
-    absmax2: torch.Tensor | None = None
-    offset: float | None = None
-    nested_code: torch.Tensor | None = None
-    nested_blocksize: int = NESTED_BLOCKSIZE
-
-    # double_quant, numel and device come from BnbKeyAttributes, as NF4Weight's do.
-
-    def full(self) -> NF4Weight:
-        """The whole weight on every rank (all-gathers each sharded tensor: a collective, all ranks must call)."""
-        return NF4Weight(
-            packed=self.packed.full_tensor().view(torch.uint8).reshape(-1), absmax=self.absmax.full_tensor(),
-            code=self.code, blocksize=self.blocksize, shape=self.shape, dtype=self.dtype,
-            absmax2=None if self.absmax2 is None else self.absmax2.full_tensor(), offset=self.offset,
-            nested_code=self.nested_code, nested_blocksize=self.nested_blocksize)
 
 
 class QLoRALinear(nn.Module):
@@ -116,12 +53,12 @@ class QLoRALinear(nn.Module):
         bias: optional (out_features,) tensor, copied into a parameter that is frozen (PEFT's ``bias="none"``);
             set ``layer.bias.requires_grad_(True)`` to train it.
         dtype: dtype of the adapter and bias, and so of the inputs (default: the weight's original dtype).
-        quant_storage: None (the NF4 weight is a plain attribute) or one of ``QUANT_STORAGES`` (uint8, float16,
-            bfloat16, float32): the weight is held as frozen parameters, the packed bytes viewed as that dtype, so
-            FSDP2 can shard it (see :meth:`set_quant_storage`).
+        quant_storage: the dtype the packed bytes are viewed as in the frozen parameter ``nf4_packed``: one of
+            ``QUANT_STORAGES`` (uint8, the default; float16, bfloat16, float32: see :meth:`set_quant_storage`).
 
     Parameters: ``lora_A`` (r, in_features), Kaiming-uniform with ``a = sqrt(5)`` as PEFT initializes it;
-    ``lora_B`` (out_features, r), zeros, so a fresh layer computes the quantized base layer exactly.
+    ``lora_B`` (out_features, r), zeros, so a fresh layer computes the quantized base layer exactly; the frozen
+    ``nf4_packed``, ``nf4_absmax`` (and ``nf4_absmax2`` when double-quantized) holding the NF4 weight.
 
     Merging, as PEFT's bitsandbytes 4-bit LoRA layer: :meth:`merge` folds the adapter into the NF4 weight in place
     (requantizing; ``merged`` is then True and the forward is the base layer alone), :meth:`unmerge` takes it out
@@ -131,7 +68,7 @@ class QLoRALinear(nn.Module):
     def __init__(self, weight: NF4Weight, r: int = DEFAULT_R, lora_alpha: float = DEFAULT_LORA_ALPHA,
                  lora_dropout: float = DEFAULT_LORA_DROPOUT,
                  bias: torch.Tensor | None = None, dtype: torch.dtype | None = None,
-                 quant_storage: torch.dtype | None = None, use_rslora: bool = False) -> None:
+                 quant_storage: torch.dtype = torch.uint8, use_rslora: bool = False) -> None:
         super().__init__()
         if not isinstance(weight, NF4Weight):
             raise TypeError(f"weight must be a qlora.nf4.NF4Weight, got {type(weight).__name__}")
@@ -158,9 +95,9 @@ class QLoRALinear(nn.Module):
         self.scaling = lora_alpha_scaling(lora_alpha, r, use_rslora)
         self.lora_dropout = float(lora_dropout)
         self.merged = False
-        self._quant_storage = None
-        self._nf4_held: NF4Weight | None = weight
-        self._nf4_meta: dict | None = None
+        self._quant_storage = quant_storage
+        self._nf4_meta: dict = {}
+        self._nf4_view: tuple | None = None
         device = weight.device
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, dtype=dtype, device=device))
@@ -172,8 +109,7 @@ class QLoRALinear(nn.Module):
                 raise ValueError(f"bias must be a tensor of shape ({self.out_features},), got "
                                  f"{getattr(bias, 'shape', type(bias).__name__)}")
             self.bias = nn.Parameter(bias.detach().to(device=device, dtype=dtype).clone(), requires_grad=False)
-        if quant_storage is not None:
-            self.set_quant_storage(quant_storage)
+        self._store(weight)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, r: int = DEFAULT_R, lora_alpha: float = DEFAULT_LORA_ALPHA,
@@ -188,70 +124,67 @@ class QLoRALinear(nn.Module):
         return cls(weight, r, lora_alpha, lora_dropout, bias=linear.bias, dtype=linear.weight.dtype,
                    use_rslora=use_rslora)
 
-    def __setstate__(self, state):
-        # A module pickled before parameter storage existed held its NF4Weight in the instance attribute ``_nf4``.
-        if "_nf4" in state:
-            state = dict(state)
-            state["_nf4_held"] = state.pop("_nf4")
-            state.setdefault("_quant_storage", None)
-            state.setdefault("_nf4_meta", None)
-        if "use_rslora" not in state:  # pickled before rsLoRA existed
-            state = dict(state)
-            state["use_rslora"] = False
-        if "merged" not in state:  # pickled before the in-place merge existed: never merged
-            state = dict(state)
-            state["merged"] = False
-        super().__setstate__(state)
+    def __getstate__(self):
+        # The cached NF4Weight view is rebuilt from the tensors; a pickled or deep-copied one would be a copy.
+        state = dict(self.__dict__)
+        state["_nf4_view"] = None
+        return state
 
     # -- where the NF4 weight lives ------------------------------------------------------------------------------
     @property
-    def weight(self) -> NF4Weight | ShardedNF4Weight:
-        """The frozen NF4 base weight: an :class:`~qlora.nf4.NF4Weight` (with parameter storage, views of the
-        parameters), or a :class:`ShardedNF4Weight` while FSDP2 holds them sharded."""
+    def weight(self):
+        """The frozen NF4 base weight: an :class:`~qlora.nf4.NF4Weight` of views of the parameters, or a
+        :class:`qlora.distributed.ShardedNF4Weight` while FSDP2 holds them sharded."""
         if self._sharded():
-            return self._sharded_weight()
+            from .distributed import sharded_nf4_weight  # qlora.distributed imports this module
+
+            return sharded_nf4_weight(self)
         return self._nf4
 
     @property
     def _nf4(self) -> NF4Weight:
-        held = self._nf4_held
-        if held is not None:
-            return held
-        return self._weight_from_parameters()
+        """The NF4 weight as views of the (unsharded; inside an FSDP2 forward/backward, gathered) parameters. The
+        view is cached while the parameter objects and the packed bytes' address stay the same: replacing a tensor
+        (loading, moving, FSDP2's gather) makes a new one."""
+        params = self._parameters
+        packed, absmax = params[_PACKED], params[_ABSMAX]
+        if torch.compiler.is_compiling():  # traced once per graph: no cache (and no data_ptr on fake tensors)
+            return self._view_parameters(packed, absmax)
+        cached = self._nf4_view
+        if cached is not None and cached[0] is packed and cached[1] is absmax and cached[2] == packed.data_ptr():
+            return cached[3]
+        weight = self._view_parameters(packed, absmax)
+        self._nf4_view = (packed, absmax, packed.data_ptr(), weight)
+        return weight
 
     @_nf4.setter
     def _nf4(self, weight: NF4Weight) -> None:
-        # Assigning a new NF4 weight (as qlora.interop.load_quantized does) keeps the storage mode.
+        # Assigning a new NF4 weight (as qlora.interop.load_quantized does) stores it in the layer's quant_storage.
         self._store(weight)
 
     @property
-    def quant_storage(self) -> torch.dtype | None:
-        """None when the NF4 weight is a plain attribute; else the dtype its packed bytes are viewed as in the
-        frozen parameter ``nf4_packed``."""
+    def quant_storage(self) -> torch.dtype:
+        """The dtype the packed bytes are viewed as in the frozen parameter ``nf4_packed`` (uint8 by default)."""
         return self._quant_storage
 
-    def set_quant_storage(self, quant_storage: torch.dtype | None) -> "QLoRALinear":
-        """Move the NF4 weight into frozen parameters (``quant_storage`` a dtype) or back to a plain attribute (None).
-
-        Parameter storage is what ``torch.distributed.fsdp.fully_shard`` (FSDP2), DDP and DCP need: they act on
-        parameters and buffers only. ``quant_storage``: ``torch.uint8`` (recommended: no dtype conversion ever
-        touches it, FSDP2's mixed precision included) or ``torch.float16`` / ``torch.bfloat16`` / ``torch.float32``
-        (the packed bytes viewed as that dtype, bitsandbytes' ``quant_storage`` layout; the packed byte count
+    def set_quant_storage(self, quant_storage: torch.dtype) -> "QLoRALinear":
+        """View the packed bytes in ``nf4_packed`` as ``quant_storage``: ``torch.uint8`` (the default and the
+        recommendation: no dtype conversion ever touches it, FSDP2's mixed precision included) or ``torch.float16``
+        / ``torch.bfloat16`` / ``torch.float32`` (bitsandbytes' ``quant_storage`` layout; the packed byte count
         ``ceil(n/2)`` must then be a multiple of its item size, and under FSDP2 a ``MixedPrecisionPolicy`` whose
         ``param_dtype`` differs from it would cast the bytes, which the forward detects and refuses). The values,
-        the forward and the state dict are unchanged; must be called before sharding. Returns ``self``.
+        the forward and the state dict's bytes are unchanged; must be called before sharding. Returns ``self``.
         """
-        if quant_storage is not None and quant_storage not in QUANT_STORAGES:
-            names = ", ".join(str(d).replace("torch.", "") for d in QUANT_STORAGES)
-            raise TypeError(f"quant_storage must be None or one of {names}, got {quant_storage!r}")
-        weight = self._nf4  # raises if the parameters are sharded
+        if self._sharded():
+            raise RuntimeError("set_quant_storage must be called before fully_shard: this layer is sharded")
+        weight = self._nf4
         _check_quant_storage(weight, quant_storage)
         self._quant_storage = quant_storage
         self._store(weight)
         return self
 
     def _store(self, weight: NF4Weight) -> None:
-        """Hold ``weight`` the way ``self._quant_storage`` says (replacing whatever held the previous one)."""
+        """Hold ``weight`` as the frozen parameters and buffers (replacing those of the previous one)."""
         if not isinstance(weight, NF4Weight):
             raise TypeError(f"weight must be a qlora.nf4.NF4Weight, got {type(weight).__name__}")
         storage = self._quant_storage
@@ -261,11 +194,7 @@ class QLoRALinear(nn.Module):
         for name in _QUANT_BUFFERS:
             self._buffers.pop(name, None)
             self._non_persistent_buffers_set.discard(name)
-        if storage is None:
-            self._nf4_held = weight
-            self._nf4_meta = None
-            return
-        self._nf4_held = None
+        self._nf4_view = None
         self._nf4_meta = dict(shape=weight.shape, dtype=weight.dtype, blocksize=weight.blocksize,
                               double_quant=weight.double_quant, offset=weight.offset,
                               nested_blocksize=weight.nested_blocksize)
@@ -273,6 +202,7 @@ class QLoRALinear(nn.Module):
         def frozen(t: torch.Tensor) -> nn.Parameter:
             return nn.Parameter(t, requires_grad=False)
 
+        # Float32 tensors are held as their int32 bits: Module.to(dtype) and mixed precision cast floating tensors.
         self.register_parameter(_PACKED, frozen(weight.packed.view(storage).reshape(-1, 1)))
         absmax = weight.absmax if weight.double_quant else weight.absmax.view(torch.int32)
         self.register_parameter(_ABSMAX, frozen(absmax))
@@ -282,13 +212,11 @@ class QLoRALinear(nn.Module):
             self.register_buffer(_NESTED_CODE, weight.nested_code.view(torch.int32), persistent=False)
 
     def _sharded(self) -> bool:
-        return self._quant_storage is not None and _is_dtensor(self._parameters[_PACKED])
+        return is_dtensor(self._parameters[_PACKED])
 
-    def _weight_from_parameters(self) -> NF4Weight:
-        """The NF4 weight as views of the (unsharded) parameters; inside an FSDP2 forward/backward these are the
-        gathered ones."""
-        packed = self._parameters[_PACKED]
-        if _is_dtensor(packed):
+    def _view_parameters(self, packed: torch.Tensor, absmax: torch.Tensor) -> NF4Weight:
+        """A new :class:`NF4Weight` of views of ``packed``, ``absmax`` and the other NF4 tensors."""
+        if is_dtensor(packed):
             raise RuntimeError(
                 "the NF4 weight of this QLoRALinear is sharded (FSDP2 gathers it only inside forward and backward); "
                 "use qlora.distributed.full_state_dict(model) to gather it, or read the layer's shape and "
@@ -300,7 +228,6 @@ class QLoRALinear(nn.Module):
                 "casts floating parameters to param_dtype); use quant_storage=torch.uint8, which nothing casts")
         m = self._nf4_meta
         dq = m["double_quant"]
-        absmax = self._parameters[_ABSMAX]
         return NF4Weight(
             packed=packed.detach().view(torch.uint8).reshape(-1),
             absmax=absmax.detach() if dq else absmax.detach().view(torch.float32),
@@ -311,22 +238,8 @@ class QLoRALinear(nn.Module):
             nested_code=self._buffers[_NESTED_CODE].view(torch.float32) if dq else None,
             nested_blocksize=m["nested_blocksize"])
 
-    def _sharded_weight(self) -> ShardedNF4Weight:
-        m, params = self._nf4_meta, self._parameters
-        dq = m["double_quant"]
-        return ShardedNF4Weight(
-            packed=params[_PACKED].detach(),
-            absmax=params[_ABSMAX].detach() if dq else _bitcast(params[_ABSMAX].detach(), torch.float32),
-            code=self._buffers[_CODE].view(torch.float32), blocksize=m["blocksize"], shape=m["shape"],
-            dtype=m["dtype"], absmax2=_bitcast(params[_ABSMAX2].detach(), torch.float32) if dq else None,
-            offset=m["offset"] if dq else None,
-            nested_code=self._buffers[_NESTED_CODE].view(torch.float32) if dq else None,
-            nested_blocksize=m["nested_blocksize"])
-
     def _quant_settings(self) -> tuple[int, bool]:
         """``(blocksize, double_quant)`` without touching the (possibly sharded) tensors."""
-        if self._nf4_held is not None:
-            return self._nf4_held.blocksize, self._nf4_held.double_quant
         return self._nf4_meta["blocksize"], self._nf4_meta["double_quant"]
 
     # -- compute ------------------------------------------------------------------------------------------------
@@ -350,7 +263,7 @@ class QLoRALinear(nn.Module):
         """Fold the adapter into the NF4 base weight in place, as PEFT's ``merge()`` on a 4-bit layer:
         ``W := NF4(dequantize(W) + scaling * lora_B @ lora_A)`` (:func:`qlora.nf4.requantize_nf4`; the sum in float32,
         rounded to the weight's original dtype, quantized with its blocksize and double quantization, held in the
-        layer's storage mode). Afterwards ``merged`` is True and the forward computes the base layer alone.
+        layer's ``quant_storage``). Afterwards ``merged`` is True and the forward computes the base layer alone.
 
         Lossy: every element of the merged weight is rounded to its block's NF4 grid, an error of up to half the
         widest gap between adjacent codebook values times the block's new absmax (about 0.15 * absmax), larger than
@@ -402,24 +315,18 @@ class QLoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         blocksize, double_quant = self._quant_settings()
-        storage = "" if self._quant_storage is None else (
-            f", quant_storage={str(self._quant_storage).replace('torch.', '')}")
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
                 f"lora_alpha={self.lora_alpha}, {'use_rslora=True, ' if self.use_rslora else ''}"
                 f"scaling={self.scaling:g}, lora_dropout={self.lora_dropout:g}, "
-                f"bias={self.bias is not None}, {'merged=True, ' if self.merged else ''}quant=nf4, blocksize={blocksize}, double_quant={double_quant}"
-                f"{storage}, dtype={str(self.lora_A.dtype).replace('torch.', '')}")
+                f"bias={self.bias is not None}, {'merged=True, ' if self.merged else ''}quant=nf4, "
+                f"blocksize={blocksize}, double_quant={double_quant}, "
+                f"quant_storage={str(self._quant_storage).replace('torch.', '')}, "
+                f"dtype={str(self.lora_A.dtype).replace('torch.', '')}")
 
     # -- devices: the NF4 weight follows the module across devices, never across dtypes ------------------------
     def _apply(self, fn, recurse=True):
-        if self._quant_storage is None:
-            super()._apply(fn, recurse)
-            probe = fn(torch.empty(0, device=self._nf4.device))
-            if probe.device != self._nf4.device:
-                self._nf4 = self._nf4.to(probe.device)
-            return self
-        # Hide the quantization tensors from nn.Module._apply (it would cast a float quant_storage, or everything
-        # under Module.type()), then move them by hand where fn sends an empty probe.
+        # Hide the NF4 tensors from nn.Module._apply (it would cast a float quant_storage, or everything under
+        # Module.type()), then move them by hand where fn sends an empty probe.
         hidden = [(store, name, store[name]) for store in (self._parameters, self._buffers)
                   for name in (*_QUANT_PARAMS, *_QUANT_BUFFERS) if store.get(name) is not None]
         for store, name, _ in hidden:
@@ -432,12 +339,13 @@ class QLoRALinear(nn.Module):
         device = self._parameters[_PACKED].device
         probe = fn(torch.empty(0, device=device))
         if probe.device != device:
+            self._nf4_view = None  # it would keep the tensors on the old device alive
             for store, name, t in hidden:
                 moved = t.detach().to(probe.device)
                 store[name] = nn.Parameter(moved, requires_grad=False) if store is self._parameters else moved
         return self
 
-    # -- state dict: bitsandbytes keys whatever the storage ------------------------------------------------------
+    # -- state dict: bitsandbytes keys -------------------------------------------------------------------------
     def _bnb_keys(self, key: str) -> list[str]:
         _, double_quant = self._quant_settings()
         return nf4_keys(key, double_quant)
@@ -445,9 +353,6 @@ class QLoRALinear(nn.Module):
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         key = prefix + "weight"
-        if self._quant_storage is None:
-            destination.update(self._nf4.to_bnb_state_dict(key))
-            return
         for name in _QUANT_PARAMS:
             destination.pop(prefix + name, None)
         params, m = self._parameters, self._nf4_meta
@@ -456,12 +361,13 @@ class QLoRALinear(nn.Module):
         def own(t):  # the parameter itself (keep_vars) or a detached alias; a DTensor under FSDP2
             return t if keep_vars else t.detach()
 
+        # The packed bytes in the quant_storage dtype, as bitsandbytes writes them; float32 bits shown as float32.
         destination[key] = own(params[_PACKED])
-        destination[f"{key}.absmax"] = own(params[_ABSMAX]) if dq else _bitcast(params[_ABSMAX].detach(),
-                                                                                  torch.float32)
+        destination[f"{key}.absmax"] = (own(params[_ABSMAX]) if dq
+                                        else bitcast(params[_ABSMAX].detach(), torch.float32))
         destination[f"{key}.quant_map"] = self._buffers[_CODE].view(torch.float32)
         if dq:
-            destination[f"{key}.nested_absmax"] = _bitcast(params[_ABSMAX2].detach(), torch.float32)
+            destination[f"{key}.nested_absmax"] = bitcast(params[_ABSMAX2].detach(), torch.float32)
             destination[f"{key}.nested_quant_map"] = self._buffers[_NESTED_CODE].view(torch.float32)
         destination[quant_state_key(key)] = encode_quant_state(
             m["blocksize"], m["dtype"], m["shape"], (m["nested_blocksize"], m["offset"]) if dq else None)
@@ -473,7 +379,9 @@ class QLoRALinear(nn.Module):
         if key in state_dict:
             try:
                 if self._sharded():
-                    self._load_sharded(state_dict, key)
+                    from .distributed import load_sharded_nf4  # qlora.distributed imports this module
+
+                    load_sharded_nf4(self, state_dict, key)
                 else:
                     self._load_whole(state_dict, key)
             except (KeyError, TypeError, ValueError) as err:
@@ -485,7 +393,7 @@ class QLoRALinear(nn.Module):
             # entries next to a weight that is not double-quantized) are unexpected, as nn.Module reports others.
             unexpected_keys.extend(sorted(present - set(self._bnb_keys(key))))
         rest = {k: v for k, v in state_dict.items() if k not in present}
-        # nn.Module's loader must not look for the storage parameters under their own names: hide them.
+        # nn.Module's loader must not look for the NF4 parameters under their own names: hide them.
         hidden = [(name, self._parameters[name]) for name in _QUANT_PARAMS if self._parameters.get(name) is not None]
         for name, _ in hidden:
             self._parameters[name] = None
@@ -498,68 +406,16 @@ class QLoRALinear(nn.Module):
 
     def _load_whole(self, state_dict, key: str) -> None:
         """Load a whole (unsharded) NF4 weight: any blocksize or double quantization, the layer's shape."""
-        sharded = [k for k in self._bnb_keys(key) if _is_dtensor(state_dict.get(k))]
+        sharded = [k for k in self._bnb_keys(key) if is_dtensor(state_dict.get(k))]
         if sharded:
             raise ValueError(f"entry {sharded[0]!r} is a sharded DTensor but this layer is not sharded; gather the "
                              "state dict first (qlora.distributed.full_state_dict)")
-        device = self._nf4.device
-        weight = NF4Weight.from_bnb_state_dict(state_dict, key, device=device)
-        if weight.shape != self._nf4.shape:
+        current = self._nf4
+        weight = NF4Weight.from_bnb_state_dict(state_dict, key, device=current.device)
+        if weight.shape != current.shape:
             raise ValueError(f"NF4 weight {key!r} has shape {tuple(weight.shape)}, the layer expects "
-                             f"{tuple(self._nf4.shape)}")
+                             f"{tuple(current.shape)}")
         self._store(weight)
-
-    @torch.no_grad()
-    def _load_sharded(self, state_dict, key: str) -> None:
-        """Load into sharded (FSDP2) parameters, shard by shard; the quantization settings must be the layer's own.
-
-        The sharded entries must be DTensors laid out like the parameters, as ``model.state_dict()`` (or
-        ``get_model_state_dict``) of a sharded model gives them and a DCP load fills them; a whole NF4 weight loads
-        before ``fully_shard`` (or through DCP, which reshards). Everything is checked before anything is written.
-        """
-        m = self._nf4_meta
-        dq = m["double_quant"]
-        state_key = quant_state_key(key)
-        for k in self._bnb_keys(key):
-            if k not in state_dict:
-                raise KeyError(f"state dict has no entry {k!r} (needed for the NF4 weight {key!r})")
-        meta_tensor = state_dict[state_key]
-        if _is_dtensor(meta_tensor):
-            meta_tensor = meta_tensor.full_tensor()
-        meta = decode_quant_state(meta_tensor, state_key)
-        want = dict(blocksize=m["blocksize"], dtype=DTYPE_NAMES[m["dtype"]], shape=list(m["shape"]))
-        for field, value in want.items():
-            if meta[field] != value:
-                raise ValueError(f"JSON field {field!r} of {state_key!r} is {meta[field]!r}, but this sharded layer "
-                                 f"has {value!r}; a sharded layer only loads its own quantization layout")
-        if ("nested_offset" in meta) != dq:
-            raise ValueError(f"{state_key!r} is {'' if 'nested_offset' in meta else 'not '}double-quantized, this "
-                             f"sharded layer is {'' if dq else 'not '}")
-        plan = [(self._parameters[_PACKED], state_dict[key], key, self._quant_storage),
-                (self._parameters[_ABSMAX], state_dict[f"{key}.absmax"], f"{key}.absmax",
-                 torch.uint8 if dq else torch.float32)]
-        codes = [(self._buffers[_CODE], state_dict[f"{key}.quant_map"], f"{key}.quant_map", (16,))]
-        if dq:
-            plan.append((self._parameters[_ABSMAX2], state_dict[f"{key}.nested_absmax"], f"{key}.nested_absmax",
-                         torch.float32))
-            codes.append((self._buffers[_NESTED_CODE], state_dict[f"{key}.nested_quant_map"],
-                          f"{key}.nested_quant_map", (256,)))
-        copies = []
-        for param, value, name, dtype in plan:
-            if not isinstance(value, torch.Tensor) or value.dtype != dtype or value.shape != param.shape:
-                raise ValueError(f"entry {name!r} must be {dtype} of shape {tuple(param.shape)} for this sharded "
-                                 f"layer, got {getattr(value, 'dtype', type(value).__name__)} "
-                                 f"{tuple(getattr(value, 'shape', ()))}")
-            copies.append((param.to_local(), _local_piece(param, _bitcast(value, param.dtype), name)))
-        for buffer, value, name, shape in codes:
-            if _is_dtensor(value):
-                value = value.full_tensor()
-            check_code_table(f"state dict entry {name!r}", value, shape[0])
-            copies.append((buffer, value.view(torch.int32)))
-        for dst, src in copies:
-            dst.copy_(src)
-        if dq:
-            m["offset"] = meta["nested_offset"]
 
 
 def lora_alpha_scaling(lora_alpha: float, r: int, use_rslora: bool = False) -> float:
@@ -568,24 +424,18 @@ def lora_alpha_scaling(lora_alpha: float, r: int, use_rslora: bool = False) -> f
     return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
 
 
-def _local_piece(param, value: torch.Tensor, name: str) -> torch.Tensor:
-    """This rank's shard of the DTensor ``value``, which must be laid out like the DTensor ``param``."""
-    if not _is_dtensor(value):
-        raise ValueError(f"entry {name!r} is a whole tensor but the layer is sharded: load a whole NF4 weight before "
-                         "fully_shard, or load a sharded checkpoint through DCP (qlora.distributed.load_checkpoint)")
-    if value.device_mesh != param.device_mesh or tuple(value.placements) != tuple(param.placements):
-        raise ValueError(f"entry {name!r} is sharded as {value.placements} on {value.device_mesh}, the parameter "
-                         f"as {param.placements} on {param.device_mesh}")
-    return value.to_local()
-
-
-def _check_quant_storage(weight: NF4Weight, quant_storage: torch.dtype | None) -> None:
-    """``quant_storage`` valid for ``weight``: None or one of QUANT_STORAGES whose item size divides the bytes."""
-    if quant_storage is None:
-        return
+def _check_quant_storage_dtype(quant_storage) -> None:
+    """``quant_storage`` is one of QUANT_STORAGES (TypeError naming the argument otherwise)."""
     if quant_storage not in QUANT_STORAGES:
         names = ", ".join(str(d).replace("torch.", "") for d in QUANT_STORAGES)
-        raise TypeError(f"quant_storage must be None or one of {names}, got {quant_storage!r}")
+        hint = (" (the NF4 weight is always held as frozen parameters; None, the former plain-attribute storage, "
+                "no longer exists: use torch.uint8)") if quant_storage is None else ""
+        raise TypeError(f"quant_storage must be one of {names}, got {quant_storage!r}{hint}")
+
+
+def _check_quant_storage(weight: NF4Weight, quant_storage: torch.dtype) -> None:
+    """``quant_storage`` valid for ``weight``: one of QUANT_STORAGES whose item size divides the packed bytes."""
+    _check_quant_storage_dtype(quant_storage)
     nbytes, size = weight.packed.numel(), quant_storage.itemsize
     if nbytes % size:
         raise ValueError(f"quant_storage={str(quant_storage).replace('torch.', '')} needs a packed byte count that is "

@@ -289,7 +289,7 @@ def trainable_parameters_report(model: nn.Module) -> ParameterReport:
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     trainable = total = weight_4bit = scales = lora = other = 0
     lora_ids = set()
-    nf4_storage_ids = set()  # the NF4 weight held as frozen parameters/buffers (quant_storage): counted above
+    nf4_storage_ids = set()  # the frozen nf4_* parameters/buffers holding each NF4 weight: counted above
     for _, layer in qlora_layers(model):
         w = layer.weight
         total += w.numel

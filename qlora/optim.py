@@ -1,53 +1,13 @@
 """AdamW optimizers on the Triton step kernels: 8-bit states, and states paged out of GPU memory.
 
-- :class:`AdamW8bit`: ``torch.optim.AdamW`` with both moments stored blockwise-quantized to 8 bits
-  (SPEC section 7); tensors under ``min_8bit_size`` (4096) elements keep float32 moments.
-- :class:`PagedAdamW`: AdamW with float32 moments, paged (see :mod:`qlora.paging`).
-- :class:`PagedAdamW8bit`: both at once.
-
-All are ``torch.optim.Optimizer`` subclasses: parameter groups, ``zero_grad``, closures, lr schedulers
-(hyperparameters are runtime kernel arguments, so changing them recompiles nothing), ``state_dict()`` /
-``load_state_dict()``. The update is PyTorch's AdamW (decoupled decay before the update) with the float32
-arithmetic of :mod:`qlora.kernels.optim`; parameters may be float32, float16 or bfloat16 and are updated in
-float32 (moments are always float32 or 8-bit, whatever the parameter dtype).
-
-Paging (``paging=``): ``"auto"`` picks ``"unified"`` (CUDA managed memory) where the GPU supports concurrent
-managed access, else ``"host"`` (pinned host memory cached on the device in pages of ``page_size`` bytes);
-CPU parameters (the Triton interpreter) use ``"host"``. ``"none"`` keeps every state resident. Tensors under
-``min_paged_size`` elements stay resident either way. Pages are prefetched to the device before the step and stay
-there; they go back only when the device budget (``num_pages`` pages, or by default half of free device memory
-plus what the cache holds) needs the room, so a step whose state fits moves 0 bytes (bitsandbytes' semantics).
-A paged step equals the resident step bit for bit; :meth:`memory_report` gives the device budget and what moved
-in the last step.
-
-Launches: one per (step scalars, parameter dtype, gradient dtype, state kind) over all tensors under
-``qlora.kernels.optim.MULTI_TENSOR_MAX_NUMEL`` elements (pointer tables), one per larger tensor.
-
-State per parameter (what ``state_dict()`` saves, 8-bit states in their quantized form):
-``step`` (int); float32 moments ``exp_avg``, ``exp_avg_sq`` (the parameter's shape, as in
-``torch.optim.AdamW``); or 8-bit ``exp_avg_codes``, ``exp_avg_sq_codes`` (uint8, the parameter's shape,
-codes of the signed / unsigned dynamic map) with ``exp_avg_absmax``, ``exp_avg_sq_absmax`` (float32,
-one per 256 elements). Paged states are backed by host (or managed) memory: call :meth:`synchronize`
-before reading ``optimizer.state`` directly on a GPU (``state_dict()`` does it).
-
-Sharded parameters (``torch.distributed.tensor.DTensor``, as FSDP2's ``fully_shard`` makes them): each rank steps
-its local shard with its local gradient shard, and the state is shaped like the local shard. The 8-bit-or-not choice
-uses the parameter's global size (so every rank and a single process choose alike); an 8-bit state is quantized in
-256-element blocks of the local shard, so it equals the single-process state exactly when every shard starts on a
-multiple of 256 elements. ``state_dict()`` returns the state of a sharded parameter as DTensors: element-wise fields
-with the parameter's mesh, placements and global shape; each 8-bit ``*_absmax`` as a 2-D DTensor of shape
-``(shards, blocks of the largest shard)``, one row per shard (zero-padded), sharded on dim 0. Its blocks follow the
-shards, so it reloads only onto the same sharding, and its 2-D shape makes DCP refuse any other (an unsharded
-parameter's absmax is 1-D; another world size or parameter shape changes the 2-D shape).
-``torch.distributed.checkpoint`` and ``get_optimizer_state_dict`` / ``set_optimizer_state_dict`` of
-``torch.distributed.checkpoint.state_dict`` work with it; ``load_state_dict`` takes those DTensors or per-rank
-local tensors.
-
-Gradients: parameters whose ``grad`` is None are skipped; sparse gradients are rejected (TypeError).
-NaN/Inf gradients are not checked, as in ``torch.optim.AdamW``: they propagate into the parameter. With
-float32 moments that stays elementwise, exactly as in PyTorch; an 8-bit moment block that turns non-finite
-is stored as NaN and turns its whole 256-element block of parameters NaN at the next step (see
-:func:`qlora.kernels.optim.adamw8bit_step_`).
+:class:`AdamW8bit` (moments blockwise-quantized to 8 bits; tensors under ``min_8bit_size`` elements keep float32),
+:class:`PagedAdamW` (float32 moments, paged by :mod:`qlora.paging`) and :class:`PagedAdamW8bit` (both) are
+``torch.optim.Optimizer`` subclasses computing PyTorch's AdamW (decoupled decay) in float32 for float32, float16 or
+bfloat16 parameters. The update, the 8-bit format and the NaN policy: ``docs/SPEC.md`` section 7; state names and
+paging: ``docs/DESIGN.md`` ("Optimizers"). One launch per (step scalars, parameter dtype, gradient dtype, state
+kind) covers every tensor under ``qlora.kernels.optim.MULTI_TENSOR_MAX_NUMEL`` elements. Paged states live in host
+or managed memory: call :meth:`synchronize` before reading ``optimizer.state`` directly on a GPU (``state_dict()``
+does it). Sharded (DTensor) parameters step their local shard; their saved state: :mod:`qlora.distributed_optim`.
 """
 
 from __future__ import annotations
@@ -59,9 +19,13 @@ from typing import Any, Iterable
 
 import torch
 
+from ._dtensor import is_dtensor
+from ._dtensor import local as _local
+from .distributed_optim import local_saved_field, sharded_state
 from .kernels import optim as _kernels
 from .kernels._checks import FLOAT_DTYPES, check_backend_device
-from .paging import MIN_PAGE_SIZE, PAGE_ALIGN, FieldSpec, HostPager, Pager, UnifiedPager, managed_supported
+from .cuda_runtime import managed_supported
+from .paging import MIN_PAGE_SIZE, PAGE_ALIGN, FieldSpec, HostPager, Pager, UnifiedPager
 
 __all__ = ["AdamW8bit", "PagedAdamW", "PagedAdamW8bit"]
 
@@ -128,40 +92,6 @@ def _refuse_unsupported(options: dict, where: str = "") -> None:
                              f"use torch.optim.AdamW for {name}")
 
 
-def _is_dtensor(t) -> bool:
-    """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (none can exist before that module is imported)."""
-    module = sys.modules.get("torch.distributed.tensor")
-    return module is not None and isinstance(t, module.DTensor)
-
-
-def _local(p: torch.Tensor) -> torch.Tensor:
-    """The tensor the kernels step: a DTensor's local shard (sharing its memory), else ``p`` itself."""
-    return p.to_local() if _is_dtensor(p) else p
-
-
-def _absmax_layout(p) -> tuple[int, tuple[int, int], list]:
-    """How the per-shard 8-bit scales of the DTensor ``p`` are saved: ``(blocks per row, global shape,
-    placements)``. Every rank's local scales are padded to the block count of the largest shard and form one row of
-    a ``(shards, blocks per row)`` DTensor, sharded on dim 0 along the one mesh dimension that shards ``p``
-    (replicated along the others)."""
-    from torch.distributed.tensor import Replicate, Shard
-
-    sharding = [(i, pl) for i, pl in enumerate(p.placements) if not isinstance(pl, Replicate)]
-    if len(sharding) > 1 or (sharding and type(sharding[0][1]) is not Shard):
-        raise ValueError(
-            f"8-bit optimizer state of a parameter with placements {p.placements}: only one plain Shard placement "
-            "(FSDP2's fully_shard on a 1-D mesh, or HSDP's (Replicate, Shard)) is supported")
-    largest = list(p.shape)
-    mesh_dim, ways = None, 1
-    if sharding:
-        mesh_dim, placement = sharding[0]
-        ways = p.device_mesh.size(mesh_dim)
-        largest[placement.dim] = -(-largest[placement.dim] // ways)
-    per_rank = -(-math.prod(largest) // _kernels.QBLOCK)
-    placements = [Shard(0) if i == mesh_dim else Replicate() for i in range(p.device_mesh.ndim)]
-    return per_rank, (ways, per_rank), placements
-
-
 def _count(name: str, value, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
@@ -216,7 +146,7 @@ class _TritonAdamW(torch.optim.Optimizer):
             _hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"], where)
             for i, p in enumerate(group["params"]):
                 if not p.is_floating_point() and not p.requires_grad:
-                    # A frozen integer parameter (the NF4 weight under set_quant_storage(torch.uint8)) never has a
+                    # A frozen integer parameter (the NF4 weight of a QLoRALinear in uint8 storage) never has a
                     # gradient, so it is never stepped: accepted, so that model.parameters() can be passed as is.
                     continue
                 if not p.is_floating_point() or p.dtype not in FLOAT_DTYPES:
@@ -454,25 +384,8 @@ class _TritonAdamW(torch.optim.Optimizer):
         out = super().state_dict()
         params = chain.from_iterable(g["params"] for g in self.param_groups)
         for index, p in enumerate(params):  # super() numbers parameters in this order
-            if _is_dtensor(p) and index in out["state"]:
-                out["state"][index] = self._sharded_state(p, out["state"][index])
-        return out
-
-    def _sharded_state(self, p, state: dict[str, Any]) -> dict[str, Any]:
-        """A new state dict entry for the DTensor ``p`` whose local state is ``state``."""
-        dtensor = type(p)
-        out = {"step": state["step"]}
-        for f in self._fields(p):
-            t = state[f.name]
-            if f.unit == 1:
-                out[f.name] = dtensor.from_local(t, p.device_mesh, p.placements, run_check=False, shape=p.shape,
-                                                 stride=p.stride())
-            else:
-                per_rank, shape, placements = _absmax_layout(p)
-                padded = t.new_zeros(1, per_rank)
-                padded[0, : t.numel()] = t
-                out[f.name] = dtensor.from_local(padded, p.device_mesh, placements, run_check=False, shape=shape,
-                                                 stride=(per_rank, 1))
+            if is_dtensor(p) and index in out["state"]:
+                out["state"][index] = sharded_state(p, out["state"][index], self._fields(p))
         return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -548,10 +461,7 @@ class _TritonAdamW(torch.optim.Optimizer):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
             shape = tuple(local.shape) if f.unit == 1 else (f.count(local.numel()),)
-            if _is_dtensor(t):
-                t = self._local_saved(p, t, f, name)
-            elif _is_dtensor(p) and f.unit != 1 and tuple(t.shape) == (1, _absmax_layout(p)[0]):
-                t = t[0, : shape[0]]  # one rank's padded row, saved per rank
+            t = local_saved_field(p, t, f, name)
             if tuple(t.shape) != shape:
                 raise ValueError(f"state_dict has a different parameter layout: {name} has shape "
                                  f"{tuple(t.shape)}, expected {shape}")
@@ -564,25 +474,6 @@ class _TritonAdamW(torch.optim.Optimizer):
             values[f.name] = t
         return step, values
 
-    @staticmethod
-    def _local_saved(p, t, f: FieldSpec, name: str) -> torch.Tensor:
-        """This rank's part of the saved DTensor ``t`` of field ``f`` of the DTensor parameter ``p``."""
-        if not _is_dtensor(p):
-            raise ValueError(f"{name} is a DTensor but the parameter is not; load a gathered (plain) state dict")
-        if f.unit == 1:
-            shape, placements = tuple(p.shape), tuple(p.placements)
-        else:
-            _, shape, placements = _absmax_layout(p)
-            placements = tuple(placements)
-        if tuple(t.shape) != shape or tuple(t.placements) != placements or t.device_mesh != p.device_mesh:
-            raise ValueError(f"state_dict has a different parameter layout: {name} is a DTensor of shape "
-                             f"{tuple(t.shape)} with placements {tuple(t.placements)}, expected {shape} with "
-                             f"{placements} on the parameter's mesh (8-bit state reloads only onto the same sharding)")
-        local = t.to_local()
-        if f.unit != 1:
-            local = local.reshape(-1)[: f.count(_local(p).numel())]
-        return local
-
 
 def _check_saved_values(name: str, field: str, t: torch.Tensor) -> None:
     """Values a saved state field can never hold (one reduction per field, at load only): an 8-bit block scale
@@ -592,14 +483,14 @@ def _check_saved_values(name: str, field: str, t: torch.Tensor) -> None:
     if t.numel() == 0:
         return
     if field.endswith("_absmax"):
-        local = t.to_local() if _is_dtensor(t) else t
+        local = t.to_local() if is_dtensor(t) else t
         bad = ~(torch.isfinite(local) & (local >= 0))
         if bool(bad.any()):
             value = local[bad][0].item()
             raise ValueError(f"{name} must hold finite scales >= 0, got {value} at index "
                              f"{int(bad.nonzero()[0][0])}")
     elif field == "exp_avg_sq":
-        local = t.to_local() if _is_dtensor(t) else t
+        local = t.to_local() if is_dtensor(t) else t
         negative = local < 0
         if bool(negative.any()):
             raise ValueError(f"{name} must be >= 0 (a second moment), got {local[negative][0].item()}")

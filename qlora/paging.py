@@ -1,42 +1,26 @@
 """The paging engine of the paged optimizers: optimizer state kept outside GPU memory, streamed in pages.
 
-The state of every paged parameter is cut into *chunks* (element ranges whose starts are multiples of 256,
-so an 8-bit state's 256-element quantization blocks never straddle two chunks) and the chunks are packed,
-in the order parameters first get state, into fixed-size *pages*: a large tensor spans several pages, many
-small tensors share one. A chunk holds the slices of each of its parameter's state fields (``exp_avg``,
-``exp_avg_sq`` or their 8-bit codes and absmax); inside a page each slice starts on a 128-byte boundary.
-
-One optimizer step walks the pages holding a parameter with a gradient, in plan order, and hands their chunks to
-the step kernels as views on the device, a batch of pages per call (all of them when they fit the budget). Pages
-are cached on the device between steps and leave it only when the budget needs room (least recently used first);
-the budget is ``num_pages`` pages, or ``BUDGET_FRACTION`` of free device memory plus what the cache holds. Two
-back ends move the bytes:
-
-- :class:`HostPager` (``paging="host"``): each field lives in (pinned, on CUDA) host memory; a cached page sits in
-  a device page buffer, uploaded on an upload stream, and written back on a download stream when it is evicted
-  or on :meth:`Pager.synchronize`. With CPU tensors (the Triton interpreter) the same logic runs with synchronous
-  copies, which is how it (page boundaries, partial last page, many tensors in one page, eviction, bytes moved) is
-  tested without a GPU.
-- :class:`UnifiedPager` (``paging="unified"``): each field lives in CUDA managed memory (``cudaMallocManaged``
-  through the CUDA runtime torch ships, via ctypes); the kernels read it in place. A page is prefetched to the GPU
-  before its kernels and prefetched back to the host only when evicted.
-
-Either way the device memory used by paged state is at most the budget, and the kernel
-sees the same values it would see with resident state: a paged step equals an unpaged one bit for bit.
+Each paged parameter's state is cut into chunks starting at multiples of 256 elements and packed into fixed-size
+pages (:class:`PagePlan`); a step walks the pages holding a parameter with a gradient and hands their chunks to the
+step kernels as device views. Pages stay cached on the device and leave it only when the budget (``num_pages``, or
+``BUDGET_FRACTION`` of free device memory plus the cache) needs room, least recently used first. Back ends:
+:class:`HostPager` (pinned host memory and device page buffers; with CPU tensors the same logic runs synchronously,
+which is how it is tested without a GPU) and :class:`UnifiedPager` (CUDA managed memory through
+:mod:`qlora.cuda_runtime`, prefetched page by page). A paged step equals a resident one bit for bit. Layout
+decisions: ``docs/DESIGN.md`` ("Optimizers", Paging).
 """
 
 from __future__ import annotations
 
-import ctypes
-import glob
 import os
-import weakref
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
 import torch
+
+from .cuda_runtime import ADVISE_ACCESSED_BY, ADVISE_PREFERRED_LOCATION, CPU_DEVICE_ID, CudaRuntime, ManagedAllocation
 
 PAGE_ALIGN = 128  # bytes: every slice in a page starts on this boundary (coalesced, vectorizable loads)
 CHUNK_GRANULE = 256  # elements: chunk starts are multiples of the 8-bit quantization blocksize
@@ -456,130 +440,6 @@ class HostPager(Pager):
         return out
 
 
-# --- CUDA managed memory ------------------------------------------------------------------------------
-
-_CUDA_CPU_DEVICE_ID = -1
-_ATTR_CONCURRENT_MANAGED_ACCESS = 89  # cudaDevAttrConcurrentManagedAccess
-_ADVISE_PREFERRED_LOCATION = 3  # cudaMemAdviseSetPreferredLocation
-_ADVISE_ACCESSED_BY = 5  # cudaMemAdviseSetAccessedBy
-_LOCATION_DEVICE, _LOCATION_HOST = 1, 2  # cudaMemLocationType
-
-
-class _MemLocation(ctypes.Structure):
-    _fields_ = [("type", ctypes.c_int), ("id", ctypes.c_int)]
-
-
-class CudaRuntime:
-    """The few CUDA runtime calls managed memory needs, through ctypes on the libcudart torch loaded.
-
-    CUDA 13 changed ``cudaMemPrefetchAsync`` and ``cudaMemAdvise`` to take a ``cudaMemLocation``; both ABIs
-    are handled from ``cudaRuntimeGetVersion``.
-    """
-
-    _instance: "CudaRuntime | None" = None
-
-    def __init__(self, lib: ctypes.CDLL):
-        self.lib = lib
-        version = ctypes.c_int(0)
-        self._check(lib.cudaRuntimeGetVersion(ctypes.byref(version)), "cudaRuntimeGetVersion")
-        self.version = version.value
-        lib.cudaMallocManaged.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t, ctypes.c_uint]
-        lib.cudaFree.argtypes = [ctypes.c_void_p]
-        lib.cudaDeviceGetAttribute.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_int, ctypes.c_int]
-        if self.version >= 13000:
-            lib.cudaMemPrefetchAsync.argtypes = [ctypes.c_void_p, ctypes.c_size_t, _MemLocation, ctypes.c_uint,
-                                                 ctypes.c_void_p]
-            lib.cudaMemAdvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, _MemLocation]
-        else:
-            lib.cudaMemPrefetchAsync.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
-            lib.cudaMemAdvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int]
-
-    @classmethod
-    def get(cls) -> "CudaRuntime":
-        """The runtime, loaded once; raises RuntimeError where no CUDA runtime library can be loaded."""
-        if cls._instance is None:
-            cls._instance = cls(_load_cudart())
-        return cls._instance
-
-    @staticmethod
-    def _check(code: int, what: str) -> None:
-        if code != 0:
-            raise RuntimeError(f"{what} failed with CUDA error {code}")
-
-    def _location(self, device: int) -> _MemLocation:
-        if device == _CUDA_CPU_DEVICE_ID:
-            return _MemLocation(_LOCATION_HOST, 0)
-        return _MemLocation(_LOCATION_DEVICE, device)
-
-    def _where(self, device: int):
-        return self._location(device) if self.version >= 13000 else device
-
-    def concurrent_managed_access(self, device: int) -> bool:
-        value = ctypes.c_int(0)
-        self._check(self.lib.cudaDeviceGetAttribute(ctypes.byref(value), _ATTR_CONCURRENT_MANAGED_ACCESS, device),
-                    "cudaDeviceGetAttribute")
-        return bool(value.value)
-
-    def malloc_managed(self, nbytes: int) -> int:
-        ptr = ctypes.c_void_p()
-        self._check(self.lib.cudaMallocManaged(ctypes.byref(ptr), nbytes, 1), f"cudaMallocManaged({nbytes})")
-        return int(ptr.value)
-
-    def free(self, ptr: int) -> None:
-        self.lib.cudaFree(ctypes.c_void_p(ptr))
-
-    def prefetch(self, ptr: int, nbytes: int, device: int, stream: int) -> None:
-        if self.version >= 13000:
-            code = self.lib.cudaMemPrefetchAsync(ptr, nbytes, self._location(device), 0, stream)
-        else:
-            code = self.lib.cudaMemPrefetchAsync(ptr, nbytes, device, stream)
-        self._check(code, "cudaMemPrefetchAsync")
-
-    def advise(self, ptr: int, nbytes: int, advice: int, device: int) -> None:
-        self._check(self.lib.cudaMemAdvise(ptr, nbytes, advice, self._where(device)), "cudaMemAdvise")
-
-
-def _load_cudart() -> ctypes.CDLL:
-    names = ["libcudart.so.13", "libcudart.so.12", "libcudart.so"]
-    roots = [os.path.dirname(torch.__file__)]
-    roots += [os.path.join(p, "nvidia") for p in __import__("site").getsitepackages()]
-    for root in roots:
-        names += sorted(glob.glob(os.path.join(root, "**", "libcudart.so*"), recursive=True), reverse=True)
-    errors = []
-    for name in names:
-        try:
-            return ctypes.CDLL(name)
-        except OSError as exc:
-            errors.append(str(exc))
-    raise RuntimeError("no CUDA runtime library (libcudart) could be loaded: " + "; ".join(errors[:3]))
-
-
-class _ManagedAllocation:
-    """Owns one ``cudaMallocManaged`` block; exposes it through ``__cuda_array_interface__`` (torch keeps a
-    reference to this object for the tensor's lifetime, and the block is freed when both are gone)."""
-
-    _TYPESTR = {torch.float32: "<f4", torch.uint8: "|u1"}
-
-    def __init__(self, runtime: CudaRuntime, count: int, dtype: torch.dtype):
-        self.nbytes = max(count * dtype.itemsize, 1)
-        self.ptr = runtime.malloc_managed(self.nbytes)
-        self._finalizer = weakref.finalize(self, runtime.free, self.ptr)
-        self.__cuda_array_interface__ = {
-            "shape": (count,), "typestr": self._TYPESTR[dtype], "data": (self.ptr, False), "version": 3,
-        }
-
-
-def managed_supported(device: torch.device) -> bool:
-    """True where ``device`` is CUDA, the runtime loads, and the GPU supports concurrent managed access."""
-    if device.type != "cuda":
-        return False
-    try:
-        ordinal = device.index if device.index is not None else torch.cuda.current_device()
-        return CudaRuntime.get().concurrent_managed_access(ordinal)
-    except RuntimeError:
-        return False
-
-
 class UnifiedPager(Pager):
     """State in CUDA managed memory, prefetched to the GPU page by page and read in place by the kernels."""
 
@@ -593,10 +453,10 @@ class UnifiedPager(Pager):
         self.ordinal = device.index if device.index is not None else torch.cuda.current_device()
 
     def _allocate(self, count: int, dtype: torch.dtype) -> torch.Tensor:
-        alloc = _ManagedAllocation(self.runtime, count, dtype)
+        alloc = ManagedAllocation(self.runtime, count, dtype)
         # Home on the host; the GPU keeps a mapping so a page evicted early is still reachable.
-        self.runtime.advise(alloc.ptr, alloc.nbytes, _ADVISE_PREFERRED_LOCATION, _CUDA_CPU_DEVICE_ID)
-        self.runtime.advise(alloc.ptr, alloc.nbytes, _ADVISE_ACCESSED_BY, self.ordinal)
+        self.runtime.advise(alloc.ptr, alloc.nbytes, ADVISE_PREFERRED_LOCATION, CPU_DEVICE_ID)
+        self.runtime.advise(alloc.ptr, alloc.nbytes, ADVISE_ACCESSED_BY, self.ordinal)
         tensor = torch.as_tensor(alloc, device=self.device)
         tensor.zero_()
         torch.cuda.synchronize(self.device)
@@ -622,7 +482,7 @@ class UnifiedPager(Pager):
         stream = torch.cuda.current_stream(self.device).cuda_stream
         moved = 0
         for ptr, nbytes in self._ranges(chunks):
-            self.runtime.prefetch(ptr, nbytes, _CUDA_CPU_DEVICE_ID, stream)
+            self.runtime.prefetch(ptr, nbytes, CPU_DEVICE_ID, stream)
             moved += nbytes
         return moved
 

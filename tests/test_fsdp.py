@@ -62,7 +62,7 @@ HEAD_STORAGE = torch.float32
 # ----------------------------------------------------------------------------------------------------------------
 
 def build_model(seed: int = 0) -> TinyLM:
-    """The prepared model (NF4 weights as attributes), LoRA rank 8 with dropout 0.1, lora_B nonzero so that every
+    """The prepared model (NF4 weights in uint8 storage), LoRA rank 8 with dropout 0.1, lora_B nonzero so that every
     adapter gets a gradient from the first step."""
     torch.manual_seed(seed)
     model = prepare_model(TinyLM(VOCAB, D, HIDDEN, BLOCKS).to(DEVICE), r=R, lora_alpha=16, lora_dropout=0.1)
@@ -138,8 +138,8 @@ def head_storage(model) -> None:
 
 def _fsdp_model(mesh, seed: int = 0):
     model = build_model(seed)
-    head_storage(model)  # fully_shard_model gives uint8 storage to the layers that have none yet
-    fully_shard_model(model, model.blocks, mesh=mesh, quant_storage=torch.uint8)
+    head_storage(model)  # every other layer keeps the default uint8 storage
+    fully_shard_model(model, model.blocks, mesh=mesh)
     return model
 
 
@@ -375,18 +375,18 @@ def test_parameter_storage_computes_and_saves_what_attribute_storage_does(storag
     back = _layer(2, double_quant=double_quant)
     back.load_state_dict(sd_held)
     assert nf4_equal(back.weight, plain.weight)
-    held.set_quant_storage(None)
-    assert held.quant_storage is None and not any("nf4" in n for n, _ in held.named_parameters())
-    assert not any("nf4" in n for n, _ in held.named_buffers()) and nf4_equal(held.weight, plain.weight)
+    held.set_quant_storage(torch.uint8)
+    assert held.quant_storage == torch.uint8 and held._parameters["nf4_packed"].dtype == torch.uint8
+    assert nf4_equal(held.weight, plain.weight)
 
 
 def test_quant_storage_is_checked_and_a_cast_storage_refused():
     layer = _layer(3, shape=(3, 3))  # 9 elements pack into 5 bytes
-    with pytest.raises(TypeError, match="quant_storage must be None or one of uint8, float16, bfloat16, float32"):
+    with pytest.raises(TypeError, match="quant_storage must be one of uint8, float16, bfloat16, float32"):
         layer.set_quant_storage(torch.int32)
     with pytest.raises(ValueError, match=r"quant_storage=float16 needs a packed byte count that is a multiple of 2"):
         layer.set_quant_storage(torch.float16)
-    assert layer.quant_storage is None
+    assert layer.quant_storage == torch.uint8
     assert QLoRALinear(layer.weight, r=2, lora_alpha=2, quant_storage=torch.uint8).quant_storage == torch.uint8
     with pytest.raises(ValueError, match="quant_storage=float32"):
         QLoRALinear(layer.weight, r=2, lora_alpha=2, quant_storage=torch.float32)
@@ -394,7 +394,7 @@ def test_quant_storage_is_checked_and_a_cast_storage_refused():
     model = nn.Sequential(_layer(5), layer)
     with pytest.raises(ValueError, match=r"layer '1': quant_storage=float16"):
         set_quant_storage(model, torch.float16)
-    assert model[0].quant_storage is None
+    assert model[0].quant_storage == torch.uint8
     # What FSDP2's MixedPrecisionPolicy(param_dtype=bfloat16) would do to a float32 storage is caught in forward.
     held = _layer(4).set_quant_storage(torch.float32)
     packed = held._parameters["nf4_packed"]

@@ -144,11 +144,12 @@ def test_prepare_model_adopts_bnb_layers_without_requantizing(tiny_dir, double_q
     for name, layer in qlora_layers(model):
         pointer, state = held[name]
         nf4 = layer.weight
-        # The very bytes bitsandbytes holds: same memory, same scale tensors (no copy, no requantization).
-        assert nf4.packed.data_ptr() == pointer and nf4.absmax is state.absmax and nf4.code is state.code
+        # The very bytes bitsandbytes holds: the layer's tensors view the same memory (no copy, no requantization).
+        assert nf4.packed.data_ptr() == pointer and nf4.absmax.data_ptr() == state.absmax.data_ptr()
+        assert nf4.code.data_ptr() == state.code.data_ptr()
         assert nf4.double_quant == double_quant
         if double_quant:
-            assert nf4.absmax2 is state.state2.absmax and nf4.offset == float(state.offset)
+            assert nf4.absmax2.data_ptr() == state.state2.absmax.data_ptr() and nf4.offset == float(state.offset)
         assert layer.lora_A.requires_grad and layer.lora_B.requires_grad and not bool(layer.lora_B.any())
         w = nf4.dequantize(torch.float32)
         dw = decode_bound(nf4)

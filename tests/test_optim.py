@@ -654,7 +654,7 @@ gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device with the kernel
 @pytest.mark.parametrize("paging", ["unified", "host"])
 @pytest.mark.parametrize("cls", [qoptim.PagedAdamW, qoptim.PagedAdamW8bit])
 def test_gpu_paged_equals_resident(paging, cls):
-    from qlora.paging import managed_supported
+    from qlora.cuda_runtime import managed_supported
 
     if paging == "unified" and not managed_supported(DEV):
         pytest.skip("this GPU has no concurrent managed access")
@@ -674,7 +674,7 @@ def test_gpu_paged_equals_resident(paging, cls):
 @pytest.mark.gpu
 @gpu
 def test_gpu_auto_paging_picks_unified_where_supported():
-    from qlora.paging import managed_supported
+    from qlora.cuda_runtime import managed_supported
 
     opt = qoptim.PagedAdamW(_params([(200_000,)]))
     _drive(opt, opt.param_groups[0]["params"], 1, 0)

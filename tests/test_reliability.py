@@ -87,7 +87,7 @@ class _FailingLoad(nn.Module):
         raise RuntimeError("hook failed after copying")
 
 
-@pytest.mark.parametrize("quant_storage", [None, torch.uint8])
+@pytest.mark.parametrize("quant_storage", [torch.uint8, torch.bfloat16])
 def test_load_quantized_failing_half_way_leaves_every_tensor_bit_identical(tmp_path, quant_storage):
     def build(seed, dq):
         torch.manual_seed(seed)
