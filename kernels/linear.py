@@ -678,18 +678,23 @@ def prechecked_weight(packed, absmax, code, shape, blocksize: int, absmax2, offs
 def nf4_lora_forward_prechecked(x, weight: _Weight, lora_a, lora_b, bias, scaling: float, dropout_p: float, seed):
     """:func:`nf4_lora_forward` for callers that have checked every argument already (``qlora.functional``
     checks what a call can change; the weight is immutable and was validated when built): x (M, K) 2-D, lora and
-    bias shapes, dtypes and devices agree, scaling a float, ``seed`` an int or a one-element int64 device tensor."""
+    bias shapes, dtypes and devices agree, scaling a float, ``seed`` an int or a one-element int64 device tensor.
+
+    Returns ``(y, u, keep)``: ``keep`` is the bit-packed dropout mask (int32 (M, ceil(K / 32))) the forward
+    generated from ``seed`` (one ``_dropout_bits_kernel`` launch), None without dropout; the backward takes it
+    instead of regenerating it."""
     keep = lora_dropout_bits(seed, (x.shape[0], weight.k), dropout_p) if dropout_p > 0 else None
-    return _forward(x, weight, lora_a, lora_b, bias, scaling, dropout_p, keep, None)
+    y, u = _forward(x, weight, lora_a, lora_b, bias, scaling, dropout_p, keep, None)
+    return y, u, keep
 
 
-def nf4_lora_backward_prechecked(dy, x, u, weight: _Weight, lora_a, lora_b, scaling: float, dropout_p: float, seed,
+def nf4_lora_backward_prechecked(dy, x, u, weight: _Weight, lora_a, lora_b, scaling: float, dropout_p: float, keep,
                                  need_dx: bool, need_lora: bool, need_bias: bool):
     """:func:`nf4_lora_backward` for callers that have checked every argument already (see
-    :func:`nf4_lora_forward_prechecked`); dy (M, N) in x's dtype."""
-    keep = None
-    if dropout_p > 0 and (need_dx or need_lora):
-        keep = lora_dropout_bits(seed, (x.shape[0], weight.k), dropout_p)
+    :func:`nf4_lora_forward_prechecked`); dy (M, N) in x's dtype; ``keep`` the forward's bit-packed mask (None
+    without dropout): the backward reads it and launches no mask kernel of its own."""
+    if dropout_p > 0 and keep is None:
+        raise ValueError("keep (the forward's bit-packed dropout mask) is required when dropout_p > 0")
     return _backward(dy, x, u, weight, lora_a, lora_b, scaling, dropout_p, keep, need_dx, need_lora, need_bias,
                      None)
 

@@ -236,9 +236,11 @@ def test_opcheck_backward(need):
     ts = _op_tensors(requires_grad=False)
     weight = _op_weight(True)
     seed = torch.tensor([321], dtype=torch.int64)
-    _, u = torch.ops.qlora.nf4_lora_forward(ts["x"], *weight, ts["lora_a"], ts["lora_b"], 1.5, ts["bias"], 0.3, seed)
+    _, u, keep = torch.ops.qlora.nf4_lora_forward(ts["x"], *weight, ts["lora_a"], ts["lora_b"], 1.5, ts["bias"],
+                                                  0.3, seed)
+    assert keep.shape == (3, 1) and keep.dtype == torch.int32  # the forward's bit-packed mask, 20 columns
     dy = torch.randn(3, 12, generator=torch.Generator().manual_seed(11)).to(DEVICE)
-    args = (dy, ts["x"], u, *weight, ts["lora_a"], ts["lora_b"], 1.5, 0.3, seed, *need)
+    args = (dy, ts["x"], u, *weight, ts["lora_a"], ts["lora_b"], 1.5, 0.3, keep, *need)
     torch.library.opcheck(torch.ops.qlora.nf4_lora_backward.default, args)
     dx, d_a, d_b, d_bias = torch.ops.qlora.nf4_lora_backward(*args)
     assert dx.shape == ((3, 20) if need[0] else (0,))
