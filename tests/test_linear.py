@@ -547,6 +547,20 @@ def test_dropout_bits_are_philox_randint4x(m, k, p, seed):
     np.testing.assert_array_equal(mask != 0, kept.reshape(m, -1)[:, :k])
 
 
+def test_dropout_bits_do_not_depend_on_the_tiles():
+    """The interpreter launches the mask kernel with tiles shaped to the mask (few programs); a GPU with BITS_BLOCK
+    (here 3 x 2 programs, partial in both directions). A word's counters are its flat index, so the bits agree."""
+    m, k, p = 40, 600, 0.3
+    words = -(-k // 32)
+    want = KL.lora_dropout_bits(77, (m, k), p)
+    got = torch.empty_like(want)
+    block = KL.BITS_BLOCK
+    grid = (-(-m // block["BLOCK_M"]), -(-words // block["BLOCK_W"]))
+    assert grid == (3, 2) and KL._bits_block(m, words) != block
+    KL._dropout_bits_kernel[grid](KL.seed_tensor(77, got.device), got, m, k, words, KL._threshold_biased(p), **block)
+    assert torch.equal(got, want)
+
+
 def test_seed_tensor_is_never_read_on_the_host(monkeypatch):
     """CUDA graphs: with dropout, the layer's forward and backward never read a tensor's value on the host (the
     seed is a tensor the kernels load); host reads are made to fail for the duration."""
