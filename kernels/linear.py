@@ -405,7 +405,15 @@ def _tuned_matmul():
 
 def choose_path(m: int, k: int, blocksize: int, config: MatmulConfig | None = None) -> str:
     """The forward path for M rows and K columns: the GEMV kernel for decode shapes whose rows of W are whole
-    scale blocks (K a multiple of the blocksize, hence of 32), the dequantize-then-GEMM path otherwise."""
+    scale blocks (K a multiple of the blocksize, hence of 32), the dequantize-then-GEMM path otherwise.
+
+    Why not the fused tiled kernel at M > 16: by the static cost model (``python -m perf static --module linear``,
+    perf/README.md) it is issue-bound. Dequantizing in its K loop costs 32.3 (forward) / 38.5 (dx) instructions
+    per weight element on sm_90 under triton 3.9 (37.2 / 39.9 on sm_80; 76.4 / 48.2 on sm_90 under 3.6), i.e.
+    issue_to_mma 8.1 / 9.6 on sm_90 (4.6 / 5.0 on sm_80), and each BLOCK_M-row tile dequantizes all of W again;
+    the dense GEMM after one dequantize launch runs at issue_to_mma 0.38 / 0.42 (sm_90) and 0.36 / 0.38 (sm_80),
+    MMA-bound, and the dequantize launch reads W once. At M <= 16 there is too little MMA work to hide
+    anything: the GEMV streams W's packed bytes once, which the dequantize launch alone would already do."""
     if config is not None:
         return config.path
     return "gemv" if m <= SMALL_M and k % blocksize == 0 else "dequant"
