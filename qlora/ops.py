@@ -29,6 +29,9 @@ Dropout mask: the forward generates the bit-packed keep mask (``keep``, int32 (M
 of row m = column 32 w + j; :func:`qlora.kernels.lora.lora_dropout_bits`) once from the seed and returns it; the
 backward operator takes that mask (not the seed), so the Philox kernel runs once per forward + backward. Without
 dropout ``keep`` is an empty (0,) int32 tensor (a schema cannot return None) and the backward takes None.
+(torch's on-disk AOTAutograd cache keys on the traced graph, not on these operators' autograd formulas: a graph
+cached by an older qlora whose backward took the seed would pass a seed as ``keep``, which the backward operator
+refuses with a ValueError; clear the Inductor cache, ``TORCHINDUCTOR_CACHE_DIR``, after upgrading.)
 
 The forward is differentiable (``register_autograd``) in ``x``, ``lora_a``, ``lora_b`` and ``bias``; its
 backward calls the backward operator. ``u`` (float32 ``dropout(x) @ lora_a^T``) and ``keep`` are outputs only so

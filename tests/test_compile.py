@@ -28,6 +28,7 @@ import torch
 import torch._dynamo
 import torch._dynamo.testing
 from torch import nn
+from torch._functorch import config as functorch_config
 from torch._inductor import config as inductor_config
 
 from qlora import QLoRALinear
@@ -57,9 +58,13 @@ DEVICE = kernel_device()
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
     # Every test compiles Sequential.forward anew: no graph cached by an earlier test (compiled under other
-    # Inductor settings) is reused, and the recompile limit is never reached.
+    # Inductor settings) is reused, and the recompile limit is never reached. The on-disk FX graph and AOTAutograd
+    # caches are off too: their keys hash the traced graph but not the custom operators' autograd formulas
+    # (qlora/ops.py), so a cache written by another version of this package (the backward once took the seed, now
+    # the forward's mask) would replay that version's backward graph.
     torch._dynamo.reset()
-    yield
+    with inductor_config.patch(fx_graph_cache=False), functorch_config.patch(enable_autograd_cache=False):
+        yield
     torch._dynamo.reset()
 
 
@@ -268,6 +273,18 @@ def test_opcheck_backward(need):
     assert dx.shape == ((3, 20) if need[0] else (0,))
     assert d_a.shape == ((4, 20) if need[1] else (0,)) and d_b.shape == ((12, 4) if need[1] else (0,))
     assert d_bias.shape == ((12,) if need[2] else (0,))
+
+
+def test_backward_op_requires_the_forwards_mask_with_dropout():
+    ts = _op_tensors(requires_grad=False)
+    weight = _op_weight(True)
+    dy = torch.randn(3, 12, generator=torch.Generator().manual_seed(11)).to(DEVICE)
+    u = torch.zeros(3, 4, device=DEVICE)
+    with pytest.raises(ValueError, match="keep must be the forward's bit-packed dropout mask"):
+        torch.ops.qlora.nf4_lora_backward(dy, ts["x"], u, *weight, ts["lora_a"], ts["lora_b"], 1.5, 0.3, None,
+                                          True, True, False)
+    _, _, keep = torch.ops.qlora.nf4_lora_forward(ts["x"], *weight, ts["lora_a"], ts["lora_b"], 1.5, None, 0.0, None)
+    assert keep.shape == (0,) and keep.dtype == torch.int32  # no dropout: no mask
 
 
 @pytest.mark.gpu
