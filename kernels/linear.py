@@ -13,9 +13,8 @@ the compute dtype before its second matmul as an unfused LoRA's activation is):
   table (on NVIDIA GPUs held in the lanes of each warp and read with one ``shfl.sync`` per code; a gather load
   under the interpreter and on AMD), scales it by its block's scale and rounds it to the compute dtype (so each
   W element equals ``dequantize_4bit``'s), splits N over programs and K over ``split_k`` programs (enough to fill
-  the SMs) and writes float32
-  partials; the programs of column tile 0 also compute their K split's partial of u. ``_gemv_epilogue_kernel``
-  sums the partials, writes u, adds the LoRA term and the bias. **2 launches** (+1 with dropout: the mask).
+  the SMs) and writes float32 partials; the programs of column tile 0 also compute their K split's partial of u.
+  ``_gemv_epilogue_kernel`` sums the partials, writes u, adds the LoRA term and the bias. **2 launches** (+1 with dropout: the mask).
 - ``"dequant"`` (every other shape on the default dispatch: training shapes): the quantize module's
   ``dequantize_4bit`` writes W in the compute dtype into a buffer, ``lora_down`` computes u, and
   ``_matmul_lora_kernel`` (a plain tiled ``tl.dot`` GEMM, autotuned) adds LoRA and bias in its epilogue.
@@ -475,8 +474,9 @@ def choose_path(m: int, k: int, blocksize: int, config: MatmulConfig | None = No
     per weight element on sm_90 under triton 3.9 (37.2 / 39.9 on sm_80; 76.4 / 48.2 on sm_90 under 3.6), i.e.
     issue_to_mma 8.1 / 9.6 on sm_90 (4.6 / 5.0 on sm_80), and each BLOCK_M-row tile dequantizes all of W again;
     the dense GEMM after one dequantize launch runs at issue_to_mma 0.38 / 0.42 (sm_90) and 0.36 / 0.38 (sm_80),
-    MMA-bound, and the dequantize launch reads W once. At M <= 16 there is too little MMA work to hide
-    anything: the GEMV streams W's packed bytes once, which the dequantize launch alone would already do."""
+    MMA-bound, and the dequantize launch reads W once. At M <= 16 the work is reading W: the GEMV reads its
+    packed bytes once (0.5 B per element, 6.8 instructions per element), where dequantize-then-GEMM would read
+    them, write W in bf16 and read that back (4.5 B per element)."""
     if config is not None:
         return config.path
     return "gemv" if m <= SMALL_M and k % blocksize == 0 else "dequant"
