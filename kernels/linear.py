@@ -430,10 +430,10 @@ GPU_CONFIGS: dict[int, tuple[MatmulConfig, ...]] = {
 # (64 x 128 x 64 with 8 warps spills 88 bytes on sm_80 under triton 3.6.)
 FUSED_CONFIGS = (MatmulConfig(64, 64, 32, num_warps=4),)
 # Decode: 16-row tile (tl.dot's minimum), 64 columns of W x 128 of K (two 64-element scale blocks, 32 packed bytes
-# per thread) per step. One stage: latency is hidden by occupancy (80-96 registers). With the code table looked up
-# by warp shuffles, instructions per weight element (perf static, sm_90 / sm_80): 6.8 / 6.8 under triton 3.9 and
-# 3.6; 9.1 / 7.3 (3.9) and 8.3 / 7.5 (3.6) at 64 x 64; the gather-load lookup before: 12.1 / 10.6 (3.9), 15.2 /
-# 12.5 (3.6) at 64 x 64.
+# per thread) per step. One stage: latency is hidden by occupancy (72-96 registers). With the code table looked up
+# by warp shuffles, instructions per weight element as launched at M = 1 (perf static, sm_90 / sm_80): 7.1 / 6.2
+# under triton 3.9, 6.2 / 6.2 under 3.6; at 64 x 64: 7.9 / 6.7 (3.9), 7.7 / 6.7 (3.6, and 8 bytes of spill on
+# sm_90); the gather-load lookup before, 64 x 64: 11.2 / 10.1 (3.9), 13.9 / 11.8 (3.6).
 SMALL_M_CONFIG = MatmulConfig(16, 64, 128, group_m=1, num_warps=4, num_stages=1, path="gemv")
 EPILOGUE_BLOCK_N = 128
 SPLIT_K_CHOICES = SPLIT_CHOICES
@@ -475,7 +475,7 @@ def choose_path(m: int, k: int, blocksize: int, config: MatmulConfig | None = No
     issue_to_mma 8.1 / 9.6 on sm_90 (4.6 / 5.0 on sm_80), and each BLOCK_M-row tile dequantizes all of W again;
     the dense GEMM after one dequantize launch runs at issue_to_mma 0.38 / 0.42 (sm_90) and 0.36 / 0.38 (sm_80),
     MMA-bound, and the dequantize launch reads W once. At M <= 16 the work is reading W: the GEMV reads its
-    packed bytes once (0.5 B per element, 6.8 instructions per element), where dequantize-then-GEMM would read
+    packed bytes once (0.5 B per element, 6.2-7.1 instructions per element), where dequantize-then-GEMM would read
     them, write W in bf16 and read that back (4.5 B per element)."""
     if config is not None:
         return config.path
@@ -641,10 +641,11 @@ def _launch_matmul(a, weight: _Weight, transposed: bool, l, rm, stride_rr, strid
                               num_stages=config.num_stages, enable_fp_fusion=False)
 
 
-def _gemv_split_k(n: int, k: int, cfg: MatmulConfig) -> int:
-    """K splits so that about two programs per SM run, each keeping at least two K steps."""
+def _gemv_split_k(n: int, k: int, cfg: MatmulConfig, sms: int | None = None) -> int:
+    """K splits so that about two programs per SM run (``sms``: this GPU's SMs unless given), each keeping at
+    least two K steps."""
     tiles = cdiv(n, cfg.block_n)
-    want = cdiv(2 * num_sms(), tiles)
+    want = cdiv(2 * (num_sms() if sms is None else sms), tiles)
     most = max(1, k // (2 * cfg.block_k))
     split = 1
     for s in SPLIT_K_CHOICES:
@@ -892,8 +893,17 @@ def compile_specs() -> list[KernelSpec]:
                   SUB_K=min(cfg.block_k, 64), BLOCK_R=16, stride_xk=1, stride_ak=1)
     sig = _signature(_nf4_gemv_kernel, {**_WEIGHT_TYPES, "x_ptr": f"*{dt}", "a_ptr": f"*{dt}", "bits_ptr": "*i32",
                                         "ws_ptr": "*fp32", "u_ws_ptr": "*fp32"}, consts)
+    # The launch it stands for, as _launch_gemv makes it: one decode row of a contiguous x (M = 1 specializes to
+    # a constant, as at a real launch), K = N = 4096, r = 16, split over K for an H100/H200's 132 SMs; x and A
+    # rows K elements apart (the naming convention would take stride_xm / stride_ar for unit strides here, the
+    # unit ones being constexprs above).
+    n = k = 4096
+    split = _gemv_split_k(n, k, cfg, sms=132)
+    launch = dict(M=1, N=n, K=k, R=16, offset=0.5, k_per_split=cdiv(cdiv(k, split), cfg.block_k) * cfg.block_k,
+                  words_per_row=cdiv(k, 32), stride_xm=k, stride_ar=k)
     specs.append(KernelSpec(f"gemv_{cfg.tag}", _nf4_gemv_kernel, sig, consts,
-                            dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False)))
+                            dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False),
+                            launch_args=launch, regime="M<=16, K a multiple of the blocksize"))
     consts = dict(HAS_BIAS=True, BLOCK_M=16, BLOCK_N=EPILOGUE_BLOCK_N, BLOCK_R=16, stride_br=1)
     sig = _signature(_gemv_epilogue_kernel, {"ws_ptr": "*fp32", "u_ws_ptr": "*fp32", "b_ptr": f"*{dt}",
                                              "bias_ptr": f"*{dt}", "y_ptr": f"*{dt}", "u_ptr": "*fp32",
