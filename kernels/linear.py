@@ -10,9 +10,11 @@ the compute dtype before its second matmul as an unfused LoRA's activation is):
 
 - ``"gemv"`` (decode, M <= ``SMALL_M`` with K a multiple of the blocksize): ``_nf4_gemv_kernel`` streams the packed
   bytes of W along K in 16-byte vectors (a row of W is K/2 contiguous bytes), looks each code up in the 16-entry
-  table, splits N over programs and K over ``split_k`` programs (enough to fill the SMs) and writes float32
-  partials; the programs of column tile 0 also compute their K split's partial of u. ``_gemv_epilogue_kernel``
-  sums the partials, writes u, adds the LoRA term and the bias. **2 launches** (+1 with dropout: the mask).
+  table (on NVIDIA GPUs held in the lanes of each warp and read with one ``shfl.sync`` per code; a gather load
+  under the interpreter and on AMD), scales it by its block's scale and rounds it to the compute dtype (so each
+  W element equals ``dequantize_4bit``'s), splits N over programs and K over ``split_k`` programs (enough to fill
+  the SMs) and writes float32 partials; the programs of column tile 0 also compute their K split's partial of u.
+  ``_gemv_epilogue_kernel`` sums the partials, writes u, adds the LoRA term and the bias. **2 launches** (+1 with dropout: the mask).
 - ``"dequant"`` (every other shape on the default dispatch: training shapes): the quantize module's
   ``dequantize_4bit`` writes W in the compute dtype into a buffer, ``lora_down`` computes u, and
   ``_matmul_lora_kernel`` (a plain tiled ``tl.dot`` GEMM, autotuned) adds LoRA and bias in its epilogue.
@@ -22,7 +24,9 @@ the compute dtype before its second matmul as an unfused LoRA's activation is):
 Backward (``nf4_lora_backward``): ``g = dy @ B`` (``lora_down``), ``dx = dy @ W + lora_scale * (round(g) @ A) *
 keep`` (``_matmul_lora_kernel`` on W in its stored (N, K) layout: dequantized buffer by default, tiles with a
 ``"fused"`` config), ``dA`` and ``dB`` (+ ``dbias``) with ``lora_grad``. **5 launches** by default (dequantize,
-g, dx, dA, dB; +1 per split ``lora_down``; +1 with dropout when the forward's mask is not passed in).
+g, dx, dA, dB; +1 per split ``lora_down``; +1 with dropout when the forward's mask is not passed in). The layer
+(``qlora_linear``) passes it in; ``perf/launches.py`` records these counts from the launch code and ``python -m
+perf roofline`` prints them.
 
 Dropout: the keep mask is the bit-packed one of :func:`.lora.lora_dropout_bits`, generated once per call from a
 seed the kernel reads on the device; pass the forward's ``keep`` to the backward to reuse it.
@@ -41,7 +45,7 @@ from ._host import cdiv, next_pow2
 from ._checks import FLOAT_DTYPES, check_blocksize, check_same_device, check_tensor
 from ._runtime import ieee_semantics, interpreter_active
 from ._static import KernelSpec
-from ._tl import block_scale, dot, grouped_tile, keep_tile, load_tile, round_to
+from ._tl import INTERPRETER, block_scale, dot, grouped_tile, keep_tile, load_tile, round_to
 from .lora import (LORA_BLOCK_RS, SPLIT_CHOICES, check_scalar, lora_block_r, lora_down, lora_dropout_bits,
                    lora_dropout_mask, lora_grad, num_sms, pow2_clamp, seed_tensor, check_seed_int,
                    launch_lora_down, launch_lora_grad, down_accumulate)
@@ -122,6 +126,52 @@ def _dequant_tile(packed_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr, code_ptr
 # --------------------------------------------------------------------------------------------------------------
 
 
+@tl.core.builtin
+def _nvidia_target(_semantic=None):
+    """constexpr True when the kernel is being compiled for an NVIDIA GPU (the compile options' backend), False
+    for AMD; the interpreter never reaches it (callers test ``INTERPRETER`` first)."""
+    return tl.constexpr(getattr(_semantic.builder.options, "backend_name", "") == "cuda")
+
+
+@triton.jit
+def _lane_code_table(code_ptr):
+    """The scalar ``code[L % 16]`` (float32) in the thread of warp lane L: the 16-entry table spread over the lanes
+    of each warp, twice, for :func:`_lane_lookup`. A scalar on purpose: it is broadcast into each thread's own
+    registers (a splat), never moved between threads, whatever layout the lookup's index has."""
+    return tl.inline_asm_elementwise(
+        """{
+        .reg .u32 l, t;
+        .reg .pred q0, q1, q2, q3;
+        .reg .b32 a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, b2, b3, c0, c1;
+        mov.u32 l, %laneid;
+        and.b32 t, l, 1; setp.ne.u32 q0, t, 0;
+        and.b32 t, l, 2; setp.ne.u32 q1, t, 0;
+        and.b32 t, l, 4; setp.ne.u32 q2, t, 0;
+        and.b32 t, l, 8; setp.ne.u32 q3, t, 0;
+        selp.b32 a0, $2, $1, q0; selp.b32 a1, $4, $3, q0; selp.b32 a2, $6, $5, q0; selp.b32 a3, $8, $7, q0;
+        selp.b32 a4, $10, $9, q0; selp.b32 a5, $12, $11, q0; selp.b32 a6, $14, $13, q0; selp.b32 a7, $16, $15, q0;
+        selp.b32 b0, a1, a0, q1; selp.b32 b1, a3, a2, q1; selp.b32 b2, a5, a4, q1; selp.b32 b3, a7, a6, q1;
+        selp.b32 c0, b1, b0, q2; selp.b32 c1, b3, b2, q2;
+        selp.b32 $0, c1, c0, q3;
+        }""",
+        "=r" + ",r" * 16,
+        [tl.load(code_ptr + 0), tl.load(code_ptr + 1), tl.load(code_ptr + 2), tl.load(code_ptr + 3),
+         tl.load(code_ptr + 4), tl.load(code_ptr + 5), tl.load(code_ptr + 6), tl.load(code_ptr + 7),
+         tl.load(code_ptr + 8), tl.load(code_ptr + 9), tl.load(code_ptr + 10), tl.load(code_ptr + 11),
+         tl.load(code_ptr + 12), tl.load(code_ptr + 13), tl.load(code_ptr + 14), tl.load(code_ptr + 15)],
+        dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _lane_lookup(table, index):
+    """``code[index % 16]`` (float32) for an int32 tensor ``index``, ``table`` from :func:`_lane_code_table`:
+    one warp shuffle per element, reading the table entry held by lane ``index % 32``
+    (``shfl.sync.idx`` uses the low 5 bits of the lane index; the table repeats every 16 lanes, so bits 4 and up
+    of ``index`` do not matter). Every lane of the warp must execute it (no divergent branch around it)."""
+    return tl.inline_asm_elementwise("shfl.sync.idx.b32 $0, $1, $2, 0x1f, 0xffffffff;", "=r,r,r", [table, index],
+                                     dtype=tl.float32, is_pure=True, pack=1)
+
+
 @triton.jit
 def _nf4_gemv_kernel(
     # pointers
@@ -161,14 +211,24 @@ def _nf4_gemv_kernel(
     k_end = min(K, k_start + k_per_split)
     k_end_half = tl.multiple_of(k_end // 2, 16)
 
+    # On NVIDIA GPUs the 16-entry code table lives in the lanes of each warp and a code is looked up with one
+    # shuffle (no address arithmetic, no load per element); elsewhere (interpreter, AMD) with a gather load.
+    LANE_TABLE: tl.constexpr = not INTERPRETER and _nvidia_target()
+    if LANE_TABLE:
+        table = _lane_code_table(code_ptr)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         offs_kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
         mask_kb = offs_kb < k_end_half
         packed = tl.load(packed_ptr + row_bytes[:, None] + offs_kb[None, :],
                          mask=mask_n[:, None] & mask_kb[None, :], other=0)
-        v_hi = tl.load(code_ptr + (packed >> 4).to(tl.int32))
-        v_lo = tl.load(code_ptr + (packed & 15).to(tl.int32))
+        if LANE_TABLE:
+            byte = packed.to(tl.int32)
+            v_hi = _lane_lookup(table, byte >> 4)
+            v_lo = _lane_lookup(table, byte)  # the low nibble; bit 4 picks the table's second copy
+        else:
+            v_hi = tl.load(code_ptr + (packed >> 4).to(tl.int32))
+            v_lo = tl.load(code_ptr + (packed & 15).to(tl.int32))
         if SUB_K == BLOCK_K:
             scale = block_scale(absmax_ptr, absmax2_ptr, nested_code_ptr, offset, (offs_n * K + k0) // BLOCKSIZE,
                                 mask_n, DOUBLE_QUANT, NESTED_BLOCKSIZE)
@@ -369,10 +429,12 @@ GPU_CONFIGS: dict[int, tuple[MatmulConfig, ...]] = {
 # The fused tiled kernel, when asked for with path="fused" (compile-checked; not on the default dispatch).
 # (64 x 128 x 64 with 8 warps spills 88 bytes on sm_80 under triton 3.6.)
 FUSED_CONFIGS = (MatmulConfig(64, 64, 32, num_warps=4),)
-# Decode: 16-row tile (tl.dot's minimum), 64 columns of W x one 64-element scale block of K per step. One stage:
-# a pipelined K loop would stage the per-element code-table gathers through shared memory (cp.async); latency is
-# hidden by occupancy instead (128 registers: 4 programs of 4 warps per SM).
-SMALL_M_CONFIG = MatmulConfig(16, 64, 64, group_m=1, num_warps=4, num_stages=1, path="gemv")
+# Decode: 16-row tile (tl.dot's minimum), 64 columns of W x 128 of K (two 64-element scale blocks, 32 packed bytes
+# per thread) per step. One stage: latency is hidden by occupancy (72-96 registers). With the code table looked up
+# by warp shuffles, instructions per weight element as launched at M = 1 (perf static, sm_90 / sm_80): 7.1 / 6.2
+# under triton 3.9, 6.2 / 6.2 under 3.6; at 64 x 64: 7.9 / 6.7 (3.9), 7.7 / 6.7 (3.6, and 8 bytes of spill on
+# sm_90); the gather-load lookup before, 64 x 64: 11.2 / 10.1 (3.9), 13.9 / 11.8 (3.6).
+SMALL_M_CONFIG = MatmulConfig(16, 64, 128, group_m=1, num_warps=4, num_stages=1, path="gemv")
 EPILOGUE_BLOCK_N = 128
 SPLIT_K_CHOICES = SPLIT_CHOICES
 
@@ -405,7 +467,16 @@ def _tuned_matmul():
 
 def choose_path(m: int, k: int, blocksize: int, config: MatmulConfig | None = None) -> str:
     """The forward path for M rows and K columns: the GEMV kernel for decode shapes whose rows of W are whole
-    scale blocks (K a multiple of the blocksize, hence of 32), the dequantize-then-GEMM path otherwise."""
+    scale blocks (K a multiple of the blocksize, hence of 32), the dequantize-then-GEMM path otherwise.
+
+    Why not the fused tiled kernel at M > 16: by the static cost model (``python -m perf static --module linear``,
+    perf/README.md) it is issue-bound. Dequantizing in its K loop costs 32.3 (forward) / 38.5 (dx) instructions
+    per weight element on sm_90 under triton 3.9 (37.2 / 39.9 on sm_80; 76.4 / 48.2 on sm_90 under 3.6), i.e.
+    issue_to_mma 8.1 / 9.6 on sm_90 (4.6 / 5.0 on sm_80), and each BLOCK_M-row tile dequantizes all of W again;
+    the dense GEMM after one dequantize launch runs at issue_to_mma 0.38 / 0.42 (sm_90) and 0.36 / 0.38 (sm_80),
+    MMA-bound, and the dequantize launch reads W once. At M <= 16 the work is reading W: the GEMV reads its
+    packed bytes once (0.5 B per element, 6.2-7.1 instructions per element), where dequantize-then-GEMM would read
+    them, write W in bf16 and read that back (4.5 B per element)."""
     if config is not None:
         return config.path
     return "gemv" if m <= SMALL_M and k % blocksize == 0 else "dequant"
@@ -570,10 +641,11 @@ def _launch_matmul(a, weight: _Weight, transposed: bool, l, rm, stride_rr, strid
                               num_stages=config.num_stages, enable_fp_fusion=False)
 
 
-def _gemv_split_k(n: int, k: int, cfg: MatmulConfig) -> int:
-    """K splits so that about two programs per SM run, each keeping at least two K steps."""
+def _gemv_split_k(n: int, k: int, cfg: MatmulConfig, sms: int | None = None) -> int:
+    """K splits so that about two programs per SM run (``sms``: this GPU's SMs unless given), each keeping at
+    least two K steps."""
     tiles = cdiv(n, cfg.block_n)
-    want = cdiv(2 * num_sms(), tiles)
+    want = cdiv(2 * (num_sms() if sms is None else sms), tiles)
     most = max(1, k // (2 * cfg.block_k))
     split = 1
     for s in SPLIT_K_CHOICES:
@@ -678,18 +750,23 @@ def prechecked_weight(packed, absmax, code, shape, blocksize: int, absmax2, offs
 def nf4_lora_forward_prechecked(x, weight: _Weight, lora_a, lora_b, bias, scaling: float, dropout_p: float, seed):
     """:func:`nf4_lora_forward` for callers that have checked every argument already (``qlora.functional``
     checks what a call can change; the weight is immutable and was validated when built): x (M, K) 2-D, lora and
-    bias shapes, dtypes and devices agree, scaling a float, ``seed`` an int or a one-element int64 device tensor."""
+    bias shapes, dtypes and devices agree, scaling a float, ``seed`` an int or a one-element int64 device tensor.
+
+    Returns ``(y, u, keep)``: ``keep`` is the bit-packed dropout mask (int32 (M, ceil(K / 32))) the forward
+    generated from ``seed`` (one ``_dropout_bits_kernel`` launch), None without dropout; the backward takes it
+    instead of regenerating it."""
     keep = lora_dropout_bits(seed, (x.shape[0], weight.k), dropout_p) if dropout_p > 0 else None
-    return _forward(x, weight, lora_a, lora_b, bias, scaling, dropout_p, keep, None)
+    y, u = _forward(x, weight, lora_a, lora_b, bias, scaling, dropout_p, keep, None)
+    return y, u, keep
 
 
-def nf4_lora_backward_prechecked(dy, x, u, weight: _Weight, lora_a, lora_b, scaling: float, dropout_p: float, seed,
+def nf4_lora_backward_prechecked(dy, x, u, weight: _Weight, lora_a, lora_b, scaling: float, dropout_p: float, keep,
                                  need_dx: bool, need_lora: bool, need_bias: bool):
     """:func:`nf4_lora_backward` for callers that have checked every argument already (see
-    :func:`nf4_lora_forward_prechecked`); dy (M, N) in x's dtype."""
-    keep = None
-    if dropout_p > 0 and (need_dx or need_lora):
-        keep = lora_dropout_bits(seed, (x.shape[0], weight.k), dropout_p)
+    :func:`nf4_lora_forward_prechecked`); dy (M, N) in x's dtype; ``keep`` the forward's bit-packed mask (None
+    without dropout): the backward reads it and launches no mask kernel of its own."""
+    if dropout_p > 0 and keep is None:
+        raise ValueError("keep (the forward's bit-packed dropout mask) is required when dropout_p > 0")
     return _backward(dy, x, u, weight, lora_a, lora_b, scaling, dropout_p, keep, need_dx, need_lora, need_bias,
                      None)
 
@@ -816,8 +893,17 @@ def compile_specs() -> list[KernelSpec]:
                   SUB_K=min(cfg.block_k, 64), BLOCK_R=16, stride_xk=1, stride_ak=1)
     sig = _signature(_nf4_gemv_kernel, {**_WEIGHT_TYPES, "x_ptr": f"*{dt}", "a_ptr": f"*{dt}", "bits_ptr": "*i32",
                                         "ws_ptr": "*fp32", "u_ws_ptr": "*fp32"}, consts)
+    # The launch it stands for, as _launch_gemv makes it: one decode row of a contiguous x (M = 1 specializes to
+    # a constant, as at a real launch), K = N = 4096, r = 16, split over K for an H100/H200's 132 SMs; x and A
+    # rows K elements apart (the naming convention would take stride_xm / stride_ar for unit strides here, the
+    # unit ones being constexprs above).
+    n = k = 4096
+    split = _gemv_split_k(n, k, cfg, sms=132)
+    launch = dict(M=1, N=n, K=k, R=16, offset=0.5, k_per_split=cdiv(cdiv(k, split), cfg.block_k) * cfg.block_k,
+                  words_per_row=cdiv(k, 32), stride_xm=k, stride_ar=k)
     specs.append(KernelSpec(f"gemv_{cfg.tag}", _nf4_gemv_kernel, sig, consts,
-                            dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False)))
+                            dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False),
+                            launch_args=launch, regime="M<=16, K a multiple of the blocksize"))
     consts = dict(HAS_BIAS=True, BLOCK_M=16, BLOCK_N=EPILOGUE_BLOCK_N, BLOCK_R=16, stride_br=1)
     sig = _signature(_gemv_epilogue_kernel, {"ws_ptr": "*fp32", "u_ws_ptr": "*fp32", "b_ptr": f"*{dt}",
                                              "bias_ptr": f"*{dt}", "y_ptr": f"*{dt}", "u_ptr": "*fp32",

@@ -31,6 +31,7 @@ LORA_BLOCK_RS = (16, 32, 64)  # LoRA rank tile on a GPU; larger ranks loop over 
 GPU_DOWN_BLOCK_D = 64
 GPU_GRAD_BLOCK = dict(BLOCK_M=32, BLOCK_C=64)  # 64 x 64 spills 8-24 bytes under triton 3.6
 BITS_BLOCK = dict(BLOCK_M=16, BLOCK_W=16)
+INTERPRETER_BITS_WORDS = 8192  # mask words per program of the dropout kernel under the interpreter
 REDUCE_BLOCK = 1024
 SPLIT_CHOICES = (1, 2, 4, 8, 16, 32)
 
@@ -267,9 +268,20 @@ def lora_dropout_bits(seed, shape, p: float) -> torch.Tensor:
     bits = torch.empty((m, words), dtype=torch.int32, device=device)
     if bits.numel() == 0:
         return bits
-    grid = (cdiv(m, BITS_BLOCK["BLOCK_M"]), cdiv(words, BITS_BLOCK["BLOCK_W"]))
-    _dropout_bits_kernel[grid](seed_t, bits, m, k, words, _threshold_biased(p), **BITS_BLOCK)
+    meta = _bits_block(m, words)
+    grid = (cdiv(m, meta["BLOCK_M"]), cdiv(words, meta["BLOCK_W"]))
+    _dropout_bits_kernel[grid](seed_t, bits, m, k, words, _threshold_biased(p), **meta)
     return bits
+
+
+def _bits_block(m: int, words: int) -> dict:
+    """Tiles of the mask kernel. The bits do not depend on them (a word's Philox counters are its flat index). GPU:
+    ``BITS_BLOCK``. Interpreter: one program per up to 8192 words, shaped to the mask (so a small mask is one
+    program with few masked-off lanes): its cost is per program and per tile operation, not per element."""
+    if not interpreter_active():
+        return dict(BITS_BLOCK)
+    block_w = pow2_clamp(words, 1, 64)
+    return dict(BLOCK_M=pow2_clamp(m, 1, INTERPRETER_BITS_WORDS // block_w), BLOCK_W=block_w)
 
 
 def expand_keep_bits(bits: torch.Tensor, k: int) -> torch.Tensor:

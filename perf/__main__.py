@@ -41,6 +41,9 @@ def main(argv=None) -> int:
     roofline.add_argument("--triton", metavar="VERSION",
                           help="static baseline (perf/baselines/static-triton<VERSION>.json) whose instruction counts "
                                "give the issue time (default: the newest committed)")
+    roofline.add_argument("--no-launches", action="store_true",
+                          help="leave out the table of kernel launches per layer forward and backward (recorded from "
+                               "the launch code, perf/launches.py; imports torch and qlora)")
     bench = sub.add_parser("bench", help="run the pytest-benchmark files and save a results file")
     bench.add_argument("--only", metavar="PATTERN",
                        help="pytest -k expression selecting benchmarks (e.g. 'linear', 'small_m', 'adamw and qlora')")
@@ -83,7 +86,8 @@ def main(argv=None) -> int:
         return _timed_layer(parser, args)
 
     if args.command == "roofline":
-        # Pure arithmetic on shapes and datasheet peaks: no qlora or triton import, so it runs anywhere, at once.
+        # Pure arithmetic on shapes and datasheet peaks (no qlora or triton import, so --json runs anywhere, at
+        # once); the text report adds the recorded launch counts.
         from . import roofline as roofline_mod
 
         try:
@@ -91,6 +95,13 @@ def main(argv=None) -> int:
         except ValueError as err:
             parser.error(f"--triton: {err}")
         print(json.dumps(roofline_mod.as_dicts(table), indent=1) if args.json else roofline_mod.format_table(table))
+        if not args.json and not args.no_launches:
+            # Counted by recording the launches of a stubbed qlora_linear forward + backward with the launchers'
+            # device queries answered as a 132-SM GPU (perf/launches.py): the only part that imports torch/qlora.
+            from . import launches
+
+            print()
+            print(launches.format_table(launches.report()))
         return 0
 
     # The static layer compiles for GPUs: the kernels must be decorated with the interpreter off.

@@ -2,8 +2,13 @@
 
 Side by side in one session, for ``y = x @ W^T + s * (x @ A^T) @ B^T`` (bf16, no bias, no dropout):
 
-- ``qlora_fused``: ``qlora_linear`` on an NF4 (double-quantized, blocksize 64) ``W``: the weight is
-  dequantized inside the matmul kernels, forward and backward;
+- ``qlora_default``: ``qlora_linear`` on an NF4 (double-quantized, blocksize 64) ``W``, the default dispatch of
+  kernels/linear.py (``choose_path``): at M <= 16 the GEMV decode kernel, at larger M dequantize-then-GEMM (W
+  dequantized into a bf16 buffer by a Triton kernel, then a Triton GEMM with the LoRA term in its epilogue),
+  forward and backward;
+- ``qlora_fused_tiled``: the same layer forced onto the fused tiled path (``MatmulConfig(path="fused")`` with
+  the GPU fused config ``FUSED_CONFIGS[0]`` of kernels/linear.py): W dequantized tile by tile inside the GEMM's K
+  loop, forward and dx; so a GPU run times fused vs dequantize-then-GEMM vs dense torch side by side;
 - ``dense_bf16``: plain torch on a dense bf16 ``W`` without grad (the speed-of-light reference, about 3.9x the
   weight memory of NF4);
 - ``dequant_then_matmul``: the bitsandbytes / unsloth approach: dequantize the NF4 weight to bf16 on every
@@ -15,7 +20,7 @@ Side by side in one session, for ``y = x @ W^T + s * (x @ A^T) @ B^T`` (bf16, no
 Modes: ``forward`` (grad mode on, as in training), ``backward`` (``torch.autograd.grad`` of a retained graph
 w.r.t. x, A and B, so no gradient accumulation is timed) and ``forward+backward``. Every case reports
 ``time_ratio_vs_dense_bf16``: its time over the dense reference's, timed in the same session by the same
-method (in a full run, the ``dense_bf16`` case's own benchmark); ``qlora_fused`` also reports
+method (in a full run, the ``dense_bf16`` case's own benchmark); the ``qlora_*`` cases also report
 ``time_ratio_vs_dequant_then_matmul``; and each its achieved TFLOP/s. The small-M cases (M in 1, 4, 16;
 forward, no grad: the decode path, a split-K GEMV on the GPU) report the bandwidth on the NF4 weight bytes
 (packed codes + scales) against the peak.
@@ -35,6 +40,7 @@ from perf import roofline as rl
 
 import qlora
 from qlora.functional import qlora_linear
+from qlora.kernels.linear import FUSED_CONFIGS, MatmulConfig, nf4_lora_backward, nf4_lora_forward
 
 if bu.ON_GPU:
     M, K, N, R = 4096, 4096, 4096, 16
@@ -46,7 +52,8 @@ NESTED_BLOCKSIZE = 256
 SCALING = 2.0
 DTYPE = torch.bfloat16
 # The references first: their benchmarks become the references of the ratios (see benchutil.offer_reference).
-IMPLS = ("dense_bf16", "dequant_then_matmul", "qlora_fused", "bitsandbytes_4bit")
+IMPLS = ("dense_bf16", "dequant_then_matmul", "qlora_default", "qlora_fused_tiled", "bitsandbytes_4bit")
+QLORA_IMPLS = ("qlora_default", "qlora_fused_tiled")
 bnb, BNB_REASON = bu.import_bitsandbytes()
 
 
@@ -105,6 +112,40 @@ class _DequantMatmul(torch.autograd.Function):
         return dy @ ctx.weight.dequantize(dy.dtype), None
 
 
+def fused_tiled_config() -> MatmulConfig:
+    """The fused tiled path's config: kernels/linear.py's GPU config on a GPU; 16-row tiles under the interpreter
+    (the GPU's 64 x 64 x 32 tiles would be as many interpreted programs at the CPU shapes)."""
+    cfg = FUSED_CONFIGS[0] if bu.ON_GPU else MatmulConfig(16, 64, 64, num_warps=4)
+    return MatmulConfig(cfg.block_m, cfg.block_n, cfg.block_k, group_m=cfg.group_m, num_warps=cfg.num_warps,
+                        num_stages=cfg.num_stages, path="fused")
+
+
+class _FusedTiled(torch.autograd.Function):
+    """``qlora_linear`` (no bias, no dropout) on the fused tiled path: the kernel launchers of kernels/linear.py
+    with ``config=fused_tiled_config()`` in the forward and in dx."""
+
+    @staticmethod
+    def forward(ctx, x, weight, lora_a, lora_b):
+        kw = _nf4_kwargs(weight)
+        y, u = nf4_lora_forward(x, lora_a=lora_a, lora_b=lora_b, scaling=SCALING, config=fused_tiled_config(), **kw)
+        ctx.save_for_backward(x, u, lora_a, lora_b)
+        ctx.weight = weight
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, u, lora_a, lora_b = ctx.saved_tensors
+        dx, d_a, d_b, _ = nf4_lora_backward(dy.contiguous(), x, u, lora_a=lora_a, lora_b=lora_b, scaling=SCALING,
+                                            config=fused_tiled_config(), **_nf4_kwargs(ctx.weight))
+        return dx, None, d_a, d_b
+
+
+def _nf4_kwargs(weight) -> dict:
+    return dict(packed=weight.packed, absmax=weight.absmax, code=weight.code, shape=tuple(weight.shape),
+                blocksize=weight.blocksize, absmax2=weight.absmax2, offset=weight.offset,
+                nested_code=weight.nested_code, nested_blocksize=weight.nested_blocksize)
+
+
 class Problem:
     """The layer's tensors: dense bf16 W, its NF4 form, LoRA A (R, K) and B (N, R)."""
 
@@ -131,8 +172,10 @@ class Problem:
 
     def forward(self, impl: str, x: torch.Tensor) -> torch.Tensor:
         a, b = self.lora_a, self.lora_b
-        if impl == "qlora_fused":
+        if impl == "qlora_default":
             return qlora_linear(x, self.nf4, a, b, SCALING)
+        if impl == "qlora_fused_tiled":
+            return _FusedTiled.apply(x, self.nf4, a, b)
         if impl == "dense_bf16":
             return x @ self.dense.t() + SCALING * ((x @ a.t()) @ b.t())
         if impl == "dequant_then_matmul":
@@ -190,7 +233,7 @@ def _ratio(seconds: float | None, reference: float) -> float | None:
 def test_linear(benchmark, problem, mode, impl):
     benchmark.group = f"linear {mode} M={M} K={K} N={N} r={R} bf16 ({_where()})"
     seconds = bu.run_benchmark(benchmark, problem.make_fn(impl, mode, M))
-    if impl != "qlora_fused":
+    if impl not in QLORA_IMPLS:
         bu.offer_reference((impl, mode, M), seconds)
     dense = bu.reference_seconds(("dense_bf16", mode, M), lambda: problem.make_fn("dense_bf16", mode, M))
     flops = linear_flops(M, N, K, R, mode)
@@ -198,7 +241,7 @@ def test_linear(benchmark, problem, mode, impl):
                 dense_reference_seconds=dense, time_ratio_vs_dense_bf16=_ratio(seconds, dense))
     if seconds is not None:
         info["tflops"] = flops / seconds / 1e12
-    if impl == "qlora_fused":
+    if impl in QLORA_IMPLS:
         dequant = bu.reference_seconds(("dequant_then_matmul", mode, M),
                                        lambda: problem.make_fn("dequant_then_matmul", mode, M))
         info.update(dequant_reference_seconds=dequant,
@@ -206,7 +249,7 @@ def test_linear(benchmark, problem, mode, impl):
     benchmark.extra_info.update(info)
 
 
-@pytest.mark.parametrize("impl", [_impl_param(i) for i in ("qlora_fused", "bitsandbytes_4bit")])
+@pytest.mark.parametrize("impl", [_impl_param(i) for i in ("qlora_default", "bitsandbytes_4bit")])
 @pytest.mark.parametrize("m", SMALL_MS)
 def test_linear_small_m(benchmark, problem, m, impl):
     benchmark.group = f"linear forward small M K={K} N={N} r={R} bf16, no grad ({_where()})"

@@ -2,7 +2,7 @@
 
 - ``speed-vs-m_<run>.png``, one per run with fused-linear forward benchmarks: seconds per forward against M
   (log-log), one line per implementation, and each implementation's time over dense bf16's at the same M. The
-  small-M points (``test_linear_small_m``) are forwards without grad, qlora_fused timed and dense bf16 from
+  small-M points (``test_linear_small_m``) are forwards without grad, qlora_default timed and dense bf16 from
   the reference the benchmark measured; the large-M point (``test_linear[forward-*]``) is a forward in grad
   mode, every implementation timed.
 - ``history_<device-slug>.png``, one per device and backend with two or more runs: the median seconds per
@@ -15,9 +15,11 @@ from pathlib import Path
 
 from .bench import BACKEND_INTERPRETER, BENCH_FILES, device_slug, parse_date
 
-IMPL_ORDER = ("dense_bf16", "dequant_then_matmul", "bitsandbytes_4bit", "qlora_fused")
+IMPL_ORDER = ("dense_bf16", "dequant_then_matmul", "bitsandbytes_4bit", "qlora_default", "qlora_fused_tiled",
+              "qlora_fused")  # qlora_fused: the name of the default dispatch in results saved before the rename
 IMPL_STYLE = {"dense_bf16": ("tab:gray", "s"), "dequant_then_matmul": ("tab:orange", "^"),
-              "bitsandbytes_4bit": ("tab:green", "v"), "qlora_fused": ("tab:blue", "o")}
+              "bitsandbytes_4bit": ("tab:green", "v"), "qlora_default": ("tab:blue", "o"),
+              "qlora_fused_tiled": ("tab:purple", "D"), "qlora_fused": ("tab:blue", "o")}
 _FORWARD_MODES = ("forward", "forward (no grad)")
 
 
@@ -59,7 +61,7 @@ def _where(meta: dict) -> str:
 
 def speed_vs_m(results: dict) -> dict[str, dict[int, float]]:
     """``{impl: {M: seconds per forward}}`` from a run's fused-linear forward benchmarks (empty when it has
-    none). A small-M case gives qlora_fused's median and its dense bf16 reference; a benchmark of dense bf16
+    none). A small-M case gives qlora_default's median and its dense bf16 reference; a benchmark of dense bf16
     itself at the same M wins over a reference."""
     series: dict[str, dict[int, float]] = {}
     references: dict[int, float] = {}

@@ -42,7 +42,7 @@ class _FirstOrderOnly(torch.autograd.Function):
 class NF4LoRAFunction(torch.autograd.Function):
     """``y = x @ W^T + scaling * (dropout(x) @ A^T) @ B^T + bias`` for x (M, K); differentiable in x, lora_a,
     lora_b and bias. ``seed`` is a one-element int64 tensor on x's device, read only by the kernels (0 without
-    dropout)."""
+    dropout); the forward generates the bit-packed dropout mask from it once and saves it for the backward."""
 
     @staticmethod
     def forward(ctx, x, lora_a, lora_b, bias, weight: NF4Weight, scaling: float, dropout_p: float, seed):
@@ -51,23 +51,26 @@ class NF4LoRAFunction(torch.autograd.Function):
         kernel_weight = _linear.prechecked_weight(weight.packed, weight.absmax, weight.code, weight.shape,
                                                   weight.blocksize, weight.absmax2, weight.offset,
                                                   weight.nested_code)
-        y, u = _linear.nf4_lora_forward_prechecked(x, kernel_weight, lora_a, lora_b, bias, scaling, dropout_p, seed)
-        ctx.save_for_backward(x, u, lora_a, lora_b)
+        y, u, keep = _linear.nf4_lora_forward_prechecked(x, kernel_weight, lora_a, lora_b, bias, scaling, dropout_p,
+                                                         seed)
+        # The bit-packed keep mask (int32 (M, ceil(K / 32)), 1/16 of a bf16 x) is saved, so the backward reads the
+        # forward's mask instead of launching the Philox kernel again.
+        ctx.save_for_backward(x, u, lora_a, lora_b, keep)
         ctx.kernel_weight = kernel_weight
-        ctx.meta = (scaling, dropout_p, seed, bias is not None)
+        ctx.meta = (scaling, dropout_p, bias is not None)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, u, lora_a, lora_b = ctx.saved_tensors
-        scaling, dropout_p, seed, has_bias = ctx.meta
+        x, u, lora_a, lora_b, keep = ctx.saved_tensors
+        scaling, dropout_p, has_bias = ctx.meta
         need_x, need_a, need_b, need_bias = ctx.needs_input_grad[:4]
         need_lora = need_a or need_b
         need_bias = has_bias and need_bias
         if not (need_x or need_lora or need_bias):
             return None, None, None, None, None, None, None, None
         dx, d_a, d_b, d_bias = _linear.nf4_lora_backward_prechecked(
-            dy.to(x.dtype), x, u, ctx.kernel_weight, lora_a, lora_b, scaling, dropout_p, seed, need_x, need_lora,
+            dy.to(x.dtype), x, u, ctx.kernel_weight, lora_a, lora_b, scaling, dropout_p, keep, need_x, need_lora,
             need_bias)
         grads = (dx if need_x else None, d_a if need_a else None, d_b if need_b else None,
                  d_bias if need_bias else None)

@@ -161,7 +161,7 @@ def qlora_linear(x: torch.Tensor, weight: NF4Weight, lora_A: torch.Tensor, lora_
     if not torch.compiler.is_compiling():
         y = NF4LoRAFunction.apply(x2d, lora_A, lora_B, bias, weight, scaling, p, 0 if seed_t is None else seed_t)
         return y.reshape(*lead, weight.shape[0])
-    y, _ = _forward_op(x2d, weight.packed, weight.absmax, weight.code, list(weight.shape), weight.blocksize,
+    y, _, _ = _forward_op(x2d, weight.packed, weight.absmax, weight.code, list(weight.shape), weight.blocksize,
                        weight.absmax2, weight.offset, weight.nested_code, weight.nested_blocksize, lora_A, lora_B,
                        scaling, bias, p, seed_t)
     return y.reshape(*lead, weight.shape[0])

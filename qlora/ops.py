@@ -3,9 +3,9 @@
 Two operators, both pure (``mutates_args=()``: no argument is written, no output aliases an argument):
 
 - ``torch.ops.qlora.nf4_lora_forward(x, packed, absmax, code, shape, blocksize, absmax2, offset, nested_code,
-  nested_blocksize, lora_a, lora_b, scaling, bias, dropout_p, seed) -> (y, u)``
+  nested_blocksize, lora_a, lora_b, scaling, bias, dropout_p, seed) -> (y, u, keep)``
 - ``torch.ops.qlora.nf4_lora_backward(dy, x, u, packed, absmax, code, shape, blocksize, absmax2, offset,
-  nested_code, nested_blocksize, lora_a, lora_b, scaling, dropout_p, seed, need_dx, need_lora, need_bias)
+  nested_code, nested_blocksize, lora_a, lora_b, scaling, dropout_p, keep, need_dx, need_lora, need_bias)
   -> (dx, d_a, d_b, d_bias)``
 
 They wrap :func:`qlora.kernels.linear.nf4_lora_forward` / ``nf4_lora_backward`` (same shapes, dtypes and checks).
@@ -25,9 +25,17 @@ constant; a tensor is drawn in the graph by ``torch.randint`` and saved for the 
 the forward and the backward see one seed. The kernels load it from the tensor on the device (no ``.item()``, no
 host synchronization: a CUDA graph can capture the layer).
 
+Dropout mask: the forward generates the bit-packed keep mask (``keep``, int32 (M, ceil(K / 32)), bit j of word w
+of row m = column 32 w + j; :func:`qlora.kernels.lora.lora_dropout_bits`) once from the seed and returns it; the
+backward operator takes that mask (not the seed), so the Philox kernel runs once per forward + backward. Without
+dropout ``keep`` is an empty (0,) int32 tensor (a schema cannot return None) and the backward takes None.
+(torch's on-disk AOTAutograd cache keys on the traced graph, not on these operators' autograd formulas: a graph
+cached by an older qlora whose backward took the seed would pass a seed as ``keep``, which the backward operator
+refuses with a ValueError; clear the Inductor cache, ``TORCHINDUCTOR_CACHE_DIR``, after upgrading.)
+
 The forward is differentiable (``register_autograd``) in ``x``, ``lora_a``, ``lora_b`` and ``bias``; its
-backward calls the backward operator. ``u`` (float32 ``dropout(x) @ lora_a^T``) is an output only so that the
-backward can reuse it; no gradient flows through it.
+backward calls the backward operator. ``u`` (float32 ``dropout(x) @ lora_a^T``) and ``keep`` are outputs only so
+that the backward can reuse them; no gradient flows through them.
 """
 
 from typing import Optional, Sequence
@@ -72,25 +80,34 @@ def nf4_lora_forward(
     absmax2: Optional[Tensor], offset: Optional[float], nested_code: Optional[Tensor], nested_blocksize: int,
     lora_a: Tensor, lora_b: Tensor, scaling: float, bias: Optional[Tensor], dropout_p: float,
     seed: Optional[Tensor],
-) -> tuple[Tensor, Tensor]:
-    """``(y, u)``: y (M, N) in x's dtype, contiguous, ``x @ W^T + scaling * (dropout(x) @ A^T) @ B^T + bias``;
-    u (M, R) float32 contiguous, ``dropout(x) @ A^T``.
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(y, u, keep)``: y (M, N) in x's dtype, contiguous, ``x @ W^T + scaling * (dropout(x) @ A^T) @ B^T +
+    bias``; u (M, R) float32 contiguous, ``dropout(x) @ A^T``; keep the bit-packed dropout mask of x, int32
+    (M, ceil(K / 32)) contiguous when ``dropout_p > 0``, else an empty (0,) int32 tensor.
 
     x (M, K) fp32/fp16/bf16, any strides; W = the NF4 weight of ``shape`` (N, K); lora_a (R, K), lora_b (N, R),
     bias (N,) contiguous or None, all in x's dtype; seed a one-element int64 tensor (on x's device) or None.
     """
-    return _linear.nf4_lora_forward(
+    keep = None
+    if dropout_p > 0 and x.dim() == 2:  # (another x is refused by the launcher, naming x)
+        # Generated here, from the seed staged on x's device as the launcher would, so that it can be returned
+        # for the backward; the launcher then reads it (and checks its shape) instead of generating its own.
+        _linear.check_scalar("dropout_p", dropout_p, 0.0, 1.0)
+        keep = _linear.lora_dropout_bits(_linear.seed_tensor(_seed_arg(seed), x.device), tuple(x.shape), dropout_p)
+    y, u = _linear.nf4_lora_forward(
         x, lora_a=lora_a, lora_b=lora_b, scaling=scaling, bias=bias, dropout_p=dropout_p, seed=_seed_arg(seed),
-        **_weight(packed, absmax, code, shape, blocksize, absmax2, offset, nested_code, nested_blocksize))
+        keep=keep, **_weight(packed, absmax, code, shape, blocksize, absmax2, offset, nested_code, nested_blocksize))
+    return y, u, (x.new_empty((0,), dtype=torch.int32) if keep is None else keep)
 
 
 @nf4_lora_forward.register_fake
 def _nf4_lora_forward_fake(x, packed, absmax, code, shape, blocksize, absmax2, offset, nested_code,
                            nested_blocksize, lora_a, lora_b, scaling, bias, dropout_p, seed):
-    # The launcher allocates both outputs fresh and contiguous: y in x's dtype, u in float32.
+    # The launcher allocates every output fresh and contiguous: y in x's dtype, u in float32, keep int32.
     y = x.new_empty((x.shape[0], shape[0]))
     u = x.new_empty((x.shape[0], lora_a.shape[0]), dtype=torch.float32)
-    return y, u
+    keep = x.new_empty(((x.shape[0], (x.shape[1] + 31) // 32) if dropout_p > 0 else (0,)), dtype=torch.int32)
+    return y, u, keep
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -103,25 +120,29 @@ def nf4_lora_backward(
     dy: Tensor, x: Tensor, u: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, shape: Sequence[int],
     blocksize: int, absmax2: Optional[Tensor], offset: Optional[float], nested_code: Optional[Tensor],
     nested_blocksize: int, lora_a: Tensor, lora_b: Tensor, scaling: float, dropout_p: float,
-    seed: Optional[Tensor], need_dx: bool, need_lora: bool, need_bias: bool,
+    keep: Optional[Tensor], need_dx: bool, need_lora: bool, need_bias: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(dx, d_a, d_b, d_bias)`` of :func:`nf4_lora_forward`: dx (M, K), d_a (R, K), d_b (N, R), d_bias (N,), in
     x's dtype, contiguous. A gradient not asked for (``need_dx``; ``need_lora`` for d_a and d_b; ``need_bias``)
     comes back as an empty (0,) tensor: an operator schema cannot return None.
 
-    dy (M, N) in x's dtype and x (M, K), any strides; u (M, R) float32 contiguous from the forward, with the same
-    ``dropout_p`` and ``seed``.
+    dy (M, N) in x's dtype and x (M, K), any strides; u (M, R) float32 contiguous and ``keep`` (the bit-packed
+    dropout mask, int32 (M, ceil(K / 32)); required when ``dropout_p > 0``, ignored otherwise) from the forward,
+    with the same ``dropout_p``.
     """
+    if dropout_p > 0 and (keep is None or keep.dim() != 2):
+        raise ValueError("keep must be the forward's bit-packed dropout mask, int32 (M, ceil(K / 32)), when "
+                         f"dropout_p > 0; got {None if keep is None else tuple(keep.shape)}")
     grads = _linear.nf4_lora_backward(
-        dy, x, u, lora_a=lora_a, lora_b=lora_b, scaling=scaling, dropout_p=dropout_p, seed=_seed_arg(seed),
-        need_dx=need_dx, need_lora=need_lora, need_bias=need_bias,
+        dy, x, u, lora_a=lora_a, lora_b=lora_b, scaling=scaling, dropout_p=dropout_p,
+        keep=keep if dropout_p > 0 else None, need_dx=need_dx, need_lora=need_lora, need_bias=need_bias,
         **_weight(packed, absmax, code, shape, blocksize, absmax2, offset, nested_code, nested_blocksize))
     return tuple(x.new_empty((0,)) if g is None else g for g in grads)
 
 
 @nf4_lora_backward.register_fake
 def _nf4_lora_backward_fake(dy, x, u, packed, absmax, code, shape, blocksize, absmax2, offset, nested_code,
-                            nested_blocksize, lora_a, lora_b, scaling, dropout_p, seed, need_dx, need_lora,
+                            nested_blocksize, lora_a, lora_b, scaling, dropout_p, keep, need_dx, need_lora,
                             need_bias):
     n, r, m, k = shape[0], lora_a.shape[0], x.shape[0], x.shape[1]
 
@@ -143,15 +164,18 @@ _NUM_INPUTS = 16
 def _setup_context(ctx, inputs, output):
     (x, packed, absmax, code, shape, blocksize, absmax2, offset, nested_code, nested_blocksize, lora_a, lora_b,
      scaling, bias, dropout_p, seed) = inputs
-    _, u = output
+    _, u, keep = output
     # Every tensor goes through save_for_backward (None allowed), so the compiler sees what the backward reads.
-    ctx.save_for_backward(x, u, packed, absmax, code, absmax2, nested_code, lora_a, lora_b, seed)
+    # The forward's bit-packed dropout mask is saved in place of the seed: the backward does not regenerate it.
+    ctx.save_for_backward(x, u, packed, absmax, code, absmax2, nested_code, lora_a, lora_b,
+                          keep if dropout_p > 0 else None)
     ctx.meta = (tuple(shape), blocksize, offset, nested_blocksize, scaling, dropout_p, bias is not None)
 
 
-def _backward(ctx, dy, du):
-    # du is unused: u is a by-product kept for this backward, never an input of anything differentiable.
-    x, u, packed, absmax, code, absmax2, nested_code, lora_a, lora_b, seed = ctx.saved_tensors
+def _backward(ctx, dy, du, dkeep):
+    # du and dkeep are unused: u and keep are by-products kept for this backward, never inputs of anything
+    # differentiable.
+    x, u, packed, absmax, code, absmax2, nested_code, lora_a, lora_b, keep = ctx.saved_tensors
     shape, blocksize, offset, nested_blocksize, scaling, dropout_p, has_bias = ctx.meta
     need = ctx.needs_input_grad
     need_dx = need[_X]
@@ -162,7 +186,7 @@ def _backward(ctx, dy, du):
         return tuple(grads)
     dx, d_a, d_b, d_bias = torch.ops.qlora.nf4_lora_backward(
         dy.to(x.dtype), x, u, packed, absmax, code, shape, blocksize, absmax2, offset, nested_code,
-        nested_blocksize, lora_a, lora_b, scaling, dropout_p, seed, need_dx, need_lora, need_bias)
+        nested_blocksize, lora_a, lora_b, scaling, dropout_p, keep, need_dx, need_lora, need_bias)
     grads[_X] = dx if need_dx else None
     grads[_LORA_A] = d_a if need[_LORA_A] else None
     grads[_LORA_B] = d_b if need[_LORA_B] else None

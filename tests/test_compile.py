@@ -28,6 +28,7 @@ import torch
 import torch._dynamo
 import torch._dynamo.testing
 from torch import nn
+from torch._functorch import config as functorch_config
 from torch._inductor import config as inductor_config
 
 from qlora import QLoRALinear
@@ -57,9 +58,13 @@ DEVICE = kernel_device()
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
     # Every test compiles Sequential.forward anew: no graph cached by an earlier test (compiled under other
-    # Inductor settings) is reused, and the recompile limit is never reached.
+    # Inductor settings) is reused, and the recompile limit is never reached. The on-disk FX graph and AOTAutograd
+    # caches are off too: their keys hash the traced graph but not the custom operators' autograd formulas
+    # (qlora/ops.py), so a cache written by another version of this package (the backward once took the seed, now
+    # the forward's mask) would replay that version's backward graph.
     torch._dynamo.reset()
-    yield
+    with inductor_config.patch(fx_graph_cache=False), functorch_config.patch(enable_autograd_cache=False):
+        yield
     torch._dynamo.reset()
 
 
@@ -184,6 +189,28 @@ def test_dropout_same_seed_same_mask_compiled_and_eager():
     assert counter.frame_count <= 2
 
 
+def test_compiled_dropout_mask_generated_once(monkeypatch):
+    """Compiled forward + backward launch the dropout mask kernel once: the forward operator returns the bit-packed
+    mask, it is saved for the backward operator, which reads it instead of the seed."""
+    from triton.runtime import interpreter
+
+    model = _model(bias=True, dropout=0.3)
+    x, probe = _inputs()
+    compiled = torch.compile(model, fullgraph=True, backend=BACKEND)
+    _step(compiled, model, x, probe, rng_seed=3)  # compile outside the count
+    launched = []
+    original = interpreter.InterpretedFunction.run
+
+    def run(self, *args, **kwargs):
+        launched.append(self.fn.__name__)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(interpreter.InterpretedFunction, "run", run)
+    _step(compiled, model, x, probe, rng_seed=3)
+    layers = sum(isinstance(mod, QLoRALinear) for mod in model.modules())
+    assert launched.count("_dropout_bits_kernel") == layers, launched  # one per layer, forward + backward
+
+
 def test_dropout_seed_drawn_in_graph():
     model = _model(bias=False, dropout=0.3)
     x, probe = _inputs()
@@ -236,14 +263,28 @@ def test_opcheck_backward(need):
     ts = _op_tensors(requires_grad=False)
     weight = _op_weight(True)
     seed = torch.tensor([321], dtype=torch.int64)
-    _, u = torch.ops.qlora.nf4_lora_forward(ts["x"], *weight, ts["lora_a"], ts["lora_b"], 1.5, ts["bias"], 0.3, seed)
+    _, u, keep = torch.ops.qlora.nf4_lora_forward(ts["x"], *weight, ts["lora_a"], ts["lora_b"], 1.5, ts["bias"],
+                                                  0.3, seed)
+    assert keep.shape == (3, 1) and keep.dtype == torch.int32  # the forward's bit-packed mask, 20 columns
     dy = torch.randn(3, 12, generator=torch.Generator().manual_seed(11)).to(DEVICE)
-    args = (dy, ts["x"], u, *weight, ts["lora_a"], ts["lora_b"], 1.5, 0.3, seed, *need)
+    args = (dy, ts["x"], u, *weight, ts["lora_a"], ts["lora_b"], 1.5, 0.3, keep, *need)
     torch.library.opcheck(torch.ops.qlora.nf4_lora_backward.default, args)
     dx, d_a, d_b, d_bias = torch.ops.qlora.nf4_lora_backward(*args)
     assert dx.shape == ((3, 20) if need[0] else (0,))
     assert d_a.shape == ((4, 20) if need[1] else (0,)) and d_b.shape == ((12, 4) if need[1] else (0,))
     assert d_bias.shape == ((12,) if need[2] else (0,))
+
+
+def test_backward_op_requires_the_forwards_mask_with_dropout():
+    ts = _op_tensors(requires_grad=False)
+    weight = _op_weight(True)
+    dy = torch.randn(3, 12, generator=torch.Generator().manual_seed(11)).to(DEVICE)
+    u = torch.zeros(3, 4, device=DEVICE)
+    with pytest.raises(ValueError, match="keep must be the forward's bit-packed dropout mask"):
+        torch.ops.qlora.nf4_lora_backward(dy, ts["x"], u, *weight, ts["lora_a"], ts["lora_b"], 1.5, 0.3, None,
+                                          True, True, False)
+    _, _, keep = torch.ops.qlora.nf4_lora_forward(ts["x"], *weight, ts["lora_a"], ts["lora_b"], 1.5, None, 0.0, None)
+    assert keep.shape == (0,) and keep.dtype == torch.int32  # no dropout: no mask
 
 
 @pytest.mark.gpu

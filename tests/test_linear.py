@@ -493,6 +493,20 @@ def test_dropout_bits_are_philox_randint4x(m, k, p, seed):
     np.testing.assert_array_equal(mask != 0, kept.reshape(m, -1)[:, :k])
 
 
+def test_dropout_bits_do_not_depend_on_the_tiles():
+    """The interpreter launches the mask kernel with tiles shaped to the mask (few programs); a GPU with BITS_BLOCK
+    (here 3 x 2 programs, partial in both directions). A word's counters are its flat index, so the bits agree."""
+    m, k, p = 40, 600, 0.3
+    words = -(-k // 32)
+    want = KL.lora_dropout_bits(77, (m, k), p)
+    got = torch.empty_like(want)
+    block = KL.BITS_BLOCK
+    grid = (-(-m // block["BLOCK_M"]), -(-words // block["BLOCK_W"]))
+    assert grid == (3, 2) and KL._bits_block(m, words) != block
+    KL._dropout_bits_kernel[grid](KL.seed_tensor(77, got.device), got, m, k, words, KL._threshold_biased(p), **block)
+    assert torch.equal(got, want)
+
+
 def test_seed_tensor_is_never_read_on_the_host(monkeypatch):
     """CUDA graphs: with dropout, the layer's forward and backward never read a tensor's value on the host (the
     seed is a tensor the kernels load); host reads are made to fail for the duration."""
@@ -548,3 +562,42 @@ def test_launch_counts_per_layer(monkeypatch, m, k, p, forward, backward):
     K.nf4_lora_backward(torch.ones_like(y), x, u, lora_a=a, lora_b=b, scaling=1.0, dropout_p=p, keep=keep,
                         need_bias=True, **kw)
     assert len(counts) == backward, counts
+
+
+@pytest.mark.parametrize("m", [3, 20], ids=["gemv", "dequant"])
+def test_dropout_mask_generated_once_and_read_by_the_backward(monkeypatch, m):
+    """qlora_linear with dropout: the forward launches the mask kernel once and saves the bit-packed mask; the
+    backward reads it (no second launch). The saved mask is the Philox mask of the seed bit for bit, and every
+    output and gradient matches the oracle given that mask (and equals the launchers' given the same bits)."""
+    gen = torch.Generator().manual_seed(6)
+    dtype, k, n, r, p, seed, scaling = torch.bfloat16, 64, 24, 4, 0.35, 4321, 1.5
+    weight = quantize_nf4(_randn(gen, (n, k), dtype))
+    x = _randn(gen, (m, k), dtype).requires_grad_(True)
+    a = _randn(gen, (r, k), dtype, 0.2).requires_grad_(True)
+    b = _randn(gen, (n, r), dtype).requires_grad_(True)
+    bias = _randn(gen, (n,), dtype).requires_grad_(True)
+    dy = _randn(gen, (m, n), dtype)
+    masks = []
+    original = K.lora_dropout_bits
+
+    def recording(*args, **kwargs):
+        masks.append(original(*args, **kwargs))
+        return masks[-1]
+
+    monkeypatch.setattr(K, "lora_dropout_bits", recording)
+    counts = _count_launches(monkeypatch)
+    y = qlora_linear(x, weight, a, b, scaling, bias, dropout_p=p, training=True, seed=seed)
+    assert counts.count("_dropout_bits_kernel") == 1
+    y.backward(dy)
+    assert counts.count("_dropout_bits_kernel") == 1, counts  # the backward launched none
+    monkeypatch.undo()
+    (keep,) = masks
+    assert torch.equal(keep, KL.lora_dropout_bits(seed, (m, k), p))
+    grads = (x.grad, a.grad, b.grad, bias.grad)
+    _, u = K.nf4_lora_forward(x.detach(), lora_a=a.detach(), lora_b=b.detach(), scaling=scaling, bias=bias.detach(),
+                              dropout_p=p, keep=keep, **_weight_kwargs(weight))
+    want = K.nf4_lora_backward(dy, x.detach(), u, lora_a=a.detach(), lora_b=b.detach(), scaling=scaling,
+                               dropout_p=p, keep=keep, need_bias=True, **_weight_kwargs(weight))
+    assert all(torch.equal(got, w) for got, w in zip(grads, want))
+    mask = torch.where(KL.expand_keep_bits(keep, k), torch.tensor(1.0 / (1.0 - p)), torch.tensor(0.0))
+    _check_against_oracle(x, _dense_weight(weight, dtype), a, b, scaling, bias, mask, dy, y, grads, dtype)

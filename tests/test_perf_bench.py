@@ -84,6 +84,25 @@ def test_linear_flops():
 # --- optimizers --------------------------------------------------------------------------------------------
 
 
+def test_linear_impls_compute_the_same_layer():
+    """qlora_default (default dispatch: dequantize-then-GEMM at M = 32) and qlora_fused_tiled (W dequantized per
+    tile, the explicit fused config) time the same layer: same y and gradients up to accumulation order. Both
+    multiply the same bf16 operands exactly in float32 and round once to bf16, so they differ by at most one bf16
+    rounding of each (2 * 2^-8 relative) plus float32 reassociation (K * 2^-24 of the sum of |terms|, K = 256)."""
+    prob = bench_linear.Problem(64, 256, 8)
+    assert bench_linear.fused_tiled_config().path == "fused"
+    outs = {}
+    for impl in bench_linear.QLORA_IMPLS:
+        x = prob.x(32, requires_grad=True) if not outs else outs["x"].detach().clone().requires_grad_(True)
+        y = prob.forward(impl, x)
+        grads = torch.autograd.grad(y, (x, prob.lora_a, prob.lora_b), torch.ones_like(y))
+        outs.setdefault("x", x)
+        outs[impl] = [t.float() for t in (y, *grads)]
+    for got, want in zip(outs["qlora_fused_tiled"], outs["qlora_default"]):
+        scale = want.abs().max().item()
+        assert torch.allclose(got, want, rtol=2 * 2.0**-8, atol=256 * 2.0**-24 * scale + 2.0**-8 * scale)
+
+
 def test_adamw_step_bytes_32bit():
     assert bench_optim.adamw_step_bytes(1_000, 32) == 28_000  # p 4+4, g 4, m 4+4, v 4+4
     assert bench_optim.adamw_step_bytes(64 * 2**20, 32) == 1_879_048_192

@@ -69,7 +69,7 @@ def synthetic_pb(gpu: bool = False, device: str = H100_NAME, scale: float = 1.0,
     dim, m, k, n, r, numel = (4096, 4096, 4096, 4096, 16, 64 << 20) if gpu else (1024, 64, 256, 256, 8, 1 << 20)
     # Seconds per op; the rounds hold ops of them, with a little spread.
     per_op = {"quantize": 1e-4, "forward-dense_bf16": 2e-4, "forward-dequant_then_matmul": 3e-4,
-              "forward-qlora_fused": 2.5e-4, "forward+backward-qlora_fused": 8e-4, "m1": 2e-5, "m16": 2.4e-5,
+              "forward-qlora_default": 2.5e-4, "forward+backward-qlora_default": 8e-4, "m1": 2e-5, "m16": 2.4e-5,
               "adam8": 1e-3, "adam8host": 4e-3}
 
     def rounds(key):
@@ -89,7 +89,7 @@ def synthetic_pb(gpu: bool = False, device: str = H100_NAME, scale: float = 1.0,
                {**base, "impl": "qlora", "op": "quantize", "shape": [dim, dim], "dtype": "bfloat16",
                 "blocksize": 64, **bw(2 * dim * dim + dim * dim // 2 + 4 * dim * dim // 64, "quantize")}, ops),
     ]
-    for impl in ("dense_bf16", "dequant_then_matmul", "qlora_fused"):
+    for impl in ("dense_bf16", "dequant_then_matmul", "qlora_default"):
         key = f"forward-{impl}"
         flops = 2 * m * n * k + 2 * m * k * r + 2 * m * r * n
         entries.append(_entry(
@@ -99,16 +99,16 @@ def synthetic_pb(gpu: bool = False, device: str = H100_NAME, scale: float = 1.0,
              "time_ratio_vs_dense_bf16": per_op[key] / per_op["forward-dense_bf16"]}, ops))
     flops = 2 * (2 * m * n * k + 2 * m * k * r + 2 * m * r * n) + 4 * m * n * r + 4 * m * r * k
     entries.append(_entry(
-        "perf/bench_linear.py::test_linear[forward+backward-qlora_fused]",
-        {"mode": "forward+backward", "impl": "qlora_fused"},
-        f"linear forward+backward M={m} K={k} N={n} r={r} bf16 ({where})", rounds("forward+backward-qlora_fused"),
-        {**base, "impl": "qlora_fused", "mode": "forward+backward", "M": m, "K": k, "N": n, "r": r,
+        "perf/bench_linear.py::test_linear[forward+backward-qlora_default]",
+        {"mode": "forward+backward", "impl": "qlora_default"},
+        f"linear forward+backward M={m} K={k} N={n} r={r} bf16 ({where})", rounds("forward+backward-qlora_default"),
+        {**base, "impl": "qlora_default", "mode": "forward+backward", "M": m, "K": k, "N": n, "r": r,
          "dtype": "bfloat16", "flops": flops}, ops))
     for small, key in ((1, "m1"), (16, "m16")):
         entries.append(_entry(
             f"perf/bench_linear.py::test_linear_small_m[{small}]", {"m": small},
             f"linear forward small M K={k} N={n} r={r} bf16, no grad ({where})", rounds(key),
-            {**base, "impl": "qlora_fused", "mode": "forward (no grad)", "M": small, "K": k, "N": n, "r": r,
+            {**base, "impl": "qlora_default", "mode": "forward (no grad)", "M": small, "K": k, "N": n, "r": r,
              "dtype": "bfloat16", "dense_reference_seconds": 3e-5 * scale,
              "time_ratio_vs_dense_bf16": per_op[key] / 3e-5, **bw(n * k // 2 + n * k // 64 + 4, key, "weight_")},
             ops))
@@ -182,7 +182,7 @@ def test_interpreter_run_converts_to_rows_and_metadata():
     small = rows["test_linear_small_m[1]"]
     assert small["GBps_of"] == "NF4 weight bytes"
     assert small["GBps"] == pytest.approx(small["extra_info"]["weight_achieved_GBps"])
-    fused = rows["test_linear[forward-qlora_fused]"]
+    fused = rows["test_linear[forward-qlora_default]"]
     assert fused["TFLOPs"] == pytest.approx(fused["extra_info"]["tflops"])
     # On CPU there is no peak and no roofline.
     assert all(r["percent_of_peak"] is None and r["percent_of_roofline"] is None for r in res["rows"])
@@ -192,19 +192,22 @@ def test_gpu_run_divides_ops_per_round_and_adds_roofline_percentages():
     res = results_of(gpu=True)
     rows = by_name(res)
     assert res["metadata"]["device"] == H100_NAME and res["metadata"]["backend"] == "gpu"
-    fused = rows["test_linear[forward-qlora_fused]"]
+    fused = rows["test_linear[forward-qlora_default]"]
     assert fused["ops_per_round"] == 10 and fused["median_s"] == pytest.approx(2.5e-4)  # round 2.5e-3 / 10
-    predicted = rl.roofline(rl.lora_forward(4096, 4096, 4096, 16, "fused"), rl.DEVICES["h100"]).predicted_s
+    # qlora_default at M > 16 is the default dispatch's dequantize-then-GEMM path: the roofline's dequant_matmul.
+    predicted = rl.roofline(rl.lora_forward(4096, 4096, 4096, 16, "dequant_matmul"),
+                            rl.DEVICES["h100"]).predicted_s
     assert fused["roofline"]["device"] == "h100"
     assert fused["roofline"]["predicted_s"] == pytest.approx(predicted)
     assert fused["percent_of_roofline"] == pytest.approx(100 * predicted / 2.5e-4)
     # forward+backward: the forward and the backward workloads' predictions add up.
-    both = rows["test_linear[forward+backward-qlora_fused]"]["roofline"]
+    both = rows["test_linear[forward+backward-qlora_default]"]["roofline"]
     shape = (4096, 4096, 4096, 16)
-    assert both["workloads"] == [rl.lora_forward(*shape).name, rl.lora_backward(*shape).name]
+    approach = "dequant_matmul"
+    assert both["workloads"] == [rl.lora_forward(*shape, approach).name, rl.lora_backward(*shape, approach).name]
     h100 = rl.DEVICES["h100"]
-    assert both["predicted_s"] == pytest.approx(rl.roofline(rl.lora_forward(*shape), h100).predicted_s
-                                                + rl.roofline(rl.lora_backward(*shape), h100).predicted_s)
+    assert both["predicted_s"] == pytest.approx(rl.roofline(rl.lora_forward(*shape, approach), h100).predicted_s
+                                                + rl.roofline(rl.lora_backward(*shape, approach), h100).predicted_s)
     dense = rows["test_linear[forward-dense_bf16]"]["roofline"]
     assert dense["workloads"] == [rl.lora_forward(4096, 4096, 4096, 16, "dense").name]
     # quantize: only the first-level launch (the benchmark does not double-quantize).
@@ -290,7 +293,7 @@ def test_load_explains_what_is_wrong(tmp_path):
 def test_table_labels_interpreter_timing():
     text = bench.format_table(results_of())
     assert "cpu-interpreter" in text and "orientation only" in text
-    assert "test_linear[forward-qlora_fused]" in text and "250 us" in text
+    assert "test_linear[forward-qlora_default]" in text and "250 us" in text
     assert "1.25x dense" in text
     gpu = bench.format_table(results_of(gpu=True))
     assert "orientation only" not in gpu.splitlines()[0] and "[gpu]" in gpu
@@ -312,17 +315,17 @@ def _slow_down(results: dict, name: str, factor: float) -> dict:
 
 def test_compare_flags_a_20_percent_slowdown_and_not_a_5_percent_one():
     old = results_of(gpu=True)
-    slow = _slow_down(old, "test_linear[forward-qlora_fused]", 1.20)
+    slow = _slow_down(old, "test_linear[forward-qlora_default]", 1.20)
     comp = cmp.compare_runs(old, slow)
     assert comp.comparable and comp.exit_code == 1
-    assert [r.name for r in comp.regressions] == ["test_linear[forward-qlora_fused]"]
+    assert [r.name for r in comp.regressions] == ["test_linear[forward-qlora_default]"]
     assert comp.regressions[0].change == pytest.approx(0.20)
-    assert all(r.status == cmp.UNCHANGED for r in comp.rows if r.name != "test_linear[forward-qlora_fused]")
+    assert all(r.status == cmp.UNCHANGED for r in comp.rows if r.name != "test_linear[forward-qlora_default]")
 
-    mild = cmp.compare_runs(old, _slow_down(old, "test_linear[forward-qlora_fused]", 1.05))
+    mild = cmp.compare_runs(old, _slow_down(old, "test_linear[forward-qlora_default]", 1.05))
     assert mild.comparable and not mild.regressions and mild.exit_code == 0
     # The threshold decides: 5% is a regression at 0.04.
-    assert cmp.compare_runs(old, _slow_down(old, "test_linear[forward-qlora_fused]", 1.05), 0.04).exit_code == 1
+    assert cmp.compare_runs(old, _slow_down(old, "test_linear[forward-qlora_default]", 1.05), 0.04).exit_code == 1
     faster = cmp.compare_runs(old, _slow_down(old, "test_quantize[qlora]", 0.5))
     assert faster.exit_code == 0 and [r.status for r in faster.rows if r.name == "test_quantize[qlora]"] == ["improved"]
 
@@ -425,7 +428,7 @@ def test_bench_command_saves_prints_and_compares(tmp_path, monkeypatch, capsys):
     assert calls == [("linear", True)]
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d{6}Z_([0-9a-f]{7}|unknown)_cpu-triton-interpreter\.json", saved.name)
     printed = capsys.readouterr().out
-    assert "test_linear[forward-qlora_fused]" in printed and str(saved) in printed
+    assert "test_linear[forward-qlora_default]" in printed and str(saved) in printed
     assert "skipped perf/bench_x.py::test_gpu: GPU case" in printed
     results = bench.load(saved)
     assert results["metadata"]["only"] == "linear" and "--quick" in results["metadata"]["command"]
@@ -461,7 +464,7 @@ def _runs_over_commits() -> list[dict]:
 
 def test_speed_vs_m_series():
     series = plot.speed_vs_m(results_of(gpu=True))
-    assert series["qlora_fused"] == {1: pytest.approx(2e-5), 16: pytest.approx(2.4e-5), 4096: pytest.approx(2.5e-4)}
+    assert series["qlora_default"] == {1: pytest.approx(2e-5), 16: pytest.approx(2.4e-5), 4096: pytest.approx(2.5e-4)}
     # Dense at small M comes from the small-M cases' reference; at M = 4096 from its own benchmark.
     assert series["dense_bf16"] == {1: 3e-5, 16: 3e-5, 4096: pytest.approx(2e-4)}
     assert set(series["dequant_then_matmul"]) == {4096}
@@ -499,13 +502,13 @@ def test_plot_writes_png_files(tmp_path, capsys):
 
 def test_bench_command_runs_one_real_case(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "perf", "bench", "--quick", "--only", "test_linear_small_m[1-qlora_fused]",
+        [sys.executable, "-m", "perf", "bench", "--quick", "--only", "test_linear_small_m[1-qlora_default]",
          "--out", str(tmp_path) + "/"],
         cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     (path,) = tmp_path.glob("*.json")
     res = bench.load(path)
-    assert [r["name"] for r in res["rows"]] == ["test_linear_small_m[1-qlora_fused]"]
+    assert [r["name"] for r in res["rows"]] == ["test_linear_small_m[1-qlora_default]"]
     meta = res["metadata"]
     assert meta["backend"] == "cpu-interpreter" and meta["quick"] and meta["rounds"] == 1
     assert res["rows"][0]["median_s"] > 0 and res["rows"][0]["GBps"] > 0

@@ -1,0 +1,62 @@
+"""Launches per layer forward and backward (perf/launches.py, printed by ``python -m perf roofline``), recorded from
+actual calls of ``qlora_linear`` and its backward under the interpreter, against the counts the module docstring of
+kernels/linear.py states: GEMV path 2 (+1 dropout), dequantize-then-GEMM path 3 (+1 split lora_down, +1 dropout),
+backward 5 (+1 split lora_down); the dropout mask is generated once per forward + backward."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+import qlora  # noqa: F401  (interpreter switch before the kernels)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from perf import launches as L  # noqa: E402
+
+GEMV = ["_nf4_gemv_kernel", "_gemv_epilogue_kernel"]
+DEQUANT = ["_lora_down_kernel", "_dequantize_4bit_kernel", "_matmul_lora_kernel"]
+BACKWARD = ["_lora_down_kernel", "_dequantize_4bit_kernel", "_matmul_lora_kernel", "_lora_grad_kernel",
+            "_lora_grad_kernel"]
+
+
+@pytest.mark.parametrize("m, forward", [(1, GEMV), (32, DEQUANT)], ids=["gemv", "dequant"])
+@pytest.mark.parametrize("p", [0.0, 0.3], ids=["no_dropout", "dropout"])
+def test_recorded_launches_of_forward_and_backward(m, forward, p):
+    """Kernels launched by a real forward + backward (interpreter: no split reductions), in order; with dropout the
+    mask kernel runs once, first in the forward, and never in the backward (which reads the saved mask)."""
+    rec = L.layer_launches(m, 64, 24, 4, p, execute=True)
+    assert list(rec.forward) == (["_dropout_bits_kernel"] if p else []) + forward
+    assert list(rec.backward) == BACKWARD
+    assert rec.counts() == (len(forward) + (p > 0), 5)
+
+
+def test_stubbed_recording_counts_what_executes():
+    """The roofline's count (kernel bodies stubbed) equals the executed one for the same shape and mode."""
+    for m, p in ((1, 0.3), (32, 0.0)):
+        ran = L.layer_launches(m, 64, 24, 4, p, execute=True)
+        stubbed = L.layer_launches(m, 64, 24, 4, p, execute=False)
+        assert (ran.forward, ran.backward) == (stubbed.forward, stubbed.backward)
+
+
+def test_gpu_plan_adds_the_split_reductions():
+    """As a 132-SM GPU plans a 4096 x 4096 layer: lora_down (u at M > 16, g in every backward) splits its reduction
+    and a _sum_splits_kernel launch follows it; the GEMV path folds u into its own kernels."""
+    rows = {(r.m, r.dropout_p): r for r in L.report(shapes=[(1, 4096, 4096, 16, 0.0), (1, 4096, 4096, 16, 0.1),
+                                                            (32, 4096, 4096, 16, 0.1)])}
+    split_backward = ["_lora_down_kernel", "_sum_splits_kernel", *BACKWARD[1:]]
+    assert list(rows[1, 0.0].forward) == GEMV and list(rows[1, 0.0].backward) == split_backward
+    assert list(rows[1, 0.1].forward) == ["_dropout_bits_kernel", *GEMV]
+    assert list(rows[32, 0.1].forward) == ["_dropout_bits_kernel", "_lora_down_kernel", "_sum_splits_kernel",
+                                           *DEQUANT[1:]]
+    assert list(rows[32, 0.1].backward) == split_backward
+    assert all(r.plan == "stubbed, GPU plan (132 SMs)" for r in rows.values())
+    text = L.format_table(list(rows.values()))
+    assert "dropout_bits, nf4_gemv, gemv_epilogue" in text and "lora_grad x2" in text
+
+
+def test_gpu_plan_needs_stubbed_kernels():
+    with pytest.raises(ValueError, match="execute=False"):
+        L.layer_launches(1, 64, 24, 4, execute=True, gpu_sms=132)
