@@ -45,8 +45,7 @@ from ._tl import block_scale, dot, grouped_tile, keep_tile, load_tile, round_to
 from .lora import (LORA_BLOCK_RS, SPLIT_CHOICES, check_scalar, lora_block_r, lora_down, lora_dropout_bits,
                    lora_dropout_mask, lora_grad, num_sms, pow2_clamp, seed_tensor, check_seed_int,
                    launch_lora_down, launch_lora_grad, down_accumulate)
-from .quantize import (_GPU_DEQUANT_BYTES, _NUM_WARPS, _dequantize_4bit_kernel, _kernel_view, _stream_config,
-                       unpack_4bit)
+from .quantize import launch_dequantize_4bit, unpack_4bit
 
 NESTED_BLOCKSIZE = 256
 SMALL_M = 16  # at or below this many rows the forward takes the GEMV-shaped decode path
@@ -513,13 +512,9 @@ class _Weight:
         """W (N, K) in ``dtype``, contiguous: the dequantize_4bit kernel's output (so the GEMM sees exactly its
         values), launched directly since the launcher has checked the weight already."""
         out = torch.empty((self.n, self.k), dtype=dtype, device=self.packed.device)
-        nelem = self.n * self.k
-        nbytes = cdiv(nelem, 2)
-        per_program = _stream_config(nbytes, _GPU_DEQUANT_BYTES)
-        _dequantize_4bit_kernel[(cdiv(nbytes, per_program),)](
-            self.packed, *self.ptrs[1:4], self.offset, self.code, _kernel_view(out), nelem, nbytes,
-            (self.blocksize // 2).bit_length() - 1, BYTES_PER_PROGRAM=per_program, DOUBLE_QUANT=self.double_quant,
-            NESTED_BLOCKSIZE=NESTED_BLOCKSIZE, num_warps=_NUM_WARPS, enable_fp_fusion=False)
+        launch_dequantize_4bit(self.packed, self.absmax, self.absmax2 if self.double_quant else None,
+                               self.nested_code if self.double_quant else None, self.offset, self.code, out,
+                               self.blocksize, NESTED_BLOCKSIZE)
         return out
 
     def consts(self, row_len: int, col_tile: int) -> dict:

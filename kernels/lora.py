@@ -25,7 +25,7 @@ from ._host import cdiv, next_pow2
 from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
 from ._runtime import interpreter_active, kernel_device
 from ._static import KernelSpec
-from ._tl import dot, keep_tile, load_tile, round_to
+from ._tl import dot, interpreted_directly, keep_tile, load_tile, round_to
 
 LORA_BLOCK_RS = (16, 32, 64)  # LoRA rank tile on a GPU; larger ranks loop over it
 GPU_DOWN_BLOCK_D = 64
@@ -86,6 +86,9 @@ def down_accumulate(acc, a_ptr, b_ptr, bits_ptr, offs_m, mask_m, offs_r, mask_r,
         b = load_tile(b_ptr, offs_d.to(tl.int64), offs_r, stride_bd, stride_br, mask_d, mask_r)
         acc = dot(a, b, acc)
     return acc
+
+
+down_accumulate = interpreted_directly(down_accumulate)
 
 
 @triton.jit
