@@ -283,14 +283,17 @@ def _matmul_lora_kernel(
                 stride_bn = (stride_bn // 16) * 16
             else:
                 stride_bk = (stride_bk // 16) * 16
-    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    # (v + B - 1) // B and tl.full rather than tl.cdiv and tl.zeros (the same code on a GPU): those two are
+    # @triton.jit library functions, and each call of one re-patches triton.language under the interpreter.
+    pid_m, pid_n = grouped_tile(tl.program_id(0), (M + BLOCK_M - 1) // BLOCK_M, (N + BLOCK_N - 1) // BLOCK_N,
+                                GROUP_M)
     compute_dtype = a_ptr.dtype.element_ty
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
@@ -309,7 +312,7 @@ def _matmul_lora_kernel(
             b = load_tile(b_ptr, offs_k, offs_n, stride_bk, stride_bn, mask_k, mask_n)
         acc = dot(a, b, acc)
 
-    lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    lora = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     for r0 in range(0, R, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         mask_r = offs_r < R

@@ -113,7 +113,9 @@ def _lora_down_kernel(
     mask_r = offs_r < R
     d_start = pid_s * d_per_split
     d_end = min(D, d_start + d_per_split)
-    acc = down_accumulate(tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32), a_ptr, b_ptr, bits_ptr, offs_m, mask_m,
+    # tl.full rather than tl.zeros (the same code on a GPU): tl.zeros is a @triton.jit library function, and each
+    # call of one re-patches triton.language under the interpreter.
+    acc = down_accumulate(tl.full((BLOCK_M, BLOCK_R), 0.0, tl.float32), a_ptr, b_ptr, bits_ptr, offs_m, mask_m,
                           offs_r, mask_r, d_start, d_end, words_per_row, stride_am, stride_ad, stride_bd, stride_br,
                           HAS_DROPOUT, BLOCK_D)
     out = out_ptr + pid_s.to(tl.int64) * M * R + offs_m[:, None] * R + offs_r[None, :]
@@ -156,8 +158,8 @@ def _lora_grad_kernel(
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_c = offs_c < C
     mask_r = offs_r < R
-    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
-    colsum = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    acc = tl.full((BLOCK_R, BLOCK_C), 0.0, tl.float32)  # tl.full: see _lora_down_kernel
+    colsum = tl.full((BLOCK_C,), 0.0, tl.float32)
     for m0 in range(0, M, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
         mask_m = offs_m < M

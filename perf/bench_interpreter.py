@@ -82,5 +82,5 @@ def test_demo_layer_forward_backward_interpreter(benchmark, case):
     benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=warmup)
     seconds = benchmark.stats.stats.min
     benchmark.extra_info.update(seconds_per_op=seconds, time_ratio_vs_torch=seconds / reference,
-                                shape="M=112, K=384, N=1536, r=8, float32",
+                                problem="M=112, K=384, N=1536, r=8, float32",
                                 timing=bu.INTERPRETER_TIMING)
