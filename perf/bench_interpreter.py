@@ -76,10 +76,12 @@ def demo_layer_workloads(seed: int = 0):
 def test_demo_layer_forward_backward_interpreter(benchmark, case):
     qlora_step, torch_step, *_ = demo_layer_workloads()
     fn = qlora_step if case == "qlora_QLoRALinear" else torch_step
-    # The torch layer takes ~2 ms: its minimum over many calls; the interpreted layer ~0.1-0.3 s per call.
+    # The torch layer takes ~1.5 ms: its minimum over many calls, measured before and after the timed rounds (right
+    # after interpreted work it was measured up to 3x slower in one process; load only ever adds time).
     reference = ht.best_seconds(torch_step, rounds=10, inner=10)
     rounds, warmup = (bu.CPU_QUICK_ROUNDS, bu.CPU_QUICK_WARMUP_ROUNDS) if bu.QUICK else (5, 1)
     benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=warmup)
+    reference = min(reference, ht.best_seconds(torch_step, rounds=10, inner=10))
     seconds = benchmark.stats.stats.min
     benchmark.extra_info.update(seconds_per_op=seconds, time_ratio_vs_torch=seconds / reference,
                                 problem="M=112, K=384, N=1536, r=8, float32",
