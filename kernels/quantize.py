@@ -257,7 +257,7 @@ _GPU_QUANT_ELEMS = 2048
 # 4-bit dequantize on a GPU: 8192 elements (4096 packed bytes) per program of 4 warps: each thread loads 32
 # contiguous bytes (two 128-bit loads) and stores 64 outputs in 16-byte vectors, and the per-block scale decode and
 # index setup are spread over twice the elements of a 4096-element program (`perf static`: 8.5-10.2 instructions
-# per element instead of 9.6-13.8 across triton 3.6 and 3.9; 56-128 registers, no spill).
+# per element instead of 9.6-13.8 across triton 3.6 and 3.9; 42-144 registers, no spill).
 _GPU_DEQUANT_ELEMS = 8192
 # Under the interpreter a 4-bit dequantize program costs about this many elements' worth of work beyond its tile
 # (the Python dispatch of its ~30 tile ops; measured on the demo's weight: ~1.2 ms per program against ~35 ns per
@@ -328,7 +328,6 @@ def launch_dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, absmax2: 
         float(offset) if double_quant else 0.0, code, _kernel_view(out), n, nbytes, nblocks, BLOCKSIZE=blocksize,
         BLOCKS_PER_PROGRAM=blocks_per_program, DOUBLE_QUANT=double_quant, NESTED_BLOCKSIZE=nested_blocksize,
         EVEN=even, num_warps=_NUM_WARPS, **_FP_OPTIONS)
-
 
 
 def _stream_config(count: int, gpu_tile: int) -> int:
@@ -658,7 +657,7 @@ def compile_specs() -> list[KernelSpec]:
                        "NESTED_BLOCKSIZE": "constexpr", "EVEN": "constexpr"},
             constexprs={"BLOCKSIZE": blocksize, "BLOCKS_PER_PROGRAM": blocks_per_program,
                         "DOUBLE_QUANT": double_quant, "NESTED_BLOCKSIZE": 256,
-                        "EVEN": _SPEC_NUMEL % _GPU_DEQUANT_ELEMS == 0},
+                        "EVEN": _SPEC_NUMEL % (blocksize * blocks_per_program) == 0},
             options=options,
             launch_args={"offset": _SPEC_OFFSET, "n": _SPEC_NUMEL, "nbytes": cdiv(_SPEC_NUMEL, 2),
                          "nblocks": cdiv(_SPEC_NUMEL, blocksize)},
