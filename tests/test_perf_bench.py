@@ -84,6 +84,7 @@ def test_linear_flops():
 # --- interpreter ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.skipif(not qlora.interpreter_active(), reason="perf/bench_interpreter.py runs under the interpreter only")
 def test_interpreter_bench_compares_layers_computing_the_same_function():
     """perf/bench_interpreter.py times a QLoRALinear against a plain-torch LoRA layer that holds the same dequantized
     base weight, bias and adapters: one forward + backward of each gives the same y and LoRA gradients up to float32
