@@ -49,8 +49,7 @@ from ._tl import INTERPRETER, block_scale, dot, grouped_tile, keep_tile, load_ti
 from .lora import (LORA_BLOCK_RS, SPLIT_CHOICES, check_scalar, lora_block_r, lora_down, lora_dropout_bits,
                    lora_dropout_mask, lora_grad, num_sms, pow2_clamp, seed_tensor, check_seed_int,
                    launch_lora_down, launch_lora_grad, down_accumulate)
-from .quantize import (_GPU_DEQUANT_BYTES, _NUM_WARPS, _dequantize_4bit_kernel, _kernel_view, _stream_config,
-                       unpack_4bit)
+from .quantize import launch_dequantize_4bit, unpack_4bit
 
 NESTED_BLOCKSIZE = 256
 SMALL_M = 16  # at or below this many rows the forward takes the GEMV-shaped decode path
@@ -344,14 +343,17 @@ def _matmul_lora_kernel(
                 stride_bn = (stride_bn // 16) * 16
             else:
                 stride_bk = (stride_bk // 16) * 16
-    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    # (v + B - 1) // B and tl.full rather than tl.cdiv and tl.zeros (the same code on a GPU): those two are
+    # @triton.jit library functions, and each call of one re-patches triton.language under the interpreter.
+    pid_m, pid_n = grouped_tile(tl.program_id(0), (M + BLOCK_M - 1) // BLOCK_M, (N + BLOCK_N - 1) // BLOCK_N,
+                                GROUP_M)
     compute_dtype = a_ptr.dtype.element_ty
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
@@ -370,7 +372,7 @@ def _matmul_lora_kernel(
             b = load_tile(b_ptr, offs_k, offs_n, stride_bk, stride_bn, mask_k, mask_n)
         acc = dot(a, b, acc)
 
-    lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    lora = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     for r0 in range(0, R, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         mask_r = offs_r < R
@@ -584,13 +586,9 @@ class _Weight:
         """W (N, K) in ``dtype``, contiguous: the dequantize_4bit kernel's output (so the GEMM sees exactly its
         values), launched directly since the launcher has checked the weight already."""
         out = torch.empty((self.n, self.k), dtype=dtype, device=self.packed.device)
-        nelem = self.n * self.k
-        nbytes = cdiv(nelem, 2)
-        per_program = _stream_config(nbytes, _GPU_DEQUANT_BYTES)
-        _dequantize_4bit_kernel[(cdiv(nbytes, per_program),)](
-            self.packed, *self.ptrs[1:4], self.offset, self.code, _kernel_view(out), nelem, nbytes,
-            (self.blocksize // 2).bit_length() - 1, BYTES_PER_PROGRAM=per_program, DOUBLE_QUANT=self.double_quant,
-            NESTED_BLOCKSIZE=NESTED_BLOCKSIZE, num_warps=_NUM_WARPS, enable_fp_fusion=False)
+        launch_dequantize_4bit(self.packed, self.absmax, self.absmax2 if self.double_quant else None,
+                               self.nested_code if self.double_quant else None, self.offset, self.code, out,
+                               self.blocksize, NESTED_BLOCKSIZE)
         return out
 
     def consts(self, row_len: int, col_tile: int) -> dict:

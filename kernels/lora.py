@@ -25,7 +25,7 @@ from ._host import cdiv, next_pow2
 from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
 from ._runtime import interpreter_active, kernel_device
 from ._static import KernelSpec
-from ._tl import dot, keep_tile, load_tile, round_to
+from ._tl import dot, interpreted_directly, keep_tile, load_tile, round_to
 
 LORA_BLOCK_RS = (16, 32, 64)  # LoRA rank tile on a GPU; larger ranks loop over it
 GPU_DOWN_BLOCK_D = 64
@@ -89,6 +89,9 @@ def down_accumulate(acc, a_ptr, b_ptr, bits_ptr, offs_m, mask_m, offs_r, mask_r,
     return acc
 
 
+down_accumulate = interpreted_directly(down_accumulate)
+
+
 @triton.jit
 def _lora_down_kernel(
     # pointers
@@ -111,7 +114,9 @@ def _lora_down_kernel(
     mask_r = offs_r < R
     d_start = pid_s * d_per_split
     d_end = min(D, d_start + d_per_split)
-    acc = down_accumulate(tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32), a_ptr, b_ptr, bits_ptr, offs_m, mask_m,
+    # tl.full rather than tl.zeros (the same code on a GPU): tl.zeros is a @triton.jit library function, and each
+    # call of one re-patches triton.language under the interpreter.
+    acc = down_accumulate(tl.full((BLOCK_M, BLOCK_R), 0.0, tl.float32), a_ptr, b_ptr, bits_ptr, offs_m, mask_m,
                           offs_r, mask_r, d_start, d_end, words_per_row, stride_am, stride_ad, stride_bd, stride_br,
                           HAS_DROPOUT, BLOCK_D)
     out = out_ptr + pid_s.to(tl.int64) * M * R + offs_m[:, None] * R + offs_r[None, :]
@@ -154,8 +159,8 @@ def _lora_grad_kernel(
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_c = offs_c < C
     mask_r = offs_r < R
-    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
-    colsum = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    acc = tl.full((BLOCK_R, BLOCK_C), 0.0, tl.float32)  # tl.full: see _lora_down_kernel
+    colsum = tl.full((BLOCK_C,), 0.0, tl.float32)
     for m0 in range(0, M, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
         mask_m = offs_m < M

@@ -11,8 +11,10 @@ Bit for bit the oracle (``qlora.reference.quantize``) on every backend:
   interpreter's own bfloat16 casts truncate);
 - the double-quantization offset is float32(exact sum / n), computed order-independently (DESIGN.md).
 
-Launch configurations: under the interpreter a few programs of up to 2**18 elements; on a GPU about 2048
-elements (one or more whole quantization blocks) per program. Index arithmetic is 64-bit throughout.
+Launch configurations: under the interpreter a few programs of up to 2**18 elements (the 4-bit dequantize kernel
+splits the tensor into evenly filled programs of whole blocks, ``_dequant_4bit_config``); on a GPU about 2048
+elements per quantize program, 8192 per 4-bit dequantize program (two 128-bit packed loads per thread). Index
+arithmetic is 64-bit throughout.
 
 The two ``@triton.jit`` helpers at the top (``unpack_4bit``, ``load_block_scale``) are the device-side
 decoding the fused matmul imports for in-loop dequantization of the base weight.
@@ -31,6 +33,7 @@ from ._host import cdiv, next_pow2
 from ._checks import BLOCKSIZES, FLOAT_DTYPES, check_blocksize, check_finite, check_same_device, check_tensor
 from ._runtime import interpreter_active
 from ._static import KernelSpec
+from ._tl import INTERPRETER
 
 
 @triton.jit
@@ -148,20 +151,73 @@ def _quantize_4bit_kernel(x_ptr, code_ptr, packed_ptr, absmax_ptr, n, nbytes,
 
 @triton.jit
 def _dequantize_4bit_kernel(packed_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr, offset, code_ptr, out_ptr, n,
-                            nbytes, half_block_shift, BYTES_PER_PROGRAM: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-                            NESTED_BLOCKSIZE: tl.constexpr):
+                            nbytes, nblocks, BLOCKSIZE: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr,
+                            DOUBLE_QUANT: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, EVEN: tl.constexpr):
     """packed (nbytes = ceil(n/2),) uint8 -> out (n,) fp32/fp16/bf16-bits: code[q] * scale in float32, then cast.
-    The block of byte b is b >> half_block_shift (log2(blocksize / 2), a runtime value: one compiled kernel
-    serves every blocksize). Both nibbles of a byte share a block, so the scale is decoded once per byte."""
-    byte_idx = tl.program_id(0).to(tl.int64) * BYTES_PER_PROGRAM + tl.arange(0, BYTES_PER_PROGRAM)
-    in_range = byte_idx < nbytes
-    byte = tl.load(packed_ptr + byte_idx, mask=in_range, other=0).to(tl.int32)
-    scale = load_block_scale(absmax_ptr, absmax2_ptr, nested_code_ptr, offset, byte_idx >> half_block_shift,
-                             in_range, DOUBLE_QUANT, NESTED_BLOCKSIZE)
-    high = tl.load(code_ptr + (byte >> 4), mask=in_range, other=0.0) * scale
-    low = tl.load(code_ptr + (byte & 0xF), mask=in_range, other=0.0) * scale
-    out_idx = tl.program_id(0).to(tl.int64) * (2 * BYTES_PER_PROGRAM) + tl.arange(0, 2 * BYTES_PER_PROGRAM)
-    _store_float32(out_ptr, out_idx, tl.interleave(high, low), out_idx < n)
+
+    Each program decodes BLOCKS_PER_PROGRAM whole quantization blocks laid out as a (blocks, BLOCKSIZE / 2) tile
+    of bytes: a block's scale is decoded once and broadcast along its row (DOUBLE_QUANT: absmax_ptr holds uint8
+    codes and the scale is nested_code[q] * absmax2[block // NESTED_BLOCKSIZE] + offset, two float32 roundings),
+    each thread loads its bytes 16 at a time, and codes are looked up in the 16-entry table (L1-resident on a
+    GPU). EVEN: every program's tile lies inside the tensor (n a multiple of BLOCKSIZE * BLOCKS_PER_PROGRAM), so
+    nothing is masked. No helper is called: under the interpreter each @triton.jit call re-patches triton.language
+    (a fixed cost per program), so the body is written out.
+    """
+    HALF: tl.constexpr = BLOCKSIZE // 2
+    first_block = tl.program_id(0).to(tl.int64) * BLOCKS_PER_PROGRAM
+    blocks = first_block + tl.arange(0, BLOCKS_PER_PROGRAM)
+
+    # Scales, one per block.
+    if EVEN:
+        stored = tl.load(absmax_ptr + blocks)
+    else:
+        stored = tl.load(absmax_ptr + blocks, mask=blocks < nblocks, other=0)
+    if DOUBLE_QUANT:
+        # Every uint8 code indexes the 256-entry table: no mask needed.
+        nested = tl.load(nested_code_ptr + stored.to(tl.int32))
+        if NESTED_BLOCKSIZE % BLOCKS_PER_PROGRAM == 0:
+            # first_block is a multiple of BLOCKS_PER_PROGRAM: the program's blocks share one absmax2 value.
+            scale2 = tl.load(absmax2_ptr + first_block // NESTED_BLOCKSIZE)
+        elif EVEN:
+            scale2 = tl.load(absmax2_ptr + blocks // NESTED_BLOCKSIZE)
+        else:
+            scale2 = tl.load(absmax2_ptr + blocks // NESTED_BLOCKSIZE, mask=blocks < nblocks, other=0.0)
+        scale = nested * scale2 + offset
+    else:
+        scale = stored
+
+    # Codes: element 2i is the high nibble of byte i. Widened before the split (split as uint8, the compiler
+    # repacks bytes between the steps).
+    byte_idx = blocks[:, None] * HALF + tl.arange(0, HALF)[None, :]
+    if EVEN:
+        byte = tl.load(packed_ptr + byte_idx).to(tl.int32)
+    else:
+        byte = tl.load(packed_ptr + byte_idx, mask=byte_idx < nbytes, other=0).to(tl.int32)
+    q = tl.reshape(tl.join(byte >> 4, byte & 0xF), (BLOCKS_PER_PROGRAM, BLOCKSIZE))
+    if INTERPRETER:
+        # The same values gathered from the loaded table: an interpreted load costs a pointer per element.
+        table = tl.broadcast_to(tl.load(code_ptr + tl.arange(0, 16))[None, :], (BLOCKS_PER_PROGRAM, 16))
+        value = tl.gather(table, q, 1) * scale[:, None]
+    else:
+        value = tl.load(code_ptr + q) * scale[:, None]
+
+    # Store, rounded to nearest-even. bfloat16 arrives as int16 bits (_kernel_view): a GPU converts with cvt.rn;
+    # the interpreter's cast truncates, so there the float32 bits are rounded by hand (add 0x7FFF plus the lowest
+    # kept bit, keep the top half; a NaN keeps a quiet bit instead of carrying into the exponent).
+    if out_ptr.dtype.element_ty == tl.int16:
+        if INTERPRETER:
+            bits = value.to(tl.uint32, bitcast=True)
+            bits = tl.where(value != value, bits | 0x400000, bits + (((bits >> 16) & 1) + 0x7FFF))
+            out = (bits >> 16).to(tl.uint16).to(tl.int16, bitcast=True)
+        else:
+            out = value.to(tl.bfloat16).to(tl.int16, bitcast=True)
+    else:
+        out = value.to(out_ptr.dtype.element_ty)
+    out_idx = blocks[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
+    if EVEN:
+        tl.store(out_ptr + out_idx, out)
+    else:
+        tl.store(out_ptr + out_idx, out, mask=out_idx < n)
 
 
 @triton.jit
@@ -198,7 +254,16 @@ def _dequantize_8bit_kernel(codes_ptr, absmax_ptr, code_ptr, out_ptr, n, block_s
 # 2**18 elements (shrunk to the input for small tensors). On a GPU: about 2048 elements per program.
 _INTERPRETER_ELEMS = 2**18
 _GPU_QUANT_ELEMS = 2048
-_GPU_DEQUANT_BYTES = 1024
+# 4-bit dequantize on a GPU: 8192 elements (4096 packed bytes) per program of 4 warps: each thread loads 32
+# contiguous bytes (two 128-bit loads) and stores 64 outputs in 16-byte vectors, and the per-block scale decode and
+# index setup are spread over twice the elements of a 4096-element program (`perf static`: 8.5-10.2 instructions
+# per element instead of 9.6-13.8 across triton 3.6 and 3.9; 42-144 registers, no spill).
+_GPU_DEQUANT_ELEMS = 8192
+# Under the interpreter a 4-bit dequantize program costs about this many elements' worth of work beyond its tile
+# (the Python dispatch of its ~30 tile ops; measured on the demo's weight: ~1.2 ms per program against ~35 ns per
+# float32 element), and a masked launch (not EVEN) a quarter more per lane (the masks, the compare that makes them).
+_INTERPRETER_PROGRAM_COST_ELEMS = 32768
+_INTERPRETER_MASKED_LANE_COST = 1.25
 _GPU_DEQUANT_8BIT_ELEMS = 2048
 _NUM_WARPS = 4
 # Every kernel of this module is compiled without multiply-add contraction: SPEC counts each float32 rounding.
@@ -217,6 +282,52 @@ def _quant_config(n: int, blocksize: int) -> tuple[int, int]:
     if interpreter_active():
         return min(max(1, _INTERPRETER_ELEMS // blocksize), max(1, next_pow2(cdiv(n, blocksize)))), 1
     return _gpu_quant_config(blocksize)
+
+
+def _dequant_4bit_config(n: int, blocksize: int) -> int:
+    """Quantization blocks per program (a power of two) of the 4-bit dequantize kernel over n elements.
+
+    GPU: ``_GPU_DEQUANT_ELEMS`` elements (one block when the blocksize is larger). Interpreter: at most
+    ``_INTERPRETER_ELEMS`` elements (one block at least) per program, as many blocks as minimize the launch's
+    modelled cost: a fixed cost per program plus the lanes of all programs, those past the end included, dearer
+    when the launch needs masks. The demo's 1536 x 384 weight at blocksize 64 (9216 blocks) runs 9 full programs
+    of 1024 blocks (no masks) rather than 3 of 4096 blocks, a third of whose lanes would be masked off."""
+    if not interpreter_active():
+        return max(1, _GPU_DEQUANT_ELEMS // blocksize)
+    nblocks = cdiv(n, blocksize)
+    most = min(max(1, _INTERPRETER_ELEMS // blocksize), next_pow2(nblocks))
+    best, best_cost = 1, None
+    blocks = 1
+    while blocks <= most:
+        programs = cdiv(nblocks, blocks)
+        lane_cost = 1.0 if n % (blocks * blocksize) == 0 else _INTERPRETER_MASKED_LANE_COST
+        cost = programs * _INTERPRETER_PROGRAM_COST_ELEMS + programs * blocks * blocksize * lane_cost
+        if best_cost is None or cost <= best_cost:
+            best, best_cost = blocks, cost
+        blocks *= 2
+    return best
+
+
+def launch_dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, absmax2: torch.Tensor | None,
+                           nested_code: torch.Tensor | None, offset: float, code: torch.Tensor, out: torch.Tensor,
+                           blocksize: int, nested_blocksize: int) -> None:
+    """The 4-bit dequantize launch, arguments checked by the caller (:func:`dequantize_4bit`, or the fused layer,
+    whose weight was validated when built): packed (ceil(n/2),) uint8 contiguous, absmax (ceil(n/blocksize),)
+    float32, or uint8 with absmax2 / nested_code / offset (double quantization, else None / None / any), code
+    (16,) float32, all contiguous; out (n elements, contiguous, fp32/fp16/bf16) is written, n >= 1."""
+    n = out.numel()
+    nbytes = cdiv(n, 2)
+    nblocks = cdiv(n, blocksize)
+    blocks_per_program = _dequant_4bit_config(n, blocksize)
+    double_quant = absmax2 is not None
+    # EVEN: every program's tile lies inside the tensor, so the kernel needs no masks.
+    even = n % (blocksize * blocks_per_program) == 0
+    # Without double quantization the nested pointers are never read; absmax and code stand in for them.
+    _dequantize_4bit_kernel[(cdiv(nblocks, blocks_per_program),)](
+        packed, absmax, absmax2 if double_quant else absmax, nested_code if double_quant else code,
+        float(offset) if double_quant else 0.0, code, _kernel_view(out), n, nbytes, nblocks, BLOCKSIZE=blocksize,
+        BLOCKS_PER_PROGRAM=blocks_per_program, DOUBLE_QUANT=double_quant, NESTED_BLOCKSIZE=nested_blocksize,
+        EVEN=even, num_warps=_NUM_WARPS, **_FP_OPTIONS)
 
 
 def _stream_config(count: int, gpu_tile: int) -> int:
@@ -358,16 +469,9 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tens
     out = torch.empty(shape, dtype=dtype, device=packed.device)
     if n == 0:
         return out
-    nbytes = cdiv(n, 2)
-    bytes_per_program = _stream_config(nbytes, _GPU_DEQUANT_BYTES)
-    grid = (cdiv(nbytes, bytes_per_program),)
-    absmax = absmax.contiguous()
-    # Without double quantization the nested pointers are never read; absmax and code stand in for them.
-    _dequantize_4bit_kernel[grid](
-        _flat(packed), absmax, absmax2.contiguous() if double_quant else absmax,
-        nested_code.contiguous() if double_quant else code, offset if double_quant else 0.0, code.contiguous(),
-        _kernel_view(out), n, nbytes, (blocksize // 2).bit_length() - 1, BYTES_PER_PROGRAM=bytes_per_program,
-        DOUBLE_QUANT=double_quant, NESTED_BLOCKSIZE=nested_blocksize, num_warps=_NUM_WARPS, **_FP_OPTIONS)
+    launch_dequantize_4bit(_flat(packed), absmax.contiguous(), absmax2.contiguous() if double_quant else None,
+                           nested_code.contiguous() if double_quant else None, offset if double_quant else 0.0,
+                           code.contiguous(), out, blocksize, nested_blocksize)
     return out
 
 
@@ -536,25 +640,31 @@ def compile_specs() -> list[KernelSpec]:
             regime=f"{_NAMES[dtype]} input, blocksize {blocksize}",
             weight_elements_per_iteration=blocksize * blocks_per_program,
         ))
-    for dtype in FLOAT_DTYPES:
-        for double_quant in (False, True):
-            specs.append(KernelSpec(
-                name=f"dq4_{_NAMES[dtype]}{'_nested' if double_quant else ''}", fn=_dequantize_4bit_kernel,
-                signature={"packed_ptr": "*u8", "absmax_ptr": "*u8" if double_quant else "*fp32",
-                           "absmax2_ptr": "*fp32", "nested_code_ptr": "*fp32", "offset": "fp32",
-                           "code_ptr": "*fp32", "out_ptr": f"*{_TRITON_TYPES[dtype]}", "n": "i32",
-                           "nbytes": "i32", "half_block_shift": "i32", "BYTES_PER_PROGRAM": "constexpr",
-                           "DOUBLE_QUANT": "constexpr", "NESTED_BLOCKSIZE": "constexpr"},
-                constexprs={"BYTES_PER_PROGRAM": _GPU_DEQUANT_BYTES, "DOUBLE_QUANT": double_quant,
-                            "NESTED_BLOCKSIZE": 256},
-                options=options,
-                # half_block_shift = log2(64 / 2): the default blocksize (any blocksize compiles the same).
-                launch_args={"offset": _SPEC_OFFSET, "n": _SPEC_NUMEL, "nbytes": cdiv(_SPEC_NUMEL, 2),
-                             "half_block_shift": 5},
-                regime=f"{_NAMES[dtype]} output, {'double-quantized' if double_quant else 'float32'} scales, "
-                       "any blocksize",
-                weight_elements_per_iteration=2 * _GPU_DEQUANT_BYTES,
-            ))
+    # 4-bit dequantize: every output dtype with float32 and with double-quantized scales at the default blocksize
+    # (what the layer launches for a QLoRA weight), and the bf16 double-quantized build at every other blocksize.
+    dq4_cases = [(dtype, dq, 64) for dtype in FLOAT_DTYPES for dq in (False, True)]
+    dq4_cases += [(torch.bfloat16, True, b) for b in BLOCKSIZES if b != 64]
+    for dtype, double_quant, blocksize in dq4_cases:
+        blocks_per_program = max(1, _GPU_DEQUANT_ELEMS // blocksize)
+        specs.append(KernelSpec(
+            name=f"dq4_{_NAMES[dtype]}{'_nested' if double_quant else ''}{'' if blocksize == 64 else f'_b{blocksize}'}",
+            fn=_dequantize_4bit_kernel,
+            signature={"packed_ptr": "*u8", "absmax_ptr": "*u8" if double_quant else "*fp32",
+                       "absmax2_ptr": "*fp32", "nested_code_ptr": "*fp32", "offset": "fp32",
+                       "code_ptr": "*fp32", "out_ptr": f"*{_TRITON_TYPES[dtype]}", "n": "i32",
+                       "nbytes": "i32", "nblocks": "i32", "BLOCKSIZE": "constexpr",
+                       "BLOCKS_PER_PROGRAM": "constexpr", "DOUBLE_QUANT": "constexpr",
+                       "NESTED_BLOCKSIZE": "constexpr", "EVEN": "constexpr"},
+            constexprs={"BLOCKSIZE": blocksize, "BLOCKS_PER_PROGRAM": blocks_per_program,
+                        "DOUBLE_QUANT": double_quant, "NESTED_BLOCKSIZE": 256,
+                        "EVEN": _SPEC_NUMEL % (blocksize * blocks_per_program) == 0},
+            options=options,
+            launch_args={"offset": _SPEC_OFFSET, "n": _SPEC_NUMEL, "nbytes": cdiv(_SPEC_NUMEL, 2),
+                         "nblocks": cdiv(_SPEC_NUMEL, blocksize)},
+            regime=f"{_NAMES[dtype]} output, {'double-quantized' if double_quant else 'float32'} scales, "
+                   f"blocksize {blocksize}",
+            weight_elements_per_iteration=blocksize * blocks_per_program,
+        ))
     for blocksize in BLOCKSIZES:
         blocks_per_program, num_warps = _gpu_quant_config(blocksize)
         specs.append(KernelSpec(

@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import qlora  # noqa: E402
-from perf import bench_linear, bench_optim, bench_quantize  # noqa: E402
+from perf import bench_interpreter, bench_linear, bench_optim, bench_quantize  # noqa: E402
 from perf import benchutil as bu  # noqa: E402
 
 # --- quantize ---------------------------------------------------------------------------------------------
@@ -79,6 +79,45 @@ def test_linear_flops():
     assert bench_linear.linear_flops(m, n, k, r, "forward+backward") == 792
     with pytest.raises(ValueError):
         bench_linear.linear_flops(m, n, k, r, "sideways")
+
+
+# --- interpreter ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not qlora.interpreter_active(), reason="perf/bench_interpreter.py runs under the interpreter only")
+def test_interpreter_bench_compares_layers_computing_the_same_function():
+    """perf/bench_interpreter.py times a QLoRALinear against a plain-torch LoRA layer that holds the same dequantized
+    base weight, bias and adapters: one forward + backward of each gives the same y and LoRA gradients up to float32
+    summation order, at the demo's shapes (M > 16: the dequantize-then-GEMM path)."""
+    s = bench_interpreter.DEMO_LAYER
+    qlora_step, torch_step, layer, reference, x = bench_interpreter.demo_layer_workloads()
+    assert tuple(x.shape) == (s["m"], s["in_features"]) == (112, 384) and s["out_features"] == 1536
+    assert layer.lora_A.shape == (s["r"], 384) and reference.lora_B.shape == (1536, s["r"])
+    assert bool((layer.lora_B != 0).any())  # the LoRA term is really computed
+    y = layer(x.detach())
+    y_ref = reference(x.detach())
+    # Both sum K + r = 392 float32 products per output in different orders: each is within (K + r) * 2**-24 *
+    # sum |terms| of the exact value (recursive summation, first order), so they differ by at most twice that.
+    w = reference.base.weight.double()
+    a, b = reference.lora_A.detach().double(), reference.lora_B.detach().double()
+    x64 = x.detach().double()
+    magnitude = (x64.abs() @ w.abs().t() + reference.base.bias.double().abs()
+                 + layer.scaling * (x64.abs() @ a.abs().t()) @ b.abs().t())
+    bound = 2 * (384 + s["r"]) * 2.0**-24 * magnitude
+    assert bool(((y.detach().double() - y_ref.detach().double()).abs() <= bound).all())
+    qlora_step()
+    torch_step()
+    # dy = 1: dA = scaling * (1 @ B)^T @ x sums N then M terms, dB = scaling * 1^T @ (x @ A^T) sums K then M
+    # terms; the same first-order bound, doubled, over the sums of absolute terms.
+    ones = torch.ones(s["m"], s["out_features"], dtype=torch.float64)
+    bounds = {
+        "lora_A": 2 * (s["out_features"] + s["m"]) * 2.0**-24 * layer.scaling * (ones @ b.abs()).t() @ x64.abs(),
+        "lora_B": 2 * (384 + s["m"]) * 2.0**-24 * layer.scaling * ones.t() @ (x64.abs() @ a.abs().t()),
+    }
+    for name, bound in bounds.items():
+        ours, theirs = getattr(layer, name).grad, getattr(reference, name).grad
+        assert ours is not None and theirs is not None and ours.shape == theirs.shape == bound.shape
+        assert bool(((ours.double() - theirs.double()).abs() <= bound).all()), name
 
 
 # --- optimizers --------------------------------------------------------------------------------------------

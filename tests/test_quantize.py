@@ -346,6 +346,44 @@ def test_dequantize_4bit_double_quantized_matches_oracle(data, out_dtype, nested
     _assert_same_floats(out, expected.reshape(x32.shape), out_dtype)
 
 
+@pytest.mark.parametrize("n, blocksize, nested_blocksize", [
+    (64 * 1024, 64, 256),  # 1024 blocks per program: absmax2 per block, no masks (EVEN)
+    (64 * 1000 + 5, 64, 256),  # partial last block and odd n: masked
+    (32 * 8192, 32, 32),  # many programs, absmax2 per block
+    (4096 * 3, 4096, 256),  # blocks of a program share one absmax2 value
+])
+def test_dequantize_4bit_launches_of_many_blocks_match_oracle(n, blocksize, nested_blocksize):
+    """Programs of hundreds of blocks (the interpreter's launch config for real weights): the per-block absmax2
+    load and the unmasked (EVEN) kernel, which the drawn inputs above (at most 6 blocks) do not reach."""
+    blocks_per_program = K._dequant_4bit_config(n, blocksize)
+    x = torch.randn(n, generator=torch.Generator().manual_seed(n)) * 3.0
+    packed, absmax = K.quantize_4bit(x, NF4, blocksize)
+    qabsmax, absmax2, offset = K.double_quantize(absmax, SIGNED, nested_blocksize)
+    scales32 = R.double_dequantize(qabsmax.numpy(), absmax2.numpy(), offset, nested_blocksize)
+    q = np.column_stack([packed.numpy() >> 4, packed.numpy() & 15]).reshape(-1)[:n]
+    expected = NF4.numpy()[q] * np.repeat(scales32, blocksize)[:n]
+    for dtype in DTYPES:
+        out = K.dequantize_4bit(packed, qabsmax, NF4, (n,), blocksize, dtype, absmax2=absmax2, offset=offset,
+                                nested_code=SIGNED, nested_blocksize=nested_blocksize)
+        _assert_same_floats(out, expected, dtype)
+    if n == 64 * 1024 and qlora.interpreter_active():
+        assert blocks_per_program > nested_blocksize and n % (blocks_per_program * blocksize) == 0
+
+
+@pytest.mark.skipif(not qlora.interpreter_active(), reason="the interpreter's launch config")
+def test_dequantize_4bit_interpreter_config_fills_its_programs():
+    """The demo's 1536 x 384 weight at blocksize 64 (9216 blocks) runs 9 unmasked programs of 1024 blocks, not 3 of
+    4096 (a third masked off); every config covers the tensor within the per-program cap (one block at least)."""
+    assert K._dequant_4bit_config(1536 * 384, 64) == 1024
+    for n, blocksize in [(1, 32), (100, 64), (13_000, 64), (1536 * 384, 4096), (5 * 2**20 + 3, 32), (2**22, 128)]:
+        blocks = K._dequant_4bit_config(n, blocksize)
+        assert blocks & (blocks - 1) == 0 and blocks >= 1
+        assert blocks * blocksize <= max(K._INTERPRETER_ELEMS, blocksize)
+        programs = -(-n // (blocks * blocksize))
+        # No more than a quarter of the lanes masked off, unless the whole tensor fits in one program.
+        assert programs == 1 or programs * blocks * blocksize - n <= n // 4, (n, blocksize, blocks)
+
+
 # ------------------------------------------------------------------------------------------------------
 # Device helpers imported by the fused matmul (kernels/linear.py)
 # ------------------------------------------------------------------------------------------------------
