@@ -67,8 +67,10 @@ class KernelSpec:
         if unknown:
             raise ValueError(f"launch_args of {self.name} name arguments the kernel does not have: {sorted(unknown)}")
         scalars = [a for a, kind in self.signature.items() if kind != "constexpr" and not kind.startswith("*")]
+        # The unit stride of a tensor is its last stride argument, constexpr or not: when that one is a
+        # compile-time 1, every runtime stride of the tensor is an outer one.
         unit_strides = set()
-        strides = [a for a in scalars if a.startswith("stride_") and len(a) > len("stride_") + 1]
+        strides = [a for a in self.signature if a.startswith("stride_") and len(a) > len("stride_") + 1]
         for arg in strides:
             same_tensor = [s for s in strides if s[:-1] == arg[:-1]]
             unit_strides.add(same_tensor[-1])

@@ -472,10 +472,10 @@ def choose_path(m: int, k: int, blocksize: int, config: MatmulConfig | None = No
     scale blocks (K a multiple of the blocksize, hence of 32), the dequantize-then-GEMM path otherwise.
 
     Why not the fused tiled kernel at M > 16: by the static cost model (``python -m perf static --module linear``,
-    perf/README.md) it is issue-bound. Dequantizing in its K loop costs 32.3 (forward) / 38.5 (dx) instructions
-    per weight element on sm_90 under triton 3.9 (37.2 / 39.9 on sm_80; 76.4 / 48.2 on sm_90 under 3.6), i.e.
-    issue_to_mma 8.1 / 9.6 on sm_90 (4.6 / 5.0 on sm_80), and each BLOCK_M-row tile dequantizes all of W again;
-    the dense GEMM after one dequantize launch runs at issue_to_mma 0.38 / 0.42 (sm_90) and 0.36 / 0.38 (sm_80),
+    perf/README.md) it is issue-bound. Dequantizing in its K loop costs 31.8 (forward) / 40.2 (dx) instructions
+    per weight element on sm_90 under triton 3.9 (37.2 / 39.2 on sm_80; 76.6 / 48.1 on sm_90 under 3.6), i.e.
+    issue_to_mma 7.9 / 10.1 on sm_90 (4.7 / 4.9 on sm_80), and each BLOCK_M-row tile dequantizes all of W again;
+    the dense GEMM after one dequantize launch runs at issue_to_mma 0.39 / 0.48 (sm_90) and 0.37 / 0.41 (sm_80),
     MMA-bound, and the dequantize launch reads W once. At M <= 16 the work is reading W: the GEMV reads its
     packed bytes once (0.5 B per element, 6.2-7.1 instructions per element), where dequantize-then-GEMM would read
     them, write W in bf16 and read that back (4.5 B per element)."""
