@@ -319,6 +319,12 @@ def _down_block_ms(block_r: int) -> tuple[int, ...]:
     return (16, 32, 64) if block_r == 16 else (16, 32)
 
 
+def _down_stages(block_r: int) -> int:
+    # Two stages at rank tile 64: with three, the 16-row build keeps 8 bytes on the stack on sm_80 (triton 3.9,
+    # as launched with x's row stride a runtime value).
+    return 2 if block_r == 64 else 3
+
+
 def _grad_block(block_r: int) -> dict:
     # 32 x 32 (rows x columns) from rank tile 32 on: 64 x 64 and 64 x 32 spill a few bytes on sm_80 there.
     return dict(GPU_GRAD_BLOCK) if block_r == 16 else dict(BLOCK_M=32, BLOCK_C=32)
@@ -329,7 +335,7 @@ def _down_meta(m: int, d: int, block_r: int):
         return dict(BLOCK_M=pow2_clamp(m, 16, 256), BLOCK_D=pow2_clamp(d, 16, 512)), dict()
     block_m = 64 if m >= 64 * num_sms() else (32 if m > 16 else 16)
     block_m = min(block_m, _down_block_ms(block_r)[-1])
-    return dict(BLOCK_M=block_m, BLOCK_D=GPU_DOWN_BLOCK_D), dict(num_warps=4, num_stages=3)
+    return dict(BLOCK_M=block_m, BLOCK_D=GPU_DOWN_BLOCK_D), dict(num_warps=4, num_stages=_down_stages(block_r))
 
 
 def lora_down(a: torch.Tensor, b: torch.Tensor, *, dropout_p: float = 0.0, seed=0,
@@ -471,7 +477,7 @@ def compile_specs(dt: str = "bf16") -> list[KernelSpec]:
                      "stride_am": "i32", "stride_ad": "i32", "stride_bd": "i32", "stride_br": "i32"}
             specs.append(KernelSpec(f"lora_down_m{block_m}_r{block_r}", _lora_down_kernel,
                                     _signature(_lora_down_kernel, types, consts), consts,
-                                    dict(num_warps=4, num_stages=3)))
+                                    dict(num_warps=4, num_stages=_down_stages(block_r))))
         consts = dict(HAS_DROPOUT=True, HAS_COLSUM=True, BLOCK_R=block_r, **_grad_block(block_r), stride_rc=1)
         types = {**ptr, "right_ptr": f"*{dt}", "bits_ptr": "*i32", "out_ptr": f"*{dt}", "colsum_ptr": f"*{dt}",
                  "M": "i32", "R": "i32", "C": "i32", "words_per_row": "i32", "out_scale": "fp32",
