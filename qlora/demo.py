@@ -282,6 +282,18 @@ def run(cfg: DemoConfig, log: Callable[[str], None] = print) -> DemoResult:
     """Run the demo (see the module docstring); ``log`` receives each line of the report."""
     check_config(cfg)
     device = resolve_device(cfg.device)
+    if not interpreter_active():
+        return _run(cfg, device, log)
+    # Under the interpreter every tl.dot is a NumPy matmul of one tile: with NumPy's BLAS threads and torch's
+    # intra-op threads competing for the same cores, a QLoRA step took 5.2 s instead of 4.4 s on a 2-core machine
+    # (perf/README.md, "Interpreter speed of the layer"). The demo owns its process, so it keeps NumPy's BLAS on one thread.
+    from threadpoolctl import threadpool_limits  # imported here: a GPU machine's environment may lack it
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _run(cfg, device, log)
+
+
+def _run(cfg: DemoConfig, device: torch.device, log: Callable[[str], None]) -> DemoResult:
     out = _prepare_out(cfg.out)
     try:
         folder = minilm.model_dir()  # checks that the weights, config and vocabulary are all installed
@@ -303,9 +315,9 @@ def run(cfg: DemoConfig, log: Callable[[str], None] = print) -> DemoResult:
         raise DemoError(f"--batch-size {cfg.batch_size} is larger than the training set ({n_train} sentences)")
     batches = _batches(n_train, cfg.batch_size, cfg.steps, cfg.seed)
     log_every = cfg.log_every or max(1, round(cfg.steps / 10))
-    # Evaluation batches of at most 128 token rows: under the interpreter a fused-linear launch is dominated by the
-    # in-loop dequantization of the weight, not by the rows (observed while writing the demo: a step on 8 x 14
-    # tokens took about as long as one on a single token), so few large batches dequantize least often.
+    # Evaluation batches of at most 128 token rows: under the interpreter a layer call is dominated by
+    # dequantizing the weight, not by the rows (observed while writing the demo: a step on 8 x 14 tokens took
+    # about as long as one on a single token), so few large batches dequantize least often.
     eval_batch = max(1, 128 // evalset[0].shape[1])
     eval_passes = -(-len(evalset[2]) // eval_batch)
 

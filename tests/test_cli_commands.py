@@ -312,6 +312,22 @@ def test_reload_check_sees_a_wrong_adapter_and_the_demo_then_exits_1(tmp_path, m
     assert "FAILED" in capsys.readouterr().err
 
 
+def test_demo_keeps_numpy_blas_on_one_thread_under_the_interpreter(tmp_path, monkeypatch):
+    # The interpreter's tl.dot is a NumPy matmul; the demo limits NumPy's BLAS threads for its run only.
+    from threadpoolctl import threadpool_info
+
+    def blas_threads():
+        return {info["num_threads"] for info in threadpool_info() if info["user_api"] == "blas"}
+
+    seen = []
+    monkeypatch.setattr(demo, "_run", lambda cfg, device, log: seen.append(blas_threads()) or
+                        demo.DemoResult(reload_ok=True))
+    before = blas_threads()
+    assert demo.run(demo.DemoConfig(out=str(tmp_path)), log=lambda line: None).reload_ok
+    assert seen == ([{1}] if qlora.kernels.interpreter_active() else [before])
+    assert blas_threads() == before  # restored afterwards
+
+
 def test_demo_environment_errors_exit_2(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("")
