@@ -1,35 +1,14 @@
-"""NF4 base-weight matmul + LoRA: forward and backward of the QLoRA linear layer (SPEC section 6).
+"""NF4 base-weight matmul + LoRA: forward and backward of the QLoRA linear layer (docs/SPEC.md section 6).
 
-Shapes: ``x`` (M, K), base weight W (N, K) stored as NF4 (packed 4-bit codes, blockwise scales, possibly
-double-quantized), ``lora_a`` (R, K), ``lora_b`` (N, R), ``bias`` (N,). Compute dtype = ``x.dtype`` (fp32, fp16
-or bf16); every matmul accumulates in float32. Wherever W is dequantized (a tile in registers or the whole
-weight in a buffer) it equals ``dequantize_4bit(..., dtype)`` bit for bit.
+x (M, K), W (N, K) as NF4, lora_a (R, K), lora_b (N, R), bias (N,); compute dtype = x.dtype, float32 accumulation;
+wherever W is dequantized it equals ``dequantize_4bit(..., dtype)`` bit for bit. Paths (``choose_path``):
 
-Three paths compute ``y = x @ W^T + scaling * round(u) @ B^T + bias`` (u = dropout(x) @ A^T, float32, rounded to
-the compute dtype before its second matmul as an unfused LoRA's activation is):
-
-- ``"gemv"`` (decode, M <= ``SMALL_M`` with K a multiple of the blocksize): ``_nf4_gemv_kernel`` streams the packed
-  bytes of W along K in 16-byte vectors (a row of W is K/2 contiguous bytes), looks each code up in the 16-entry
-  table (on NVIDIA GPUs held in the lanes of each warp and read with one ``shfl.sync`` per code; a gather load
-  under the interpreter and on AMD), scales it by its block's scale and rounds it to the compute dtype (so each
-  W element equals ``dequantize_4bit``'s), splits N over programs and K over ``split_k`` programs (enough to fill
-  the SMs) and writes float32 partials; the programs of column tile 0 also compute their K split's partial of u.
-  ``_gemv_epilogue_kernel`` sums the partials, writes u, adds the LoRA term and the bias. **2 launches** (+1 with dropout: the mask).
-- ``"dequant"`` (every other shape on the default dispatch: training shapes): the quantize module's
-  ``dequantize_4bit`` writes W in the compute dtype into a buffer, ``lora_down`` computes u, and
-  ``_matmul_lora_kernel`` (a plain tiled ``tl.dot`` GEMM, autotuned) adds LoRA and bias in its epilogue.
-  **3 launches** (+1 with a split ``lora_down``, +1 with dropout).
+- ``"gemv"`` (M <= ``SMALL_M``, K a multiple of the blocksize): ``_nf4_gemv_kernel`` + ``_gemv_epilogue_kernel``;
+- ``"dequant"`` (the default otherwise): W dequantized into a buffer, then the ``_matmul_lora_kernel`` GEMM with
+  the LoRA term and bias in its epilogue; the backward's dx is the same GEMM on W's stored layout;
 - ``"fused"`` (explicit ``config`` only): ``_matmul_lora_kernel`` dequantizing W tile by tile in its K loop.
-
-Backward (``nf4_lora_backward``): ``g = dy @ B`` (``lora_down``), ``dx = dy @ W + lora_scale * (round(g) @ A) *
-keep`` (``_matmul_lora_kernel`` on W in its stored (N, K) layout: dequantized buffer by default, tiles with a
-``"fused"`` config), ``dA`` and ``dB`` (+ ``dbias``) with ``lora_grad``. **5 launches** by default (dequantize,
-g, dx, dA, dB; +1 per split ``lora_down``; +1 with dropout when the forward's mask is not passed in). The layer
-(``qlora_linear``) passes it in; ``perf/launches.py`` records these counts from the launch code and ``python -m
-perf roofline`` prints them.
-
-Dropout: the keep mask is the bit-packed one of :func:`.lora.lora_dropout_bits`, generated once per call from a
-seed the kernel reads on the device; pass the forward's ``keep`` to the backward to reuse it.
+LoRA helpers and the bit-packed dropout mask are in :mod:`.lora`. Launch counts, the choice of paths and the
+dropout scheme: docs/DESIGN.md, "Fused linear layer"; static figures: perf/README.md.
 """
 
 from __future__ import annotations

@@ -1,23 +1,14 @@
-"""Blockwise 4-bit / 8-bit quantization and double quantization of the scales (SPEC sections 2-4).
+"""Blockwise 4-bit / 8-bit quantization and double quantization of the scales (docs/SPEC.md sections 2-4).
 
-Bit for bit the oracle (``qlora.reference.quantize``) on every backend:
+Bit for bit the oracle (``qlora.reference.quantize``) on every backend: the reciprocal is an IEEE division
+(``div_rn``), every kernel is compiled with ``enable_fp_fusion=False`` (SPEC counts each float32 rounding), bf16
+tensors reach the kernels as their int16 bits, and the double-quantization offset is order-independent (the
+reasons: docs/DESIGN.md, "Rounding where SPEC counts it").
 
-- absmax per block in float32; ``s = x * (1/absmax)`` with the reciprocal an IEEE division (``div_rn``: a
-  float32 ``/`` in Triton becomes an approximate division on NVIDIA GPUs); a block whose reciprocal is not
-  finite gets the code of 0.0; the code is the count of float32 midpoints strictly below ``s``;
-- every kernel is compiled with ``enable_fp_fusion=False``: no multiply-add is contracted, so the
-  double-quantized scale ``nested_code[q] * absmax2 + offset`` is two roundings, as SPEC 3 counts them;
-- bfloat16 tensors reach the kernels as their int16 bits and are converted inside, exactly (the
-  interpreter's own bfloat16 casts truncate);
-- the double-quantization offset is float32(exact sum / n), computed order-independently (DESIGN.md).
-
-Launch configurations: under the interpreter a few programs of up to 2**18 elements (the 4-bit dequantize kernel
-splits the tensor into evenly filled programs of whole blocks, ``_dequant_4bit_config``); on a GPU about 2048
-elements per quantize program, 8192 per 4-bit dequantize program (two 128-bit packed loads per thread). Index
-arithmetic is 64-bit throughout.
-
-The two ``@triton.jit`` helpers at the top (``unpack_4bit``, ``load_block_scale``) are the device-side
-decoding the fused matmul imports for in-loop dequantization of the base weight.
+Launch configurations: under the interpreter a few large programs (the 4-bit dequantize kernel splits the tensor
+into evenly filled programs of whole blocks, ``_dequant_4bit_config``); on a GPU about 2048 elements per quantize
+program and 8192 per 4-bit dequantize program (two 128-bit packed loads per thread). The ``@triton.jit`` helpers
+``unpack_4bit`` and ``load_block_scale`` are the device-side decoding the fused matmul reuses.
 """
 
 from __future__ import annotations

@@ -1,41 +1,15 @@
 """The fused NF4 + LoRA linear kernels as PyTorch custom operators, so ``torch.compile`` can trace through them.
 
-Two operators, both pure (``mutates_args=()``: no argument is written, no output aliases an argument):
-
 - ``torch.ops.qlora.nf4_lora_forward(x, packed, absmax, code, shape, blocksize, absmax2, offset, nested_code,
   nested_blocksize, lora_a, lora_b, scaling, bias, dropout_p, seed) -> (y, u, keep)``
 - ``torch.ops.qlora.nf4_lora_backward(dy, x, u, packed, absmax, code, shape, blocksize, absmax2, offset,
   nested_code, nested_blocksize, lora_a, lora_b, scaling, dropout_p, keep, need_dx, need_lora, need_bias)
   -> (dx, d_a, d_b, d_bias)``
 
-They wrap :func:`qlora.kernels.linear.nf4_lora_forward` / ``nf4_lora_backward`` (same shapes, dtypes and checks).
-The :class:`~qlora.nf4.NF4Weight` container is not a type an operator schema can hold, so it travels as its
-tensors (``packed``, ``absmax``, ``code``, optional ``absmax2`` / ``nested_code``) plus metadata (``shape`` as an
-int list, ``blocksize``, ``offset`` float or None, ``nested_blocksize``).
-
-Why custom operators: left visible, the launchers' Python (argument checks, autotuner lookups, the Triton
-interpreter executing kernels with NumPy on CPU tensors) is nothing Dynamo can put in a graph, and Inductor would
-not know how to lower interpreted Triton launches. An opaque operator with a fake (meta) implementation is traced
-as one node of known output shapes and run as is, in eager and compiled code alike, so compiled results equal
-eager ones bit for bit.
-
-Dropout seed: a one-element int64 tensor (or None without dropout), not a Python int. A Python int would have to
-be drawn on the host (``.item()`` is a graph break under ``torch.compile``) and would be baked into the graph as a
-constant; a tensor is drawn in the graph by ``torch.randint`` and saved for the backward like any activation, so
-the forward and the backward see one seed. The kernels load it from the tensor on the device (no ``.item()``, no
-host synchronization: a CUDA graph can capture the layer).
-
-Dropout mask: the forward generates the bit-packed keep mask (``keep``, int32 (M, ceil(K / 32)), bit j of word w
-of row m = column 32 w + j; :func:`qlora.kernels.lora.lora_dropout_bits`) once from the seed and returns it; the
-backward operator takes that mask (not the seed), so the Philox kernel runs once per forward + backward. Without
-dropout ``keep`` is an empty (0,) int32 tensor (a schema cannot return None) and the backward takes None.
-(torch's on-disk AOTAutograd cache keys on the traced graph, not on these operators' autograd formulas: a graph
-cached by an older qlora whose backward took the seed would pass a seed as ``keep``, which the backward operator
-refuses with a ValueError; clear the Inductor cache, ``TORCHINDUCTOR_CACHE_DIR``, after upgrading.)
-
-The forward is differentiable (``register_autograd``) in ``x``, ``lora_a``, ``lora_b`` and ``bias``; its
-backward calls the backward operator. ``u`` (float32 ``dropout(x) @ lora_a^T``) and ``keep`` are outputs only so
-that the backward can reuse them; no gradient flows through them.
+Both are pure and wrap :func:`qlora.kernels.linear.nf4_lora_forward` / ``nf4_lora_backward``; the
+:class:`~qlora.nf4.NF4Weight` travels as its tensors plus metadata. ``seed`` is a one-element int64 tensor (None
+without dropout), ``keep`` the forward's bit-packed mask the backward reads (empty without dropout). Why opaque
+operators, how the seed and the mask travel, and the on-disk cache caveat: docs/DESIGN.md, "torch.compile".
 """
 
 from typing import Optional, Sequence
