@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 import json
 import math
 import struct
@@ -24,7 +25,7 @@ from .kernels import codebook as _codebook
 from .kernels._checks import check_blocksize, check_same_device
 
 __all__ = ["NESTED_BLOCKSIZE", "QUANT_TYPE", "QUANT_STATE_SUFFIX", "DTYPE_NAMES", "DTYPES_BY_NAME",
-           "SAFETENSORS_METADATA", "BnbKeyAttributes", "nf4_keys", "quant_state_key", "is_quant_state_key",
+           "SAFETENSORS_METADATA", "NF4Fields", "nf4_keys", "quant_state_key", "is_quant_state_key",
            "encode_quant_state", "decode_quant_state", "check_nf4", "check_code_table", "state_dict_names",
            "read_nf4", "tensors_for_safetensors"]
 
@@ -340,13 +341,26 @@ class _QuantStateView:
         self.bitsandbytes__nf4 = json_tensor
 
 
-class BnbKeyAttributes:
-    """Attributes named after the bitsandbytes state dict keys (``quant_map``, ``nested_absmax``,
+@dataclass(frozen=True)
+class NF4Fields:
+    """The fields of an NF4 weight, whole (:class:`~qlora.nf4.NF4Weight`) or sharded
+    (:class:`~qlora.distributed.ShardedNF4Weight`), with the quantities they imply (``double_quant``, ``numel``,
+    ``device``) and attributes named after the bitsandbytes state dict keys (``quant_map``, ``nested_absmax``,
     ``nested_quant_map``, ``quant_state.bitsandbytes__nf4``; ``absmax`` is a field already), so that every key
     ``<module>.weight.<entry>`` of a layer's state dict also resolves with ``getattr`` from the module, as
     ``torch.distributed.checkpoint.state_dict.get_model_state_dict`` resolves keys (bitsandbytes' ``Params4bit``
-    answers the same names). Needs the fields ``packed``, ``code``, ``absmax2``, ``nested_code``, ``blocksize``,
-    ``dtype``, ``shape``, ``offset``, ``nested_blocksize``; derives ``double_quant``, ``numel`` and ``device``."""
+    answers the same names)."""
+
+    packed: torch.Tensor
+    absmax: torch.Tensor
+    code: torch.Tensor
+    blocksize: int
+    shape: torch.Size
+    dtype: torch.dtype
+    absmax2: torch.Tensor | None = None
+    offset: float | None = None
+    nested_code: torch.Tensor | None = None
+    nested_blocksize: int = NESTED_BLOCKSIZE
 
     @property
     def double_quant(self) -> bool:

@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from ._dtensor import bitcast, is_dtensor
-from .bnb_format import (DTYPE_NAMES, NESTED_BLOCKSIZE, SAFETENSORS_METADATA, BnbKeyAttributes, check_code_table,
-                         decode_quant_state, is_quant_state_key, quant_state_key, tensors_for_safetensors)
+from .bnb_format import (DTYPE_NAMES, SAFETENSORS_METADATA, NF4Fields, check_code_table, decode_quant_state,
+                         is_quant_state_key, quant_state_key, tensors_for_safetensors)
 from .interop import _check_model, _check_path, _lora_keys, _unique_layers
 from .interop import save_adapter
 from .layers import (_ABSMAX, _ABSMAX2, _CODE, _NESTED_CODE, _PACKED, QLoRALinear, _check_quant_storage,
@@ -35,7 +35,7 @@ __all__ = ["ShardedNF4Weight", "set_quant_storage", "fully_shard_model", "full_s
 # -- QLoRALinear's NF4 parameters while FSDP2 holds them sharded --------------------------------------------------
 
 @dataclass(frozen=True)
-class ShardedNF4Weight(BnbKeyAttributes):
+class ShardedNF4Weight(NF4Fields):
     """What ``QLoRALinear.weight`` is while FSDP2 holds the layer's parameters sharded (outside forward/backward).
 
     ``packed`` (the packed bytes viewed as ``quant_storage``, global shape ``(ceil(n/2) / itemsize, 1)``), ``absmax``
@@ -44,19 +44,6 @@ class ShardedNF4Weight(BnbKeyAttributes):
     (float32 (16,)) and ``nested_code`` (float32 (256,) or None) are whole on every rank; ``blocksize``, ``shape``,
     ``dtype``, ``offset``, ``nested_blocksize`` as in :class:`~qlora.nf4.NF4Weight`. :meth:`full` gathers it.
     """
-
-    packed: torch.Tensor
-    absmax: torch.Tensor
-    code: torch.Tensor
-    blocksize: int
-    shape: torch.Size
-    dtype: torch.dtype
-    absmax2: torch.Tensor | None = None
-    offset: float | None = None
-    nested_code: torch.Tensor | None = None
-    nested_blocksize: int = NESTED_BLOCKSIZE
-
-    # double_quant, numel and device come from BnbKeyAttributes, as NF4Weight's do.
 
     def full(self) -> NF4Weight:
         """The whole weight on every rank (all-gathers each sharded tensor: a collective, all ranks must call)."""

@@ -13,14 +13,14 @@ from typing import Mapping
 
 import torch
 
-from .bnb_format import DTYPE_NAMES, NESTED_BLOCKSIZE, BnbKeyAttributes, check_nf4, nf4_keys, read_nf4
+from .bnb_format import DTYPE_NAMES, NESTED_BLOCKSIZE, NF4Fields, check_nf4, nf4_keys, read_nf4
 from .kernels import codebook as _codebook
 from .kernels import quantize as _quantize
 from .kernels._checks import check_backend_device, check_blocksize, check_finite
 
 
 @dataclass(frozen=True)
-class NF4Weight(BnbKeyAttributes):
+class NF4Weight(NF4Fields):
     """A weight of ``shape`` quantized to NF4 in blocks of ``blocksize`` consecutive (row-major) elements.
 
     Fields (``n = prod(shape)``, ``nblocks = ceil(n / blocksize)``):
@@ -34,17 +34,6 @@ class NF4Weight(BnbKeyAttributes):
     - ``blocksize``, ``nested_blocksize`` (256), ``shape`` (torch.Size) and ``dtype`` (the original weight dtype,
       the default of :meth:`dequantize`).
     """
-
-    packed: torch.Tensor
-    absmax: torch.Tensor
-    code: torch.Tensor
-    blocksize: int
-    shape: torch.Size
-    dtype: torch.dtype
-    absmax2: torch.Tensor | None = None
-    offset: float | None = None
-    nested_code: torch.Tensor | None = None
-    nested_blocksize: int = NESTED_BLOCKSIZE
 
     def __post_init__(self) -> None:
         check_nf4(self.packed, self.absmax, self.code, self.blocksize, self.shape, self.dtype, self.absmax2,
