@@ -19,6 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from perf import check as perf_check  # noqa: E402
+from qlora.kernels import optim as optim_kernels  # noqa: E402
+from qlora.kernels import quantize as quantize_kernels  # noqa: E402
 from perf.static import parse_resource_usage  # noqa: E402
 
 _ENV = {**os.environ, "QLORA_INTERPRET": "0", "PYTHONPATH": str(REPO)}
@@ -153,7 +155,11 @@ def test_committed_baselines_give_quantize_and_adamw_builds_a_gated_per_element_
     baseline = perf_check.load_baseline(perf_check.baseline_path(version))
     kernels = baseline["kernels"]
     builds = [k for k in kernels if k.startswith(("quantize.", "optim.")) and "@sm_" in k]
-    assert len(builds) == 2 * (26 + 12), len(builds)  # 26 quantize + 12 optim specs, on sm_80 and sm_90
+    # Every quantize and AdamW spec, on sm_80 and sm_90.
+    expected = {f"{name}.{spec.name}@{target}" for name, module in (("quantize", quantize_kernels),
+                                                                   ("optim", optim_kernels))
+                for spec in module.compile_specs() for target in ("sm_80", "sm_90")}
+    assert set(builds) == expected, sorted(set(builds) ^ expected)
     for key in builds:
         b = kernels[key]
         assert b["weight_elements_per_iteration"] > 0, key
