@@ -509,6 +509,8 @@ def nf4_path_times(m: int, k: int, n: int, r: int, device: Device, dtype: str = 
                    blocksize: int = NF4_BLOCKSIZE, triton: str | None = None) -> dict[str, float]:
     """``{path: predicted seconds}`` of the forward on ``device`` for each NF4 path the library can run at this
     shape (the GEMV only at ``m <= 16`` with K a multiple of the blocksize, as kernels/linear.py requires)."""
+    if not isinstance(device, Device):
+        raise TypeError(f"device must be a Device (one of DEVICES), got {type(device).__name__}")
     out = {}
     for path in NF4_PATHS:
         if path == "gemv" and (m > SMALL_M or k % blocksize):
@@ -551,9 +553,8 @@ def lora_forward(m: int, k: int, n: int, r: int, approach: str = "qlora_default"
     (bitsandbytes / unsloth in torch: dequantize W to a dense tensor, then separate matmuls) or ``"dense"`` (W
     stored in ``dtype``, torch matmuls). FLOPs ``2mnk + 2mkr + 2mnr`` for all (plus the dequantize pass).
     """
-    _linear_args(m, k, n, r, dtype, blocksize)
+    e = _linear_args(m, k, n, r, dtype, blocksize)
     _check_approach(approach)
-    e = _dtype_bytes(dtype)
     family = "lora_decode" if m <= SMALL_M else "lora_fwd"
     name = _linear_name("fwd", m, k, n, r, approach, dtype)
     if approach in ("qlora_default", "fused"):
@@ -584,9 +585,8 @@ def lora_backward(m: int, k: int, n: int, r: int, approach: str = "qlora_default
     """Backward of :func:`lora_forward` with W frozen: ``dx = dy W + s (dy B) A``, ``dA = s (dy B)^T x``,
     ``dB = s dy^T u``; dy (m, n), g = dy B (m, r). FLOPs ``2mnk + 4mnr + 4mkr`` for every approach
     (dy W; dy B and dy^T u; g A and g^T x), plus the dequantize pass where W is dequantized."""
-    _linear_args(m, k, n, r, dtype, blocksize)
+    e = _linear_args(m, k, n, r, dtype, blocksize)
     _check_approach(approach)
-    e = _dtype_bytes(dtype)
     name = _linear_name("bwd", m, k, n, r, approach, dtype)
     if approach in ("qlora_default", "fused"):
         path = "dequant" if approach == "qlora_default" else "fused"

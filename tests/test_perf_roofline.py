@@ -498,3 +498,26 @@ def test_training_backward_dequantizes_as_the_model_predicts(version):
         default = rl.roofline(rl.lora_backward(4096, 4096, 4096, 16, "qlora_default", triton=version), device)
         fused = rl.roofline(rl.lora_backward(4096, 4096, 4096, 16, "fused", triton=version), device)
         assert default.predicted_s < fused.predicted_s / 4, device.key
+
+
+def test_bench_implementations_map_to_the_approach_that_models_them():
+    """perf/bench.py's prediction for a bench_linear row: qlora_default -> the default dispatch's launches (the
+    GEMV at M = 1, dequantize-then-GEMM at M = 4096), qlora_fused_tiled -> the fused tiled path."""
+    from perf import bench
+
+    shape = {"K": 4096, "N": 4096, "r": 16}
+    for m, mode, impl, approach, model in (
+            (1, "forward (no grad)", "qlora_default", "qlora_default", rl.lora_forward),
+            (4096, "forward", "qlora_default", "qlora_default", rl.lora_forward),
+            (4096, "backward", "qlora_default", "qlora_default", rl.lora_backward),
+            (4096, "forward", "qlora_fused_tiled", "fused", rl.lora_forward),
+            (4096, "backward", "qlora_fused_tiled", "fused", rl.lora_backward),
+            (4096, "forward", "dequant_then_matmul", "dequant_matmul", rl.lora_forward)):
+        loads = bench.roofline_workloads({**shape, "M": m, "mode": mode, "impl": impl})
+        assert [w.name for w in loads] == [model(m, 4096, 4096, 16, approach).name], (m, mode, impl)
+    assert "nf4_gemv" in bench.roofline_workloads({**shape, "M": 1, "mode": "forward", "impl": "qlora_default"}
+                                                  )[0].ops[0].name
+    with pytest.raises(TypeError, match="^device must"):
+        rl.nf4_path_times(1, 64, 64, 4, "h100")
+    with pytest.raises(ValueError, match="^path must"):
+        rl.nf4_forward_launches(1, 64, 64, 4, "tiled")
