@@ -303,19 +303,13 @@ _ADAMW_VARIANT = {
     "bnb_PagedAdamW8bit": "adamw8bit",
     "bnb_PagedAdamW": "adamw32",
 }
-# The roofline approach of each bench_linear implementation. qlora_default is the default dispatch: the GEMV
-# decode kernel (modelled by the "fused" approach, whose issue comes from the NF4-reading builds) at M <= 16,
-# dequantize-then-GEMM above; qlora_fused_tiled (and qlora_fused, the default dispatch's name in results saved
-# before the rename, when it ran the fused tiled kernel) the fused tiled kernel.
-_LINEAR_APPROACH = {"qlora_fused": "fused", "qlora_fused_tiled": "fused", "dense_bf16": "dense",
-                    "dequant_then_matmul": "dequant_matmul",
+# The roofline approach of each bench_linear implementation: qlora_default is the default dispatch (the roofline's
+# "qlora_default": the GEMV at M <= 16, dequantize-then-GEMM above); qlora_fused_tiled (and qlora_fused, the
+# default dispatch's name in results saved before the rename, when it ran the fused tiled kernel) the fused tiled
+# kernel ("fused").
+_LINEAR_APPROACH = {"qlora_default": "qlora_default", "qlora_fused": "fused", "qlora_fused_tiled": "fused",
+                    "dense_bf16": "dense", "dequant_then_matmul": "dequant_matmul",
                     "bitsandbytes_4bit": "dequant_matmul"}  # bnb's matmul_4bit dequantizes, then a dense GEMM
-
-
-def _linear_approach(impl: str, m: int) -> str:
-    if impl == "qlora_default":
-        return "fused" if m <= rl.SMALL_M else "dequant_matmul"
-    return _LINEAR_APPROACH[impl]
 _DTYPE = {"bfloat16": "bf16", "float16": "fp16"}
 
 
@@ -333,8 +327,8 @@ def roofline_workloads(info: dict) -> list[rl.Workload] | None:
             op = whole.ops[0]
             return [rl.Workload(f"{whole.name}_first_level", whole.family, whole.approach, (op,),
                                 f"{op.name} only (the benchmark does not double-quantize); {whole.assumptions}")]
-        if (info.get("impl") in _LINEAR_APPROACH or info.get("impl") == "qlora_default") and "M" in info:
-            args = (info["M"], info["K"], info["N"], info["r"], _linear_approach(info["impl"], info["M"]),
+        if info.get("impl") in _LINEAR_APPROACH and "M" in info:
+            args = (info["M"], info["K"], info["N"], info["r"], _LINEAR_APPROACH[info["impl"]],
                     _DTYPE[info.get("dtype", "bfloat16")])
             mode = info.get("mode")
             if mode in ("forward", "forward (no grad)"):

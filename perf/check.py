@@ -23,7 +23,8 @@ DEFAULT_TOLERANCE = {"registers_pct": 10.0, "shared_pct": 10.0, "instr_per_weigh
                      "issue_to_mma_pct": 0.0}
 _FIELDS = ("registers", "sgprs", "spill_bytes", "shared_bytes", "mma", "wgmma", "loop_instructions",
            "instr_per_weight_element", "issue_to_mma", "weight_load_bytes", "weight_load_async",
-           # not gated: what the roofline's issue term needs to pick a build (perf/roofline.py fused_issue)
+           # not gated: what the roofline's issue term needs to pick a build and size its launch (perf/roofline.py
+           # fused_issue, tiled_issue, per_element_issue)
            "kernel", "config", "num_warps", "regime", "weight_elements_per_iteration")
 
 

@@ -10,13 +10,25 @@ elementwise work), and the warp-instructions it must issue. One launch takes
 launches of one workload run one after another, so the workload's predicted time is the *sum* of its launches'
 times. This is a static model, not a timing. Instruction counts come from the SASS cost model of
 ``python -m perf static`` (``perf/sass.py``) as recorded in the committed baseline of a Triton version
-(``perf/baselines/static-triton<version>.json``): for the fused NF4 kernels, instructions per weight element of
-the build that would run times the weight elements all programs dequantize (each row tile of ``BLOCK_M`` rows
-dequantizes all of W once); for the quantize, dequantize and AdamW kernels, instructions per element of the
-build the launcher picks times the elements handled, rounded up to whole programs (:func:`per_element_issue`).
+(``perf/baselines/static-triton<version>.json``), for the builds the launcher picks at the shape: for the
+kernels that dequantize NF4 in their loop (the decode GEMV, the fused tiled kernel), instructions per weight
+element times the weight elements all programs dequantize (each row tile of ``BLOCK_M`` rows dequantizes all of W
+once, :func:`fused_issue`); for the dense GEMM after the dequantize launch, main-loop instructions x warps x K
+steps x output tiles (:func:`tiled_issue`); for the quantize, dequantize and AdamW kernels, instructions per element
+times the elements handled, rounded up to whole programs (:func:`per_element_issue`).
+
+The linear layer. ``"qlora_default"`` is the default dispatch (kernels/linear.py ``choose_path``, mirrored by
+:func:`default_path`), launch by launch: at M <= 16 with K a multiple of the blocksize the GEMV and its epilogue;
+otherwise ``lora_down`` (+ ``sum_splits`` when it splits its reduction), ``dequantize_4bit``, and the dense
+``_matmul_lora_kernel`` GEMM with the LoRA term in its epilogue; the backward ``lora_down`` (g), dequantize again,
+the dense dx GEMM, ``lora_grad`` twice (the sequence ``perf/launches.py`` records). ``"fused"`` is the explicit
+fused tiled path (``MatmulConfig(path="fused")``) at every M. :func:`model_path` is the NF4 path the model
+predicts fastest at a shape; ``tests/test_perf_roofline.py`` checks the dispatcher picks it.
+
 Not modelled: launch latency and host time (a few microseconds per launch, which dominate at decode sizes), the
-issue cost of kernels without a per-element figure (LoRA helpers, torch's and bitsandbytes' kernels), L2 reuse
-beyond the compulsory traffic, wave quantization, and overlap between launches.
+issue cost of kernels without a per-element or main-loop figure (LoRA helpers, the GEMV epilogue, torch's and
+bitsandbytes' kernels), the GEMM's prologue and epilogue instructions, L2 reuse beyond the compulsory traffic,
+wave quantization, and overlap between launches.
 
 Bytes are the *compulsory* DRAM traffic of each launch: every input read once, every output written once, each
 operand in its stored dtype; a tile re-read from L2 costs nothing. The 16-entry NF4 codebook, the 256-entry
@@ -228,7 +240,7 @@ def nf4_dequantize(rows: int, cols: int, dtype: str = "bf16", blocksize: int = N
     n = _positive("rows", rows) * _positive("cols", cols)
     elem = _dtype_bytes(dtype)
     _, builds = static_builds(triton)
-    issue = per_element_issue(builds, DEQUANTIZE_BUILD.format(dtype=dtype), n)
+    issue = per_element_issue(builds, dequantize_build(dtype, blocksize), n)
     return Workload(
         f"nf4_dequantize_{rows}x{cols}_{dtype}", "dequantize", "qlora", (_dequantize_op(n, elem, blocksize, issue),),
         f"reads packed codes (0.5 B/elem), one uint8 scale code per {blocksize}-block and one float32 absmax2 per "
@@ -250,20 +262,29 @@ def _dequantize_op(n: int, elem: int, blocksize: int, instructions: tuple = ()) 
 # --------------------------------------------------------------------------------------------------------------
 
 BASELINE_DIR = Path(__file__).parent / "baselines"
-# The NF4-reading kernels of kernels/linear.py whose issue the model charges: the decode GEMV (the forward at
-# M <= 16) and the tiled kernel with W dequantized in its K loop (path "fused", which the dispatcher no longer
-# picks at training shapes, where W is dequantized into a buffer and a plain GEMM runs: the "fused" approach
-# at large M models that tiled kernel, not the default path; see perf/README.md).
-FUSED_FWD_KERNEL = ("_nf4_gemv_kernel", "_matmul_lora_kernel")
-FUSED_DX_KERNEL = ("_matmul_lora_kernel",)
-# The builds (``module.spec name`` in the baseline, kernels/*.py ``compile_specs``) the launchers of the
-# elementwise workloads pick: quantize_4bit compiles one build per input dtype and blocksize; double quantization is
-# the 8-bit quantize at the nested blocksize; dequantize_4bit of a double-quantized weight one per output dtype;
+# The builds (``module.spec name`` in the baseline, kernels/*.py ``compile_specs``) whose issue the linear layer's
+# launches are charged, by name prefix (the config tag follows): the decode GEMV (``_nf4_gemv_kernel``, path
+# "gemv"); ``_matmul_lora_kernel`` with W dequantized in its K loop (path "fused", forward and dx); the same kernel
+# as a dense GEMM after the dequantize launch (path "dequant", forward and dx).
+GEMV_BUILD = "linear.gemv_m"
+FUSED_FWD_BUILD = "linear.fused_fwd_"
+FUSED_DX_BUILD = "linear.fused_dx_"
+DENSE_FWD_BUILD = "linear.dense_fwd_"
+DENSE_DX_BUILD = "linear.dense_dx_"
+# The builds the launchers of the elementwise workloads pick: quantize_4bit compiles one build per input dtype and
+# blocksize; double quantization is the 8-bit quantize at the nested blocksize; dequantize_4bit of a
+# double-quantized weight one per output dtype (blocksize 64; other blocksizes carry a ``_b<blocksize>`` suffix);
 # the optimizers' single-tensor kernels (a 64Mi-element tensor gets a launch of its own) one per parameter dtype.
 QUANTIZE_BUILD = "quantize.q4_{dtype}_b{blocksize}"
 DOUBLE_QUANTIZE_BUILD = "quantize.q8_fp32_b{blocksize}"
 DEQUANTIZE_BUILD = "quantize.dq4_{dtype}_nested"
 ADAMW_BUILD = {"adamw32": "optim.adamw32_fp32", "adamw8bit": "optim.adamw8bit_fp32"}
+
+
+def dequantize_build(dtype: str, blocksize: int = NF4_BLOCKSIZE) -> str:
+    """The ``dequantize_4bit`` build of a double-quantized weight with ``dtype`` output at ``blocksize``."""
+    base = DEQUANTIZE_BUILD.format(dtype=dtype)
+    return base if blocksize == NF4_BLOCKSIZE else f"{base}_b{blocksize}"
 
 
 def static_builds(triton: str | None = None) -> tuple[str | None, list[dict]]:
@@ -280,23 +301,45 @@ def static_builds(triton: str | None = None) -> tuple[str | None, list[dict]]:
     return triton, [dict(b, key=k) for k, b in data["kernels"].items()]
 
 
-def fused_issue(builds: list[dict], kernel: str | tuple[str, ...], rows: int, weight_elements: int) -> tuple:
-    """``((target, warp-instructions), ...)``: what the fused NF4 ``kernel`` issues to dequantize a weight of
-    ``weight_elements`` for ``rows`` rows, per target. Each program of ``BLOCK_M`` rows dequantizes the whole
-    weight once (split-K divides the work, not its total), so warp-instructions = instructions per weight
-    element / 32 x weight elements x ceil(rows / BLOCK_M). The build: at ``rows <= SMALL_M`` those with
-    ``BLOCK_M <= SMALL_M`` (the split-K path), else the others (the autotuned configs); of those the one with the
-    fewest instructions (the autotuner's best case)."""
-    best: dict[str, float] = {}
+def _nvidia_builds(builds: list[dict], prefix: str):
+    """``(target, build)`` of the builds whose name (the key without ``@target``) starts with ``prefix``, on the
+    NVIDIA targets (the issue model is 4 schedulers x 1 instruction per clock per SM)."""
     for b in builds:
+        name, _, target = b["key"].rpartition("@")
+        if name.startswith(prefix) and target.startswith("sm_"):
+            yield target, b
+
+
+def fused_issue(builds: list[dict], prefix: str, rows: int, weight_elements: int) -> tuple:
+    """``((target, warp-instructions), ...)``: what a kernel that dequantizes NF4 W in its loop (the builds named
+    ``prefix*``: :data:`GEMV_BUILD`, :data:`FUSED_FWD_BUILD`, :data:`FUSED_DX_BUILD`) issues for ``rows`` rows of
+    a weight of ``weight_elements``, per target. Each program of ``BLOCK_M`` rows dequantizes the whole weight once
+    (a split over K divides the work, not its total), so warp-instructions = instructions per weight element / 32
+    x weight elements x ceil(rows / BLOCK_M); of several builds, the one with the fewest (the autotuner's best
+    case). Builds without a per-element figure are skipped."""
+    best: dict[str, float] = {}
+    for target, b in _nvidia_builds(builds, prefix):
         per_elem, config = b.get("instr_per_weight_element"), b.get("config") or {}
-        kernels = (kernel,) if isinstance(kernel, str) else kernel
-        if b.get("kernel") not in kernels or not per_elem or "BLOCK_M" not in config:
+        if not per_elem or "BLOCK_M" not in config:
             continue
-        if (config["BLOCK_M"] <= SMALL_M) != (rows <= SMALL_M):
-            continue
-        target = b["key"].rsplit("@", 1)[1]
         count = per_elem / 32 * weight_elements * _cdiv(rows, config["BLOCK_M"])
+        best[target] = min(best.get(target, count), count)
+    return tuple(sorted(best.items()))
+
+
+def tiled_issue(builds: list[dict], prefix: str, rows: int, cols: int, inner: int) -> tuple:
+    """``((target, warp-instructions), ...)``: what a tiled GEMM build (``prefix*``: :data:`DENSE_FWD_BUILD`,
+    :data:`DENSE_DX_BUILD`) issues for an output of ``rows`` x ``cols`` reduced over ``inner``: its main loop's
+    instructions (per warp, per K step) x warps x K steps x output tiles; of several builds, the fewest. The
+    prologue and the epilogue (the LoRA term, bias, dropout, the store) are not counted: one pass per tile
+    against ``inner / BLOCK_K`` loop trips."""
+    best: dict[str, float] = {}
+    for target, b in _nvidia_builds(builds, prefix):
+        loop, warps, config = b.get("loop_instructions"), b.get("num_warps"), b.get("config") or {}
+        if not loop or not warps or not {"BLOCK_M", "BLOCK_N", "BLOCK_K"} <= set(config):
+            continue
+        tiles = _cdiv(rows, config["BLOCK_M"]) * _cdiv(cols, config["BLOCK_N"])
+        count = loop * warps * _cdiv(inner, config["BLOCK_K"]) * tiles
         best[target] = min(best.get(target, count), count)
     return tuple(sorted(best.items()))
 
@@ -319,71 +362,212 @@ def per_element_issue(builds: list[dict], build: str, elements: int) -> tuple:
     return tuple(sorted(out))
 
 
-LINEAR_APPROACHES = ("fused", "dequant_matmul", "dense")
-_APPROACH_PREFIX = {"fused": "nf4_fused", "dequant_matmul": "nf4_dequant_matmul", "dense": "dense"}
+# --------------------------------------------------------------------------------------------------------------
+# The LoRA linear layer: this suite's paths launch by launch, and the torch approaches it is compared with
+# --------------------------------------------------------------------------------------------------------------
+
+# The NF4 paths of kernels/linear.py (``PATHS``): the decode GEMV, W dequantized into a buffer then a dense GEMM,
+# W dequantized tile by tile in the GEMM's K loop.
+NF4_PATHS = ("gemv", "dequant", "fused")
+# "qlora_default": the launches of the default dispatch (kernels/linear.py ``choose_path`` without a config);
+# "fused": the fused tiled path (``MatmulConfig(path="fused")``, perf/bench_linear.py's qlora_fused_tiled) at
+# every M; "dequant_matmul" and "dense": torch.
+LINEAR_APPROACHES = ("qlora_default", "fused", "dequant_matmul", "dense")
+_APPROACH_PREFIX = {"qlora_default": "qlora_default", "fused": "nf4_fused_tiled",
+                    "dequant_matmul": "nf4_dequant_matmul", "dense": "dense"}
+GPU_SMS = 132  # the H100/H200 SXM the launch plans below are computed for (perf/launches.py GPU_SMS)
+# Launch constants of kernels/linear.py and kernels/lora.py that decide how many programs and partials a launch
+# has (tests/test_perf_roofline.py checks them against the launchers).
+GEMV_BLOCK_N, GEMV_BLOCK_K = 64, 128  # SMALL_M_CONFIG
+SPLIT_CHOICES = (1, 2, 4, 8, 16, 32)  # kernels/lora.py SPLIT_CHOICES (also the GEMV's split-K choices)
+DOWN_BLOCK_D = 64  # kernels/lora.py GPU_DOWN_BLOCK_D
 
 
-def _small_m_splits(m: int, n: int, k: int, sms: int = 132, block_m: int = 16, block_n: int = 64,
-                    block_k: int = 64) -> int:
-    """Split-K factor of the small-M launch, the rule of kernels/linear.py ``_small_m_split_k`` (about two
-    programs per SM, each keeping at least two K steps; a power of two up to 16) for an H100/H200's 132 SMs."""
-    tiles = _cdiv(m, block_m) * _cdiv(n, block_n)
-    want = max(1, 2 * sms // max(tiles, 1))
-    max_split = max(1, _cdiv(k, 2 * block_k))
-    return max(s for s in (1, 2, 4, 8, 16) if s == 1 or (s <= want and s <= max_split))
+def default_path(m: int, k: int, blocksize: int = NF4_BLOCKSIZE) -> str:
+    """The forward path the default dispatch takes (kernels/linear.py ``choose_path`` without a config): the GEMV
+    at ``m <= 16`` when K is a multiple of the blocksize, dequantize-then-GEMM otherwise. The backward's dx always
+    takes the dequantize-then-GEMM path (the GEMV is forward-only)."""
+    return "gemv" if m <= SMALL_M and k % blocksize == 0 else "dequant"
 
 
-def _linear_args(m, k, n, r, approach, dtype, blocksize):
+def _split_count(want: int, most: int) -> int:
+    """kernels/lora.py ``choose_splits`` / kernels/linear.py ``_gemv_split_k``: the smallest choice reaching
+    ``want`` programs per tile, at most ``most``."""
+    split = 1
+    for s in SPLIT_CHOICES:
+        if s <= most and split < want:
+            split = s
+    return split
+
+
+def gemv_splits(n: int, k: int, sms: int = GPU_SMS) -> int:
+    """K splits of the decode GEMV on ``sms`` SMs (kernels/linear.py ``_gemv_split_k`` with ``SMALL_M_CONFIG``,
+    then rounded as ``_launch_gemv`` rounds it to whole K steps)."""
+    split = _split_count(_cdiv(2 * sms, _cdiv(n, GEMV_BLOCK_N)), max(1, k // (2 * GEMV_BLOCK_K)))
+    return _cdiv(k, _cdiv(_cdiv(k, split), GEMV_BLOCK_K) * GEMV_BLOCK_K)
+
+
+def lora_down_splits(m: int, d: int, r: int, sms: int = GPU_SMS) -> int:
+    """Splits of the reduction D of ``lora_down`` (M, D) @ (D, R) on ``sms`` SMs (kernels/lora.py
+    ``launch_lora_down``, ``_down_meta`` and ``choose_splits``); > 1 adds a ``_sum_splits_kernel`` launch."""
+    block_r = max(16, min(64, 1 << (r - 1).bit_length()))
+    block_m = 64 if m >= 64 * sms else (32 if m > 16 else 16)
+    block_m = min(block_m, 64 if block_r == 16 else 32)
+    tiles = _cdiv(m, block_m) * _cdiv(r, block_r)
+    split = _split_count(_cdiv(2 * sms, tiles), max(1, d // (2 * DOWN_BLOCK_D)))
+    return _cdiv(d, _cdiv(_cdiv(d, split), DOWN_BLOCK_D) * DOWN_BLOCK_D)
+
+
+def _linear_args(m, k, n, r, dtype, blocksize):
     for name, value in (("m", m), ("k", k), ("n", n), ("r", r), ("blocksize", blocksize)):
         _positive(name, value)
-    if approach not in LINEAR_APPROACHES:
-        raise ValueError(f"approach must be one of {LINEAR_APPROACHES}, got {approach!r}")
     # The fp32 compute dtype runs on CUDA cores, not on the BF16 tensor cores this model assigns matmuls to.
     return _dtype_bytes(dtype, ("bf16", "fp16"))
+
+
+def _check_approach(approach):
+    if approach not in LINEAR_APPROACHES:
+        raise ValueError(f"approach must be one of {LINEAR_APPROACHES}, got {approach!r}")
+
+
+def _check_path(path):
+    if path not in NF4_PATHS:
+        raise ValueError(f"path must be one of {NF4_PATHS}, got {path!r}")
 
 
 def _linear_name(kind: str, m, k, n, r, approach, dtype) -> str:
     return f"{_APPROACH_PREFIX[approach]}_lora_{kind}_m{m}_k{k}_n{n}_r{r}_{dtype}"
 
 
-def lora_forward(m: int, k: int, n: int, r: int, approach: str = "fused", dtype: str = "bf16",
+def _lora_down_ops(label: str, m: int, d: int, r: int, e: int) -> list[Op]:
+    """``lora_down`` (reads the (m, d) activation and the (d, r) factor, writes float32 (m, r), or float32 partials
+    per split) and, when it splits, ``sum_splits`` (reads the partials, writes the float32 result)."""
+    splits = lora_down_splits(m, d, r)
+    ops = [Op(label, e * m * d + e * d * r + 4 * splits * m * r, 2 * m * d * r, TENSOR_BF16)]
+    if splits > 1:
+        ops.append(Op(f"sum_splits ({splits} partials)", 4 * splits * m * r + 4 * m * r, splits * m * r, FP32_SIMT))
+    return ops
+
+
+def nf4_forward_launches(m: int, k: int, n: int, r: int, path: str, dtype: str = "bf16",
+                         blocksize: int = NF4_BLOCKSIZE, triton: str | None = None) -> tuple[Op, ...]:
+    """The launches of this suite's forward ``y = x W^T + s (x A^T) B^T`` (no bias, no dropout) on NF4 ``path``
+    (one of :data:`NF4_PATHS`), as the launchers of kernels/linear.py make them on a 132-SM GPU; issue from the
+    static baseline of ``triton``. FLOPs ``2mnk + 2mkr + 2mnr`` (plus the dequantize pass on path "dequant")."""
+    e = _linear_args(m, k, n, r, dtype, blocksize)
+    _check_path(path)
+    _, builds = static_builds(triton)
+    if path == "gemv":
+        split = gemv_splits(n, k)
+        return (
+            Op(f"nf4_gemv ({split} K splits)",
+               e * m * k + nf4_storage_bytes(n * k, blocksize) + e * r * k + 4 * split * (m * n + m * r),
+               2 * m * n * k + 2 * m * k * r, TENSOR_BF16, fused_issue(builds, GEMV_BUILD, m, n * k)),
+            Op("gemv_epilogue", 4 * split * (m * n + m * r) + e * n * r + e * m * n + 4 * m * r, 2 * m * n * r,
+               TENSOR_BF16),
+        )
+    ops = _lora_down_ops("lora_down u = x A^T", m, k, r, e)
+    if path == "dequant":
+        ops.append(_dequantize_op(n * k, e, blocksize, per_element_issue(builds, dequantize_build(dtype, blocksize),
+                                                                         n * k)))
+        ops.append(Op("matmul_lora y = x W^T + s u B^T", e * m * k + e * n * k + 4 * m * r + e * n * r + e * m * n,
+                      2 * m * n * k + 2 * m * n * r, TENSOR_BF16, tiled_issue(builds, DENSE_FWD_BUILD, m, n, k)))
+    else:
+        ops.append(Op("matmul_lora (W dequantized in the K loop)",
+                      e * m * k + nf4_storage_bytes(n * k, blocksize) + 4 * m * r + e * n * r + e * m * n,
+                      2 * m * n * k + 2 * m * n * r, TENSOR_BF16, fused_issue(builds, FUSED_FWD_BUILD, m, n * k)))
+    return tuple(ops)
+
+
+def nf4_backward_launches(m: int, k: int, n: int, r: int, path: str, dtype: str = "bf16",
+                          blocksize: int = NF4_BLOCKSIZE, triton: str | None = None) -> tuple[Op, ...]:
+    """The launches of this suite's backward (W frozen, no dropout, no bias gradient) after a forward on NF4
+    ``path``: ``g = dy B``; ``dx = dy W + s g A`` (path "fused": W dequantized in the dx kernel's loop; "gemv" and
+    "dequant": dequantize W again, then the dense dx GEMM, as kernels/linear.py does); ``dA = s g^T x``;
+    ``dB = s dy^T u``. FLOPs ``2mnk + 4mnr + 4mkr`` (plus the dequantize pass)."""
+    e = _linear_args(m, k, n, r, dtype, blocksize)
+    _check_path(path)
+    _, builds = static_builds(triton)
+    ops = _lora_down_ops("lora_down g = dy B", m, n, r, e)
+    if path == "fused":
+        ops.append(Op("matmul_lora dx (W dequantized in the K loop)",
+                      e * m * n + nf4_storage_bytes(n * k, blocksize) + 4 * m * r + e * r * k + e * m * k,
+                      2 * m * n * k + 2 * m * k * r, TENSOR_BF16, fused_issue(builds, FUSED_DX_BUILD, m, n * k)))
+    else:
+        ops.append(_dequantize_op(n * k, e, blocksize, per_element_issue(builds, dequantize_build(dtype, blocksize),
+                                                                         n * k)))
+        ops.append(Op("matmul_lora dx = dy W + s g A", e * m * n + e * n * k + 4 * m * r + e * r * k + e * m * k,
+                      2 * m * n * k + 2 * m * k * r, TENSOR_BF16, tiled_issue(builds, DENSE_DX_BUILD, m, k, n)))
+    ops += [
+        Op("lora_grad dA = g^T x", 4 * m * r + e * m * k + e * r * k, 2 * m * k * r, TENSOR_BF16),
+        Op("lora_grad dB = dy^T u", 4 * m * r + e * m * n + e * n * r, 2 * m * n * r, TENSOR_BF16),
+    ]
+    return tuple(ops)
+
+
+def nf4_path_times(m: int, k: int, n: int, r: int, device: Device, dtype: str = "bf16",
+                   blocksize: int = NF4_BLOCKSIZE, triton: str | None = None) -> dict[str, float]:
+    """``{path: predicted seconds}`` of the forward on ``device`` for each NF4 path the library can run at this
+    shape (the GEMV only at ``m <= 16`` with K a multiple of the blocksize, as kernels/linear.py requires)."""
+    if not isinstance(device, Device):
+        raise TypeError(f"device must be a Device (one of DEVICES), got {type(device).__name__}")
+    out = {}
+    for path in NF4_PATHS:
+        if path == "gemv" and (m > SMALL_M or k % blocksize):
+            continue
+        ops = nf4_forward_launches(m, k, n, r, path, dtype, blocksize, triton)
+        out[path] = sum(op_roofline(op, device).predicted_s for op in ops)
+    return out
+
+
+def model_path(m: int, k: int, n: int, r: int, device: Device, dtype: str = "bf16", blocksize: int = NF4_BLOCKSIZE,
+               triton: str | None = None) -> str:
+    """The NF4 forward path this model predicts fastest at the shape on ``device`` (of :func:`nf4_path_times`)."""
+    times = nf4_path_times(m, k, n, r, device, dtype, blocksize, triton)
+    return min(times, key=times.get)
+
+
+_PATH_TEXT = {
+    "gemv": "the decode GEMV reads x, the NF4 weight (packed 0.5 B/elem + uint8 scale per block + float32 absmax2 "
+            "per 256 blocks) and A once, split over K (the launcher's rule for 132 SMs), and writes float32 partials "
+            "of y and u per split; the epilogue launch reads them and B and writes y (and u, float32). Issue of the "
+            "GEMV from the static baseline's instructions per weight element",
+    "dequant": "lora_down reads x and A and writes u (float32; split over K on 132 SMs, its partials summed by a "
+               "sum_splits launch); dequantize_4bit reads the NF4 weight and writes W in the compute dtype "
+               "(2 B/elem), which the dense GEMM (LoRA term in its epilogue) reads back with x, u and B, writing y. "
+               "Issue of the dequantize launch (instructions per element) and of the GEMM (main-loop instructions x "
+               "warps x K steps x tiles) from the static baseline",
+    "fused": "lora_down as on the dequantize path; the fused tiled kernel reads x again, the NF4 weight, u and B "
+             "and writes y, each 64-row tile dequantizing all of W in its K loop. Issue from the static baseline's "
+             "instructions per weight element x weight elements x row tiles (the ROW_SCALE build: K a multiple of "
+             "the blocksize)",
+}
+
+
+def lora_forward(m: int, k: int, n: int, r: int, approach: str = "qlora_default", dtype: str = "bf16",
                  blocksize: int = NF4_BLOCKSIZE, triton: str | None = None) -> Workload:
     """Forward of a LoRA linear ``y = x W^T + s * (x A^T) B^T``: x (m, k), W (n, k), A (r, k), B (n, r), y (m, n).
 
-    ``approach``: ``"fused"`` (this suite: W in NF4, dequantized tile by tile inside the matmul, the LoRA terms in
-    the same pass), ``"dequant_matmul"`` (bitsandbytes / unsloth: dequantize W to a dense tensor, then separate
-    matmuls) or ``"dense"`` (W stored in ``dtype``, torch matmuls). FLOPs ``2mnk + 2mkr + 2mnr`` for all three.
+    ``approach``: ``"qlora_default"`` (this suite's default dispatch: :func:`default_path`), ``"fused"`` (this
+    suite's fused tiled path, W in NF4 dequantized tile by tile inside the GEMM), ``"dequant_matmul"``
+    (bitsandbytes / unsloth in torch: dequantize W to a dense tensor, then separate matmuls) or ``"dense"`` (W
+    stored in ``dtype``, torch matmuls). FLOPs ``2mnk + 2mkr + 2mnr`` for all (plus the dequantize pass).
     """
-    e = _linear_args(m, k, n, r, approach, dtype, blocksize)
-    w_nf4 = nf4_storage_bytes(n * k, blocksize)
-    base_flops, down_flops, up_flops = 2 * m * n * k, 2 * m * k * r, 2 * m * n * r
+    e = _linear_args(m, k, n, r, dtype, blocksize)
+    _check_approach(approach)
     family = "lora_decode" if m <= SMALL_M else "lora_fwd"
     name = _linear_name("fwd", m, k, n, r, approach, dtype)
-    if approach == "fused":
-        _, builds = static_builds(triton)
-        ops = [Op("lora_down u = x A^T", e * m * k + e * r * k + 4 * m * r, down_flops, TENSOR_BF16)]
-        splits = _small_m_splits(m, n, k) if m <= SMALL_M else 1
-        fwd_bytes = e * m * k + w_nf4 + 4 * m * r + e * n * r + e * m * n
-        if splits > 1:
-            fwd_bytes += 4 * splits * m * n - e * m * n  # float32 partials written instead of y
-        ops.append(Op("nf4_lora_fwd", fwd_bytes, base_flops + up_flops, TENSOR_BF16,
-                      fused_issue(builds, FUSED_FWD_KERNEL, m, n * k)))
-        if splits > 1:
-            ops.append(Op("split_k_reduce", 4 * splits * m * n + e * m * n, splits * m * n, FP32_SIMT))
-        return Workload(
-            name, family, approach, tuple(ops),
-            "the implementation's launches: lora_down reads x and A and writes u = x A^T (m x r float32, kept for "
-            "the backward); the fused kernel reads x again, the NF4 weight (packed 0.5 B/elem + uint8 scale per "
-            "block + float32 absmax2 per 256 blocks), u and B, and writes y; at m <= 16 it splits K "
-            f"(splits = {splits} here, the launcher's rule for 132 SMs) into float32 partials that a reduce launch "
-            "reads back. Issue time from the static baseline's instructions per weight element.",
-            baseline=_linear_name("fwd", m, k, n, r, "dequant_matmul", dtype),
-        )
+    if approach in ("qlora_default", "fused"):
+        path = default_path(m, k, blocksize) if approach == "qlora_default" else "fused"
+        what = f"path {path!r}" + (" (the default dispatch)" if approach == "qlora_default" else "")
+        return Workload(name, family, approach, nf4_forward_launches(m, k, n, r, path, dtype, blocksize, triton),
+                        f"{what}: {_PATH_TEXT[path]}.",
+                        baseline=_linear_name("fwd", m, k, n, r, "dequant_matmul", dtype))
     ops = [] if approach == "dense" else [_dequantize_op(n * k, e, blocksize)]
     ops += [
-        Op("matmul x W^T", e * m * k + e * n * k + e * m * n, base_flops, TENSOR_BF16),
-        Op("lora_down u = x A^T", e * m * k + e * r * k + e * m * r, down_flops, TENSOR_BF16),
-        Op("lora_up y += s u B^T (addmm)", e * m * r + e * n * r + 2 * e * m * n, up_flops, TENSOR_BF16),
+        Op("matmul x W^T", e * m * k + e * n * k + e * m * n, 2 * m * n * k, TENSOR_BF16),
+        Op("lora_down u = x A^T", e * m * k + e * r * k + e * m * r, 2 * m * k * r, TENSOR_BF16),
+        Op("lora_up y += s u B^T (addmm)", e * m * r + e * n * r + 2 * e * m * n, 2 * m * n * r, TENSOR_BF16),
     ]
     what = ("dequantize_nf4 writes W densely (2 B/elem) and the matmul reads it back"
             if approach == "dequant_matmul" else f"W stored in {dtype}, read once by the matmul")
@@ -391,32 +575,31 @@ def lora_forward(m: int, k: int, n: int, r: int, approach: str = "fused", dtype:
         name, family, approach, tuple(ops),
         f"{what}; the LoRA branch is two more matmuls that read x again, write and read u ({dtype}), and add "
         f"into y with addmm (reads and writes y once more). PEFT's separate scale and add would cost three more "
-        f"m x n passes; bitsandbytes' fused 4-bit GEMV (inference, m = 1, no autograd) is not this path.",
+        f"m x n passes; bitsandbytes' fused 4-bit GEMV (inference, m = 1, no autograd) is not this path. Issue "
+        f"not modelled (torch's and bitsandbytes' kernels).",
     )
 
 
-def lora_backward(m: int, k: int, n: int, r: int, approach: str = "fused", dtype: str = "bf16",
+def lora_backward(m: int, k: int, n: int, r: int, approach: str = "qlora_default", dtype: str = "bf16",
                   blocksize: int = NF4_BLOCKSIZE, triton: str | None = None) -> Workload:
     """Backward of :func:`lora_forward` with W frozen: ``dx = dy W + s (dy B) A``, ``dA = s (dy B)^T x``,
     ``dB = s dy^T u``; dy (m, n), g = dy B (m, r). FLOPs ``2mnk + 4mnr + 4mkr`` for every approach
-    (dy W; dy B and dy^T u; g A and g^T x)."""
-    e = _linear_args(m, k, n, r, approach, dtype, blocksize)
-    w_nf4 = nf4_storage_bytes(n * k, blocksize)
+    (dy W; dy B and dy^T u; g A and g^T x), plus the dequantize pass where W is dequantized."""
+    e = _linear_args(m, k, n, r, dtype, blocksize)
+    _check_approach(approach)
     name = _linear_name("bwd", m, k, n, r, approach, dtype)
-    if approach == "fused":
-        _, builds = static_builds(triton)
-        ops = (
-            Op("lora_down g = dy B", e * m * n + e * n * r + 4 * m * r, 2 * m * n * r, TENSOR_BF16),
-            Op("nf4_lora_bwd_dx", e * m * n + w_nf4 + 4 * m * r + e * r * k + e * m * k,
-               2 * m * n * k + 2 * m * k * r, TENSOR_BF16, fused_issue(builds, FUSED_DX_KERNEL, m, n * k)),
-            Op("lora_grad dA = g^T x", 4 * m * r + e * m * k + e * r * k, 2 * m * k * r, TENSOR_BF16),
-            Op("lora_grad dB = dy^T u", 4 * m * r + e * m * n + e * n * r, 2 * m * n * r, TENSOR_BF16),
-        )
+    if approach in ("qlora_default", "fused"):
+        path = "dequant" if approach == "qlora_default" else "fused"
+        dx = ("dequantize_4bit writes W in the compute dtype again (nothing is kept from the forward) and the dense "
+              "dx GEMM (LoRA term in its epilogue) reads it back with dy, g and A" if path == "dequant" else
+              "the fused tiled dx kernel reads dy again, the NF4 weight, g and A, each 64-row tile dequantizing all "
+              "of W in its K loop")
         return Workload(
-            name, "lora_bwd", approach, ops,
-            "the implementation's four launches: g = dy B (reads dy, writes g float32); dx = dy W + s g A with W "
-            "dequantized in the loop (reads dy again, the NF4 weight, g, A; writes dx); dA = g^T x (reads g and "
-            "x); dB = dy^T u (reads dy a third time and u). Issue time of the dx kernel from the static baseline.",
+            name, "lora_bwd", approach, nf4_backward_launches(m, k, n, r, path, dtype, blocksize, triton),
+            f"path {path!r}{' (the default dispatch)' if approach == 'qlora_default' else ''}: g = dy B (reads dy "
+            f"and B, writes g float32; split over N on 132 SMs with a sum_splits launch); {dx}; dA = g^T x (reads g "
+            f"and x); dB = dy^T u (reads dy a third time and u). Issue of the dx launch (and of the dequantize "
+            f"launch) from the static baseline; the LoRA helpers' issue not modelled.",
             baseline=_linear_name("bwd", m, k, n, r, "dequant_matmul", dtype),
         )
     ops = [] if approach == "dense" else [_dequantize_op(n * k, e, blocksize)]
@@ -432,9 +615,13 @@ def lora_backward(m: int, k: int, n: int, r: int, approach: str = "fused", dtype
     return Workload(
         name, "lora_bwd", approach, tuple(ops),
         f"{what}; the LoRA gradients are four separate matmuls (dy is read three times, x once, g and u in "
-        f"{dtype}), the last adding into dx with addmm (reads and writes dx once more).",
+        f"{dtype}), the last adding into dx with addmm (reads and writes dx once more). Issue not modelled.",
     )
 
+
+# --------------------------------------------------------------------------------------------------------------
+# Optimizer
+# --------------------------------------------------------------------------------------------------------------
 
 ADAMW_VARIANTS = ("torch_fused", "adamw32", "adamw8bit")
 

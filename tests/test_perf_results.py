@@ -194,8 +194,8 @@ def test_gpu_run_divides_ops_per_round_and_adds_roofline_percentages():
     assert res["metadata"]["device"] == H100_NAME and res["metadata"]["backend"] == "gpu"
     fused = rows["test_linear[forward-qlora_default]"]
     assert fused["ops_per_round"] == 10 and fused["median_s"] == pytest.approx(2.5e-4)  # round 2.5e-3 / 10
-    # qlora_default at M > 16 is the default dispatch's dequantize-then-GEMM path: the roofline's dequant_matmul.
-    predicted = rl.roofline(rl.lora_forward(4096, 4096, 4096, 16, "dequant_matmul"),
+    # qlora_default is the roofline's "qlora_default" approach (at M > 16 its dequantize-then-GEMM launches).
+    predicted = rl.roofline(rl.lora_forward(4096, 4096, 4096, 16, "qlora_default"),
                             rl.DEVICES["h100"]).predicted_s
     assert fused["roofline"]["device"] == "h100"
     assert fused["roofline"]["predicted_s"] == pytest.approx(predicted)
@@ -203,7 +203,7 @@ def test_gpu_run_divides_ops_per_round_and_adds_roofline_percentages():
     # forward+backward: the forward and the backward workloads' predictions add up.
     both = rows["test_linear[forward+backward-qlora_default]"]["roofline"]
     shape = (4096, 4096, 4096, 16)
-    approach = "dequant_matmul"
+    approach = "qlora_default"
     assert both["workloads"] == [rl.lora_forward(*shape, approach).name, rl.lora_backward(*shape, approach).name]
     h100 = rl.DEVICES["h100"]
     assert both["predicted_s"] == pytest.approx(rl.roofline(rl.lora_forward(*shape, approach), h100).predicted_s
