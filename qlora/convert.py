@@ -1,20 +1,10 @@
 """``qlora quantize``: a safetensors checkpoint's linear weights to the bitsandbytes NF4 format.
 
-Which tensors are quantized (:func:`select_linear_weights`):
-
-- candidates: tensors whose key ends in ``.weight``, 2-D, float32/float16/bfloat16, non-empty;
-- without targets, a candidate is quantized unless one of its dot-separated name components contains
-  ``embed`` or ``norm`` (embeddings, LayerNorm/RMSNorm), is ``ln`` or starts with ``ln_`` or ``ln`` + digit
-  (GPT-2's ``ln_1``, ``ln_f``), or is ``lm_head`` (kept in 16 bits, as transformers does when it loads a model in
-  4 bits);
-- with targets (module name suffixes matched as PEFT does: the module name, i.e. the key without ``.weight``,
-  equals a target or ends with ``.`` + target), exactly the candidates that match are quantized, whatever their
-  name.
-
-Each quantized weight ``K`` is replaced by the entries bitsandbytes' ``Linear4bit`` writes (SPEC section 5, via
-:meth:`qlora.nf4.NF4Weight.to_bnb_state_dict`): ``K`` (packed uint8), ``K.absmax``, ``K.quant_map``, with double
-quantization ``K.nested_absmax`` and ``K.nested_quant_map``, and ``K.quant_state.bitsandbytes__nf4``. Every other
-tensor is copied unchanged, bit for bit. The output is one safetensors file with metadata ``{"format": "pt"}``.
+:func:`select_linear_weights` picks the 2-D float ``*.weight`` tensors to quantize (the name rule, or PEFT's
+suffix rule with targets: docs/DESIGN.md, "Models, checkpoints, adapters"). Each quantized weight ``K`` is
+replaced by the entries bitsandbytes' ``Linear4bit`` writes (docs/SPEC.md section 5, via
+:meth:`qlora.nf4.NF4Weight.to_bnb_state_dict`); every other tensor is copied bit for bit. The output is one
+safetensors file with metadata ``{"format": "pt"}``; :mod:`qlora.hf_folder` builds whole model folders on it.
 """
 
 from __future__ import annotations

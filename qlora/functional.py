@@ -1,19 +1,12 @@
-"""Functional QLoRA linear layer over the fused NF4 + LoRA kernels (SPEC section 6).
+"""Functional QLoRA linear layer over the NF4 + LoRA kernels (docs/SPEC.md section 6).
 
 ``qlora_linear(x, weight, lora_A, lora_B, scaling, bias=None, dropout_p=0.0, training=True)`` computes
-``y = x @ W^T + scaling * (dropout(x) @ A^T) @ B^T + bias`` with the NF4 base weight ``W`` dequantized inside
-the matmul (never materialized). Gradients flow to ``x``, ``lora_A``, ``lora_B`` and ``bias``; never to ``W``.
-The kernels are reached through the differentiable custom operators of :mod:`qlora.ops`, so
-``torch.compile(..., fullgraph=True)`` traces this function (and :class:`~qlora.layers.QLoRALinear`) without a
-graph break, forward and backward.
-
-Dropout (only when ``training`` and ``dropout_p > 0``) draws one seed per call from torch's default generator
-(so ``torch.manual_seed`` makes it reproducible); the kernels regenerate the keep mask from that seed in the
-forward and the backward. :func:`dropout_mask` materializes the same mask for a given seed. The seed is drawn
-by ``torch.randint`` as a one-element tensor, not read back on the host, so under ``torch.compile`` the draw is a
-node of the graph; Inductor lowers that node to its own random number generator, so a compiled run draws other
-seeds than an eager one after the same ``torch.manual_seed`` (still reproducible; with
-``torch._inductor.config.fallback_random = True``, or the ``aot_eager`` backend, it draws the same ones).
+``y = x @ W^T + scaling * (dropout(x) @ A^T) @ B^T + bias`` for an NF4 base weight ``W``; gradients flow to ``x``,
+``lora_A``, ``lora_B`` and ``bias``, never to ``W``. Eager calls run the autograd Function of :mod:`qlora._eager`;
+under ``torch.compile`` the custom operators of :mod:`qlora.ops` are traced instead (no graph break, same bits).
+Dropout (``training`` and ``dropout_p > 0``) draws one seed tensor per call from torch's default generator; the
+forward generates the bit-packed keep mask from it once and the backward reads that mask. :func:`dropout_mask`
+materializes the same mask for a given seed. Paths, launches and the compiled seed: docs/DESIGN.md.
 """
 
 from __future__ import annotations

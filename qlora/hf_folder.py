@@ -1,23 +1,12 @@
 """``qlora quantize MODEL_DIR OUT_DIR``: a Hugging Face model folder to a 4-bit one that
 ``transformers.AutoModelForCausalLM.from_pretrained(OUT_DIR)`` loads with no extra argument.
 
-Input: a folder with ``config.json`` and the weights in safetensors (``model.safetensors``, or shards listed by
-``model.safetensors.index.json``). Output, written to a temporary folder beside OUT_DIR and renamed at the end (a
-failed run leaves no OUT_DIR):
-
-- the same safetensors files (same names, so sharded exactly like the input, with a new index whose ``weight_map``
-  and ``total_size`` describe the output), each linear weight replaced by bitsandbytes' ``Linear4bit`` entries
-  (:mod:`qlora.convert`'s selection rule and SPEC section 5; the packed bytes viewed as ``quant_storage``, shape
-  ``(ceil(n/2) / itemsize, 1)``, as bitsandbytes stores them), every other tensor copied bit for bit;
-- ``config.json`` with ``quantization_config``: the fields ``transformers.BitsAndBytesConfig(load_in_4bit=True,
-  bnb_4bit_quant_type="nf4", ...).to_dict()`` writes, with ``bnb_4bit_use_double_quant``,
-  ``bnb_4bit_compute_dtype`` (default: the dtype of the quantized weights), ``bnb_4bit_quant_storage``, and
-  ``llm_int8_skip_modules`` listing every 2-D floating ``*.weight`` module left dense plus ``lm_head`` (so that
-  transformers converts exactly the layers this file holds in 4 bits, a tied ``lm_head`` included);
-- every other top-level file copied unchanged (tokenizer, generation config, chat template, README, ...).
-
-Written for models whose quantized layers are ``nn.Linear`` (Llama, Mistral, Qwen, ... : ``weight`` is
-(out_features, in_features)); GPT-2's ``Conv1D`` stores the transpose and is not handled.
+The safetensors files keep their names (sharded like the input, with a new index), each selected linear weight
+replaced by bitsandbytes' ``Linear4bit`` entries (:mod:`qlora.convert`); ``config.json`` gains the
+``quantization_config`` ``transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", ...)``
+writes, with ``llm_int8_skip_modules`` naming every 2-D weight left dense plus ``lm_head``; other top-level files
+are copied. Written to a temporary folder renamed at the end. Layers must be ``nn.Linear`` (GPT-2's ``Conv1D`` is
+not handled). Usage and options: README.md.
 """
 
 from __future__ import annotations

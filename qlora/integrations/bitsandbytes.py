@@ -1,25 +1,13 @@
 """Adopt bitsandbytes 4-bit layers in place: the NF4 bytes a ``bitsandbytes.nn.Linear4bit`` holds, read by qlora's
 kernels without dequantizing or requantizing.
 
-A model that transformers loaded with ``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")`` holds
-each linear layer as a ``Linear4bit`` whose ``weight`` is a ``Params4bit`` (the packed codes, viewed as the
-``quant_storage`` dtype, shape ``(ceil(n/2) / itemsize, 1)``) with a ``QuantState`` (``absmax``: uint8 codes of the
-block scales when double-quantized, else float32; ``state2``: the nested scales and the signed dynamic map;
-``offset``; ``code``: the NF4 codebook; ``blocksize``; ``shape``; ``dtype``). That is byte for byte the layout of
-:class:`~qlora.nf4.NF4Weight` (SPEC section 5), so :func:`nf4_weight_of` wraps those very tensors (no copy: the
-packed bytes are a ``view`` of the parameter's storage) and :func:`adopt_linear4bit` builds a
-:class:`~qlora.layers.QLoRALinear` on them. :func:`params4bit_from` goes the other way (used by merging in
-:mod:`qlora.integrations.peft`).
-
-bitsandbytes is never imported here: a bitsandbytes layer can only exist once bitsandbytes is imported, so
-:func:`is_bnb_linear` looks for it in ``sys.modules``. Only :func:`params4bit_from`, which builds bitsandbytes
-objects, imports it.
-
-Refused with an error naming the layer: FP4 layers (``quant_type="fp4"``: another codebook and another kernel
-contract), LLM.int8 layers (``Linear8bitLt``), layers not quantized yet (``bnb_quantized`` false: bitsandbytes
-quantizes on the first move to a device), and layers whose bytes bitsandbytes has repacked for its AVX512-BF16
-CPU inference path (it does so on the first no-grad eval-mode forward on such CPUs, rounding the scales to
-bfloat16: the original bytes are gone).
+A ``Linear4bit`` loaded by transformers with ``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")``
+holds a ``Params4bit`` (the packed codes viewed as ``quant_storage``, shape ``(ceil(n/2) / itemsize, 1)``) and a
+``QuantState`` (absmax, ``state2``, offset, code, blocksize, shape, dtype): byte for byte an
+:class:`~qlora.nf4.NF4Weight` (docs/SPEC.md section 5). :func:`nf4_weight_of` wraps those tensors without a copy,
+:func:`adopt_linear4bit` builds a :class:`~qlora.layers.QLoRALinear` on them, :func:`params4bit_from` goes the
+other way (for merging). Only :func:`params4bit_from` imports bitsandbytes. What is refused and why:
+docs/DESIGN.md, "Models, checkpoints, adapters".
 """
 
 from __future__ import annotations

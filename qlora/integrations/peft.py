@@ -1,29 +1,13 @@
 """PEFT on qlora's kernels: a LoRA layer for bitsandbytes NF4 ``Linear4bit`` targets, registered with PEFT's
 custom-module dispatch.
 
-``enable(lora_config)`` registers :class:`QLoRAPeftLinear` for ``bitsandbytes.nn.Linear4bit`` with
-``LoraConfig._register_custom_module`` and returns the config, so that::
-
-    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=BitsAndBytesConfig(load_in_4bit=True,
-                                                 bnb_4bit_quant_type="nf4"))
-    model = peft.get_peft_model(model, qlora.integrations.peft.enable(LoraConfig(r=16, target_modules=[...])))
-
-builds PEFT LoRA layers whose forward and backward run ``torch.ops.qlora.nf4_lora_forward`` / ``_backward`` (the NF4
-dequantize fused into the matmul, the LoRA term in the same kernel), reading the very bytes bitsandbytes holds
-(:func:`qlora.integrations.bitsandbytes.nf4_weight_of`). Everything else is PEFT's: the layer is a ``LoraLayer``
-(adapters keyed by name in ``lora_A``/``lora_B`` ``ModuleDict`` s of ``nn.Linear``, ``scaling``, ``lora_dropout``,
-``merge``/``unmerge``, ``disable_adapters``, ``set_adapter``, ``delete_adapter``, mixed-adapter batches), and
-``save_pretrained`` writes a standard adapter that plain PEFT loads; :func:`from_pretrained` loads one onto qlora's
-layers. Targets that are not ``Linear4bit`` go to PEFT's own layers.
-
-Numerics. The fused path computes in the input's dtype: ``x @ W^T + bias + scaling * dropout(x) @ A^T @ B^T``
-with ``W`` dequantized exactly as bitsandbytes dequantizes it and the adapters cast to the input's dtype (a
-differentiable cast: float32 adapters keep float32 gradients). Plain PEFT computes the base product in the layer's
-``compute_dtype`` and the LoRA product in the adapters' dtype; with one dtype throughout the two agree to float
-rounding. A second active adapter is added with PEFT's own formula. Dropout masks come from qlora's kernels (its
-own random stream), so with ``lora_dropout > 0`` training-mode outputs are not PEFT's sample by sample.
-
-Not supported (``enable`` raises): DoRA and other LoRA variants, ``lora_bias``, ``fan_in_fan_out``.
+``enable(lora_config)`` registers :class:`QLoRAPeftLinear` for ``bitsandbytes.nn.Linear4bit`` and returns the
+config, so ``peft.get_peft_model(model_4bit, qlora.integrations.peft.enable(LoraConfig(...)))`` builds PEFT LoRA
+layers whose forward and backward run ``torch.ops.qlora.nf4_lora_forward`` / ``_backward`` on the very bytes
+bitsandbytes holds (:func:`qlora.integrations.bitsandbytes.nf4_weight_of`); everything else is PEFT's, and
+``save_pretrained`` writes a standard adapter (:func:`from_pretrained` loads one onto qlora's layers). Targets that
+are not ``Linear4bit`` go to PEFT's own layers. Numerics against plain PEFT, dropout and what is refused:
+docs/DESIGN.md, "Models, checkpoints, adapters"; usage: README.md.
 """
 
 from __future__ import annotations
