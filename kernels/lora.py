@@ -1,16 +1,13 @@
-"""LoRA helper kernels of the fused layer (SPEC section 6): the rank-r projections and the dropout keep mask.
+"""LoRA helper kernels of the fused layer (docs/SPEC.md section 6): the rank-r projections and the dropout mask.
 
 - ``lora_down``: ``u = dropout(x) @ A^T`` / ``g = dy @ B`` (M, R) in float32, tiled over M and split over the
   reduction D (partials summed by ``_sum_splits_kernel``) so that no shape runs on one program.
 - ``lora_grad``: ``dA = scale * g^T @ dropout(x)``, ``dB^T = scaling * u^T @ dy`` (+ ``dbias``).
-- ``lora_dropout_bits``: the dropout keep mask of an (M, K) input, generated once, bit-packed (int32 (M, ceil(K /
-  32)), bit j of word w of row m is column 32 w + j). Word w of row m draws 8 Philox calls ``randint4x(seed, (m *
-  ceil(K/32) + w) * 8 + j)``, j = 0..7, and uses all 4 of each call's 32-bit outputs: bit ``4 j + i`` is kept where
-  output i ``>= threshold`` with ``threshold = round(p * 2**32)`` (an unsigned compare), so P(keep) = 1 - p up
-  to 2**-32. Every kernel that applies dropout reads these bits; :func:`lora_dropout_mask` expands them.
-
-The seed is read by the kernel from a one-element int64 device tensor (no host read, so CUDA graphs can capture
-the layer); a Python int is accepted too and staged into such a tensor.
+- ``lora_dropout_bits``: the bit-packed keep mask of an (M, K) input (int32 (M, ceil(K / 32)), bit j of word w of
+  row m is column 32 w + j), four mask bits per Philox ``randint4x`` call; :func:`lora_dropout_mask` expands it.
+  The counter scheme and threshold: docs/DESIGN.md, "Fused linear layer".
+The seed is read by the kernel from a one-element int64 device tensor (no host read: CUDA graphs can capture the
+layer); a Python int is accepted too and staged into such a tensor.
 """
 
 from __future__ import annotations

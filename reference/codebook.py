@@ -1,18 +1,11 @@
-"""Codebooks of SPEC sections 1 and 4, rebuilt the way bitsandbytes builds them.
+"""Oracle of the codebooks (docs/SPEC.md sections 1 and 4), rebuilt the way bitsandbytes builds them.
 
 - :func:`normal_float_codebook`: the NormalFloat tables (NF4 and its k-bit relatives), float32 ``(2**bits,)``.
 - :func:`dynamic_map`: the 8-bit dynamic map of the 8-bit optimizers and of double quantization, float32 ``(256,)``.
-
-Both recipes start from ``torch.linspace`` in float32, and its rounding shows in the last bit of the tables,
-so :func:`torch_linspace_float32` replays it. torch's CPU kernel (``RangeFactoriesKernel.cpp``) computes
-``step = (end - start) / (steps - 1)`` in float32, then element ``i`` as ``start + step * i`` for
-``i < steps // 2`` and ``end - step * (steps - 1 - i)`` otherwise. The compiler contracts each of those into a
-fused multiply-add in the vectorized (AVX2/AVX-512) builds that x86-64 machines run, so every element is ONE
-float32 rounding of the exact ``start + step*i``, not a rounded product followed by a rounded sum. The two
-readings agree on the NF4 table but not on the dynamic map: the separately rounded reading moves 42 of the 256
-signed dynamic-map entries by one ulp, while the fused reading reproduces bit for bit the table bitsandbytes
-emits (as hard-coded in several independent public ports of it) and ``torch.linspace`` itself on x86-64.
-This module therefore uses the fused reading.
+- :func:`torch_linspace_float32`: torch's float32 ``linspace`` as its vectorized x86-64 CPU kernel computes it, each
+  point one rounding of the exact ``start + step * i`` (a fused multiply-add). The separately rounded reading
+  moves 42 of the 256 signed dynamic-map entries by one ulp; the fused one reproduces bitsandbytes' table and
+  ``torch.linspace`` on x86-64 bit for bit (SPEC section 1, item 4).
 """
 
 from __future__ import annotations
