@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ._dtensor import bitcast, is_dtensor
-from .bnb_format import encode_quant_state, nf4_keys, quant_state_key
+from .bnb_format import encode_quant_state, nf4_keys
 from .functional import qlora_linear
 from .kernels._checks import FLOAT_DTYPES
 from .nf4 import NF4Weight, quantize_nf4, requantize_nf4
@@ -362,15 +362,16 @@ class QLoRALinear(nn.Module):
             return t if keep_vars else t.detach()
 
         # The packed bytes in the quant_storage dtype, as bitsandbytes writes them; float32 bits shown as float32.
-        destination[key] = own(params[_PACKED])
-        destination[f"{key}.absmax"] = (own(params[_ABSMAX]) if dq
-                                        else bitcast(params[_ABSMAX].detach(), torch.float32))
-        destination[f"{key}.quant_map"] = self._buffers[_CODE].view(torch.float32)
+        # Keys from qlora.bnb_format.nf4_keys, in its (bitsandbytes') order, as NF4Weight.to_bnb_state_dict.
+        values = [own(params[_PACKED]),
+                  own(params[_ABSMAX]) if dq else bitcast(params[_ABSMAX].detach(), torch.float32),
+                  self._buffers[_CODE].view(torch.float32)]
         if dq:
-            destination[f"{key}.nested_absmax"] = bitcast(params[_ABSMAX2].detach(), torch.float32)
-            destination[f"{key}.nested_quant_map"] = self._buffers[_NESTED_CODE].view(torch.float32)
-        destination[quant_state_key(key)] = encode_quant_state(
-            m["blocksize"], m["dtype"], m["shape"], (m["nested_blocksize"], m["offset"]) if dq else None)
+            values += [bitcast(params[_ABSMAX2].detach(), torch.float32),
+                       self._buffers[_NESTED_CODE].view(torch.float32)]
+        values.append(encode_quant_state(m["blocksize"], m["dtype"], m["shape"],
+                                         (m["nested_blocksize"], m["offset"]) if dq else None))
+        destination.update(zip(nf4_keys(key, dq), values, strict=True))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
