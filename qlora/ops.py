@@ -19,17 +19,7 @@ from torch import Tensor
 
 from .kernels import linear as _linear
 
-__all__ = ["nf4_lora_forward", "nf4_lora_backward", "seed_value"]
-
-
-def seed_value(seed: Optional[Tensor]) -> int:
-    """The dropout seed held by a one-element integer tensor; 0 for None (no dropout)."""
-    if seed is None:
-        return 0
-    if seed.dtype.is_floating_point or seed.dtype.is_complex or seed.dtype == torch.bool or seed.numel() != 1:
-        raise ValueError(f"seed must be a one-element integer tensor, got dtype {seed.dtype} and shape "
-                         f"{tuple(seed.shape)}")
-    return int(seed.item())
+__all__ = ["nf4_lora_forward", "nf4_lora_backward"]
 
 
 def _seed_arg(seed: Optional[Tensor]):
