@@ -483,14 +483,14 @@ def _check_saved_values(name: str, field: str, t: torch.Tensor) -> None:
     if t.numel() == 0:
         return
     if field.endswith("_absmax"):
-        local = t.to_local() if is_dtensor(t) else t
+        local = _local(t)
         bad = ~(torch.isfinite(local) & (local >= 0))
         if bool(bad.any()):
             value = local[bad][0].item()
             raise ValueError(f"{name} must hold finite scales >= 0, got {value} at index "
                              f"{int(bad.nonzero()[0][0])}")
     elif field == "exp_avg_sq":
-        local = t.to_local() if is_dtensor(t) else t
+        local = _local(t)
         negative = local < 0
         if bool(negative.any()):
             raise ValueError(f"{name} must be >= 0 (a second moment), got {local[negative][0].item()}")
