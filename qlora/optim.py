@@ -231,13 +231,11 @@ class _TritonAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._check_step()
+        group_hps, scalars = self._check_step()
         dtensor_module = sys.modules.get("torch.distributed.tensor")
         dtensor = dtensor_module.DTensor if dtensor_module is not None else None
         work = []  # (param, local grad, hyperparameters), all validated before any state changes
-        for gi, group in enumerate(self.param_groups):
-            hp = _hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"],
-                                  f" (parameter group {gi})")
+        for gi, (group, hp) in enumerate(zip(self.param_groups, group_hps, strict=True)):
             for pi, p in enumerate(group["params"]):
                 grad = p.grad
                 if grad is None:
@@ -273,7 +271,6 @@ class _TritonAdamW(torch.optim.Optimizer):
                 resident.append(item)
             else:
                 paged[id(p)] = item
-        scalars: dict[tuple, _kernels.StepScalars] = {}
         flats: list[_FlatParam] = []
 
         def step_resident():
@@ -315,17 +312,19 @@ class _TritonAdamW(torch.optim.Optimizer):
             flat.write_back()
         return loss
 
-    def _check_step(self) -> None:
+    def _check_step(self) -> tuple[list[tuple], dict[tuple, _kernels.StepScalars]]:
         """Refuse, before a step changes anything, what would make it fail part-way: every group's hyperparameters,
         the float32 step scalars each group's parameters would use at their next step count (an ``lr`` or ``eps``
         that overflows float32 only shows there), and each stepped parameter's ``step`` counter. So a step that
         raises leaves every parameter and every state as it was. (Gradients are checked by ``step`` itself, also
-        before any change.)"""
+        before any change.) Returns what the step uses, so it validates nothing twice: each group's validated
+        ``(lr, beta1, beta2, eps, weight_decay)`` and the step scalars keyed by ``(hyperparameters, step)``."""
+        group_hps, scalars = [], {}
         for gi, group in enumerate(self.param_groups):
             where = f" (parameter group {gi})"
             _refuse_unsupported(group, where)
-            lr, beta1, beta2, eps, weight_decay = _hyperparameters(
-                group["lr"], group["betas"], group["eps"], group["weight_decay"], where)
+            hp = _hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"], where)
+            group_hps.append(hp)
             next_steps = set()
             for pi, p in enumerate(group["params"]):
                 if p.grad is None:
@@ -341,9 +340,10 @@ class _TritonAdamW(torch.optim.Optimizer):
                 next_steps.add(step + 1)
             for step in sorted(next_steps):
                 try:
-                    _kernels.step_scalars(step, lr, beta1, beta2, eps, weight_decay)
+                    scalars[(hp, step)] = _kernels.step_scalars(step, *hp)
                 except ValueError as err:
                     raise ValueError(f"{err}{where} at step {step}") from None
+        return group_hps, scalars
 
     # -- paging ----------------------------------------------------------------------------------
     def synchronize(self) -> None:
