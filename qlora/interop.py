@@ -148,8 +148,8 @@ def load_quantized(model: nn.Module, path: str | os.PathLike, strict: bool = Tru
         consumed.update(nf4_keys(key, weight.double_quant))
 
     own = model.state_dict()
-    skip = _lora_keys(layers) | {k for name, layer in layers for k in layer.weight.to_bnb_state_dict(
-        _join(name, "weight"))}
+    skip = _lora_keys(layers) | {k for name, layer in layers
+                                 for k in nf4_keys(_join(name, "weight"), layer.weight.double_quant)}
     rest = {}
     for key, target in own.items():
         if key in skip:
@@ -183,7 +183,7 @@ def load_quantized(model: nn.Module, path: str | os.PathLike, strict: bool = Tru
         # the NF4 weights are already in place and the adapters are deliberately absent, hence strict=False.
         result = model.load_state_dict(rest, strict=False)
         # The NF4 keys are those of the weights as stored now (double quantization may differ from before).
-        skip |= {k for name, layer in layers for k in layer.weight.to_bnb_state_dict(_join(name, "weight"))}
+        skip |= {k for name, layer in layers for k in nf4_keys(_join(name, "weight"), layer.weight.double_quant)}
         left = set(result.missing_keys) - skip
         if left or result.unexpected_keys:  # cannot happen after the checks above; fail loudly if it does
             raise RuntimeError(f"load_state_dict disagreed with the checks: missing {sorted(left)}, unexpected "
