@@ -3,10 +3,10 @@ the launchers of :mod:`qlora.kernels.linear` directly.
 
 The custom operators of :mod:`qlora.ops` are what ``torch.compile`` traces; in eager code they cost host time a GPU
 step pays before any kernel runs (dispatcher round trips, ``fill_defaults``, the Dynamo-disable wrapper, the autograd
-wrapper of ``register_autograd``): about half the host time of a small layer's
-forward + backward before this path existed. This Function runs the launchers' own launch code (after the
-checks, which qlora_linear and the weight's construction already made), so eager results equal compiled ones
-bit for bit (``tests/test_compile.py``).
+wrapper of ``register_autograd``). The layer's host time before and after this path and the prechecked launchers
+replaced them is in perf/README.md ("Host time"), bounded by ``tests/test_host_overhead.py``. This Function runs the
+launchers' own launch code (after the checks, which qlora_linear and the weight's construction already made), so
+eager results equal compiled ones bit for bit (``tests/test_compile.py``).
 
 The :class:`~qlora.nf4.NF4Weight` is validated when it is built and is immutable, so nothing about it is checked
 here; :func:`qlora.functional.qlora_linear` checks what can change per call before calling :meth:`apply`.
