@@ -79,10 +79,11 @@ def load_sharded_nf4(layer: QLoRALinear, state_dict, key: str) -> None:
     """
     m = layer._nf4_meta
     dq = m["double_quant"]
-    state_key = quant_state_key(key)
-    for k in layer._bnb_keys(key):
+    keys = layer._bnb_keys(key)  # packed, absmax, quant_map, [nested_absmax, nested_quant_map,] JSON
+    for k in keys:
         if k not in state_dict:
             raise KeyError(f"state dict has no entry {k!r} (needed for the NF4 weight {key!r})")
+    key_absmax, key_code, *key_nested, state_key = keys[1:]
     meta_tensor = state_dict[state_key]
     if is_dtensor(meta_tensor):
         meta_tensor = meta_tensor.full_tensor()
@@ -96,21 +97,23 @@ def load_sharded_nf4(layer: QLoRALinear, state_dict, key: str) -> None:
         raise ValueError(f"{state_key!r} is {'' if 'nested_offset' in meta else 'not '}double-quantized, this "
                          f"sharded layer is {'' if dq else 'not '}")
     params, buffers = layer._parameters, layer._buffers
-    plan = [(params[_PACKED], state_dict[key], key, layer.quant_storage),
-            (params[_ABSMAX], state_dict[f"{key}.absmax"], f"{key}.absmax", torch.uint8 if dq else torch.float32)]
-    codes = [(buffers[_CODE], state_dict[f"{key}.quant_map"], f"{key}.quant_map", (16,))]
+    plan = [(params[_PACKED], key, layer.quant_storage),
+            (params[_ABSMAX], key_absmax, torch.uint8 if dq else torch.float32)]
+    codes = [(buffers[_CODE], key_code, (16,))]
     if dq:
-        plan.append((params[_ABSMAX2], state_dict[f"{key}.nested_absmax"], f"{key}.nested_absmax", torch.float32))
-        codes.append((buffers[_NESTED_CODE], state_dict[f"{key}.nested_quant_map"], f"{key}.nested_quant_map",
-                      (256,)))
+        key_absmax2, key_nested_code = key_nested
+        plan.append((params[_ABSMAX2], key_absmax2, torch.float32))
+        codes.append((buffers[_NESTED_CODE], key_nested_code, (256,)))
     copies = []
-    for param, value, name, dtype in plan:
+    for param, name, dtype in plan:
+        value = state_dict[name]
         if not isinstance(value, torch.Tensor) or value.dtype != dtype or value.shape != param.shape:
             raise ValueError(f"entry {name!r} must be {dtype} of shape {tuple(param.shape)} for this sharded "
                              f"layer, got {getattr(value, 'dtype', type(value).__name__)} "
                              f"{tuple(getattr(value, 'shape', ()))}")
         copies.append((param.to_local(), _local_piece(param, bitcast(value, param.dtype), name)))
-    for buffer, value, name, shape in codes:
+    for buffer, name, shape in codes:
+        value = state_dict[name]
         if is_dtensor(value):
             value = value.full_tensor()
         check_code_table(f"state dict entry {name!r}", value, shape[0])
