@@ -253,7 +253,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name
         raise ValueError(f"layers differ in lora_dropout ({layers[0][0]!r}: {dropout}, {differing[0]!r}: "
                          f"{differing[1].lora_dropout}); a PEFT adapter holds one value: set the same lora_dropout "
                          "on every QLoRALinear before saving")
-    rslora = {getattr(layer, "use_rslora", False) for _, layer in layers}
+    rslora = {layer.use_rslora for _, layer in layers}
     if len(rslora) > 1:
         raise ValueError("the model's QLoRALinear layers differ in use_rslora; a PEFT adapter_config.json has one "
                          "use_rslora for every layer")
