@@ -56,13 +56,15 @@ def is_model_folder(path: str | os.PathLike) -> bool:
     return p.is_dir() and (p / CONFIG_NAME).is_file()
 
 
-def _read_json(path: Path, what: str) -> dict:
+def read_json_object(path: Path, what: str, error: type[Exception] = ConvertError) -> dict:
+    """The JSON object in the UTF-8 file ``path``; ``error`` naming ``what`` and the path when the file cannot be
+    read, is not JSON, or holds something other than an object."""
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ConvertError(f"IN {what} {str(path)!r} is not readable JSON: {err}") from None
+        raise error(f"{what} {str(path)!r} is not readable JSON: {err}") from None
     if not isinstance(value, dict):
-        raise ConvertError(f"IN {what} {str(path)!r} must hold a JSON object")
+        raise error(f"{what} {str(path)!r} must hold a JSON object")
     return value
 
 
@@ -70,7 +72,7 @@ def _shard_names(src: Path) -> list[str]:
     """The safetensors files of the model folder, in index order (or sorted when there is no index)."""
     index_path = src / INDEX_NAME
     if index_path.is_file():
-        weight_map = _read_json(index_path, "index").get("weight_map")
+        weight_map = read_json_object(index_path, "IN index").get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise ConvertError(f"IN index {str(index_path)!r} has no 'weight_map' object")
         names = list(dict.fromkeys(weight_map.values()))
@@ -184,7 +186,7 @@ def quantize_model_folder(src: str | os.PathLike, dst: str | os.PathLike, blocks
         raise ConvertError(f"--compute-dtype must be one of float32, float16, bfloat16, got {compute_dtype!r}")
     if not is_model_folder(src):
         raise ConvertError(f"IN {str(src)!r} is not a model folder (a folder with {CONFIG_NAME})")
-    config = _read_json(src / CONFIG_NAME, "config")
+    config = read_json_object(src / CONFIG_NAME, "IN config")
     if config.get("quantization_config") is not None:
         raise ConvertError(f"IN {str(src / CONFIG_NAME)!r} already has a quantization_config: the model is "
                            "quantized already")
