@@ -1,4 +1,4 @@
-"""Derived elementwise error bounds of the fused QLoRA linear layer against the float64 oracle.
+"""Derived elementwise error bounds of the QLoRA linear layer against the float64 oracle.
 
 One bound, used by the tests (``tests/test_linear.py``, ``tests/test_device_pass.py``) and by ``qlora verify``. The
 kernels see exactly the oracle's operands: x, A, B, bias and dy in the compute dtype, and W as the reference
