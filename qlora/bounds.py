@@ -1,9 +1,9 @@
-"""Derived elementwise error bounds of the fused QLoRA linear layer against the float64 oracle.
+"""Derived elementwise error bounds of the QLoRA linear layer against the float64 oracle.
 
 One bound, used by the tests (``tests/test_linear.py``, ``tests/test_device_pass.py``) and by ``qlora verify``. The
 kernels see exactly the oracle's operands: x, A, B, bias and dy in the compute dtype, and W as the reference
-dequantization rounded to that dtype (:func:`oracle_dense_weight`, what the kernels' in-loop dequantization
-produces). What remains is each kernel's own arithmetic, bounded from first principles (no constant is fitted to
+dequantization rounded to that dtype (:func:`oracle_dense_weight`, what the kernels' dequantization produces,
+into a buffer on the default path or inside the fused path's K loop). What remains is each kernel's own arithmetic, bounded from first principles (no constant is fitted to
 measurements). With u32 = 2^-24 and u_d the unit roundoff of the compute dtype (round to nearest: 2^-24 float32,
 2^-11 float16, 2^-8 bfloat16):
 

@@ -152,72 +152,30 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def _demo_number(field: str, what: str):
+    """An argparse type for the DemoConfig ``field``: an integer in [low, high] of ``demo.INT_RANGES``, or a finite
+    number in (low, high] of ``demo.FLOAT_RANGES``; ``what`` names the value in the error."""
+    from .demo import FLOAT_RANGES, INT_RANGES
 
+    kind = float if field in FLOAT_RANGES else int
+    low, high = FLOAT_RANGES[field] if kind is float else INT_RANGES[field]
+    interval = f"({low:g}, {high:g}]" if kind is float else f"[{low}, {high}]"
 
-def _bounded_float(low: float, high: float, what: str):
-    """An argparse type: a finite number in (low, high]."""
-
-    def parse(text: str) -> float:
+    def parse(text: str):
         try:
-            value = float(text)
+            value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what} in ({low:g}, {high:g}], got {text!r}") from None
-        if not low < value <= high:  # also refuses nan and inf
-            raise argparse.ArgumentTypeError(f"expected {what} in ({low:g}, {high:g}], got {text}")
+            raise argparse.ArgumentTypeError(f"expected {what} in {interval}, got {text!r}") from None
+        inside = low < value <= high if kind is float else low <= value <= high  # the float test refuses nan and inf
+        if not inside:
+            raise argparse.ArgumentTypeError(f"expected {what} in {interval}, got {text}")
         return value
 
     return parse
-
-
-def _bounded_int(low: int, high: int, what: str):
-    """An argparse type: an integer in [low, high]."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what} in [{low}, {high}], got {text!r}") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"expected {what} in [{low}, {high}], got {value}")
-        return value
-
-    return parse
-
-
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**31), got {text!r}") from None
-    if not 0 <= value < 2**31:
-        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**31), got {value}")
-    return value
-
-
-def _layers(text: str) -> int:
-    value = _positive_int(text)
-    if value > 6:
-        raise argparse.ArgumentTypeError(f"all-MiniLM-L6-v2 has 6 transformer layers, got {value}")
-    return value
-
-
-def _max_length(text: str) -> int:
-    value = _positive_int(text)
-    if not 3 <= value <= 512:
-        raise argparse.ArgumentTypeError(f"expected a token count in [3, 512], got {value}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .demo import FLOAT_RANGES, INT_RANGES, DemoConfig
+    from .demo import INT_RANGES, DemoConfig
     from .kernels._checks import BLOCKSIZES
 
     d = DemoConfig()
@@ -242,32 +200,35 @@ def build_parser() -> argparse.ArgumentParser:
                     "loss curves, the evaluation loss\nand accuracy, a memory breakdown; writes loss_curves.png, "
                     "metrics.json, the adapter (PEFT\nformat) and the head into --out; reloads the adapter into a "
                     "fresh model and exits 1 unless\nits outputs are identical.\n\n"
-                    "Under the Triton interpreter (no GPU) the defaults take about 5 minutes on 2 CPU cores.")
-    demo.add_argument("--steps", type=_bounded_int(*INT_RANGES["steps"], "a step count"), default=d.steps, metavar="N",
+                    "Under the Triton interpreter (no GPU) the defaults took about 2 minutes on 2 quiet CPU cores "
+                    "(README.md, `time qlora demo`).")
+    demo.add_argument("--steps", type=_demo_number("steps", "a step count"), default=d.steps, metavar="N",
                       help=f"training steps (default {d.steps})")
-    demo.add_argument("--rank", type=_bounded_int(*INT_RANGES["rank"], "a LoRA rank"), default=d.rank, metavar="R",
+    demo.add_argument("--rank", type=_demo_number("rank", "a LoRA rank"), default=d.rank, metavar="R",
                       help=f"LoRA rank, at most {INT_RANGES['rank'][1]} (default {d.rank})")
-    demo.add_argument("--alpha", type=_bounded_float(*FLOAT_RANGES["alpha"], "a LoRA alpha"), default=d.alpha,
+    demo.add_argument("--alpha", type=_demo_number("alpha", "a LoRA alpha"), default=d.alpha,
                       help=f"LoRA alpha; scaling = alpha / rank (default {d.alpha:g})")
-    demo.add_argument("--lr", type=_bounded_float(*FLOAT_RANGES["lr"], "a learning rate"), default=d.lr,
+    demo.add_argument("--lr", type=_demo_number("lr", "a learning rate"), default=d.lr,
                       help=f"learning rate of the adapters (default {d.lr:g})")
-    demo.add_argument("--head-lr", type=_bounded_float(*FLOAT_RANGES["head_lr"], "a learning rate"), default=d.head_lr,
+    demo.add_argument("--head-lr", type=_demo_number("head_lr", "a learning rate"), default=d.head_lr,
                       help=f"learning rate of the classification head (default {d.head_lr:g})")
-    demo.add_argument("--batch-size", type=_bounded_int(*INT_RANGES["batch_size"], "a batch size"),
+    demo.add_argument("--batch-size", type=_demo_number("batch_size", "a batch size"),
                       default=d.batch_size, metavar="B",
                       help=f"sentences per step (default {d.batch_size})")
-    demo.add_argument("--max-length", type=_max_length, default=d.max_length, metavar="T",
+    demo.add_argument("--max-length", type=_demo_number("max_length", "a token count"),
+                      default=d.max_length, metavar="T",
                       help=f"tokens per sentence, [CLS] and [SEP] included (default {d.max_length})")
-    demo.add_argument("--layers", type=_layers, default=None, metavar="L",
+    demo.add_argument("--layers", type=_demo_number("layers", "a layer count of all-MiniLM-L6-v2"),
+                      default=None, metavar="L",
                       help="use only the first L of the 6 pretrained transformer layers (default: all; 1 makes a "
                            "fast smoke run)")
     demo.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                       help="auto (default): cuda when the kernels compile for a GPU, else cpu (Triton interpreter)")
     demo.add_argument("--out", default=d.out, metavar="DIR",
                       help=f"folder for the plot, metrics, adapter and head (default ./{d.out})")
-    demo.add_argument("--seed", type=_seed, default=d.seed,
+    demo.add_argument("--seed", type=_demo_number("seed", "a seed"), default=d.seed,
                       help=f"seed of the initialization and batch order (default {d.seed})")
-    demo.add_argument("--log-every", type=_bounded_int(*INT_RANGES["log_every"], "a step count"), default=None, metavar="N",
+    demo.add_argument("--log-every", type=_demo_number("log_every", "a step count"), default=None, metavar="N",
                       help="steps per row of the loss table (default: about 10 rows)")
     demo.set_defaults(func=_cmd_demo)
 

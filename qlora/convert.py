@@ -53,6 +53,15 @@ class ConvertSummary:
         """Packed codes plus scales per quantized parameter (4.127 at blocksize 64 with double quantization)."""
         return 8.0 * self.storage_bytes / self.params_quantized if self.params_quantized else 0.0
 
+    def add_quantized(self, key: str, weight: torch.Tensor, entries: dict[str, torch.Tensor], nf4) -> None:
+        """Count the dense ``weight`` stored under ``key`` and the NF4 ``entries`` / ``nf4`` that replace it."""
+        self.quantized.append(key)
+        self.params_quantized += weight.numel()
+        self.quantized_bytes_before += _nbytes(weight)
+        self.quantized_bytes_after += sum(_nbytes(v) for v in entries.values())
+        self.storage_bytes += _nbytes(nf4.packed) + _nbytes(nf4.absmax) + (
+            _nbytes(nf4.absmax2) if nf4.absmax2 is not None else 0)
+
 
 def input_files(path: str | os.PathLike) -> list[Path]:
     """The safetensors files of ``path``: the file itself, or every ``*.safetensors`` of a directory (sorted)."""
@@ -137,6 +146,30 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def check_blocksize_and_targets(blocksize: int, targets: Sequence[str] | None) -> list[str] | None:
+    """``targets`` as a list (None stays None); ``ConvertError`` naming ``--blocksize`` or ``--target`` when the
+    blocksize is not one of ``BLOCKSIZES`` or a target is not a dotted module name suffix."""
+    if isinstance(blocksize, bool) or blocksize not in BLOCKSIZES:
+        raise ConvertError(f"--blocksize must be one of {', '.join(map(str, BLOCKSIZES))}, got {blocksize!r}")
+    if targets is None:
+        return None
+    targets = list(targets)
+    for t in targets:
+        if not t or t.startswith(".") or t.endswith(".") or ".." in t:
+            raise ConvertError(f"--target {t!r} is not a module name suffix such as 'query' or "
+                               f"'attention.self.query'")
+    return targets
+
+
+def nothing_selected(src: str | os.PathLike, targets: Sequence[str] | None) -> ConvertError:
+    """The error for a checkpoint ``src`` in which the selection (``targets`` or the default rule) found nothing."""
+    if targets:
+        return ConvertError(f"--target {' '.join(targets)}: no 2-D floating '*.weight' tensor of {str(src)!r} "
+                            f"has a matching name")
+    return ConvertError(f"IN {str(src)!r}: nothing to quantize (no 2-D float32/float16/bfloat16 '*.weight' "
+                        f"tensor outside embeddings, norms and lm_head)")
+
+
 def nf4_entries(key: str, weight: torch.Tensor, device, blocksize: int, double_quant: bool, taken):
     """``(entries, nf4)``: bitsandbytes' ``Linear4bit`` entries (SPEC section 5) of the finite float weight stored
     under ``key``, on the CPU, and its :class:`~qlora.nf4.NF4Weight`; ``ConvertError`` naming the key when it holds
@@ -172,14 +205,7 @@ def quantize_safetensors(src: str | os.PathLike, dst: str | os.PathLike, blocksi
     """
     from ._runtime import interpreter_active
 
-    if isinstance(blocksize, bool) or blocksize not in BLOCKSIZES:
-        raise ConvertError(f"--blocksize must be one of {', '.join(map(str, BLOCKSIZES))}, got {blocksize!r}")
-    if targets is not None:
-        targets = list(targets)
-        for t in targets:
-            if not t or t.startswith(".") or t.endswith(".") or ".." in t:
-                raise ConvertError(f"--target {t!r} is not a module name suffix such as 'query' or "
-                                   f"'attention.self.query'")
+    targets = check_blocksize_and_targets(blocksize, targets)
     files = input_files(src)
     out = Path(dst)
     _check_out(out)
@@ -188,11 +214,7 @@ def quantize_safetensors(src: str | os.PathLike, dst: str | os.PathLike, blocksi
     tensors = _read(files)
     chosen = select_linear_weights(tensors, targets)
     if not chosen:
-        if targets:
-            raise ConvertError(f"--target {' '.join(targets)}: no 2-D floating '*.weight' tensor of {str(src)!r} "
-                               f"has a matching name")
-        raise ConvertError(f"IN {str(src)!r}: nothing to quantize (no 2-D float32/float16/bfloat16 '*.weight' "
-                           f"tensor outside embeddings, norms and lm_head)")
+        raise nothing_selected(src, targets)
 
     summary = ConvertSummary()
     summary.bytes_before = sum(_nbytes(t) for t in tensors.values())
@@ -203,12 +225,7 @@ def quantize_safetensors(src: str | os.PathLike, dst: str | os.PathLike, blocksi
         weight = tensors[key]
         entries, nf4 = nf4_entries(key, weight, device, blocksize, double_quant, tensors)
         result.update(entries)
-        summary.quantized.append(key)
-        summary.params_quantized += weight.numel()
-        summary.quantized_bytes_before += _nbytes(weight)
-        summary.quantized_bytes_after += sum(_nbytes(v) for v in entries.values())
-        summary.storage_bytes += _nbytes(nf4.packed) + _nbytes(nf4.absmax) + (
-            _nbytes(nf4.absmax2) if nf4.absmax2 is not None else 0)
+        summary.add_quantized(key, weight, entries, nf4)
     for key, value in tensors.items():
         if key not in chosen_set:
             result[key] = value

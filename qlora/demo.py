@@ -310,9 +310,7 @@ def _run(cfg: DemoConfig, device: torch.device, log: Callable[[str], None]) -> D
         return ids, mask, torch.tensor([y for _, y in pairs], dtype=torch.int64, device=device)
 
     train, evalset = encode("train"), encode("eval")
-    n_train = len(train[2])
-    if cfg.batch_size > n_train:
-        raise DemoError(f"--batch-size {cfg.batch_size} is larger than the training set ({n_train} sentences)")
+    n_train = len(train[2])  # check_config capped --batch-size at this (INT_RANGES["batch_size"])
     batches = _batches(n_train, cfg.batch_size, cfg.steps, cfg.seed)
     log_every = cfg.log_every or max(1, round(cfg.steps / 10))
     # Evaluation batches of at most 128 token rows: under the interpreter a layer call is dominated by

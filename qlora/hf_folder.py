@@ -23,8 +23,9 @@ from typing import Sequence
 import torch
 from tqdm import tqdm
 
-from .convert import ConvertError, ConvertSummary, nf4_entries, select_linear_weights
-from .kernels._checks import BLOCKSIZES, FLOAT_DTYPES
+from .convert import (ConvertError, ConvertSummary, check_blocksize_and_targets, nf4_entries, nothing_selected,
+                      select_linear_weights)
+from .kernels._checks import FLOAT_DTYPES
 from .bnb_format import DTYPE_NAMES, DTYPES_BY_NAME, SAFETENSORS_METADATA
 
 __all__ = ["is_model_folder", "quantize_model_folder", "FolderSummary", "QUANT_STORAGE_NAMES"]
@@ -56,13 +57,15 @@ def is_model_folder(path: str | os.PathLike) -> bool:
     return p.is_dir() and (p / CONFIG_NAME).is_file()
 
 
-def _read_json(path: Path, what: str) -> dict:
+def read_json_object(path: Path, what: str, error: type[Exception] = ConvertError) -> dict:
+    """The JSON object in the UTF-8 file ``path``; ``error`` naming ``what`` and the path when the file cannot be
+    read, is not JSON, or holds something other than an object."""
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ConvertError(f"IN {what} {str(path)!r} is not readable JSON: {err}") from None
+        raise error(f"{what} {str(path)!r} is not readable JSON: {err}") from None
     if not isinstance(value, dict):
-        raise ConvertError(f"IN {what} {str(path)!r} must hold a JSON object")
+        raise error(f"{what} {str(path)!r} must hold a JSON object")
     return value
 
 
@@ -70,7 +73,7 @@ def _shard_names(src: Path) -> list[str]:
     """The safetensors files of the model folder, in index order (or sorted when there is no index)."""
     index_path = src / INDEX_NAME
     if index_path.is_file():
-        weight_map = _read_json(index_path, "index").get("weight_map")
+        weight_map = read_json_object(index_path, "IN index").get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise ConvertError(f"IN index {str(index_path)!r} has no 'weight_map' object")
         names = list(dict.fromkeys(weight_map.values()))
@@ -167,8 +170,7 @@ def quantize_model_folder(src: str | os.PathLike, dst: str | os.PathLike, blocks
     from ._runtime import interpreter_active
 
     src, out = Path(src), Path(dst)
-    if isinstance(blocksize, bool) or blocksize not in BLOCKSIZES:
-        raise ConvertError(f"--blocksize must be one of {', '.join(map(str, BLOCKSIZES))}, got {blocksize!r}")
+    targets = check_blocksize_and_targets(blocksize, targets)
     if isinstance(quant_storage, str):
         if quant_storage not in _QUANT_STORAGES:
             raise ConvertError(f"--quant-storage must be one of {', '.join(QUANT_STORAGE_NAMES)}, got "
@@ -184,7 +186,7 @@ def quantize_model_folder(src: str | os.PathLike, dst: str | os.PathLike, blocks
         raise ConvertError(f"--compute-dtype must be one of float32, float16, bfloat16, got {compute_dtype!r}")
     if not is_model_folder(src):
         raise ConvertError(f"IN {str(src)!r} is not a model folder (a folder with {CONFIG_NAME})")
-    config = _read_json(src / CONFIG_NAME, "config")
+    config = read_json_object(src / CONFIG_NAME, "IN config")
     if config.get("quantization_config") is not None:
         raise ConvertError(f"IN {str(src / CONFIG_NAME)!r} already has a quantization_config: the model is "
                            "quantized already")
@@ -194,11 +196,7 @@ def quantize_model_folder(src: str | os.PathLike, dst: str | os.PathLike, blocks
     stubs = {key: stub for key, (_, stub) in headers.items()}
     chosen = set(select_linear_weights(stubs, targets))
     if not chosen:
-        if targets:
-            raise ConvertError(f"--target {' '.join(targets)}: no 2-D floating '*.weight' tensor of {str(src)!r} "
-                               "has a matching name")
-        raise ConvertError(f"IN {str(src)!r}: nothing to quantize (no 2-D float32/float16/bfloat16 '*.weight' "
-                           "tensor outside embeddings, norms and lm_head)")
+        raise nothing_selected(src, targets)
     itemsize = quant_storage.itemsize
     for key in sorted(chosen):
         packed_bytes = (stubs[key].numel() + 1) // 2
@@ -234,12 +232,7 @@ def quantize_model_folder(src: str | os.PathLike, dst: str | os.PathLike, blocks
                 entries, nf4 = nf4_entries(key, value, device, blocksize, double_quant, headers)
                 entries[key] = entries[key].reshape(-1).view(quant_storage).reshape(-1, 1)
                 result.update(entries)
-                summary.quantized.append(key)
-                summary.params_quantized += value.numel()
-                summary.quantized_bytes_before += value.numel() * value.element_size()
-                summary.quantized_bytes_after += sum(v.numel() * v.element_size() for v in entries.values())
-                summary.storage_bytes += nf4.packed.numel() + nf4.absmax.numel() * nf4.absmax.element_size() + (
-                    nf4.absmax2.numel() * 4 if nf4.absmax2 is not None else 0)
+                summary.add_quantized(key, value, entries, nf4)
                 bar.update()
             save_file(result, str(tmp / shard), metadata=SAFETENSORS_METADATA)
             summary.bytes_after += sum(v.numel() * v.element_size() for v in result.values())

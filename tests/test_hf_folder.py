@@ -100,6 +100,7 @@ def test_model_folder_quant_storage_and_compute_dtype(model_dir, tmp_path):
      "already has a quantization_config"),
     (lambda src, out: (src / "config.json").write_text("{"), [], "config.*not readable JSON"),
     (lambda src, out: None, ["--target", "nothing_here"], "--target nothing_here"),
+    (lambda src, out: None, ["--target", "attention..query"], "'attention..query' is not a module name suffix"),
 ])
 def test_model_folder_refusals(model_dir, tmp_path, capsys, change, args, message):
     out = tmp_path / "out"

@@ -118,6 +118,21 @@ def test_truncated_encoder_and_every_key_checked(tmp_path):
         minilm.load_minilm(folder=folder)
 
 
+@pytest.mark.parametrize("text, message", [
+    ("{", "the model config .* is not readable JSON"),
+    ("[1, 2]", "the model config .* must hold a JSON object"),
+    (json.dumps({"model_type": "roberta"}), "field 'model_type' .* only 'bert' is supported"),
+    (json.dumps({"model_type": "bert"}), "lacks the field"),
+])
+def test_config_errors_name_the_file_and_the_problem(tmp_path, text, message):
+    path = tmp_path / "config.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        minilm.MiniLMConfig.from_json(path)
+    with pytest.raises(ValueError, match="is not readable JSON"):
+        minilm.MiniLMConfig.from_json(tmp_path / "missing.json")
+
+
 def test_missing_package_names_the_setup_command(monkeypatch):
     monkeypatch.setattr(minilm, "PACKAGE", "no_such_package_for_qlora_tests")
     with pytest.raises(minilm.MiniLMNotInstalled, match="scripts/setup.sh"):

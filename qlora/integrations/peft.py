@@ -39,7 +39,7 @@ _VARIANT_KWARGS = ("alora_offsets",)
 
 
 class QLoRAPeftLinear(nn.Module, LoraLayer):
-    """PEFT's LoRA layer over a bitsandbytes NF4 ``Linear4bit`` (``base_layer``), computed by qlora's fused kernels.
+    """PEFT's LoRA layer over a bitsandbytes NF4 ``Linear4bit`` (``base_layer``), computed by qlora's kernels.
 
     Built by PEFT's dispatch as ``QLoRAPeftLinear(target, adapter_name, config=lora_config, r=..., lora_alpha=...,
     target_name=..., ...)``. Input ``x`` (..., in_features) float32/float16/bfloat16; output (..., out_features) in
@@ -73,8 +73,8 @@ class QLoRAPeftLinear(nn.Module, LoraLayer):
         return cache[3]
 
     # -- compute ------------------------------------------------------------------------------------------------
-    def _fused(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
-        """Base layer plus adapter ``adapter`` in one fused qlora kernel call, in x's dtype."""
+    def _qlora_linear(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
+        """Base layer plus adapter ``adapter`` in one :func:`qlora.functional.qlora_linear` call, in x's dtype."""
         if x.dtype not in FLOAT_DTYPES:
             raise TypeError(f"input of {self._target_name or 'the layer'!r} must be float32, float16 or bfloat16, "
                             f"got {x.dtype}")
@@ -108,7 +108,7 @@ class QLoRAPeftLinear(nn.Module, LoraLayer):
         active = [name for name in self.active_adapters if name in self.lora_A]
         if not active:
             return self.base_layer(x, *args, **kwargs)
-        result = self._fused(x, active[0])
+        result = self._qlora_linear(x, active[0])
         for adapter in active[1:]:
             result = result + self._plain_lora(x, adapter)
         return result
@@ -126,7 +126,7 @@ class QLoRAPeftLinear(nn.Module, LoraLayer):
             if name == "__base__" or name not in self.lora_A:
                 pieces.append((index, self.base_layer(sub, *args, **kwargs)))
             else:
-                pieces.append((index, self._fused(sub, name)))
+                pieces.append((index, self._qlora_linear(sub, name)))
         first = pieces[0][1]
         result = first.new_zeros((x.shape[0], *first.shape[1:]))
         for index, piece in pieces:
@@ -189,7 +189,7 @@ def enable(lora_config: LoraConfig) -> LoraConfig:
     """Register :class:`QLoRAPeftLinear` for ``bitsandbytes.nn.Linear4bit`` targets in ``lora_config`` (PEFT's
     ``LoraConfig._register_custom_module``) and return the same config, for ``peft.get_peft_model``.
 
-    Raises ``TypeError`` for anything but a ``peft.LoraConfig``, ``ValueError`` for the features the fused kernels
+    Raises ``TypeError`` for anything but a ``peft.LoraConfig``, ``ValueError`` for the features qlora's kernels
     do not compute (``use_dora``, ``lora_bias``, ``fan_in_fan_out``), ``RuntimeError`` when the installed PEFT has
     no custom-module dispatch. ``use_rslora`` is honoured (PEFT computes the scaling, ``lora_alpha / sqrt(r)``).
     """
