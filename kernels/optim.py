@@ -502,6 +502,20 @@ def _check_many(params, grads, states: dict[str, tuple[Sequence[torch.Tensor], t
         check_same_device(**named)
 
 
+def _table_rows(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+                states: tuple[Sequence[torch.Tensor], ...]) -> tuple[list[int], tuple[int, ...], list[torch.Tensor]]:
+    """The multi-tensor launchers' address table, skipping empty tensors: per kept tensor the addresses of its
+    param, its grad (made contiguous) and each of ``states`` in order, then its element count. Returns
+    ``(rows, numels, grads)``; the caller holds the returned grads until the launch, since a contiguous copy
+    made here is what its row points to."""
+    keep = [i for i, p in enumerate(params) if p.numel()]
+    kept_grads = [grads[i].contiguous() for i in keep]
+    rows: list[int] = []
+    for i, g in zip(keep, kept_grads):
+        rows += (params[i].data_ptr(), g.data_ptr(), *(state[i].data_ptr() for state in states), params[i].numel())
+    return rows, tuple(params[i].numel() for i in keep), kept_grads
+
+
 def adamw_multi_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
                       exp_avgs: Sequence[torch.Tensor], exp_avg_sqs: Sequence[torch.Tensor], *, step: int,
                       lr: float, beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
@@ -513,16 +527,10 @@ def adamw_multi_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tens
     _check_many(params, grads, {"exp_avgs": (exp_avgs, torch.float32, 1),
                                 "exp_avg_sqs": (exp_avg_sqs, torch.float32, 1)})
     _check_scalars(step, lr, beta1, beta2, eps, weight_decay)
-    keep = [i for i, p in enumerate(params) if p.numel()]
-    if not keep:
-        return
-    grads = [grads[i].contiguous() for i in keep]
-    rows: list[int] = []
-    for i, g in zip(keep, grads):
-        rows += (params[i].data_ptr(), g.data_ptr(), exp_avgs[i].data_ptr(), exp_avg_sqs[i].data_ptr(),
-                 params[i].numel())
-    _adamw_multi(rows, tuple(params[i].numel() for i in keep), params[0].dtype, grads[0].dtype, params[0].device,
-                 step_scalars(step, lr, beta1, beta2, eps, weight_decay))
+    rows, numels, kept_grads = _table_rows(params, grads, (exp_avgs, exp_avg_sqs))
+    if numels:
+        _adamw_multi(rows, numels, params[0].dtype, kept_grads[0].dtype, params[0].device,
+                     step_scalars(step, lr, beta1, beta2, eps, weight_decay))
 
 
 def adamw8bit_multi_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
@@ -536,16 +544,11 @@ def adamw8bit_multi_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.
                                 "exp_avg_sq_codes": (exp_avg_sq_codes, torch.uint8, 1),
                                 "exp_avg_sq_absmax": (exp_avg_sq_absmax, torch.float32, QBLOCK)})
     _check_scalars(step, lr, beta1, beta2, eps, weight_decay)
-    keep = [i for i, p in enumerate(params) if p.numel()]
-    if not keep:
-        return
-    grads = [grads[i].contiguous() for i in keep]
-    rows: list[int] = []
-    for i, g in zip(keep, grads):
-        rows += (params[i].data_ptr(), g.data_ptr(), exp_avg_codes[i].data_ptr(), exp_avg_absmax[i].data_ptr(),
-                 exp_avg_sq_codes[i].data_ptr(), exp_avg_sq_absmax[i].data_ptr(), params[i].numel())
-    _adamw8bit_multi(rows, tuple(params[i].numel() for i in keep), params[0].dtype, grads[0].dtype,
-                     params[0].device, step_scalars(step, lr, beta1, beta2, eps, weight_decay))
+    rows, numels, kept_grads = _table_rows(params, grads,
+                                           (exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes, exp_avg_sq_absmax))
+    if numels:
+        _adamw8bit_multi(rows, numels, params[0].dtype, kept_grads[0].dtype, params[0].device,
+                         step_scalars(step, lr, beta1, beta2, eps, weight_decay))
 
 
 # --- static compile specs ----------------------------------------------------------------------------
