@@ -308,15 +308,20 @@ def _check_state(name: str, t: torch.Tensor, dtype: torch.dtype, numel: int) -> 
         raise ValueError(f"{name} must be contiguous (the step updates it in place)")
 
 
+def _program_units(units: int, unit_elems: int, gpu_size: int, gpu_warps: int) -> tuple[int, int]:
+    """``(units per program, warps)`` for ``units`` >= 1 work units of ``unit_elems`` elements: ``gpu_size`` and
+    ``gpu_warps`` on a GPU; under the interpreter one large slab per program (one per tensor), one warp."""
+    if interpreter_active():
+        return min(_INTERP_MAX_BLOCK // unit_elems, next_pow2(units)), 1
+    return gpu_size, gpu_warps
+
+
 def _launch(kernel, args: tuple, units: int, size_name: str, gpu_size: int, gpu_warps: int, unit_elems: int = 1,
             **constexprs) -> None:
     """Launch ``kernel(*args)`` over ``units`` work units (elements, or blocks of ``unit_elems`` elements) with
     IEEE float32 semantics and no fp fusion. The constexpr ``size_name`` (units per program) is ``gpu_size``, with
     ``gpu_warps`` warps, on a GPU; under the interpreter one large slab per program, one warp."""
-    if interpreter_active():
-        size, warps = min(_INTERP_MAX_BLOCK // unit_elems, next_pow2(units)), 1
-    else:
-        size, warps = gpu_size, gpu_warps
+    size, warps = _program_units(units, unit_elems, gpu_size, gpu_warps)
     with ieee_semantics():
         kernel[(cdiv(units, size),)](
             *args, **{size_name: size}, **constexprs, num_warps=warps, enable_fp_fusion=False,
@@ -433,7 +438,7 @@ def _work_table(numels: tuple[int, ...], unit_elems: int, units_per_program: int
     if table is None:
         work: list[int] = []
         for i, n in enumerate(numels):
-            units = -(-n // unit_elems)
+            units = cdiv(n, unit_elems)
             for first in range(0, units, units_per_program):
                 work += (i, first)
         if len(_WORK_TABLES) >= 64:  # layouts change only when the set of parameters with gradients does
@@ -442,11 +447,6 @@ def _work_table(numels: tuple[int, ...], unit_elems: int, units_per_program: int
     return table
 
 
-def _program_units(units: int, unit_elems: int, gpu_size: int) -> tuple[int, int]:
-    """``(units per program, warps)``: ``gpu_size`` on a GPU; under the interpreter one slab per tensor."""
-    if interpreter_active():
-        return min(_INTERP_MAX_BLOCK // unit_elems, next_pow2(max(units, 1))), 1
-    return gpu_size, _GPU_WARPS_32 if unit_elems == 1 else _GPU_WARPS_8
 
 
 def _adamw_multi(rows: list[int], numels: tuple[int, ...], p_dtype: torch.dtype, g_dtype: torch.dtype,
@@ -454,7 +454,7 @@ def _adamw_multi(rows: list[int], numels: tuple[int, ...], p_dtype: torch.dtype,
     """One 32-bit launch over many tensors, unchecked: ``rows`` holds, per tensor, the addresses of its param,
     grad, exp_avg and exp_avg_sq (contiguous, ``p_dtype``, ``g_dtype``, float32, float32) and its element count
     (> 0), as ``numels`` lists them."""
-    size, warps = _program_units(max(numels), 1, _GPU_BLOCK_32)
+    size, warps = _program_units(max(numels), 1, _GPU_BLOCK_32, _GPU_WARPS_32)
     work = _work_table(numels, 1, size, device)
     with ieee_semantics():
         _adamw32_multi_kernel[(work.numel() // 2,)](
@@ -466,8 +466,7 @@ def _adamw8bit_multi(rows: list[int], numels: tuple[int, ...], p_dtype: torch.dt
                      device: torch.device, s: StepScalars) -> None:
     """One 8-bit launch over many tensors, unchecked: ``rows`` holds, per tensor, the addresses of its param, grad,
     exp_avg codes, exp_avg absmax, exp_avg_sq codes, exp_avg_sq absmax and its element count (> 0)."""
-    size, warps = _program_units(-(-max(numels) // QBLOCK), QBLOCK, _GPU_QBLOCKS_8)
-    warps = warps if interpreter_active() else _GPU_WARPS_8_MULTI
+    size, warps = _program_units(cdiv(max(numels), QBLOCK), QBLOCK, _GPU_QBLOCKS_8, _GPU_WARPS_8_MULTI)
     work = _work_table(numels, QBLOCK, size, device)
     smap, smid = dynamic_tables(True, device)
     umap, umid = dynamic_tables(False, device)
@@ -497,7 +496,7 @@ def _check_many(params, grads, states: dict[str, tuple[Sequence[torch.Tensor], t
                             f"{g.dtype}, params[0] {params[0].dtype}, grads[0] {grads[0].dtype}")
         named = {f"params[{i}]": p, f"grads[{i}]": g, "params[0]": params[0]}
         for name, (tensors, dtype, unit) in states.items():
-            _check_state(f"{name}[{i}]", tensors[i], dtype, -(-p.numel() // unit))
+            _check_state(f"{name}[{i}]", tensors[i], dtype, cdiv(p.numel(), unit))
             named[f"{name}[{i}]"] = tensors[i]
         check_same_device(**named)
 
