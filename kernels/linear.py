@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._host import cdiv, next_pow2
+from ._host import cdiv
 from ._checks import FLOAT_DTYPES, check_blocksize, check_same_device, check_tensor
 from ._runtime import ieee_semantics, interpreter_active
 from ._static import KernelSpec
