@@ -7,8 +7,8 @@ reasons: docs/DESIGN.md, "Rounding where SPEC counts it").
 
 Launch configurations: under the interpreter a few large programs (the 4-bit dequantize kernel splits the tensor
 into evenly filled programs of whole blocks, ``_dequant_4bit_config``); on a GPU about 2048 elements per quantize
-program and 8192 per 4-bit dequantize program (two 128-bit packed loads per thread). The ``@triton.jit`` helpers
-``unpack_4bit`` and ``load_block_scale`` are the device-side decoding the fused matmul reuses.
+program and 8192 per 4-bit dequantize program (two 128-bit packed loads per thread). The ``@triton.jit`` helper
+``unpack_4bit`` is the device-side decoding the fused matmul reuses (its scale decoding is ``_tl.block_scale``).
 """
 
 from __future__ import annotations
@@ -33,22 +33,6 @@ def unpack_4bit(packed_ptr, idx, mask):
     byte = tl.load(packed_ptr + (idx >> 1), mask=mask, other=0).to(tl.int32)
     shift = (1 - (idx & 1)).to(tl.int32) * 4
     return (byte >> shift) & 0xF
-
-
-@triton.jit
-def load_block_scale(absmax_ptr, absmax2_ptr, nested_code_ptr, offset, block, mask,
-                     DOUBLE_QUANT: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr):
-    """float32 scale of 4-bit block indices `block` (int64 tensor). DOUBLE_QUANT: absmax_ptr is uint8 qabsmax and
-    the scale is (nested_code[q] * absmax2[block // NESTED_BLOCKSIZE]) + offset, two float32 roundings (launch with
-    enable_fp_fusion=False on GPU); else absmax_ptr is float32."""
-    if DOUBLE_QUANT:
-        q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
-        nested = tl.load(nested_code_ptr + q, mask=mask, other=0.0)
-        scale2 = tl.load(absmax2_ptr + block // NESTED_BLOCKSIZE, mask=mask, other=0.0)
-        scale = nested * scale2 + offset
-    else:
-        scale = tl.load(absmax_ptr + block, mask=mask, other=0.0).to(tl.float32)
-    return scale
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -685,6 +669,6 @@ def compile_specs() -> list[KernelSpec]:
 
 
 __all__ = [
-    "unpack_4bit", "load_block_scale", "quantize_4bit", "dequantize_4bit", "quantize_8bit", "dequantize_8bit",
+    "unpack_4bit", "quantize_4bit", "dequantize_4bit", "quantize_8bit", "dequantize_8bit",
     "double_quantize", "double_dequantize", "compile_specs",
 ]
