@@ -335,19 +335,19 @@ def _down_meta(m: int, d: int, block_r: int):
     return dict(BLOCK_M=block_m, BLOCK_D=GPU_DOWN_BLOCK_D), dict(num_warps=4, num_stages=_down_stages(block_r))
 
 
-def _dropout_keep(seed, shape: tuple[int, int], p: float, keep: torch.Tensor | None) -> torch.Tensor | None:
-    """The bit-packed keep mask :func:`lora_down` and :func:`lora_grad` apply to their (M, K) operand of ``shape``:
-    None when p == 0 (an int seed still validated), else ``keep`` checked, or generated from ``seed``."""
+def keep_bits(keep, seed, m: int, k: int, p: float, device) -> torch.Tensor | None:
+    """The bit-packed dropout mask of an (M, K) operand on ``device``: None when p == 0 (an int seed still
+    validated), else ``keep`` as given (checked), or generated from ``seed``. Shared by :func:`lora_down`,
+    :func:`lora_grad` and the fused layer's forward and backward (kernels/linear.py)."""
     if p == 0:
         if not isinstance(seed, torch.Tensor):
             check_seed_int(seed)  # validated even when unused; no tensor (a host-to-device copy) is made
         return None
     if keep is None:
-        return lora_dropout_bits(seed, shape, p)
+        return lora_dropout_bits(seed_tensor(seed, device), (m, k), p)
     check_tensor("keep", keep, (torch.int32,), ndim=2)
-    words = cdiv(shape[1], 32)
-    if tuple(keep.shape) != (shape[0], words) or not keep.is_contiguous():
-        raise ValueError(f"keep must be contiguous int32 of shape {(shape[0], words)}, got {tuple(keep.shape)}")
+    if tuple(keep.shape) != (m, cdiv(k, 32)) or not keep.is_contiguous():
+        raise ValueError(f"keep must be contiguous int32 of shape {(m, cdiv(k, 32))}, got {tuple(keep.shape)}")
     return keep
 
 
@@ -365,7 +365,7 @@ def lora_down(a: torch.Tensor, b: torch.Tensor, *, dropout_p: float = 0.0, seed=
     if b.shape[0] != a.shape[1]:
         raise ValueError(f"b must have {a.shape[1]} rows to match a {tuple(a.shape)}, got {tuple(b.shape)}")
     p = check_scalar("dropout_p", dropout_p, 0.0, 1.0)
-    return launch_lora_down(a, b, p, _dropout_keep(seed, tuple(a.shape), p, keep))
+    return launch_lora_down(a, b, p, keep_bits(keep, seed, a.shape[0], a.shape[1], p, a.device))
 
 
 def launch_lora_down(a: torch.Tensor, b: torch.Tensor, p: float, keep: torch.Tensor | None) -> torch.Tensor:
@@ -422,7 +422,7 @@ def lora_grad(left: torch.Tensor, right: torch.Tensor, out: torch.Tensor, *, sca
         if colsum.numel() != c or not colsum.is_contiguous():
             raise ValueError(f"colsum must be contiguous of shape ({c},), got {tuple(colsum.shape)}")
     p = check_scalar("dropout_p", dropout_p, 0.0, 1.0)
-    launch_lora_grad(left, right, out, scale, colsum, p, _dropout_keep(seed, (m, c), p, keep))
+    launch_lora_grad(left, right, out, scale, colsum, p, keep_bits(keep, seed, m, c, p, right.device))
 
 
 def launch_lora_grad(left: torch.Tensor, right: torch.Tensor, out: torch.Tensor, scale: float,
