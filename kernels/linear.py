@@ -26,7 +26,7 @@ from ._runtime import ieee_semantics, interpreter_active
 from ._static import KernelSpec
 from ._tl import INTERPRETER, block_scale, dot, grouped_tile, keep_tile, load_tile, round_to
 from .lora import (LORA_BLOCK_RS, SPLIT_CHOICES, check_scalar, lora_block_r, lora_down, lora_dropout_bits,
-                   lora_dropout_mask, lora_grad, num_sms, pow2_clamp, seed_tensor, keep_bits,
+                   lora_dropout_mask, lora_grad, num_sms, pow2_clamp, seed_tensor, keep_bits, split_count,
                    launch_lora_down, launch_lora_grad, down_accumulate)
 from .quantize import launch_dequantize_4bit, unpack_4bit
 
@@ -606,14 +606,7 @@ def _launch_matmul(a, weight: _Weight, transposed: bool, l, rm, stride_rr, strid
 def _gemv_split_k(n: int, k: int, cfg: MatmulConfig, sms: int | None = None) -> int:
     """K splits so that about two programs per SM run (``sms``: this GPU's SMs unless given), each keeping at
     least two K steps."""
-    tiles = cdiv(n, cfg.block_n)
-    want = cdiv(2 * (num_sms() if sms is None else sms), tiles)
-    most = max(1, k // (2 * cfg.block_k))
-    split = 1
-    for s in SPLIT_K_CHOICES:
-        if s <= most and split < want:
-            split = s
-    return split
+    return split_count(cdiv(n, cfg.block_n), k, cfg.block_k, num_sms() if sms is None else sms)
 
 
 def _launch_gemv(x, weight: _Weight, lora_a, lora_b, bias, keep, scaling, p, config: MatmulConfig | None):

@@ -232,17 +232,23 @@ def _threshold_biased(p: float) -> int:
     return threshold - 2**31
 
 
-def choose_splits(tiles: int, reduction: int, block: int) -> int:
-    """K splits so that tiles * splits reaches about two programs per SM, each split keeping >= 2 steps."""
-    if interpreter_active():
-        return 1
-    want = cdiv(2 * num_sms(), max(tiles, 1))
+def split_count(tiles: int, reduction: int, block: int, sms: int) -> int:
+    """Splits of a reduction of ``reduction`` elements in steps of ``block`` over ``tiles`` output tiles on ``sms``
+    SMs: the smallest of ``SPLIT_CHOICES`` reaching about two programs per SM, each split keeping >= 2 steps."""
+    want = cdiv(2 * sms, max(tiles, 1))
     most = max(1, reduction // (2 * block))
     split = 1
     for s in SPLIT_CHOICES:
         if s <= most and (split < want):
             split = s
     return split
+
+
+def choose_splits(tiles: int, reduction: int, block: int) -> int:
+    """:func:`split_count` on this GPU; 1 under the interpreter."""
+    if interpreter_active():
+        return 1
+    return split_count(tiles, reduction, block, num_sms())
 
 
 def sum_splits(ws: torch.Tensor, out: torch.Tensor, scale: float = 1.0) -> None:
