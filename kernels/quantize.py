@@ -24,7 +24,7 @@ from ._host import cdiv, next_pow2
 from ._checks import BLOCKSIZES, FLOAT_DTYPES, check_blocksize, check_finite, check_same_device, check_tensor
 from ._runtime import interpreter_active
 from ._static import KernelSpec
-from ._tl import INTERPRETER
+from ._tl import INTERPRETER, round_to
 
 
 @triton.jit
@@ -135,8 +135,8 @@ def _dequantize_4bit_kernel(packed_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr
     codes and the scale is nested_code[q] * absmax2[block // NESTED_BLOCKSIZE] + offset, two float32 roundings),
     each thread loads its bytes 16 at a time, and codes are looked up in the 16-entry table (L1-resident on a
     GPU). EVEN: every program's tile lies inside the tensor (n a multiple of BLOCKSIZE * BLOCKS_PER_PROGRAM), so
-    nothing is masked. No helper is called: under the interpreter each @triton.jit call re-patches triton.language
-    (a fixed cost per program), so the body is written out.
+    nothing is masked. The one helper called is ``_tl.round_to``, which the interpreter runs as plain Python
+    (``_tl.interpreted_directly``), without re-patching triton.language per call.
     """
     HALF: tl.constexpr = BLOCKSIZE // 2
     first_block = tl.program_id(0).to(tl.int64) * BLOCKS_PER_PROGRAM
@@ -176,16 +176,10 @@ def _dequantize_4bit_kernel(packed_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr
     else:
         value = tl.load(code_ptr + q) * scale[:, None]
 
-    # Store, rounded to nearest-even. bfloat16 arrives as int16 bits (_kernel_view): a GPU converts with cvt.rn;
-    # the interpreter's cast truncates, so there the float32 bits are rounded by hand (add 0x7FFF plus the lowest
-    # kept bit, keep the top half; a NaN keeps a quiet bit instead of carrying into the exponent).
+    # Store, rounded to nearest-even. bfloat16 arrives as int16 bits (_kernel_view); round_to rounds it on the bits
+    # under the interpreter (whose cast truncates) and with cvt.rn on a GPU.
     if out_ptr.dtype.element_ty == tl.int16:
-        if INTERPRETER:
-            bits = value.to(tl.uint32, bitcast=True)
-            bits = tl.where(value != value, bits | 0x400000, bits + (((bits >> 16) & 1) + 0x7FFF))
-            out = (bits >> 16).to(tl.uint16).to(tl.int16, bitcast=True)
-        else:
-            out = value.to(tl.bfloat16).to(tl.int16, bitcast=True)
+        out = round_to(value, tl.bfloat16).to(tl.int16, bitcast=True)
     else:
         out = value.to(out_ptr.dtype.element_ty)
     out_idx = blocks[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
