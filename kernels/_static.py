@@ -66,7 +66,7 @@ class KernelSpec:
         unknown = set(given) - set(self.signature)
         if unknown:
             raise ValueError(f"launch_args of {self.name} name arguments the kernel does not have: {sorted(unknown)}")
-        scalars = [a for a, kind in self.signature.items() if kind != "constexpr" and not kind.startswith("*")]
+        scalars = self._scalar_args()
         # The unit stride of a tensor is its last stride argument, constexpr or not: when that one is a
         # compile-time 1, every runtime stride of the tensor is an outer one.
         unit_strides = set()
@@ -87,8 +87,11 @@ class KernelSpec:
     @property
     def launch_inferred(self) -> bool:
         """True when some scalar argument's value comes from the naming convention, not ``launch_args``."""
-        scalars = [a for a, kind in self.signature.items() if kind != "constexpr" and not kind.startswith("*")]
-        return any(a not in (self.launch_args or {}) for a in scalars)
+        return any(a not in (self.launch_args or {}) for a in self._scalar_args())
+
+    def _scalar_args(self) -> list[str]:
+        """The runtime scalar arguments (neither constexpr nor pointer), in signature order."""
+        return [a for a, kind in self.signature.items() if kind != "constexpr" and not kind.startswith("*")]
 
     def weight_elements(self) -> int:
         """``weight_elements_per_iteration``, else the convention: a kernel with a ``packed_ptr`` argument

@@ -20,13 +20,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ._host import cdiv, next_pow2
+from ._host import cdiv
 from ._checks import FLOAT_DTYPES, check_blocksize, check_same_device, check_tensor
 from ._runtime import ieee_semantics, interpreter_active
 from ._static import KernelSpec
 from ._tl import INTERPRETER, block_scale, dot, grouped_tile, keep_tile, load_tile, round_to
 from .lora import (LORA_BLOCK_RS, SPLIT_CHOICES, check_scalar, lora_block_r, lora_down, lora_dropout_bits,
-                   lora_dropout_mask, lora_grad, num_sms, pow2_clamp, seed_tensor, check_seed_int,
+                   lora_dropout_mask, lora_grad, num_sms, pow2_clamp, seed_tensor, keep_bits, split_count,
                    launch_lora_down, launch_lora_grad, down_accumulate)
 from .quantize import launch_dequantize_4bit, unpack_4bit
 
@@ -533,21 +533,6 @@ def _check_config(config, m: int):
         raise ValueError(f"a 'gemv' config needs block_m == 16 >= M ({m}) and block_k >= 32, got {config}")
 
 
-def _keep_bits(keep, seed, m: int, k: int, p: float, device) -> torch.Tensor | None:
-    """The bit-packed dropout mask of the (M, K) input: ``keep`` as given (checked), or generated from ``seed``."""
-    if p == 0:
-        if not isinstance(seed, torch.Tensor):
-            check_seed_int(seed)  # validated even when unused
-        return None
-    if keep is None:
-        return lora_dropout_bits(seed_tensor(seed, device), (m, k), p)
-    check_tensor("keep", keep, (torch.int32,), ndim=2)
-    if tuple(keep.shape) != (m, cdiv(k, 32)) or not keep.is_contiguous():
-        raise ValueError(f"keep must be contiguous int32 of shape {(m, cdiv(k, 32))}, got "
-                         f"{tuple(keep.shape)}")
-    return keep
-
-
 class _Weight:
     """The NF4 weight's kernel arguments; unused double-quant pointers alias absmax."""
 
@@ -621,14 +606,7 @@ def _launch_matmul(a, weight: _Weight, transposed: bool, l, rm, stride_rr, strid
 def _gemv_split_k(n: int, k: int, cfg: MatmulConfig, sms: int | None = None) -> int:
     """K splits so that about two programs per SM run (``sms``: this GPU's SMs unless given), each keeping at
     least two K steps."""
-    tiles = cdiv(n, cfg.block_n)
-    want = cdiv(2 * (num_sms() if sms is None else sms), tiles)
-    most = max(1, k // (2 * cfg.block_k))
-    split = 1
-    for s in SPLIT_K_CHOICES:
-        if s <= most and split < want:
-            split = s
-    return split
+    return split_count(cdiv(n, cfg.block_n), k, cfg.block_k, num_sms() if sms is None else sms)
 
 
 def _launch_gemv(x, weight: _Weight, lora_a, lora_b, bias, keep, scaling, p, config: MatmulConfig | None):
@@ -698,7 +676,7 @@ def nf4_lora_forward(
     p = check_scalar("dropout_p", dropout_p, 0.0, 1.0)
     m = x.shape[0]
     _check_config(config, m)
-    keep = _keep_bits(keep, seed, m, k, p, x.device)
+    keep = keep_bits(keep, seed, m, k, p, x.device)
     if config is not None and config.path == "gemv" and k % blocksize != 0:
         raise ValueError(f"the 'gemv' path needs K ({k}) to be a multiple of the blocksize ({blocksize})")
     weight = _Weight(packed, absmax, code, (n, k), blocksize, absmax2, offset, nested_code, double_quant)
@@ -779,7 +757,7 @@ def nf4_lora_backward(
     p = check_scalar("dropout_p", dropout_p, 0.0, 1.0)
     m = x.shape[0]
     _check_config(config, m)
-    keep = _keep_bits(keep, seed, m, k, p, x.device) if (need_dx or need_lora) else None
+    keep = keep_bits(keep, seed, m, k, p, x.device) if (need_dx or need_lora) else None
     weight = _Weight(packed, absmax, code, (n, k), blocksize, absmax2, offset, nested_code, double_quant)
     return _backward(dy, x, u, weight, lora_a, lora_b, scaling, p, keep, need_dx, need_lora, need_bias, config)
 

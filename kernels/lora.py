@@ -232,17 +232,23 @@ def _threshold_biased(p: float) -> int:
     return threshold - 2**31
 
 
-def choose_splits(tiles: int, reduction: int, block: int) -> int:
-    """K splits so that tiles * splits reaches about two programs per SM, each split keeping >= 2 steps."""
-    if interpreter_active():
-        return 1
-    want = cdiv(2 * num_sms(), max(tiles, 1))
+def split_count(tiles: int, reduction: int, block: int, sms: int) -> int:
+    """Splits of a reduction of ``reduction`` elements in steps of ``block`` over ``tiles`` output tiles on ``sms``
+    SMs: the smallest of ``SPLIT_CHOICES`` reaching about two programs per SM, each split keeping >= 2 steps."""
+    want = cdiv(2 * sms, max(tiles, 1))
     most = max(1, reduction // (2 * block))
     split = 1
     for s in SPLIT_CHOICES:
         if s <= most and (split < want):
             split = s
     return split
+
+
+def choose_splits(tiles: int, reduction: int, block: int) -> int:
+    """:func:`split_count` on this GPU; 1 under the interpreter."""
+    if interpreter_active():
+        return 1
+    return split_count(tiles, reduction, block, num_sms())
 
 
 def sum_splits(ws: torch.Tensor, out: torch.Tensor, scale: float = 1.0) -> None:
@@ -335,6 +341,22 @@ def _down_meta(m: int, d: int, block_r: int):
     return dict(BLOCK_M=block_m, BLOCK_D=GPU_DOWN_BLOCK_D), dict(num_warps=4, num_stages=_down_stages(block_r))
 
 
+def keep_bits(keep, seed, m: int, k: int, p: float, device) -> torch.Tensor | None:
+    """The bit-packed dropout mask of an (M, K) operand on ``device``: None when p == 0 (an int seed still
+    validated), else ``keep`` as given (checked), or generated from ``seed``. Shared by :func:`lora_down`,
+    :func:`lora_grad` and the fused layer's forward and backward (kernels/linear.py)."""
+    if p == 0:
+        if not isinstance(seed, torch.Tensor):
+            check_seed_int(seed)  # validated even when unused; no tensor (a host-to-device copy) is made
+        return None
+    if keep is None:
+        return lora_dropout_bits(seed_tensor(seed, device), (m, k), p)
+    check_tensor("keep", keep, (torch.int32,), ndim=2)
+    if tuple(keep.shape) != (m, cdiv(k, 32)) or not keep.is_contiguous():
+        raise ValueError(f"keep must be contiguous int32 of shape {(m, cdiv(k, 32))}, got {tuple(keep.shape)}")
+    return keep
+
+
 def lora_down(a: torch.Tensor, b: torch.Tensor, *, dropout_p: float = 0.0, seed=0,
               keep: torch.Tensor | None = None) -> torch.Tensor:
     """``(dropout(a) @ b)`` as float32 (M, R): a (M, D) and b (D, R) in one float dtype, any strides.
@@ -349,18 +371,7 @@ def lora_down(a: torch.Tensor, b: torch.Tensor, *, dropout_p: float = 0.0, seed=
     if b.shape[0] != a.shape[1]:
         raise ValueError(f"b must have {a.shape[1]} rows to match a {tuple(a.shape)}, got {tuple(b.shape)}")
     p = check_scalar("dropout_p", dropout_p, 0.0, 1.0)
-    m, d = a.shape
-    r = b.shape[1]
-    if p > 0 and keep is None:
-        keep = lora_dropout_bits(seed, (m, d), p)
-    elif p == 0 and not isinstance(seed, torch.Tensor):
-        check_seed_int(seed)  # validated even when unused; no tensor (a host-to-device copy) is made
-    if p > 0:
-        check_tensor("keep", keep, (torch.int32,), ndim=2)
-        words = cdiv(d, 32)
-        if tuple(keep.shape) != (m, words) or not keep.is_contiguous():
-            raise ValueError(f"keep must be contiguous int32 of shape {(m, words)}, got {tuple(keep.shape)}")
-    return launch_lora_down(a, b, p, keep)
+    return launch_lora_down(a, b, p, keep_bits(keep, seed, a.shape[0], a.shape[1], p, a.device))
 
 
 def launch_lora_down(a: torch.Tensor, b: torch.Tensor, p: float, keep: torch.Tensor | None) -> torch.Tensor:
@@ -417,11 +428,7 @@ def lora_grad(left: torch.Tensor, right: torch.Tensor, out: torch.Tensor, *, sca
         if colsum.numel() != c or not colsum.is_contiguous():
             raise ValueError(f"colsum must be contiguous of shape ({c},), got {tuple(colsum.shape)}")
     p = check_scalar("dropout_p", dropout_p, 0.0, 1.0)
-    if p > 0 and keep is None:
-        keep = lora_dropout_bits(seed, (m, c), p)
-    elif p == 0 and not isinstance(seed, torch.Tensor):
-        check_seed_int(seed)  # validated even when unused; no tensor (a host-to-device copy) is made
-    launch_lora_grad(left, right, out, scale, colsum, p, keep)
+    launch_lora_grad(left, right, out, scale, colsum, p, keep_bits(keep, seed, m, c, p, right.device))
 
 
 def launch_lora_grad(left: torch.Tensor, right: torch.Tensor, out: torch.Tensor, scale: float,

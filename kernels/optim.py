@@ -308,15 +308,20 @@ def _check_state(name: str, t: torch.Tensor, dtype: torch.dtype, numel: int) -> 
         raise ValueError(f"{name} must be contiguous (the step updates it in place)")
 
 
+def _program_units(units: int, unit_elems: int, gpu_size: int, gpu_warps: int) -> tuple[int, int]:
+    """``(units per program, warps)`` for ``units`` >= 1 work units of ``unit_elems`` elements: ``gpu_size`` and
+    ``gpu_warps`` on a GPU; under the interpreter one large slab per program (one per tensor), one warp."""
+    if interpreter_active():
+        return min(_INTERP_MAX_BLOCK // unit_elems, next_pow2(units)), 1
+    return gpu_size, gpu_warps
+
+
 def _launch(kernel, args: tuple, units: int, size_name: str, gpu_size: int, gpu_warps: int, unit_elems: int = 1,
             **constexprs) -> None:
     """Launch ``kernel(*args)`` over ``units`` work units (elements, or blocks of ``unit_elems`` elements) with
     IEEE float32 semantics and no fp fusion. The constexpr ``size_name`` (units per program) is ``gpu_size``, with
     ``gpu_warps`` warps, on a GPU; under the interpreter one large slab per program, one warp."""
-    if interpreter_active():
-        size, warps = min(_INTERP_MAX_BLOCK // unit_elems, next_pow2(units)), 1
-    else:
-        size, warps = gpu_size, gpu_warps
+    size, warps = _program_units(units, unit_elems, gpu_size, gpu_warps)
     with ieee_semantics():
         kernel[(cdiv(units, size),)](
             *args, **{size_name: size}, **constexprs, num_warps=warps, enable_fp_fusion=False,
@@ -433,7 +438,7 @@ def _work_table(numels: tuple[int, ...], unit_elems: int, units_per_program: int
     if table is None:
         work: list[int] = []
         for i, n in enumerate(numels):
-            units = -(-n // unit_elems)
+            units = cdiv(n, unit_elems)
             for first in range(0, units, units_per_program):
                 work += (i, first)
         if len(_WORK_TABLES) >= 64:  # layouts change only when the set of parameters with gradients does
@@ -442,11 +447,6 @@ def _work_table(numels: tuple[int, ...], unit_elems: int, units_per_program: int
     return table
 
 
-def _program_units(units: int, unit_elems: int, gpu_size: int) -> tuple[int, int]:
-    """``(units per program, warps)``: ``gpu_size`` on a GPU; under the interpreter one slab per tensor."""
-    if interpreter_active():
-        return min(_INTERP_MAX_BLOCK // unit_elems, next_pow2(max(units, 1))), 1
-    return gpu_size, _GPU_WARPS_32 if unit_elems == 1 else _GPU_WARPS_8
 
 
 def _adamw_multi(rows: list[int], numels: tuple[int, ...], p_dtype: torch.dtype, g_dtype: torch.dtype,
@@ -454,7 +454,7 @@ def _adamw_multi(rows: list[int], numels: tuple[int, ...], p_dtype: torch.dtype,
     """One 32-bit launch over many tensors, unchecked: ``rows`` holds, per tensor, the addresses of its param,
     grad, exp_avg and exp_avg_sq (contiguous, ``p_dtype``, ``g_dtype``, float32, float32) and its element count
     (> 0), as ``numels`` lists them."""
-    size, warps = _program_units(max(numels), 1, _GPU_BLOCK_32)
+    size, warps = _program_units(max(numels), 1, _GPU_BLOCK_32, _GPU_WARPS_32)
     work = _work_table(numels, 1, size, device)
     with ieee_semantics():
         _adamw32_multi_kernel[(work.numel() // 2,)](
@@ -466,8 +466,7 @@ def _adamw8bit_multi(rows: list[int], numels: tuple[int, ...], p_dtype: torch.dt
                      device: torch.device, s: StepScalars) -> None:
     """One 8-bit launch over many tensors, unchecked: ``rows`` holds, per tensor, the addresses of its param, grad,
     exp_avg codes, exp_avg absmax, exp_avg_sq codes, exp_avg_sq absmax and its element count (> 0)."""
-    size, warps = _program_units(-(-max(numels) // QBLOCK), QBLOCK, _GPU_QBLOCKS_8)
-    warps = warps if interpreter_active() else _GPU_WARPS_8_MULTI
+    size, warps = _program_units(cdiv(max(numels), QBLOCK), QBLOCK, _GPU_QBLOCKS_8, _GPU_WARPS_8_MULTI)
     work = _work_table(numels, QBLOCK, size, device)
     smap, smid = dynamic_tables(True, device)
     umap, umid = dynamic_tables(False, device)
@@ -497,9 +496,23 @@ def _check_many(params, grads, states: dict[str, tuple[Sequence[torch.Tensor], t
                             f"{g.dtype}, params[0] {params[0].dtype}, grads[0] {grads[0].dtype}")
         named = {f"params[{i}]": p, f"grads[{i}]": g, "params[0]": params[0]}
         for name, (tensors, dtype, unit) in states.items():
-            _check_state(f"{name}[{i}]", tensors[i], dtype, -(-p.numel() // unit))
+            _check_state(f"{name}[{i}]", tensors[i], dtype, cdiv(p.numel(), unit))
             named[f"{name}[{i}]"] = tensors[i]
         check_same_device(**named)
+
+
+def _table_rows(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+                states: tuple[Sequence[torch.Tensor], ...]) -> tuple[list[int], tuple[int, ...], list[torch.Tensor]]:
+    """The multi-tensor launchers' address table, skipping empty tensors: per kept tensor the addresses of its
+    param, its grad (made contiguous) and each of ``states`` in order, then its element count. Returns
+    ``(rows, numels, grads)``; the caller holds the returned grads until the launch, since a contiguous copy
+    made here is what its row points to."""
+    keep = [i for i, p in enumerate(params) if p.numel()]
+    kept_grads = [grads[i].contiguous() for i in keep]
+    rows: list[int] = []
+    for i, g in zip(keep, kept_grads):
+        rows += (params[i].data_ptr(), g.data_ptr(), *(state[i].data_ptr() for state in states), params[i].numel())
+    return rows, tuple(params[i].numel() for i in keep), kept_grads
 
 
 def adamw_multi_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
@@ -513,16 +526,10 @@ def adamw_multi_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tens
     _check_many(params, grads, {"exp_avgs": (exp_avgs, torch.float32, 1),
                                 "exp_avg_sqs": (exp_avg_sqs, torch.float32, 1)})
     _check_scalars(step, lr, beta1, beta2, eps, weight_decay)
-    keep = [i for i, p in enumerate(params) if p.numel()]
-    if not keep:
-        return
-    grads = [grads[i].contiguous() for i in keep]
-    rows: list[int] = []
-    for i, g in zip(keep, grads):
-        rows += (params[i].data_ptr(), g.data_ptr(), exp_avgs[i].data_ptr(), exp_avg_sqs[i].data_ptr(),
-                 params[i].numel())
-    _adamw_multi(rows, tuple(params[i].numel() for i in keep), params[0].dtype, grads[0].dtype, params[0].device,
-                 step_scalars(step, lr, beta1, beta2, eps, weight_decay))
+    rows, numels, kept_grads = _table_rows(params, grads, (exp_avgs, exp_avg_sqs))
+    if numels:
+        _adamw_multi(rows, numels, params[0].dtype, kept_grads[0].dtype, params[0].device,
+                     step_scalars(step, lr, beta1, beta2, eps, weight_decay))
 
 
 def adamw8bit_multi_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
@@ -536,16 +543,11 @@ def adamw8bit_multi_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.
                                 "exp_avg_sq_codes": (exp_avg_sq_codes, torch.uint8, 1),
                                 "exp_avg_sq_absmax": (exp_avg_sq_absmax, torch.float32, QBLOCK)})
     _check_scalars(step, lr, beta1, beta2, eps, weight_decay)
-    keep = [i for i, p in enumerate(params) if p.numel()]
-    if not keep:
-        return
-    grads = [grads[i].contiguous() for i in keep]
-    rows: list[int] = []
-    for i, g in zip(keep, grads):
-        rows += (params[i].data_ptr(), g.data_ptr(), exp_avg_codes[i].data_ptr(), exp_avg_absmax[i].data_ptr(),
-                 exp_avg_sq_codes[i].data_ptr(), exp_avg_sq_absmax[i].data_ptr(), params[i].numel())
-    _adamw8bit_multi(rows, tuple(params[i].numel() for i in keep), params[0].dtype, grads[0].dtype,
-                     params[0].device, step_scalars(step, lr, beta1, beta2, eps, weight_decay))
+    rows, numels, kept_grads = _table_rows(params, grads,
+                                           (exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes, exp_avg_sq_absmax))
+    if numels:
+        _adamw8bit_multi(rows, numels, params[0].dtype, kept_grads[0].dtype, params[0].device,
+                         step_scalars(step, lr, beta1, beta2, eps, weight_decay))
 
 
 # --- static compile specs ----------------------------------------------------------------------------

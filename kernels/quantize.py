@@ -7,8 +7,8 @@ reasons: docs/DESIGN.md, "Rounding where SPEC counts it").
 
 Launch configurations: under the interpreter a few large programs (the 4-bit dequantize kernel splits the tensor
 into evenly filled programs of whole blocks, ``_dequant_4bit_config``); on a GPU about 2048 elements per quantize
-program and 8192 per 4-bit dequantize program (two 128-bit packed loads per thread). The ``@triton.jit`` helpers
-``unpack_4bit`` and ``load_block_scale`` are the device-side decoding the fused matmul reuses.
+program and 8192 per 4-bit dequantize program (two 128-bit packed loads per thread). The ``@triton.jit`` helper
+``unpack_4bit`` is the device-side decoding the fused matmul reuses (its scale decoding is ``_tl.block_scale``).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from ._host import cdiv, next_pow2
 from ._checks import BLOCKSIZES, FLOAT_DTYPES, check_blocksize, check_finite, check_same_device, check_tensor
 from ._runtime import interpreter_active
 from ._static import KernelSpec
-from ._tl import INTERPRETER
+from ._tl import INTERPRETER, round_to
 
 
 @triton.jit
@@ -33,22 +33,6 @@ def unpack_4bit(packed_ptr, idx, mask):
     byte = tl.load(packed_ptr + (idx >> 1), mask=mask, other=0).to(tl.int32)
     shift = (1 - (idx & 1)).to(tl.int32) * 4
     return (byte >> shift) & 0xF
-
-
-@triton.jit
-def load_block_scale(absmax_ptr, absmax2_ptr, nested_code_ptr, offset, block, mask,
-                     DOUBLE_QUANT: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr):
-    """float32 scale of 4-bit block indices `block` (int64 tensor). DOUBLE_QUANT: absmax_ptr is uint8 qabsmax and
-    the scale is (nested_code[q] * absmax2[block // NESTED_BLOCKSIZE]) + offset, two float32 roundings (launch with
-    enable_fp_fusion=False on GPU); else absmax_ptr is float32."""
-    if DOUBLE_QUANT:
-        q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
-        nested = tl.load(nested_code_ptr + q, mask=mask, other=0.0)
-        scale2 = tl.load(absmax2_ptr + block // NESTED_BLOCKSIZE, mask=mask, other=0.0)
-        scale = nested * scale2 + offset
-    else:
-        scale = tl.load(absmax_ptr + block, mask=mask, other=0.0).to(tl.float32)
-    return scale
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -151,8 +135,8 @@ def _dequantize_4bit_kernel(packed_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr
     codes and the scale is nested_code[q] * absmax2[block // NESTED_BLOCKSIZE] + offset, two float32 roundings),
     each thread loads its bytes 16 at a time, and codes are looked up in the 16-entry table (L1-resident on a
     GPU). EVEN: every program's tile lies inside the tensor (n a multiple of BLOCKSIZE * BLOCKS_PER_PROGRAM), so
-    nothing is masked. No helper is called: under the interpreter each @triton.jit call re-patches triton.language
-    (a fixed cost per program), so the body is written out.
+    nothing is masked. The one helper called is ``_tl.round_to``, which the interpreter runs as plain Python
+    (``_tl.interpreted_directly``), without re-patching triton.language per call.
     """
     HALF: tl.constexpr = BLOCKSIZE // 2
     first_block = tl.program_id(0).to(tl.int64) * BLOCKS_PER_PROGRAM
@@ -192,16 +176,10 @@ def _dequantize_4bit_kernel(packed_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr
     else:
         value = tl.load(code_ptr + q) * scale[:, None]
 
-    # Store, rounded to nearest-even. bfloat16 arrives as int16 bits (_kernel_view): a GPU converts with cvt.rn;
-    # the interpreter's cast truncates, so there the float32 bits are rounded by hand (add 0x7FFF plus the lowest
-    # kept bit, keep the top half; a NaN keeps a quiet bit instead of carrying into the exponent).
+    # Store, rounded to nearest-even. bfloat16 arrives as int16 bits (_kernel_view); round_to rounds it on the bits
+    # under the interpreter (whose cast truncates) and with cvt.rn on a GPU.
     if out_ptr.dtype.element_ty == tl.int16:
-        if INTERPRETER:
-            bits = value.to(tl.uint32, bitcast=True)
-            bits = tl.where(value != value, bits | 0x400000, bits + (((bits >> 16) & 1) + 0x7FFF))
-            out = (bits >> 16).to(tl.uint16).to(tl.int16, bitcast=True)
-        else:
-            out = value.to(tl.bfloat16).to(tl.int16, bitcast=True)
+        out = round_to(value, tl.bfloat16).to(tl.int16, bitcast=True)
     else:
         out = value.to(out_ptr.dtype.element_ty)
     out_idx = blocks[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
@@ -685,6 +663,6 @@ def compile_specs() -> list[KernelSpec]:
 
 
 __all__ = [
-    "unpack_4bit", "load_block_scale", "quantize_4bit", "dequantize_4bit", "quantize_8bit", "dequantize_8bit",
+    "unpack_4bit", "quantize_4bit", "dequantize_4bit", "quantize_8bit", "dequantize_8bit",
     "double_quantize", "double_dequantize", "compile_specs",
 ]

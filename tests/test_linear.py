@@ -409,6 +409,14 @@ def test_kernel_launchers_reject_bad_inputs(small):
         K.nf4_lora_backward(torch.zeros(3, 12), x, torch.zeros(3, 4), lora_a=a, lora_b=b, scaling=1.0, **kw)
     with pytest.raises(ValueError, match="seed must be an int"):
         K.lora_dropout_mask(2**31, (2, 2), 0.5)
+    # A given keep mask must be the bit-packed mask of the dropped operand: (M, ceil(K / 32)) int32, contiguous.
+    left, right, out = torch.zeros(3, 4), torch.zeros(3, 40), torch.zeros(4, 40)
+    with pytest.raises(ValueError, match=r"keep must be contiguous int32 of shape \(3, 2\)"):
+        K.lora_grad(left, right, out, scale=1.0, dropout_p=0.5, keep=torch.zeros(3, 1, dtype=torch.int32))
+    with pytest.raises(TypeError, match="keep must have dtype in \\(int32\\)"):
+        K.lora_grad(left, right, out, scale=1.0, dropout_p=0.5, keep=torch.zeros(3, 2, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"keep must be contiguous int32 of shape \(3, 2\)"):
+        K.lora_down(right, torch.zeros(40, 4), dropout_p=0.5, keep=torch.zeros(2, 3, dtype=torch.int32).T)
     with pytest.raises(ValueError, match=r"p must be in \[0.0, 1.0\)"):
         K.lora_dropout_mask(0, (2, 2), 1.0)
 

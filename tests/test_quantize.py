@@ -27,6 +27,7 @@ from hyp import examples
 from hypothesis import given
 from hypothesis import strategies as st
 
+from qlora.kernels import _tl as TL
 from qlora.kernels import quantize as K
 from qlora.reference import codebook as RC
 from qlora.reference import quantize as R
@@ -395,8 +396,8 @@ def _helpers_probe(packed_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr, offset,
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < n
     q = K.unpack_4bit(packed_ptr, idx, mask)
-    scale = K.load_block_scale(absmax_ptr, absmax2_ptr, nested_code_ptr, offset, idx // BLOCKSIZE, mask,
-                               DOUBLE_QUANT, 256)
+    scale = TL.block_scale(absmax_ptr, absmax2_ptr, nested_code_ptr, offset, idx // BLOCKSIZE, mask,
+                           DOUBLE_QUANT, 256)
     tl.store(out_ptr + idx, tl.load(code_ptr + q, mask=mask, other=0.0) * scale, mask=mask)
 
 
