@@ -99,6 +99,45 @@ def _dequant_tile(packed_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr, code_ptr
                                     DOUBLE_QUANT, NESTED_BLOCKSIZE)
 
 
+@triton.jit
+def _pair_tables(code_ptr):
+    """(table_hi, table_lo) float32 (256,): ``code[b >> 4]`` and ``code[b & 15]`` for every byte value b, so one
+    gather per packed byte decodes each of its two codes (the interpreter's decode, :func:`_nf4_pair_tile`)."""
+    table = tl.load(code_ptr + tl.arange(0, 16))
+    byte = tl.arange(0, 256)
+    return tl.gather(table, byte >> 4, 0), tl.gather(table, byte & 15, 0)
+
+
+@triton.jit
+def _nf4_pair_tile(packed_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr, offset, table_hi, table_lo,
+                   rows, mask_rows, col0, row_len,
+                   BLOCK_C: tl.constexpr, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+                   NESTED_BLOCKSIZE: tl.constexpr):
+    """(w_even, w_odd) float32 (len(rows), BLOCK_C // 2): ``code[q] * scale`` of W (?, row_len) at rows ``rows``
+    and columns ``col0 + 2j`` (even) and ``col0 + 2j + 1`` (odd); finite outside W (callers zero the other
+    operand there).
+
+    Each packed byte is loaded once and decoded by two gathers in :func:`_pair_tables`. Needs row_len a multiple of
+    BLOCKSIZE and col0 a multiple of min(BLOCK_C, BLOCKSIZE) (rows are whole scale blocks, a tile's K range whole
+    blocks or part of one), so scales come as one (rows, blocks) tile broadcast over each block's bytes. Used
+    under the interpreter, where a tile operation costs per element and an interpreted load twice that again."""
+    SUB: tl.constexpr = BLOCK_C if BLOCK_C < BLOCKSIZE else BLOCKSIZE
+    rows = rows.to(tl.int64)
+    offs_b = col0 // 2 + tl.arange(0, BLOCK_C // 2)
+    mask = mask_rows[:, None] & (offs_b < row_len // 2)[None, :]
+    byte = tl.load(packed_ptr + rows[:, None] * (row_len // 2) + offs_b[None, :], mask=mask, other=0).to(tl.int32)
+    byte = tl.reshape(byte, (byte.shape[0] * (BLOCK_C // 2),))
+    sub_start = col0 + tl.arange(0, BLOCK_C // SUB) * SUB
+    blocks = (rows[:, None] * row_len + sub_start[None, :]) // BLOCKSIZE
+    scale = block_scale(absmax_ptr, absmax2_ptr, nested_code_ptr, offset, blocks,
+                        mask_rows[:, None] & (sub_start < row_len)[None, :], DOUBLE_QUANT,
+                        NESTED_BLOCKSIZE)[:, :, None]
+    shape3: tl.constexpr = (rows.shape[0], BLOCK_C // SUB, SUB // 2)
+    w_even = tl.reshape(tl.reshape(tl.gather(table_hi, byte, 0), shape3) * scale, (rows.shape[0], BLOCK_C // 2))
+    w_odd = tl.reshape(tl.reshape(tl.gather(table_lo, byte, 0), shape3) * scale, (rows.shape[0], BLOCK_C // 2))
+    return w_even, w_odd
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Decode path: GEMV-shaped kernel over packed bytes, and its split-K epilogue
 # --------------------------------------------------------------------------------------------------------------
@@ -297,7 +336,7 @@ def _matmul_lora_kernel(
     # meta-parameters
     B_NF4: tl.constexpr, B_TRANSPOSED: tl.constexpr, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
     NESTED_BLOCKSIZE: tl.constexpr, ROW_SCALE: tl.constexpr, INDEX_64: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, ALIGNED: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, ALIGNED: tl.constexpr, PAIRS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
@@ -308,7 +347,9 @@ def _matmul_lora_kernel(
     then the NF4 weight W, b = W^T (forward, W (N, K)) if B_TRANSPOSED else W (dx, W (K, N)), dequantized tile
     by tile and rounded to the compute dtype (bit-exact with dequantize_4bit). ALIGNED: N, K and the strides
     are multiples of 16 (what a launch on such shapes specializes on), so the bounds masks stay constant over
-    16-byte vectors and the operand loads are 128-bit.
+    16-byte vectors and the operand loads are 128-bit. PAIRS (with B_NF4; the interpreter's default, K a multiple
+    of BLOCKSIZE): W decoded a packed byte at a time (:func:`_nf4_pair_tile`), its even and odd columns multiplied
+    with the even and odd columns of a (forward) or into the even and odd columns of c (dx).
     """
     if ALIGNED:
         # (v // 16) * 16 == v here; written so, the compiler's divisibility analysis sees it (tl.multiple_of on
@@ -333,11 +374,30 @@ def _matmul_lora_kernel(
     mask_n = offs_n < N
 
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+    if PAIRS:
+        table_hi, table_lo = _pair_tables(code_ptr)
+        if not B_TRANSPOSED:  # dx: the even and the odd output columns, interleaved after the loop
+            acc = tl.full((BLOCK_M, BLOCK_N // 2), 0.0, tl.float32)
+            acc_odd = tl.full((BLOCK_M, BLOCK_N // 2), 0.0, tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         a = load_tile(a_ptr, offs_m, offs_k, stride_am, stride_ak, mask_m, mask_k)
-        if B_NF4:
+        if PAIRS:
+            if B_TRANSPOSED:  # W (N, K): the tile's rows are offs_n, its columns the K step
+                w_even, w_odd = _nf4_pair_tile(b_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr, offset, table_hi,
+                                               table_lo, offs_n, mask_n, k0, K, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT,
+                                               NESTED_BLOCKSIZE)
+                a_even, a_odd = tl.split(tl.reshape(a, (BLOCK_M, BLOCK_K // 2, 2)))
+                acc = dot(a_even, tl.trans(round_to(w_even, compute_dtype)), acc)
+                acc = dot(a_odd, tl.trans(round_to(w_odd, compute_dtype)), acc)
+            else:  # W (K, N) here: the tile's rows are the reduction step, its columns this program's outputs
+                w_even, w_odd = _nf4_pair_tile(b_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr, offset, table_hi,
+                                               table_lo, offs_k, mask_k, pid_n * BLOCK_N, N, BLOCK_N, BLOCKSIZE,
+                                               DOUBLE_QUANT, NESTED_BLOCKSIZE)
+                acc = dot(a, round_to(w_even, compute_dtype), acc)
+                acc_odd = dot(a, round_to(w_odd, compute_dtype), acc_odd)
+        elif B_NF4:
             if B_TRANSPOSED:
                 w = _dequant_tile(b_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr, code_ptr, offset,
                                   offs_n, offs_k, k0, K, mask_n, mask_k, BLOCKSIZE, DOUBLE_QUANT, NESTED_BLOCKSIZE,
@@ -349,7 +409,10 @@ def _matmul_lora_kernel(
             b = round_to(w, compute_dtype)
         else:
             b = load_tile(b_ptr, offs_k, offs_n, stride_bk, stride_bn, mask_k, mask_n)
-        acc = dot(a, b, acc)
+        if not PAIRS:
+            acc = dot(a, b, acc)
+    if PAIRS and not B_TRANSPOSED:
+        acc = tl.reshape(tl.join(acc, acc_odd), (BLOCK_M, BLOCK_N))
 
     lora = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     for r0 in range(0, R, BLOCK_R):
@@ -574,8 +637,12 @@ def _launch_matmul(a, weight: _Weight, transposed: bool, l, rm, stride_rr, strid
     r = l.shape[1]
     interp = interpreter_active()
     path = "dequant" if config is None else config.path
+    # Under the interpreter the default decodes W in the K loop a packed byte at a time (PAIRS): no buffer of W is
+    # written and read back, and interpreted loads and tile operations are what cost there, not issue slots.
+    pairs = config is None and interp and weight.k % weight.blocksize == 0
     if config is None and interp:
-        config = _interpreter_config(m, cols, inner, "dequant")
+        path = "fused" if pairs else "dequant"
+        config = _interpreter_config(m, cols, inner, path)
     if path == "fused":
         b = weight.packed
         stride_bk = stride_bn = 0
@@ -591,7 +658,7 @@ def _launch_matmul(a, weight: _Weight, transposed: bool, l, rm, stride_rr, strid
     aligned = (not interp and a.stride(1) == 1 and min(stride_bk, stride_bn) <= 1
                and all(v % 16 == 0 for v in (cols, inner, a.stride(0), max(stride_bk, stride_bn))))
     consts.update(B_NF4=path == "fused", B_TRANSPOSED=transposed, HAS_BIAS=bias is not None,
-                  HAS_DROPOUT=keep is not None, ALIGNED=aligned, BLOCK_R=lora_block_r(r))
+                  HAS_DROPOUT=keep is not None, ALIGNED=aligned, PAIRS=pairs, BLOCK_R=lora_block_r(r))
     if config is None:
         def grid(meta):
             return (cdiv(m, meta["BLOCK_M"]) * cdiv(cols, meta["BLOCK_N"]),)
@@ -833,7 +900,8 @@ def compile_specs() -> list[KernelSpec]:
                 unit.pop("stride_bk", None)
                 unit.pop("stride_bn", None)
             consts = dict(_weight_consts(64 % col_tile == 0 and fused), B_NF4=fused, B_TRANSPOSED=transposed,
-                          HAS_BIAS=transposed, HAS_DROPOUT=not transposed, ALIGNED=True, BLOCK_R=16, **cfg.meta(),
+                          HAS_BIAS=transposed, HAS_DROPOUT=not transposed, ALIGNED=True, PAIRS=False, BLOCK_R=16,
+                          **cfg.meta(),
                           **unit)
             sig = _signature(_matmul_lora_kernel, {**types, "b_ptr": "*u8" if fused else f"*{dt}"}, consts)
             # The fused build dequantizes a (BLOCK_N x BLOCK_K) tile of the packed W per K step: its per-element

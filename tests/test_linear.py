@@ -163,6 +163,46 @@ def test_tiled_paths_with_small_tiles_match_oracle(case, path, group_m):
     _run_path(case, K.MatmulConfig(16, 16, 16, group_m=group_m, path=path))
 
 
+@pytest.mark.parametrize("block_n, block_k", [(16, 16), (64, 128)], ids=["below_a_block", "several_blocks"])
+@examples(6)
+@given(case=layer_cases(), blocks=st.integers(1, 5), group_m=st.sampled_from([1, 2]))
+def test_interpreter_pair_decode_with_small_tiles_matches_oracle(block_n, block_k, case, blocks, group_m):
+    """The interpreter's default at M > 16 (K a multiple of the blocksize): W decoded a packed byte at a time in the
+    GEMM's K loop (``PAIRS``), here with small tiles so that programs and K steps are many, and with tiles smaller
+    than a scale block (16) or holding several (64 or 128 against blocksizes 32 to 128), every edge masked;
+    forward and dx through the default launchers (no config), no dequantize launch."""
+    from unittest import mock
+
+    from triton.runtime import interpreter
+
+    case["k"] = case["blocksize"] * blocks
+    case["lead"] = (17 + case["seed"] % 24,)
+    launched = []
+    original_run = interpreter.InterpretedFunction.run
+
+    def run(self, *args, **kwargs):
+        launched.append(self.fn.__name__)
+        return original_run(self, *args, **kwargs)
+
+    def tiles(rows, cols, inner, path):
+        assert path == "fused"
+        return K.MatmulConfig(16, block_n, block_k, group_m=group_m, path=path)
+
+    weight, x, lora_a, lora_b, bias, dy = _build(case)
+    dtype, p, seed = case["dtype"], case["dropout_p"], case["seed"] % (2**31)
+    kw = _weight_kwargs(weight)
+    with mock.patch.object(K, "_interpreter_config", tiles), \
+            mock.patch.object(interpreter.InterpretedFunction, "run", run):
+        y, u = K.nf4_lora_forward(x, lora_a=lora_a, lora_b=lora_b, scaling=case["scaling"], bias=bias,
+                                  dropout_p=p, seed=seed, **kw)
+        grads = K.nf4_lora_backward(dy, x, u, lora_a=lora_a, lora_b=lora_b, scaling=case["scaling"], dropout_p=p,
+                                    seed=seed, need_bias=bias is not None, **kw)
+    assert "_matmul_lora_kernel" in launched and "_dequantize_4bit_kernel" not in launched
+    mask = K.lora_dropout_mask(seed, x.shape, p) if p > 0 else None
+    _check_against_oracle(x, _dense_weight(weight, dtype), lora_a, lora_b, case["scaling"], bias, mask, dy, y, grads,
+                          dtype)
+
+
 @st.composite
 def decode_cases(draw):
     """Decode shapes: M <= 16 rows, K a multiple of the blocksize (the GEMV path's rows are whole scale blocks)."""
@@ -549,14 +589,15 @@ def _count_launches(monkeypatch):
 
 
 @pytest.mark.parametrize("m, k, p, forward, backward", [
-    (1, 64, 0.0, ["_nf4_gemv_kernel", "_gemv_epilogue_kernel"], 5),
-    (16, 64, 0.3, ["_dropout_bits_kernel", "_nf4_gemv_kernel", "_gemv_epilogue_kernel"], 5),
-    (17, 64, 0.0, ["_lora_down_kernel", "_dequantize_4bit_kernel", "_matmul_lora_kernel"], 5),
+    (1, 64, 0.0, ["_nf4_gemv_kernel", "_gemv_epilogue_kernel"], 4),
+    (16, 64, 0.3, ["_dropout_bits_kernel", "_nf4_gemv_kernel", "_gemv_epilogue_kernel"], 4),
+    (17, 64, 0.0, ["_lora_down_kernel", "_matmul_lora_kernel"], 4),
     (40, 48, 0.3, ["_dropout_bits_kernel", "_lora_down_kernel", "_dequantize_4bit_kernel", "_matmul_lora_kernel"], 5),
 ])
 def test_launch_counts_per_layer(monkeypatch, m, k, p, forward, backward):
-    """Launches per layer as the module docstring states them (interpreter: no split lora_down); the backward
-    reuses the forward's bit-packed mask: g, dequantize, dx, dA, dB."""
+    """Launches per layer under the interpreter as the module docstring states them (no split lora_down; at
+    M > 16 W decoded in the GEMM's K loop when K is a multiple of the blocksize, else dequantized into a buffer
+    first); the backward reuses the forward's bit-packed mask: g, [dequantize,] dx, dA, dB."""
     gen = torch.Generator().manual_seed(5)
     weight = quantize_nf4(_randn(gen, (24, k), torch.bfloat16))
     x, a = _randn(gen, (m, k), torch.bfloat16), _randn(gen, (4, k), torch.bfloat16)

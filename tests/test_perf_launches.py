@@ -1,7 +1,9 @@
 """Launches per layer forward and backward (perf/launches.py, printed by ``python -m perf roofline``), recorded from
 actual calls of ``qlora_linear`` and its backward under the interpreter, against the counts the module docstring of
 kernels/linear.py states: GEMV path 2 (+1 dropout), dequantize-then-GEMM path 3 (+1 split lora_down, +1 dropout),
-backward 5 (+1 split lora_down); the dropout mask is generated once per forward + backward."""
+backward 5 (+1 split lora_down); under the interpreter, K a multiple of the blocksize, W is decoded in the GEMM's
+K loop (no dequantize launch: forward 2 at M > 16, backward 4); the dropout mask is generated once per forward +
+backward."""
 
 from __future__ import annotations
 
@@ -20,17 +22,24 @@ GEMV = ["_nf4_gemv_kernel", "_gemv_epilogue_kernel"]
 DEQUANT = ["_lora_down_kernel", "_dequantize_4bit_kernel", "_matmul_lora_kernel"]
 BACKWARD = ["_lora_down_kernel", "_dequantize_4bit_kernel", "_matmul_lora_kernel", "_lora_grad_kernel",
             "_lora_grad_kernel"]
+# The interpreter's plan when K is a multiple of the blocksize (kernels/linear.py, ``_launch_matmul``).
+INTERPRETED_FUSED = ["_lora_down_kernel", "_matmul_lora_kernel"]
+INTERPRETED_BACKWARD = [name for name in BACKWARD if name != "_dequantize_4bit_kernel"]
 
 
-@pytest.mark.parametrize("m, forward", [(1, GEMV), (32, DEQUANT)], ids=["gemv", "dequant"])
+@pytest.mark.parametrize("m, k, forward, backward", [
+    (1, 64, GEMV, INTERPRETED_BACKWARD),
+    (32, 64, INTERPRETED_FUSED, INTERPRETED_BACKWARD),
+    (32, 96, DEQUANT, BACKWARD),  # K not a multiple of the blocksize (64): the dequantize-then-GEMM path
+], ids=["gemv", "fused", "dequant"])
 @pytest.mark.parametrize("p", [0.0, 0.3], ids=["no_dropout", "dropout"])
-def test_recorded_launches_of_forward_and_backward(m, forward, p):
+def test_recorded_launches_of_forward_and_backward(m, k, forward, backward, p):
     """Kernels launched by a real forward + backward (interpreter: no split reductions), in order; with dropout the
     mask kernel runs once, first in the forward, and never in the backward (which reads the saved mask)."""
-    rec = L.layer_launches(m, 64, 24, 4, p, execute=True)
+    rec = L.layer_launches(m, k, 24, 4, p, execute=True)
     assert list(rec.forward) == (["_dropout_bits_kernel"] if p else []) + forward
-    assert list(rec.backward) == BACKWARD
-    assert rec.counts() == (len(forward) + (p > 0), 5)
+    assert list(rec.backward) == backward
+    assert rec.counts() == (len(forward) + (p > 0), len(backward))
 
 
 def test_stubbed_recording_counts_what_executes():
