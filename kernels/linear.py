@@ -1,12 +1,13 @@
 """NF4 base-weight matmul + LoRA: forward and backward of the QLoRA linear layer (docs/SPEC.md section 6).
 
 x (M, K), W (N, K) as NF4, lora_a (R, K), lora_b (N, R), bias (N,); compute dtype = x.dtype, float32 accumulation;
-wherever W is dequantized it equals ``dequantize_4bit(..., dtype)`` bit for bit. Paths (``choose_path``):
+wherever W is dequantized it equals ``dequantize_4bit(..., dtype)`` bit for bit. Paths (``choose_path``; on a
+GPU K must be a multiple of the blocksize for the first two):
 
-- ``"gemv"`` (M <= ``SMALL_M``, K a multiple of the blocksize): ``_nf4_gemv_kernel`` + ``_gemv_epilogue_kernel``;
-- ``"dequant"`` (the default otherwise): W dequantized into a buffer, then the ``_matmul_lora_kernel`` GEMM with
-  the LoRA term and bias in its epilogue; the backward's dx is the same GEMM on W's stored layout;
-- ``"fused"`` (explicit ``config`` only): ``_matmul_lora_kernel`` dequantizing W tile by tile in its K loop.
+- ``"gemv"`` (M <= ``SMALL_M``): ``_nf4_gemv_kernel`` + ``_gemv_epilogue_kernel`` (forward only);
+- ``"fused"`` (M <= ``FUSED_MAX_M``; dx also at M <= ``SMALL_M``; the interpreter's default at every M):
+  ``_matmul_lora_kernel`` decoding W a packed byte at a time in its K loop, the LoRA term and bias in its epilogue;
+- ``"dequant"`` (otherwise): W dequantized into a buffer, then the same GEMM on the dense W.
 LoRA helpers and the bit-packed dropout mask are in :mod:`.lora`. Launch counts, the choice of paths and the
 dropout scheme: docs/DESIGN.md, "Fused linear layer"; static figures: perf/README.md.
 """
@@ -32,6 +33,7 @@ from .quantize import launch_dequantize_4bit, unpack_4bit
 
 NESTED_BLOCKSIZE = 256
 SMALL_M = 16  # at or below this many rows the forward takes the GEMV-shaped decode path
+FUSED_MAX_M = 1024  # up to this many rows (above SMALL_M) forward and dx take the fused tiled kernel (choose_path)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -99,45 +101,6 @@ def _dequant_tile(packed_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr, code_ptr
                                     DOUBLE_QUANT, NESTED_BLOCKSIZE)
 
 
-@triton.jit
-def _pair_tables(code_ptr):
-    """(table_hi, table_lo) float32 (256,): ``code[b >> 4]`` and ``code[b & 15]`` for every byte value b, so one
-    gather per packed byte decodes each of its two codes (the interpreter's decode, :func:`_nf4_pair_tile`)."""
-    table = tl.load(code_ptr + tl.arange(0, 16))
-    byte = tl.arange(0, 256)
-    return tl.gather(table, byte >> 4, 0), tl.gather(table, byte & 15, 0)
-
-
-@triton.jit
-def _nf4_pair_tile(packed_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr, offset, table_hi, table_lo,
-                   rows, mask_rows, col0, row_len,
-                   BLOCK_C: tl.constexpr, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-                   NESTED_BLOCKSIZE: tl.constexpr):
-    """(w_even, w_odd) float32 (len(rows), BLOCK_C // 2): ``code[q] * scale`` of W (?, row_len) at rows ``rows``
-    and columns ``col0 + 2j`` (even) and ``col0 + 2j + 1`` (odd); finite outside W (callers zero the other
-    operand there).
-
-    Each packed byte is loaded once and decoded by two gathers in :func:`_pair_tables`. Needs row_len a multiple of
-    BLOCKSIZE and col0 a multiple of min(BLOCK_C, BLOCKSIZE) (rows are whole scale blocks, a tile's K range whole
-    blocks or part of one), so scales come as one (rows, blocks) tile broadcast over each block's bytes. Used
-    under the interpreter, where a tile operation costs per element and an interpreted load twice that again."""
-    SUB: tl.constexpr = BLOCK_C if BLOCK_C < BLOCKSIZE else BLOCKSIZE
-    rows = rows.to(tl.int64)
-    offs_b = col0 // 2 + tl.arange(0, BLOCK_C // 2)
-    mask = mask_rows[:, None] & (offs_b < row_len // 2)[None, :]
-    byte = tl.load(packed_ptr + rows[:, None] * (row_len // 2) + offs_b[None, :], mask=mask, other=0).to(tl.int32)
-    byte = tl.reshape(byte, (byte.shape[0] * (BLOCK_C // 2),))
-    sub_start = col0 + tl.arange(0, BLOCK_C // SUB) * SUB
-    blocks = (rows[:, None] * row_len + sub_start[None, :]) // BLOCKSIZE
-    scale = block_scale(absmax_ptr, absmax2_ptr, nested_code_ptr, offset, blocks,
-                        mask_rows[:, None] & (sub_start < row_len)[None, :], DOUBLE_QUANT,
-                        NESTED_BLOCKSIZE)[:, :, None]
-    shape3: tl.constexpr = (rows.shape[0], BLOCK_C // SUB, SUB // 2)
-    w_even = tl.reshape(tl.reshape(tl.gather(table_hi, byte, 0), shape3) * scale, (rows.shape[0], BLOCK_C // 2))
-    w_odd = tl.reshape(tl.reshape(tl.gather(table_lo, byte, 0), shape3) * scale, (rows.shape[0], BLOCK_C // 2))
-    return w_even, w_odd
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Decode path: GEMV-shaped kernel over packed bytes, and its split-K epilogue
 # --------------------------------------------------------------------------------------------------------------
@@ -187,6 +150,65 @@ def _lane_lookup(table, index):
     of ``index`` do not matter). Every lane of the warp must execute it (no divergent branch around it)."""
     return tl.inline_asm_elementwise("shfl.sync.idx.b32 $0, $1, $2, 0x1f, 0xffffffff;", "=r,r,r", [table, index],
                                      dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _pair_tables(code_ptr):
+    """What :func:`_nf4_pair_tile` looks codes up in, built once per program: under the interpreter the float32
+    (256,) tables ``code[b >> 4]`` and ``code[b & 15]`` over byte values b (one gather per packed byte and
+    nibble); on NVIDIA GPUs the lane-held table of :func:`_lane_code_table` (twice); on AMD nothing (select tree)."""
+    if INTERPRETER:
+        table = tl.load(code_ptr + tl.arange(0, 16))
+        byte = tl.arange(0, 256)
+        return tl.gather(table, byte >> 4, 0), tl.gather(table, byte & 15, 0)
+    elif _nvidia_target():
+        lanes = _lane_code_table(code_ptr)
+        return lanes, lanes
+    else:
+        return 0.0, 0.0
+
+
+@triton.jit
+def _nf4_pair_tile(packed_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr, code_ptr, offset, table_hi, table_lo,
+                   rows, mask_rows, col0, row_len,
+                   BLOCK_C: tl.constexpr, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+                   NESTED_BLOCKSIZE: tl.constexpr, INDEX_64: tl.constexpr):
+    """(w_even, w_odd) float32 (len(rows), BLOCK_C // 2): ``code[q] * scale`` of W (?, row_len) at rows ``rows``
+    and columns ``col0 + 2j`` (even) and ``col0 + 2j + 1`` (odd); finite outside W (callers zero the other
+    operand there). ``table_hi`` / ``table_lo`` from :func:`_pair_tables`.
+
+    Each packed byte is loaded once (a row's bytes are contiguous: wide loads) and its two codes looked up by two
+    gathers (interpreter), two lane shuffles (NVIDIA) or two select trees (AMD). Needs row_len a multiple of
+    BLOCKSIZE and col0 a multiple of min(BLOCK_C, BLOCKSIZE): a row of the tile lies in one scale block, or
+    holds whole blocks whose scales are broadcast over their bytes."""
+    if INDEX_64:
+        rows = rows.to(tl.int64)
+    offs_b = col0 // 2 + tl.arange(0, BLOCK_C // 2)
+    mask = mask_rows[:, None] & (offs_b < row_len // 2)[None, :]
+    byte = tl.load(packed_ptr + rows[:, None] * (row_len // 2) + offs_b[None, :], mask=mask, other=0).to(tl.int32)
+    if INTERPRETER:
+        flat = tl.reshape(byte, (byte.shape[0] * (BLOCK_C // 2),))
+        v_even = tl.reshape(tl.gather(table_hi, flat, 0), byte.shape)
+        v_odd = tl.reshape(tl.gather(table_lo, flat, 0), byte.shape)
+    elif _nvidia_target():
+        v_even = _lane_lookup(table_hi, byte >> 4)
+        v_odd = _lane_lookup(table_lo, byte)  # the low nibble; bit 4 picks the table's second copy
+    else:
+        v_even = _code_value(code_ptr, byte >> 4)
+        v_odd = _code_value(code_ptr, byte & 15)
+    if BLOCK_C <= BLOCKSIZE:
+        scale = block_scale(absmax_ptr, absmax2_ptr, nested_code_ptr, offset, (rows * row_len + col0) // BLOCKSIZE,
+                            mask_rows, DOUBLE_QUANT, NESTED_BLOCKSIZE)[:, None]
+        return v_even * scale, v_odd * scale
+    else:
+        sub_start = col0 + tl.arange(0, BLOCK_C // BLOCKSIZE) * BLOCKSIZE
+        blocks = (rows[:, None] * row_len + sub_start[None, :]) // BLOCKSIZE
+        scale = block_scale(absmax_ptr, absmax2_ptr, nested_code_ptr, offset, blocks,
+                            mask_rows[:, None] & (sub_start < row_len)[None, :], DOUBLE_QUANT,
+                            NESTED_BLOCKSIZE)[:, :, None]
+        shape3: tl.constexpr = (byte.shape[0], BLOCK_C // BLOCKSIZE, BLOCKSIZE // 2)
+        return (tl.reshape(tl.reshape(v_even, shape3) * scale, byte.shape),
+                tl.reshape(tl.reshape(v_odd, shape3) * scale, byte.shape))
 
 
 @triton.jit
@@ -385,16 +407,16 @@ def _matmul_lora_kernel(
         a = load_tile(a_ptr, offs_m, offs_k, stride_am, stride_ak, mask_m, mask_k)
         if PAIRS:
             if B_TRANSPOSED:  # W (N, K): the tile's rows are offs_n, its columns the K step
-                w_even, w_odd = _nf4_pair_tile(b_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr, offset, table_hi,
-                                               table_lo, offs_n, mask_n, k0, K, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT,
-                                               NESTED_BLOCKSIZE)
+                w_even, w_odd = _nf4_pair_tile(b_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr, code_ptr, offset,
+                                               table_hi, table_lo, offs_n, mask_n, k0, K, BLOCK_K, BLOCKSIZE,
+                                               DOUBLE_QUANT, NESTED_BLOCKSIZE, INDEX_64)
                 a_even, a_odd = tl.split(tl.reshape(a, (BLOCK_M, BLOCK_K // 2, 2)))
                 acc = dot(a_even, tl.trans(round_to(w_even, compute_dtype)), acc)
                 acc = dot(a_odd, tl.trans(round_to(w_odd, compute_dtype)), acc)
             else:  # W (K, N) here: the tile's rows are the reduction step, its columns this program's outputs
-                w_even, w_odd = _nf4_pair_tile(b_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr, offset, table_hi,
-                                               table_lo, offs_k, mask_k, pid_n * BLOCK_N, N, BLOCK_N, BLOCKSIZE,
-                                               DOUBLE_QUANT, NESTED_BLOCKSIZE)
+                w_even, w_odd = _nf4_pair_tile(b_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr, code_ptr, offset,
+                                               table_hi, table_lo, offs_k, mask_k, pid_n * BLOCK_N, N, BLOCK_N,
+                                               BLOCKSIZE, DOUBLE_QUANT, NESTED_BLOCKSIZE, INDEX_64)
                 acc = dot(a, round_to(w_even, compute_dtype), acc)
                 acc_odd = dot(a, round_to(w_odd, compute_dtype), acc_odd)
         elif B_NF4:
@@ -470,9 +492,12 @@ GPU_CONFIGS: dict[int, tuple[MatmulConfig, ...]] = {
     8: (MatmulConfig(128, 128, 64, num_warps=8, num_stages=4, path="dequant"),),
     9: (MatmulConfig(128, 128, 64, num_warps=8, num_stages=4, path="dequant"),),
 }
-# The fused tiled kernel, when asked for with path="fused" (compile-checked; not on the default dispatch).
-# (64 x 128 x 64 with 8 warps spills 88 bytes on sm_80 under triton 3.6.)
-FUSED_CONFIGS = (MatmulConfig(64, 64, 32, num_warps=4),)
+# The fused tiled kernel (path "fused"): 64-row tiles for few rows, 128 x 128 x 64 with 8 warps where rows are
+# many (W decoded once per 128 rows). Both decode a packed byte at a time when K is a multiple of the blocksize
+# (PAIRS); as launched, bf16, perf static: 64 x 64 x 32 issues 11.5 / 12.2 instructions per weight element on
+# sm_90 / sm_80 (triton 3.9; 11.6 / 11.4 under 3.6) and 128 x 128 x 64 8.9 / 14.8 (9.8 / 16.1), issue_to_mma
+# 1.11 / 0.93 forward and 1.07 / 1.01 dx (3.9), 0 spills; the code-by-code decode before: 31.8 / 37.2.
+FUSED_CONFIGS = (MatmulConfig(64, 64, 32, num_warps=4), MatmulConfig(128, 128, 64, num_warps=8, num_stages=3))
 # Decode: 16-row tile (tl.dot's minimum), 64 columns of W x 128 of K (two 64-element scale blocks, 32 packed bytes
 # per thread) per step. One stage: latency is hidden by occupancy (72-96 registers). With the code table looked up
 # by warp shuffles, instructions per weight element as launched at M = 1 (perf static, sm_90 / sm_80): 7.1 / 6.2
@@ -510,20 +535,38 @@ def _tuned_matmul():
 
 
 def choose_path(m: int, k: int, blocksize: int, config: MatmulConfig | None = None) -> str:
-    """The forward path for M rows and K columns: the GEMV kernel for decode shapes whose rows of W are whole
-    scale blocks (K a multiple of the blocksize, hence of 32), the dequantize-then-GEMM path otherwise.
+    """The forward path for M rows and K columns (a GPU's default dispatch): where W's rows are whole scale blocks
+    (K a multiple of the blocksize), the GEMV kernel at M <= SMALL_M and the fused tiled kernel at M <=
+    FUSED_MAX_M; the dequantize-then-GEMM path otherwise.
 
-    Why not the fused tiled kernel at M > 16: by the static cost model (``python -m perf static --module linear``,
-    perf/README.md) it is issue-bound. Dequantizing in its K loop costs 31.8 (forward) / 40.2 (dx) instructions
-    per weight element on sm_90 under triton 3.9 (37.2 / 39.2 on sm_80; 76.6 / 48.1 on sm_90 under 3.6), i.e.
-    issue_to_mma 7.9 / 10.1 on sm_90 (4.7 / 4.9 on sm_80), and each BLOCK_M-row tile dequantizes all of W again;
-    the dense GEMM after one dequantize launch runs at issue_to_mma 0.39 / 0.48 (sm_90) and 0.37 / 0.41 (sm_80),
-    MMA-bound, and the dequantize launch reads W once. At M <= 16 the work is reading W: the GEMV reads its
-    packed bytes once (0.5 B per element, 6.2-7.1 instructions per element), where dequantize-then-GEMM would read
-    them, write W in bf16 and read that back (4.5 B per element)."""
+    Why, by the static cost model (``python -m perf roofline``, perf/README.md): at M <= 16 the work is reading W,
+    and the GEMV reads its packed bytes once (0.5 B per element, split over K to fill the SMs). Up to 1024 rows
+    the fused kernel, which decodes each packed byte once in its K loop (8.6-16 instructions per weight element,
+    issue_to_mma 0.9-1.2 at 128 x 128 x 64), is predicted faster than writing W in bf16 and reading it back
+    (4.5 B per element) on A100, H100 and H200 under triton 3.6 and 3.9. With more rows the dense GEMM after
+    one dequantize launch (issue_to_mma 0.4-0.5, MMA-bound) wins on H100 / H200 (the crossover is predicted at
+    1024-4096 rows, by device and Triton version). Where K is not a multiple of the blocksize the fused kernel
+    decodes code by code (43-72 instructions per element) and the dequantize path wins at every M."""
     if config is not None:
         return config.path
-    return "gemv" if m <= SMALL_M and k % blocksize == 0 else "dequant"
+    if k % blocksize != 0:
+        return "dequant"
+    if m <= SMALL_M:
+        return "gemv"
+    return "fused" if m <= FUSED_MAX_M else "dequant"
+
+
+def choose_dx_path(m: int, k: int, blocksize: int) -> str:
+    """The backward's dx path (no config): the forward's, with the fused kernel where the forward takes the GEMV
+    (which is forward-only)."""
+    path = choose_path(m, k, blocksize)
+    return "fused" if path == "gemv" else path
+
+
+def fused_config(m: int) -> MatmulConfig:
+    """The fused kernel's tiles on a GPU for M rows: 64-row tiles up to 64 rows (twice the programs of 128-row
+    ones, to spread reading W over more SMs), 128 x 128 x 64 above."""
+    return FUSED_CONFIGS[0] if m <= FUSED_CONFIGS[0].block_m else FUSED_CONFIGS[1]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -636,13 +679,20 @@ def _launch_matmul(a, weight: _Weight, transposed: bool, l, rm, stride_rr, strid
     cols = out.shape[1]
     r = l.shape[1]
     interp = interpreter_active()
-    path = "dequant" if config is None else config.path
-    # Under the interpreter the default decodes W in the K loop a packed byte at a time (PAIRS): no buffer of W is
-    # written and read back, and interpreted loads and tile operations are what cost there, not issue slots.
-    pairs = config is None and interp and weight.k % weight.blocksize == 0
-    if config is None and interp:
-        path = "fused" if pairs else "dequant"
+    if config is not None:
+        path = config.path
+    elif interp:
+        # The interpreter decodes W in the K loop at every M where K is a multiple of the blocksize: there no
+        # buffer of W is written and read back, and interpreted loads and tile operations cost, not issue slots.
+        path = "fused" if weight.k % weight.blocksize == 0 else "dequant"
         config = _interpreter_config(m, cols, inner, path)
+    else:
+        path = choose_dx_path(m, weight.k, weight.blocksize)  # forward launches come here only off the GEMV path
+        config = fused_config(m) if path == "fused" else None
+    # The fused kernel decodes a packed byte at a time (PAIRS) where W's rows are whole scale blocks and, on a GPU,
+    # the halved tile keeps tl.dot's 16-element minimum; else code by code (_dequant_tile).
+    pairs = path == "fused" and weight.k % weight.blocksize == 0 and (
+        interp or (config.block_k if transposed else config.block_n) >= 32)
     if path == "fused":
         b = weight.packed
         stride_bk = stride_bn = 0
@@ -806,7 +856,8 @@ def nf4_lora_backward(
     pass the forward's ``keep``, or the same ``dropout_p`` and ``seed``). ``dx = dy @ W + scaling * ((dy @ B) @ A)
     * mask`` with W in its stored layout, ``dA = scaling * (dy @ B)^T @ dropout(x)``, ``dB = scaling * dy^T @ u``,
     ``dbias = dy.sum(0)``; all in x's dtype with float32 accumulation, contiguous. A ``config`` with path "fused"
-    dequantizes W tile by tile in the dx kernel; any other path dequantizes it into a buffer first.
+    dequantizes W tile by tile in the dx kernel, "dequant" into a buffer first; without a config
+    :func:`choose_dx_path` decides.
     """
     n, k, double_quant = _check_nf4(packed, absmax, code, shape, blocksize, absmax2, offset, nested_code,
                                     nested_blocksize)
@@ -882,12 +933,15 @@ def compile_specs() -> list[KernelSpec]:
     specs: list[KernelSpec] = []
     types = {**_WEIGHT_TYPES, "a_ptr": f"*{dt}", "l_ptr": "*fp32", "rm_ptr": f"*{dt}", "bias_ptr": f"*{dt}",
              "bits_ptr": "*i32", "c_ptr": f"*{dt}", "lora_scale": "fp32"}
-    tiled = [(cfg, False) for arch in sorted(GPU_CONFIGS) for cfg in GPU_CONFIGS[arch]]
-    tiled += [(cfg, True) for cfg in FUSED_CONFIGS]
+    # (config, kind): "dense" (after the dequantize launch), "fused" (K a multiple of the blocksize: PAIRS) and
+    # "fused_percode" (the first fused config where K is not: codes decoded one by one, scales per element).
+    tiled = [(cfg, "dense") for arch in sorted(GPU_CONFIGS) for cfg in GPU_CONFIGS[arch]]
+    tiled += [(cfg, "fused") for cfg in FUSED_CONFIGS] + [(FUSED_CONFIGS[0], "fused_percode")]
     seen = set()
-    for cfg, fused in tiled:
+    for cfg, kind in tiled:
+        fused = kind != "dense"
         for transposed in (True, False):  # forward (b = W^T, bias) and dx (b = W, dropout)
-            name = f"{'fused' if fused else 'dense'}_{'fwd' if transposed else 'dx'}_{cfg.tag}"
+            name = f"{kind}_{'fwd' if transposed else 'dx'}_{cfg.tag}"
             if name in seen:
                 continue
             seen.add(name)
@@ -899,17 +953,17 @@ def compile_specs() -> list[KernelSpec]:
             if fused:
                 unit.pop("stride_bk", None)
                 unit.pop("stride_bn", None)
-            consts = dict(_weight_consts(64 % col_tile == 0 and fused), B_NF4=fused, B_TRANSPOSED=transposed,
-                          HAS_BIAS=transposed, HAS_DROPOUT=not transposed, ALIGNED=True, PAIRS=False, BLOCK_R=16,
-                          **cfg.meta(),
-                          **unit)
+            consts = dict(_weight_consts(64 % col_tile == 0 and kind == "fused"), B_NF4=fused,
+                          B_TRANSPOSED=transposed, HAS_BIAS=transposed, HAS_DROPOUT=not transposed, ALIGNED=True,
+                          PAIRS=kind == "fused", BLOCK_R=16, **cfg.meta(), **unit)
             sig = _signature(_matmul_lora_kernel, {**types, "b_ptr": "*u8" if fused else f"*{dt}"}, consts)
             # The fused build dequantizes a (BLOCK_N x BLOCK_K) tile of the packed W per K step: its per-element
             # figure and packed-load width are what `perf check` gates.
             nf4 = dict(weight_elements_per_iteration=cfg.block_n * cfg.block_k, weight_arg="b_ptr") if fused else {}
             specs.append(KernelSpec(name, _matmul_lora_kernel, sig, consts,
                                     dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False),
-                                    regime='M>16 with path="fused"' if fused else "M>16", **nf4))
+                                    regime={"dense": "M>16", "fused": 'path "fused"',
+                                            "fused_percode": 'path "fused", K % blocksize != 0'}[kind], **nf4))
     cfg = SMALL_M_CONFIG
     consts = dict(BLOCKSIZE=64, DOUBLE_QUANT=True, NESTED_BLOCKSIZE=NESTED_BLOCKSIZE, K_ALIGNED32=True,
                   INDEX_64=False, HAS_DROPOUT=True, BLOCK_M=16, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
@@ -937,5 +991,5 @@ def compile_specs() -> list[KernelSpec]:
 
 
 __all__ = ["MatmulConfig", "nf4_lora_forward", "nf4_lora_backward", "lora_down", "lora_grad", "lora_dropout_bits",
-           "lora_dropout_mask", "choose_path", "compile_specs", "GPU_CONFIGS", "FUSED_CONFIGS", "SMALL_M_CONFIG",
-           "LORA_BLOCK_RS"]
+           "lora_dropout_mask", "choose_path", "choose_dx_path", "fused_config", "compile_specs", "GPU_CONFIGS",
+           "FUSED_CONFIGS", "FUSED_MAX_M", "SMALL_M_CONFIG", "LORA_BLOCK_RS"]

@@ -3,11 +3,11 @@
 Side by side in one session, for ``y = x @ W^T + s * (x @ A^T) @ B^T`` (bf16, no bias, no dropout):
 
 - ``qlora_default``: ``qlora_linear`` on an NF4 (double-quantized, blocksize 64) ``W``, the default dispatch of
-  kernels/linear.py (``choose_path``): at M <= 16 the GEMV decode kernel, at larger M dequantize-then-GEMM (W
-  dequantized into a bf16 buffer by a Triton kernel, then a Triton GEMM with the LoRA term in its epilogue),
-  forward and backward;
-- ``qlora_fused_tiled``: the same layer forced onto the fused tiled path (``MatmulConfig(path="fused")`` with
-  the GPU fused config ``FUSED_CONFIGS[0]`` of kernels/linear.py): W dequantized tile by tile inside the GEMM's K
+  kernels/linear.py (``choose_path``): at M <= 16 the GEMV decode kernel, up to 1024 rows the fused tiled kernel,
+  above dequantize-then-GEMM (W dequantized into a bf16 buffer by a Triton kernel, then a Triton GEMM with the
+  LoRA term in its epilogue), forward and backward;
+- ``qlora_fused_tiled``: the same layer forced onto the fused tiled path at every M (``MatmulConfig(path="fused")``
+  with the GPU fused config ``fused_config(M)`` of kernels/linear.py): W decoded tile by tile inside the GEMM's K
   loop, forward and dx; so a GPU run times fused vs dequantize-then-GEMM vs dense torch side by side;
 - ``dense_bf16``: plain torch on a dense bf16 ``W`` without grad (the speed-of-light reference, about 3.9x the
   weight memory of NF4);
@@ -40,7 +40,7 @@ from perf import roofline as rl
 
 import qlora
 from qlora.functional import qlora_linear
-from qlora.kernels.linear import FUSED_CONFIGS, MatmulConfig, nf4_lora_backward, nf4_lora_forward
+from qlora.kernels.linear import MatmulConfig, fused_config, nf4_lora_backward, nf4_lora_forward
 
 if bu.ON_GPU:
     M, K, N, R = 4096, 4096, 4096, 16
@@ -112,22 +112,23 @@ class _DequantMatmul(torch.autograd.Function):
         return dy @ ctx.weight.dequantize(dy.dtype), None
 
 
-def fused_tiled_config() -> MatmulConfig:
-    """The fused tiled path's config: kernels/linear.py's GPU config on a GPU; 16-row tiles under the interpreter
-    (the GPU's 64 x 64 x 32 tiles would be as many interpreted programs at the CPU shapes)."""
-    cfg = FUSED_CONFIGS[0] if bu.ON_GPU else MatmulConfig(16, 64, 64, num_warps=4)
+def fused_tiled_config(m: int) -> MatmulConfig:
+    """The fused tiled path's config for M rows: kernels/linear.py's GPU config on a GPU; 16-row tiles under the
+    interpreter (the GPU's 64 x 64 x 32 tiles would be as many interpreted programs at the CPU shapes)."""
+    cfg = fused_config(m) if bu.ON_GPU else MatmulConfig(16, 64, 64, num_warps=4)
     return MatmulConfig(cfg.block_m, cfg.block_n, cfg.block_k, group_m=cfg.group_m, num_warps=cfg.num_warps,
                         num_stages=cfg.num_stages, path="fused")
 
 
 class _FusedTiled(torch.autograd.Function):
     """``qlora_linear`` (no bias, no dropout) on the fused tiled path: the kernel launchers of kernels/linear.py
-    with ``config=fused_tiled_config()`` in the forward and in dx."""
+    with ``config=fused_tiled_config(M)`` in the forward and in dx."""
 
     @staticmethod
     def forward(ctx, x, weight, lora_a, lora_b):
         kw = _nf4_kwargs(weight)
-        y, u = nf4_lora_forward(x, lora_a=lora_a, lora_b=lora_b, scaling=SCALING, config=fused_tiled_config(), **kw)
+        y, u = nf4_lora_forward(x, lora_a=lora_a, lora_b=lora_b, scaling=SCALING,
+                                config=fused_tiled_config(x.shape[0]), **kw)
         ctx.save_for_backward(x, u, lora_a, lora_b)
         ctx.weight = weight
         return y
@@ -136,7 +137,7 @@ class _FusedTiled(torch.autograd.Function):
     def backward(ctx, dy):
         x, u, lora_a, lora_b = ctx.saved_tensors
         dx, d_a, d_b, _ = nf4_lora_backward(dy.contiguous(), x, u, lora_a=lora_a, lora_b=lora_b, scaling=SCALING,
-                                            config=fused_tiled_config(), **_nf4_kwargs(ctx.weight))
+                                            config=fused_tiled_config(x.shape[0]), **_nf4_kwargs(ctx.weight))
         return dx, None, d_a, d_b
 
 

@@ -17,13 +17,15 @@ once, :func:`fused_issue`); for the dense GEMM after the dequantize launch, main
 steps x output tiles (:func:`tiled_issue`); for the quantize, dequantize and AdamW kernels, instructions per element
 times the elements handled, rounded up to whole programs (:func:`per_element_issue`).
 
-The linear layer. ``"qlora_default"`` is the default dispatch (kernels/linear.py ``choose_path``, mirrored by
-:func:`default_path`), launch by launch: at M <= 16 with K a multiple of the blocksize the GEMV and its epilogue;
-otherwise ``lora_down`` (+ ``sum_splits`` when it splits its reduction), ``dequantize_4bit``, and the dense
-``_matmul_lora_kernel`` GEMM with the LoRA term in its epilogue; the backward ``lora_down`` (g), dequantize again,
-the dense dx GEMM, ``lora_grad`` twice (the sequence ``perf/launches.py`` records). ``"fused"`` is the explicit
-fused tiled path (``MatmulConfig(path="fused")``) at every M. :func:`model_path` is the NF4 path the model
-predicts fastest at a shape; ``tests/test_perf_roofline.py`` checks the dispatcher picks it.
+The linear layer. ``"qlora_default"`` is the default dispatch (kernels/linear.py ``choose_path`` and
+``choose_dx_path``, mirrored by :func:`default_path` and :func:`default_dx_path`), launch by launch: where K is a
+multiple of the blocksize, at M <= 16 the GEMV and its epilogue, up to ``FUSED_MAX_M`` rows ``lora_down``
+(+ ``sum_splits`` when it splits its reduction) and the fused ``_matmul_lora_kernel`` (W decoded in its K loop,
+charged the build ``fused_config`` picks); otherwise ``lora_down``, ``dequantize_4bit`` and the dense GEMM with the
+LoRA term in its epilogue; the backward ``lora_down`` (g), the fused dx kernel or dequantize again and the dense
+dx GEMM, ``lora_grad`` twice (the sequence ``perf/launches.py`` records). ``"fused"`` is the fused tiled path
+(``MatmulConfig(path="fused")``) at every M. :func:`model_path` is the NF4 path the model predicts fastest at a
+shape; ``tests/test_perf_roofline.py`` checks the dispatcher picks it.
 
 Not modelled: launch latency and host time (a few microseconds per launch, which dominate at decode sizes), the
 issue cost of kernels without a per-element or main-loop figure (LoRA helpers, the GEMV epilogue, torch's and
@@ -56,6 +58,8 @@ NF4_BLOCKSIZE = 64
 NESTED_BLOCKSIZE = 256  # double quantization: one float32 absmax2 per 256 first-level scales (bitsandbytes)
 ADAM8_BLOCKSIZE = 256  # 8-bit optimizer state: one float32 absmax per 256 elements (kernels/optim.py QBLOCK)
 SMALL_M = 16  # rows at or below which a forward is reported as the decode family (kernels/linear.py SMALL_M)
+FUSED_MAX_M = 1024  # rows up to which the default takes the fused tiled kernel (kernels/linear.py FUSED_MAX_M)
+FUSED_SMALL_TILE_ROWS = 64  # up to this many rows the fused launch uses its 64-row tiles (linear.fused_config)
 
 # FLOPs per element of the elementwise kernels, counted from kernels/quantize.py and kernels/optim.py.
 QUANT4_FLOPS_PER_ELEM = 18  # |x|, running max, x * (1/absmax), 15 midpoint compares (linear scan of the table)
@@ -269,6 +273,23 @@ BASELINE_DIR = Path(__file__).parent / "baselines"
 GEMV_BUILD = "linear.gemv_m"
 FUSED_FWD_BUILD = "linear.fused_fwd_"
 FUSED_DX_BUILD = "linear.fused_dx_"
+# The fused builds where K is not a multiple of the blocksize (codes decoded one by one, scales per element).
+FUSED_PERCODE_FWD_BUILD = "linear.fused_percode_fwd_"
+FUSED_PERCODE_DX_BUILD = "linear.fused_percode_dx_"
+
+
+def _fused_rows(m: int, k: int, blocksize: int) -> int:
+    """BLOCK_M of the fused build a launch uses: ``fused_config``'s where K is a multiple of the blocksize, the
+    first fused config's (the only per-code build) otherwise."""
+    return fused_block_m(m) if k % blocksize == 0 else FUSED_SMALL_TILE_ROWS
+
+
+def fused_build(direction: str, k: int, blocksize: int) -> str:
+    """The build-name prefix the fused tiled kernel's ``direction`` (``"fwd"`` or ``"dx"``) launch is charged:
+    the byte-pair decode where W's rows are whole scale blocks (``k % blocksize == 0``), else the per-code one."""
+    aligned = k % blocksize == 0
+    return {("fwd", True): FUSED_FWD_BUILD, ("dx", True): FUSED_DX_BUILD,
+            ("fwd", False): FUSED_PERCODE_FWD_BUILD, ("dx", False): FUSED_PERCODE_DX_BUILD}[direction, aligned]
 DENSE_FWD_BUILD = "linear.dense_fwd_"
 DENSE_DX_BUILD = "linear.dense_dx_"
 # The builds the launchers of the elementwise workloads pick: quantize_4bit compiles one build per input dtype and
@@ -310,17 +331,19 @@ def _nvidia_builds(builds: list[dict], prefix: str):
             yield target, b
 
 
-def fused_issue(builds: list[dict], prefix: str, rows: int, weight_elements: int) -> tuple:
+def fused_issue(builds: list[dict], prefix: str, rows: int, weight_elements: int,
+                block_m: int | None = None) -> tuple:
     """``((target, warp-instructions), ...)``: what a kernel that dequantizes NF4 W in its loop (the builds named
     ``prefix*``: :data:`GEMV_BUILD`, :data:`FUSED_FWD_BUILD`, :data:`FUSED_DX_BUILD`) issues for ``rows`` rows of
     a weight of ``weight_elements``, per target. Each program of ``BLOCK_M`` rows dequantizes the whole weight once
     (a split over K divides the work, not its total), so warp-instructions = instructions per weight element / 32
     x weight elements x ceil(rows / BLOCK_M); of several builds, the one with the fewest (the autotuner's best
-    case). Builds without a per-element figure are skipped."""
+    case), or only those with ``BLOCK_M == block_m`` when given (the build the launcher picks). Builds without a
+    per-element figure are skipped."""
     best: dict[str, float] = {}
     for target, b in _nvidia_builds(builds, prefix):
         per_elem, config = b.get("instr_per_weight_element"), b.get("config") or {}
-        if not per_elem or "BLOCK_M" not in config:
+        if not per_elem or "BLOCK_M" not in config or block_m not in (None, config["BLOCK_M"]):
             continue
         count = per_elem / 32 * weight_elements * _cdiv(rows, config["BLOCK_M"])
         best[target] = min(best.get(target, count), count)
@@ -384,10 +407,25 @@ DOWN_BLOCK_D = 64  # kernels/lora.py GPU_DOWN_BLOCK_D
 
 
 def default_path(m: int, k: int, blocksize: int = NF4_BLOCKSIZE) -> str:
-    """The forward path the default dispatch takes (kernels/linear.py ``choose_path`` without a config): the GEMV
-    at ``m <= 16`` when K is a multiple of the blocksize, dequantize-then-GEMM otherwise. The backward's dx always
-    takes the dequantize-then-GEMM path (the GEMV is forward-only)."""
-    return "gemv" if m <= SMALL_M and k % blocksize == 0 else "dequant"
+    """The forward path the default dispatch takes (kernels/linear.py ``choose_path`` without a config): where K is
+    a multiple of the blocksize the GEMV at ``m <= 16`` and the fused tiled kernel at ``m <= FUSED_MAX_M``;
+    dequantize-then-GEMM otherwise."""
+    if k % blocksize:
+        return "dequant"
+    if m <= SMALL_M:
+        return "gemv"
+    return "fused" if m <= FUSED_MAX_M else "dequant"
+
+
+def default_dx_path(m: int, k: int, blocksize: int = NF4_BLOCKSIZE) -> str:
+    """The backward's dx path (kernels/linear.py ``choose_dx_path``): the forward's, fused where that is the GEMV."""
+    path = default_path(m, k, blocksize)
+    return "fused" if path == "gemv" else path
+
+
+def fused_block_m(m: int) -> int:
+    """Row tile of the fused launch for ``m`` rows (kernels/linear.py ``fused_config``)."""
+    return FUSED_SMALL_TILE_ROWS if m <= FUSED_SMALL_TILE_ROWS else 128
 
 
 def _split_count(want: int, most: int) -> int:
@@ -475,7 +513,9 @@ def nf4_forward_launches(m: int, k: int, n: int, r: int, path: str, dtype: str =
     else:
         ops.append(Op("matmul_lora (W dequantized in the K loop)",
                       e * m * k + nf4_storage_bytes(n * k, blocksize) + 4 * m * r + e * n * r + e * m * n,
-                      2 * m * n * k + 2 * m * n * r, TENSOR_BF16, fused_issue(builds, FUSED_FWD_BUILD, m, n * k)))
+                      2 * m * n * k + 2 * m * n * r, TENSOR_BF16,
+                      fused_issue(builds, fused_build("fwd", k, blocksize), m, n * k,
+                                  _fused_rows(m, k, blocksize))))
     return tuple(ops)
 
 
@@ -492,7 +532,9 @@ def nf4_backward_launches(m: int, k: int, n: int, r: int, path: str, dtype: str 
     if path == "fused":
         ops.append(Op("matmul_lora dx (W dequantized in the K loop)",
                       e * m * n + nf4_storage_bytes(n * k, blocksize) + 4 * m * r + e * r * k + e * m * k,
-                      2 * m * n * k + 2 * m * k * r, TENSOR_BF16, fused_issue(builds, FUSED_DX_BUILD, m, n * k)))
+                      2 * m * n * k + 2 * m * k * r, TENSOR_BF16,
+                      fused_issue(builds, fused_build("dx", k, blocksize), m, n * k,
+                                  _fused_rows(m, k, blocksize))))
     else:
         ops.append(_dequantize_op(n * k, e, blocksize, per_element_issue(builds, dequantize_build(dtype, blocksize),
                                                                          n * k)))
@@ -538,9 +580,9 @@ _PATH_TEXT = {
                "Issue of the dequantize launch (instructions per element) and of the GEMM (main-loop instructions x "
                "warps x K steps x tiles) from the static baseline",
     "fused": "lora_down as on the dequantize path; the fused tiled kernel reads x again, the NF4 weight, u and B "
-             "and writes y, each 64-row tile dequantizing all of W in its K loop. Issue from the static baseline's "
-             "instructions per weight element x weight elements x row tiles (the ROW_SCALE build: K a multiple of "
-             "the blocksize)",
+             "and writes y, each row tile (64 rows up to 64, else 128) decoding all of W in its K loop. Issue from "
+             "the static baseline's instructions per weight element x weight elements x row tiles (the byte-pair "
+             "build where K is a multiple of the blocksize, the per-code build otherwise)",
 }
 
 
@@ -589,11 +631,11 @@ def lora_backward(m: int, k: int, n: int, r: int, approach: str = "qlora_default
     _check_approach(approach)
     name = _linear_name("bwd", m, k, n, r, approach, dtype)
     if approach in ("qlora_default", "fused"):
-        path = "dequant" if approach == "qlora_default" else "fused"
+        path = default_dx_path(m, k, blocksize) if approach == "qlora_default" else "fused"
         dx = ("dequantize_4bit writes W in the compute dtype again (nothing is kept from the forward) and the dense "
               "dx GEMM (LoRA term in its epilogue) reads it back with dy, g and A" if path == "dequant" else
-              "the fused tiled dx kernel reads dy again, the NF4 weight, g and A, each 64-row tile dequantizing all "
-              "of W in its K loop")
+              "the fused tiled dx kernel reads dy again, the NF4 weight, g and A, each row tile decoding all of W "
+              "in its K loop")
         return Workload(
             name, "lora_bwd", approach, nf4_backward_launches(m, k, n, r, path, dtype, blocksize, triton),
             f"path {path!r}{' (the default dispatch)' if approach == 'qlora_default' else ''}: g = dy B (reads dy "

@@ -224,8 +224,13 @@ def test_gemv_path_matches_oracle(case, split_k, block_k, block_n):
 
 def test_default_dispatch():
     assert K.choose_path(1, 4096, 64) == "gemv" and K.choose_path(16, 4096, 64) == "gemv"
-    assert K.choose_path(17, 4096, 64) == "dequant" and K.choose_path(4096, 4096, 64) == "dequant"
-    assert K.choose_path(1, 1000, 64) == "dequant"  # rows of W not whole scale blocks
+    assert K.choose_path(17, 4096, 64) == "fused" and K.choose_path(K.FUSED_MAX_M, 4096, 64) == "fused"
+    assert K.choose_path(K.FUSED_MAX_M + 1, 4096, 64) == "dequant" and K.choose_path(4096, 4096, 64) == "dequant"
+    assert K.choose_path(1, 1000, 64) == "dequant" and K.choose_path(32, 1000, 64) == "dequant"  # rows of W not
+    # whole scale blocks; the dx path is the forward's with the fused kernel for the (forward-only) GEMV
+    assert K.choose_dx_path(1, 4096, 64) == "fused" and K.choose_dx_path(4096, 4096, 64) == "dequant"
+    assert K.choose_dx_path(1, 1000, 64) == "dequant"
+    assert K.fused_config(64) == K.FUSED_CONFIGS[0] and K.fused_config(65) == K.FUSED_CONFIGS[1]
 
 
 @examples(6)
@@ -499,6 +504,8 @@ def test_compile_specs_cover_every_kernel_argument():
         assert {f"dense_fwd_{cfg.tag}", f"dense_dx_{cfg.tag}"} <= names
     for cfg in K.FUSED_CONFIGS:
         assert {f"fused_fwd_{cfg.tag}", f"fused_dx_{cfg.tag}"} <= names
+    tag = K.FUSED_CONFIGS[0].tag  # where K is not a multiple of the blocksize (code by code)
+    assert {f"fused_percode_fwd_{tag}", f"fused_percode_dx_{tag}"} <= names
     assert f"gemv_{K.SMALL_M_CONFIG.tag}" in names
 
 

@@ -129,7 +129,7 @@ def test_linear_impls_compute_the_same_layer():
     multiply the same bf16 operands exactly in float32 and round once to bf16, so they differ by at most one bf16
     rounding of each (2 * 2^-8 relative) plus float32 reassociation (K * 2^-24 of the sum of |terms|, K = 256)."""
     prob = bench_linear.Problem(64, 256, 8)
-    assert bench_linear.fused_tiled_config().path == "fused"
+    assert bench_linear.fused_tiled_config(64).path == "fused"
     outs = {}
     for impl in bench_linear.QLORA_IMPLS:
         x = prob.x(32, requires_grad=True) if not outs else outs["x"].detach().clone().requires_grad_(True)

@@ -54,13 +54,17 @@ def test_gpu_plan_adds_the_split_reductions():
     """As a 132-SM GPU plans a 4096 x 4096 layer: lora_down (u at M > 16, g in every backward) splits its reduction
     and a _sum_splits_kernel launch follows it; the GEMV path folds u into its own kernels."""
     rows = {(r.m, r.dropout_p): r for r in L.report(shapes=[(1, 4096, 4096, 16, 0.0), (1, 4096, 4096, 16, 0.1),
-                                                            (32, 4096, 4096, 16, 0.1)])}
-    split_backward = ["_lora_down_kernel", "_sum_splits_kernel", *BACKWARD[1:]]
+                                                            (32, 4096, 4096, 16, 0.1), (4096, 4096, 4096, 16, 0.0)])}
+    # Up to FUSED_MAX_M rows (K a multiple of the blocksize) forward and dx decode W in the GEMM: no dequantize.
+    split_backward = ["_lora_down_kernel", "_sum_splits_kernel", *INTERPRETED_BACKWARD[1:]]
     assert list(rows[1, 0.0].forward) == GEMV and list(rows[1, 0.0].backward) == split_backward
     assert list(rows[1, 0.1].forward) == ["_dropout_bits_kernel", *GEMV]
     assert list(rows[32, 0.1].forward) == ["_dropout_bits_kernel", "_lora_down_kernel", "_sum_splits_kernel",
-                                           *DEQUANT[1:]]
+                                           "_matmul_lora_kernel"]
     assert list(rows[32, 0.1].backward) == split_backward
+    # Above it, W is dequantized into a buffer before each dense GEMM.
+    assert list(rows[4096, 0.0].forward) == ["_lora_down_kernel", "_sum_splits_kernel", *DEQUANT[1:]]
+    assert list(rows[4096, 0.0].backward) == ["_lora_down_kernel", "_sum_splits_kernel", *BACKWARD[1:]]
     assert all(r.plan == "stubbed, GPU plan (132 SMs)" for r in rows.values())
     text = L.format_table(list(rows.values()))
     assert "dropout_bits, nf4_gemv, gemv_epilogue" in text and "lora_grad x2" in text
