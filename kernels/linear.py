@@ -351,14 +351,15 @@ def _gemv_epilogue_kernel(
 def _matmul_lora_kernel(
     # pointers
     a_ptr, b_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr, code_ptr, l_ptr, rm_ptr, bias_ptr, bits_ptr, c_ptr,
+    down_ptr,
     # sizes
-    M, N, K, R, offset, lora_scale, words_per_row,
+    M, N, K, R, offset, lora_scale, words_per_row, down_scale,
     # strides
-    stride_am, stride_ak, stride_bk, stride_bn, stride_rr, stride_rn,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_rr, stride_rn, stride_dk, stride_dr,
     # meta-parameters
     B_NF4: tl.constexpr, B_TRANSPOSED: tl.constexpr, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
     NESTED_BLOCKSIZE: tl.constexpr, ROW_SCALE: tl.constexpr, INDEX_64: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, ALIGNED: tl.constexpr, PAIRS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, ALIGNED: tl.constexpr, PAIRS: tl.constexpr, FOLD_DOWN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
@@ -371,7 +372,10 @@ def _matmul_lora_kernel(
     are multiples of 16 (what a launch on such shapes specializes on), so the bounds masks stay constant over
     16-byte vectors and the operand loads are 128-bit. PAIRS (with B_NF4; the interpreter's default, K a multiple
     of BLOCKSIZE): W decoded a packed byte at a time (:func:`_nf4_pair_tile`), its even and odd columns multiplied
-    with the even and odd columns of a (forward) or into the even and odd columns of c (dx).
+    with the even and odd columns of a (forward) or into the even and odd columns of c (dx). FOLD_DOWN (R <=
+    BLOCK_R): l is not read but computed in the K loop from the a tiles already loaded, l = down_scale * a @ d with
+    d (K, R) at ``k * stride_dk + r * stride_dr`` (u = x A^T in a forward without dropout, g = dy B in dx), and
+    written (float32, contiguous) by the programs of column tile 0.
     """
     if ALIGNED:
         # (v // 16) * 16 == v here; written so, the compiler's divisibility analysis sees it (tl.multiple_of on
@@ -401,10 +405,16 @@ def _matmul_lora_kernel(
         if not B_TRANSPOSED:  # dx: the even and the odd output columns, interleaved after the loop
             acc = tl.full((BLOCK_M, BLOCK_N // 2), 0.0, tl.float32)
             acc_odd = tl.full((BLOCK_M, BLOCK_N // 2), 0.0, tl.float32)
+    if FOLD_DOWN:
+        offs_down = tl.arange(0, BLOCK_R)
+        mask_down = offs_down < R
+        down = tl.full((BLOCK_M, BLOCK_R), 0.0, tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         a = load_tile(a_ptr, offs_m, offs_k, stride_am, stride_ak, mask_m, mask_k)
+        if FOLD_DOWN:
+            down = dot(a, load_tile(down_ptr, offs_k, offs_down, stride_dk, stride_dr, mask_k, mask_down), down)
         if PAIRS:
             if B_TRANSPOSED:  # W (N, K): the tile's rows are offs_n, its columns the K step
                 w_even, w_odd = _nf4_pair_tile(b_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr, code_ptr, offset,
@@ -437,13 +447,20 @@ def _matmul_lora_kernel(
         acc = tl.reshape(tl.join(acc, acc_odd), (BLOCK_M, BLOCK_N))
 
     lora = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        offs_r = r0 + tl.arange(0, BLOCK_R)
-        mask_r = offs_r < R
-        # l is float32; rounded to the compute dtype as an unfused LoRA's intermediate activation would be.
-        lt = round_to(load_tile(l_ptr, offs_m, offs_r, R, 1, mask_m, mask_r), compute_dtype)
-        rm = load_tile(rm_ptr, offs_r, offs_n, stride_rr, stride_rn, mask_r, mask_n)
-        lora = dot(lt, rm, lora)
+    if FOLD_DOWN:
+        down = down * down_scale
+        if pid_n == 0:
+            tl.store(l_ptr + offs_m[:, None] * R + offs_down[None, :], down, mask=mask_m[:, None] & mask_down[None, :])
+        rm = load_tile(rm_ptr, offs_down, offs_n, stride_rr, stride_rn, mask_down, mask_n)
+        lora = dot(round_to(down, compute_dtype), rm, lora)
+    else:
+        for r0 in range(0, R, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            mask_r = offs_r < R
+            # l is float32; rounded to the compute dtype as an unfused LoRA's intermediate activation would be.
+            lt = round_to(load_tile(l_ptr, offs_m, offs_r, R, 1, mask_m, mask_r), compute_dtype)
+            rm = load_tile(rm_ptr, offs_r, offs_n, stride_rr, stride_rn, mask_r, mask_n)
+            lora = dot(lt, rm, lora)
     if HAS_DROPOUT:
         lora = tl.where(keep_tile(bits_ptr, offs_m, offs_n, words_per_row, mask_m, mask_n), lora, 0.0)
     acc += lora_scale * lora
@@ -672,23 +689,40 @@ class _Weight:
 # --------------------------------------------------------------------------------------------------------------
 
 
+def _matmul_plan(m: int, cols: int, inner: int, weight: _Weight, config: MatmulConfig | None):
+    """``(path, config)`` of a ``_matmul_lora_kernel`` launch with output (m, cols) reduced over ``inner``; config
+    None on the "dequant" path means the autotuned GPU GEMM."""
+    if config is not None:
+        return config.path, config
+    if interpreter_active():
+        # The interpreter decodes W in the K loop at every M where K is a multiple of the blocksize: there no
+        # buffer of W is written and read back, and interpreted loads and tile operations cost, not issue slots.
+        path = "fused" if weight.k % weight.blocksize == 0 else "dequant"
+        return path, _interpreter_config(m, cols, inner, path)
+    path = choose_dx_path(m, weight.k, weight.blocksize)  # forward launches come here only off the GEMV path
+    return path, (fused_config(m) if path == "fused" else None)
+
+
+def _folds_down(path: str, r: int, dropout: bool) -> bool:
+    """Whether the launch computes the LoRA down-projection (u or g) in its own K loop instead of reading it from a
+    ``lora_down`` launch: under the interpreter on the fused path, when the rank fits one rank tile and the operand
+    needs no dropout mask (x and dy then pass through the interpreter once per GEMM instead of twice). Not on a
+    GPU: there the rank-r product adds 1.5-2.9 instructions per weight element to the issue-bound fused kernel
+    (``perf static``: 64 x 64 x 32 forward 11.5 -> 14.4 on sm_90, dx 10.8 -> 13.1), which the static model
+    charges more than the ``lora_down`` launch it saves."""
+    return interpreter_active() and path == "fused" and r <= lora_block_r(r) and not dropout
+
+
 def _launch_matmul(a, weight: _Weight, transposed: bool, l, rm, stride_rr, stride_rn, bias, keep, out, lora_scale,
-                   config: MatmulConfig | None):
-    """out (M, cols) = a @ (W^T if transposed else W) + lora_scale * (round(l) @ rm) [* keep] + bias."""
+                   plan, down=None, down_scale: float = 1.0):
+    """out (M, cols) = a @ (W^T if transposed else W) + lora_scale * (round(l) @ rm) [* keep] + bias, ``plan`` from
+    :func:`_matmul_plan`. ``down`` = (d, stride_dk, stride_dr): l (float32 (M, R)) is written by the kernel as
+    ``down_scale * a @ d`` instead of read. ``keep`` masks the LoRA term (dx)."""
     m, inner = a.shape
     cols = out.shape[1]
     r = l.shape[1]
     interp = interpreter_active()
-    if config is not None:
-        path = config.path
-    elif interp:
-        # The interpreter decodes W in the K loop at every M where K is a multiple of the blocksize: there no
-        # buffer of W is written and read back, and interpreted loads and tile operations cost, not issue slots.
-        path = "fused" if weight.k % weight.blocksize == 0 else "dequant"
-        config = _interpreter_config(m, cols, inner, path)
-    else:
-        path = choose_dx_path(m, weight.k, weight.blocksize)  # forward launches come here only off the GEMV path
-        config = fused_config(m) if path == "fused" else None
+    path, config = plan
     # The fused kernel decodes a packed byte at a time (PAIRS) where W's rows are whole scale blocks and, on a GPU,
     # the halved tile keeps tl.dot's 16-element minimum; else code by code (_dequant_tile).
     pairs = path == "fused" and weight.k % weight.blocksize == 0 and (
@@ -701,14 +735,16 @@ def _launch_matmul(a, weight: _Weight, transposed: bool, l, rm, stride_rr, strid
         b = weight.dense(a.dtype)  # (N, K)
         stride_bk, stride_bn = (1, weight.k) if transposed else (weight.k, 1)
         consts = weight.consts(weight.k, 1)
-    args = (a, b, *weight.ptrs[1:], l, rm, out if bias is None else bias, out if keep is None else keep, out,
-            m, cols, inner, r, weight.offset, float(lora_scale), cdiv(cols, 32),
-            a.stride(0), a.stride(1), stride_bk, stride_bn, stride_rr, stride_rn)
+    d, stride_dk, stride_dr = down if down is not None else (rm, 0, 0)
+    args = (a, b, *weight.ptrs[1:], l, rm, out if bias is None else bias, out if keep is None else keep, out, d,
+            m, cols, inner, r, weight.offset, float(lora_scale), cdiv(weight.k, 32), float(down_scale),
+            a.stride(0), a.stride(1), stride_bk, stride_bn, stride_rr, stride_rn, stride_dk, stride_dr)
     # Unit strides stay 1 (Triton specializes them); the others, N and K must be multiples of 16.
     aligned = (not interp and a.stride(1) == 1 and min(stride_bk, stride_bn) <= 1
                and all(v % 16 == 0 for v in (cols, inner, a.stride(0), max(stride_bk, stride_bn))))
     consts.update(B_NF4=path == "fused", B_TRANSPOSED=transposed, HAS_BIAS=bias is not None,
-                  HAS_DROPOUT=keep is not None, ALIGNED=aligned, PAIRS=pairs, BLOCK_R=lora_block_r(r))
+                  HAS_DROPOUT=keep is not None, ALIGNED=aligned, PAIRS=pairs, FOLD_DOWN=down is not None,
+                  BLOCK_R=lora_block_r(r))
     if config is None:
         def grid(meta):
             return (cdiv(m, meta["BLOCK_M"]) * cdiv(cols, meta["BLOCK_N"]),)
@@ -807,10 +843,16 @@ def _forward(x, weight: _Weight, lora_a, lora_b, bias, scaling: float, p: float,
         return torch.empty((0, n), dtype=x.dtype, device=x.device), torch.empty((0, r), device=x.device)
     if choose_path(m, weight.k, weight.blocksize, config) == "gemv":
         return _launch_gemv(x, weight, lora_a, lora_b, bias, keep, scaling, p, config)
-    u = launch_lora_down(x, lora_a.t(), p, keep)
+    plan = _matmul_plan(m, n, weight.k, weight, config)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if _folds_down(plan[0], r, keep is not None):
+        # u = x A^T in the GEMM's K loop: d = A^T, element (k, r) of lora_a (R, K) at r * stride(0) + k * stride(1).
+        u = torch.empty((m, r), dtype=torch.float32, device=x.device)
+        down = (lora_a, lora_a.stride(1), lora_a.stride(0))
+    else:
+        u, down = launch_lora_down(x, lora_a.t(), p, keep), None
     # rm = B^T: element (r, n) of lora_b (N, R) at n * stride(0) + r * stride(1).
-    _launch_matmul(x, weight, True, u, lora_b, lora_b.stride(1), lora_b.stride(0), bias, None, y, scaling, config)
+    _launch_matmul(x, weight, True, u, lora_b, lora_b.stride(1), lora_b.stride(0), bias, None, y, scaling, plan, down)
     return y, u
 
 
@@ -885,15 +927,21 @@ def _backward(dy, x, u, weight: _Weight, lora_a, lora_b, scaling: float, p: floa
     """The backward's launches, arguments checked (by :func:`nf4_lora_backward` or by the layer)."""
     m, n, k, r = x.shape[0], weight.n, weight.k, lora_a.shape[0]
     dx = d_a = d_b = d_bias = None
-    g = launch_lora_down(dy, lora_b, 0.0, None) if (need_dx or need_lora) else None  # g = dy @ B, float32 (M, R)
+    if config is not None and config.path == "gemv":
+        config = None  # the decode path is forward-only; dx takes the default
+    plan = _matmul_plan(m, k, n, weight, config) if need_dx and m else None
+    fold = plan is not None and _folds_down(plan[0], r, False)
+    if fold:  # g = dy @ B computed by the dx launch, in its K loop over N
+        g = torch.empty((m, r), dtype=torch.float32, device=x.device)
+    else:
+        g = launch_lora_down(dy, lora_b, 0.0, None) if (need_dx or need_lora) else None  # float32 (M, R)
     lora_scale = scaling / (1.0 - p)
     if need_dx:
         dx = torch.empty((m, k), dtype=x.dtype, device=x.device)
         if m:
-            if config is not None and config.path == "gemv":
-                config = None  # the decode path is forward-only; dx takes the default
+            # d = B: element (n, r) of lora_b (N, R) at n * stride(0) + r * stride(1).
             _launch_matmul(dy, weight, False, g, lora_a, lora_a.stride(0), lora_a.stride(1), None, keep, dx,
-                           lora_scale, config)
+                           lora_scale, plan, (lora_b, lora_b.stride(0), lora_b.stride(1)) if fold else None)
     if need_lora:
         d_a = torch.empty((r, k), dtype=x.dtype, device=x.device)
         launch_lora_grad(g, x, d_a, lora_scale, None, p, keep)
@@ -932,9 +980,10 @@ def compile_specs() -> list[KernelSpec]:
     dt = "bf16"
     specs: list[KernelSpec] = []
     types = {**_WEIGHT_TYPES, "a_ptr": f"*{dt}", "l_ptr": "*fp32", "rm_ptr": f"*{dt}", "bias_ptr": f"*{dt}",
-             "bits_ptr": "*i32", "c_ptr": f"*{dt}", "lora_scale": "fp32"}
+             "bits_ptr": "*i32", "c_ptr": f"*{dt}", "down_ptr": f"*{dt}", "lora_scale": "fp32", "down_scale": "fp32"}
     # (config, kind): "dense" (after the dequantize launch), "fused" (K a multiple of the blocksize: PAIRS) and
-    # "fused_percode" (the first fused config where K is not: codes decoded one by one, scales per element).
+    # "fused_percode" (the first fused config where K is not: codes decoded one by one, scales per element). No
+    # FOLD_DOWN build: only the interpreter folds (_folds_down).
     tiled = [(cfg, "dense") for arch in sorted(GPU_CONFIGS) for cfg in GPU_CONFIGS[arch]]
     tiled += [(cfg, "fused") for cfg in FUSED_CONFIGS] + [(FUSED_CONFIGS[0], "fused_percode")]
     seen = set()
@@ -955,7 +1004,7 @@ def compile_specs() -> list[KernelSpec]:
                 unit.pop("stride_bn", None)
             consts = dict(_weight_consts(64 % col_tile == 0 and kind == "fused"), B_NF4=fused,
                           B_TRANSPOSED=transposed, HAS_BIAS=transposed, HAS_DROPOUT=not transposed, ALIGNED=True,
-                          PAIRS=kind == "fused", BLOCK_R=16, **cfg.meta(), **unit)
+                          PAIRS=kind == "fused", FOLD_DOWN=False, BLOCK_R=16, **cfg.meta(), **unit)
             sig = _signature(_matmul_lora_kernel, {**types, "b_ptr": "*u8" if fused else f"*{dt}"}, consts)
             # The fused build dequantizes a (BLOCK_N x BLOCK_K) tile of the packed W per K step: its per-element
             # figure and packed-load width are what `perf check` gates.

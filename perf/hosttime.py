@@ -34,6 +34,23 @@ def _launch_classes() -> list[type]:
 
 
 @contextlib.contextmanager
+def dropping_tables_built_while_stubbed():
+    """Within the block kernels may be stubbed: any codebook table that the block adds to the caches of
+    ``qlora.kernels.codebook`` was built by a kernel that did not run (uninitialized memory), so those caches are
+    cleared on exit if they grew; the rest of the process rebuilds them for real."""
+    from qlora.kernels import codebook
+
+    caches = (codebook._normal_float_cached, codebook._dynamic_map_cached)
+    sizes = [cache.cache_info().currsize for cache in caches]
+    try:
+        yield
+    finally:
+        for cache, size in zip(caches, sizes):
+            if cache.cache_info().currsize != size:
+                cache.cache_clear()
+
+
+@contextlib.contextmanager
 def stubbed_triton_launches():
     """Within the block, ``kernel[grid](...)`` (and ``kernel.run(...)``) of every Triton kernel does nothing and
     returns None; launches are counted in the yielded dict's ``"launches"`` entry."""
@@ -48,7 +65,8 @@ def stubbed_triton_launches():
     for cls, _ in saved:
         cls.run = run
     try:
-        yield counter
+        with dropping_tables_built_while_stubbed():
+            yield counter
     finally:
         for cls, original in saved:
             cls.run = original

@@ -22,20 +22,25 @@ GEMV = ["_nf4_gemv_kernel", "_gemv_epilogue_kernel"]
 DEQUANT = ["_lora_down_kernel", "_dequantize_4bit_kernel", "_matmul_lora_kernel"]
 BACKWARD = ["_lora_down_kernel", "_dequantize_4bit_kernel", "_matmul_lora_kernel", "_lora_grad_kernel",
             "_lora_grad_kernel"]
-# The interpreter's plan when K is a multiple of the blocksize (kernels/linear.py, ``_launch_matmul``).
-INTERPRETED_FUSED = ["_lora_down_kernel", "_matmul_lora_kernel"]
-INTERPRETED_BACKWARD = [name for name in BACKWARD if name != "_dequantize_4bit_kernel"]
+# The GPU plan of the fused path (up to FUSED_MAX_M rows, K a multiple of the blocksize).
+FUSED_BACKWARD = [name for name in BACKWARD if name != "_dequantize_4bit_kernel"]
+# The interpreter's plan when K is a multiple of the blocksize (kernels/linear.py, ``_launch_matmul`` and
+# ``_folds_down``): the fused GEMM computes u (without dropout) and g in its K loop.
+INTERPRETED_BACKWARD = ["_matmul_lora_kernel", "_lora_grad_kernel", "_lora_grad_kernel"]
 
 
 @pytest.mark.parametrize("m, k, forward, backward", [
     (1, 64, GEMV, INTERPRETED_BACKWARD),
-    (32, 64, INTERPRETED_FUSED, INTERPRETED_BACKWARD),
+    (32, 64, None, INTERPRETED_BACKWARD),
     (32, 96, DEQUANT, BACKWARD),  # K not a multiple of the blocksize (64): the dequantize-then-GEMM path
 ], ids=["gemv", "fused", "dequant"])
 @pytest.mark.parametrize("p", [0.0, 0.3], ids=["no_dropout", "dropout"])
 def test_recorded_launches_of_forward_and_backward(m, k, forward, backward, p):
     """Kernels launched by a real forward + backward (interpreter: no split reductions), in order; with dropout the
-    mask kernel runs once, first in the forward, and never in the backward (which reads the saved mask)."""
+    mask kernel runs once, first in the forward, and never in the backward (which reads the saved mask). The fused
+    forward reads u from lora_down only with dropout."""
+    if forward is None:
+        forward = ["_lora_down_kernel", "_matmul_lora_kernel"] if p else ["_matmul_lora_kernel"]
     rec = L.layer_launches(m, k, 24, 4, p, execute=True)
     assert list(rec.forward) == (["_dropout_bits_kernel"] if p else []) + forward
     assert list(rec.backward) == backward
@@ -56,7 +61,7 @@ def test_gpu_plan_adds_the_split_reductions():
     rows = {(r.m, r.dropout_p): r for r in L.report(shapes=[(1, 4096, 4096, 16, 0.0), (1, 4096, 4096, 16, 0.1),
                                                             (32, 4096, 4096, 16, 0.1), (4096, 4096, 4096, 16, 0.0)])}
     # Up to FUSED_MAX_M rows (K a multiple of the blocksize) forward and dx decode W in the GEMM: no dequantize.
-    split_backward = ["_lora_down_kernel", "_sum_splits_kernel", *INTERPRETED_BACKWARD[1:]]
+    split_backward = ["_lora_down_kernel", "_sum_splits_kernel", *FUSED_BACKWARD[1:]]
     assert list(rows[1, 0.0].forward) == GEMV and list(rows[1, 0.0].backward) == split_backward
     assert list(rows[1, 0.1].forward) == ["_dropout_bits_kernel", *GEMV]
     assert list(rows[32, 0.1].forward) == ["_dropout_bits_kernel", "_lora_down_kernel", "_sum_splits_kernel",
@@ -73,3 +78,15 @@ def test_gpu_plan_adds_the_split_reductions():
 def test_gpu_plan_needs_stubbed_kernels():
     with pytest.raises(ValueError, match="execute=False"):
         L.layer_launches(1, 64, 24, 4, execute=True, gpu_sms=132)
+
+
+def test_stubbed_recording_leaves_no_codebook_built_by_a_stubbed_kernel():
+    """A stubbed recording quantizes its weight with kernels that do not run: the NF4 table it builds on the way
+    (uninitialized memory) must not stay in the codebook cache for the rest of the process."""
+    from qlora.kernels import codebook as KC
+    from qlora.reference import codebook as RC
+
+    KC._normal_float_cached.cache_clear()
+    L.layer_launches(32, 64, 24, 4, 0.0, execute=False)
+    table = KC.normal_float_codebook(4)
+    assert table.numpy().tobytes() == RC.normal_float_codebook(4).astype("float32").tobytes()
