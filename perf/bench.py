@@ -304,7 +304,8 @@ _ADAMW_VARIANT = {
     "bnb_PagedAdamW": "adamw32",
 }
 # The roofline approach of each bench_linear implementation: qlora_default is the default dispatch (the roofline's
-# "qlora_default": the GEMV at M <= 16, dequantize-then-GEMM above); qlora_fused_tiled (and qlora_fused, the
+# "qlora_default": the GEMV at M <= 16, the fused kernel up to 1024 rows, dequantize-then-GEMM above);
+# qlora_fused_tiled (and qlora_fused, the
 # default dispatch's name in results saved before the rename, when it ran the fused tiled kernel) the fused tiled
 # kernel ("fused").
 _LINEAR_APPROACH = {"qlora_default": "qlora_default", "qlora_fused": "fused", "qlora_fused_tiled": "fused",
