@@ -353,7 +353,7 @@ def _matmul_lora_kernel(
     a_ptr, b_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr, code_ptr, l_ptr, rm_ptr, bias_ptr, bits_ptr, c_ptr,
     down_ptr,
     # sizes
-    M, N, K, R, offset, lora_scale, words_per_row, down_scale,
+    M, N, K, R, offset, lora_scale, words_per_row,
     # strides
     stride_am, stride_ak, stride_bk, stride_bn, stride_rr, stride_rn, stride_dk, stride_dr,
     # meta-parameters
@@ -373,7 +373,7 @@ def _matmul_lora_kernel(
     16-byte vectors and the operand loads are 128-bit. PAIRS (with B_NF4; the interpreter's default, K a multiple
     of BLOCKSIZE): W decoded a packed byte at a time (:func:`_nf4_pair_tile`), its even and odd columns multiplied
     with the even and odd columns of a (forward) or into the even and odd columns of c (dx). FOLD_DOWN (R <=
-    BLOCK_R): l is not read but computed in the K loop from the a tiles already loaded, l = down_scale * a @ d with
+    BLOCK_R): l is not read but computed in the K loop from the a tiles already loaded, l = a @ d with
     d (K, R) at ``k * stride_dk + r * stride_dr`` (u = x A^T in a forward without dropout, g = dy B in dx), and
     written (float32, contiguous) by the programs of column tile 0.
     """
@@ -448,7 +448,6 @@ def _matmul_lora_kernel(
 
     lora = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     if FOLD_DOWN:
-        down = down * down_scale
         if pid_n == 0:
             tl.store(l_ptr + offs_m[:, None] * R + offs_down[None, :], down, mask=mask_m[:, None] & mask_down[None, :])
         rm = load_tile(rm_ptr, offs_down, offs_n, stride_rr, stride_rn, mask_down, mask_n)
@@ -714,10 +713,10 @@ def _folds_down(path: str, r: int, dropout: bool) -> bool:
 
 
 def _launch_matmul(a, weight: _Weight, transposed: bool, l, rm, stride_rr, stride_rn, bias, keep, out, lora_scale,
-                   plan, down=None, down_scale: float = 1.0):
+                   plan, down=None):
     """out (M, cols) = a @ (W^T if transposed else W) + lora_scale * (round(l) @ rm) [* keep] + bias, ``plan`` from
     :func:`_matmul_plan`. ``down`` = (d, stride_dk, stride_dr): l (float32 (M, R)) is written by the kernel as
-    ``down_scale * a @ d`` instead of read. ``keep`` masks the LoRA term (dx)."""
+    ``a @ d`` instead of read. ``keep`` masks the LoRA term (dx)."""
     m, inner = a.shape
     cols = out.shape[1]
     r = l.shape[1]
@@ -737,7 +736,7 @@ def _launch_matmul(a, weight: _Weight, transposed: bool, l, rm, stride_rr, strid
         consts = weight.consts(weight.k, 1)
     d, stride_dk, stride_dr = down if down is not None else (rm, 0, 0)
     args = (a, b, *weight.ptrs[1:], l, rm, out if bias is None else bias, out if keep is None else keep, out, d,
-            m, cols, inner, r, weight.offset, float(lora_scale), cdiv(weight.k, 32), float(down_scale),
+            m, cols, inner, r, weight.offset, float(lora_scale), cdiv(weight.k, 32),
             a.stride(0), a.stride(1), stride_bk, stride_bn, stride_rr, stride_rn, stride_dk, stride_dr)
     # Unit strides stay 1 (Triton specializes them); the others, N and K must be multiples of 16.
     aligned = (not interp and a.stride(1) == 1 and min(stride_bk, stride_bn) <= 1
@@ -980,7 +979,7 @@ def compile_specs() -> list[KernelSpec]:
     dt = "bf16"
     specs: list[KernelSpec] = []
     types = {**_WEIGHT_TYPES, "a_ptr": f"*{dt}", "l_ptr": "*fp32", "rm_ptr": f"*{dt}", "bias_ptr": f"*{dt}",
-             "bits_ptr": "*i32", "c_ptr": f"*{dt}", "down_ptr": f"*{dt}", "lora_scale": "fp32", "down_scale": "fp32"}
+             "bits_ptr": "*i32", "c_ptr": f"*{dt}", "down_ptr": f"*{dt}", "lora_scale": "fp32"}
     # (config, kind): "dense" (after the dequantize launch), "fused" (K a multiple of the blocksize: PAIRS) and
     # "fused_percode" (the first fused config where K is not: codes decoded one by one, scales per element). No
     # FOLD_DOWN build: only the interpreter folds (_folds_down).

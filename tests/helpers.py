@@ -3,10 +3,31 @@ worker script runs from this folder)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 from torch import nn
+
+
+@contextlib.contextmanager
+def interpreted_launches():
+    """Within the block, the name of every kernel the Triton interpreter launches is appended to the yielded list
+    (in launch order); the kernels run as usual."""
+    from triton.runtime import interpreter
+
+    names: list[str] = []
+    original = interpreter.InterpretedFunction.run
+
+    def run(self, *args, **kwargs):
+        names.append(self.fn.__name__)
+        return original(self, *args, **kwargs)
+
+    interpreter.InterpretedFunction.run = run
+    try:
+        yield names
+    finally:
+        interpreter.InterpretedFunction.run = original
 
 
 def nf4_equal(a, b) -> bool:

@@ -36,6 +36,8 @@ from qlora.functional import qlora_linear
 from qlora.kernels._runtime import kernel_device
 from qlora.nf4 import quantize_nf4
 
+from helpers import interpreted_launches
+
 
 def _pick_backend() -> str:
     try:
@@ -189,24 +191,15 @@ def test_dropout_same_seed_same_mask_compiled_and_eager():
     assert counter.frame_count <= 2
 
 
-def test_compiled_dropout_mask_generated_once(monkeypatch):
+def test_compiled_dropout_mask_generated_once():
     """Compiled forward + backward launch the dropout mask kernel once: the forward operator returns the bit-packed
     mask, it is saved for the backward operator, which reads it instead of the seed."""
-    from triton.runtime import interpreter
-
     model = _model(bias=True, dropout=0.3)
     x, probe = _inputs()
     compiled = torch.compile(model, fullgraph=True, backend=BACKEND)
     _step(compiled, model, x, probe, rng_seed=3)  # compile outside the count
-    launched = []
-    original = interpreter.InterpretedFunction.run
-
-    def run(self, *args, **kwargs):
-        launched.append(self.fn.__name__)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(interpreter.InterpretedFunction, "run", run)
-    _step(compiled, model, x, probe, rng_seed=3)
+    with interpreted_launches() as launched:
+        _step(compiled, model, x, probe, rng_seed=3)
     layers = sum(isinstance(mod, QLoRALinear) for mod in model.modules())
     assert launched.count("_dropout_bits_kernel") == layers, launched  # one per layer, forward + backward
 

@@ -25,6 +25,8 @@ from qlora.layers import QLoRALinear
 from qlora.nf4 import NF4Weight, quantize_nf4
 from qlora.reference.linear import qlora_linear_backward, qlora_linear_forward
 
+from helpers import interpreted_launches
+
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -173,16 +175,8 @@ def test_interpreter_pair_decode_with_small_tiles_matches_oracle(block_n, block_
     forward and dx through the default launchers (no config), no dequantize launch."""
     from unittest import mock
 
-    from triton.runtime import interpreter
-
     case["k"] = case["blocksize"] * blocks
     case["lead"] = (17 + case["seed"] % 24,)
-    launched = []
-    original_run = interpreter.InterpretedFunction.run
-
-    def run(self, *args, **kwargs):
-        launched.append(self.fn.__name__)
-        return original_run(self, *args, **kwargs)
 
     def tiles(rows, cols, inner, path):
         assert path == "fused"
@@ -191,8 +185,7 @@ def test_interpreter_pair_decode_with_small_tiles_matches_oracle(block_n, block_
     weight, x, lora_a, lora_b, bias, dy = _build(case)
     dtype, p, seed = case["dtype"], case["dropout_p"], case["seed"] % (2**31)
     kw = _weight_kwargs(weight)
-    with mock.patch.object(K, "_interpreter_config", tiles), \
-            mock.patch.object(interpreter.InterpretedFunction, "run", run):
+    with mock.patch.object(K, "_interpreter_config", tiles), interpreted_launches() as launched:
         y, u = K.nf4_lora_forward(x, lora_a=lora_a, lora_b=lora_b, scaling=case["scaling"], bias=bias,
                                   dropout_p=p, seed=seed, **kw)
         grads = K.nf4_lora_backward(dy, x, u, lora_a=lora_a, lora_b=lora_b, scaling=case["scaling"], dropout_p=p,
@@ -581,20 +574,6 @@ def test_seed_tensor_is_never_read_on_the_host(monkeypatch):
     assert x.grad is not None and a.grad is not None
 
 
-def _count_launches(monkeypatch):
-    from triton.runtime import interpreter
-
-    counts = []
-    original = interpreter.InterpretedFunction.run
-
-    def run(self, *args, **kwargs):
-        counts.append(self.fn.__name__)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(interpreter.InterpretedFunction, "run", run)
-    return counts
-
-
 @pytest.mark.parametrize("m, k, p, forward, backward", [
     (1, 64, 0.0, ["_nf4_gemv_kernel", "_gemv_epilogue_kernel"], 3),
     (16, 64, 0.3, ["_dropout_bits_kernel", "_nf4_gemv_kernel", "_gemv_epilogue_kernel"], 3),
@@ -602,7 +581,7 @@ def _count_launches(monkeypatch):
     (20, 64, 0.3, ["_dropout_bits_kernel", "_lora_down_kernel", "_matmul_lora_kernel"], 3),
     (40, 48, 0.3, ["_dropout_bits_kernel", "_lora_down_kernel", "_dequantize_4bit_kernel", "_matmul_lora_kernel"], 5),
 ])
-def test_launch_counts_per_layer(monkeypatch, m, k, p, forward, backward):
+def test_launch_counts_per_layer(m, k, p, forward, backward):
     """Launches per layer under the interpreter as the module docstring states them (no split lora_down; W decoded
     in the GEMM's K loop when K is a multiple of the blocksize, with u = x A^T (no dropout) and g = dy B computed
     there too; else W dequantized into a buffer first); the backward reuses the forward's bit-packed mask:
@@ -613,12 +592,12 @@ def test_launch_counts_per_layer(monkeypatch, m, k, p, forward, backward):
     b = _randn(gen, (24, 4), torch.bfloat16)
     kw = _weight_kwargs(weight)
     keep = KL.lora_dropout_bits(9, (m, k), p) if p > 0 else None
-    counts = _count_launches(monkeypatch)
-    y, u = K.nf4_lora_forward(x, lora_a=a, lora_b=b, scaling=1.0, dropout_p=p, seed=9, **kw)
-    assert counts == forward
-    counts.clear()
-    K.nf4_lora_backward(torch.ones_like(y), x, u, lora_a=a, lora_b=b, scaling=1.0, dropout_p=p, keep=keep,
-                        need_bias=True, **kw)
+    with interpreted_launches() as counts:
+        y, u = K.nf4_lora_forward(x, lora_a=a, lora_b=b, scaling=1.0, dropout_p=p, seed=9, **kw)
+        assert counts == forward
+        counts.clear()
+        K.nf4_lora_backward(torch.ones_like(y), x, u, lora_a=a, lora_b=b, scaling=1.0, dropout_p=p, keep=keep,
+                            need_bias=True, **kw)
     assert len(counts) == backward, counts
 
 
@@ -643,10 +622,10 @@ def test_dropout_mask_generated_once_and_read_by_the_backward(monkeypatch, m):
         return masks[-1]
 
     monkeypatch.setattr(K, "lora_dropout_bits", recording)
-    counts = _count_launches(monkeypatch)
-    y = qlora_linear(x, weight, a, b, scaling, bias, dropout_p=p, training=True, seed=seed)
-    assert counts.count("_dropout_bits_kernel") == 1
-    y.backward(dy)
+    with interpreted_launches() as counts:
+        y = qlora_linear(x, weight, a, b, scaling, bias, dropout_p=p, training=True, seed=seed)
+        assert counts.count("_dropout_bits_kernel") == 1
+        y.backward(dy)
     assert counts.count("_dropout_bits_kernel") == 1, counts  # the backward launched none
     monkeypatch.undo()
     (keep,) = masks
