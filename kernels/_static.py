@@ -42,6 +42,8 @@ class KernelSpec:
       dequantized or stepped (quantize and optimizer kernels; for a kernel without a loop, the elements one
       program handles, over which its whole instruction stream is counted); 0 for no per-element figure.
     - ``weight_arg``: the argument holding the packed weight bytes (for the widest-load figure).
+    - ``targets``: the compile targets (``"sm_80"``, ``"sm_90"``, ``"gfx942"``, ``"gfx90a"``) on which a launcher
+      picks this build; None for all. A config chosen per GPU architecture is built only where it is launched.
     """
 
     name: str
@@ -53,6 +55,7 @@ class KernelSpec:
     regime: str | None = None
     weight_elements_per_iteration: int | None = None
     weight_arg: str | None = None
+    targets: tuple[str, ...] | None = None
 
     def launch_values(self) -> dict[str, Any]:
         """Value of every non-constexpr, non-pointer argument for the launch this build stands for.

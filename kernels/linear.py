@@ -5,7 +5,8 @@ wherever W is dequantized it equals ``dequantize_4bit(..., dtype)`` bit for bit.
 GPU K must be a multiple of the blocksize for the first two):
 
 - ``"gemv"`` (M <= ``SMALL_M``): ``_nf4_gemv_kernel`` + ``_gemv_epilogue_kernel`` (forward only);
-- ``"fused"`` (M <= ``FUSED_MAX_M``; dx also at M <= ``SMALL_M``; the interpreter's default at every M):
+- ``"fused"`` (M <= ``FUSED_MAX_M`` of the GPU's architecture; dx also at M <= ``SMALL_M``; the interpreter's
+  default at every M):
   ``_matmul_lora_kernel`` decoding W a packed byte at a time in its K loop, the LoRA term and bias in its epilogue;
 - ``"dequant"`` (otherwise): W dequantized into a buffer, then the same GEMM on the dense W.
 LoRA helpers and the bit-packed dropout mask are in :mod:`.lora`. Launch counts, the choice of paths and the
@@ -32,8 +33,14 @@ from .lora import (LORA_BLOCK_RS, SPLIT_CHOICES, check_scalar, lora_block_r, lor
 from .quantize import launch_dequantize_4bit, unpack_4bit
 
 NESTED_BLOCKSIZE = 256
+# Whether the interpreter runs the interleaved-pair layout of the fused kernel (the GPU's on sm_90) and of the
+# decode GEMV (every GPU's) instead of their even/odd split; tests set it so that the layout GPUs run is checked
+# against the oracle on a CPU too.
+INTERLEAVE_UNDER_INTERPRETER = tl.constexpr(False)
 SMALL_M = 16  # at or below this many rows the forward takes the GEMV-shaped decode path
-FUSED_MAX_M = 1024  # up to this many rows (above SMALL_M) forward and dx take the fused tiled kernel (choose_path)
+# Up to this many rows (above SMALL_M) forward and dx take the fused tiled kernel, per GPU architecture (gpu_arch;
+# None: at every M; choose_path says why).
+FUSED_MAX_M: dict[int, int | None] = {8: None, 9: 256}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -113,6 +120,17 @@ def _nvidia_target(_semantic=None):
     return tl.constexpr(getattr(_semantic.builder.options, "backend_name", "") == "cuda")
 
 
+@tl.core.builtin
+def _wgmma_target(_semantic=None):
+    """constexpr True when compiling for an NVIDIA GPU of compute capability 9.0 or above (warpgroup MMA, whose B
+    operand is read from shared memory), False for earlier NVIDIA GPUs and AMD."""
+    options = _semantic.builder.options
+    if getattr(options, "backend_name", "") != "cuda":
+        return tl.constexpr(False)
+    digits = "".join(ch for ch in str(getattr(options, "arch", "") or "") if ch.isdigit())
+    return tl.constexpr(bool(digits) and int(digits) >= 90)
+
+
 @triton.jit
 def _lane_code_table(code_ptr):
     """The scalar ``code[L % 16]`` (float32) in the thread of warp lane L: the 16-entry table spread over the lanes
@@ -172,7 +190,7 @@ def _pair_tables(code_ptr):
 def _nf4_pair_tile(packed_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr, code_ptr, offset, table_hi, table_lo,
                    rows, mask_rows, col0, row_len,
                    BLOCK_C: tl.constexpr, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-                   NESTED_BLOCKSIZE: tl.constexpr, INDEX_64: tl.constexpr):
+                   NESTED_BLOCKSIZE: tl.constexpr, INDEX_64: tl.constexpr, COLS_IN_BOUNDS: tl.constexpr):
     """(w_even, w_odd) float32 (len(rows), BLOCK_C // 2): ``code[q] * scale`` of W (?, row_len) at rows ``rows``
     and columns ``col0 + 2j`` (even) and ``col0 + 2j + 1`` (odd); finite outside W (callers zero the other
     operand there). ``table_hi`` / ``table_lo`` from :func:`_pair_tables`.
@@ -180,12 +198,18 @@ def _nf4_pair_tile(packed_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr, code_pt
     Each packed byte is loaded once (a row's bytes are contiguous: wide loads) and its two codes looked up by two
     gathers (interpreter), two lane shuffles (NVIDIA) or two select trees (AMD). Needs row_len a multiple of
     BLOCKSIZE and col0 a multiple of min(BLOCK_C, BLOCKSIZE): a row of the tile lies in one scale block, or
-    holds whole blocks whose scales are broadcast over their bytes."""
+    holds whole blocks whose scales are broadcast over their bytes. COLS_IN_BOUNDS: the caller knows col0 + BLOCK_C
+    <= row_len (no column mask: the forward's K step when K is a multiple of the step)."""
     if INDEX_64:
         rows = rows.to(tl.int64)
     offs_b = col0 // 2 + tl.arange(0, BLOCK_C // 2)
-    mask = mask_rows[:, None] & (offs_b < row_len // 2)[None, :]
-    byte = tl.load(packed_ptr + rows[:, None] * (row_len // 2) + offs_b[None, :], mask=mask, other=0).to(tl.int32)
+    if COLS_IN_BOUNDS:
+        mask = tl.broadcast_to(mask_rows[:, None], (rows.shape[0], BLOCK_C // 2))
+    else:
+        mask = mask_rows[:, None] & (offs_b < row_len // 2)[None, :]
+    # row_len is a multiple of the blocksize (>= 32): written so, the compiler sees 16-byte aligned rows.
+    byte = tl.load(packed_ptr + rows[:, None] * ((row_len // 32) * 16) + offs_b[None, :], mask=mask,
+                   other=0).to(tl.int32)
     if INTERPRETER:
         flat = tl.reshape(byte, (byte.shape[0] * (BLOCK_C // 2),))
         v_even = tl.reshape(tl.gather(table_hi, flat, 0), byte.shape)
@@ -228,8 +252,9 @@ def _nf4_gemv_kernel(
     column tile 0 u_ws[s] (M, R) float32 = (x * keep)[:, split s] @ A[:, split s]^T.
 
     Program (n tile, s) reads rows of W as packed bytes (row n starts at byte n * K / 2): high nibbles are the
-    even columns, low nibbles the odd ones, so x is split into its even and odd columns instead of interleaving
-    W. SUB_K = min(BLOCK_K, BLOCKSIZE): the tile's K range holds BLOCK_K / SUB_K scale blocks per row.
+    even columns, low nibbles the odd ones. On sm_90 the two values of a byte are interleaved into W's column
+    order; elsewhere x is split into its even and odd columns instead. SUB_K =
+    min(BLOCK_K, BLOCKSIZE): the tile's K range holds BLOCK_K / SUB_K scale blocks per row.
     """
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -255,7 +280,18 @@ def _nf4_gemv_kernel(
     LANE_TABLE: tl.constexpr = not INTERPRETER and _nvidia_target()
     if LANE_TABLE:
         table = _lane_code_table(code_ptr)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # INTERLEAVE (sm_90): a byte's two values side by side (W's own column order), W the MMA's first operand and
+    # y^T the accumulator: one dot per step, no even/odd split of x (perf static, M = 1: 7.1 -> 6.1 instructions per
+    # weight element under triton 3.9, 6.2 -> 5.0 under 3.6). Not on sm_80 (6.2 either way, 96 -> 128 registers)
+    # nor AMD (twice the LDS).
+    if INTERPRETER:
+        INTERLEAVE: tl.constexpr = INTERLEAVE_UNDER_INTERPRETER
+    else:
+        INTERLEAVE: tl.constexpr = _wgmma_target()
+    if INTERLEAVE:
+        acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         offs_kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
         mask_kb = offs_kb < k_end_half
@@ -283,9 +319,14 @@ def _nf4_gemv_kernel(
                                        (BLOCK_N, BLOCK_K // 2)), compute_dtype)
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = load_tile(x_ptr, offs_m, offs_k, stride_xm, stride_xk, mask_m, offs_k < k_end)
-        x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_K // 2, 2)))
-        acc = dot(x_even, tl.trans(w_hi), acc)
-        acc = dot(x_odd, tl.trans(w_lo), acc)
+        if INTERLEAVE:
+            acc_t = dot(tl.interleave(w_hi, w_lo), tl.trans(x), acc_t)
+        else:
+            x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_K // 2, 2)))
+            acc = dot(x_even, tl.trans(w_hi), acc)
+            acc = dot(x_odd, tl.trans(w_lo), acc)
+    if INTERLEAVE:
+        acc = tl.trans(acc_t)
     ws = ws_ptr + pid_s.to(tl.int64) * M * N
     tl.store(ws + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask_m[:, None] & mask_n[None, :])
 
@@ -359,8 +400,8 @@ def _matmul_lora_kernel(
     # meta-parameters
     B_NF4: tl.constexpr, B_TRANSPOSED: tl.constexpr, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
     NESTED_BLOCKSIZE: tl.constexpr, ROW_SCALE: tl.constexpr, INDEX_64: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, ALIGNED: tl.constexpr, PAIRS: tl.constexpr, FOLD_DOWN: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, ALIGNED: tl.constexpr, EVEN_K: tl.constexpr, PAIRS: tl.constexpr,
+    FOLD_DOWN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
     """c (M, N) = a (M, K) @ b (K, N) + lora_scale * (round(l) @ rm) [* keep] + bias, float32 accumulation.
@@ -400,9 +441,15 @@ def _matmul_lora_kernel(
     mask_n = offs_n < N
 
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+    # INTERLEAVE (PAIRS): a byte's two values side by side in W's own column order, one dot per K step; else the
+    # even and odd columns apart (perf/README.md, "Fewer instructions per K step", has the figures behind the rule).
+    if INTERPRETER:
+        INTERLEAVE: tl.constexpr = INTERLEAVE_UNDER_INTERPRETER
+    else:
+        INTERLEAVE: tl.constexpr = _wgmma_target() or (_nvidia_target() and not B_TRANSPOSED and BLOCK_M >= 128)
     if PAIRS:
         table_hi, table_lo = _pair_tables(code_ptr)
-        if not B_TRANSPOSED:  # dx: the even and the odd output columns, interleaved after the loop
+        if not INTERLEAVE and not B_TRANSPOSED:  # dx: the even and the odd output columns, interleaved after the loop
             acc = tl.full((BLOCK_M, BLOCK_N // 2), 0.0, tl.float32)
             acc_odd = tl.full((BLOCK_M, BLOCK_N // 2), 0.0, tl.float32)
     if FOLD_DOWN:
@@ -411,7 +458,10 @@ def _matmul_lora_kernel(
         down = tl.full((BLOCK_M, BLOCK_R), 0.0, tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
+        if EVEN_K:  # no K-bound mask: the loads' predicates stay loop-invariant
+            mask_k = tl.full((BLOCK_K,), 1, tl.int1)
+        else:
+            mask_k = offs_k < K
         a = load_tile(a_ptr, offs_m, offs_k, stride_am, stride_ak, mask_m, mask_k)
         if FOLD_DOWN:
             down = dot(a, load_tile(down_ptr, offs_k, offs_down, stride_dk, stride_dr, mask_k, mask_down), down)
@@ -419,16 +469,23 @@ def _matmul_lora_kernel(
             if B_TRANSPOSED:  # W (N, K): the tile's rows are offs_n, its columns the K step
                 w_even, w_odd = _nf4_pair_tile(b_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr, code_ptr, offset,
                                                table_hi, table_lo, offs_n, mask_n, k0, K, BLOCK_K, BLOCKSIZE,
-                                               DOUBLE_QUANT, NESTED_BLOCKSIZE, INDEX_64)
-                a_even, a_odd = tl.split(tl.reshape(a, (BLOCK_M, BLOCK_K // 2, 2)))
-                acc = dot(a_even, tl.trans(round_to(w_even, compute_dtype)), acc)
-                acc = dot(a_odd, tl.trans(round_to(w_odd, compute_dtype)), acc)
+                                               DOUBLE_QUANT, NESTED_BLOCKSIZE, INDEX_64, EVEN_K)
+                if not INTERLEAVE:
+                    a_even, a_odd = tl.split(tl.reshape(a, (BLOCK_M, BLOCK_K // 2, 2)))
+                    acc = dot(a_even, tl.trans(round_to(w_even, compute_dtype)), acc)
+                    acc = dot(a_odd, tl.trans(round_to(w_odd, compute_dtype)), acc)
+                else:
+                    w = tl.interleave(round_to(w_even, compute_dtype), round_to(w_odd, compute_dtype))
+                    acc = dot(a, tl.trans(w), acc)
             else:  # W (K, N) here: the tile's rows are the reduction step, its columns this program's outputs
                 w_even, w_odd = _nf4_pair_tile(b_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr, code_ptr, offset,
                                                table_hi, table_lo, offs_k, mask_k, pid_n * BLOCK_N, N, BLOCK_N,
-                                               BLOCKSIZE, DOUBLE_QUANT, NESTED_BLOCKSIZE, INDEX_64)
-                acc = dot(a, round_to(w_even, compute_dtype), acc)
-                acc_odd = dot(a, round_to(w_odd, compute_dtype), acc_odd)
+                                               BLOCKSIZE, DOUBLE_QUANT, NESTED_BLOCKSIZE, INDEX_64, False)
+                if not INTERLEAVE:
+                    acc = dot(a, round_to(w_even, compute_dtype), acc)
+                    acc_odd = dot(a, round_to(w_odd, compute_dtype), acc_odd)
+                else:
+                    acc = dot(a, tl.interleave(round_to(w_even, compute_dtype), round_to(w_odd, compute_dtype)), acc)
         elif B_NF4:
             if B_TRANSPOSED:
                 w = _dequant_tile(b_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr, code_ptr, offset,
@@ -443,7 +500,7 @@ def _matmul_lora_kernel(
             b = load_tile(b_ptr, offs_k, offs_n, stride_bk, stride_bn, mask_k, mask_n)
         if not PAIRS:
             acc = dot(a, b, acc)
-    if PAIRS and not B_TRANSPOSED:
+    if PAIRS and not INTERLEAVE and not B_TRANSPOSED:
         acc = tl.reshape(tl.join(acc, acc_odd), (BLOCK_M, BLOCK_N))
 
     lora = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
@@ -508,16 +565,23 @@ GPU_CONFIGS: dict[int, tuple[MatmulConfig, ...]] = {
     8: (MatmulConfig(128, 128, 64, num_warps=8, num_stages=4, path="dequant"),),
     9: (MatmulConfig(128, 128, 64, num_warps=8, num_stages=4, path="dequant"),),
 }
-# The fused tiled kernel (path "fused"): 64-row tiles for few rows, 128 x 128 x 64 with 8 warps where rows are
-# many (W decoded once per 128 rows). Both decode a packed byte at a time when K is a multiple of the blocksize
-# (PAIRS); as launched, bf16, perf static: 64 x 64 x 32 issues 11.5 / 12.2 instructions per weight element on
-# sm_90 / sm_80 (triton 3.9; 11.6 / 11.4 under 3.6) and 128 x 128 x 64 8.9 / 14.8 (9.8 / 16.1), issue_to_mma
-# 1.11 / 0.93 forward and 1.07 / 1.01 dx (3.9), 0 spills; the code-by-code decode before: 31.8 / 37.2.
-FUSED_CONFIGS = (MatmulConfig(64, 64, 32, num_warps=4), MatmulConfig(128, 128, 64, num_warps=8, num_stages=3))
+# The fused tiled kernel (path "fused") per GPU architecture: 64-row tiles for few rows, 128-row tiles with 8 warps
+# where rows are many (W decoded once per 128 rows). Both decode a packed byte at a time when K is a multiple of
+# the blocksize (PAIRS). On sm_90 the 128-row tile takes a 128-wide K step: the per-step cost of the pipelined
+# loads and barriers is spread over twice the weight elements (perf static, triton 3.9, bf16, forward / dx, as
+# measured when the step was chosen: 128 x 128 x 64 8.4 / 7.8 instructions per weight element, issue_to_mma
+# 1.05 / 0.98; 128 x 128 x 128 6.8 / 6.6, 0.86 / 0.83; with 16-byte packed loads since, 6.5 / 6.5, 0.81 / 0.81;
+# 0 spills, 148 KiB of shared memory). On sm_80 that tile spills (dx: 192 bytes at 255 registers), so it keeps the
+# 64-wide step (14.2 / 13.4, 0.89 / 0.84), as do AMD GPUs (gpu_arch). 64 x 64 x 32: 10.8 / 9.7 on sm_90, 11.9 /
+# 12.9 on sm_80.
+FUSED_CONFIGS: dict[int, tuple[MatmulConfig, MatmulConfig]] = {
+    8: (MatmulConfig(64, 64, 32, num_warps=4), MatmulConfig(128, 128, 64, num_warps=8, num_stages=3)),
+    9: (MatmulConfig(64, 64, 32, num_warps=4), MatmulConfig(128, 128, 128, num_warps=8, num_stages=3)),
+}
 # Decode: 16-row tile (tl.dot's minimum), 64 columns of W x 128 of K (two 64-element scale blocks, 32 packed bytes
 # per thread) per step. One stage: latency is hidden by occupancy (72-96 registers). With the code table looked up
-# by warp shuffles, instructions per weight element as launched at M = 1 (perf static, sm_90 / sm_80): 7.1 / 6.2
-# under triton 3.9, 6.2 / 6.2 under 3.6; at 64 x 64: 7.9 / 6.7 (3.9), 7.7 / 6.7 (3.6, and 8 bytes of spill on
+# by warp shuffles, instructions per weight element as launched at M = 1 (perf static, sm_90 / sm_80): 6.1 / 6.2
+# under triton 3.9, 5.0 / 6.2 under 3.6 (sm_90 with the interleaved layout; 7.1 and 6.2 before); at 64 x 64: 7.9 / 6.7 (3.9), 7.7 / 6.7 (3.6, and 8 bytes of spill on
 # sm_90); the gather-load lookup before, 64 x 64: 11.2 / 10.1 (3.9), 13.9 / 11.8 (3.6).
 SMALL_M_CONFIG = MatmulConfig(16, 64, 128, group_m=1, num_warps=4, num_stages=1, path="gemv")
 EPILOGUE_BLOCK_N = 128
@@ -533,56 +597,76 @@ def _interpreter_config(rows: int, cols: int, inner: int, path: str) -> MatmulCo
 
 
 def _autotuned(configs: tuple[MatmulConfig, ...]):
+    # EVEN_K follows the config's BLOCK_K, which only the autotuner knows: a heuristic inside it.
     return triton.autotune(
         configs=[triton.Config(c.meta(), num_warps=c.num_warps, num_stages=c.num_stages) for c in configs],
         key=["M", "N", "K"],
-    )(_matmul_lora_kernel)
+    )(triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})(_matmul_lora_kernel))
 
 
 _TUNED: dict[int, object] = {}
 
 
+_GPU_ARCH: list[int] = []
+
+
+def gpu_arch() -> int:
+    """The current GPU's key in ``GPU_CONFIGS`` / ``FUSED_CONFIGS`` (asked of the driver once): 9 for NVIDIA GPUs
+    from compute capability 9.0 on, else 8. AMD GPUs (ROCm reports a capability 9.x) take 8: there the fused
+    kernel's 128-wide K step spills (perf static, gfx942 / gfx90a: 132 / 144 bytes of scratch)."""
+    if not _GPU_ARCH:
+        major = torch.cuda.get_device_capability()[0]
+        _GPU_ARCH.append(9 if major >= 9 and torch.version.hip is None else 8)
+    return _GPU_ARCH[0]
+
+
 def _tuned_matmul():
     """The autotuned dense GEMM for the current GPU's architecture (built on first use)."""
-    arch = 9 if torch.cuda.get_device_capability()[0] >= 9 else 8
+    arch = gpu_arch()
     if arch not in _TUNED:
         _TUNED[arch] = _autotuned(GPU_CONFIGS[arch])
     return _TUNED[arch]
 
 
-def choose_path(m: int, k: int, blocksize: int, config: MatmulConfig | None = None) -> str:
-    """The forward path for M rows and K columns (a GPU's default dispatch): where W's rows are whole scale blocks
-    (K a multiple of the blocksize), the GEMV kernel at M <= SMALL_M and the fused tiled kernel at M <=
-    FUSED_MAX_M; the dequantize-then-GEMM path otherwise.
+def choose_path(m: int, k: int, blocksize: int, config: MatmulConfig | None = None, arch: int | None = None) -> str:
+    """The forward path for M rows and K columns (a GPU's default dispatch) on GPU architecture ``arch`` (a
+    ``FUSED_MAX_M`` key; default this GPU's, :func:`gpu_arch`): where W's rows are whole scale blocks (K a
+    multiple of the blocksize), the GEMV kernel at M <= SMALL_M and the fused tiled kernel at M <=
+    ``FUSED_MAX_M[arch]`` (None: any M); the dequantize-then-GEMM path otherwise.
 
     Why, by the static cost model (``python -m perf roofline``, perf/README.md): at M <= 16 the work is reading W,
-    and the GEMV reads its packed bytes once (0.5 B per element, split over K to fill the SMs). Up to 1024 rows
-    the fused kernel, which decodes each packed byte once in its K loop (8.6-16 instructions per weight element,
-    issue_to_mma 0.9-1.2 at 128 x 128 x 64), is predicted faster than writing W in bf16 and reading it back
-    (4.5 B per element) on A100, H100 and H200 under triton 3.6 and 3.9. With more rows the dense GEMM after
-    one dequantize launch (issue_to_mma 0.4-0.5, MMA-bound) wins on H100 / H200 (the crossover is predicted at
-    1024-4096 rows, by device and Triton version). Where K is not a multiple of the blocksize the fused kernel
-    decodes code by code (43-72 instructions per element) and the dequantize path wins at every M."""
+    and the GEMV reads its packed bytes once (0.5 B per element, split over K to fill the SMs). Above, the fused
+    kernel decodes each packed byte once per row tile in its K loop (6.1-14.2 instructions per weight element,
+    issue_to_mma 0.77-0.89 with 128-row tiles) instead of writing W in bf16 and reading it back (4.5 B per
+    element). On sm_90 its loop waits for its warpgroup MMAs before decoding the next tile (one CTA per SM), so
+    decode and MMA time add up: the dense GEMM after one dequantize launch (issue_to_mma 0.29-0.37, pipelined)
+    is predicted faster from 320 rows on the H200 and 448 on the H100 (both Tritons), hence 256. On sm_80 the
+    MMAs overlap the decode: the fused kernel is predicted faster at every M (15% at 1024 rows, 4% at 4096 on the
+    A100). AMD GPUs (not modelled) follow architecture 8. Where K is not a multiple of the blocksize the fused
+    kernel decodes code by code (43-72 instructions per element) and the dequantize path wins at every M."""
     if config is not None:
         return config.path
     if k % blocksize != 0:
         return "dequant"
     if m <= SMALL_M:
         return "gemv"
-    return "fused" if m <= FUSED_MAX_M else "dequant"
+    limit = FUSED_MAX_M[gpu_arch() if arch is None else arch]
+    return "fused" if limit is None or m <= limit else "dequant"
 
 
-def choose_dx_path(m: int, k: int, blocksize: int) -> str:
+def choose_dx_path(m: int, k: int, blocksize: int, arch: int | None = None) -> str:
     """The backward's dx path (no config): the forward's, with the fused kernel where the forward takes the GEMV
     (which is forward-only)."""
-    path = choose_path(m, k, blocksize)
+    path = choose_path(m, k, blocksize, arch=arch)
     return "fused" if path == "gemv" else path
 
 
-def fused_config(m: int) -> MatmulConfig:
-    """The fused kernel's tiles on a GPU for M rows: 64-row tiles up to 64 rows (twice the programs of 128-row
-    ones, to spread reading W over more SMs), 128 x 128 x 64 above."""
-    return FUSED_CONFIGS[0] if m <= FUSED_CONFIGS[0].block_m else FUSED_CONFIGS[1]
+def fused_config(m: int, arch: int | None = None) -> MatmulConfig:
+    """The fused kernel's tiles for M rows on GPU architecture ``arch`` (a ``FUSED_CONFIGS`` key; default this
+    GPU's): 64-row tiles up to 64 rows (twice the programs of 128-row ones, to spread reading W over more SMs),
+    the 128-row tile above."""
+    small, large = FUSED_CONFIGS[gpu_arch() if arch is None else arch]
+    return small if m <= small.block_m else large
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -751,7 +835,10 @@ def _launch_matmul(a, weight: _Weight, transposed: bool, l, rm, stride_rr, strid
         _tuned_matmul()[grid](*args, enable_fp_fusion=False, **consts)
         return
     grid = (cdiv(m, config.block_m) * cdiv(cols, config.block_n),)
-    _matmul_lora_kernel[grid](*args, **consts, **config.meta(), num_warps=config.num_warps,
+    # EVEN_K drops the K-bound masks; not for the code-by-code decode, whose build then spills on sm_80 (3.6).
+    even_k = inner % config.block_k == 0 and (pairs or path != "fused")
+    _matmul_lora_kernel[grid](*args, **consts, **config.meta(), EVEN_K=even_k,
+                              num_warps=config.num_warps,
                               num_stages=config.num_stages, enable_fp_fusion=False)
 
 
@@ -840,7 +927,8 @@ def _forward(x, weight: _Weight, lora_a, lora_b, bias, scaling: float, p: float,
     m, n, r = x.shape[0], weight.n, lora_a.shape[0]
     if m == 0:
         return torch.empty((0, n), dtype=x.dtype, device=x.device), torch.empty((0, r), device=x.device)
-    if choose_path(m, weight.k, weight.blocksize, config) == "gemv":
+    gemv = config.path == "gemv" if config is not None else m <= SMALL_M and weight.k % weight.blocksize == 0
+    if gemv:  # choose_path's first two rules (also under the interpreter)
         return _launch_gemv(x, weight, lora_a, lora_b, bias, keep, scaling, p, config)
     plan = _matmul_plan(m, n, weight.k, weight, config)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -984,7 +1072,14 @@ def compile_specs() -> list[KernelSpec]:
     # "fused_percode" (the first fused config where K is not: codes decoded one by one, scales per element). No
     # FOLD_DOWN build: only the interpreter folds (_folds_down).
     tiled = [(cfg, "dense") for arch in sorted(GPU_CONFIGS) for cfg in GPU_CONFIGS[arch]]
-    tiled += [(cfg, "fused") for cfg in FUSED_CONFIGS] + [(FUSED_CONFIGS[0], "fused_percode")]
+    tiled += [(cfg, "fused") for arch in sorted(FUSED_CONFIGS) for cfg in FUSED_CONFIGS[arch]]
+    tiled += [(FUSED_CONFIGS[arch][0], "fused_percode") for arch in sorted(FUSED_CONFIGS)]
+    # A fused config is built for the targets whose architecture picks it (gpu_arch: AMD GPUs take 8's).
+    arch_targets = {8: ("sm_80", "gfx942", "gfx90a"), 9: ("sm_90",)}
+    fused_targets: dict[MatmulConfig, tuple[str, ...]] = {}
+    for arch in sorted(FUSED_CONFIGS):
+        for cfg in FUSED_CONFIGS[arch]:
+            fused_targets[cfg] = fused_targets.get(cfg, ()) + arch_targets[arch]
     seen = set()
     for cfg, kind in tiled:
         fused = kind != "dense"
@@ -1003,15 +1098,18 @@ def compile_specs() -> list[KernelSpec]:
                 unit.pop("stride_bn", None)
             consts = dict(_weight_consts(64 % col_tile == 0 and kind == "fused"), B_NF4=fused,
                           B_TRANSPOSED=transposed, HAS_BIAS=transposed, HAS_DROPOUT=not transposed, ALIGNED=True,
-                          PAIRS=kind == "fused", FOLD_DOWN=False, BLOCK_R=16, **cfg.meta(), **unit)
+                          EVEN_K=kind != "fused_percode", PAIRS=kind == "fused", FOLD_DOWN=False, BLOCK_R=16,
+                          **cfg.meta(), **unit)
             sig = _signature(_matmul_lora_kernel, {**types, "b_ptr": "*u8" if fused else f"*{dt}"}, consts)
             # The fused build dequantizes a (BLOCK_N x BLOCK_K) tile of the packed W per K step: its per-element
             # figure and packed-load width are what `perf check` gates.
             nf4 = dict(weight_elements_per_iteration=cfg.block_n * cfg.block_k, weight_arg="b_ptr") if fused else {}
+            targets = None if not fused or len(fused_targets[cfg]) == 4 else fused_targets[cfg]
             specs.append(KernelSpec(name, _matmul_lora_kernel, sig, consts,
                                     dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False),
                                     regime={"dense": "M>16", "fused": 'path "fused"',
-                                            "fused_percode": 'path "fused", K % blocksize != 0'}[kind], **nf4))
+                                            "fused_percode": 'path "fused", K % blocksize != 0'}[kind],
+                                    targets=targets, **nf4))
     cfg = SMALL_M_CONFIG
     consts = dict(BLOCKSIZE=64, DOUBLE_QUANT=True, NESTED_BLOCKSIZE=NESTED_BLOCKSIZE, K_ALIGNED32=True,
                   INDEX_64=False, HAS_DROPOUT=True, BLOCK_M=16, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,

@@ -304,7 +304,7 @@ _ADAMW_VARIANT = {
     "bnb_PagedAdamW": "adamw32",
 }
 # The roofline approach of each bench_linear implementation: qlora_default is the default dispatch (the roofline's
-# "qlora_default": the GEMV at M <= 16, the fused kernel up to 1024 rows, dequantize-then-GEMM above);
+# "qlora_default": the GEMV at M <= 16, the fused kernel up to FUSED_MAX_M rows, dequantize-then-GEMM above);
 # qlora_fused_tiled (and qlora_fused, the
 # default dispatch's name in results saved before the rename, when it ran the fused tiled kernel) the fused tiled
 # kernel ("fused").
@@ -314,9 +314,9 @@ _LINEAR_APPROACH = {"qlora_default": "qlora_default", "qlora_fused": "fused", "q
 _DTYPE = {"bfloat16": "bf16", "float16": "fp16"}
 
 
-def roofline_workloads(info: dict) -> list[rl.Workload] | None:
+def roofline_workloads(info: dict, target: str = rl.DEFAULT_TARGET) -> list[rl.Workload] | None:
     """The roofline workloads whose predicted times add up to what the benchmark with ``extra_info`` ``info``
-    times, or None when none matches."""
+    times on a GPU of ``target`` (whose default dispatch ``qlora_default`` follows), or None when none matches."""
     try:
         if info.get("op") in ("quantize", "dequantize"):
             rows, cols = info["shape"]
@@ -333,11 +333,11 @@ def roofline_workloads(info: dict) -> list[rl.Workload] | None:
                     _DTYPE[info.get("dtype", "bfloat16")])
             mode = info.get("mode")
             if mode in ("forward", "forward (no grad)"):
-                return [rl.lora_forward(*args)]
+                return [rl.lora_forward(*args, target=target)]
             if mode == "backward":
-                return [rl.lora_backward(*args)]
+                return [rl.lora_backward(*args, target=target)]
             if mode == "forward+backward":
-                return [rl.lora_forward(*args), rl.lora_backward(*args)]
+                return [rl.lora_forward(*args, target=target), rl.lora_backward(*args, target=target)]
             return None
         if info.get("optimizer") in _ADAMW_VARIANT and "numel" in info:
             return [rl.adamw(info["numel"], _ADAMW_VARIANT[info["optimizer"]])]
@@ -350,7 +350,7 @@ def roofline_prediction(info: dict, device: str) -> dict | None:
     """``{"device", "workloads", "predicted_s", "bound"}`` of a benchmark on a GPU ``perf/roofline.py`` knows,
     else None. ``predicted_s`` in seconds, summed over the matched workloads."""
     dev = roofline_device(device)
-    loads = roofline_workloads(info) if dev is not None else None
+    loads = roofline_workloads(info, dev.target) if dev is not None else None
     if not loads:
         return None
     table = [rl.roofline(w, dev) for w in loads]

@@ -3,8 +3,8 @@
 Side by side in one session, for ``y = x @ W^T + s * (x @ A^T) @ B^T`` (bf16, no bias, no dropout):
 
 - ``qlora_default``: ``qlora_linear`` on an NF4 (double-quantized, blocksize 64) ``W``, the default dispatch of
-  kernels/linear.py (``choose_path``): at M <= 16 the GEMV decode kernel, up to 1024 rows the fused tiled kernel,
-  above dequantize-then-GEMM (W dequantized into a bf16 buffer by a Triton kernel, then a Triton GEMM with the
+  kernels/linear.py (``choose_path``): at M <= 16 the GEMV decode kernel, up to ``FUSED_MAX_M`` rows (256 on sm_90,
+  any M on sm_80) the fused tiled kernel, above dequantize-then-GEMM (W dequantized into a bf16 buffer by a Triton kernel, then a Triton GEMM with the
   LoRA term in its epilogue), forward and backward;
 - ``qlora_fused_tiled``: the same layer forced onto the fused tiled path at every M (``MatmulConfig(path="fused")``
   with the GPU fused config ``fused_config(M)`` of kernels/linear.py): W decoded tile by tile inside the GEMM's K

@@ -26,7 +26,7 @@ def calibration_rows(results: dict, device_key: str = "h200") -> list[dict]:
     device = run_device or rl.resolve_devices(device_key)[0]
     out = []
     for row in results["rows"]:
-        loads = bench_mod.roofline_workloads(row.get("extra_info") or {})
+        loads = bench_mod.roofline_workloads(row.get("extra_info") or {}, device.target)
         if not loads:
             continue
         table = [rl.roofline(w, device) for w in loads]
@@ -55,8 +55,8 @@ def format_markdown(results: dict, rows: list[dict]) -> str:
         f"{(meta.get('git') or {}).get('commit7')}, {meta.get('date')}",
         "",
         "measured = median per operation; predicted = `perf/roofline.py` (max of HBM byte time, tensor/FP32 "
-        "FLOP time and instruction issue time per launch, summed), a static model, not a timing; ratio = measured / "
-        "predicted.",
+        "FLOP time and instruction issue time per launch, the last two added where a launch's MMA waits stall its "
+        "issue, summed), a static model, not a timing; ratio = measured / predicted.",
         "",
         "| benchmark | measured | predicted | ratio | model bound | device peaks |",
         "|---|---:|---:|---:|---|---|",

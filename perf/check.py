@@ -7,8 +7,9 @@ none it says so and fails (exit 1): a version nobody baselined is not silently p
 
 A regression, per build (kernel spec x target): it starts spilling or spills more (NVIDIA local/stack bytes, AMD
 scratch); it loses its tensor-core instructions (mma.sync, wgmma, v_mfma); registers or shared memory/LDS grow by
-more than the tolerance (10%); instructions per weight element grow by 10% or more; issue_to_mma grows at all; a
-build that compiled no longer does; a build appears or disappears (renames and new kernels come with a refreshed
+more than the tolerance (10%); instructions per weight element grow by 10% or more; issue_to_mma grows at all; its
+main loop starts waiting for all its warpgroup MMAs (``mma_waits_in_loop``: tensor-core work no longer overlaps
+the issue of the next iteration); a build that compiled no longer does; a build appears or disappears (renames and new kernels come with a refreshed
 baseline). Builds that already failed when the baseline was written are listed as known failures on every run.
 """
 
@@ -22,7 +23,7 @@ BASELINE_DIR = Path(__file__).parent / "baselines"
 DEFAULT_TOLERANCE = {"registers_pct": 10.0, "shared_pct": 10.0, "instr_per_weight_element_pct": 10.0,
                      "issue_to_mma_pct": 0.0}
 _FIELDS = ("registers", "sgprs", "spill_bytes", "shared_bytes", "mma", "wgmma", "loop_instructions",
-           "instr_per_weight_element", "issue_to_mma", "weight_load_bytes", "weight_load_async",
+           "instr_per_weight_element", "issue_to_mma", "weight_load_bytes", "weight_load_async", "mma_waits_in_loop",
            # not gated: what the roofline's issue term needs to pick a build and size its launch (perf/roofline.py
            # fused_issue, tiled_issue, per_element_issue)
            "kernel", "config", "num_warps", "regime", "weight_elements_per_iteration")
@@ -99,6 +100,8 @@ def compare(rows: list[dict], baseline: dict, failures: dict[str, str] | None = 
         if n["spill_bytes"] > b["spill_bytes"]:
             problems.append(f"{key}: spills {n['spill_bytes']} B (local/stack or scratch; baseline "
                             f"{b['spill_bytes']} B)")
+        if n.get("mma_waits_in_loop") and b.get("mma_waits_in_loop") is False:
+            problems.append(f"{key}: its main loop now waits for all its warpgroup MMAs (mma_waits_in_loop)")
         for flag in ("mma", "wgmma"):
             if b.get(flag) and not n.get(flag):
                 problems.append(f"{key}: lost its {flag} tensor-core instructions" if flag == "wgmma" or

@@ -12,7 +12,8 @@ Two modes:
 - ``execute=False`` (what ``python -m perf roofline`` prints): kernel bodies are stubbed (``perf/hosttime.py``), so
   a 4096 x 4096 layer costs only its host code. With ``gpu_sms`` given, the launchers' device queries are answered
   as a GPU with that many SMs would answer them (``interpreter_active() -> False`` and ``num_sms()`` in
-  kernels/linear.py and kernels/lora.py, the autotuned GEMM replaced by its kernel): the launch plan, i.e. split
+  kernels/linear.py and kernels/lora.py, ``gpu_arch() -> 9``, the autotuned GEMM replaced by its kernel): the
+  launch plan, i.e. split
   ``lora_down`` reductions and their ``_sum_splits_kernel`` launches, is then the GPU's, computed on any machine.
 
 The counts include the dropout mask: with ``dropout_p > 0`` the forward launches ``_dropout_bits_kernel`` once and
@@ -89,7 +90,7 @@ def _as_gpu(sms: int):
     from qlora.kernels import linear, lora
 
     patches = [(linear, "interpreter_active", lambda: False), (lora, "interpreter_active", lambda: False),
-               (linear, "num_sms", lambda: sms), (lora, "num_sms", lambda: sms),
+               (linear, "num_sms", lambda: sms), (lora, "num_sms", lambda: sms), (linear, "gpu_arch", lambda: 9),
                (linear, "_tuned_matmul", lambda: linear._matmul_lora_kernel)]
     saved = [(mod, name, getattr(mod, name)) for mod, name, _ in patches]
     for mod, name, value in patches:

@@ -19,7 +19,8 @@ times the elements handled, rounded up to whole programs (:func:`per_element_iss
 
 The linear layer. ``"qlora_default"`` is the default dispatch (kernels/linear.py ``choose_path`` and
 ``choose_dx_path``, mirrored by :func:`default_path` and :func:`default_dx_path`), launch by launch: where K is a
-multiple of the blocksize, at M <= 16 the GEMV and its epilogue, up to ``FUSED_MAX_M`` rows ``lora_down``
+multiple of the blocksize, at M <= 16 the GEMV and its epilogue, up to ``FUSED_MAX_M`` rows (per target: the
+dispatcher's rule differs between sm_80 and sm_90, so these workloads are built per device) ``lora_down``
 (+ ``sum_splits`` when it splits its reduction) and the fused ``_matmul_lora_kernel`` (W decoded in its K loop,
 charged the build ``fused_config`` picks); otherwise ``lora_down``, ``dequantize_4bit`` and the dense GEMM with the
 LoRA term in its epilogue; the backward ``lora_down`` (g), the fused dx kernel or dequantize again and the dense
@@ -58,7 +59,10 @@ NF4_BLOCKSIZE = 64
 NESTED_BLOCKSIZE = 256  # double quantization: one float32 absmax2 per 256 first-level scales (bitsandbytes)
 ADAM8_BLOCKSIZE = 256  # 8-bit optimizer state: one float32 absmax per 256 elements (kernels/optim.py QBLOCK)
 SMALL_M = 16  # rows at or below which a forward is reported as the decode family (kernels/linear.py SMALL_M)
-FUSED_MAX_M = 1024  # rows up to which the default takes the fused tiled kernel (kernels/linear.py FUSED_MAX_M)
+# Rows up to which the default takes the fused tiled kernel, per target, None for any (kernels/linear.py
+# FUSED_MAX_M, keyed by architecture: 8 -> sm_80, 9 -> sm_90).
+FUSED_MAX_M: dict[str, int | None] = {"sm_80": None, "sm_90": 256}
+DEFAULT_TARGET = "sm_90"  # whose dispatch a "qlora_default" workload follows when no target is given
 FUSED_SMALL_TILE_ROWS = 64  # up to this many rows the fused launch uses its 64-row tiles (linear.fused_config)
 
 # FLOPs per element of the elementwise kernels, counted from kernels/quantize.py and kernels/optim.py.
@@ -142,6 +146,9 @@ class Op:
     flops: int
     unit: str
     instructions: tuple = ()  # ((target, warp-instructions), ...): hashable
+    # Targets on which the launch's tensor-core work and its instruction issue do not overlap: its main loop waits
+    # for all of its warpgroup MMAs and one CTA fills an SM (:func:`mma_serial_targets`).
+    mma_serial: tuple = ()
 
     def issue_count(self, target: str) -> float:
         return dict(self.instructions).get(target, 0.0)
@@ -350,6 +357,37 @@ def fused_issue(builds: list[dict], prefix: str, rows: int, weight_elements: int
     return tuple(sorted(best.items()))
 
 
+# Per-SM resources of the NVIDIA targets, for how many CTAs of a build fit on one SM: registers, shared memory
+# (bytes), resident warps (CUDA occupancy tables; sm_90: H100/H200, sm_80: A100).
+SM_RESOURCES = {"sm_90": (65536, 228 * 1024, 64), "sm_80": (65536, 164 * 1024, 64)}
+
+
+def ctas_per_sm(build: dict, target: str) -> int:
+    """CTAs of ``build`` resident on one SM of ``target``: registers (allocated per warp in units of 8 per
+    thread), shared memory and warps each allow some; the fewest."""
+    regs, smem, warps = SM_RESOURCES[target]
+    per_warp = -(-max(build["registers"], 1) // 8) * 8 * 32
+    fits = [regs // (per_warp * build["num_warps"]), warps // build["num_warps"]]
+    if build.get("shared_bytes"):
+        fits.append(smem // build["shared_bytes"])
+    return min(fits)
+
+
+def mma_serial_targets(builds: list[dict], prefix: str, block_m: int | None = None) -> tuple:
+    """The targets on which the build ``fused_issue`` charges (``prefix*``, ``BLOCK_M == block_m`` when given)
+    runs its tensor-core work and its instruction issue one after the other: its main loop waits for all its
+    warpgroup MMAs (``mma_waits_in_loop``: Triton writes the decoded W tile to shared memory every iteration and
+    waits before overwriting it) and one CTA fills an SM, so no other CTA issues while it waits."""
+    serial = set()
+    for target, b in _nvidia_builds(builds, prefix):
+        config = b.get("config") or {}
+        if block_m not in (None, config.get("BLOCK_M")) or not b.get("instr_per_weight_element"):
+            continue
+        if b.get("mma_waits_in_loop") and ctas_per_sm(b, target) == 1:
+            serial.add(target)
+    return tuple(sorted(serial))
+
+
 def tiled_issue(builds: list[dict], prefix: str, rows: int, cols: int, inner: int) -> tuple:
     """``((target, warp-instructions), ...)``: what a tiled GEMM build (``prefix*``: :data:`DENSE_FWD_BUILD`,
     :data:`DENSE_DX_BUILD`) issues for an output of ``rows`` x ``cols`` reduced over ``inner``: its main loop's
@@ -406,20 +444,23 @@ SPLIT_CHOICES = (1, 2, 4, 8, 16, 32)  # kernels/lora.py SPLIT_CHOICES (also the 
 DOWN_BLOCK_D = 64  # kernels/lora.py GPU_DOWN_BLOCK_D
 
 
-def default_path(m: int, k: int, blocksize: int = NF4_BLOCKSIZE) -> str:
-    """The forward path the default dispatch takes (kernels/linear.py ``choose_path`` without a config): where K is
-    a multiple of the blocksize the GEMV at ``m <= 16`` and the fused tiled kernel at ``m <= FUSED_MAX_M``;
-    dequantize-then-GEMM otherwise."""
+def default_path(m: int, k: int, blocksize: int = NF4_BLOCKSIZE, target: str = DEFAULT_TARGET) -> str:
+    """The forward path the default dispatch takes on ``target`` (kernels/linear.py ``choose_path`` without a
+    config): where K is a multiple of the blocksize the GEMV at ``m <= 16`` and the fused tiled kernel at ``m <=
+    FUSED_MAX_M[target]`` (None: any m); dequantize-then-GEMM otherwise."""
+    if target not in FUSED_MAX_M:
+        raise ValueError(f"target must be one of {sorted(FUSED_MAX_M)}, got {target!r}")
     if k % blocksize:
         return "dequant"
     if m <= SMALL_M:
         return "gemv"
-    return "fused" if m <= FUSED_MAX_M else "dequant"
+    limit = FUSED_MAX_M[target]
+    return "fused" if limit is None or m <= limit else "dequant"
 
 
-def default_dx_path(m: int, k: int, blocksize: int = NF4_BLOCKSIZE) -> str:
+def default_dx_path(m: int, k: int, blocksize: int = NF4_BLOCKSIZE, target: str = DEFAULT_TARGET) -> str:
     """The backward's dx path (kernels/linear.py ``choose_dx_path``): the forward's, fused where that is the GEMV."""
-    path = default_path(m, k, blocksize)
+    path = default_path(m, k, blocksize, target)
     return "fused" if path == "gemv" else path
 
 
@@ -500,7 +541,8 @@ def nf4_forward_launches(m: int, k: int, n: int, r: int, path: str, dtype: str =
         return (
             Op(f"nf4_gemv ({split} K splits)",
                e * m * k + nf4_storage_bytes(n * k, blocksize) + e * r * k + 4 * split * (m * n + m * r),
-               2 * m * n * k + 2 * m * k * r, TENSOR_BF16, fused_issue(builds, GEMV_BUILD, m, n * k)),
+               2 * m * n * k + 2 * m * k * r, TENSOR_BF16, fused_issue(builds, GEMV_BUILD, m, n * k),
+               mma_serial_targets(builds, GEMV_BUILD)),
             Op("gemv_epilogue", 4 * split * (m * n + m * r) + e * n * r + e * m * n + 4 * m * r, 2 * m * n * r,
                TENSOR_BF16),
         )
@@ -515,7 +557,8 @@ def nf4_forward_launches(m: int, k: int, n: int, r: int, path: str, dtype: str =
                       e * m * k + nf4_storage_bytes(n * k, blocksize) + 4 * m * r + e * n * r + e * m * n,
                       2 * m * n * k + 2 * m * n * r, TENSOR_BF16,
                       fused_issue(builds, fused_build("fwd", k, blocksize), m, n * k,
-                                  _fused_rows(m, k, blocksize))))
+                                  _fused_rows(m, k, blocksize)),
+                      mma_serial_targets(builds, fused_build("fwd", k, blocksize), _fused_rows(m, k, blocksize))))
     return tuple(ops)
 
 
@@ -534,7 +577,8 @@ def nf4_backward_launches(m: int, k: int, n: int, r: int, path: str, dtype: str 
                       e * m * n + nf4_storage_bytes(n * k, blocksize) + 4 * m * r + e * r * k + e * m * k,
                       2 * m * n * k + 2 * m * k * r, TENSOR_BF16,
                       fused_issue(builds, fused_build("dx", k, blocksize), m, n * k,
-                                  _fused_rows(m, k, blocksize))))
+                                  _fused_rows(m, k, blocksize)),
+                      mma_serial_targets(builds, fused_build("dx", k, blocksize), _fused_rows(m, k, blocksize))))
     else:
         ops.append(_dequantize_op(n * k, e, blocksize, per_element_issue(builds, dequantize_build(dtype, blocksize),
                                                                          n * k)))
@@ -587,10 +631,10 @@ _PATH_TEXT = {
 
 
 def lora_forward(m: int, k: int, n: int, r: int, approach: str = "qlora_default", dtype: str = "bf16",
-                 blocksize: int = NF4_BLOCKSIZE, triton: str | None = None) -> Workload:
+                 blocksize: int = NF4_BLOCKSIZE, triton: str | None = None, target: str = DEFAULT_TARGET) -> Workload:
     """Forward of a LoRA linear ``y = x W^T + s * (x A^T) B^T``: x (m, k), W (n, k), A (r, k), B (n, r), y (m, n).
 
-    ``approach``: ``"qlora_default"`` (this suite's default dispatch: :func:`default_path`), ``"fused"`` (this
+    ``approach``: ``"qlora_default"`` (this suite's default dispatch on ``target``: :func:`default_path`), ``"fused"`` (this
     suite's fused tiled path, W in NF4 dequantized tile by tile inside the GEMM), ``"dequant_matmul"``
     (bitsandbytes / unsloth in torch: dequantize W to a dense tensor, then separate matmuls) or ``"dense"`` (W
     stored in ``dtype``, torch matmuls). FLOPs ``2mnk + 2mkr + 2mnr`` for all (plus the dequantize pass).
@@ -600,7 +644,7 @@ def lora_forward(m: int, k: int, n: int, r: int, approach: str = "qlora_default"
     family = "lora_decode" if m <= SMALL_M else "lora_fwd"
     name = _linear_name("fwd", m, k, n, r, approach, dtype)
     if approach in ("qlora_default", "fused"):
-        path = default_path(m, k, blocksize) if approach == "qlora_default" else "fused"
+        path = default_path(m, k, blocksize, target) if approach == "qlora_default" else "fused"
         what = f"path {path!r}" + (" (the default dispatch)" if approach == "qlora_default" else "")
         return Workload(name, family, approach, nf4_forward_launches(m, k, n, r, path, dtype, blocksize, triton),
                         f"{what}: {_PATH_TEXT[path]}.",
@@ -623,7 +667,7 @@ def lora_forward(m: int, k: int, n: int, r: int, approach: str = "qlora_default"
 
 
 def lora_backward(m: int, k: int, n: int, r: int, approach: str = "qlora_default", dtype: str = "bf16",
-                  blocksize: int = NF4_BLOCKSIZE, triton: str | None = None) -> Workload:
+                  blocksize: int = NF4_BLOCKSIZE, triton: str | None = None, target: str = DEFAULT_TARGET) -> Workload:
     """Backward of :func:`lora_forward` with W frozen: ``dx = dy W + s (dy B) A``, ``dA = s (dy B)^T x``,
     ``dB = s dy^T u``; dy (m, n), g = dy B (m, r). FLOPs ``2mnk + 4mnr + 4mkr`` for every approach
     (dy W; dy B and dy^T u; g A and g^T x), plus the dequantize pass where W is dequantized."""
@@ -631,7 +675,7 @@ def lora_backward(m: int, k: int, n: int, r: int, approach: str = "qlora_default
     _check_approach(approach)
     name = _linear_name("bwd", m, k, n, r, approach, dtype)
     if approach in ("qlora_default", "fused"):
-        path = default_dx_path(m, k, blocksize) if approach == "qlora_default" else "fused"
+        path = default_dx_path(m, k, blocksize, target) if approach == "qlora_default" else "fused"
         dx = ("dequantize_4bit writes W in the compute dtype again (nothing is kept from the forward) and the dense "
               "dx GEMM (LoRA term in its epilogue) reads it back with dy, g and A" if path == "dequant" else
               "the fused tiled dx kernel reads dy again, the NF4 weight, g and A, each row tile decoding all of W "
@@ -706,18 +750,19 @@ def adamw(numel: int, variant: str = "adamw32", triton: str | None = None) -> Wo
                     baseline=f"torch_adamw_fused_{size}_fp32")
 
 
-def default_workloads(triton: str | None = None) -> list[Workload]:
+def default_workloads(triton: str | None = None, target: str = DEFAULT_TARGET) -> list[Workload]:
     """The named workloads the report covers (4096 x 4096 weights, r = 16, bf16, 64M optimizer parameters);
-    ``triton``: whose static baseline gives the instruction counts (default: the newest committed)."""
+    ``triton``: whose static baseline gives the instruction counts (default: the newest committed); ``target``:
+    whose default dispatch the "qlora_default" workloads follow."""
     dim, rank = 4096, 16
     out = [nf4_quantize(dim, dim, triton=triton), nf4_dequantize(dim, dim, triton=triton)]
     for approach in LINEAR_APPROACHES:
-        out.append(lora_forward(4096, dim, dim, rank, approach, triton=triton))
+        out.append(lora_forward(4096, dim, dim, rank, approach, triton=triton, target=target))
     for approach in LINEAR_APPROACHES:
-        out.append(lora_backward(4096, dim, dim, rank, approach, triton=triton))
+        out.append(lora_backward(4096, dim, dim, rank, approach, triton=triton, target=target))
     for m in (1, 4, 16):
         for approach in LINEAR_APPROACHES:
-            out.append(lora_forward(m, dim, dim, rank, approach, triton=triton))
+            out.append(lora_forward(m, dim, dim, rank, approach, triton=triton, target=target))
     for variant in ADAMW_VARIANTS:
         out.append(adamw(64 << 20, variant, triton=triton))
     return out
@@ -776,8 +821,10 @@ class RooflineRow:
 
 
 def op_roofline(op: Op, device: Device) -> OpTime:
-    """``max(bytes / bandwidth, flops / peak, warp-instructions / issue rate)`` of one launch; the bound is the
-    largest term (compute or issue only when strictly larger than memory; issue over compute likewise)."""
+    """``max(bytes / bandwidth, flops / peak, warp-instructions / issue rate)`` of one launch, or
+    ``max(bytes / bandwidth, flops / peak + warp-instructions / issue rate)`` where the launch's MMA and issue do
+    not overlap (``op.mma_serial``); the bound is the largest term (compute or issue only when strictly larger
+    than memory; issue over compute likewise)."""
     memory_s = op.bytes / device.hbm_bytes_per_s
     compute_s = op.flops / device.peak(op.unit)
     count = op.issue_count(device.target)
@@ -785,8 +832,13 @@ def op_roofline(op: Op, device: Device) -> OpTime:
     bound = "compute" if compute_s > memory_s else "memory"
     if issue_s > max(memory_s, compute_s):
         bound = "issue"
-    return OpTime(op.name, op.unit, op.bytes, op.flops, memory_s, compute_s, issue_s,
-                  max(memory_s, compute_s, issue_s), bound)
+    if device.target in op.mma_serial:
+        predicted = max(memory_s, compute_s + issue_s)
+        if predicted > memory_s:
+            bound = "issue" if issue_s > compute_s else "compute"
+    else:
+        predicted = max(memory_s, compute_s, issue_s)
+    return OpTime(op.name, op.unit, op.bytes, op.flops, memory_s, compute_s, issue_s, predicted, bound)
 
 
 def roofline(workload: Workload, device: Device, baseline_s: float | None = None) -> RooflineRow:
@@ -827,16 +879,17 @@ def resolve_devices(selection: str = "all") -> list[Device]:
 
 def rows(devices: str | list[Device] = "all", workloads: list[Workload] | None = None,
          triton: str | None = None) -> list[RooflineRow]:
-    """Rows of ``workloads`` (default :func:`default_workloads`) on each device, grouped by device.
+    """Rows of ``workloads`` (default :func:`default_workloads` for each device's target) on each device, grouped by
+    device.
 
     A workload whose ``baseline`` is not among ``workloads`` gets ``speedup`` None."""
     devs = resolve_devices(devices) if isinstance(devices, str) else list(devices)
-    loads = default_workloads(triton) if workloads is None else list(workloads)
-    by_name = {w.name: w for w in loads}
-    if len(by_name) != len(loads):
-        raise ValueError("workloads must have distinct names")
     out = []
     for device in devs:
+        loads = default_workloads(triton, device.target) if workloads is None else list(workloads)
+        by_name = {w.name: w for w in loads}
+        if len(by_name) != len(loads):
+            raise ValueError("workloads must have distinct names")
         for w in loads:
             base = by_name.get(w.baseline) if w.baseline else None
             base_s = roofline(base, device).predicted_s if base is not None else None
@@ -879,7 +932,9 @@ def format_table(table: list[RooflineRow]) -> str:
         lines.append("")
     lines.append("A static model, not a timing. MB = 1e6 bytes of DRAM traffic; us = microseconds; issue = warp-"
                  "instructions over SMs x 4 x clock ('-': not modelled); pred = sum over launches of max(mem, comp, "
-                 "issue); 'mixed (N% compute/issue)' = N% of that time in launches bound by compute or issue.")
+                 "issue), or max(mem, comp + issue) for a launch whose loop waits for its warpgroup MMAs with one CTA "
+                 "per SM (mma_serial_targets); 'mixed (N% compute/issue)' = N% of that time in launches bound by "
+                 "compute or issue.")
     lines.append("Assumptions:")
     # Workloads that differ only in shape share their text: list it once, under all their names.
     names_by_text: dict[str, list[str]] = {}

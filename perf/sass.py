@@ -165,6 +165,10 @@ class LoopModel:
     issue_to_mma: float | None = None  # None without tensor-core work in the loop
     mma_in_kernel: bool = False  # any tensor-core instruction anywhere in the kernel
     instructions_total: int = 0  # whole kernel, static
+    # The loop waits for all of its warpgroup MMAs (``WARPGROUP.DEPBAR.LE gsb0, 0x0``): the iteration's
+    # tensor-core work ends before its warps issue anything more (Triton does so when an MMA operand is written to
+    # shared memory from registers in the loop); a pipelined loop waits for all but one group (``0x1``).
+    mma_waits_in_loop: bool = False
 
 
 def model(sass: Sass, num_warps: int, arch: int) -> LoopModel:
@@ -202,4 +206,11 @@ def model(sass: Sass, num_warps: int, arch: int) -> LoopModel:
         issue_to_mma=issue / mma_clocks if mma_clocks else None,
         mma_in_kernel=any(ins.klass == "mma" for ins in instrs),
         instructions_total=sum(ins.base != "NOP" for ins in instrs),
+        mma_waits_in_loop=bool(innermost) and any(_waits_for_all_mma(ins) for ins in body),
     )
+
+
+def _waits_for_all_mma(ins: Instruction) -> bool:
+    """``WARPGROUP.DEPBAR.LE gsb0, 0x0``: wait until no warpgroup MMA of this warp is outstanding."""
+    return ins.opcode.startswith("WARPGROUP.DEPBAR") and re.fullmatch(r"gsb0\s*,\s*0x0\s*;?", ins.operands.strip())
+

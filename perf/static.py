@@ -80,6 +80,7 @@ class StaticResult:
     weight_load_async: bool | None = None
     weight_load_kind: str | None = None
     kernel_instructions: int | None = None
+    mma_waits_in_loop: bool | None = None  # the main loop waits for all its warpgroup MMAs (perf/sass.py)
     artifacts: dict | None = field(default=None, compare=False)  # filled only for --dump; not in reports
 
     @property
@@ -224,7 +225,8 @@ def compile_spec(module_name: str, spec, arch: int | str, dump: bool = False) ->
         weight_load_bytes=None if weight_load is None else weight_load.bytes_per_thread,
         weight_load_async=None if weight_load is None else weight_load.asynchronous,
         weight_load_kind=None if weight_load is None else weight_load.kind,
-        kernel_instructions=loop.instructions_total, artifacts=artifacts,
+        kernel_instructions=loop.instructions_total, mma_waits_in_loop=loop.mma_waits_in_loop,
+        artifacts=artifacts,
     )
 
 
@@ -271,7 +273,7 @@ def run(module_filter: str | None = None, targets=tuple(TARGETS), jobs: int | No
         per_module[module_name] = index + 1
         if names and names not in spec.name:
             continue
-        work.extend((module_name, index, t, dump) for t in targets)
+        work.extend((module_name, index, t, dump) for t in targets if spec.targets is None or t in spec.targets)
     jobs = jobs or min(4, os.cpu_count() or 1)
     if jobs <= 1 or len(work) <= 1:
         out = [_compile_job(job) for job in work]

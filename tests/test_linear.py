@@ -165,15 +165,20 @@ def test_tiled_paths_with_small_tiles_match_oracle(case, path, group_m):
     _run_path(case, K.MatmulConfig(16, 16, 16, group_m=group_m, path=path))
 
 
+@pytest.mark.parametrize("interleave", [False, True], ids=["split", "interleaved"])
 @pytest.mark.parametrize("block_n, block_k", [(16, 16), (64, 128)], ids=["below_a_block", "several_blocks"])
 @examples(6)
 @given(case=layer_cases(), blocks=st.integers(1, 5), group_m=st.sampled_from([1, 2]))
-def test_interpreter_pair_decode_with_small_tiles_matches_oracle(block_n, block_k, case, blocks, group_m):
+def test_interpreter_pair_decode_with_small_tiles_matches_oracle(interleave, block_n, block_k, case, blocks,
+                                                                 group_m):
     """The interpreter's default at M > 16 (K a multiple of the blocksize): W decoded a packed byte at a time in the
     GEMM's K loop (``PAIRS``), here with small tiles so that programs and K steps are many, and with tiles smaller
     than a scale block (16) or holding several (64 or 128 against blocksizes 32 to 128), every edge masked;
-    forward and dx through the default launchers (no config), no dequantize launch."""
+    forward and dx through the default launchers (no config), no dequantize launch. Both layouts of a byte's two
+    values: the even/odd split (the interpreter's, sm_80's) and the interleaved tile (sm_90's, ``INTERLEAVE``)."""
     from unittest import mock
+
+    import triton.language as tl
 
     case["k"] = case["blocksize"] * blocks
     case["lead"] = (17 + case["seed"] % 24,)
@@ -185,7 +190,8 @@ def test_interpreter_pair_decode_with_small_tiles_matches_oracle(block_n, block_
     weight, x, lora_a, lora_b, bias, dy = _build(case)
     dtype, p, seed = case["dtype"], case["dropout_p"], case["seed"] % (2**31)
     kw = _weight_kwargs(weight)
-    with mock.patch.object(K, "_interpreter_config", tiles), interpreted_launches() as launched:
+    with mock.patch.object(K, "_interpreter_config", tiles), interpreted_launches() as launched, \
+            mock.patch.object(K, "INTERLEAVE_UNDER_INTERPRETER", tl.constexpr(interleave)):
         y, u = K.nf4_lora_forward(x, lora_a=lora_a, lora_b=lora_b, scaling=case["scaling"], bias=bias,
                                   dropout_p=p, seed=seed, **kw)
         grads = K.nf4_lora_backward(dy, x, u, lora_a=lora_a, lora_b=lora_b, scaling=case["scaling"], dropout_p=p,
@@ -215,15 +221,41 @@ def test_gemv_path_matches_oracle(case, split_k, block_k, block_n):
     _run_path(case, K.MatmulConfig(16, block_n, block_k, split_k=split_k, path="gemv"))
 
 
-def test_default_dispatch():
-    assert K.choose_path(1, 4096, 64) == "gemv" and K.choose_path(16, 4096, 64) == "gemv"
-    assert K.choose_path(17, 4096, 64) == "fused" and K.choose_path(K.FUSED_MAX_M, 4096, 64) == "fused"
-    assert K.choose_path(K.FUSED_MAX_M + 1, 4096, 64) == "dequant" and K.choose_path(4096, 4096, 64) == "dequant"
-    assert K.choose_path(1, 1000, 64) == "dequant" and K.choose_path(32, 1000, 64) == "dequant"  # rows of W not
-    # whole scale blocks; the dx path is the forward's with the fused kernel for the (forward-only) GEMV
-    assert K.choose_dx_path(1, 4096, 64) == "fused" and K.choose_dx_path(4096, 4096, 64) == "dequant"
-    assert K.choose_dx_path(1, 1000, 64) == "dequant"
-    assert K.fused_config(64) == K.FUSED_CONFIGS[0] and K.fused_config(65) == K.FUSED_CONFIGS[1]
+@examples(4)
+@given(case=decode_cases(), split_k=st.sampled_from([1, 2]), block_k=st.sampled_from([32, 128]))
+def test_gemv_interleaved_layout_matches_oracle(case, split_k, block_k):
+    """The decode kernel as sm_90 runs it (``INTERLEAVE``: a byte's two values interleaved into W's column order,
+    W the MMA's first operand, y^T accumulated), run here under the interpreter."""
+    from unittest import mock
+
+    import triton.language as tl
+
+    with mock.patch.object(K, "INTERLEAVE_UNDER_INTERPRETER", tl.constexpr(True)):
+        _run_path(case, K.MatmulConfig(16, 16, block_k, split_k=split_k, path="gemv"))
+
+
+def test_default_dispatch(monkeypatch):
+    for arch in (8, 9):
+        assert K.choose_path(1, 4096, 64, arch=arch) == "gemv" and K.choose_path(16, 4096, 64, arch=arch) == "gemv"
+        assert K.choose_path(17, 4096, 64, arch=arch) == "fused" and K.choose_path(256, 4096, 64, arch=arch) == "fused"
+        # rows of W not whole scale blocks: dequantize-then-GEMM at every M
+        assert K.choose_path(1, 1000, 64, arch=arch) == "dequant" and K.choose_path(32, 1000, 64, arch=arch) == "dequant"
+        # the dx path is the forward's, with the fused kernel for the (forward-only) GEMV
+        assert K.choose_dx_path(1, 4096, 64, arch) == "fused" and K.choose_dx_path(1, 1000, 64, arch) == "dequant"
+    assert K.FUSED_MAX_M == {8: None, 9: 256}
+    assert K.choose_path(257, 4096, 64, arch=9) == "dequant" and K.choose_dx_path(4096, 4096, 64, 9) == "dequant"
+    assert K.choose_path(1 << 20, 4096, 64, arch=8) == "fused" and K.choose_dx_path(4096, 4096, 64, 8) == "fused"
+    for arch, (small, large) in K.FUSED_CONFIGS.items():
+        assert K.fused_config(64, arch) == small and K.fused_config(65, arch) == large
+        assert small.block_m == 64 and large.block_m == 128
+    # Without an arch the GPU's own is asked once: NVIDIA from compute capability 9.0 on is 9; older NVIDIA GPUs and
+    # AMD (ROCm reports a capability 9.x) are 8.
+    for capability, hip, arch in (((9, 0), None, 9), ((10, 0), None, 9), ((8, 6), None, 8), ((9, 4), "6.2", 8)):
+        monkeypatch.setattr(K, "_GPU_ARCH", [])
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, c=capability: c)
+        monkeypatch.setattr(torch.version, "hip", hip)
+        assert K.gpu_arch() == arch and K.choose_path(512, 4096, 64) == ("dequant" if arch == 9 else "fused")
+    monkeypatch.setattr(K, "_GPU_ARCH", [])
 
 
 @examples(6)
@@ -495,10 +527,15 @@ def test_compile_specs_cover_every_kernel_argument():
     names = {s.name for s in K.compile_specs()}
     for cfg in {c for arch in K.GPU_CONFIGS.values() for c in arch}:
         assert {f"dense_fwd_{cfg.tag}", f"dense_dx_{cfg.tag}"} <= names
-    for cfg in K.FUSED_CONFIGS:
-        assert {f"fused_fwd_{cfg.tag}", f"fused_dx_{cfg.tag}"} <= names
-    tag = K.FUSED_CONFIGS[0].tag  # where K is not a multiple of the blocksize (code by code)
-    assert {f"fused_percode_fwd_{tag}", f"fused_percode_dx_{tag}"} <= names
+    specs = {s.name: s for s in K.compile_specs()}
+    arch_targets = {8: {"sm_80", "gfx942", "gfx90a"}, 9: {"sm_90"}}
+    for arch, configs in K.FUSED_CONFIGS.items():
+        for cfg in configs:
+            for name in (f"fused_fwd_{cfg.tag}", f"fused_dx_{cfg.tag}"):
+                # built at least for the targets whose architecture launches it
+                assert arch_targets[arch] <= set(specs[name].targets or arch_targets[8] | arch_targets[9]), name
+        tag = configs[0].tag  # where K is not a multiple of the blocksize (code by code)
+        assert {f"fused_percode_fwd_{tag}", f"fused_percode_dx_{tag}"} <= names
     assert f"gemv_{K.SMALL_M_CONFIG.tag}" in names
 
 

@@ -53,6 +53,18 @@ def test_main_loop_counts_classes_and_mma_work():
     assert m.issue_to_mma == pytest.approx(16 / 128)
 
 
+def test_a_loop_that_waits_for_all_its_warpgroup_mmas_is_flagged():
+    """``WARPGROUP.DEPBAR.LE gsb0, 0x0`` inside the main loop (the MMA ends before the next iteration issues) sets
+    ``mma_waits_in_loop``; waiting for all but one group (``0x1``, a pipelined GEMM) or after the loop does not."""
+    assert not sass.model(sass.parse_sass(_SASS), num_warps=8, arch=90).mma_waits_in_loop
+    mma = "HGMMA.64x64x16.F32.BF16 R24, gdesc[UR12], R24, gsb0 ;"
+    for wait, inside, expected in (("0x0", True, True), ("0x1", True, False), ("0x0", False, False)):
+        text = _SASS.replace(mma, mma + f"\n        /*0085*/                   WARPGROUP.DEPBAR.LE gsb0, {wait} ;")
+        if not inside:
+            text = _SASS.replace("EXIT ;", f"WARPGROUP.DEPBAR.LE gsb0, {wait} ;\n        /*00a8*/   EXIT ;")
+        assert sass.model(sass.parse_sass(text), num_warps=8, arch=90).mma_waits_in_loop is expected, (wait, inside)
+
+
 def test_hmma_shapes_and_a_kernel_without_loop():
     ins = sass.Instruction(0, "HMMA.16816.F32.BF16", "R0, R4, R8, R0")
     assert ins.mma_flops(num_warps=4) == 2 * 16 * 8 * 16 * 4

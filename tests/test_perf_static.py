@@ -93,7 +93,8 @@ def _rows():
         {"key": "quantize.q4@sm_90", "registers": 40, "spill_bytes": 0, "shared_bytes": 0, "mma": False,
          "wgmma": False, "loop_instructions": 300, "instr_per_weight_element": None, "issue_to_mma": None},
         {"key": "linear.fwd@sm_90", "registers": 168, "spill_bytes": 0, "shared_bytes": 65536, "mma": False,
-         "wgmma": True, "loop_instructions": 1154, "instr_per_weight_element": 36.06, "issue_to_mma": 9.016},
+         "wgmma": True, "loop_instructions": 1154, "instr_per_weight_element": 36.06, "issue_to_mma": 9.016,
+         "mma_waits_in_loop": False},
         {"key": "linear.fwd@gfx942", "registers": 224, "sgprs": 74, "spill_bytes": 0, "shared_bytes": 32768,
          "mma": True, "wgmma": False},
     ]
@@ -118,6 +119,7 @@ def test_compare_passes_on_identical_and_within_tolerance():
     (2, "spill_bytes", 256, "spills 256 B"),  # AMD scratch
     (2, "mma", False, "lost its v_mfma"),
     (2, "sgprs", 90, "90 SGPRs"),
+    (1, "mma_waits_in_loop", True, "now waits for all its warpgroup MMAs"),
 ])
 def test_compare_flags_each_regression(index, field, value, message):
     baseline = perf_check.make_baseline(_rows(), version="3.9")
@@ -266,3 +268,30 @@ def test_decode_gemv_build_meets_its_instruction_budget():
         # load per weight element of the thread (64 at 64 x 128 tiles on 4 warps)
         assert sum(n for op, n in row["memory"].items() if op.startswith("LDG")) < row["per_thread"] // 2, row
     assert rows["gfx942"]["spill"] == 0
+
+
+def test_a_spec_with_targets_is_built_only_there():
+    """``KernelSpec.targets`` (a config picked per GPU architecture) limits the builds to those targets; the fused
+    128-row configs of kernels/linear.py are each built only where their architecture launches them."""
+    script = textwrap.dedent("""
+        import json
+        from perf import static
+        from qlora.kernels import linear
+        from qlora.kernels._static import KernelSpec
+        jobs = []
+        static.discover_specs = lambda module=None: [
+            ("x", KernelSpec("only90", None, {}, targets=("sm_90",))), ("x", KernelSpec("all", None, {}))]
+        static._compile_job = lambda job: jobs.append(job[1:3])
+        static.run(jobs=1)
+        specs = {s.name: s.targets for s in linear.compile_specs()}
+        print(json.dumps({"jobs": jobs, "fused": {n: t for n, t in specs.items() if n.startswith("fused_")}}))
+    """)
+    proc = _run(["-c", script])
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert sorted(map(tuple, out["jobs"])) == sorted([(0, "sm_90"), (1, "sm_80"), (1, "sm_90"), (1, "gfx942"),
+                                                      (1, "gfx90a")])
+    fused = out["fused"]
+    assert fused["fused_fwd_m128n128k128w8s3"] == fused["fused_dx_m128n128k128w8s3"] == ["sm_90"]
+    assert fused["fused_fwd_m128n128k64w8s3"] == ["sm_80", "gfx942", "gfx90a"]
+    assert fused["fused_fwd_m64n64k32w4s3"] is None  # both architectures: every target
