@@ -16,7 +16,7 @@ dropout scheme: docs/DESIGN.md, "Fused linear layer"; static figures: perf/READM
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -37,7 +37,7 @@ NESTED_BLOCKSIZE = 256
 # decode GEMV (every GPU's) instead of their even/odd split; tests set it so that the layout GPUs run is checked
 # against the oracle on a CPU too.
 INTERLEAVE_UNDER_INTERPRETER = tl.constexpr(False)
-SMALL_M = 16  # at or below this many rows the forward takes the GEMV-shaped decode path
+SMALL_M = 32  # at or below this many rows the forward takes the GEMV-shaped decode path (GEMV_BLOCK_MS rows)
 # Up to this many rows (above SMALL_M) forward and dx take the fused tiled kernel, per GPU architecture (gpu_arch;
 # None: at every M; choose_path says why).
 FUSED_MAX_M: dict[int, int | None] = {8: None, 9: 256}
@@ -581,17 +581,31 @@ FUSED_CONFIGS: dict[int, tuple[MatmulConfig, MatmulConfig]] = {
 # Decode: 16-row tile (tl.dot's minimum), 64 columns of W x 128 of K (two 64-element scale blocks, 32 packed bytes
 # per thread) per step. One stage: latency is hidden by occupancy (72-96 registers). With the code table looked up
 # by warp shuffles, instructions per weight element as launched at M = 1 (perf static, sm_90 / sm_80): 6.1 / 6.2
-# under triton 3.9, 5.0 / 6.2 under 3.6 (sm_90 with the interleaved layout; 7.1 and 6.2 before); at 64 x 64: 7.9 / 6.7 (3.9), 7.7 / 6.7 (3.6, and 8 bytes of spill on
-# sm_90); the gather-load lookup before, 64 x 64: 11.2 / 10.1 (3.9), 13.9 / 11.8 (3.6).
+# under triton 3.9, 5.0 / 6.2 under 3.6 (sm_90 with the interleaved layout; 7.1 and 6.2 before); at 64 x 64: 7.9 /
+# 6.7 (3.9), 7.7 / 6.7 (3.6, and 8 bytes of spill on sm_90); the gather-load lookup before, 64 x 64: 11.2 / 10.1
+# (3.9), 13.9 / 11.8 (3.6).
 SMALL_M_CONFIG = MatmulConfig(16, 64, 128, group_m=1, num_warps=4, num_stages=1, path="gemv")
+# Row tiles of the GEMV: 16 (tl.dot's minimum) up to 16 rows, 32 up to SMALL_M. W is decoded once per program
+# either way; at 32 rows the launch keeps its split over K (4x the programs of the fused kernel's 64-row tiles at
+# N = 4096) and its decode cost (perf static at M = 32, sm_90 / sm_80: 6.3 / 7.7 instructions per weight element
+# under triton 3.9, 8.5 / 7.8 under 3.6, against the fused 64 x 64 x 32 tile's 10.8 / 11.9 and 10.8 / 10.9). A
+# 64-row GEMV tile was measured at 16.9 on sm_90 under 3.6, so the fused kernel keeps M > 32.
+GEMV_BLOCK_MS = (16, 32)
 EPILOGUE_BLOCK_N = 128
 SPLIT_K_CHOICES = SPLIT_CHOICES
+
+
+def gemv_config(m: int) -> MatmulConfig:
+    """The GEMV's tiles on a GPU for M <= SMALL_M rows: ``SMALL_M_CONFIG`` with the smallest row tile >= M."""
+    block_m = next(b for b in GEMV_BLOCK_MS if m <= b)
+    return SMALL_M_CONFIG if block_m == SMALL_M_CONFIG.block_m else replace(SMALL_M_CONFIG, block_m=block_m)
 
 
 def _interpreter_config(rows: int, cols: int, inner: int, path: str) -> MatmulConfig:
     # Few, huge programs: interpreter cost grows with the number of program instances and loop trips.
     if path == "gemv":
-        return MatmulConfig(16, pow2_clamp(cols, 16, 512), pow2_clamp(inner, 32, 1024), group_m=1, path=path)
+        return MatmulConfig(16 if rows <= 16 else 32, pow2_clamp(cols, 16, 512), pow2_clamp(inner, 32, 1024),
+                            group_m=1, path=path)
     return MatmulConfig(pow2_clamp(rows, 16, 128), pow2_clamp(cols, 16, 512), pow2_clamp(inner, 16, 512),
                         group_m=1, path=path)
 
@@ -634,7 +648,7 @@ def choose_path(m: int, k: int, blocksize: int, config: MatmulConfig | None = No
     multiple of the blocksize), the GEMV kernel at M <= SMALL_M and the fused tiled kernel at M <=
     ``FUSED_MAX_M[arch]`` (None: any M); the dequantize-then-GEMM path otherwise.
 
-    Why, by the static cost model (``python -m perf roofline``, perf/README.md): at M <= 16 the work is reading W,
+    Why, by the static cost model (``python -m perf roofline``, perf/README.md): at M <= 32 the work is reading W,
     and the GEMV reads its packed bytes once (0.5 B per element, split over K to fill the SMs). Above, the fused
     kernel decodes each packed byte once per row tile in its K loop (6.1-14.2 instructions per weight element,
     issue_to_mma 0.77-0.89 with 128-row tiles) instead of writing W in bf16 and reading it back (4.5 B per
@@ -735,8 +749,9 @@ def _check_config(config, m: int):
     if config.split_k not in SPLIT_K_CHOICES or (config.split_k > 1 and config.path != "gemv"):
         raise ValueError(f"config.split_k must be one of {SPLIT_K_CHOICES} (> 1 only with path 'gemv'), "
                          f"got {config.split_k!r}")
-    if config.path == "gemv" and (m > config.block_m or config.block_m != 16 or config.block_k < 32):
-        raise ValueError(f"a 'gemv' config needs block_m == 16 >= M ({m}) and block_k >= 32, got {config}")
+    if config.path == "gemv" and (m > config.block_m or config.block_m not in GEMV_BLOCK_MS or config.block_k < 32):
+        raise ValueError(f"a 'gemv' config needs block_m in {GEMV_BLOCK_MS}, >= M ({m}), and block_k >= 32, "
+                         f"got {config}")
 
 
 class _Weight:
@@ -853,7 +868,7 @@ def _launch_gemv(x, weight: _Weight, lora_a, lora_b, bias, keep, scaling, p, con
     n, r = weight.n, lora_a.shape[0]
     interp = interpreter_active()
     if config is None:
-        config = _interpreter_config(m, n, k, "gemv") if interp else SMALL_M_CONFIG
+        config = _interpreter_config(m, n, k, "gemv") if interp else gemv_config(m)
         split = 1 if interp else _gemv_split_k(n, k, config)
     else:
         split = config.split_k
@@ -872,14 +887,14 @@ def _launch_gemv(x, weight: _Weight, lora_a, lora_b, bias, keep, scaling, p, con
             x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1),
             BLOCKSIZE=weight.blocksize, DOUBLE_QUANT=weight.double_quant, NESTED_BLOCKSIZE=NESTED_BLOCKSIZE,
             K_ALIGNED32=k % 32 == 0, INDEX_64=weight.index_64, HAS_DROPOUT=keep is not None,
-            BLOCK_M=16, BLOCK_N=config.block_n, BLOCK_K=block_k, SUB_K=min(block_k, weight.blocksize),
+            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=block_k, SUB_K=min(block_k, weight.blocksize),
             BLOCK_R=block_r, num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=False)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     u = torch.empty((m, r), dtype=torch.float32, device=x.device)
     block_n = pow2_clamp(n, 16, 512) if interp else EPILOGUE_BLOCK_N
     _gemv_epilogue_kernel[(cdiv(n, block_n),)](
         ws, u_ws, lora_b, y if bias is None else bias, y, u, m, n, r, split, float(scaling), 1.0 / (1.0 - p),
-        lora_b.stride(0), lora_b.stride(1), HAS_BIAS=bias is not None, BLOCK_M=16, BLOCK_N=block_n,
+        lora_b.stride(0), lora_b.stride(1), HAS_BIAS=bias is not None, BLOCK_M=config.block_m, BLOCK_N=block_n,
         BLOCK_R=block_r, enable_fp_fusion=False)
     return y, u
 
@@ -1107,35 +1122,40 @@ def compile_specs() -> list[KernelSpec]:
             targets = None if not fused or len(fused_targets[cfg]) == 4 else fused_targets[cfg]
             specs.append(KernelSpec(name, _matmul_lora_kernel, sig, consts,
                                     dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False),
-                                    regime={"dense": "M>16", "fused": 'path "fused"',
+                                    regime={"dense": 'path "dequant"', "fused": 'path "fused"',
                                             "fused_percode": 'path "fused", K % blocksize != 0'}[kind],
                                     targets=targets, **nf4))
-    cfg = SMALL_M_CONFIG
-    consts = dict(BLOCKSIZE=64, DOUBLE_QUANT=True, NESTED_BLOCKSIZE=NESTED_BLOCKSIZE, K_ALIGNED32=True,
-                  INDEX_64=False, HAS_DROPOUT=True, BLOCK_M=16, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                  SUB_K=min(cfg.block_k, 64), BLOCK_R=16, stride_xk=1, stride_ak=1)
-    sig = _signature(_nf4_gemv_kernel, {**_WEIGHT_TYPES, "x_ptr": f"*{dt}", "a_ptr": f"*{dt}", "bits_ptr": "*i32",
-                                        "ws_ptr": "*fp32", "u_ws_ptr": "*fp32"}, consts)
-    # The launch it stands for, as _launch_gemv makes it: one decode row of a contiguous x (M = 1 specializes to
-    # a constant, as at a real launch), K = N = 4096, r = 16, split over K for an H100/H200's 132 SMs; x and A
-    # rows K elements apart (the naming convention would take stride_xm / stride_ar for unit strides here, the
-    # unit ones being constexprs above).
-    n = k = 4096
-    split = _gemv_split_k(n, k, cfg, sms=132)
-    launch = dict(M=1, N=n, K=k, R=16, offset=0.5, k_per_split=cdiv(cdiv(k, split), cfg.block_k) * cfg.block_k,
-                  words_per_row=cdiv(k, 32), stride_xm=k, stride_ar=k)
-    specs.append(KernelSpec(f"gemv_{cfg.tag}", _nf4_gemv_kernel, sig, consts,
-                            dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False),
-                            launch_args=launch, regime="M<=16, K a multiple of the blocksize"))
-    consts = dict(HAS_BIAS=True, BLOCK_M=16, BLOCK_N=EPILOGUE_BLOCK_N, BLOCK_R=16, stride_br=1)
-    sig = _signature(_gemv_epilogue_kernel, {"ws_ptr": "*fp32", "u_ws_ptr": "*fp32", "b_ptr": f"*{dt}",
-                                             "bias_ptr": f"*{dt}", "y_ptr": f"*{dt}", "u_ptr": "*fp32",
-                                             "scaling": "fp32", "u_scale": "fp32"}, consts)
-    specs.append(KernelSpec("gemv_epilogue", _gemv_epilogue_kernel, sig, consts,
-                            dict(num_warps=4, enable_fp_fusion=False)))
+    for m in (1, SMALL_M):  # one launch per GEMV row tile: M = 1 (16 rows) and M = SMALL_M (32 rows)
+        cfg = gemv_config(m)
+        block_m = cfg.block_m
+        consts = dict(BLOCKSIZE=64, DOUBLE_QUANT=True, NESTED_BLOCKSIZE=NESTED_BLOCKSIZE, K_ALIGNED32=True,
+                      INDEX_64=False, HAS_DROPOUT=True, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                      SUB_K=min(cfg.block_k, 64), BLOCK_R=16, stride_xk=1, stride_ak=1)
+        sig = _signature(_nf4_gemv_kernel, {**_WEIGHT_TYPES, "x_ptr": f"*{dt}", "a_ptr": f"*{dt}",
+                                            "bits_ptr": "*i32", "ws_ptr": "*fp32", "u_ws_ptr": "*fp32"}, consts)
+        # The launch it stands for, as _launch_gemv makes it: M rows of a contiguous x (M = 1 specializes to a
+        # constant, as at a real launch), K = N = 4096, r = 16, split over K for an H100/H200's 132 SMs; x and A
+        # rows K elements apart (the naming convention would take stride_xm / stride_ar for unit strides here,
+        # the unit ones being constexprs above).
+        n = k = 4096
+        split = _gemv_split_k(n, k, cfg, sms=132)
+        launch = dict(M=m, N=n, K=k, R=16, offset=0.5,
+                      k_per_split=cdiv(cdiv(k, split), cfg.block_k) * cfg.block_k, words_per_row=cdiv(k, 32),
+                      stride_xm=k, stride_ar=k)
+        specs.append(KernelSpec(f"gemv_{cfg.tag}", _nf4_gemv_kernel, sig, consts,
+                                dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False),
+                                launch_args=launch,
+                                regime=f"M<={block_m}{' (M>16)' if block_m > 16 else ''}, K a multiple of the "
+                                       f"blocksize"))
+        consts = dict(HAS_BIAS=True, BLOCK_M=block_m, BLOCK_N=EPILOGUE_BLOCK_N, BLOCK_R=16, stride_br=1)
+        sig = _signature(_gemv_epilogue_kernel, {"ws_ptr": "*fp32", "u_ws_ptr": "*fp32", "b_ptr": f"*{dt}",
+                                                 "bias_ptr": f"*{dt}", "y_ptr": f"*{dt}", "u_ptr": "*fp32",
+                                                 "scaling": "fp32", "u_scale": "fp32"}, consts)
+        specs.append(KernelSpec("gemv_epilogue" + ("" if block_m == 16 else f"_m{block_m}"), _gemv_epilogue_kernel,
+                                sig, consts, dict(num_warps=4, enable_fp_fusion=False)))
     return specs
 
 
 __all__ = ["MatmulConfig", "nf4_lora_forward", "nf4_lora_backward", "lora_down", "lora_grad", "lora_dropout_bits",
            "lora_dropout_mask", "choose_path", "choose_dx_path", "fused_config", "compile_specs", "GPU_CONFIGS",
-           "FUSED_CONFIGS", "FUSED_MAX_M", "SMALL_M_CONFIG", "LORA_BLOCK_RS"]
+           "FUSED_CONFIGS", "FUSED_MAX_M", "SMALL_M_CONFIG", "GEMV_BLOCK_MS", "gemv_config", "LORA_BLOCK_RS"]

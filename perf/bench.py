@@ -304,7 +304,7 @@ _ADAMW_VARIANT = {
     "bnb_PagedAdamW": "adamw32",
 }
 # The roofline approach of each bench_linear implementation: qlora_default is the default dispatch (the roofline's
-# "qlora_default": the GEMV at M <= 16, the fused kernel up to FUSED_MAX_M rows, dequantize-then-GEMM above);
+# "qlora_default": the GEMV at M <= 32, the fused kernel up to FUSED_MAX_M rows, dequantize-then-GEMM above);
 # qlora_fused_tiled (and qlora_fused, the
 # default dispatch's name in results saved before the rename, when it ran the fused tiled kernel) the fused tiled
 # kernel ("fused").

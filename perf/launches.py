@@ -30,9 +30,9 @@ import torch
 
 from .hosttime import dropping_tables_built_while_stubbed
 
-# Shapes reported by ``python -m perf roofline``: decode (GEMV path) and training (dequantize-then-GEMM path) at the
-# roofline's 4096-sized layer, r = 16, with and without dropout.
-REPORT_SHAPES = tuple((m, 4096, 4096, 16, p) for m in (1, 32, 4096) for p in (0.0, 0.1))
+# Shapes reported by ``python -m perf roofline``: the GEMV path (M = 1, 32), the fused one (64) and, on the 132-SM
+# sm_90 plan, dequantize-then-GEMM (4096) at the roofline's 4096-sized layer, r = 16, with and without dropout.
+REPORT_SHAPES = tuple((m, 4096, 4096, 16, p) for m in (1, 32, 64, 4096) for p in (0.0, 0.1))
 GPU_SMS = 132  # H100 / H200 SXM
 
 
@@ -119,6 +119,23 @@ class LayerLaunches:
         return len(self.forward), len(self.backward)
 
 
+def _placeholder_weight(n: int, k: int, dtype: torch.dtype, device) -> "qlora.NF4Weight":
+    """A valid double-quantized NF4 weight of shape (n, k), blocksize 64, without quantizing an (n, k) tensor:
+    every code 0, every scale code 0, absmax2 1, and the codebooks and offset of a real (1, 64) quantization run
+    outside any recording. Quantizing the full weight with kernels stubbed left its scales uninitialized, and the
+    offset computed from them could be inf (refused by the container's checks); run for real it costs seconds
+    under the interpreter at 4096 x 4096. The layer's launches do not depend on the values."""
+    import qlora
+
+    real = qlora.quantize_nf4(torch.ones((1, 64), dtype=dtype, device=device), blocksize=64, double_quant=True)
+    blocks = -(-(n * k) // 64)
+    return qlora.NF4Weight(
+        packed=torch.zeros((-(-(n * k) // 2),), dtype=torch.uint8, device=device),
+        absmax=torch.zeros((blocks,), dtype=torch.uint8, device=device), code=real.code, blocksize=64,
+        shape=(n, k), dtype=dtype, absmax2=torch.ones((-(-blocks // 256),), dtype=torch.float32, device=device),
+        offset=real.offset, nested_code=real.nested_code, nested_blocksize=real.nested_blocksize)
+
+
 def layer_launches(m: int, k: int, n: int, r: int, dropout_p: float = 0.0, *, execute: bool = True,
                    gpu_sms: int | None = None, dtype: torch.dtype = torch.bfloat16) -> LayerLaunches:
     """Record the launches of ``qlora_linear`` on x (m, k), an NF4 W (n, k) (blocksize 64, double-quantized),
@@ -131,9 +148,7 @@ def layer_launches(m: int, k: int, n: int, r: int, dropout_p: float = 0.0, *, ex
     if gpu_sms is not None and execute:
         raise ValueError("gpu_sms emulates a GPU's launch plan and needs execute=False")
     device = kernel_device()
-    with recorded_launches(execute=execute):  # the weight's quantization is not part of the layer's count
-        weight = qlora.quantize_nf4(torch.zeros((n, k), dtype=dtype, device=device), blocksize=64,
-                                    double_quant=True)
+    weight = _placeholder_weight(n, k, dtype, device)
     gen = torch.Generator().manual_seed(0)
 
     def leaf(*shape):

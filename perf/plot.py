@@ -116,7 +116,8 @@ def plot_speed_vs_m(results: dict, path: Path) -> Path | None:
     ax_ratio.set_title("relative to dense bf16")
     meta = results["metadata"]
     fig.suptitle(f"{_where(meta)} | commit {meta['git'].get('commit7')} | {meta['date']}\n"
-                 "M <= 16: forward without grad (decode path); larger M: forward in grad mode", fontsize=9)
+                 "M <= 32 (test_linear_small_m): forward without grad (decode path); larger M: forward in grad mode",
+                 fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

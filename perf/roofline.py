@@ -19,7 +19,7 @@ times the elements handled, rounded up to whole programs (:func:`per_element_iss
 
 The linear layer. ``"qlora_default"`` is the default dispatch (kernels/linear.py ``choose_path`` and
 ``choose_dx_path``, mirrored by :func:`default_path` and :func:`default_dx_path`), launch by launch: where K is a
-multiple of the blocksize, at M <= 16 the GEMV and its epilogue, up to ``FUSED_MAX_M`` rows (per target: the
+multiple of the blocksize, at M <= 32 the GEMV and its epilogue, up to ``FUSED_MAX_M`` rows (per target: the
 dispatcher's rule differs between sm_80 and sm_90, so these workloads are built per device) ``lora_down``
 (+ ``sum_splits`` when it splits its reduction) and the fused ``_matmul_lora_kernel`` (W decoded in its K loop,
 charged the build ``fused_config`` picks); otherwise ``lora_down``, ``dequantize_4bit`` and the dense GEMM with the
@@ -58,7 +58,8 @@ DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 NF4_BLOCKSIZE = 64
 NESTED_BLOCKSIZE = 256  # double quantization: one float32 absmax2 per 256 first-level scales (bitsandbytes)
 ADAM8_BLOCKSIZE = 256  # 8-bit optimizer state: one float32 absmax per 256 elements (kernels/optim.py QBLOCK)
-SMALL_M = 16  # rows at or below which a forward is reported as the decode family (kernels/linear.py SMALL_M)
+SMALL_M = 32  # rows at or below which the forward takes the decode GEMV (kernels/linear.py SMALL_M)
+GEMV_BLOCK_MS = (16, 32)  # the GEMV's row tiles (kernels/linear.py GEMV_BLOCK_MS): the smallest >= M
 # Rows up to which the default takes the fused tiled kernel, per target, None for any (kernels/linear.py
 # FUSED_MAX_M, keyed by architecture: 8 -> sm_80, 9 -> sm_90).
 FUSED_MAX_M: dict[str, int | None] = {"sm_80": None, "sm_90": 256}
@@ -446,8 +447,8 @@ DOWN_BLOCK_D = 64  # kernels/lora.py GPU_DOWN_BLOCK_D
 
 def default_path(m: int, k: int, blocksize: int = NF4_BLOCKSIZE, target: str = DEFAULT_TARGET) -> str:
     """The forward path the default dispatch takes on ``target`` (kernels/linear.py ``choose_path`` without a
-    config): where K is a multiple of the blocksize the GEMV at ``m <= 16`` and the fused tiled kernel at ``m <=
-    FUSED_MAX_M[target]`` (None: any m); dequantize-then-GEMM otherwise."""
+    config): where K is a multiple of the blocksize the GEMV at ``m <= SMALL_M`` and the fused tiled kernel at
+    ``m <= FUSED_MAX_M[target]`` (None: any m); dequantize-then-GEMM otherwise."""
     if target not in FUSED_MAX_M:
         raise ValueError(f"target must be one of {sorted(FUSED_MAX_M)}, got {target!r}")
     if k % blocksize:
@@ -462,6 +463,11 @@ def default_dx_path(m: int, k: int, blocksize: int = NF4_BLOCKSIZE, target: str 
     """The backward's dx path (kernels/linear.py ``choose_dx_path``): the forward's, fused where that is the GEMV."""
     path = default_path(m, k, blocksize, target)
     return "fused" if path == "gemv" else path
+
+
+def gemv_block_m(m: int) -> int:
+    """Row tile of the decode GEMV for ``m <= SMALL_M`` rows (kernels/linear.py ``gemv_config``)."""
+    return next(b for b in GEMV_BLOCK_MS if m <= b)
 
 
 def fused_block_m(m: int) -> int:
@@ -541,8 +547,9 @@ def nf4_forward_launches(m: int, k: int, n: int, r: int, path: str, dtype: str =
         return (
             Op(f"nf4_gemv ({split} K splits)",
                e * m * k + nf4_storage_bytes(n * k, blocksize) + e * r * k + 4 * split * (m * n + m * r),
-               2 * m * n * k + 2 * m * k * r, TENSOR_BF16, fused_issue(builds, GEMV_BUILD, m, n * k),
-               mma_serial_targets(builds, GEMV_BUILD)),
+               2 * m * n * k + 2 * m * k * r, TENSOR_BF16,
+               fused_issue(builds, GEMV_BUILD, m, n * k, gemv_block_m(m)),
+               mma_serial_targets(builds, GEMV_BUILD, gemv_block_m(m))),
             Op("gemv_epilogue", 4 * split * (m * n + m * r) + e * n * r + e * m * n + 4 * m * r, 2 * m * n * r,
                TENSOR_BF16),
         )
@@ -594,7 +601,7 @@ def nf4_backward_launches(m: int, k: int, n: int, r: int, path: str, dtype: str 
 def nf4_path_times(m: int, k: int, n: int, r: int, device: Device, dtype: str = "bf16",
                    blocksize: int = NF4_BLOCKSIZE, triton: str | None = None) -> dict[str, float]:
     """``{path: predicted seconds}`` of the forward on ``device`` for each NF4 path the library can run at this
-    shape (the GEMV only at ``m <= 16`` with K a multiple of the blocksize, as kernels/linear.py requires)."""
+    shape (the GEMV only at ``m <= SMALL_M`` with K a multiple of the blocksize, as kernels/linear.py requires)."""
     if not isinstance(device, Device):
         raise TypeError(f"device must be a Device (one of DEVICES), got {type(device).__name__}")
     out = {}
@@ -634,8 +641,8 @@ def lora_forward(m: int, k: int, n: int, r: int, approach: str = "qlora_default"
                  blocksize: int = NF4_BLOCKSIZE, triton: str | None = None, target: str = DEFAULT_TARGET) -> Workload:
     """Forward of a LoRA linear ``y = x W^T + s * (x A^T) B^T``: x (m, k), W (n, k), A (r, k), B (n, r), y (m, n).
 
-    ``approach``: ``"qlora_default"`` (this suite's default dispatch on ``target``: :func:`default_path`), ``"fused"`` (this
-    suite's fused tiled path, W in NF4 dequantized tile by tile inside the GEMM), ``"dequant_matmul"``
+    ``approach``: ``"qlora_default"`` (this suite's default dispatch on ``target``: :func:`default_path`),
+    ``"fused"`` (this suite's fused tiled path, W in NF4 dequantized tile by tile inside the GEMM), ``"dequant_matmul"``
     (bitsandbytes / unsloth in torch: dequantize W to a dense tensor, then separate matmuls) or ``"dense"`` (W
     stored in ``dtype``, torch matmuls). FLOPs ``2mnk + 2mkr + 2mnr`` for all (plus the dequantize pass).
     """

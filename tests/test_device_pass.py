@@ -26,14 +26,14 @@ from test_linear import DTYPES, _check_against_oracle, _dense_weight
 ON_GPU = torch.cuda.is_available() and not qlora.interpreter_active()
 DEV = qlora.kernels.kernel_device()
 
-# Rows M: 1 and SMALL_M (16) take the split-K decode path on a GPU, 17 the first tiled one (64-row tiles of the
-# fused kernel), 256 (FUSED_MAX_M on sm_90) its 128-row tiles, and 1100 the dequantize-then-GEMM path on sm_90 (the
-# fused kernel on sm_80, whose FUSED_MAX_M has no limit). K is no multiple of any tile or blocksize; N is odd. A
-# second K, a multiple of the blocksize but not of the GEMV's 64-column step times its split, sends M <= 16 down
-# the decode (GEMV) path and larger M down the fused one up to FUSED_MAX_M (forward and dx); the first sends every
-# M down the dequantize-then-GEMM path.
+# Rows M: 1 and 16 take the split-K decode path on a GPU with its 16-row tile, 17 and SMALL_M (32) with its 32-row
+# tile, 33 the first tiled one (64-row tiles of the fused kernel), 256 (FUSED_MAX_M on sm_90) its 128-row tiles, and
+# 1100 the dequantize-then-GEMM path on sm_90 (the fused kernel on sm_80, whose FUSED_MAX_M has no limit). K is no
+# multiple of any tile or blocksize; N is odd. A second K, a multiple of the blocksize but not of the GEMV's
+# 64-column step times its split, sends M <= 32 down the decode (GEMV) path and larger M down the fused one up to
+# FUSED_MAX_M (forward and dx); the first sends every M down the dequantize-then-GEMM path.
 if ON_GPU:
-    MS, K_INS, N_OUT, RANK = (1, 16, 17, 256, 1100), (1000, 1088), 333, 16
+    MS, K_INS, N_OUT, RANK = (1, 16, 17, 32, 33, 256, 1100), (1000, 1088), 333, 16
     QUANT_NUMELS = (1, 4097, 3 * 1024 * 1024 + 77)
 else:
     MS, K_INS, N_OUT, RANK = (1, 16, 17, 40), (72, 64), 33, 4

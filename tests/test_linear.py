@@ -171,7 +171,7 @@ def test_tiled_paths_with_small_tiles_match_oracle(case, path, group_m):
 @given(case=layer_cases(), blocks=st.integers(1, 5), group_m=st.sampled_from([1, 2]))
 def test_interpreter_pair_decode_with_small_tiles_matches_oracle(interleave, block_n, block_k, case, blocks,
                                                                  group_m):
-    """The interpreter's default at M > 16 (K a multiple of the blocksize): W decoded a packed byte at a time in the
+    """The interpreter's default above SMALL_M (K a multiple of the blocksize): W decoded a packed byte at a time in the
     GEMM's K loop (``PAIRS``), here with small tiles so that programs and K steps are many, and with tiles smaller
     than a scale block (16) or holding several (64 or 128 against blocksizes 32 to 128), every edge masked;
     forward and dx through the default launchers (no config), no dequantize launch. Both layouts of a byte's two
@@ -181,7 +181,7 @@ def test_interpreter_pair_decode_with_small_tiles_matches_oracle(interleave, blo
     import triton.language as tl
 
     case["k"] = case["blocksize"] * blocks
-    case["lead"] = (17 + case["seed"] % 24,)
+    case["lead"] = (K.SMALL_M + 1 + case["seed"] % 24,)
 
     def tiles(rows, cols, inner, path):
         assert path == "fused"
@@ -204,9 +204,10 @@ def test_interpreter_pair_decode_with_small_tiles_matches_oracle(interleave, blo
 
 @st.composite
 def decode_cases(draw):
-    """Decode shapes: M <= 16 rows, K a multiple of the blocksize (the GEMV path's rows are whole scale blocks)."""
+    """Decode shapes: M <= SMALL_M (32) rows, both GEMV row tiles, K a multiple of the blocksize (the GEMV path's rows
+    are whole scale blocks)."""
     case = draw(layer_cases())
-    case["lead"] = (draw(st.sampled_from([1, 2, 5, 16])),)
+    case["lead"] = (draw(st.sampled_from([1, 2, 5, 16, 17, 32])),)
     case["k"] = case["blocksize"] * draw(st.integers(1, 5))
     return case
 
@@ -218,7 +219,12 @@ def test_gemv_path_matches_oracle(case, split_k, block_k, block_n):
     """The decode kernel: K split over programs (some splits empty), BLOCK_K below, at and above the blocksize
     (several scale blocks per row in one step), N not a multiple of the tile, the LoRA down-projection folded
     into column tile 0, and the split-K epilogue."""
-    _run_path(case, K.MatmulConfig(16, block_n, block_k, split_k=split_k, path="gemv"))
+    _run_path(case, K.MatmulConfig(_gemv_rows(case), block_n, block_k, split_k=split_k, path="gemv"))
+
+
+def _gemv_rows(case) -> int:
+    """The GEMV row tile for the case's M (kernels/linear.py gemv_config)."""
+    return K.gemv_config(case["lead"][0]).block_m
 
 
 @examples(4)
@@ -231,15 +237,17 @@ def test_gemv_interleaved_layout_matches_oracle(case, split_k, block_k):
     import triton.language as tl
 
     with mock.patch.object(K, "INTERLEAVE_UNDER_INTERPRETER", tl.constexpr(True)):
-        _run_path(case, K.MatmulConfig(16, 16, block_k, split_k=split_k, path="gemv"))
+        _run_path(case, K.MatmulConfig(_gemv_rows(case), 16, block_k, split_k=split_k, path="gemv"))
 
 
 def test_default_dispatch(monkeypatch):
     for arch in (8, 9):
-        assert K.choose_path(1, 4096, 64, arch=arch) == "gemv" and K.choose_path(16, 4096, 64, arch=arch) == "gemv"
-        assert K.choose_path(17, 4096, 64, arch=arch) == "fused" and K.choose_path(256, 4096, 64, arch=arch) == "fused"
+        assert K.choose_path(1, 4096, 64, arch=arch) == "gemv"
+        assert K.choose_path(K.SMALL_M, 4096, 64, arch=arch) == "gemv"
+        assert K.choose_path(K.SMALL_M + 1, 4096, 64, arch=arch) == "fused"
+        assert K.choose_path(256, 4096, 64, arch=arch) == "fused"
         # rows of W not whole scale blocks: dequantize-then-GEMM at every M
-        assert K.choose_path(1, 1000, 64, arch=arch) == "dequant" and K.choose_path(32, 1000, 64, arch=arch) == "dequant"
+        assert K.choose_path(1, 1000, 64, arch=arch) == K.choose_path(32, 1000, 64, arch=arch) == "dequant"
         # the dx path is the forward's, with the fused kernel for the (forward-only) GEMV
         assert K.choose_dx_path(1, 4096, 64, arch) == "fused" and K.choose_dx_path(1, 1000, 64, arch) == "dequant"
     assert K.FUSED_MAX_M == {8: None, 9: 256}
@@ -248,6 +256,13 @@ def test_default_dispatch(monkeypatch):
     for arch, (small, large) in K.FUSED_CONFIGS.items():
         assert K.fused_config(64, arch) == small and K.fused_config(65, arch) == large
         assert small.block_m == 64 and large.block_m == 128
+    # the GEMV's row tile: 16 up to 16 rows, 32 up to SMALL_M; a config outside those is refused
+    assert K.SMALL_M == 32 and K.gemv_config(16) == K.SMALL_M_CONFIG and K.gemv_config(17).block_m == 32
+    assert K.gemv_config(32).block_m == 32 and K.gemv_config(32).block_k == K.SMALL_M_CONFIG.block_k
+    with pytest.raises(ValueError, match="block_m in"):
+        K._check_config(K.MatmulConfig(16, 64, 128, path="gemv"), 17)
+    with pytest.raises(ValueError, match="block_m in"):
+        K._check_config(K.MatmulConfig(64, 64, 128, path="gemv"), 40)
     # Without an arch the GPU's own is asked once: NVIDIA from compute capability 9.0 on is 9; older NVIDIA GPUs and
     # AMD (ROCm reports a capability 9.x) are 8.
     for capability, hip, arch in (((9, 0), None, 9), ((10, 0), None, 9), ((8, 6), None, 8), ((9, 4), "6.2", 8)):
@@ -614,8 +629,9 @@ def test_seed_tensor_is_never_read_on_the_host(monkeypatch):
 @pytest.mark.parametrize("m, k, p, forward, backward", [
     (1, 64, 0.0, ["_nf4_gemv_kernel", "_gemv_epilogue_kernel"], 3),
     (16, 64, 0.3, ["_dropout_bits_kernel", "_nf4_gemv_kernel", "_gemv_epilogue_kernel"], 3),
-    (17, 64, 0.0, ["_matmul_lora_kernel"], 3),
-    (20, 64, 0.3, ["_dropout_bits_kernel", "_lora_down_kernel", "_matmul_lora_kernel"], 3),
+    (32, 64, 0.3, ["_dropout_bits_kernel", "_nf4_gemv_kernel", "_gemv_epilogue_kernel"], 3),  # the 32-row tile
+    (33, 64, 0.0, ["_matmul_lora_kernel"], 3),
+    (36, 64, 0.3, ["_dropout_bits_kernel", "_lora_down_kernel", "_matmul_lora_kernel"], 3),
     (40, 48, 0.3, ["_dropout_bits_kernel", "_lora_down_kernel", "_dequantize_4bit_kernel", "_matmul_lora_kernel"], 5),
 ])
 def test_launch_counts_per_layer(m, k, p, forward, backward):

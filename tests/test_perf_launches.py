@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import qlora  # noqa: F401  (interpreter switch before the kernels)
 
@@ -31,7 +32,7 @@ INTERPRETED_BACKWARD = ["_matmul_lora_kernel", "_lora_grad_kernel", "_lora_grad_
 
 @pytest.mark.parametrize("m, k, forward, backward", [
     (1, 64, GEMV, INTERPRETED_BACKWARD),
-    (32, 64, None, INTERPRETED_BACKWARD),
+    (40, 64, None, INTERPRETED_BACKWARD),  # above SMALL_M (32): the fused GEMM
     (32, 96, DEQUANT, BACKWARD),  # K not a multiple of the blocksize (64): the dequantize-then-GEMM path
 ], ids=["gemv", "fused", "dequant"])
 @pytest.mark.parametrize("p", [0.0, 0.3], ids=["no_dropout", "dropout"])
@@ -56,17 +57,19 @@ def test_stubbed_recording_counts_what_executes():
 
 
 def test_gpu_plan_adds_the_split_reductions():
-    """As a 132-SM GPU plans a 4096 x 4096 layer: lora_down (u at M > 16, g in every backward) splits its reduction
-    and a _sum_splits_kernel launch follows it; the GEMV path folds u into its own kernels."""
+    """As a 132-SM GPU plans a 4096 x 4096 layer: lora_down (u at M > 32, g in every backward) splits its reduction
+    and a _sum_splits_kernel launch follows it; the GEMV path (up to 32 rows) folds u into its own kernels."""
     rows = {(r.m, r.dropout_p): r for r in L.report(shapes=[(1, 4096, 4096, 16, 0.0), (1, 4096, 4096, 16, 0.1),
-                                                            (32, 4096, 4096, 16, 0.1), (4096, 4096, 4096, 16, 0.0)])}
+                                                            (32, 4096, 4096, 16, 0.1), (64, 4096, 4096, 16, 0.1),
+                                                            (4096, 4096, 4096, 16, 0.0)])}
     # Up to FUSED_MAX_M rows (K a multiple of the blocksize) forward and dx decode W in the GEMM: no dequantize.
     split_backward = ["_lora_down_kernel", "_sum_splits_kernel", *FUSED_BACKWARD[1:]]
     assert list(rows[1, 0.0].forward) == GEMV and list(rows[1, 0.0].backward) == split_backward
     assert list(rows[1, 0.1].forward) == ["_dropout_bits_kernel", *GEMV]
-    assert list(rows[32, 0.1].forward) == ["_dropout_bits_kernel", "_lora_down_kernel", "_sum_splits_kernel",
+    assert list(rows[32, 0.1].forward) == ["_dropout_bits_kernel", *GEMV]
+    assert list(rows[64, 0.1].forward) == ["_dropout_bits_kernel", "_lora_down_kernel", "_sum_splits_kernel",
                                            "_matmul_lora_kernel"]
-    assert list(rows[32, 0.1].backward) == split_backward
+    assert list(rows[32, 0.1].backward) == list(rows[64, 0.1].backward) == split_backward
     # Above it, W is dequantized into a buffer before each dense GEMM.
     assert list(rows[4096, 0.0].forward) == ["_lora_down_kernel", "_sum_splits_kernel", *DEQUANT[1:]]
     assert list(rows[4096, 0.0].backward) == ["_lora_down_kernel", "_sum_splits_kernel", *BACKWARD[1:]]
@@ -90,3 +93,24 @@ def test_stubbed_recording_leaves_no_codebook_built_by_a_stubbed_kernel():
     L.layer_launches(32, 64, 24, 4, 0.0, execute=False)
     table = KC.normal_float_codebook(4)
     assert table.numpy().tobytes() == RC.normal_float_codebook(4).astype("float32").tobytes()
+
+
+def test_stubbed_recording_never_quantizes_with_stubbed_kernels(monkeypatch):
+    """The weight the recording uses is built without quantizing (n, k) under stubbed kernels: that left its scales
+    uninitialized and the offset computed from them could come out inf, which the NF4 container refuses (a CI
+    failure seen once, depending on what the allocator returned). Only a (1, 64) tensor is quantized, for real."""
+    import qlora
+
+    quantized = []
+    real = qlora.quantize_nf4
+
+    def spy(weight, *args, **kwargs):
+        quantized.append(tuple(weight.shape))
+        return real(weight, *args, **kwargs)
+
+    monkeypatch.setattr(qlora, "quantize_nf4", spy)
+    rec = L.layer_launches(32, 4096, 4096, 16, 0.0, execute=False, gpu_sms=132)
+    assert quantized == [(1, 64)] and rec.forward
+    weight = L._placeholder_weight(24, 64, torch.bfloat16, qlora.kernels.kernel_device())
+    assert tuple(weight.shape) == (24, 64) and weight.offset == weight.offset and abs(weight.offset) < 1e30
+    assert bool(torch.isfinite(weight.dequantize(torch.float32)).all())

@@ -446,7 +446,7 @@ _KERNEL_OF_OP = {"nf4_gemv": "_nf4_gemv_kernel", "gemv_epilogue": "_gemv_epilogu
                  "lora_grad": "_lora_grad_kernel"}
 
 
-@pytest.mark.parametrize("m, k", [(1, 4096), (32, 4096), (4096, 4096), (4, 4000)])
+@pytest.mark.parametrize("m, k", [(1, 4096), (32, 4096), (64, 4096), (4096, 4096), (4, 4000)])
 def test_default_approach_charges_the_launches_the_layer_makes(m, k):
     """The qlora_default workloads' launches, in order, are the kernels a real ``qlora_linear`` forward and backward
     launch at that shape as a 132-SM GPU plans them (perf/launches.py, kernel bodies stubbed; no dropout)."""
@@ -467,6 +467,8 @@ def test_launch_constants_and_split_rules_are_the_launchers():
     assert (rl.GEMV_BLOCK_N, rl.GEMV_BLOCK_K) == (cfg.block_n, cfg.block_k)
     assert rl.SPLIT_CHOICES == KL.SPLIT_CHOICES == KLin.SPLIT_K_CHOICES
     assert rl.DOWN_BLOCK_D == KL.GPU_DOWN_BLOCK_D and rl.SMALL_M == KLin.SMALL_M
+    assert rl.GEMV_BLOCK_MS == KLin.GEMV_BLOCK_MS
+    assert all(rl.gemv_block_m(m) == KLin.gemv_config(m).block_m for m in range(1, rl.SMALL_M + 1))
     assert set(rl.NF4_PATHS) == set(KLin.PATHS)
     for n, k in ((4096, 4096), (4096, 4000), (11008, 4096), (4096, 11008), (64, 256)):
         split = KLin._gemv_split_k(n, k, cfg, sms=rl.GPU_SMS)
@@ -511,21 +513,21 @@ ARCH = {"a100": 8, "h100": 9, "h200": 9}  # kernels/linear.py gpu_arch of each m
 
 @pytest.mark.parametrize("version", ["3.6", "3.9"])
 @pytest.mark.parametrize("device", sorted(rl.DEVICES))
-@pytest.mark.parametrize("m, k", [(1, 4096), (4, 4096), (16, 4096), (17, 4096), (32, 4096), (256, 4096),
+@pytest.mark.parametrize("m, k", [(1, 4096), (4, 4096), (16, 4096), (17, 4096), (32, 4096), (33, 4096), (256, 4096),
                                   (512, 4096), (1024, 4096), (4096, 4096), (4, 4000), (256, 4000)])
 def test_dispatcher_picks_the_path_the_model_predicts_fastest(version, device, m, k, request):
-    """At each benchmarked shape (K = N = 4096, r = 16, bf16, M = 1, 4, 16, 4096; M = 17 and 32, the first tiled
-    rows and the launch report's; M = 256 and 1024, FUSED_MAX_M of sm_90 and sm_80, and 512 between; and K = 4000,
-    not a multiple of 64), ``choose_path`` (no config) for the device's architecture picks the NF4 forward path the
-    model predicts fastest among those the library can run there (gemv only at M <= 16 with K a multiple of the
-    blocksize), on every device, for both baselines."""
+    """At each benchmarked shape (K = N = 4096, r = 16, bf16, M = 1, 4, 16, 4096; M = 17 and 32, the 32-row GEMV
+    tile, 32 the launch report's; M = 33, the first tiled rows; M = 256, FUSED_MAX_M of sm_90, 512 and 1024 above
+    it; and K = 4000, not a multiple of 64), ``choose_path`` (no config) for the device's architecture picks the
+    NF4 forward path the model predicts fastest among those the library can run there (gemv only at M <= 32 with K
+    a multiple of the blocksize), on every device, for both baselines."""
     from qlora.kernels.linear import choose_path
 
     if (version, device, m, k) in MODEL_DISAGREES:
         request.applymarker(pytest.mark.xfail(strict=True, reason="the model predicts the fused tiled path 4% "
                                               "faster (MODEL_DISAGREES)"))
     times = rl.nf4_path_times(m, k, 4096, 16, rl.DEVICES[device], triton=version)
-    assert set(times) == ({"gemv", "dequant", "fused"} if m <= 16 and k % 64 == 0 else {"dequant", "fused"})
+    assert set(times) == ({"gemv", "dequant", "fused"} if m <= rl.SMALL_M and k % 64 == 0 else {"dequant", "fused"})
     assert choose_path(m, k, 64, arch=ARCH[device]) == rl.model_path(m, k, 4096, 16, rl.DEVICES[device],
                                                                      triton=version), times
 
