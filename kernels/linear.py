@@ -40,7 +40,7 @@ INTERLEAVE_UNDER_INTERPRETER = tl.constexpr(False)
 SMALL_M = 32  # at or below this many rows the forward takes the GEMV-shaped decode path (GEMV_BLOCK_MS rows)
 # Up to this many rows (above SMALL_M) forward and dx take the fused tiled kernel, per GPU architecture (gpu_arch;
 # None: at every M; choose_path says why).
-FUSED_MAX_M: dict[int, int | None] = {8: None, 9: 256}
+FUSED_MAX_M: dict[int, int | None] = {8: None, 9: 64}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -652,11 +652,12 @@ def choose_path(m: int, k: int, blocksize: int, config: MatmulConfig | None = No
     and the GEMV reads its packed bytes once (0.5 B per element, split over K to fill the SMs). Above, the fused
     kernel decodes each packed byte once per row tile in its K loop (6.1-14.2 instructions per weight element,
     issue_to_mma 0.77-0.89 with 128-row tiles) instead of writing W in bf16 and reading it back (4.5 B per
-    element). On sm_90 its loop waits for its warpgroup MMAs before decoding the next tile (one CTA per SM), so
-    decode and MMA time add up: the dense GEMM after one dequantize launch (issue_to_mma 0.29-0.37, pipelined)
-    is predicted faster from 320 rows on the H200 and 448 on the H100 (both Tritons), hence 256. On sm_80 the
-    MMAs overlap the decode: the fused kernel is predicted faster at every M (15% at 1024 rows, 4% at 4096 on the
-    A100). AMD GPUs (not modelled) follow architecture 8. Where K is not a multiple of the blocksize the fused
+    element). On sm_90 the 128-row tile's loop waits for its warpgroup MMAs before decoding the next tile (one CTA
+    per SM), so decode and MMA time add up, and from 65 rows (where that tile takes over) the dense GEMM after one
+    dequantize launch (issue_to_mma 0.29-0.37, pipelined) is predicted faster on the H100 and H200 (a tie on the
+    H100 under 3.6 at 65 rows), hence 64. On sm_80 the MMAs overlap the decode: the fused kernel is predicted
+    faster at every M (15% at 1024 rows, 4% at 4096 on the A100). The model counts SMs left idle by small grids
+    (64 programs at N = 4096 with 64-row tiles, against 132 SMs), which no path here avoids above SMALL_M. AMD GPUs (not modelled) follow architecture 8. Where K is not a multiple of the blocksize the fused
     kernel decodes code by code (43-72 instructions per element) and the dequantize path wins at every M."""
     if config is not None:
         return config.path

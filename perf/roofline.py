@@ -62,7 +62,7 @@ SMALL_M = 32  # rows at or below which the forward takes the decode GEMV (kernel
 GEMV_BLOCK_MS = (16, 32)  # the GEMV's row tiles (kernels/linear.py GEMV_BLOCK_MS): the smallest >= M
 # Rows up to which the default takes the fused tiled kernel, per target, None for any (kernels/linear.py
 # FUSED_MAX_M, keyed by architecture: 8 -> sm_80, 9 -> sm_90).
-FUSED_MAX_M: dict[str, int | None] = {"sm_80": None, "sm_90": 256}
+FUSED_MAX_M: dict[str, int | None] = {"sm_80": None, "sm_90": 64}
 DEFAULT_TARGET = "sm_90"  # whose dispatch a "qlora_default" workload follows when no target is given
 FUSED_SMALL_TILE_ROWS = 64  # up to this many rows the fused launch uses its 64-row tiles (linear.fused_config)
 
@@ -150,6 +150,12 @@ class Op:
     # Targets on which the launch's tensor-core work and its instruction issue do not overlap: its main loop waits
     # for all of its warpgroup MMAs and one CTA fills an SM (:func:`mma_serial_targets`).
     mma_serial: tuple = ()
+    # ((target, programs), ...): the launch's grid where it may leave SMs idle (:func:`grid_programs`); a target not
+    # listed fills the GPU.
+    programs: tuple = ()
+
+    def program_count(self, target: str) -> int:
+        return dict(self.programs).get(target, 0)
 
     def issue_count(self, target: str) -> float:
         return dict(self.instructions).get(target, 0.0)
@@ -389,6 +395,21 @@ def mma_serial_targets(builds: list[dict], prefix: str, block_m: int | None = No
     return tuple(sorted(serial))
 
 
+def grid_programs(builds: list[dict], prefix: str, rows: int, cols: int, block_m: int | None = None,
+                  splits: int = 1) -> tuple:
+    """``((target, programs), ...)``: the grid of a tiled launch of the build ``prefix*`` (``BLOCK_M == block_m``
+    when given; the one :func:`fused_issue` / :func:`tiled_issue` charge) for an output of ``rows`` x ``cols``:
+    ceil(rows / BLOCK_M) x ceil(cols / BLOCK_N) x ``splits`` (the GEMV's split over K)."""
+    out: dict[str, int] = {}
+    for target, b in _nvidia_builds(builds, prefix):
+        config = b.get("config") or {}
+        if not {"BLOCK_M", "BLOCK_N"} <= set(config) or block_m not in (None, config["BLOCK_M"]):
+            continue
+        count = _cdiv(rows, config["BLOCK_M"]) * _cdiv(cols, config["BLOCK_N"]) * splits
+        out[target] = max(out.get(target, 0), count)
+    return tuple(sorted(out.items()))
+
+
 def tiled_issue(builds: list[dict], prefix: str, rows: int, cols: int, inner: int) -> tuple:
     """``((target, warp-instructions), ...)``: what a tiled GEMM build (``prefix*``: :data:`DENSE_FWD_BUILD`,
     :data:`DENSE_DX_BUILD`) issues for an output of ``rows`` x ``cols`` reduced over ``inner``: its main loop's
@@ -549,7 +570,8 @@ def nf4_forward_launches(m: int, k: int, n: int, r: int, path: str, dtype: str =
                e * m * k + nf4_storage_bytes(n * k, blocksize) + e * r * k + 4 * split * (m * n + m * r),
                2 * m * n * k + 2 * m * k * r, TENSOR_BF16,
                fused_issue(builds, GEMV_BUILD, m, n * k, gemv_block_m(m)),
-               mma_serial_targets(builds, GEMV_BUILD, gemv_block_m(m))),
+               mma_serial_targets(builds, GEMV_BUILD, gemv_block_m(m)),
+               grid_programs(builds, GEMV_BUILD, m, n, gemv_block_m(m), split)),
             Op("gemv_epilogue", 4 * split * (m * n + m * r) + e * n * r + e * m * n + 4 * m * r, 2 * m * n * r,
                TENSOR_BF16),
         )
@@ -558,14 +580,16 @@ def nf4_forward_launches(m: int, k: int, n: int, r: int, path: str, dtype: str =
         ops.append(_dequantize_op(n * k, e, blocksize, per_element_issue(builds, dequantize_build(dtype, blocksize),
                                                                          n * k)))
         ops.append(Op("matmul_lora y = x W^T + s u B^T", e * m * k + e * n * k + 4 * m * r + e * n * r + e * m * n,
-                      2 * m * n * k + 2 * m * n * r, TENSOR_BF16, tiled_issue(builds, DENSE_FWD_BUILD, m, n, k)))
+                      2 * m * n * k + 2 * m * n * r, TENSOR_BF16, tiled_issue(builds, DENSE_FWD_BUILD, m, n, k),
+                      programs=grid_programs(builds, DENSE_FWD_BUILD, m, n)))
     else:
         ops.append(Op("matmul_lora (W dequantized in the K loop)",
                       e * m * k + nf4_storage_bytes(n * k, blocksize) + 4 * m * r + e * n * r + e * m * n,
                       2 * m * n * k + 2 * m * n * r, TENSOR_BF16,
                       fused_issue(builds, fused_build("fwd", k, blocksize), m, n * k,
                                   _fused_rows(m, k, blocksize)),
-                      mma_serial_targets(builds, fused_build("fwd", k, blocksize), _fused_rows(m, k, blocksize))))
+                      mma_serial_targets(builds, fused_build("fwd", k, blocksize), _fused_rows(m, k, blocksize)),
+                      grid_programs(builds, fused_build("fwd", k, blocksize), m, n, _fused_rows(m, k, blocksize))))
     return tuple(ops)
 
 
@@ -585,12 +609,14 @@ def nf4_backward_launches(m: int, k: int, n: int, r: int, path: str, dtype: str 
                       2 * m * n * k + 2 * m * k * r, TENSOR_BF16,
                       fused_issue(builds, fused_build("dx", k, blocksize), m, n * k,
                                   _fused_rows(m, k, blocksize)),
-                      mma_serial_targets(builds, fused_build("dx", k, blocksize), _fused_rows(m, k, blocksize))))
+                      mma_serial_targets(builds, fused_build("dx", k, blocksize), _fused_rows(m, k, blocksize)),
+                      grid_programs(builds, fused_build("dx", k, blocksize), m, k, _fused_rows(m, k, blocksize))))
     else:
         ops.append(_dequantize_op(n * k, e, blocksize, per_element_issue(builds, dequantize_build(dtype, blocksize),
                                                                          n * k)))
         ops.append(Op("matmul_lora dx = dy W + s g A", e * m * n + e * n * k + 4 * m * r + e * r * k + e * m * k,
-                      2 * m * n * k + 2 * m * k * r, TENSOR_BF16, tiled_issue(builds, DENSE_DX_BUILD, m, k, n)))
+                      2 * m * n * k + 2 * m * k * r, TENSOR_BF16, tiled_issue(builds, DENSE_DX_BUILD, m, k, n),
+                      programs=grid_programs(builds, DENSE_DX_BUILD, m, k)))
     ops += [
         Op("lora_grad dA = g^T x", 4 * m * r + e * m * k + e * r * k, 2 * m * k * r, TENSOR_BF16),
         Op("lora_grad dB = dy^T u", 4 * m * r + e * m * n + e * n * r, 2 * m * n * r, TENSOR_BF16),
@@ -830,12 +856,18 @@ class RooflineRow:
 def op_roofline(op: Op, device: Device) -> OpTime:
     """``max(bytes / bandwidth, flops / peak, warp-instructions / issue rate)`` of one launch, or
     ``max(bytes / bandwidth, flops / peak + warp-instructions / issue rate)`` where the launch's MMA and issue do
-    not overlap (``op.mma_serial``); the bound is the largest term (compute or issue only when strictly larger
-    than memory; issue over compute likewise)."""
+    not overlap (``op.mma_serial``); a grid of P < SMs programs (``op.programs``) has only P SMs' tensor and issue
+    rates. The bound is the largest term (compute or issue only when strictly larger than memory; issue over
+    compute likewise)."""
     memory_s = op.bytes / device.hbm_bytes_per_s
     compute_s = op.flops / device.peak(op.unit)
     count = op.issue_count(device.target)
     issue_s = count / device.issue_per_s if count and device.issue_per_s else 0.0
+    programs = op.program_count(device.target)
+    if programs and device.sms and programs < device.sms:
+        # Fewer programs than SMs: only that many SMs issue and run MMAs (HBM time is left as it is).
+        compute_s *= device.sms / programs
+        issue_s *= device.sms / programs
     bound = "compute" if compute_s > memory_s else "memory"
     if issue_s > max(memory_s, compute_s):
         bound = "issue"

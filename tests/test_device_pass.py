@@ -21,14 +21,16 @@ from qlora.kernels import quantize as KQ
 from qlora.nf4 import quantize_nf4
 from qlora.reference import codebook as RC
 from qlora.reference import quantize as RQ
-from test_linear import DTYPES, _check_against_oracle, _dense_weight
+from qlora.kernels import linear as KLin
+from test_linear import DTYPES, _check_against_oracle, _dense_weight, _weight_kwargs
 
 ON_GPU = torch.cuda.is_available() and not qlora.interpreter_active()
 DEV = qlora.kernels.kernel_device()
 
 # Rows M: 1 and 16 take the split-K decode path on a GPU with its 16-row tile, 17 and SMALL_M (32) with its 32-row
-# tile, 33 the first tiled one (64-row tiles of the fused kernel), 256 (FUSED_MAX_M on sm_90) its 128-row tiles, and
-# 1100 the dequantize-then-GEMM path on sm_90 (the fused kernel on sm_80, whose FUSED_MAX_M has no limit). K is no
+# tile, 33 the first tiled one (64-row tiles of the fused kernel), 256 and 1100 its 128-row tiles on sm_80 (whose
+# FUSED_MAX_M has no limit) and the dequantize-then-GEMM path on sm_90 (FUSED_MAX_M 64; its 128-row fused tile
+# is checked by test_fused_128_row_tile_on_device_matches_oracle). K is no
 # multiple of any tile or blocksize; N is odd. A second K, a multiple of the blocksize but not of the GEMV's
 # 64-column step times its split, sends M <= 32 down the decode (GEMV) path and larger M down the fused one up to
 # FUSED_MAX_M (forward and dx); the first sends every M down the dequantize-then-GEMM path.
@@ -103,3 +105,31 @@ def test_fused_layer_on_device_matches_oracle(m, dtype, dropout_p, K_IN):
     cpu_weight = weight.to("cpu")
     _check_against_oracle(x, _dense_weight(cpu_weight, dtype), lora_a, lora_b, 2.0, bias, mask, dy, y.detach().cpu(),
                           grads, dtype)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the GPU tiles need a GPU (under the interpreter test_linear runs the same "
+                                       "kernel with small tiles)")
+@pytest.mark.parametrize("arch", sorted(KLin.FUSED_CONFIGS))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_128_row_tile_on_device_matches_oracle(arch, dtype):
+    """The fused kernel's 128-row tile of each architecture (sm_90's 128 x 128 x 128 is not reached by the default
+    dispatch, FUSED_MAX_M[9] = 64), forced with an explicit config: forward, dx and the LoRA gradients within
+    test_linear's derived bounds. An architecture's tile compiles for any GPU, so both run on whichever is here."""
+    m, k_in, p = 256, 1088, 0.25
+    cfg = KLin.fused_config(m, arch)
+    gen = torch.Generator().manual_seed(arch)
+    weight = quantize_nf4(torch.randn(N_OUT, k_in, generator=gen).to(dtype).to(DEV), blocksize=64)
+    x = torch.randn(m, k_in, generator=gen).to(dtype)
+    lora_a = (torch.randn(RANK, k_in, generator=gen) / k_in**0.5).to(dtype)
+    lora_b = (torch.randn(N_OUT, RANK, generator=gen) * 0.5).to(dtype)
+    bias = torch.randn(N_OUT, generator=gen).to(dtype)
+    dy = torch.randn(m, N_OUT, generator=gen).to(dtype)
+    kw = _weight_kwargs(weight)
+    seed = 99
+    y, u = KLin.nf4_lora_forward(x.to(DEV), lora_a=lora_a.to(DEV), lora_b=lora_b.to(DEV), scaling=2.0,
+                                 bias=bias.to(DEV), dropout_p=p, seed=seed, config=cfg, **kw)
+    grads = KLin.nf4_lora_backward(dy.to(DEV), x.to(DEV), u, lora_a=lora_a.to(DEV), lora_b=lora_b.to(DEV),
+                                   scaling=2.0, dropout_p=p, seed=seed, need_bias=True, config=cfg, **kw)
+    mask = dropout_mask(seed, x.shape, p)
+    _check_against_oracle(x, _dense_weight(weight.to("cpu"), dtype), lora_a, lora_b, 2.0, bias, mask, dy, y.cpu(),
+                          tuple(g.cpu() for g in grads), dtype)
