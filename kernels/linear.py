@@ -40,7 +40,7 @@ INTERLEAVE_UNDER_INTERPRETER = tl.constexpr(False)
 SMALL_M = 32  # at or below this many rows the forward takes the GEMV-shaped decode path (GEMV_BLOCK_MS rows)
 # Up to this many rows (above SMALL_M) forward and dx take the fused tiled kernel, per GPU architecture (gpu_arch;
 # None: at every M; choose_path says why).
-FUSED_MAX_M: dict[int, int | None] = {8: None, 9: 64}
+FUSED_MAX_M: dict[int, int | None] = {8: None, 9: 256}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -574,6 +574,12 @@ GPU_CONFIGS: dict[int, tuple[MatmulConfig, ...]] = {
 # 0 spills, 148 KiB of shared memory). On sm_80 that tile spills (dx: 192 bytes at 255 registers), so it keeps the
 # 64-wide step (14.2 / 13.4, 0.89 / 0.84), as do AMD GPUs (gpu_arch). 64 x 64 x 32: 10.8 / 9.7 on sm_90, 11.9 /
 # 12.9 on sm_80.
+# Up to this many rows the fused launch takes the 64-row tile, although it decodes W twice as often as the 128-row
+# one: twice the programs (64 per row tile at N = 4096, against 108-132 SMs) and, on sm_90, 4 CTAs per SM that
+# overlap each other's MMA waits where the 128-row tile's one CTA per SM waits on its wgmma (perf/README.md, "The
+# dispatcher against the model": forward predicted 13 vs 33 us at 128 rows and 24 vs 33 at 256 on the H100, 21
+# vs 47 and 43 vs 48 on the A100, triton 3.9; from 384 rows the 128-row tile wins on the A100).
+FUSED_SMALL_TILE_MAX_M = 256
 FUSED_CONFIGS: dict[int, tuple[MatmulConfig, MatmulConfig]] = {
     8: (MatmulConfig(64, 64, 32, num_warps=4), MatmulConfig(128, 128, 64, num_warps=8, num_stages=3)),
     9: (MatmulConfig(64, 64, 32, num_warps=4), MatmulConfig(128, 128, 128, num_warps=8, num_stages=3)),
@@ -653,12 +659,14 @@ def choose_path(m: int, k: int, blocksize: int, config: MatmulConfig | None = No
     kernel decodes each packed byte once per row tile in its K loop (6.1-14.2 instructions per weight element,
     issue_to_mma 0.77-0.89 with 128-row tiles) instead of writing W in bf16 and reading it back (4.5 B per
     element). On sm_90 the 128-row tile's loop waits for its warpgroup MMAs before decoding the next tile (one CTA
-    per SM), so decode and MMA time add up, and from 65 rows (where that tile takes over) the dense GEMM after one
-    dequantize launch (issue_to_mma 0.29-0.37, pipelined) is predicted faster on the H100 and H200 (a tie on the
-    H100 under 3.6 at 65 rows), hence 64. On sm_80 the MMAs overlap the decode: the fused kernel is predicted
-    faster at every M (15% at 1024 rows, 4% at 4096 on the A100). The model counts SMs left idle by small grids
-    (64 programs at N = 4096 with 64-row tiles, against 132 SMs), which no path here avoids above SMALL_M. AMD GPUs (not modelled) follow architecture 8. Where K is not a multiple of the blocksize the fused
-    kernel decodes code by code (43-72 instructions per element) and the dequantize path wins at every M."""
+    per SM), so decode and MMA time add up; the 64-row tile (4 CTAs per SM) is kept up to 256 rows
+    (``FUSED_SMALL_TILE_MAX_M``), and above, the dense GEMM after one dequantize launch (issue_to_mma 0.29-0.37,
+    pipelined) is predicted faster on the H100 and H200 (from 320 rows with 64-row tiles), hence 256. On sm_80 the
+    MMAs overlap the decode: the fused kernel is predicted faster at every M (15% at 1024 rows, 4% at 4096 on the
+    A100). The model counts SMs left idle by small grids (64 programs per 64-row tile at N = 4096, against 132
+    SMs), which no path here avoids between SMALL_M and a few hundred rows. AMD GPUs (not modelled) follow
+    architecture 8. Where K is not a multiple of the blocksize the fused kernel decodes code by code (43-72
+    instructions per element) and the dequantize path wins at every M."""
     if config is not None:
         return config.path
     if k % blocksize != 0:
@@ -678,10 +686,9 @@ def choose_dx_path(m: int, k: int, blocksize: int, arch: int | None = None) -> s
 
 def fused_config(m: int, arch: int | None = None) -> MatmulConfig:
     """The fused kernel's tiles for M rows on GPU architecture ``arch`` (a ``FUSED_CONFIGS`` key; default this
-    GPU's): 64-row tiles up to 64 rows (twice the programs of 128-row ones, to spread reading W over more SMs),
-    the 128-row tile above."""
+    GPU's): 64-row tiles up to ``FUSED_SMALL_TILE_MAX_M`` rows, the 128-row tile above."""
     small, large = FUSED_CONFIGS[gpu_arch() if arch is None else arch]
-    return small if m <= small.block_m else large
+    return small if m <= FUSED_SMALL_TILE_MAX_M else large
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -1159,4 +1166,5 @@ def compile_specs() -> list[KernelSpec]:
 
 __all__ = ["MatmulConfig", "nf4_lora_forward", "nf4_lora_backward", "lora_down", "lora_grad", "lora_dropout_bits",
            "lora_dropout_mask", "choose_path", "choose_dx_path", "fused_config", "compile_specs", "GPU_CONFIGS",
-           "FUSED_CONFIGS", "FUSED_MAX_M", "SMALL_M_CONFIG", "GEMV_BLOCK_MS", "gemv_config", "LORA_BLOCK_RS"]
+           "FUSED_CONFIGS", "FUSED_SMALL_TILE_MAX_M", "FUSED_MAX_M", "SMALL_M_CONFIG", "GEMV_BLOCK_MS", "gemv_config",
+           "LORA_BLOCK_RS"]

@@ -3,7 +3,7 @@
 Side by side in one session, for ``y = x @ W^T + s * (x @ A^T) @ B^T`` (bf16, no bias, no dropout):
 
 - ``qlora_default``: ``qlora_linear`` on an NF4 (double-quantized, blocksize 64) ``W``, the default dispatch of
-  kernels/linear.py (``choose_path``): at M <= 32 the GEMV decode kernel, up to ``FUSED_MAX_M`` rows (64 on sm_90,
+  kernels/linear.py (``choose_path``): at M <= 32 the GEMV decode kernel, up to ``FUSED_MAX_M`` rows (256 on sm_90,
   any M on sm_80) the fused tiled kernel, above dequantize-then-GEMM (W dequantized into a bf16 buffer by a Triton kernel, then a Triton GEMM with the
   LoRA term in its epilogue), forward and backward;
 - ``qlora_fused_tiled``: the same layer forced onto the fused tiled path at every M (``MatmulConfig(path="fused")``

@@ -62,9 +62,11 @@ SMALL_M = 32  # rows at or below which the forward takes the decode GEMV (kernel
 GEMV_BLOCK_MS = (16, 32)  # the GEMV's row tiles (kernels/linear.py GEMV_BLOCK_MS): the smallest >= M
 # Rows up to which the default takes the fused tiled kernel, per target, None for any (kernels/linear.py
 # FUSED_MAX_M, keyed by architecture: 8 -> sm_80, 9 -> sm_90).
-FUSED_MAX_M: dict[str, int | None] = {"sm_80": None, "sm_90": 64}
+FUSED_MAX_M: dict[str, int | None] = {"sm_80": None, "sm_90": 256}
 DEFAULT_TARGET = "sm_90"  # whose dispatch a "qlora_default" workload follows when no target is given
-FUSED_SMALL_TILE_ROWS = 64  # up to this many rows the fused launch uses its 64-row tiles (linear.fused_config)
+# Up to this many rows the fused launch uses its 64-row tiles (kernels/linear.py FUSED_SMALL_TILE_MAX_M); the
+# per-code build (K not a multiple of the blocksize) has only the 64-row tile.
+FUSED_SMALL_TILE_ROWS = 256
 
 # FLOPs per element of the elementwise kernels, counted from kernels/quantize.py and kernels/optim.py.
 QUANT4_FLOPS_PER_ELEM = 18  # |x|, running max, x * (1/absmax), 15 midpoint compares (linear scan of the table)
@@ -295,7 +297,7 @@ FUSED_PERCODE_DX_BUILD = "linear.fused_percode_dx_"
 def _fused_rows(m: int, k: int, blocksize: int) -> int:
     """BLOCK_M of the fused build a launch uses: ``fused_config``'s where K is a multiple of the blocksize, the
     first fused config's (the only per-code build) otherwise."""
-    return fused_block_m(m) if k % blocksize == 0 else FUSED_SMALL_TILE_ROWS
+    return fused_block_m(m) if k % blocksize == 0 else 64
 
 
 def fused_build(direction: str, k: int, blocksize: int) -> str:
@@ -493,7 +495,7 @@ def gemv_block_m(m: int) -> int:
 
 def fused_block_m(m: int) -> int:
     """Row tile of the fused launch for ``m`` rows (kernels/linear.py ``fused_config``)."""
-    return FUSED_SMALL_TILE_ROWS if m <= FUSED_SMALL_TILE_ROWS else 128
+    return 64 if m <= FUSED_SMALL_TILE_ROWS else 128
 
 
 def _split_count(want: int, most: int) -> int:

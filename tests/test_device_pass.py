@@ -28,9 +28,9 @@ ON_GPU = torch.cuda.is_available() and not qlora.interpreter_active()
 DEV = qlora.kernels.kernel_device()
 
 # Rows M: 1 and 16 take the split-K decode path on a GPU with its 16-row tile, 17 and SMALL_M (32) with its 32-row
-# tile, 33 the first tiled one (64-row tiles of the fused kernel), 256 and 1100 its 128-row tiles on sm_80 (whose
-# FUSED_MAX_M has no limit) and the dequantize-then-GEMM path on sm_90 (FUSED_MAX_M 64; its 128-row fused tile
-# is checked by test_fused_128_row_tile_on_device_matches_oracle). K is no
+# tile, 33 and 256 the fused kernel's 64-row tiles, 1100 its 128-row tiles on sm_80 (whose FUSED_MAX_M has no limit)
+# and the dequantize-then-GEMM path on sm_90 (FUSED_MAX_M 256; its 128-row fused tile is checked by
+# test_fused_128_row_tile_on_device_matches_oracle). K is no
 # multiple of any tile or blocksize; N is odd. A second K, a multiple of the blocksize but not of the GEMV's
 # 64-column step times its split, sends M <= 32 down the decode (GEMV) path and larger M down the fused one up to
 # FUSED_MAX_M (forward and dx); the first sends every M down the dequantize-then-GEMM path.
@@ -113,10 +113,11 @@ def test_fused_layer_on_device_matches_oracle(m, dtype, dropout_p, K_IN):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_fused_128_row_tile_on_device_matches_oracle(arch, dtype):
     """The fused kernel's 128-row tile of each architecture (sm_90's 128 x 128 x 128 is not reached by the default
-    dispatch, FUSED_MAX_M[9] = 64), forced with an explicit config: forward, dx and the LoRA gradients within
+    dispatch: 64-row tiles up to FUSED_SMALL_TILE_MAX_M = 256 rows, dequantize-then-GEMM above), forced with an
+    explicit config: forward, dx and the LoRA gradients within
     test_linear's derived bounds. An architecture's tile compiles for any GPU, so both run on whichever is here."""
     m, k_in, p = 256, 1088, 0.25
-    cfg = KLin.fused_config(m, arch)
+    cfg = KLin.FUSED_CONFIGS[arch][1]
     gen = torch.Generator().manual_seed(arch)
     weight = quantize_nf4(torch.randn(N_OUT, k_in, generator=gen).to(dtype).to(DEV), blocksize=64)
     x = torch.randn(m, k_in, generator=gen).to(dtype)

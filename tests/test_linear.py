@@ -250,12 +250,13 @@ def test_default_dispatch(monkeypatch):
         assert K.choose_path(1, 1000, 64, arch=arch) == K.choose_path(32, 1000, 64, arch=arch) == "dequant"
         # the dx path is the forward's, with the fused kernel for the (forward-only) GEMV
         assert K.choose_dx_path(1, 4096, 64, arch) == "fused" and K.choose_dx_path(1, 1000, 64, arch) == "dequant"
-    assert K.FUSED_MAX_M == {8: None, 9: 64}
-    assert K.choose_path(64, 4096, 64, arch=9) == "fused" and K.choose_path(65, 4096, 64, arch=9) == "dequant"
+    assert K.FUSED_MAX_M == {8: None, 9: 256}
+    assert K.choose_path(256, 4096, 64, arch=9) == "fused" and K.choose_path(257, 4096, 64, arch=9) == "dequant"
     assert K.choose_dx_path(4096, 4096, 64, 9) == "dequant"
     assert K.choose_path(1 << 20, 4096, 64, arch=8) == "fused" and K.choose_dx_path(4096, 4096, 64, 8) == "fused"
+    assert K.FUSED_SMALL_TILE_MAX_M == 256
     for arch, (small, large) in K.FUSED_CONFIGS.items():
-        assert K.fused_config(64, arch) == small and K.fused_config(65, arch) == large
+        assert K.fused_config(256, arch) == small and K.fused_config(257, arch) == large
         assert small.block_m == 64 and large.block_m == 128
     # the GEMV's row tile: 16 up to 16 rows, 32 up to SMALL_M; a config outside those is refused
     assert K.SMALL_M == 32 and K.gemv_config(16) == K.SMALL_M_CONFIG and K.gemv_config(17).block_m == 32

@@ -505,8 +505,8 @@ def test_default_path_is_choose_path():
 
 
 # Where the dispatcher and the model part ways: nowhere at these shapes. (On sm_90 the 128-row fused tile waits for
-# its MMAs and the H100 / H200 cross over where it takes over, at 65 rows, FUSED_MAX_M[9] = 64; on the A100 the fused
-# kernel is predicted faster at every M, 4% at 4096 rows.)
+# its MMAs, so the fused launch keeps 64-row tiles up to 256 rows, FUSED_MAX_M[9] = 256, and the H100 / H200 cross
+# over to dequantize-then-GEMM above; on the A100 the fused kernel is predicted faster at every M, 4% at 4096 rows.)
 MODEL_DISAGREES: set = set()
 ARCH = {"a100": 8, "h100": 9, "h200": 9}  # kernels/linear.py gpu_arch of each modelled device
 
@@ -517,8 +517,8 @@ ARCH = {"a100": 8, "h100": 9, "h200": 9}  # kernels/linear.py gpu_arch of each m
                                   (96, 4096), (256, 4096), (1024, 4096), (4096, 4096), (4, 4000), (256, 4000)])
 def test_dispatcher_picks_the_path_the_model_predicts_fastest(version, device, m, k, request):
     """At each benchmarked shape (K = N = 4096, r = 16, bf16, M = 1, 4, 16, 4096; M = 17 and 32, the 32-row GEMV
-    tile, 32 the launch report's; M = 33, the first tiled rows; M = 64, FUSED_MAX_M of sm_90, 96, 256 and 1024
-    above it; and K = 4000, not a multiple of 64), ``choose_path`` (no config) for the device's architecture picks the
+    tile, 32 the launch report's; M = 33, the first tiled rows; 64, 96 and 256 (FUSED_MAX_M of sm_90), 1024 above
+    it; and K = 4000, not a multiple of 64), ``choose_path`` (no config) for the device's architecture picks the
     NF4 forward path the model predicts fastest among those the library can run there (gemv only at M <= 32 with K
     a multiple of the blocksize), on every device, for both baselines."""
     from qlora.kernels.linear import choose_path
@@ -549,7 +549,7 @@ def test_backward_dx_path_is_the_one_the_model_predicts_fastest(version):
     for device in rl.DEVICES.values():
         arch = ARCH[device.key]
         limit = FUSED_MAX_M[arch]
-        for m in (1, 16, 32, 64, 96, 256, 1024, 4096):  # not 65: a tie on the H100 under 3.6
+        for m in (1, 16, 32, 64, 65, 256, 257, 1024, 4096):
             times = _backward_times(m, device, version)
             path = "fused" if limit is None or m <= limit else "dequant"
             assert choose_dx_path(m, 4096, 64, arch) == min(times, key=times.get) == path, (device.key, m, times)
