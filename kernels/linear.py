@@ -33,9 +33,9 @@ from .lora import (LORA_BLOCK_RS, SPLIT_CHOICES, check_scalar, lora_block_r, lor
 from .quantize import launch_dequantize_4bit, unpack_4bit
 
 NESTED_BLOCKSIZE = 256
-# Whether the interpreter runs the interleaved-pair layout of the fused kernel (the GPU's on sm_90) and of the
-# decode GEMV (every GPU's) instead of their even/odd split; tests set it so that the layout GPUs run is checked
-# against the oracle on a CPU too.
+# Whether the interpreter runs the interleaved-pair layout of the fused kernel and of the decode GEMV (what sm_90
+# runs) instead of their even/odd split; tests set it so that the layout GPUs run is checked against the oracle on
+# a CPU too.
 INTERLEAVE_UNDER_INTERPRETER = tl.constexpr(False)
 SMALL_M = 32  # at or below this many rows the forward takes the GEMV-shaped decode path (GEMV_BLOCK_MS rows)
 # Up to this many rows (above SMALL_M) forward and dx take the fused tiled kernel, per GPU architecture (gpu_arch;
@@ -253,8 +253,8 @@ def _nf4_gemv_kernel(
 
     Program (n tile, s) reads rows of W as packed bytes (row n starts at byte n * K / 2): high nibbles are the
     even columns, low nibbles the odd ones. On sm_90 the two values of a byte are interleaved into W's column
-    order; elsewhere x is split into its even and odd columns instead. SUB_K =
-    min(BLOCK_K, BLOCKSIZE): the tile's K range holds BLOCK_K / SUB_K scale blocks per row.
+    order; elsewhere x is split into its even and odd columns instead. SUB_K = min(BLOCK_K, BLOCKSIZE): the
+    tile's K range holds BLOCK_K / SUB_K scale blocks per row.
     """
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -411,9 +411,11 @@ def _matmul_lora_kernel(
     then the NF4 weight W, b = W^T (forward, W (N, K)) if B_TRANSPOSED else W (dx, W (K, N)), dequantized tile
     by tile and rounded to the compute dtype (bit-exact with dequantize_4bit). ALIGNED: N, K and the strides
     are multiples of 16 (what a launch on such shapes specializes on), so the bounds masks stay constant over
-    16-byte vectors and the operand loads are 128-bit. PAIRS (with B_NF4; the interpreter's default, K a multiple
-    of BLOCKSIZE): W decoded a packed byte at a time (:func:`_nf4_pair_tile`), its even and odd columns multiplied
-    with the even and odd columns of a (forward) or into the even and odd columns of c (dx). FOLD_DOWN (R <=
+    16-byte vectors and the operand loads are 128-bit. EVEN_K: K is a multiple of BLOCK_K (no K-bound masks).
+    PAIRS (with B_NF4; K a multiple of BLOCKSIZE): W decoded a packed byte at a time (:func:`_nf4_pair_tile`), a
+    byte's two values interleaved into W's column order on sm_90 and in sm_80's 128-row dx tile; elsewhere its even
+    and odd columns multiplied with the even and odd columns of a (forward) or into the even and odd columns of c
+    (dx). FOLD_DOWN (R <=
     BLOCK_R): l is not read but computed in the K loop from the a tiles already loaded, l = a @ d with
     d (K, R) at ``k * stride_dk + r * stride_dr`` (u = x A^T in a forward without dropout, g = dy B in dx), and
     written (float32, contiguous) by the programs of column tile 0.
