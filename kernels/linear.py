@@ -582,6 +582,13 @@ GPU_CONFIGS: dict[int, tuple[MatmulConfig, ...]] = {
 # dispatcher against the model": forward predicted 13 vs 33 us at 128 rows and 24 vs 33 at 256 on the H100, 21
 # vs 47 and 43 vs 48 on the A100, triton 3.9; from 384 rows the 128-row tile wins on the A100).
 FUSED_SMALL_TILE_MAX_M = 256
+# Up to 64 rows (one row tile) the fused launch takes 32-column tiles: 128 programs at 4096 columns instead of 64,
+# against 108-132 SMs, for more instructions per weight element (perf static, forward / dx, sm_90 / sm_80: 12.9 /
+# 14.6 and 11.3 / 15.4 under triton 3.9, 11.6 / 14.4 and 10.9 / 15.4 under 3.6, against 64 x 64 x 32's 10.8 /
+# 11.9 and 9.7 / 12.9; 72-128 registers, 0 spills, gfx942 / gfx90a 125-182 VGPRs, 0 scratch). The roofline's grid
+# term predicts the fused launch at M <= 64, N = K = 4096, about 40% faster that way. 64 x 32 x 128 issues fewer
+# (9.0 forward on sm_90) but its dx build does not compile on sm_90 (triton 3.9, TritonGPUOptimizeDotOperands).
+FUSED_NARROW_CONFIG = MatmulConfig(64, 32, 64, num_warps=4)
 FUSED_CONFIGS: dict[int, tuple[MatmulConfig, MatmulConfig]] = {
     8: (MatmulConfig(64, 64, 32, num_warps=4), MatmulConfig(128, 128, 64, num_warps=8, num_stages=3)),
     9: (MatmulConfig(64, 64, 32, num_warps=4), MatmulConfig(128, 128, 128, num_warps=8, num_stages=3)),
@@ -665,8 +672,8 @@ def choose_path(m: int, k: int, blocksize: int, config: MatmulConfig | None = No
     (``FUSED_SMALL_TILE_MAX_M``), and above, the dense GEMM after one dequantize launch (issue_to_mma 0.29-0.37,
     pipelined) is predicted faster on the H100 and H200 (from 320 rows with 64-row tiles), hence 256. On sm_80 the
     MMAs overlap the decode: the fused kernel is predicted faster at every M (15% at 1024 rows, 4% at 4096 on the
-    A100). The model counts SMs left idle by small grids (64 programs per 64-row tile at N = 4096, against 132
-    SMs), which no path here avoids between SMALL_M and a few hundred rows. AMD GPUs (not modelled) follow
+    A100). The model counts SMs left idle by small grids (128 programs per 64-row tile at N = 4096 with the narrow
+    tile, 64 with the next, 32 per 128-row tile, against 108-132 SMs). AMD GPUs (not modelled) follow
     architecture 8. Where K is not a multiple of the blocksize the fused kernel decodes code by code (43-72
     instructions per element) and the dequantize path wins at every M."""
     if config is not None:
@@ -688,7 +695,10 @@ def choose_dx_path(m: int, k: int, blocksize: int, arch: int | None = None) -> s
 
 def fused_config(m: int, arch: int | None = None) -> MatmulConfig:
     """The fused kernel's tiles for M rows on GPU architecture ``arch`` (a ``FUSED_CONFIGS`` key; default this
-    GPU's): 64-row tiles up to ``FUSED_SMALL_TILE_MAX_M`` rows, the 128-row tile above."""
+    GPU's): ``FUSED_NARROW_CONFIG`` for one 64-row tile, 64-row tiles up to ``FUSED_SMALL_TILE_MAX_M`` rows, the
+    128-row tile above."""
+    if m <= FUSED_NARROW_CONFIG.block_m:
+        return FUSED_NARROW_CONFIG
     small, large = FUSED_CONFIGS[gpu_arch() if arch is None else arch]
     return small if m <= FUSED_SMALL_TILE_MAX_M else large
 
@@ -1098,6 +1108,7 @@ def compile_specs() -> list[KernelSpec]:
     # FOLD_DOWN build: only the interpreter folds (_folds_down).
     tiled = [(cfg, "dense") for arch in sorted(GPU_CONFIGS) for cfg in GPU_CONFIGS[arch]]
     tiled += [(cfg, "fused") for arch in sorted(FUSED_CONFIGS) for cfg in FUSED_CONFIGS[arch]]
+    tiled += [(FUSED_NARROW_CONFIG, "fused")]
     tiled += [(FUSED_CONFIGS[arch][0], "fused_percode") for arch in sorted(FUSED_CONFIGS)]
     # A fused config is built for the targets whose architecture picks it (gpu_arch: AMD GPUs take 8's).
     arch_targets = {8: ("sm_80", "gfx942", "gfx90a"), 9: ("sm_90",)}
@@ -1105,6 +1116,7 @@ def compile_specs() -> list[KernelSpec]:
     for arch in sorted(FUSED_CONFIGS):
         for cfg in FUSED_CONFIGS[arch]:
             fused_targets[cfg] = fused_targets.get(cfg, ()) + arch_targets[arch]
+    fused_targets[FUSED_NARROW_CONFIG] = arch_targets[8] + arch_targets[9]
     seen = set()
     for cfg, kind in tiled:
         fused = kind != "dense"
@@ -1168,5 +1180,5 @@ def compile_specs() -> list[KernelSpec]:
 
 __all__ = ["MatmulConfig", "nf4_lora_forward", "nf4_lora_backward", "lora_down", "lora_grad", "lora_dropout_bits",
            "lora_dropout_mask", "choose_path", "choose_dx_path", "fused_config", "compile_specs", "GPU_CONFIGS",
-           "FUSED_CONFIGS", "FUSED_SMALL_TILE_MAX_M", "FUSED_MAX_M", "SMALL_M_CONFIG", "GEMV_BLOCK_MS", "gemv_config",
-           "LORA_BLOCK_RS"]
+           "FUSED_CONFIGS", "FUSED_NARROW_CONFIG", "FUSED_SMALL_TILE_MAX_M", "FUSED_MAX_M", "SMALL_M_CONFIG",
+           "GEMV_BLOCK_MS", "gemv_config", "LORA_BLOCK_RS"]

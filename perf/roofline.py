@@ -67,6 +67,7 @@ DEFAULT_TARGET = "sm_90"  # whose dispatch a "qlora_default" workload follows wh
 # Up to this many rows the fused launch uses its 64-row tiles (kernels/linear.py FUSED_SMALL_TILE_MAX_M); the
 # per-code build (K not a multiple of the blocksize) has only the 64-row tile.
 FUSED_SMALL_TILE_ROWS = 256
+FUSED_NARROW_BLOCK_N = 32  # up to 64 rows (kernels/linear.py FUSED_NARROW_CONFIG)
 
 # FLOPs per element of the elementwise kernels, counted from kernels/quantize.py and kernels/optim.py.
 QUANT4_FLOPS_PER_ELEM = 18  # |x|, running max, x * (1/absmax), 15 midpoint compares (linear scan of the table)
@@ -294,10 +295,20 @@ FUSED_PERCODE_FWD_BUILD = "linear.fused_percode_fwd_"
 FUSED_PERCODE_DX_BUILD = "linear.fused_percode_dx_"
 
 
-def _fused_rows(m: int, k: int, blocksize: int) -> int:
-    """BLOCK_M of the fused build a launch uses: ``fused_config``'s where K is a multiple of the blocksize, the
-    first fused config's (the only per-code build) otherwise."""
-    return fused_block_m(m) if k % blocksize == 0 else 64
+def _fused_terms(builds: list[dict], prefix: str, rows: int, cols: int, weight_elements: int,
+                 tile: tuple[int, int]) -> tuple:
+    """``(instructions, mma_serial, programs)`` of an :class:`Op` for the fused build ``prefix*`` with tile
+    ``(BLOCK_M, BLOCK_N)``, for an output of ``rows`` x ``cols`` over a weight of ``weight_elements``."""
+    block_m, block_n = tile
+    return (fused_issue(builds, prefix, rows, weight_elements, block_m, block_n),
+            mma_serial_targets(builds, prefix, block_m, block_n),
+            grid_programs(builds, prefix, rows, cols, block_m, block_n=block_n))
+
+
+def _fused_tile(m: int, k: int, blocksize: int) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) of the fused build a launch uses: ``fused_config``'s where K is a multiple of the
+    blocksize, the per-code build's (64 x 64) otherwise."""
+    return (fused_block_m(m), fused_block_n(m)) if k % blocksize == 0 else (64, 64)
 
 
 def fused_build(direction: str, k: int, blocksize: int) -> str:
@@ -338,6 +349,12 @@ def static_builds(triton: str | None = None) -> tuple[str | None, list[dict]]:
     return triton, [dict(b, key=k) for k, b in data["kernels"].items()]
 
 
+def _tile_matches(config: dict, block_m: int | None, block_n: int | None) -> bool:
+    """Whether a build's config has the row tile ``block_m`` and column tile ``block_n`` (None: any)."""
+    return ("BLOCK_M" in config and block_m in (None, config["BLOCK_M"])
+            and block_n in (None, config.get("BLOCK_N")))
+
+
 def _nvidia_builds(builds: list[dict], prefix: str):
     """``(target, build)`` of the builds whose name (the key without ``@target``) starts with ``prefix``, on the
     NVIDIA targets (the issue model is 4 schedulers x 1 instruction per clock per SM)."""
@@ -348,18 +365,18 @@ def _nvidia_builds(builds: list[dict], prefix: str):
 
 
 def fused_issue(builds: list[dict], prefix: str, rows: int, weight_elements: int,
-                block_m: int | None = None) -> tuple:
+                block_m: int | None = None, block_n: int | None = None) -> tuple:
     """``((target, warp-instructions), ...)``: what a kernel that dequantizes NF4 W in its loop (the builds named
     ``prefix*``: :data:`GEMV_BUILD`, :data:`FUSED_FWD_BUILD`, :data:`FUSED_DX_BUILD`) issues for ``rows`` rows of
     a weight of ``weight_elements``, per target. Each program of ``BLOCK_M`` rows dequantizes the whole weight once
     (a split over K divides the work, not its total), so warp-instructions = instructions per weight element / 32
     x weight elements x ceil(rows / BLOCK_M); of several builds, the one with the fewest (the autotuner's best
-    case), or only those with ``BLOCK_M == block_m`` when given (the build the launcher picks). Builds without a
-    per-element figure are skipped."""
+    case), or only those with ``BLOCK_M == block_m`` (and ``BLOCK_N == block_n``) when given (the build the
+    launcher picks). Builds without a per-element figure are skipped."""
     best: dict[str, float] = {}
     for target, b in _nvidia_builds(builds, prefix):
         per_elem, config = b.get("instr_per_weight_element"), b.get("config") or {}
-        if not per_elem or "BLOCK_M" not in config or block_m not in (None, config["BLOCK_M"]):
+        if not per_elem or not _tile_matches(config, block_m, block_n):
             continue
         count = per_elem / 32 * weight_elements * _cdiv(rows, config["BLOCK_M"])
         best[target] = min(best.get(target, count), count)
@@ -382,7 +399,8 @@ def ctas_per_sm(build: dict, target: str) -> int:
     return min(fits)
 
 
-def mma_serial_targets(builds: list[dict], prefix: str, block_m: int | None = None) -> tuple:
+def mma_serial_targets(builds: list[dict], prefix: str, block_m: int | None = None,
+                       block_n: int | None = None) -> tuple:
     """The targets on which the build ``fused_issue`` charges (``prefix*``, ``BLOCK_M == block_m`` when given)
     runs its tensor-core work and its instruction issue one after the other: its main loop waits for all its
     warpgroup MMAs (``mma_waits_in_loop``: Triton writes the decoded W tile to shared memory every iteration and
@@ -390,7 +408,7 @@ def mma_serial_targets(builds: list[dict], prefix: str, block_m: int | None = No
     serial = set()
     for target, b in _nvidia_builds(builds, prefix):
         config = b.get("config") or {}
-        if block_m not in (None, config.get("BLOCK_M")) or not b.get("instr_per_weight_element"):
+        if not _tile_matches(config, block_m, block_n) or not b.get("instr_per_weight_element"):
             continue
         if b.get("mma_waits_in_loop") and ctas_per_sm(b, target) == 1:
             serial.add(target)
@@ -398,14 +416,14 @@ def mma_serial_targets(builds: list[dict], prefix: str, block_m: int | None = No
 
 
 def grid_programs(builds: list[dict], prefix: str, rows: int, cols: int, block_m: int | None = None,
-                  splits: int = 1) -> tuple:
+                  splits: int = 1, block_n: int | None = None) -> tuple:
     """``((target, programs), ...)``: the grid of a tiled launch of the build ``prefix*`` (``BLOCK_M == block_m``
     when given; the one :func:`fused_issue` / :func:`tiled_issue` charge) for an output of ``rows`` x ``cols``:
     ceil(rows / BLOCK_M) x ceil(cols / BLOCK_N) x ``splits`` (the GEMV's split over K)."""
     out: dict[str, int] = {}
     for target, b in _nvidia_builds(builds, prefix):
         config = b.get("config") or {}
-        if not {"BLOCK_M", "BLOCK_N"} <= set(config) or block_m not in (None, config["BLOCK_M"]):
+        if not {"BLOCK_M", "BLOCK_N"} <= set(config) or not _tile_matches(config, block_m, block_n):
             continue
         count = _cdiv(rows, config["BLOCK_M"]) * _cdiv(cols, config["BLOCK_N"]) * splits
         out[target] = max(out.get(target, 0), count)
@@ -498,6 +516,12 @@ def fused_block_m(m: int) -> int:
     return 64 if m <= FUSED_SMALL_TILE_ROWS else 128
 
 
+def fused_block_n(m: int) -> int:
+    """Column tile of the fused launch for ``m`` rows (kernels/linear.py ``fused_config``): 32 for one 64-row tile
+    (``FUSED_NARROW_CONFIG``), then that of the 64- or 128-row tile."""
+    return FUSED_NARROW_BLOCK_N if m <= 64 else fused_block_m(m)
+
+
 def _split_count(want: int, most: int) -> int:
     """kernels/lora.py ``choose_splits`` / kernels/linear.py ``_gemv_split_k``: the smallest choice reaching
     ``want`` programs per tile, at most ``most``."""
@@ -588,10 +612,8 @@ def nf4_forward_launches(m: int, k: int, n: int, r: int, path: str, dtype: str =
         ops.append(Op("matmul_lora (W dequantized in the K loop)",
                       e * m * k + nf4_storage_bytes(n * k, blocksize) + 4 * m * r + e * n * r + e * m * n,
                       2 * m * n * k + 2 * m * n * r, TENSOR_BF16,
-                      fused_issue(builds, fused_build("fwd", k, blocksize), m, n * k,
-                                  _fused_rows(m, k, blocksize)),
-                      mma_serial_targets(builds, fused_build("fwd", k, blocksize), _fused_rows(m, k, blocksize)),
-                      grid_programs(builds, fused_build("fwd", k, blocksize), m, n, _fused_rows(m, k, blocksize))))
+                      *_fused_terms(builds, fused_build("fwd", k, blocksize), m, n, n * k,
+                                    _fused_tile(m, k, blocksize))))
     return tuple(ops)
 
 
@@ -609,10 +631,8 @@ def nf4_backward_launches(m: int, k: int, n: int, r: int, path: str, dtype: str 
         ops.append(Op("matmul_lora dx (W dequantized in the K loop)",
                       e * m * n + nf4_storage_bytes(n * k, blocksize) + 4 * m * r + e * r * k + e * m * k,
                       2 * m * n * k + 2 * m * k * r, TENSOR_BF16,
-                      fused_issue(builds, fused_build("dx", k, blocksize), m, n * k,
-                                  _fused_rows(m, k, blocksize)),
-                      mma_serial_targets(builds, fused_build("dx", k, blocksize), _fused_rows(m, k, blocksize)),
-                      grid_programs(builds, fused_build("dx", k, blocksize), m, k, _fused_rows(m, k, blocksize))))
+                      *_fused_terms(builds, fused_build("dx", k, blocksize), m, k, n * k,
+                                    _fused_tile(m, k, blocksize))))
     else:
         ops.append(_dequantize_op(n * k, e, blocksize, per_element_issue(builds, dequantize_build(dtype, blocksize),
                                                                          n * k)))

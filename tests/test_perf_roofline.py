@@ -493,6 +493,7 @@ def test_default_path_is_choose_path():
     assert {arch_of[t]: v for t, v in rl.FUSED_MAX_M.items()} == FUSED_MAX_M
     for m in (1, 4, 15, 16, 17, 32, 64, 65, 256, 257, 1024, 1025, 4096):
         assert rl.fused_block_m(m) == fused_config(m, 8).block_m == fused_config(m, 9).block_m, m
+        assert rl.fused_block_n(m) == fused_config(m, 8).block_n == fused_config(m, 9).block_n, m
         for k in (64, 4000, 4032, 4096, 4128):
             for blocksize in (32, 64, 128):
                 for target, arch in arch_of.items():
@@ -541,7 +542,7 @@ def _backward_times(m: int, device, version: str) -> dict[str, float]:
 @pytest.mark.parametrize("version", ["3.6", "3.9"])
 def test_backward_dx_path_is_the_one_the_model_predicts_fastest(version):
     """``choose_dx_path`` against the model's backward (g, dx, dA, dB launches) at K = N = 4096: the fused dx kernel
-    up to FUSED_MAX_M rows of the device's architecture (at every M on sm_80; at M <= 32 predicted 1.4-2.1x faster
+    up to FUSED_MAX_M rows of the device's architecture (at every M on sm_80; at M <= 32 predicted 2.5-3.7x faster
     than dequantize-then-GEMM, which writes and reads W in bf16), the dequantize path above, each predicted
     fastest."""
     from qlora.kernels.linear import FUSED_MAX_M, choose_dx_path
@@ -583,7 +584,7 @@ def test_bench_implementations_map_to_the_approach_that_models_them():
 
 def test_a_grid_smaller_than_the_gpu_runs_on_that_many_sms():
     """An op whose grid has P < SMs programs gets P SMs' tensor and issue rates (HBM time unchanged); a grid of SMs
-    or more, or none listed, fills the GPU. The fused 64-row launch at M <= 64, N = 4096 is such a grid."""
+    or more, or none listed, fills the GPU. A 64 x 64 fused tile at M <= 64, N = 4096 would be such a grid."""
     base = rl.Op("k", 10**6, 10**12, rl.TENSOR_BF16, (("sm_90", 4e7),))
     full = rl.op_roofline(base, H100)
     for programs, scale in ((66, 2.0), (132, 1.0), (1000, 1.0)):
@@ -592,6 +593,8 @@ def test_a_grid_smaller_than_the_gpu_runs_on_that_many_sms():
         assert t.compute_s == pytest.approx(full.compute_s * scale) and t.issue_s == pytest.approx(full.issue_s * scale)
         assert t.memory_s == full.memory_s
     _, builds = rl.static_builds("3.9")
-    assert dict(rl.grid_programs(builds, rl.fused_build("fwd", 4096, 64), 64, 4096, 64)) == {"sm_80": 64,
-                                                                                            "sm_90": 64}
+    fwd = rl.fused_build("fwd", 4096, 64)
+    assert dict(rl.grid_programs(builds, fwd, 64, 4096, 64, block_n=64)) == {"sm_80": 64, "sm_90": 64}
+    # FUSED_NARROW_CONFIG, what one 64-row tile launches: 32-column tiles, twice the programs
+    assert dict(rl.grid_programs(builds, fwd, 64, 4096, 64, block_n=32)) == {"sm_80": 128, "sm_90": 128}
     assert dict(rl.grid_programs(builds, rl.GEMV_BUILD, 1, 4096, 16, splits=8))["sm_90"] == 512
