@@ -202,14 +202,15 @@ def _nf4_pair_tile(packed_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr, code_pt
     <= row_len (no column mask: the forward's K step when K is a multiple of the step)."""
     if INDEX_64:
         rows = rows.to(tl.int64)
+    # A row's bytes: row_len / 2, row_len a multiple of the blocksize (>= 32). Written so, the compiler sees rows
+    # that start 16-byte aligned and a column bound constant over 16-byte vectors: 16-byte loads.
+    row_bytes = (row_len // 32) * 16
     offs_b = col0 // 2 + tl.arange(0, BLOCK_C // 2)
     if COLS_IN_BOUNDS:
         mask = tl.broadcast_to(mask_rows[:, None], (rows.shape[0], BLOCK_C // 2))
     else:
-        mask = mask_rows[:, None] & (offs_b < row_len // 2)[None, :]
-    # row_len is a multiple of the blocksize (>= 32): written so, the compiler sees 16-byte aligned rows.
-    byte = tl.load(packed_ptr + rows[:, None] * ((row_len // 32) * 16) + offs_b[None, :], mask=mask,
-                   other=0).to(tl.int32)
+        mask = mask_rows[:, None] & (offs_b < row_bytes)[None, :]
+    byte = tl.load(packed_ptr + rows[:, None] * row_bytes + offs_b[None, :], mask=mask, other=0).to(tl.int32)
     if INTERPRETER:
         flat = tl.reshape(byte, (byte.shape[0] * (BLOCK_C // 2),))
         v_even = tl.reshape(tl.gather(table_hi, flat, 0), byte.shape)
@@ -244,18 +245,21 @@ def _nf4_gemv_kernel(
     # strides
     stride_xm, stride_xk, stride_ar, stride_ak,
     # meta-parameters
-    BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, K_ALIGNED32: tl.constexpr,
-    INDEX_64: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, INDEX_64: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
 ):
     """ws[s] (M, N) float32 = x[:, split s] @ W[:, split s]^T (M <= BLOCK_M; K a multiple of BLOCKSIZE), and for
     column tile 0 u_ws[s] (M, R) float32 = (x * keep)[:, split s] @ A[:, split s]^T.
 
     Program (n tile, s) reads rows of W as packed bytes (row n starts at byte n * K / 2): high nibbles are the
     even columns, low nibbles the odd ones. On sm_90 the two values of a byte are interleaved into W's column
-    order; elsewhere x is split into its even and odd columns instead. SUB_K = min(BLOCK_K, BLOCKSIZE): the
-    tile's K range holds BLOCK_K / SUB_K scale blocks per row.
+    order; elsewhere x is split into its even and odd columns instead. The tile's K range holds BLOCK_K / SUB_K
+    scale blocks per row, SUB_K = min(BLOCK_K, BLOCKSIZE). The decode is :func:`_nf4_pair_tile`'s written out for
+    a split K range: calling that helper here measured 6.05 -> 6.19 instructions per weight element on sm_90 (6.17
+    -> 6.41 on sm_80) and 86 -> 149 VGPRs on gfx942 (its select trees against the gather loads below).
     """
+    SUB_K: tl.constexpr = BLOCK_K if BLOCK_K < BLOCKSIZE else BLOCKSIZE
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     compute_dtype = x_ptr.dtype.element_ty
@@ -265,10 +269,8 @@ def _nf4_gemv_kernel(
     mask_n = offs_n < N
     if INDEX_64:
         offs_n = offs_n.to(tl.int64)
-    half_k = K // 2
-    if K_ALIGNED32:
-        half_k = tl.multiple_of(half_k, 16)  # every row starts on a 16-byte boundary: 128-bit loads
-    row_bytes = offs_n * half_k
+    # K is a multiple of BLOCKSIZE >= 32: every row starts on a 16-byte boundary (128-bit loads).
+    row_bytes = offs_n * tl.multiple_of(K // 2, 16)
     # Split bounds are multiples of BLOCK_K (k_per_split) or K (a multiple of BLOCKSIZE >= 32): telling the
     # compiler so keeps the bounds masks constant over 16-byte vectors.
     k_start = tl.multiple_of(pid_s * k_per_split, BLOCK_K)
@@ -572,10 +574,10 @@ GPU_CONFIGS: dict[int, tuple[MatmulConfig, ...]] = {
 # the blocksize (PAIRS). On sm_90 the 128-row tile takes a 128-wide K step: the per-step cost of the pipelined
 # loads and barriers is spread over twice the weight elements (perf static, triton 3.9, bf16, forward / dx, as
 # measured when the step was chosen: 128 x 128 x 64 8.4 / 7.8 instructions per weight element, issue_to_mma
-# 1.05 / 0.98; 128 x 128 x 128 6.8 / 6.6, 0.86 / 0.83; with 16-byte packed loads since, 6.5 / 6.5, 0.81 / 0.81;
+# 1.05 / 0.98; 128 x 128 x 128 6.8 / 6.6, 0.86 / 0.83; with 16-byte packed loads since, 6.5 / 6.3, 0.81 / 0.79;
 # 0 spills, 148 KiB of shared memory). On sm_80 that tile spills (dx: 192 bytes at 255 registers), so it keeps the
-# 64-wide step (14.2 / 13.4, 0.89 / 0.84), as do AMD GPUs (gpu_arch). 64 x 64 x 32: 10.8 / 9.7 on sm_90, 11.9 /
-# 12.9 on sm_80.
+# 64-wide step (14.2 / 13.2, 0.89 / 0.82), as do AMD GPUs (gpu_arch). 64 x 64 x 32: 10.8 / 9.7 on sm_90, 11.9 /
+# 12.8 on sm_80.
 # Up to this many rows the fused launch takes the 64-row tile, although it decodes W twice as often as the 128-row
 # one: twice the programs (64 per row tile at N = 4096, against 108-132 SMs) and, on sm_90, 4 CTAs per SM that
 # overlap each other's MMA waits where the 128-row tile's one CTA per SM waits on its wgmma (perf/README.md, "The
@@ -585,7 +587,7 @@ FUSED_SMALL_TILE_MAX_M = 256
 # Up to 64 rows (one row tile) the fused launch takes 32-column tiles: 128 programs at 4096 columns instead of 64,
 # against 108-132 SMs, for more instructions per weight element (perf static, forward / dx, sm_90 / sm_80: 12.9 /
 # 14.6 and 11.3 / 15.4 under triton 3.9, 11.6 / 14.4 and 10.9 / 15.4 under 3.6, against 64 x 64 x 32's 10.8 /
-# 11.9 and 9.7 / 12.9; 72-128 registers, 0 spills, gfx942 / gfx90a 125-182 VGPRs, 0 scratch). The roofline's grid
+# 11.9 and 9.7 / 12.8; 72-128 registers, 0 spills, gfx942 / gfx90a 125-182 VGPRs, 0 scratch). The roofline's grid
 # term predicts the fused launch at M <= 64, N = K = 4096, about 40% faster that way. 64 x 32 x 128 issues fewer
 # (9.0 forward on sm_90) but its dx build does not compile on sm_90 (triton 3.9, TritonGPUOptimizeDotOperands).
 FUSED_NARROW_CONFIG = MatmulConfig(64, 32, 64, num_warps=4)
@@ -665,8 +667,8 @@ def choose_path(m: int, k: int, blocksize: int, config: MatmulConfig | None = No
 
     Why, by the static cost model (``python -m perf roofline``, perf/README.md): at M <= 32 the work is reading W,
     and the GEMV reads its packed bytes once (0.5 B per element, split over K to fill the SMs). Above, the fused
-    kernel decodes each packed byte once per row tile in its K loop (6.1-14.2 instructions per weight element,
-    issue_to_mma 0.77-0.89 with 128-row tiles) instead of writing W in bf16 and reading it back (4.5 B per
+    kernel decodes each packed byte once per row tile in its K loop (6.0-14.2 instructions per weight element,
+    issue_to_mma 0.75-0.89 with 128-row tiles) instead of writing W in bf16 and reading it back (4.5 B per
     element). On sm_90 the 128-row tile's loop waits for its warpgroup MMAs before decoding the next tile (one CTA
     per SM), so decode and MMA time add up; the 64-row tile (4 CTAs per SM) is kept up to 256 rows
     (``FUSED_SMALL_TILE_MAX_M``), and above, the dense GEMM after one dequantize launch (issue_to_mma 0.29-0.37,
@@ -906,8 +908,8 @@ def _launch_gemv(x, weight: _Weight, lora_a, lora_b, bias, keep, scaling, p, con
             m, n, k, r, weight.offset, k_per_split, cdiv(k, 32),
             x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1),
             BLOCKSIZE=weight.blocksize, DOUBLE_QUANT=weight.double_quant, NESTED_BLOCKSIZE=NESTED_BLOCKSIZE,
-            K_ALIGNED32=k % 32 == 0, INDEX_64=weight.index_64, HAS_DROPOUT=keep is not None,
-            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=block_k, SUB_K=min(block_k, weight.blocksize),
+            INDEX_64=weight.index_64, HAS_DROPOUT=keep is not None,
+            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=block_k,
             BLOCK_R=block_r, num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=False)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     u = torch.empty((m, r), dtype=torch.float32, device=x.device)
@@ -1150,9 +1152,9 @@ def compile_specs() -> list[KernelSpec]:
     for m in (1, SMALL_M):  # one launch per GEMV row tile: M = 1 (16 rows) and M = SMALL_M (32 rows)
         cfg = gemv_config(m)
         block_m = cfg.block_m
-        consts = dict(BLOCKSIZE=64, DOUBLE_QUANT=True, NESTED_BLOCKSIZE=NESTED_BLOCKSIZE, K_ALIGNED32=True,
-                      INDEX_64=False, HAS_DROPOUT=True, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                      SUB_K=min(cfg.block_k, 64), BLOCK_R=16, stride_xk=1, stride_ak=1)
+        consts = dict(BLOCKSIZE=64, DOUBLE_QUANT=True, NESTED_BLOCKSIZE=NESTED_BLOCKSIZE, INDEX_64=False,
+                      HAS_DROPOUT=True, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=16,
+                      stride_xk=1, stride_ak=1)
         sig = _signature(_nf4_gemv_kernel, {**_WEIGHT_TYPES, "x_ptr": f"*{dt}", "a_ptr": f"*{dt}",
                                             "bits_ptr": "*i32", "ws_ptr": "*fp32", "u_ws_ptr": "*fp32"}, consts)
         # The launch it stands for, as _launch_gemv makes it: M rows of a contiguous x (M = 1 specializes to a
