@@ -33,10 +33,11 @@ from .lora import (LORA_BLOCK_RS, SPLIT_CHOICES, check_scalar, lora_block_r, lor
 from .quantize import launch_dequantize_4bit, unpack_4bit
 
 NESTED_BLOCKSIZE = 256
-# Whether the interpreter runs the interleaved-pair layout of the fused kernel and of the decode GEMV (what sm_90
-# runs) instead of their even/odd split; tests set it so that the layout GPUs run is checked against the oracle on
-# a CPU too.
-INTERLEAVE_UNDER_INTERPRETER = tl.constexpr(False)
+# How the interpreter lays out W's decoded tile in the fused kernel (PAIRS) and the decode GEMV: "words" (its own,
+# fused kernel only: W read as int32 words, the tile in W's column order; the GEMV then splits), "split" (a packed
+# byte's even and odd values apart: sm_80 and AMD) or "interleave" (side by side: sm_90). Tests set the last two so
+# that the layouts GPUs run are checked against the oracle on a CPU too.
+PAIR_LAYOUT_UNDER_INTERPRETER = tl.constexpr("words")
 SMALL_M = 32  # at or below this many rows the forward takes the GEMV-shaped decode path (GEMV_BLOCK_MS rows)
 # Up to this many rows (above SMALL_M) forward and dx take the fused tiled kernel, per GPU architecture (gpu_arch;
 # None: at every M; choose_path says why).
@@ -237,6 +238,38 @@ def _nf4_pair_tile(packed_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr, code_pt
 
 
 @triton.jit
+def _nf4_word_tile(packed_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr, code_ptr, offset, rows, mask_rows, col0,
+                   row_len, BLOCK_C: tl.constexpr, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+                   NESTED_BLOCKSIZE: tl.constexpr, COLS_IN_BOUNDS: tl.constexpr):
+    """Interpreter only: float32 (len(rows), BLOCK_C) ``code[q] * scale`` of W (?, row_len) at rows ``rows`` and
+    columns ``col0 + j``, in W's column order; finite outside W (callers zero the other operand there).
+
+    An interpreted load costs per element loaded (~7 ns, plus the pointer and mask arithmetic) and every tile
+    operation its NumPy work plus a fixed ~13 us of Python: W is read as int32 words of eight codes (a quarter of
+    the byte loads) and decoded by one shift, one mask and one gather over the whole tile (a 16-entry gather
+    beats gathering a byte's two values from a (256, 2) table: NumPy's take_along_axis is 3x slower on a 2-D
+    index). Little-endian words: byte j holds codes 2j (high nibble) and 2j + 1 (low). Needs row_len a multiple
+    of BLOCKSIZE and col0 a multiple of min(BLOCK_C, BLOCKSIZE), as :func:`_nf4_pair_tile`."""
+    WORDS: tl.constexpr = BLOCK_C // 8
+    SUB: tl.constexpr = BLOCK_C if BLOCK_C < BLOCKSIZE else BLOCKSIZE
+    offs_w = col0 // 8 + tl.arange(0, WORDS)
+    if COLS_IN_BOUNDS:
+        mask = mask_rows[:, None]
+    else:
+        mask = mask_rows[:, None] & (offs_w < row_len // 8)[None, :]
+    word = tl.load(packed_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None] * (row_len // 8) + offs_w[None, :],
+                   mask=mask, other=0)
+    code_index = (word[:, :, None] >> ((tl.arange(0, 8) ^ 1) * 4)[None, None, :]) & 15
+    values = tl.gather(tl.load(code_ptr + tl.arange(0, 16)), tl.reshape(code_index, (rows.shape[0] * BLOCK_C,)), 0)
+    sub_start = col0 + tl.arange(0, BLOCK_C // SUB) * SUB
+    scale = block_scale(absmax_ptr, absmax2_ptr, nested_code_ptr, offset,
+                        (rows[:, None] * row_len + sub_start[None, :]) // BLOCKSIZE,
+                        mask_rows[:, None] & (sub_start < row_len)[None, :], DOUBLE_QUANT, NESTED_BLOCKSIZE)
+    return tl.reshape(tl.reshape(values, (rows.shape[0], BLOCK_C // SUB, SUB)) * scale[:, :, None],
+                      (rows.shape[0], BLOCK_C))
+
+
+@triton.jit
 def _nf4_gemv_kernel(
     # pointers
     x_ptr, packed_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr, code_ptr, a_ptr, bits_ptr, ws_ptr, u_ws_ptr,
@@ -287,7 +320,7 @@ def _nf4_gemv_kernel(
     # weight element under triton 3.9, 6.2 -> 5.0 under 3.6). Not on sm_80 (6.2 either way, 96 -> 128 registers)
     # nor AMD (twice the LDS).
     if INTERPRETER:
-        INTERLEAVE: tl.constexpr = INTERLEAVE_UNDER_INTERPRETER
+        INTERLEAVE: tl.constexpr = PAIR_LAYOUT_UNDER_INTERPRETER == "interleave"
     else:
         INTERLEAVE: tl.constexpr = _wgmma_target()
     if INTERLEAVE:
@@ -394,17 +427,17 @@ def _gemv_epilogue_kernel(
 def _matmul_lora_kernel(
     # pointers
     a_ptr, b_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr, code_ptr, l_ptr, rm_ptr, bias_ptr, bits_ptr, c_ptr,
-    down_ptr,
+    down_ptr, x_ptr, u_ptr, grad_a_ptr, grad_b_ptr, grad_bias_ptr,
     # sizes
-    M, N, K, R, offset, lora_scale, words_per_row,
+    M, N, K, R, offset, lora_scale, words_per_row, grad_b_scale,
     # strides
-    stride_am, stride_ak, stride_bk, stride_bn, stride_rr, stride_rn, stride_dk, stride_dr,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_rr, stride_rn, stride_dk, stride_dr, stride_xm, stride_xk,
     # meta-parameters
     B_NF4: tl.constexpr, B_TRANSPOSED: tl.constexpr, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
     NESTED_BLOCKSIZE: tl.constexpr, ROW_SCALE: tl.constexpr, INDEX_64: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, ALIGNED: tl.constexpr, EVEN_K: tl.constexpr, PAIRS: tl.constexpr,
-    FOLD_DOWN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    FOLD_DOWN: tl.constexpr, FOLD_GRADS: tl.constexpr, FOLD_BIAS_GRAD: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """c (M, N) = a (M, K) @ b (K, N) + lora_scale * (round(l) @ rm) [* keep] + bias, float32 accumulation.
 
@@ -420,7 +453,11 @@ def _matmul_lora_kernel(
     (dx). FOLD_DOWN (R <=
     BLOCK_R): l is not read but computed in the K loop from the a tiles already loaded, l = a @ d with
     d (K, R) at ``k * stride_dk + r * stride_dr`` (u = x A^T in a forward without dropout, g = dy B in dx), and
-    written (float32, contiguous) by the programs of column tile 0.
+    written (float32, contiguous) by the programs of column tile 0. FOLD_GRADS (dx with FOLD_DOWN, one row tile:
+    M <= BLOCK_M): the LoRA gradients of the same pass, as :func:`lora_grad` computes them: grad_b (K, R) =
+    grad_b_scale * (round(u)^T a)^T from u (M, R) float32 and the a (dy) tiles as they stream by, with grad_bias
+    (K,) = the column sums of a if FOLD_BIAS_GRAD, by the programs of column tile 0; grad_a (R, N) = lora_scale *
+    round(l)^T (x [* keep]) from x (M, N) after the loop. Outputs contiguous, in their own dtype.
     """
     if ALIGNED:
         # (v // 16) * 16 == v here; written so, the compiler's divisibility analysis sees it (tl.multiple_of on
@@ -436,8 +473,14 @@ def _matmul_lora_kernel(
                 stride_bk = (stride_bk // 16) * 16
     # (v + B - 1) // B and tl.full rather than tl.cdiv and tl.zeros (the same code on a GPU): those two are
     # @triton.jit library functions, and each call of one re-patches triton.language under the interpreter.
-    pid_m, pid_n = grouped_tile(tl.program_id(0), (M + BLOCK_M - 1) // BLOCK_M, (N + BLOCK_N - 1) // BLOCK_N,
-                                GROUP_M)
+    if INTERPRETER and GROUP_M == 1:
+        # A 2-D grid (row tiles, column tiles) from the launcher: an interpreted scalar operation costs ~35 us of
+        # Python, and the grouped order below takes about a hundred of them.
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+    else:
+        pid_m, pid_n = grouped_tile(tl.program_id(0), (M + BLOCK_M - 1) // BLOCK_M, (N + BLOCK_N - 1) // BLOCK_N,
+                                    GROUP_M)
     compute_dtype = a_ptr.dtype.element_ty
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -447,11 +490,14 @@ def _matmul_lora_kernel(
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     # INTERLEAVE (PAIRS): a byte's two values side by side in W's own column order, one dot per K step; else the
     # even and odd columns apart (perf/README.md, "Fewer instructions per K step", has the figures behind the rule).
+    # WORDS: the interpreter's own layout (:func:`_nf4_word_tile`).
     if INTERPRETER:
-        INTERLEAVE: tl.constexpr = INTERLEAVE_UNDER_INTERPRETER
+        WORDS: tl.constexpr = PAIR_LAYOUT_UNDER_INTERPRETER == "words"
+        INTERLEAVE: tl.constexpr = PAIR_LAYOUT_UNDER_INTERPRETER == "interleave"
     else:
+        WORDS: tl.constexpr = False
         INTERLEAVE: tl.constexpr = _wgmma_target() or (_nvidia_target() and not B_TRANSPOSED and BLOCK_M >= 128)
-    if PAIRS:
+    if PAIRS and not WORDS:
         table_hi, table_lo = _pair_tables(code_ptr)
         if not INTERLEAVE and not B_TRANSPOSED:  # dx: the even and the odd output columns, interleaved after the loop
             acc = tl.full((BLOCK_M, BLOCK_N // 2), 0.0, tl.float32)
@@ -460,6 +506,8 @@ def _matmul_lora_kernel(
         offs_down = tl.arange(0, BLOCK_R)
         mask_down = offs_down < R
         down = tl.full((BLOCK_M, BLOCK_R), 0.0, tl.float32)
+    if FOLD_GRADS:
+        u_t = round_to(load_tile(u_ptr, offs_down, offs_m, 1, R, mask_down, mask_m), compute_dtype)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         if EVEN_K:  # no K-bound mask: the loads' predicates stay loop-invariant
@@ -469,7 +517,25 @@ def _matmul_lora_kernel(
         a = load_tile(a_ptr, offs_m, offs_k, stride_am, stride_ak, mask_m, mask_k)
         if FOLD_DOWN:
             down = dot(a, load_tile(down_ptr, offs_k, offs_down, stride_dk, stride_dr, mask_k, mask_down), down)
-        if PAIRS:
+        if FOLD_GRADS:
+            if pid_n == 0:
+                grad_b = dot(u_t, a, tl.full((BLOCK_R, BLOCK_K), 0.0, tl.float32))
+                tl.store(grad_b_ptr + offs_k[None, :] * R + offs_down[:, None],
+                         round_to(grad_b * grad_b_scale, grad_b_ptr.dtype.element_ty),
+                         mask=mask_down[:, None] & mask_k[None, :])
+                if FOLD_BIAS_GRAD:
+                    tl.store(grad_bias_ptr + offs_k,
+                             round_to(tl.sum(a.to(tl.float32), axis=0), grad_bias_ptr.dtype.element_ty), mask=mask_k)
+        if PAIRS and WORDS:
+            if B_TRANSPOSED:
+                w = _nf4_word_tile(b_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr, code_ptr, offset, offs_n, mask_n,
+                                   k0, K, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, NESTED_BLOCKSIZE, EVEN_K)
+                acc = dot(a, tl.trans(round_to(w, compute_dtype)), acc)
+            else:
+                w = _nf4_word_tile(b_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr, code_ptr, offset, offs_k, mask_k,
+                                   pid_n * BLOCK_N, N, BLOCK_N, BLOCKSIZE, DOUBLE_QUANT, NESTED_BLOCKSIZE, False)
+                acc = dot(a, round_to(w, compute_dtype), acc)
+        elif PAIRS:
             if B_TRANSPOSED:  # W (N, K): the tile's rows are offs_n, its columns the K step
                 w_even, w_odd = _nf4_pair_tile(b_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr, code_ptr, offset,
                                                table_hi, table_lo, offs_n, mask_n, k0, K, BLOCK_K, BLOCKSIZE,
@@ -504,7 +570,7 @@ def _matmul_lora_kernel(
             b = load_tile(b_ptr, offs_k, offs_n, stride_bk, stride_bn, mask_k, mask_n)
         if not PAIRS:
             acc = dot(a, b, acc)
-    if PAIRS and not INTERLEAVE and not B_TRANSPOSED:
+    if PAIRS and not WORDS and not INTERLEAVE and not B_TRANSPOSED:
         acc = tl.reshape(tl.join(acc, acc_odd), (BLOCK_M, BLOCK_N))
 
     lora = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
@@ -522,7 +588,16 @@ def _matmul_lora_kernel(
             rm = load_tile(rm_ptr, offs_r, offs_n, stride_rr, stride_rn, mask_r, mask_n)
             lora = dot(lt, rm, lora)
     if HAS_DROPOUT:
-        lora = tl.where(keep_tile(bits_ptr, offs_m, offs_n, words_per_row, mask_m, mask_n), lora, 0.0)
+        keep = keep_tile(bits_ptr, offs_m, offs_n, words_per_row, mask_m, mask_n)
+        lora = tl.where(keep, lora, 0.0)
+    if FOLD_GRADS:
+        x = load_tile(x_ptr, offs_m, offs_n, stride_xm, stride_xk, mask_m, mask_n)
+        if HAS_DROPOUT:
+            x = tl.where(keep, x, 0.0)
+        grad_a = dot(tl.trans(round_to(down, compute_dtype)), x, tl.full((BLOCK_R, BLOCK_N), 0.0, tl.float32))
+        tl.store(grad_a_ptr + offs_down[:, None] * N + offs_n[None, :],
+                 round_to(grad_a * lora_scale, grad_a_ptr.dtype.element_ty),
+                 mask=mask_down[:, None] & mask_n[None, :])
     acc += lora_scale * lora
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -623,7 +698,8 @@ def _interpreter_config(rows: int, cols: int, inner: int, path: str) -> MatmulCo
     if path == "gemv":
         return MatmulConfig(16 if rows <= 16 else 32, pow2_clamp(cols, 16, 512), pow2_clamp(inner, 32, 1024),
                             group_m=1, path=path)
-    return MatmulConfig(pow2_clamp(rows, 16, 128), pow2_clamp(cols, 16, 512), pow2_clamp(inner, 16, 512),
+    block_n = pow2_clamp(cols, 16, 2048)
+    return MatmulConfig(pow2_clamp(rows, 16, 128), block_n, pow2_clamp(inner, 16, min(2048, (1 << 20) // block_n)),
                         group_m=1, path=path)
 
 
@@ -834,10 +910,11 @@ def _folds_down(path: str, r: int, dropout: bool) -> bool:
 
 
 def _launch_matmul(a, weight: _Weight, transposed: bool, l, rm, stride_rr, stride_rn, bias, keep, out, lora_scale,
-                   plan, down=None):
+                   plan, down=None, grads=None):
     """out (M, cols) = a @ (W^T if transposed else W) + lora_scale * (round(l) @ rm) [* keep] + bias, ``plan`` from
     :func:`_matmul_plan`. ``down`` = (d, stride_dk, stride_dr): l (float32 (M, R)) is written by the kernel as
-    ``a @ d`` instead of read. ``keep`` masks the LoRA term (dx)."""
+    ``a @ d`` instead of read. ``keep`` masks the LoRA term (dx). ``grads`` = (x, u, d_a, d_b, d_bias or None,
+    scaling), dx with ``down`` and one row tile only: the kernel also writes the LoRA gradients (FOLD_GRADS)."""
     m, inner = a.shape
     cols = out.shape[1]
     r = l.shape[1]
@@ -856,14 +933,18 @@ def _launch_matmul(a, weight: _Weight, transposed: bool, l, rm, stride_rr, strid
         stride_bk, stride_bn = (1, weight.k) if transposed else (weight.k, 1)
         consts = weight.consts(weight.k, 1)
     d, stride_dk, stride_dr = down if down is not None else (rm, 0, 0)
+    x, u, d_a, d_b, d_bias, grad_b_scale = grads if grads is not None else (a, l, out, out, None, 0.0)
     args = (a, b, *weight.ptrs[1:], l, rm, out if bias is None else bias, out if keep is None else keep, out, d,
-            m, cols, inner, r, weight.offset, float(lora_scale), cdiv(weight.k, 32),
-            a.stride(0), a.stride(1), stride_bk, stride_bn, stride_rr, stride_rn, stride_dk, stride_dr)
+            x, u, d_a, d_b, out if d_bias is None else d_bias,
+            m, cols, inner, r, weight.offset, float(lora_scale), cdiv(weight.k, 32), float(grad_b_scale),
+            a.stride(0), a.stride(1), stride_bk, stride_bn, stride_rr, stride_rn, stride_dk, stride_dr,
+            x.stride(0), x.stride(1))
     # Unit strides stay 1 (Triton specializes them); the others, N and K must be multiples of 16.
     aligned = (not interp and a.stride(1) == 1 and min(stride_bk, stride_bn) <= 1
                and all(v % 16 == 0 for v in (cols, inner, a.stride(0), max(stride_bk, stride_bn))))
     consts.update(B_NF4=path == "fused", B_TRANSPOSED=transposed, HAS_BIAS=bias is not None,
                   HAS_DROPOUT=keep is not None, ALIGNED=aligned, PAIRS=pairs, FOLD_DOWN=down is not None,
+                  FOLD_GRADS=grads is not None, FOLD_BIAS_GRAD=grads is not None and d_bias is not None,
                   BLOCK_R=lora_block_r(r))
     if config is None:
         def grid(meta):
@@ -871,7 +952,9 @@ def _launch_matmul(a, weight: _Weight, transposed: bool, l, rm, stride_rr, strid
 
         _tuned_matmul()[grid](*args, enable_fp_fusion=False, **consts)
         return
-    grid = (cdiv(m, config.block_m) * cdiv(cols, config.block_n),)
+    grid = (cdiv(m, config.block_m), cdiv(cols, config.block_n))  # the kernel's 2-D grid
+    if not (interp and config.group_m == 1):
+        grid = (grid[0] * grid[1],)
     # EVEN_K drops the K-bound masks; not for the code-by-code decode, whose build then spills on sm_80 (3.6).
     even_k = inner % config.block_k == 0 and (pairs or path != "fused")
     _matmul_lora_kernel[grid](*args, **consts, **config.meta(), EVEN_K=even_k,
@@ -1060,21 +1143,27 @@ def _backward(dy, x, u, weight: _Weight, lora_a, lora_b, scaling: float, p: floa
     else:
         g = launch_lora_down(dy, lora_b, 0.0, None) if (need_dx or need_lora) else None  # float32 (M, R)
     lora_scale = scaling / (1.0 - p)
+    if need_lora:
+        d_a = torch.empty((r, k), dtype=x.dtype, device=x.device)
+    if need_lora or need_bias:
+        d_b = torch.empty((n, r), dtype=x.dtype, device=x.device)
+        d_bias = torch.empty((n,), dtype=x.dtype, device=x.device) if need_bias else None
+    # Under the interpreter the dx launch that folds g also computes dA, dB and the bias gradient when one row tile
+    # holds all M rows (its programs then see every row of dy and x): dy and x pass through the interpreter once.
+    fold_grads = fold and need_lora and m <= plan[1].block_m
     if need_dx:
         dx = torch.empty((m, k), dtype=x.dtype, device=x.device)
         if m:
             # d = B: element (n, r) of lora_b (N, R) at n * stride(0) + r * stride(1).
             _launch_matmul(dy, weight, False, g, lora_a, lora_a.stride(0), lora_a.stride(1), None, keep, dx,
-                           lora_scale, plan, (lora_b, lora_b.stride(0), lora_b.stride(1)) if fold else None)
-    if need_lora:
-        d_a = torch.empty((r, k), dtype=x.dtype, device=x.device)
+                           lora_scale, plan, (lora_b, lora_b.stride(0), lora_b.stride(1)) if fold else None,
+                           (x, u, d_a, d_b, d_bias, scaling) if fold_grads else None)
+    if need_lora and not fold_grads:
         launch_lora_grad(g, x, d_a, lora_scale, None, p, keep)
-    if need_lora or need_bias:
-        d_b = torch.empty((n, r), dtype=x.dtype, device=x.device)
-        d_bias = torch.empty((n,), dtype=x.dtype, device=x.device) if need_bias else None
+    if (need_lora or need_bias) and not fold_grads:
         launch_lora_grad(u, dy, d_b.t(), scaling, d_bias, 0.0, None)
-        if not need_lora:
-            d_b = None
+    if not need_lora:
+        d_b = None
     return dx, d_a, d_b, d_bias
 
 
@@ -1104,7 +1193,9 @@ def compile_specs() -> list[KernelSpec]:
     dt = "bf16"
     specs: list[KernelSpec] = []
     types = {**_WEIGHT_TYPES, "a_ptr": f"*{dt}", "l_ptr": "*fp32", "rm_ptr": f"*{dt}", "bias_ptr": f"*{dt}",
-             "bits_ptr": "*i32", "c_ptr": f"*{dt}", "down_ptr": f"*{dt}", "lora_scale": "fp32"}
+             "bits_ptr": "*i32", "c_ptr": f"*{dt}", "down_ptr": f"*{dt}", "lora_scale": "fp32", "x_ptr": f"*{dt}",
+             "u_ptr": "*fp32", "grad_a_ptr": f"*{dt}", "grad_b_ptr": f"*{dt}", "grad_bias_ptr": f"*{dt}",
+             "grad_b_scale": "fp32"}
     # (config, kind): "dense" (after the dequantize launch), "fused" (K a multiple of the blocksize: PAIRS) and
     # "fused_percode" (the first fused config where K is not: codes decoded one by one, scales per element). No
     # FOLD_DOWN build: only the interpreter folds (_folds_down).
@@ -1137,7 +1228,8 @@ def compile_specs() -> list[KernelSpec]:
                 unit.pop("stride_bn", None)
             consts = dict(_weight_consts(64 % col_tile == 0 and kind == "fused"), B_NF4=fused,
                           B_TRANSPOSED=transposed, HAS_BIAS=transposed, HAS_DROPOUT=not transposed, ALIGNED=True,
-                          EVEN_K=kind != "fused_percode", PAIRS=kind == "fused", FOLD_DOWN=False, BLOCK_R=16,
+                          EVEN_K=kind != "fused_percode", PAIRS=kind == "fused", FOLD_DOWN=False, FOLD_GRADS=False,
+                          FOLD_BIAS_GRAD=False, BLOCK_R=16,
                           **cfg.meta(), **unit)
             sig = _signature(_matmul_lora_kernel, {**types, "b_ptr": "*u8" if fused else f"*{dt}"}, consts)
             # The fused build dequantizes a (BLOCK_N x BLOCK_K) tile of the packed W per K step: its per-element

@@ -165,17 +165,17 @@ def test_tiled_paths_with_small_tiles_match_oracle(case, path, group_m):
     _run_path(case, K.MatmulConfig(16, 16, 16, group_m=group_m, path=path))
 
 
-@pytest.mark.parametrize("interleave", [False, True], ids=["split", "interleaved"])
+@pytest.mark.parametrize("layout", ["words", "split", "interleave"])
 @pytest.mark.parametrize("block_n, block_k", [(16, 16), (64, 128)], ids=["below_a_block", "several_blocks"])
 @examples(6)
 @given(case=layer_cases(), blocks=st.integers(1, 5), group_m=st.sampled_from([1, 2]))
-def test_interpreter_pair_decode_with_small_tiles_matches_oracle(interleave, block_n, block_k, case, blocks,
-                                                                 group_m):
+def test_interpreter_pair_decode_with_small_tiles_matches_oracle(layout, block_n, block_k, case, blocks, group_m):
     """The interpreter's default above SMALL_M (K a multiple of the blocksize): W decoded a packed byte at a time in the
     GEMM's K loop (``PAIRS``), here with small tiles so that programs and K steps are many, and with tiles smaller
     than a scale block (16) or holding several (64 or 128 against blocksizes 32 to 128), every edge masked;
-    forward and dx through the default launchers (no config), no dequantize launch. Both layouts of a byte's two
-    values: the even/odd split (the interpreter's, sm_80's) and the interleaved tile (sm_90's, ``INTERLEAVE``)."""
+    forward and dx through the default launchers (no config), no dequantize launch. Every layout of the decoded
+    tile: the interpreter's int32 words, the even/odd split of a byte's two values (sm_80's, AMD's) and their
+    interleaving (sm_90's, ``INTERLEAVE``)."""
     from unittest import mock
 
     import triton.language as tl
@@ -191,12 +191,40 @@ def test_interpreter_pair_decode_with_small_tiles_matches_oracle(interleave, blo
     dtype, p, seed = case["dtype"], case["dropout_p"], case["seed"] % (2**31)
     kw = _weight_kwargs(weight)
     with mock.patch.object(K, "_interpreter_config", tiles), interpreted_launches() as launched, \
-            mock.patch.object(K, "INTERLEAVE_UNDER_INTERPRETER", tl.constexpr(interleave)):
+            mock.patch.object(K, "PAIR_LAYOUT_UNDER_INTERPRETER", tl.constexpr(layout)):
         y, u = K.nf4_lora_forward(x, lora_a=lora_a, lora_b=lora_b, scaling=case["scaling"], bias=bias,
                                   dropout_p=p, seed=seed, **kw)
         grads = K.nf4_lora_backward(dy, x, u, lora_a=lora_a, lora_b=lora_b, scaling=case["scaling"], dropout_p=p,
                                     seed=seed, need_bias=bias is not None, **kw)
     assert "_matmul_lora_kernel" in launched and "_dequantize_4bit_kernel" not in launched
+    mask = K.lora_dropout_mask(seed, x.shape, p) if p > 0 else None
+    _check_against_oracle(x, _dense_weight(weight, dtype), lora_a, lora_b, case["scaling"], bias, mask, dy, y, grads,
+                          dtype)
+
+
+@examples(8)
+@given(case=layer_cases(), blocks=st.integers(1, 5), rows=st.integers(1, 64))
+def test_dx_launch_computes_the_lora_gradients_when_one_row_tile_holds_every_row(case, blocks, rows):
+    """Under the interpreter the dx launch that computes g also computes dA, dB and the bias gradient (FOLD_GRADS)
+    when one row tile holds all M rows: here a 64-row tile with 16-wide column tiles and K steps of 16, so several
+    column tiles (column tile 0 writes dB and the bias gradient, each tile its columns of dA) and several steps (dB
+    written step by step) run; dropout, bias, strided x and ranks above the rank tile (no fold: lora_grad) drawn.
+    Against the oracle; the backward is that one launch."""
+    case["k"] = case["blocksize"] * blocks
+    case["lead"] = (rows,)
+    cfg = K.MatmulConfig(64, 16, 16, group_m=1, path="fused")
+    weight, x, lora_a, lora_b, bias, dy = _build(case)
+    dtype, p, seed = case["dtype"], case["dropout_p"], case["seed"] % (2**31)
+    kw = _weight_kwargs(weight)
+    y, u = K.nf4_lora_forward(x, lora_a=lora_a, lora_b=lora_b, scaling=case["scaling"], bias=bias, dropout_p=p,
+                              seed=seed, config=cfg, **kw)
+    keep = KL.lora_dropout_bits(seed, x.shape, p) if p > 0 else None  # the forward's mask, as the layer saves it
+    with interpreted_launches() as launched:
+        grads = K.nf4_lora_backward(dy, x, u, lora_a=lora_a, lora_b=lora_b, scaling=case["scaling"], dropout_p=p,
+                                    seed=seed, keep=keep, need_bias=bias is not None, config=cfg, **kw)
+    folds = case["r"] <= KL.lora_block_r(case["r"])
+    assert launched == (["_matmul_lora_kernel"] if folds else
+                        ["_lora_down_kernel", "_matmul_lora_kernel", "_lora_grad_kernel", "_lora_grad_kernel"])
     mask = K.lora_dropout_mask(seed, x.shape, p) if p > 0 else None
     _check_against_oracle(x, _dense_weight(weight, dtype), lora_a, lora_b, case["scaling"], bias, mask, dy, y, grads,
                           dtype)
@@ -236,7 +264,7 @@ def test_gemv_interleaved_layout_matches_oracle(case, split_k, block_k):
 
     import triton.language as tl
 
-    with mock.patch.object(K, "INTERLEAVE_UNDER_INTERPRETER", tl.constexpr(True)):
+    with mock.patch.object(K, "PAIR_LAYOUT_UNDER_INTERPRETER", tl.constexpr("interleave")):
         _run_path(case, K.MatmulConfig(_gemv_rows(case), 16, block_k, split_k=split_k, path="gemv"))
 
 
@@ -632,18 +660,19 @@ def test_seed_tensor_is_never_read_on_the_host(monkeypatch):
 
 
 @pytest.mark.parametrize("m, k, p, forward, backward", [
-    (1, 64, 0.0, ["_nf4_gemv_kernel", "_gemv_epilogue_kernel"], 3),
-    (16, 64, 0.3, ["_dropout_bits_kernel", "_nf4_gemv_kernel", "_gemv_epilogue_kernel"], 3),
-    (32, 64, 0.3, ["_dropout_bits_kernel", "_nf4_gemv_kernel", "_gemv_epilogue_kernel"], 3),  # the 32-row tile
-    (33, 64, 0.0, ["_matmul_lora_kernel"], 3),
-    (36, 64, 0.3, ["_dropout_bits_kernel", "_lora_down_kernel", "_matmul_lora_kernel"], 3),
+    (1, 64, 0.0, ["_nf4_gemv_kernel", "_gemv_epilogue_kernel"], 1),
+    (16, 64, 0.3, ["_dropout_bits_kernel", "_nf4_gemv_kernel", "_gemv_epilogue_kernel"], 1),
+    (32, 64, 0.3, ["_dropout_bits_kernel", "_nf4_gemv_kernel", "_gemv_epilogue_kernel"], 1),  # the 32-row tile
+    (33, 64, 0.0, ["_matmul_lora_kernel"], 1),
+    (36, 64, 0.3, ["_dropout_bits_kernel", "_lora_down_kernel", "_matmul_lora_kernel"], 1),
+    (129, 64, 0.0, ["_matmul_lora_kernel"], 3),  # two row tiles of 128: dA and dB by lora_grad
     (40, 48, 0.3, ["_dropout_bits_kernel", "_lora_down_kernel", "_dequantize_4bit_kernel", "_matmul_lora_kernel"], 5),
 ])
 def test_launch_counts_per_layer(m, k, p, forward, backward):
     """Launches per layer under the interpreter as the module docstring states them (no split lora_down; W decoded
     in the GEMM's K loop when K is a multiple of the blocksize, with u = x A^T (no dropout) and g = dy B computed
-    there too; else W dequantized into a buffer first); the backward reuses the forward's bit-packed mask:
-    [g, dequantize,] dx, dA, dB."""
+    there too, and dA, dB and the bias gradient when one row tile holds all M rows; else W dequantized into a
+    buffer first); the backward reuses the forward's bit-packed mask: [g, dequantize,] dx[, dA, dB]."""
     gen = torch.Generator().manual_seed(5)
     weight = quantize_nf4(_randn(gen, (24, k), torch.bfloat16))
     x, a = _randn(gen, (m, k), torch.bfloat16), _randn(gen, (4, k), torch.bfloat16)

@@ -2,7 +2,8 @@
 actual calls of ``qlora_linear`` and its backward under the interpreter, against the counts the module docstring of
 kernels/linear.py states: GEMV path 2 (+1 dropout), dequantize-then-GEMM path 3 (+1 split lora_down, +1 dropout),
 backward 5 (+1 split lora_down); under the interpreter, K a multiple of the blocksize, W is decoded in the GEMM's
-K loop (no dequantize launch: forward 2 at M > 16, backward 4); the dropout mask is generated once per forward +
+K loop (no dequantize launch), which also computes u (without dropout) and g, and, when one row tile holds every
+row, the LoRA and bias gradients (backward 1 launch, else 3); the dropout mask is generated once per forward +
 backward."""
 
 from __future__ import annotations
@@ -25,16 +26,19 @@ BACKWARD = ["_lora_down_kernel", "_dequantize_4bit_kernel", "_matmul_lora_kernel
             "_lora_grad_kernel"]
 # The GPU plan of the fused path (up to FUSED_MAX_M rows, K a multiple of the blocksize).
 FUSED_BACKWARD = [name for name in BACKWARD if name != "_dequantize_4bit_kernel"]
-# The interpreter's plan when K is a multiple of the blocksize (kernels/linear.py, ``_launch_matmul`` and
-# ``_folds_down``): the fused GEMM computes u (without dropout) and g in its K loop.
-INTERPRETED_BACKWARD = ["_matmul_lora_kernel", "_lora_grad_kernel", "_lora_grad_kernel"]
+# The interpreter's plan when K is a multiple of the blocksize (kernels/linear.py, ``_launch_matmul``,
+# ``_folds_down`` and ``_backward``): the fused GEMM computes u (without dropout) and g in its K loop, and dA, dB and
+# the bias gradient too when one row tile (up to 128 rows there) holds all M rows.
+INTERPRETED_BACKWARD = ["_matmul_lora_kernel"]
+INTERPRETED_BACKWARD_ROW_TILES = ["_matmul_lora_kernel", "_lora_grad_kernel", "_lora_grad_kernel"]
 
 
 @pytest.mark.parametrize("m, k, forward, backward", [
     (1, 64, GEMV, INTERPRETED_BACKWARD),
     (40, 64, None, INTERPRETED_BACKWARD),  # above SMALL_M (32): the fused GEMM
+    (129, 64, None, INTERPRETED_BACKWARD_ROW_TILES),  # two row tiles: dA and dB by lora_grad
     (32, 96, DEQUANT, BACKWARD),  # K not a multiple of the blocksize (64): the dequantize-then-GEMM path
-], ids=["gemv", "fused", "dequant"])
+], ids=["gemv", "fused", "fused_row_tiles", "dequant"])
 @pytest.mark.parametrize("p", [0.0, 0.3], ids=["no_dropout", "dropout"])
 def test_recorded_launches_of_forward_and_backward(m, k, forward, backward, p):
     """Kernels launched by a real forward + backward (interpreter: no split reductions), in order; with dropout the
