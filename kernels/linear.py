@@ -245,10 +245,10 @@ def _nf4_word_tile(packed_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr, code_pt
     columns ``col0 + j``, in W's column order; finite outside W (callers zero the other operand there).
 
     An interpreted load costs per element loaded (~7 ns, plus the pointer and mask arithmetic) and every tile
-    operation its NumPy work plus a fixed ~13 us of Python: W is read as int32 words of eight codes (a quarter of
-    the byte loads) and decoded by one shift, one mask and one gather over the whole tile (a 16-entry gather
-    beats gathering a byte's two values from a (256, 2) table: NumPy's take_along_axis is 3x slower on a 2-D
-    index). Little-endian words: byte j holds codes 2j (high nibble) and 2j + 1 (low). Needs row_len a multiple
+    operation its NumPy work plus a fixed ~13 us of Python: W is read as 32-bit words of eight codes (a quarter
+    of the byte loads) and decoded by one shift, one mask and one gather over the whole tile (measured faster
+    than splitting words into bytes and gathering a byte's two values from two 256-entry tables, or from one
+    (256, 2) table: NumPy's take_along_axis is 3x slower on a 2-D index). Little-endian words: byte j holds codes 2j (high nibble) and 2j + 1 (low). Needs row_len a multiple
     of BLOCKSIZE and col0 a multiple of min(BLOCK_C, BLOCKSIZE), as :func:`_nf4_pair_tile`."""
     WORDS: tl.constexpr = BLOCK_C // 8
     SUB: tl.constexpr = BLOCK_C if BLOCK_C < BLOCKSIZE else BLOCKSIZE
@@ -257,9 +257,10 @@ def _nf4_word_tile(packed_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr, code_pt
         mask = mask_rows[:, None]
     else:
         mask = mask_rows[:, None] & (offs_w < row_len // 8)[None, :]
-    word = tl.load(packed_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None] * (row_len // 8) + offs_w[None, :],
+    # uint32: a logical shift, which the interpreter runs without widening copies of both operands
+    word = tl.load(packed_ptr.to(tl.pointer_type(tl.uint32)) + rows[:, None] * (row_len // 8) + offs_w[None, :],
                    mask=mask, other=0)
-    code_index = (word[:, :, None] >> ((tl.arange(0, 8) ^ 1) * 4)[None, None, :]) & 15
+    code_index = (word[:, :, None] >> ((tl.arange(0, 8) ^ 1) * 4).to(tl.uint32)[None, None, :]) & 15
     values = tl.gather(tl.load(code_ptr + tl.arange(0, 16)), tl.reshape(code_index, (rows.shape[0] * BLOCK_C,)), 0)
     sub_start = col0 + tl.arange(0, BLOCK_C // SUB) * SUB
     scale = block_scale(absmax_ptr, absmax2_ptr, nested_code_ptr, offset,
