@@ -7,7 +7,9 @@ GPU K must be a multiple of the blocksize for the first two):
 - ``"gemv"`` (M <= ``SMALL_M``): ``_nf4_gemv_kernel`` + ``_gemv_epilogue_kernel`` (forward only);
 - ``"fused"`` (M <= ``FUSED_MAX_M`` of the GPU's architecture; dx also at M <= ``SMALL_M``; the interpreter's
   default at every M):
-  ``_matmul_lora_kernel`` decoding W a packed byte at a time in its K loop, the LoRA term and bias in its epilogue;
+  ``_matmul_lora_kernel`` decoding W a packed byte at a time in its K loop (the interpreter: a 32-bit word at a time,
+  and its dx launch also computes the LoRA and bias gradients when one row tile holds every row), the LoRA term and
+  bias in its epilogue;
 - ``"dequant"`` (otherwise): W dequantized into a buffer, then the same GEMM on the dense W.
 LoRA helpers and the bit-packed dropout mask are in :mod:`.lora`. Launch counts, the choice of paths and the
 dropout scheme: docs/DESIGN.md, "Fused linear layer"; static figures: perf/README.md.
@@ -451,7 +453,7 @@ def _matmul_lora_kernel(
     PAIRS (with B_NF4; K a multiple of BLOCKSIZE): W decoded a packed byte at a time (:func:`_nf4_pair_tile`), a
     byte's two values interleaved into W's column order on sm_90 and in sm_80's 128-row dx tile; elsewhere its even
     and odd columns multiplied with the even and odd columns of a (forward) or into the even and odd columns of c
-    (dx). FOLD_DOWN (R <=
+    (dx); under the interpreter a 32-bit word at a time, in W's column order (:func:`_nf4_word_tile`). FOLD_DOWN (R <=
     BLOCK_R): l is not read but computed in the K loop from the a tiles already loaded, l = a @ d with
     d (K, R) at ``k * stride_dk + r * stride_dr`` (u = x A^T in a forward without dropout, g = dy B in dx), and
     written (float32, contiguous) by the programs of column tile 0. FOLD_GRADS (dx with FOLD_DOWN, one row tile:
