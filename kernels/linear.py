@@ -36,7 +36,7 @@ from .quantize import launch_dequantize_4bit, unpack_4bit
 
 NESTED_BLOCKSIZE = 256
 # How the interpreter lays out W's decoded tile in the fused kernel (PAIRS) and the decode GEMV: "words" (its own,
-# fused kernel only: W read as int32 words, the tile in W's column order; the GEMV then splits), "split" (a packed
+# fused kernel only: W read as 32-bit words, the tile in W's column order; the GEMV then splits), "split" (a packed
 # byte's even and odd values apart: sm_80 and AMD) or "interleave" (side by side: sm_90). Tests set the last two so
 # that the layouts GPUs run are checked against the oracle on a CPU too.
 PAIR_LAYOUT_UNDER_INTERPRETER = tl.constexpr("words")
@@ -250,8 +250,9 @@ def _nf4_word_tile(packed_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr, code_pt
     operation its NumPy work plus a fixed ~13 us of Python: W is read as 32-bit words of eight codes (a quarter
     of the byte loads) and decoded by one shift, one mask and one gather over the whole tile (measured faster
     than splitting words into bytes and gathering a byte's two values from two 256-entry tables, or from one
-    (256, 2) table: NumPy's take_along_axis is 3x slower on a 2-D index). Little-endian words: byte j holds codes 2j (high nibble) and 2j + 1 (low). Needs row_len a multiple
-    of BLOCKSIZE and col0 a multiple of min(BLOCK_C, BLOCKSIZE), as :func:`_nf4_pair_tile`."""
+    (256, 2) table: NumPy's take_along_axis is 3x slower on a 2-D index). Little-endian words: byte j holds codes
+    2j (high nibble) and 2j + 1 (low). Needs row_len a multiple of BLOCKSIZE and col0 a multiple of
+    min(BLOCK_C, BLOCKSIZE), as :func:`_nf4_pair_tile`."""
     WORDS: tl.constexpr = BLOCK_C // 8
     SUB: tl.constexpr = BLOCK_C if BLOCK_C < BLOCKSIZE else BLOCKSIZE
     offs_w = col0 // 8 + tl.arange(0, WORDS)
@@ -453,8 +454,8 @@ def _matmul_lora_kernel(
     PAIRS (with B_NF4; K a multiple of BLOCKSIZE): W decoded a packed byte at a time (:func:`_nf4_pair_tile`), a
     byte's two values interleaved into W's column order on sm_90 and in sm_80's 128-row dx tile; elsewhere its even
     and odd columns multiplied with the even and odd columns of a (forward) or into the even and odd columns of c
-    (dx); under the interpreter a 32-bit word at a time, in W's column order (:func:`_nf4_word_tile`). FOLD_DOWN (R <=
-    BLOCK_R): l is not read but computed in the K loop from the a tiles already loaded, l = a @ d with
+    (dx); under the interpreter a 32-bit word at a time, in W's column order (:func:`_nf4_word_tile`).
+    FOLD_DOWN (R <= BLOCK_R): l is not read but computed in the K loop from the a tiles already loaded, l = a @ d with
     d (K, R) at ``k * stride_dk + r * stride_dr`` (u = x A^T in a forward without dropout, g = dy B in dx), and
     written (float32, contiguous) by the programs of column tile 0. FOLD_GRADS (dx with FOLD_DOWN, one row tile:
     M <= BLOCK_M): the LoRA gradients of the same pass, as :func:`lora_grad` computes them: grad_b (K, R) =
