@@ -687,6 +687,8 @@ SMALL_M_CONFIG = MatmulConfig(16, 64, 128, group_m=1, num_warps=4, num_stages=1,
 # under triton 3.9, 8.5 / 7.8 under 3.6, against the fused 64 x 64 x 32 tile's 10.8 / 11.9 and 10.8 / 10.9). A
 # 64-row GEMV tile was measured at 16.9 on sm_90 under 3.6, so the fused kernel keeps M > 32.
 GEMV_BLOCK_MS = (16, 32)
+INTERPRETER_MAX_TILE = 1 << 20  # elements of one tile: the interpreter refuses more
+INTERPRETER_MAX_BLOCK_M = 2048
 EPILOGUE_BLOCK_N = 128
 SPLIT_K_CHOICES = SPLIT_CHOICES
 
@@ -698,13 +700,16 @@ def gemv_config(m: int) -> MatmulConfig:
 
 
 def _interpreter_config(rows: int, cols: int, inner: int, path: str) -> MatmulConfig:
-    # Few, huge programs: interpreter cost grows with the number of program instances and loop trips.
+    # Few, huge programs: interpreter cost grows with the number of program instances and loop trips, and every
+    # row tile decodes W again. Rows first (up to 2048), then columns and the reduction step, each tile (x, W and
+    # the accumulator) within the interpreter's 2^20 elements (perf/README.md, "Interpreter speed of the layer").
     if path == "gemv":
         return MatmulConfig(16 if rows <= 16 else 32, pow2_clamp(cols, 16, 512), pow2_clamp(inner, 32, 1024),
                             group_m=1, path=path)
-    block_n = pow2_clamp(cols, 16, 2048)
-    return MatmulConfig(pow2_clamp(rows, 16, 128), block_n, pow2_clamp(inner, 16, min(2048, (1 << 20) // block_n)),
-                        group_m=1, path=path)
+    block_m = pow2_clamp(rows, 16, INTERPRETER_MAX_BLOCK_M)
+    block_n = pow2_clamp(cols, 16, min(2048, INTERPRETER_MAX_TILE // block_m))
+    block_k = pow2_clamp(inner, 16, min(2048, INTERPRETER_MAX_TILE // block_n, INTERPRETER_MAX_TILE // block_m))
+    return MatmulConfig(block_m, block_n, block_k, group_m=1, path=path)
 
 
 def _autotuned(configs: tuple[MatmulConfig, ...]):

@@ -2,9 +2,9 @@
 plain-torch LoRA layer on the same input, in the same run.
 
 The shapes are those of ``qlora demo``'s MLP up-projection (MiniLM-L6: in_features 384, out_features 1536, LoRA rank
-8, alpha 16) at its batch of 8 sentences x 14 tokens (M = 112 rows), float32: M > 16, so the layer takes the
-default training path (W dequantized into a buffer, then the tiled GEMM with the LoRA term in its epilogue). The
-reference is a frozen ``nn.Linear`` (same bias) plus ``x @ A^T @ B^T * scaling`` under autograd; both compute
+8, alpha 16) at its batch of 8 sentences x 14 tokens (M = 112 rows), float32, and the same layer at M = 1024 rows
+(a larger batch): M > 32, so the layer takes the fused tiled kernel (W decoded in its K loop; under the interpreter
+one launch forward, and one backward while one row tile holds every row: kernels/linear.py). The reference is a frozen ``nn.Linear`` (same bias) plus ``x @ A^T @ B^T * scaling`` under autograd; both compute
 ``y.sum()`` and its backward. Each case reports ``seconds_per_op`` and ``time_ratio_vs_torch`` (its minimum over
 rounds divided by the torch layer's minimum measured in the same test): the interpreter's overhead on every CPU
 user of the library (CI, the demo). On a GPU the cases are skipped (the kernels are compiled there; see
@@ -41,12 +41,12 @@ class TorchLoRALayer(nn.Module):
         return self.base(x) + (x @ self.lora_A.t() @ self.lora_B.t()) * self.scaling
 
 
-def demo_layer_workloads(seed: int = 0):
+def demo_layer_workloads(seed: int = 0, m: int | None = None):
     """``(qlora_step, torch_step, qlora_layer, torch_layer, x)``: one forward + backward of ``y.sum()`` through a
     ``QLoRALinear`` built from a random ``nn.Linear`` of :data:`DEMO_LAYER`'s shape (NF4, blocksize 64, double
     quantization: the defaults) and through :class:`TorchLoRALayer` holding that layer's dequantized base weight,
     bias and adapters (``lora_B`` drawn non-zero, so the LoRA term is computed, not a product with zeros): both
-    compute the same function of the same float32 input ``x`` (M, in_features)."""
+    compute the same function of the same float32 input ``x`` (M, in_features); M is the demo's unless ``m``."""
     s = DEMO_LAYER
     generator = torch.Generator().manual_seed(seed)
     dense = nn.Linear(s["in_features"], s["out_features"])
@@ -61,7 +61,7 @@ def demo_layer_workloads(seed: int = 0):
         base.weight.copy_(layer.weight.dequantize(torch.float32))
         base.bias.copy_(layer.bias)
     reference = TorchLoRALayer(base, layer.lora_A, layer.lora_B, layer.scaling)
-    x = torch.randn(s["m"], s["in_features"], generator=generator).requires_grad_(True)
+    x = torch.randn(s["m"] if m is None else m, s["in_features"], generator=generator).requires_grad_(True)
 
     def step(module):
         def run():
@@ -72,9 +72,11 @@ def demo_layer_workloads(seed: int = 0):
 
 
 @bu.interpreter_only
+@pytest.mark.parametrize("m", [DEMO_LAYER["m"], 1024], ids=["demo_batch", "m1024"])
 @pytest.mark.parametrize("case", ["qlora_QLoRALinear", "torch_LoRA"])
-def test_demo_layer_forward_backward_interpreter(benchmark, case):
-    qlora_step, torch_step, *_ = demo_layer_workloads()
+def test_demo_layer_forward_backward_interpreter(benchmark, case, m):
+    # m1024: the layer at a larger batch (1024 tokens), where one row tile of up to 2048 rows decodes W once.
+    qlora_step, torch_step, *_ = demo_layer_workloads(m=m)
     fn = qlora_step if case == "qlora_QLoRALinear" else torch_step
     # The torch layer takes ~1.5 ms: its minimum over many calls, measured before and after the timed rounds (right
     # after interpreted work it was measured up to 3x slower in one process; load only ever adds time).
@@ -84,5 +86,5 @@ def test_demo_layer_forward_backward_interpreter(benchmark, case):
     reference = min(reference, ht.best_seconds(torch_step, rounds=10, inner=10))
     seconds = benchmark.stats.stats.min
     benchmark.extra_info.update(seconds_per_op=seconds, time_ratio_vs_torch=seconds / reference,
-                                problem="M=112, K=384, N=1536, r=8, float32",
+                                problem=f"M={m}, K=384, N=1536, r=8, float32",
                                 timing=bu.INTERPRETER_TIMING)

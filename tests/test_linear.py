@@ -665,7 +665,7 @@ def test_seed_tensor_is_never_read_on_the_host(monkeypatch):
     (32, 64, 0.3, ["_dropout_bits_kernel", "_nf4_gemv_kernel", "_gemv_epilogue_kernel"], 1),  # the 32-row tile
     (33, 64, 0.0, ["_matmul_lora_kernel"], 1),
     (36, 64, 0.3, ["_dropout_bits_kernel", "_lora_down_kernel", "_matmul_lora_kernel"], 1),
-    (129, 64, 0.0, ["_matmul_lora_kernel"], 3),  # two row tiles of 128: dA and dB by lora_grad
+    (2049, 64, 0.0, ["_matmul_lora_kernel"], 3),  # two row tiles of 2048: dA and dB by lora_grad
     (40, 48, 0.3, ["_dropout_bits_kernel", "_lora_down_kernel", "_dequantize_4bit_kernel", "_matmul_lora_kernel"], 5),
 ])
 def test_launch_counts_per_layer(m, k, p, forward, backward):

@@ -28,7 +28,7 @@ BACKWARD = ["_lora_down_kernel", "_dequantize_4bit_kernel", "_matmul_lora_kernel
 FUSED_BACKWARD = [name for name in BACKWARD if name != "_dequantize_4bit_kernel"]
 # The interpreter's plan when K is a multiple of the blocksize (kernels/linear.py, ``_launch_matmul``,
 # ``_folds_down`` and ``_backward``): the fused GEMM computes u (without dropout) and g in its K loop, and dA, dB and
-# the bias gradient too when one row tile (up to 128 rows there) holds all M rows.
+# the bias gradient too when one row tile (up to 2048 rows there) holds all M rows.
 INTERPRETED_BACKWARD = ["_matmul_lora_kernel"]
 INTERPRETED_BACKWARD_ROW_TILES = ["_matmul_lora_kernel", "_lora_grad_kernel", "_lora_grad_kernel"]
 
@@ -36,7 +36,7 @@ INTERPRETED_BACKWARD_ROW_TILES = ["_matmul_lora_kernel", "_lora_grad_kernel", "_
 @pytest.mark.parametrize("m, k, forward, backward", [
     (1, 64, GEMV, INTERPRETED_BACKWARD),
     (40, 64, None, INTERPRETED_BACKWARD),  # above SMALL_M (32): the fused GEMM
-    (129, 64, None, INTERPRETED_BACKWARD_ROW_TILES),  # two row tiles: dA and dB by lora_grad
+    (2049, 64, None, INTERPRETED_BACKWARD_ROW_TILES),  # two row tiles of 2048: dA and dB by lora_grad
     (32, 96, DEQUANT, BACKWARD),  # K not a multiple of the blocksize (64): the dequantize-then-GEMM path
 ], ids=["gemv", "fused", "fused_row_tiles", "dequant"])
 @pytest.mark.parametrize("p", [0.0, 0.3], ids=["no_dropout", "dropout"])
