@@ -242,7 +242,7 @@ def _nf4_pair_tile(packed_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr, code_pt
 @triton.jit
 def _nf4_word_tile(packed_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr, code_ptr, offset, rows, mask_rows, col0,
                    row_len, BLOCK_C: tl.constexpr, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-                   NESTED_BLOCKSIZE: tl.constexpr, COLS_IN_BOUNDS: tl.constexpr):
+                   NESTED_BLOCKSIZE: tl.constexpr, INDEX_64: tl.constexpr, COLS_IN_BOUNDS: tl.constexpr):
     """Interpreter only: float32 (len(rows), BLOCK_C) ``code[q] * scale`` of W (?, row_len) at rows ``rows`` and
     columns ``col0 + j``, in W's column order; finite outside W (callers zero the other operand there).
 
@@ -255,6 +255,8 @@ def _nf4_word_tile(packed_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr, code_pt
     min(BLOCK_C, BLOCKSIZE), as :func:`_nf4_pair_tile`."""
     WORDS: tl.constexpr = BLOCK_C // 8
     SUB: tl.constexpr = BLOCK_C if BLOCK_C < BLOCKSIZE else BLOCKSIZE
+    if INDEX_64:  # W's element indices (the scale blocks' below) reach 2^31
+        rows = rows.to(tl.int64)
     offs_w = col0 // 8 + tl.arange(0, WORDS)
     if COLS_IN_BOUNDS:
         mask = mask_rows[:, None]
@@ -533,11 +535,12 @@ def _matmul_lora_kernel(
         if PAIRS and WORDS:
             if B_TRANSPOSED:
                 w = _nf4_word_tile(b_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr, code_ptr, offset, offs_n, mask_n,
-                                   k0, K, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, NESTED_BLOCKSIZE, EVEN_K)
+                                   k0, K, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, NESTED_BLOCKSIZE, INDEX_64, EVEN_K)
                 acc = dot(a, tl.trans(round_to(w, compute_dtype)), acc)
             else:
                 w = _nf4_word_tile(b_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr, code_ptr, offset, offs_k, mask_k,
-                                   pid_n * BLOCK_N, N, BLOCK_N, BLOCKSIZE, DOUBLE_QUANT, NESTED_BLOCKSIZE, False)
+                                   pid_n * BLOCK_N, N, BLOCK_N, BLOCKSIZE, DOUBLE_QUANT, NESTED_BLOCKSIZE, INDEX_64,
+                                   False)
                 acc = dot(a, round_to(w, compute_dtype), acc)
         elif PAIRS:
             if B_TRANSPOSED:  # W (N, K): the tile's rows are offs_n, its columns the K step

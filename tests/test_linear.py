@@ -230,6 +230,32 @@ def test_dx_launch_computes_the_lora_gradients_when_one_row_tile_holds_every_row
                           dtype)
 
 
+@pytest.mark.parametrize("m, k", [(3, 128), (40, 128), (40, 96)], ids=["gemv", "fused", "dequant"])
+def test_64_bit_indexing_gives_the_same_bits(monkeypatch, m, k):
+    """A W of 2^31 or more elements is indexed in int64 (``INDEX_64``); forced on a small W, every path (the decode
+    GEMV, the fused kernel's word decode, the dequantize-then-GEMM path) gives the bits of int32 indexing."""
+    gen = torch.Generator().manual_seed(11)
+    weight = quantize_nf4(_randn(gen, (24, k), torch.bfloat16))
+    kw = _weight_kwargs(weight)
+    x, dy = _randn(gen, (m, k), torch.bfloat16), _randn(gen, (m, 24), torch.bfloat16)
+    a, b = _randn(gen, (4, k), torch.bfloat16, 0.2), _randn(gen, (24, 4), torch.bfloat16)
+
+    def run():
+        y, u = K.nf4_lora_forward(x, lora_a=a, lora_b=b, scaling=2.0, **kw)
+        return (y, u, *K.nf4_lora_backward(dy, x, u, lora_a=a, lora_b=b, scaling=2.0, **kw))
+
+    want = run()
+    init = K._Weight.__init__
+
+    def init_64(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.index_64 = True
+
+    monkeypatch.setattr(K._Weight, "__init__", init_64)
+    got = run()
+    assert all((w is None and g is None) or torch.equal(w, g) for w, g in zip(want, got))
+
+
 @st.composite
 def decode_cases(draw):
     """Decode shapes: M <= SMALL_M (32) rows, both GEMV row tiles, K a multiple of the blocksize (the GEMV path's rows
