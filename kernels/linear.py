@@ -28,7 +28,7 @@ from ._host import cdiv
 from ._checks import FLOAT_DTYPES, check_blocksize, check_same_device, check_tensor
 from ._runtime import ieee_semantics, interpreter_active
 from ._static import KernelSpec
-from ._tl import INTERPRETER, block_scale, dot, grouped_tile, keep_tile, load_tile, round_to
+from ._tl import INTERPRETER, block_scale, dot, grouped_tile, interpreted_directly, keep_tile, load_tile, round_to
 from .lora import (LORA_BLOCK_RS, SPLIT_CHOICES, check_scalar, lora_block_r, lora_down, lora_dropout_bits,
                    lora_dropout_mask, lora_grad, num_sms, pow2_clamp, seed_tensor, keep_bits, split_count,
                    launch_lora_down, launch_lora_grad, down_accumulate)
@@ -273,6 +273,11 @@ def _nf4_word_tile(packed_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr, code_pt
                         mask_rows[:, None] & (sub_start < row_len)[None, :], DOUBLE_QUANT, NESTED_BLOCKSIZE)
     return tl.reshape(tl.reshape(values, (rows.shape[0], BLOCK_C // SUB, SUB)) * scale[:, :, None],
                       (rows.shape[0], BLOCK_C))
+
+
+# Called by the kernels below without the interpreter's per-call re-patching of triton.language (_tl.py).
+_code_value, _dequant_tile, _pair_tables, _nf4_pair_tile, _nf4_word_tile = (
+    interpreted_directly(f) for f in (_code_value, _dequant_tile, _pair_tables, _nf4_pair_tile, _nf4_word_tile))
 
 
 @triton.jit
