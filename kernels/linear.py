@@ -672,12 +672,16 @@ GPU_CONFIGS: dict[int, tuple[MatmulConfig, ...]] = {
 # vs 47 and 43 vs 48 on the A100, triton 3.9; from 384 rows the 128-row tile wins on the A100).
 FUSED_SMALL_TILE_MAX_M = 256
 # Up to 64 rows (one row tile) the fused launch takes 32-column tiles: 128 programs at 4096 columns instead of 64,
-# against 108-132 SMs, for more instructions per weight element (perf static, forward / dx, sm_90 / sm_80: 12.9 /
-# 14.6 and 11.3 / 15.4 under triton 3.9, 11.6 / 14.4 and 10.9 / 15.4 under 3.6, against 64 x 64 x 32's 10.8 /
-# 11.9 and 9.7 / 12.8; 72-128 registers, 0 spills, gfx942 / gfx90a 125-182 VGPRs, 0 scratch). The roofline's grid
-# term predicts the fused launch at M <= 64, N = K = 4096, about 40% faster that way. 64 x 32 x 128 issues fewer
-# (9.0 forward on sm_90) but its dx build does not compile on sm_90 (triton 3.9, TritonGPUOptimizeDotOperands).
-FUSED_NARROW_CONFIG = MatmulConfig(64, 32, 64, num_warps=4)
+# against 108-132 SMs, for more instructions per weight element (perf static, dx, sm_90 / sm_80: 11.3 / 15.4 under
+# triton 3.9, 10.9 / 15.4 under 3.6, against 64 x 64 x 32's 9.7 / 12.8; 72-128 registers, 0 spills, gfx942 /
+# gfx90a 125-132 VGPRs, 0 scratch). The roofline's grid term predicts the fused launch at M <= 64, N = K = 4096,
+# about 40% faster that way. The forward takes a 128-wide K step there (FUSED_NARROW_CONFIG): issue_to_mma 3.23 ->
+# 2.25 on sm_90 and 1.83 -> 1.46 on sm_80 under triton 3.9 (2.91 -> 2.06, 1.81 -> 1.45 under 3.6) against the
+# 64-wide step, at 80 / 150 registers (from 79 / 96), 236-240 VGPRs on gfx942 / gfx90a (from 168-182), 0 spills
+# and 0 scratch. dx keeps the 64-wide step (FUSED_NARROW_DX_CONFIG): its 128-wide build does not compile on sm_90
+# (triton 3.9, TritonGPUOptimizeDotOperands) and gains little on sm_80 (1.93 -> 1.85).
+FUSED_NARROW_CONFIG = MatmulConfig(64, 32, 128, num_warps=4)
+FUSED_NARROW_DX_CONFIG = MatmulConfig(64, 32, 64, num_warps=4)
 FUSED_CONFIGS: dict[int, tuple[MatmulConfig, MatmulConfig]] = {
     8: (MatmulConfig(64, 64, 32, num_warps=4), MatmulConfig(128, 128, 64, num_warps=8, num_stages=3)),
     9: (MatmulConfig(64, 64, 32, num_warps=4), MatmulConfig(128, 128, 128, num_warps=8, num_stages=3)),
@@ -788,12 +792,12 @@ def choose_dx_path(m: int, k: int, blocksize: int, arch: int | None = None) -> s
     return "fused" if path == "gemv" else path
 
 
-def fused_config(m: int, arch: int | None = None) -> MatmulConfig:
+def fused_config(m: int, arch: int | None = None, dx: bool = False) -> MatmulConfig:
     """The fused kernel's tiles for M rows on GPU architecture ``arch`` (a ``FUSED_CONFIGS`` key; default this
-    GPU's): ``FUSED_NARROW_CONFIG`` for one 64-row tile, 64-row tiles up to ``FUSED_SMALL_TILE_MAX_M`` rows, the
-    128-row tile above."""
+    GPU's), forward or ``dx``: ``FUSED_NARROW_CONFIG`` (``FUSED_NARROW_DX_CONFIG`` for dx) for one 64-row tile,
+    64-row tiles up to ``FUSED_SMALL_TILE_MAX_M`` rows, the 128-row tile above."""
     if m <= FUSED_NARROW_CONFIG.block_m:
-        return FUSED_NARROW_CONFIG
+        return FUSED_NARROW_DX_CONFIG if dx else FUSED_NARROW_CONFIG
     small, large = FUSED_CONFIGS[gpu_arch() if arch is None else arch]
     return small if m <= FUSED_SMALL_TILE_MAX_M else large
 
@@ -902,9 +906,9 @@ class _Weight:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _matmul_plan(m: int, cols: int, inner: int, weight: _Weight, config: MatmulConfig | None):
-    """``(path, config)`` of a ``_matmul_lora_kernel`` launch with output (m, cols) reduced over ``inner``; config
-    None on the "dequant" path means the autotuned GPU GEMM."""
+def _matmul_plan(m: int, cols: int, inner: int, weight: _Weight, config: MatmulConfig | None, dx: bool):
+    """``(path, config)`` of a ``_matmul_lora_kernel`` launch (the forward, or ``dx``) with output (m, cols) reduced
+    over ``inner``; config None on the "dequant" path means the autotuned GPU GEMM."""
     if config is not None:
         return config.path, config
     if interpreter_active():
@@ -913,7 +917,7 @@ def _matmul_plan(m: int, cols: int, inner: int, weight: _Weight, config: MatmulC
         path = "fused" if weight.k % weight.blocksize == 0 else "dequant"
         return path, _interpreter_config(m, cols, inner, path)
     path = choose_dx_path(m, weight.k, weight.blocksize)  # forward launches come here only off the GEMV path
-    return path, (fused_config(m) if path == "fused" else None)
+    return path, (fused_config(m, dx=dx) if path == "fused" else None)
 
 
 def _folds_down(path: str, r: int, dropout: bool) -> bool:
@@ -1067,7 +1071,7 @@ def _forward(x, weight: _Weight, lora_a, lora_b, bias, scaling: float, p: float,
     gemv = config.path == "gemv" if config is not None else m <= SMALL_M and weight.k % weight.blocksize == 0
     if gemv:  # choose_path's first two rules (also under the interpreter)
         return _launch_gemv(x, weight, lora_a, lora_b, bias, keep, scaling, p, config)
-    plan = _matmul_plan(m, n, weight.k, weight, config)
+    plan = _matmul_plan(m, n, weight.k, weight, config, dx=False)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if _folds_down(plan[0], r, keep is not None):
         # u = x A^T in the GEMM's K loop: d = A^T, element (k, r) of lora_a (R, K) at r * stride(0) + k * stride(1).
@@ -1153,7 +1157,7 @@ def _backward(dy, x, u, weight: _Weight, lora_a, lora_b, scaling: float, p: floa
     dx = d_a = d_b = d_bias = None
     if config is not None and config.path == "gemv":
         config = None  # the decode path is forward-only; dx takes the default
-    plan = _matmul_plan(m, k, n, weight, config) if need_dx and m else None
+    plan = _matmul_plan(m, k, n, weight, config, dx=True) if need_dx and m else None
     fold = plan is not None and _folds_down(plan[0], r, False)
     if fold:  # g = dy @ B computed by the dx launch, in its K loop over N
         g = torch.empty((m, r), dtype=torch.float32, device=x.device)
@@ -1216,21 +1220,23 @@ def compile_specs() -> list[KernelSpec]:
     # (config, kind): "dense" (after the dequantize launch), "fused" (K a multiple of the blocksize: PAIRS) and
     # "fused_percode" (the first fused config where K is not: codes decoded one by one, scales per element). No
     # FOLD_DOWN build: only the interpreter folds (_folds_down).
-    tiled = [(cfg, "dense") for arch in sorted(GPU_CONFIGS) for cfg in GPU_CONFIGS[arch]]
-    tiled += [(cfg, "fused") for arch in sorted(FUSED_CONFIGS) for cfg in FUSED_CONFIGS[arch]]
-    tiled += [(FUSED_NARROW_CONFIG, "fused")]
-    tiled += [(FUSED_CONFIGS[arch][0], "fused_percode") for arch in sorted(FUSED_CONFIGS)]
+    both = (True, False)  # forward (b = W^T, bias) and dx (b = W, dropout)
+    tiled = [(cfg, "dense", both) for arch in sorted(GPU_CONFIGS) for cfg in GPU_CONFIGS[arch]]
+    tiled += [(cfg, "fused", both) for arch in sorted(FUSED_CONFIGS) for cfg in FUSED_CONFIGS[arch]]
+    tiled += [(FUSED_NARROW_CONFIG, "fused", (True,)), (FUSED_NARROW_DX_CONFIG, "fused", (False,))]
+    tiled += [(FUSED_CONFIGS[arch][0], "fused_percode", both) for arch in sorted(FUSED_CONFIGS)]
     # A fused config is built for the targets whose architecture picks it (gpu_arch: AMD GPUs take 8's).
     arch_targets = {8: ("sm_80", "gfx942", "gfx90a"), 9: ("sm_90",)}
     fused_targets: dict[MatmulConfig, tuple[str, ...]] = {}
     for arch in sorted(FUSED_CONFIGS):
         for cfg in FUSED_CONFIGS[arch]:
             fused_targets[cfg] = fused_targets.get(cfg, ()) + arch_targets[arch]
-    fused_targets[FUSED_NARROW_CONFIG] = arch_targets[8] + arch_targets[9]
+    for cfg in (FUSED_NARROW_CONFIG, FUSED_NARROW_DX_CONFIG):
+        fused_targets[cfg] = arch_targets[8] + arch_targets[9]
     seen = set()
-    for cfg, kind in tiled:
+    for cfg, kind, directions in tiled:
         fused = kind != "dense"
-        for transposed in (True, False):  # forward (b = W^T, bias) and dx (b = W, dropout)
+        for transposed in directions:
             name = f"{kind}_{'fwd' if transposed else 'dx'}_{cfg.tag}"
             if name in seen:
                 continue
@@ -1291,5 +1297,5 @@ def compile_specs() -> list[KernelSpec]:
 
 __all__ = ["MatmulConfig", "nf4_lora_forward", "nf4_lora_backward", "lora_down", "lora_grad", "lora_dropout_bits",
            "lora_dropout_mask", "choose_path", "choose_dx_path", "fused_config", "compile_specs", "GPU_CONFIGS",
-           "FUSED_CONFIGS", "FUSED_NARROW_CONFIG", "FUSED_SMALL_TILE_MAX_M", "FUSED_MAX_M", "SMALL_M_CONFIG",
-           "GEMV_BLOCK_MS", "gemv_config", "LORA_BLOCK_RS"]
+           "FUSED_CONFIGS", "FUSED_NARROW_CONFIG", "FUSED_NARROW_DX_CONFIG", "FUSED_SMALL_TILE_MAX_M", "FUSED_MAX_M",
+           "SMALL_M_CONFIG", "GEMV_BLOCK_MS", "gemv_config", "LORA_BLOCK_RS"]

@@ -112,17 +112,18 @@ class _DequantMatmul(torch.autograd.Function):
         return dy @ ctx.weight.dequantize(dy.dtype), None
 
 
-def fused_tiled_config(m: int) -> MatmulConfig:
-    """The fused tiled path's config for M rows: kernels/linear.py's GPU config on a GPU; 16-row tiles under the
-    interpreter (the GPU's 64 x 64 x 32 tiles would be as many interpreted programs at the CPU shapes)."""
-    cfg = fused_config(m) if bu.ON_GPU else MatmulConfig(16, 64, 64, num_warps=4)
+def fused_tiled_config(m: int, dx: bool = False) -> MatmulConfig:
+    """The fused tiled path's config for M rows, forward or ``dx``: kernels/linear.py's GPU config on a GPU; 16-row
+    tiles under the interpreter (the GPU's 64 x 64 x 32 tiles would be as many interpreted programs at the CPU
+    shapes)."""
+    cfg = fused_config(m, dx=dx) if bu.ON_GPU else MatmulConfig(16, 64, 64, num_warps=4)
     return MatmulConfig(cfg.block_m, cfg.block_n, cfg.block_k, group_m=cfg.group_m, num_warps=cfg.num_warps,
                         num_stages=cfg.num_stages, path="fused")
 
 
 class _FusedTiled(torch.autograd.Function):
     """``qlora_linear`` (no bias, no dropout) on the fused tiled path: the kernel launchers of kernels/linear.py
-    with ``config=fused_tiled_config(M)`` in the forward and in dx."""
+    with ``config=fused_tiled_config(M)`` in the forward and ``fused_tiled_config(M, dx=True)`` in dx."""
 
     @staticmethod
     def forward(ctx, x, weight, lora_a, lora_b):
@@ -136,8 +137,9 @@ class _FusedTiled(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, u, lora_a, lora_b = ctx.saved_tensors
+        config = fused_tiled_config(x.shape[0], dx=True)
         dx, d_a, d_b, _ = nf4_lora_backward(dy.contiguous(), x, u, lora_a=lora_a, lora_b=lora_b, scaling=SCALING,
-                                            config=fused_tiled_config(x.shape[0]), **_nf4_kwargs(ctx.weight))
+                                            config=config, **_nf4_kwargs(ctx.weight))
         return dx, None, d_a, d_b
 
 

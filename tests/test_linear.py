@@ -310,10 +310,13 @@ def test_default_dispatch(monkeypatch):
     assert K.choose_path(1 << 20, 4096, 64, arch=8) == "fused" and K.choose_dx_path(4096, 4096, 64, 8) == "fused"
     assert K.FUSED_SMALL_TILE_MAX_M == 256
     for arch, (small, large) in K.FUSED_CONFIGS.items():
-        # one 64-row tile: 32 columns (twice the programs); then 64 x 64 tiles up to 256 rows, 128-row ones above
-        assert K.fused_config(64, arch) == K.FUSED_NARROW_CONFIG and K.FUSED_NARROW_CONFIG.block_n == 32
-        assert K.fused_config(65, arch) == K.fused_config(256, arch) == small
-        assert K.fused_config(257, arch) == large
+        # one 64-row tile: 32 columns (twice the programs), the forward with a 128-wide K step, dx a 64-wide one
+        # (its 128-wide build does not compile on sm_90); then 64 x 64 tiles up to 256 rows, 128-row ones above
+        assert K.fused_config(64, arch) == K.FUSED_NARROW_CONFIG == K.MatmulConfig(64, 32, 128)
+        assert K.fused_config(64, arch, dx=True) == K.FUSED_NARROW_DX_CONFIG == K.MatmulConfig(64, 32, 64)
+        for dx in (False, True):
+            assert K.fused_config(65, arch, dx) == K.fused_config(256, arch, dx) == small
+            assert K.fused_config(257, arch, dx) == large
         assert small.block_m == 64 and large.block_m == 128
     # the GEMV's row tile: 16 up to 16 rows, 32 up to SMALL_M; a config outside those is refused
     assert K.SMALL_M == 32 and K.gemv_config(16) == K.SMALL_M_CONFIG and K.gemv_config(17).block_m == 32
