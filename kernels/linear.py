@@ -777,14 +777,22 @@ def choose_path(m: int, k: int, blocksize: int, config: MatmulConfig | None = No
     tile, 64 with the next, 32 per 128-row tile, against 108-132 SMs). AMD GPUs (not modelled) follow
     architecture 8. Where K is not a multiple of the blocksize the fused kernel decodes code by code (43-72
     instructions per element) and the dequantize path wins at every M."""
+    path = _arch_free_path(m, k, blocksize, config)
+    if path is not None:
+        return path
+    limit = FUSED_MAX_M[gpu_arch() if arch is None else arch]
+    return "fused" if limit is None or m <= limit else "dequant"
+
+
+def _arch_free_path(m: int, k: int, blocksize: int, config: MatmulConfig | None) -> str | None:
+    """:func:`choose_path`'s rules that need no GPU architecture (the forward asks them without querying the
+    device, which under the interpreter has none): the config's path, "dequant" where K is not a multiple of the
+    blocksize, "gemv" up to SMALL_M rows; None where the architecture decides."""
     if config is not None:
         return config.path
     if k % blocksize != 0:
         return "dequant"
-    if m <= SMALL_M:
-        return "gemv"
-    limit = FUSED_MAX_M[gpu_arch() if arch is None else arch]
-    return "fused" if limit is None or m <= limit else "dequant"
+    return "gemv" if m <= SMALL_M else None
 
 
 def choose_dx_path(m: int, k: int, blocksize: int, arch: int | None = None) -> str:
@@ -1070,8 +1078,7 @@ def _forward(x, weight: _Weight, lora_a, lora_b, bias, scaling: float, p: float,
     m, n, r = x.shape[0], weight.n, lora_a.shape[0]
     if m == 0:
         return torch.empty((0, n), dtype=x.dtype, device=x.device), torch.empty((0, r), device=x.device)
-    gemv = config.path == "gemv" if config is not None else m <= SMALL_M and weight.k % weight.blocksize == 0
-    if gemv:  # choose_path's first two rules (also under the interpreter)
+    if _arch_free_path(m, weight.k, weight.blocksize, config) == "gemv":
         return _launch_gemv(x, weight, lora_a, lora_b, bias, keep, scaling, p, config)
     plan = _matmul_plan(m, n, weight.k, weight, config, dx=False)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
