@@ -35,10 +35,11 @@ from .lora import (LORA_BLOCK_RS, SPLIT_CHOICES, check_scalar, lora_block_r, lor
 from .quantize import launch_dequantize_4bit, unpack_4bit
 
 NESTED_BLOCKSIZE = 256
-# How the interpreter lays out W's decoded tile in the fused kernel (PAIRS) and the decode GEMV: "words" (its own,
-# fused kernel only: W read as 32-bit words, the tile in W's column order; the GEMV then splits), "split" (a packed
-# byte's even and odd values apart: sm_80 and AMD) or "interleave" (side by side: sm_90). Tests set the last two so
-# that the layouts GPUs run are checked against the oracle on a CPU too.
+# How the interpreter decodes W's tile in the fused kernel (PAIRS) and the decode GEMV: "words" (the default: the
+# fused kernel reads W as 32-bit words and decodes the whole tile by one gather, _nf4_word_tile; the GEMV decodes
+# words as NVIDIA GPUs do, _nf4_word_pairs_tile), "word_pairs" (both as NVIDIA GPUs with a 16-bit compute dtype),
+# "split" (a packed byte's even and odd values apart: AMD, float32, sm_80's other builds) or "interleave" (side by
+# side: sm_90 in float32). Tests set the others so that what GPUs run is checked against the oracle on a CPU too.
 PAIR_LAYOUT_UNDER_INTERPRETER = tl.constexpr("words")
 SMALL_M = 32  # at or below this many rows the forward takes the GEMV-shaped decode path (GEMV_BLOCK_MS rows)
 # Up to this many rows (above SMALL_M) forward and dx take the fused tiled kernel, per GPU architecture (gpu_arch;
@@ -173,6 +174,74 @@ def _lane_lookup(table, index):
                                      dtype=tl.float32, is_pure=True, pack=1)
 
 
+def _word_decode_asm(cvt: str) -> str:
+    """PTX of :func:`_word_tile`'s decode, one call per word (pack=2 over the word's two copies): output $k
+    (k = 0..3) holds columns 2k (low half: from $4, the word, and $6, its scale) and 2k + 1 (high half: from their
+    copies $5 and $7) rounded by ``cvt`` (``d = {hi: a, lo: b}``); $8 (and its copy $9) is the lane table. Column
+    e is byte e // 2's high nibble for even e, its low one for odd e: shifts 8k + 4 and 8k. tests/test_linear.py
+    executes it on a CPU (``test_word_decode_assembly_computes_the_column_pairs``)."""
+    lines = ["{ .reg .b32 i0, i1; .reg .f32 v0, v1;"]
+    for k in range(4):
+        lines.append(f"shr.b32 i0, $4, {8 * k + 4};")
+        lines.append(f"shr.b32 i1, $5, {8 * k};" if k else "mov.b32 i1, $5;")
+        lines.append("shfl.sync.idx.b32 v0, $8, i0, 0x1f, 0xffffffff; shfl.sync.idx.b32 v1, $8, i1, 0x1f, 0xffffffff;")
+        lines.append(f"mul.rn.f32 v0, v0, $6; mul.rn.f32 v1, v1, $7; {cvt} ${k}, v1, v0;")
+    lines.append("}")
+    return " ".join(lines)
+
+
+_WORD_DECODE_BF16 = tl.constexpr(_word_decode_asm("cvt.rn.bf16x2.f32"))
+_WORD_DECODE_F16 = tl.constexpr(_word_decode_asm("cvt.rn.f16x2.f32"))
+
+
+@triton.jit
+def _column_pair(words, scale, table, shift_first: tl.constexpr, dtype: tl.constexpr):
+    """(R, C, 2) ``dtype``: the values of two adjacent columns of each word (nibbles at ``shift_first`` and
+    ``shift_first - 4``), as :func:`_word_tile`'s assembly call returns them, by Triton operations."""
+    R: tl.constexpr = words.shape[0]
+    C: tl.constexpr = words.shape[1]
+    nibbles = tl.join(words >> shift_first, words >> (shift_first - 4)) & 15
+    values = tl.reshape(tl.gather(table, tl.reshape(nibbles.to(tl.int32), (R * C * 2,)), 0), (R, C, 2))
+    return round_to(values * scale[:, :, None], dtype)
+
+
+@triton.jit
+def _word_tile(words, scale, table, dtype: tl.constexpr):
+    """(R, 8 C) ``dtype``: ``round(code[q] * scale)`` of the eight 4-bit codes q of each uint32 word of ``words``
+    (R, C), in W's column order (column 8 c + e holds code e of word c: byte e // 2, high nibble first);
+    ``scale`` (R, C) float32, one per word.
+
+    On NVIDIA GPUs with a 16-bit ``dtype`` one inline-assembly block per word (``_WORD_DECODE_*``): per column one
+    shift, one shuffle from the lane table (:func:`_lane_code_table`) and one multiply, one round per two columns;
+    no nibble masks (the shuffle reads the low 5 bits of its index and the table repeats every 16 lanes). Elsewhere
+    ``table`` is the float32 (16,) code table and :func:`_column_pair` computes the same four column pairs; both
+    are assembled into the tile by the same joins."""
+    R: tl.constexpr = words.shape[0]
+    C: tl.constexpr = words.shape[1]
+    if not INTERPRETER and _nvidia_target() and dtype != tl.float32:
+        # The word twice along a new last axis: pack=2 hands one asm call both copies, and each output register
+        # holds two adjacent columns (no repacking of 16-bit halves afterwards).
+        w2 = tl.join(words, words)
+        s2 = tl.join(scale, scale)
+        if dtype == tl.bfloat16:
+            c0, c1, c2, c3 = tl.inline_asm_elementwise(
+                _WORD_DECODE_BF16, "=r,=r,=r,=r,r,r,r,r,r,r", [w2, s2, table],
+                dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16), is_pure=True, pack=2)
+        else:
+            c0, c1, c2, c3 = tl.inline_asm_elementwise(
+                _WORD_DECODE_F16, "=r,=r,=r,=r,r,r,r,r,r,r", [w2, s2, table],
+                dtype=(tl.float16, tl.float16, tl.float16, tl.float16), is_pure=True, pack=2)
+    else:
+        c0 = _column_pair(words, scale, table, 4, dtype)
+        c1 = _column_pair(words, scale, table, 12, dtype)
+        c2 = _column_pair(words, scale, table, 20, dtype)
+        c3 = _column_pair(words, scale, table, 28, dtype)
+    # c_k (R, C, 2) holds columns 2k and 2k + 1: joined to (R, C, pair, k0, k1), permuted to (R, C, k1, k0, pair),
+    # column 8 c + 4 k1 + 2 k0 + pair.
+    cols = tl.permute(tl.join(tl.join(c0, c1), tl.join(c2, c3)), (0, 1, 4, 3, 2))
+    return tl.reshape(cols, (R, C * 8))
+
+
 @triton.jit
 def _pair_tables(code_ptr):
     """What :func:`_nf4_pair_tile` looks codes up in, built once per program: under the interpreter the float32
@@ -240,6 +309,44 @@ def _nf4_pair_tile(packed_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr, code_pt
 
 
 @triton.jit
+def _nf4_word_pairs_tile(packed_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr, table, offset, rows, mask_rows, col0,
+                         row_len, BLOCK_C: tl.constexpr, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+                         NESTED_BLOCKSIZE: tl.constexpr, INDEX_64: tl.constexpr, COLS_IN_BOUNDS: tl.constexpr,
+                         dtype: tl.constexpr):
+    """(len(rows), BLOCK_C) ``dtype``: W (?, row_len) at rows ``rows`` and columns ``col0 + j``, each value
+    ``round(code[q] * scale)`` (``dequantize_4bit``'s in ``dtype``), in W's column order; finite outside W (callers
+    zero the other operand there). ``table``: :func:`_lane_code_table` on NVIDIA GPUs, else the float32 (16,)
+    code table (:func:`_word_tile`).
+
+    The GPUs' decode of the fused kernel and the GEMV: W read as 32-bit words of eight codes (16-byte loads along
+    the row) and decoded a word at a time by :func:`_word_tile`. Needs row_len a multiple of BLOCKSIZE (>= 32) and
+    col0 a multiple of min(BLOCK_C, BLOCKSIZE); COLS_IN_BOUNDS as :func:`_nf4_pair_tile`."""
+    WORDS: tl.constexpr = BLOCK_C // 8
+    SUB: tl.constexpr = BLOCK_C if BLOCK_C < BLOCKSIZE else BLOCKSIZE
+    if INDEX_64:
+        rows = rows.to(tl.int64)
+    # Written so, the compiler sees rows that start 16-byte aligned and a column bound constant over 16 bytes.
+    row_words = (row_len // 32) * 4
+    offs_w = col0 // 8 + tl.arange(0, WORDS)
+    sub_start = col0 + tl.arange(0, BLOCK_C // SUB) * SUB
+    if COLS_IN_BOUNDS:
+        mask = tl.broadcast_to(mask_rows[:, None], (rows.shape[0], WORDS))
+        mask_blocks = tl.broadcast_to(mask_rows[:, None], (rows.shape[0], BLOCK_C // SUB))
+    else:
+        mask = mask_rows[:, None] & (offs_w < row_words)[None, :]
+        mask_blocks = mask_rows[:, None] & (sub_start < row_len)[None, :]
+    words = tl.load(packed_ptr.to(tl.pointer_type(tl.uint32)) + rows[:, None] * row_words + offs_w[None, :],
+                    mask=mask, other=0)
+    # row_len is a multiple of BLOCKSIZE: the row's part of the block index is loop-invariant, split off so.
+    scale = block_scale(absmax_ptr, absmax2_ptr, nested_code_ptr, offset,
+                        rows[:, None] * (row_len // BLOCKSIZE) + (sub_start // BLOCKSIZE)[None, :], mask_blocks,
+                        DOUBLE_QUANT, NESTED_BLOCKSIZE)
+    scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (rows.shape[0], BLOCK_C // SUB, SUB // 8)),
+                       (rows.shape[0], WORDS))
+    return _word_tile(words, scale, table, dtype)
+
+
+@triton.jit
 def _nf4_word_tile(packed_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr, code_ptr, offset, rows, mask_rows, col0,
                    row_len, BLOCK_C: tl.constexpr, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
                    NESTED_BLOCKSIZE: tl.constexpr, INDEX_64: tl.constexpr, COLS_IN_BOUNDS: tl.constexpr):
@@ -276,8 +383,9 @@ def _nf4_word_tile(packed_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr, code_pt
 
 
 # Called by the kernels below without the interpreter's per-call re-patching of triton.language (_tl.py).
-_code_value, _dequant_tile, _pair_tables, _nf4_pair_tile, _nf4_word_tile = (
-    interpreted_directly(f) for f in (_code_value, _dequant_tile, _pair_tables, _nf4_pair_tile, _nf4_word_tile))
+(_code_value, _dequant_tile, _pair_tables, _nf4_pair_tile, _nf4_word_tile, _nf4_word_pairs_tile, _word_tile,
+ _column_pair) = (interpreted_directly(f) for f in (_code_value, _dequant_tile, _pair_tables, _nf4_pair_tile,
+                                                   _nf4_word_tile, _nf4_word_pairs_tile, _word_tile, _column_pair))
 
 
 @triton.jit
@@ -290,18 +398,21 @@ def _nf4_gemv_kernel(
     stride_xm, stride_xk, stride_ar, stride_ak,
     # meta-parameters
     BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, INDEX_64: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_R: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """ws[s] (M, N) float32 = x[:, split s] @ W[:, split s]^T (M <= BLOCK_M; K a multiple of BLOCKSIZE), and for
     column tile 0 u_ws[s] (M, R) float32 = (x * keep)[:, split s] @ A[:, split s]^T.
 
-    Program (n tile, s) reads rows of W as packed bytes (row n starts at byte n * K / 2): high nibbles are the
-    even columns, low nibbles the odd ones. On sm_90 the two values of a byte are interleaved into W's column
-    order; elsewhere x is split into its even and odd columns instead. The tile's K range holds BLOCK_K / SUB_K
-    scale blocks per row, SUB_K = min(BLOCK_K, BLOCKSIZE). The decode is :func:`_nf4_pair_tile`'s written out for
-    a split K range: calling that helper here measured 6.05 -> 6.19 instructions per weight element on sm_90 (6.17
-    -> 6.41 on sm_80) and 86 -> 149 VGPRs on gfx942 (its select trees against the gather loads below).
+    Program (n tile, s) reads rows of W (row n starts at byte n * K / 2; high nibbles are the even columns, low
+    nibbles the odd ones). On NVIDIA GPUs with a 16-bit compute dtype (WORDS) as 32-bit words decoded by
+    :func:`_nf4_word_pairs_tile` into W's column order, W the MMA's first operand and y^T the accumulator
+    (perf/README.md, "Word decode": 6.05 -> 4.88 instructions per weight element on sm_90, 6.17 -> 5.78 on sm_80,
+    triton 3.9). Otherwise (float32, AMD) as packed bytes: on sm_90 the two values of a byte are interleaved into
+    W's column order, elsewhere x is split into its even and odd columns. The tile's K range holds BLOCK_K / SUB_K
+    scale blocks per row, SUB_K = min(BLOCK_K, BLOCKSIZE). The byte decode is :func:`_nf4_pair_tile`'s written out
+    for a split K range: calling that helper here measured 6.05 -> 6.19 instructions per weight element on sm_90
+    (6.17 -> 6.41 on sm_80) and 86 -> 149 VGPRs on gfx942 (its select trees against the gather loads below).
     """
     SUB_K: tl.constexpr = BLOCK_K if BLOCK_K < BLOCKSIZE else BLOCKSIZE
     pid_n = tl.program_id(0)
@@ -334,44 +445,68 @@ def _nf4_gemv_kernel(
         INTERLEAVE: tl.constexpr = PAIR_LAYOUT_UNDER_INTERPRETER == "interleave"
     else:
         INTERLEAVE: tl.constexpr = _wgmma_target()
-    if INTERLEAVE:
+    # WORDS: W read as uint32 words of eight codes and decoded into W's column order (_word_tile): on NVIDIA GPUs
+    # with a 16-bit compute dtype (float32 keeps the byte decode: the asm rounds pairs to 16 bits), and under the
+    # interpreter unless a test asks for a byte layout. W is then the MMA's first operand on sm_80 too (5.8 against
+    # 6.0 instructions per weight element with x first: Triton read both operands through LDS and register moves).
+    if INTERPRETER:
+        WORDS: tl.constexpr = PAIR_LAYOUT_UNDER_INTERPRETER == "words" or PAIR_LAYOUT_UNDER_INTERPRETER == "word_pairs"
+    else:
+        WORDS: tl.constexpr = _nvidia_target() and compute_dtype != tl.float32
+    if INTERLEAVE or WORDS:
         acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if WORDS and INTERPRETER:
+        table = tl.load(code_ptr + tl.arange(0, 16))
     for k0 in range(k_start, k_end, BLOCK_K):
-        offs_kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-        mask_kb = offs_kb < k_end_half
-        packed = tl.load(packed_ptr + row_bytes[:, None] + offs_kb[None, :],
-                         mask=mask_n[:, None] & mask_kb[None, :], other=0)
-        if LANE_TABLE:
-            byte = packed.to(tl.int32)
-            v_hi = _lane_lookup(table, byte >> 4)
-            v_lo = _lane_lookup(table, byte)  # the low nibble; bit 4 picks the table's second copy
+        if WORDS:
+            # A step reaches past k_end only in the last split (k_per_split is a multiple of BLOCK_K), so K bounds
+            # W's columns (no bound at all with EVEN_K: K a multiple of BLOCK_K); x's mask bounds the split.
+            w = _nf4_word_pairs_tile(packed_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr, table, offset, offs_n,
+                                     mask_n, k0, K, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, NESTED_BLOCKSIZE, INDEX_64,
+                                     EVEN_K, compute_dtype)
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            x = load_tile(x_ptr, offs_m, offs_k, stride_xm, stride_xk, mask_m, offs_k < k_end)
+            acc_t = dot(w, tl.trans(x), acc_t)
         else:
-            v_hi = tl.load(code_ptr + (packed >> 4).to(tl.int32))
-            v_lo = tl.load(code_ptr + (packed & 15).to(tl.int32))
-        if SUB_K == BLOCK_K:
-            scale = block_scale(absmax_ptr, absmax2_ptr, nested_code_ptr, offset, (offs_n * K + k0) // BLOCKSIZE,
-                                mask_n, DOUBLE_QUANT, NESTED_BLOCKSIZE)
-            w_hi = round_to(v_hi * scale[:, None], compute_dtype)
-            w_lo = round_to(v_lo * scale[:, None], compute_dtype)
-        else:
-            blocks = (offs_n[:, None] * K + k0 + tl.arange(0, BLOCK_K // SUB_K)[None, :] * SUB_K) // BLOCKSIZE
-            scale = block_scale(absmax_ptr, absmax2_ptr, nested_code_ptr, offset, blocks, mask_n[:, None],
-                                DOUBLE_QUANT, NESTED_BLOCKSIZE)[:, :, None]
-            w_hi = round_to(tl.reshape(tl.reshape(v_hi, (BLOCK_N, BLOCK_K // SUB_K, SUB_K // 2)) * scale,
-                                       (BLOCK_N, BLOCK_K // 2)), compute_dtype)
-            w_lo = round_to(tl.reshape(tl.reshape(v_lo, (BLOCK_N, BLOCK_K // SUB_K, SUB_K // 2)) * scale,
-                                       (BLOCK_N, BLOCK_K // 2)), compute_dtype)
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = load_tile(x_ptr, offs_m, offs_k, stride_xm, stride_xk, mask_m, offs_k < k_end)
-        if INTERLEAVE:
-            acc_t = dot(tl.interleave(w_hi, w_lo), tl.trans(x), acc_t)
-        else:
-            x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_K // 2, 2)))
-            acc = dot(x_even, tl.trans(w_hi), acc)
-            acc = dot(x_odd, tl.trans(w_lo), acc)
-    if INTERLEAVE:
+            offs_kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+            mask_kb = offs_kb < k_end_half
+            packed = tl.load(packed_ptr + row_bytes[:, None] + offs_kb[None, :],
+                             mask=mask_n[:, None] & mask_kb[None, :], other=0)
+            if LANE_TABLE:
+                byte = packed.to(tl.int32)
+                v_hi = _lane_lookup(table, byte >> 4)
+                v_lo = _lane_lookup(table, byte)  # the low nibble; bit 4 picks the table's second copy
+            else:
+                v_hi = tl.load(code_ptr + (packed >> 4).to(tl.int32))
+                v_lo = tl.load(code_ptr + (packed & 15).to(tl.int32))
+            if SUB_K == BLOCK_K:
+                scale = block_scale(absmax_ptr, absmax2_ptr, nested_code_ptr, offset, (offs_n * K + k0) // BLOCKSIZE,
+                                    mask_n, DOUBLE_QUANT, NESTED_BLOCKSIZE)
+                w_hi = round_to(v_hi * scale[:, None], compute_dtype)
+                w_lo = round_to(v_lo * scale[:, None], compute_dtype)
+            else:
+                sub_start = k0 + tl.arange(0, BLOCK_K // SUB_K) * SUB_K
+                # Sub-blocks past K (a last step longer than K's rest) would index the scales of the next row, or
+                # past the last one: masked.
+                scale = block_scale(absmax_ptr, absmax2_ptr, nested_code_ptr, offset,
+                                    (offs_n[:, None] * K + sub_start[None, :]) // BLOCKSIZE,
+                                    mask_n[:, None] & (sub_start < K)[None, :], DOUBLE_QUANT,
+                                    NESTED_BLOCKSIZE)[:, :, None]
+                w_hi = round_to(tl.reshape(tl.reshape(v_hi, (BLOCK_N, BLOCK_K // SUB_K, SUB_K // 2)) * scale,
+                                           (BLOCK_N, BLOCK_K // 2)), compute_dtype)
+                w_lo = round_to(tl.reshape(tl.reshape(v_lo, (BLOCK_N, BLOCK_K // SUB_K, SUB_K // 2)) * scale,
+                                           (BLOCK_N, BLOCK_K // 2)), compute_dtype)
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            x = load_tile(x_ptr, offs_m, offs_k, stride_xm, stride_xk, mask_m, offs_k < k_end)
+            if INTERLEAVE:
+                acc_t = dot(tl.interleave(w_hi, w_lo), tl.trans(x), acc_t)
+            else:
+                x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_K // 2, 2)))
+                acc = dot(x_even, tl.trans(w_hi), acc)
+                acc = dot(x_odd, tl.trans(w_lo), acc)
+    if INTERLEAVE or WORDS:
         acc = tl.trans(acc_t)
     ws = ws_ptr + pid_s.to(tl.int64) * M * N
     tl.store(ws + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask_m[:, None] & mask_n[None, :])
@@ -458,10 +593,12 @@ def _matmul_lora_kernel(
     by tile and rounded to the compute dtype (bit-exact with dequantize_4bit). ALIGNED: N, K and the strides
     are multiples of 16 (what a launch on such shapes specializes on), so the bounds masks stay constant over
     16-byte vectors and the operand loads are 128-bit. EVEN_K: K is a multiple of BLOCK_K (no K-bound masks).
-    PAIRS (with B_NF4; K a multiple of BLOCKSIZE): W decoded a packed byte at a time (:func:`_nf4_pair_tile`), a
-    byte's two values interleaved into W's column order on sm_90 and in sm_80's 128-row dx tile; elsewhere its even
-    and odd columns multiplied with the even and odd columns of a (forward) or into the even and odd columns of c
-    (dx); under the interpreter a 32-bit word at a time, in W's column order (:func:`_nf4_word_tile`).
+    PAIRS (with B_NF4; K a multiple of BLOCKSIZE): W decoded in the K loop. With a 16-bit compute dtype on sm_90
+    and in sm_80's dx tiles with K steps of 64 or more, a 32-bit word at a time into W's column order
+    (:func:`_nf4_word_pairs_tile`, the GEMV's decode); otherwise a packed byte at a time (:func:`_nf4_pair_tile`),
+    a byte's two values interleaved into W's column order on sm_90 and in sm_80's 128-row dx tile, elsewhere its
+    even and odd columns multiplied with the even and odd columns of a (forward) or into the even and odd columns
+    of c (dx); under the interpreter a 32-bit word at a time by one gather (:func:`_nf4_word_tile`).
     FOLD_DOWN (R <= BLOCK_R): l is not read but computed in the K loop from the a tiles already loaded, l = a @ d with
     d (K, R) at ``k * stride_dk + r * stride_dr`` (u = x A^T in a forward without dropout, g = dy B in dx), and
     written (float32, contiguous) by the programs of column tile 0. FOLD_GRADS (dx with FOLD_DOWN, one row tile:
@@ -501,14 +638,26 @@ def _matmul_lora_kernel(
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     # INTERLEAVE (PAIRS): a byte's two values side by side in W's own column order, one dot per K step; else the
     # even and odd columns apart (perf/README.md, "Fewer instructions per K step", has the figures behind the rule).
-    # WORDS: the interpreter's own layout (:func:`_nf4_word_tile`).
+    # WORDS: the interpreter's own layout (:func:`_nf4_word_tile`). WORD_PAIRS: NVIDIA's word decode
+    # (:func:`_nf4_word_pairs_tile`), the tile in W's column order rounded to the compute dtype.
     if INTERPRETER:
         WORDS: tl.constexpr = PAIR_LAYOUT_UNDER_INTERPRETER == "words"
+        WORD_PAIRS: tl.constexpr = PAIR_LAYOUT_UNDER_INTERPRETER == "word_pairs"
         INTERLEAVE: tl.constexpr = PAIR_LAYOUT_UNDER_INTERPRETER == "interleave"
     else:
         WORDS: tl.constexpr = False
+        # The GEMV's word decode where perf static measured it cheaper than the byte pairs (perf/README.md, "Word
+        # decode"): every sm_90 build, and sm_80's dx builds with K steps of 64 or more (15.44 -> 13.31 and
+        # 13.19 -> 12.88 instructions per weight element; its forward builds and 64 x 64 x 32 dx measured worse).
+        WORD_PAIRS: tl.constexpr = compute_dtype != tl.float32 and (
+            _wgmma_target() or (_nvidia_target() and not B_TRANSPOSED and BLOCK_K >= 64))
         INTERLEAVE: tl.constexpr = _wgmma_target() or (_nvidia_target() and not B_TRANSPOSED and BLOCK_M >= 128)
-    if PAIRS and not WORDS:
+    if PAIRS and WORD_PAIRS:
+        if INTERPRETER:
+            table_hi = tl.load(code_ptr + tl.arange(0, 16))
+        else:
+            table_hi = _lane_code_table(code_ptr)
+    elif PAIRS and not WORDS:
         table_hi, table_lo = _pair_tables(code_ptr)
         if not INTERLEAVE and not B_TRANSPOSED:  # dx: the even and the odd output columns, interleaved after the loop
             acc = tl.full((BLOCK_M, BLOCK_N // 2), 0.0, tl.float32)
@@ -537,7 +686,18 @@ def _matmul_lora_kernel(
                 if FOLD_BIAS_GRAD:
                     tl.store(grad_bias_ptr + offs_k,
                              round_to(tl.sum(a.to(tl.float32), axis=0), grad_bias_ptr.dtype.element_ty), mask=mask_k)
-        if PAIRS and WORDS:
+        if PAIRS and WORD_PAIRS:
+            if B_TRANSPOSED:  # W (N, K): the tile's rows are offs_n, its columns the K step
+                w = _nf4_word_pairs_tile(b_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr, table_hi, offset, offs_n,
+                                         mask_n, k0, K, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, NESTED_BLOCKSIZE, INDEX_64,
+                                         EVEN_K, compute_dtype)
+                acc = dot(a, tl.trans(w), acc)
+            else:  # W (K, N) here: the tile's rows are the reduction step, its columns this program's outputs
+                w = _nf4_word_pairs_tile(b_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr, table_hi, offset, offs_k,
+                                         mask_k, pid_n * BLOCK_N, N, BLOCK_N, BLOCKSIZE, DOUBLE_QUANT,
+                                         NESTED_BLOCKSIZE, INDEX_64, False, compute_dtype)
+                acc = dot(a, w, acc)
+        elif PAIRS and WORDS:
             if B_TRANSPOSED:
                 w = _nf4_word_tile(b_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr, code_ptr, offset, offs_n, mask_n,
                                    k0, K, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, NESTED_BLOCKSIZE, INDEX_64, EVEN_K)
@@ -582,7 +742,7 @@ def _matmul_lora_kernel(
             b = load_tile(b_ptr, offs_k, offs_n, stride_bk, stride_bn, mask_k, mask_n)
         if not PAIRS:
             acc = dot(a, b, acc)
-    if PAIRS and not WORDS and not INTERLEAVE and not B_TRANSPOSED:
+    if PAIRS and not WORDS and not WORD_PAIRS and not INTERLEAVE and not B_TRANSPOSED:
         acc = tl.reshape(tl.join(acc, acc_odd), (BLOCK_M, BLOCK_N))
 
     lora = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
@@ -687,11 +847,12 @@ FUSED_CONFIGS: dict[int, tuple[MatmulConfig, MatmulConfig]] = {
     9: (MatmulConfig(64, 64, 32, num_warps=4), MatmulConfig(128, 128, 128, num_warps=8, num_stages=3)),
 }
 # Decode: 16-row tile (tl.dot's minimum), 64 columns of W x 128 of K (two 64-element scale blocks, 32 packed bytes
-# per thread) per step. One stage: latency is hidden by occupancy (72-96 registers). With the code table looked up
-# by warp shuffles, instructions per weight element as launched at M = 1 (perf static, sm_90 / sm_80): 6.1 / 6.2
-# under triton 3.9, 5.0 / 6.2 under 3.6 (sm_90 with the interleaved layout; 7.1 and 6.2 before); at 64 x 64: 7.9 /
-# 6.7 (3.9), 7.7 / 6.7 (3.6, and 8 bytes of spill on sm_90); the gather-load lookup before, 64 x 64: 11.2 / 10.1
-# (3.9), 13.9 / 11.8 (3.6).
+# per thread) per step. One stage: latency is hidden by occupancy (94-96 registers). Instructions per weight element
+# as launched at M = 1 (perf static, sm_90 / sm_80), bf16: with the word decode 4.88 / 5.78 under triton 3.9, 4.67 /
+# 6.08 under 3.6; with a byte's codes looked up by warp shuffles before, 6.1 / 6.2 (3.9) and 5.0 / 6.2 (3.6; sm_90
+# with the interleaved layout, 7.1 and 6.2 without); at 64 x 64: 7.9 / 6.7 (3.9), 7.7 / 6.7 (3.6, and 8 bytes of
+# spill on sm_90); the gather-load lookup before that, 64 x 64: 11.2 / 10.1 (3.9), 13.9 / 11.8 (3.6). Wider tiles
+# gain little with the word decode (16 x 64 x 256: 4.65 on sm_90 under 3.9 at 149 registers).
 SMALL_M_CONFIG = MatmulConfig(16, 64, 128, group_m=1, num_warps=4, num_stages=1, path="gemv")
 # Row tiles of the GEMV: 16 (tl.dot's minimum) up to 16 rows, 32 up to SMALL_M. W is decoded once per program
 # either way; at 32 rows the launch keeps its split over K (4x the programs of the fused kernel's 64-row tiles at
@@ -1022,7 +1183,7 @@ def _launch_gemv(x, weight: _Weight, lora_a, lora_b, bias, keep, scaling, p, con
             m, n, k, r, weight.offset, k_per_split, cdiv(k, 32),
             x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1),
             BLOCKSIZE=weight.blocksize, DOUBLE_QUANT=weight.double_quant, NESTED_BLOCKSIZE=NESTED_BLOCKSIZE,
-            INDEX_64=weight.index_64, HAS_DROPOUT=keep is not None,
+            INDEX_64=weight.index_64, HAS_DROPOUT=keep is not None, EVEN_K=k % block_k == 0,
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=block_k,
             BLOCK_R=block_r, num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=False)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -1277,8 +1438,8 @@ def compile_specs() -> list[KernelSpec]:
         cfg = gemv_config(m)
         block_m = cfg.block_m
         consts = dict(BLOCKSIZE=64, DOUBLE_QUANT=True, NESTED_BLOCKSIZE=NESTED_BLOCKSIZE, INDEX_64=False,
-                      HAS_DROPOUT=True, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=16,
-                      stride_xk=1, stride_ak=1)
+                      HAS_DROPOUT=True, EVEN_K=True, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                      BLOCK_R=16, stride_xk=1, stride_ak=1)
         sig = _signature(_nf4_gemv_kernel, {**_WEIGHT_TYPES, "x_ptr": f"*{dt}", "a_ptr": f"*{dt}",
                                             "bits_ptr": "*i32", "ws_ptr": "*fp32", "u_ws_ptr": "*fp32"}, consts)
         # The launch it stands for, as _launch_gemv makes it: M rows of a contiguous x (M = 1 specializes to a

@@ -23,6 +23,7 @@ from qlora.kernels import linear as K
 from qlora.kernels import lora as KL
 from qlora.layers import QLoRALinear
 from qlora.nf4 import NF4Weight, quantize_nf4
+from qlora.reference.codebook import normal_float_codebook
 from qlora.reference.linear import qlora_linear_backward, qlora_linear_forward
 
 from helpers import interpreted_launches
@@ -165,7 +166,7 @@ def test_tiled_paths_with_small_tiles_match_oracle(case, path, group_m):
     _run_path(case, K.MatmulConfig(16, 16, 16, group_m=group_m, path=path))
 
 
-@pytest.mark.parametrize("layout", ["words", "split", "interleave"])
+@pytest.mark.parametrize("layout", ["words", "word_pairs", "split", "interleave"])
 @pytest.mark.parametrize("block_n, block_k", [(16, 16), (64, 128)], ids=["below_a_block", "several_blocks"])
 @examples(6)
 @given(case=layer_cases(), blocks=st.integers(1, 5), group_m=st.sampled_from([1, 2]))
@@ -174,8 +175,9 @@ def test_interpreter_pair_decode_with_small_tiles_matches_oracle(layout, block_n
     GEMM's K loop (``PAIRS``), here with small tiles so that programs and K steps are many, and with tiles smaller
     than a scale block (16) or holding several (64 or 128 against blocksizes 32 to 128), every edge masked;
     forward and dx through the default launchers (no config), no dequantize launch. Every layout of the decoded
-    tile: the interpreter's int32 words, the even/odd split of a byte's two values (sm_80's, AMD's) and their
-    interleaving (sm_90's, ``INTERLEAVE``)."""
+    tile: the interpreter's uint32 words, NVIDIA's word pairs (``WORD_PAIRS``: the tile assembled from column
+    pairs as the GPUs' inline assembly returns them), the even/odd split of a byte's two values (AMD's) and their
+    interleaving (``INTERLEAVE``)."""
     from unittest import mock
 
     import triton.language as tl
@@ -230,10 +232,15 @@ def test_dx_launch_computes_the_lora_gradients_when_one_row_tile_holds_every_row
                           dtype)
 
 
-@pytest.mark.parametrize("m, k", [(3, 128), (40, 128), (40, 96)], ids=["gemv", "fused", "dequant"])
-def test_64_bit_indexing_gives_the_same_bits(monkeypatch, m, k):
+@pytest.mark.parametrize("m, k, layout", [(3, 128, "words"), (40, 128, "words"), (40, 128, "word_pairs"),
+                                          (40, 96, "words")], ids=["gemv", "fused", "fused_word_pairs", "dequant"])
+def test_64_bit_indexing_gives_the_same_bits(monkeypatch, m, k, layout):
     """A W of 2^31 or more elements is indexed in int64 (``INDEX_64``); forced on a small W, every path (the decode
-    GEMV, the fused kernel's word decode, the dequantize-then-GEMM path) gives the bits of int32 indexing."""
+    GEMV, the fused kernel's word decodes, the interpreter's and the GPUs', the dequantize-then-GEMM path) gives
+    the bits of int32 indexing."""
+    import triton.language as tl
+
+    monkeypatch.setattr(K, "PAIR_LAYOUT_UNDER_INTERPRETER", tl.constexpr(layout))
     gen = torch.Generator().manual_seed(11)
     weight = quantize_nf4(_randn(gen, (24, k), torch.bfloat16))
     kw = _weight_kwargs(weight)
@@ -254,6 +261,35 @@ def test_64_bit_indexing_gives_the_same_bits(monkeypatch, m, k):
     monkeypatch.setattr(K._Weight, "__init__", init_64)
     got = run()
     assert all((w is None and g is None) or torch.equal(w, g) for w, g in zip(want, got))
+
+
+@pytest.mark.parametrize("layout", ["words", "split", "interleave"])
+def test_gemv_reads_no_scale_past_the_weight(monkeypatch, layout):
+    """A K step longer than K's rest (K = 192, BLOCK_K = 128) covers scale sub-blocks past the row; for the last
+    row they would index past the scales. The weight's scale tensors here are views whose storage continues with
+    NaN-making bytes (absmax code 255, absmax2 NaN): a read past either would turn y into NaN (0 * NaN in the
+    dot). 256 rows x 3 blocks = 768 = 3 x 256 blocks, so the first index past the end of absmax2 is one past it."""
+    import triton.language as tl
+
+    gen = torch.Generator().manual_seed(5)
+    weight = quantize_nf4(_randn(gen, (256, 192), torch.bfloat16))
+    x = _randn(gen, (2, 192), torch.bfloat16)
+    monkeypatch.setattr(K, "PAIR_LAYOUT_UNDER_INTERPRETER", tl.constexpr(layout))
+
+    def forward(**kw):
+        y, _ = K.nf4_lora_forward(x, lora_a=torch.zeros(4, 192, dtype=torch.bfloat16),
+                                  lora_b=torch.zeros(256, 4, dtype=torch.bfloat16), scaling=1.0,
+                                  config=K.MatmulConfig(16, 64, 128, path="gemv"), **kw)
+        return y
+
+    def bait(t, value):
+        return torch.cat([t, torch.full((64,), value, dtype=t.dtype)])[: t.numel()]
+
+    want = forward(**_weight_kwargs(weight))
+    y = forward(**{**_weight_kwargs(weight), "absmax": bait(weight.absmax, 255),
+                   "absmax2": bait(weight.absmax2, float("nan"))})
+    assert torch.isfinite(y).all()
+    assert torch.equal(y, want)
 
 
 @st.composite
@@ -281,17 +317,84 @@ def _gemv_rows(case) -> int:
     return K.gemv_config(case["lead"][0]).block_m
 
 
+@pytest.mark.parametrize("layout", ["split", "interleave"])
 @examples(4)
 @given(case=decode_cases(), split_k=st.sampled_from([1, 2]), block_k=st.sampled_from([32, 128]))
-def test_gemv_interleaved_layout_matches_oracle(case, split_k, block_k):
-    """The decode kernel as sm_90 runs it (``INTERLEAVE``: a byte's two values interleaved into W's column order,
-    W the MMA's first operand, y^T accumulated), run here under the interpreter."""
+def test_gemv_byte_layouts_match_oracle(layout, case, split_k, block_k):
+    """The decode kernel's byte-at-a-time decode, run here under the interpreter: as AMD GPUs and sm_80 in float32
+    run it ("split": x split into its even and odd columns) and as sm_90 in float32 (``INTERLEAVE``: a byte's two
+    values interleaved into W's column order, W the MMA's first operand, y^T accumulated). The default layout
+    (``test_gemv_path_matches_oracle``) is NVIDIA's word decode."""
     from unittest import mock
 
     import triton.language as tl
 
-    with mock.patch.object(K, "PAIR_LAYOUT_UNDER_INTERPRETER", tl.constexpr("interleave")):
+    with mock.patch.object(K, "PAIR_LAYOUT_UNDER_INTERPRETER", tl.constexpr(layout)):
         _run_path(case, K.MatmulConfig(_gemv_rows(case), 16, block_k, split_k=split_k, path="gemv"))
+
+
+def _run_word_decode_asm(asm: str, word: int, scale: np.float32, code: np.ndarray, dtype: torch.dtype) -> list[int]:
+    """Executes ``_word_decode_asm``'s PTX for one word on a CPU: the four output registers ($0-$3) as 32-bit ints.
+    Inputs as the kernel passes them (pack=2 over two copies): $4 = $5 the word, $6 = $7 its scale, $8 = $9 the
+    lane table, whose copy in warp lane L is code[L % 16] (_lane_code_table). Knows only the instructions the
+    block uses; any other one fails the test."""
+    regs = {"$4": word, "$5": word, "$6": scale, "$7": scale}
+    out = [None] * 4
+
+    def value(name):
+        return int(name, 0) if name[0].isdigit() else regs[name]
+
+    def to_16(x):
+        return int(torch.tensor([x], dtype=torch.float32).to(dtype).view(torch.int16).item()) & 0xFFFF
+
+    for instr in (i.strip() for i in asm.replace("{", ";").replace("}", ";").split(";")):
+        if not instr or instr.startswith(".reg"):
+            continue
+        op, args = instr.split(None, 1)
+        args = [a.strip() for a in args.split(",")]
+        if op == "shr.b32":
+            result = (value(args[1]) & 0xFFFFFFFF) >> value(args[2])
+        elif op == "mov.b32":
+            result = value(args[1])
+        elif op == "shfl.sync.idx.b32":
+            assert args[1] in ("$8", "$9") and args[3:] == ["0x1f", "0xffffffff"], instr
+            result = np.float32(code[(value(args[2]) & 31) % 16])  # lane (index & 31) holds code[lane % 16]
+        elif op == "mul.rn.f32":
+            result = np.float32(value(args[1])) * np.float32(value(args[2]))
+        elif op in ("cvt.rn.bf16x2.f32", "cvt.rn.f16x2.f32"):
+            # d = {hi: a, lo: b}, each rounded to nearest even
+            result = (to_16(value(args[1])) << 16) | to_16(value(args[2]))
+        else:
+            raise AssertionError(f"instruction not emulated: {instr}")
+        if args[0].startswith("$"):
+            out[int(args[0][1:])] = result
+        else:
+            regs[args[0]] = result
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@examples(20)
+@given(word=st.integers(0, 2**32 - 1), scale_bits=st.integers(0x30000000, 0x48000000))
+def test_word_decode_assembly_computes_the_column_pairs(dtype, word, scale_bits):
+    """The GPUs' word decode (``_word_tile`` on NVIDIA, 16-bit compute dtypes) is inline PTX that no CPU test runs:
+    executed here instruction by instruction, output k of a word holds its columns 2k (low half) and 2k + 1
+    (high half), each ``round(code[nibble] * scale)`` in the compute dtype, with column e's nibble the high one of
+    byte e // 2 for even e, the low one for odd e (the packing of ``quantize_4bit``)."""
+    asm = (K._WORD_DECODE_BF16 if dtype == torch.bfloat16 else K._WORD_DECODE_F16).value
+    # Scales as float32 bit patterns (about 5e-10 to 1.3e5), not st.floats: Hypothesis refuses floats once a
+    # library has set the CPU's flush-to-zero mode.
+    scale = np.array([scale_bits], dtype=np.uint32).view(np.float32)[0]
+    code = normal_float_codebook().astype(np.float32)
+    got = _run_word_decode_asm(asm, word, scale, code, dtype)
+
+    def column(e):
+        byte = (word >> (8 * (e // 2))) & 0xFF
+        q = byte >> 4 if e % 2 == 0 else byte & 15
+        v = torch.tensor([code[q] * scale], dtype=torch.float32).to(dtype)
+        return int(v.view(torch.int16).item()) & 0xFFFF
+
+    assert got == [column(2 * k) | (column(2 * k + 1) << 16) for k in range(4)]
 
 
 def test_default_dispatch(monkeypatch):
