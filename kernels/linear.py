@@ -11,8 +11,9 @@ GPU K must be a multiple of the blocksize for the first two):
   and its dx launch also computes the LoRA and bias gradients when one row tile holds every row), the LoRA term and
   bias in its epilogue;
 - ``"dequant"`` (otherwise): W dequantized into a buffer, then the same GEMM on the dense W.
-LoRA helpers and the bit-packed dropout mask are in :mod:`.lora`. Launch counts, the choice of paths and the
-dropout scheme: docs/DESIGN.md, "Fused linear layer"; static figures: perf/README.md.
+LoRA helpers and the bit-packed dropout mask are in :mod:`.lora` (the backward's g = dy B with dB in one pass over
+dy up to ``DOWN_GRAD_MAX_M`` rows: ``lora_down_grad``). Launch counts, the choice of paths and the dropout scheme:
+docs/DESIGN.md, "Fused linear layer"; static figures: perf/README.md.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from ._static import KernelSpec
 from ._tl import INTERPRETER, block_scale, dot, grouped_tile, interpreted_directly, keep_tile, load_tile, round_to
 from .lora import (LORA_BLOCK_RS, SPLIT_CHOICES, check_scalar, lora_block_r, lora_down, lora_dropout_bits,
                    lora_dropout_mask, lora_grad, num_sms, pow2_clamp, seed_tensor, keep_bits, split_count,
-                   launch_lora_down, launch_lora_grad, down_accumulate)
+                   launch_lora_down, launch_lora_grad, down_accumulate, DOWN_GRAD_MAX_M, launch_lora_down_grad)
 from .quantize import launch_dequantize_4bit, unpack_4bit
 
 NESTED_BLOCKSIZE = 256
@@ -1329,10 +1330,6 @@ def _backward(dy, x, u, weight: _Weight, lora_a, lora_b, scaling: float, p: floa
         config = None  # the decode path is forward-only; dx takes the default
     plan = _matmul_plan(m, k, n, weight, config, dx=True) if need_dx and m else None
     fold = plan is not None and _folds_down(plan[0], r, False)
-    if fold:  # g = dy @ B computed by the dx launch, in its K loop over N
-        g = torch.empty((m, r), dtype=torch.float32, device=x.device)
-    else:
-        g = launch_lora_down(dy, lora_b, 0.0, None) if (need_dx or need_lora) else None  # float32 (M, R)
     lora_scale = scaling / (1.0 - p)
     if need_lora:
         d_a = torch.empty((r, k), dtype=x.dtype, device=x.device)
@@ -1342,6 +1339,14 @@ def _backward(dy, x, u, weight: _Weight, lora_a, lora_b, scaling: float, p: floa
     # Under the interpreter the dx launch that folds g also computes dA, dB and the bias gradient when one row tile
     # holds all M rows (its programs then see every row of dy and x): dy and x pass through the interpreter once.
     fold_grads = fold and need_lora and m <= plan[1].block_m
+    # Else, up to DOWN_GRAD_MAX_M rows and one rank tile, g and dB (with the bias gradient) share one pass over dy.
+    down_grad = not fold and need_lora and m <= DOWN_GRAD_MAX_M and r <= lora_block_r(r)
+    if fold:  # g = dy @ B computed by the dx launch, in its K loop over N
+        g = torch.empty((m, r), dtype=torch.float32, device=x.device)
+    elif down_grad:
+        g = launch_lora_down_grad(dy, lora_b, u, d_b.t(), scaling, d_bias)
+    else:
+        g = launch_lora_down(dy, lora_b, 0.0, None) if (need_dx or need_lora) else None  # float32 (M, R)
     if need_dx:
         dx = torch.empty((m, k), dtype=x.dtype, device=x.device)
         if m:
@@ -1351,7 +1356,7 @@ def _backward(dy, x, u, weight: _Weight, lora_a, lora_b, scaling: float, p: floa
                            (x, u, d_a, d_b, d_bias, scaling) if fold_grads else None)
     if need_lora and not fold_grads:
         launch_lora_grad(g, x, d_a, lora_scale, None, p, keep)
-    if (need_lora or need_bias) and not fold_grads:
+    if (need_lora or need_bias) and not fold_grads and not down_grad:
         launch_lora_grad(u, dy, d_b.t(), scaling, d_bias, 0.0, None)
     if not need_lora:
         d_b = None

@@ -3,6 +3,8 @@
 - ``lora_down``: ``u = dropout(x) @ A^T`` / ``g = dy @ B`` (M, R) in float32, tiled over M and split over the
   reduction D (partials summed by ``_sum_splits_kernel``) so that no shape runs on one program.
 - ``lora_grad``: ``dA = scale * g^T @ dropout(x)``, ``dB^T = scaling * u^T @ dy`` (+ ``dbias``).
+- ``lora_down_grad``: ``g = dy @ B`` and ``dB^T`` (+ ``dbias``) in one pass over dy, for the backward at up to
+  ``DOWN_GRAD_MAX_M`` rows (g split over dy's column tiles, partials summed by ``_sum_splits_kernel``).
 - ``lora_dropout_bits``: the bit-packed keep mask of an (M, K) input (int32 (M, ceil(K / 32)), bit j of word w of
   row m is column 32 w + j), four mask bits per Philox ``randint4x`` call; :func:`lora_dropout_mask` expands it.
   The counter scheme and threshold: docs/DESIGN.md, "Fused linear layer".
@@ -26,6 +28,13 @@ from ._tl import dot, interpreted_directly, keep_tile, load_tile, round_to
 
 LORA_BLOCK_RS = (16, 32, 64)  # LoRA rank tile on a GPU; larger ranks loop over it
 GPU_DOWN_BLOCK_D = 64
+# g = dy B together with dB = dy^T u (one pass over dy, _lora_down_grad_kernel) up to this many rows: the float32
+# partials of g (one (M, R) slice per column tile of dy, written and read back, and u read by every tile) then
+# cost no more bytes than the second read of dy and lora_down's own partials they replace (perf/roofline.py, H200
+# backward at K = N = 4096, r = 16: 6.21 / 6.30 / 6.59 us at M = 1 / 16 / 64 either way, one launch fewer). With
+# 32-column tiles (128 programs) the partials cost more (6.75 us at M = 64); above 64 rows they outgrow dy's read.
+DOWN_GRAD_MAX_M = 64
+GPU_DOWN_GRAD_BLOCK_C = 64  # columns of dy per program: 64 programs at N = 4096
 GPU_GRAD_BLOCK = dict(BLOCK_M=32, BLOCK_C=64)  # 64 x 64 spills 8-24 bytes under triton 3.6
 BITS_BLOCK = dict(BLOCK_M=16, BLOCK_W=16)
 INTERPRETER_BITS_WORDS = 8192  # mask words per program of the dropout kernel under the interpreter
@@ -178,6 +187,50 @@ def _lora_grad_kernel(
 # --------------------------------------------------------------------------------------------------------------
 # Launch helpers
 # --------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _lora_down_grad_kernel(
+    # pointers
+    dy_ptr, b_ptr, u_ptr, ws_ptr, out_ptr, colsum_ptr,
+    # sizes
+    M, N, R, out_scale,
+    # strides
+    stride_ym, stride_yn, stride_bn, stride_br, stride_or, stride_oc,
+    # meta-parameters
+    HAS_COLSUM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Column tile c of dy (M, N), R <= BLOCK_R: ws[c] (M, R) float32 = dy[:, c] @ B[c, :] (split c of
+    g = dy B, summed by :func:`sum_splits`), out[:, c] = out_scale * round(u)^T dy[:, c] (dB^T: out at
+    ``j * stride_or + n * stride_oc``, dy's dtype, as :func:`lora_grad` computes it) and colsum[c] = sum_m dy[m, c].
+
+    dy and B (N, R) in the compute dtype, any strides; u (M, R) float32 contiguous. Each dy tile is loaded once
+    for both products."""
+    pid_c = tl.program_id(0)
+    compute_dtype = dy_ptr.dtype.element_ty
+    offs_c = pid_c.to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_c = offs_c < N
+    mask_r = offs_r < R
+    b = load_tile(b_ptr, offs_c, offs_r, stride_bn, stride_br, mask_c, mask_r)
+    # tl.full rather than tl.zeros: see _lora_down_kernel
+    acc = tl.full((BLOCK_R, BLOCK_C), 0.0, tl.float32)
+    colsum = tl.full((BLOCK_C,), 0.0, tl.float32)
+    ws = ws_ptr + pid_c.to(tl.int64) * M * R
+    for m0 in range(0, M, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
+        mask_m = offs_m < M
+        dy = load_tile(dy_ptr, offs_m, offs_c, stride_ym, stride_yn, mask_m, mask_c)
+        g = dot(dy, b, tl.full((BLOCK_M, BLOCK_R), 0.0, tl.float32))
+        tl.store(ws + offs_m[:, None] * R + offs_r[None, :], g, mask=mask_m[:, None] & mask_r[None, :])
+        u_t = round_to(load_tile(u_ptr, offs_r, offs_m, 1, R, mask_r, mask_m), compute_dtype)
+        acc = dot(u_t, dy, acc)
+        if HAS_COLSUM:
+            colsum += tl.sum(dy.to(tl.float32), axis=0)
+    out = out_ptr + offs_r[:, None] * stride_or + offs_c[None, :] * stride_oc
+    tl.store(out, round_to(acc * out_scale, out_ptr.dtype.element_ty), mask=mask_r[:, None] & mask_c[None, :])
+    if HAS_COLSUM:
+        tl.store(colsum_ptr + offs_c, round_to(colsum, colsum_ptr.dtype.element_ty), mask=mask_c)
 
 
 def pow2_clamp(n: int, lo: int, hi: int) -> int:
@@ -457,6 +510,67 @@ def launch_lora_grad(left: torch.Tensor, right: torch.Tensor, out: torch.Tensor,
     )
 
 
+def lora_down_grad(dy: torch.Tensor, b: torch.Tensor, u: torch.Tensor, out: torch.Tensor, *, scale: float,
+                   colsum: torch.Tensor | None = None) -> torch.Tensor:
+    """``g = dy @ b`` as float32 (M, R), and in the same pass over dy ``out[j, n] = scale * sum_m round(u)[m, j] *
+    dy[m, n]`` written into ``out`` (R, N) (any strides, dy's dtype; ``dB.T`` in the layer's backward) and with
+    ``colsum`` (N,) ``colsum[n] = sum_m dy[m, n]``: :func:`lora_down` ``(dy, b)`` and :func:`lora_grad`
+    ``(u, dy, out, colsum)`` in one launch (plus :func:`sum_splits` when dy has more than one column tile).
+
+    dy (M, N) and b (N, R) in one float dtype, any strides; u (M, R) float32 contiguous; R at most one rank tile
+    (:func:`lora_block_r`) and M at most ``DOWN_GRAD_MAX_M``, where the split of g over dy's column tiles costs less
+    than reading dy twice."""
+    check_tensor("dy", dy, FLOAT_DTYPES, ndim=2)
+    check_tensor("b", b, (dy.dtype,), ndim=2)
+    check_tensor("u", u, (torch.float32,), ndim=2)
+    check_tensor("out", out, (dy.dtype,), ndim=2)
+    check_same_device(dy=dy, b=b, u=u, out=out, colsum=colsum)
+    m, n = dy.shape
+    r = b.shape[1]
+    if b.shape[0] != n or tuple(u.shape) != (m, r) or tuple(out.shape) != (r, n):
+        raise ValueError(f"dy {tuple(dy.shape)}, b {tuple(b.shape)}, u {tuple(u.shape)} and out "
+                         f"{tuple(out.shape)} disagree: want b ({n}, R), u ({m}, R), out (R, {n})")
+    if not u.is_contiguous():
+        raise ValueError("u must be contiguous")
+    if m > DOWN_GRAD_MAX_M or r > lora_block_r(r):
+        raise ValueError(f"lora_down_grad takes at most {DOWN_GRAD_MAX_M} rows and one rank tile "
+                         f"({lora_block_r(r)}), got M = {m}, R = {r}: use lora_down and lora_grad")
+    if colsum is not None:
+        check_tensor("colsum", colsum, (dy.dtype,), ndim=1)
+        if colsum.numel() != n or not colsum.is_contiguous():
+            raise ValueError(f"colsum must be contiguous of shape ({n},), got {tuple(colsum.shape)}")
+    return launch_lora_down_grad(dy, b, u, out, check_scalar("scale", scale), colsum)
+
+
+def launch_lora_down_grad(dy: torch.Tensor, b: torch.Tensor, u: torch.Tensor, out: torch.Tensor, scale: float,
+                          colsum: torch.Tensor | None) -> torch.Tensor:
+    """:func:`lora_down_grad` without its argument checks, for launchers that have checked them."""
+    m, n = dy.shape
+    r = b.shape[1]
+    g = torch.empty((m, r), dtype=torch.float32, device=dy.device)
+    if m == 0 or n == 0 or r == 0:
+        g.zero_()
+        out.zero_()
+        if colsum is not None:
+            colsum.zero_()
+        return g
+    block_r = lora_block_r(r)
+    if interpreter_active():
+        meta, launch = dict(BLOCK_M=pow2_clamp(m, 16, DOWN_GRAD_MAX_M), BLOCK_C=pow2_clamp(n, 16, 512)), {}
+    else:
+        meta, launch = dict(BLOCK_M=DOWN_GRAD_MAX_M, BLOCK_C=GPU_DOWN_GRAD_BLOCK_C), dict(num_warps=4)
+    tiles = cdiv(n, meta["BLOCK_C"])
+    ws = g if tiles == 1 else torch.empty((tiles, m, r), dtype=torch.float32, device=dy.device)
+    _lora_down_grad_kernel[(tiles,)](
+        dy, b, u, ws, out, out if colsum is None else colsum, m, n, r, float(scale),
+        dy.stride(0), dy.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
+        HAS_COLSUM=colsum is not None, BLOCK_R=block_r, **meta, **launch,
+    )
+    if tiles > 1:
+        sum_splits(ws, g)
+    return g
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Static compile specifications: derived from the launch constants above
 # --------------------------------------------------------------------------------------------------------------
@@ -488,6 +602,16 @@ def compile_specs(dt: str = "bf16") -> list[KernelSpec]:
                  "stride_rm": "i32", "stride_rc": "i32", "stride_or": "i32", "stride_oc": "i32"}
         specs.append(KernelSpec(f"lora_grad_r{block_r}", _lora_grad_kernel,
                                 _signature(_lora_grad_kernel, types, consts), consts, dict(num_warps=4, num_stages=3)))
+        if block_r <= 64:
+            # g and dB of the backward at <= DOWN_GRAD_MAX_M rows: dy (M, N) contiguous, B (N, R) and dB^T views.
+            consts = dict(HAS_COLSUM=True, BLOCK_M=DOWN_GRAD_MAX_M, BLOCK_R=block_r, BLOCK_C=GPU_DOWN_GRAD_BLOCK_C,
+                          stride_yn=1)
+            types = {"dy_ptr": f"*{dt}", "b_ptr": f"*{dt}", "u_ptr": "*fp32", "ws_ptr": "*fp32", "out_ptr": f"*{dt}",
+                     "colsum_ptr": f"*{dt}", "M": "i32", "N": "i32", "R": "i32", "out_scale": "fp32",
+                     "stride_ym": "i32", "stride_yn": "i32", "stride_bn": "i32", "stride_br": "i32",
+                     "stride_or": "i32", "stride_oc": "i32"}
+            specs.append(KernelSpec(f"lora_down_grad_r{block_r}", _lora_down_grad_kernel,
+                                    _signature(_lora_down_grad_kernel, types, consts), consts, dict(num_warps=4)))
     for out_dt in ("fp32", dt):
         consts = dict(BLOCK=REDUCE_BLOCK)
         types = {"ws_ptr": "*fp32", "out_ptr": f"*{out_dt}", "numel": "i32", "num_splits": "i32", "scale": "fp32"}
@@ -501,4 +625,5 @@ def compile_specs(dt: str = "bf16") -> list[KernelSpec]:
     return specs
 
 
-__all__ = ["lora_down", "lora_grad", "lora_dropout_bits", "lora_dropout_mask", "compile_specs"]
+__all__ = ["lora_down", "lora_grad", "lora_down_grad", "lora_dropout_bits", "lora_dropout_mask",
+           "compile_specs"]

@@ -484,6 +484,8 @@ GPU_SMS = 132  # the H100/H200 SXM the launch plans below are computed for (perf
 GEMV_BLOCK_N, GEMV_BLOCK_K = 64, 128  # SMALL_M_CONFIG
 SPLIT_CHOICES = (1, 2, 4, 8, 16, 32)  # kernels/lora.py SPLIT_CHOICES (also the GEMV's split-K choices)
 DOWN_BLOCK_D = 64  # kernels/lora.py GPU_DOWN_BLOCK_D
+DOWN_GRAD_MAX_M = 64  # kernels/lora.py DOWN_GRAD_MAX_M: g and dB share one launch up to this many rows
+DOWN_GRAD_BLOCK_C = 64  # kernels/lora.py GPU_DOWN_GRAD_BLOCK_C: columns of dy per program of that launch
 
 
 def default_path(m: int, k: int, blocksize: int = NF4_BLOCKSIZE, target: str = DEFAULT_TARGET) -> str:
@@ -581,6 +583,24 @@ def _lora_down_ops(label: str, m: int, d: int, r: int, e: int) -> list[Op]:
     return ops
 
 
+def _lora_down_grad_ops(m: int, n: int, r: int, e: int) -> list[Op]:
+    """``lora_down_grad`` (kernels/lora.py: each program reads its columns of dy and B and all of u, writes a float32
+    (m, r) partial of g and its columns of dB) and ``sum_splits`` over the partials when dy has several column
+    tiles."""
+    tiles = _cdiv(n, DOWN_GRAD_BLOCK_C)
+    ops = [Op(f"lora_down_grad g = dy B, dB = dy^T u ({tiles} column tiles)",
+              e * m * n + e * n * r + 4 * tiles * m * r + 4 * tiles * m * r + e * n * r, 4 * m * n * r, TENSOR_BF16)]
+    if tiles > 1:
+        ops.append(Op(f"sum_splits ({tiles} partials)", 4 * tiles * m * r + 4 * m * r, tiles * m * r, FP32_SIMT))
+    return ops
+
+
+def down_grad_fused(m: int, r: int) -> bool:
+    """Whether the backward computes g and dB in one pass over dy (kernels/linear.py ``_backward``: at most
+    ``DOWN_GRAD_MAX_M`` rows and one rank tile)."""
+    return m <= DOWN_GRAD_MAX_M and r <= max(16, min(64, 1 << (r - 1).bit_length()))
+
+
 def nf4_forward_launches(m: int, k: int, n: int, r: int, path: str, dtype: str = "bf16",
                          blocksize: int = NF4_BLOCKSIZE, triton: str | None = None) -> tuple[Op, ...]:
     """The launches of this suite's forward ``y = x W^T + s (x A^T) B^T`` (no bias, no dropout) on NF4 ``path``
@@ -622,11 +642,13 @@ def nf4_backward_launches(m: int, k: int, n: int, r: int, path: str, dtype: str 
     """The launches of this suite's backward (W frozen, no dropout, no bias gradient) after a forward on NF4
     ``path``: ``g = dy B``; ``dx = dy W + s g A`` (path "fused": W dequantized in the dx kernel's loop; "gemv" and
     "dequant": dequantize W again, then the dense dx GEMM, as kernels/linear.py does); ``dA = s g^T x``;
-    ``dB = s dy^T u``. FLOPs ``2mnk + 4mnr + 4mkr`` (plus the dequantize pass)."""
+    ``dB = s dy^T u`` (with g in one launch up to ``DOWN_GRAD_MAX_M`` rows). FLOPs ``2mnk + 4mnr + 4mkr`` (plus
+    the dequantize pass)."""
     e = _linear_args(m, k, n, r, dtype, blocksize)
     _check_path(path)
     _, builds = static_builds(triton)
-    ops = _lora_down_ops("lora_down g = dy B", m, n, r, e)
+    fused_db = down_grad_fused(m, r)
+    ops = _lora_down_grad_ops(m, n, r, e) if fused_db else _lora_down_ops("lora_down g = dy B", m, n, r, e)
     if path == "fused":
         ops.append(Op("matmul_lora dx (W dequantized in the K loop)",
                       e * m * n + nf4_storage_bytes(n * k, blocksize) + 4 * m * r + e * r * k + e * m * k,
@@ -639,10 +661,9 @@ def nf4_backward_launches(m: int, k: int, n: int, r: int, path: str, dtype: str 
         ops.append(Op("matmul_lora dx = dy W + s g A", e * m * n + e * n * k + 4 * m * r + e * r * k + e * m * k,
                       2 * m * n * k + 2 * m * k * r, TENSOR_BF16, tiled_issue(builds, DENSE_DX_BUILD, m, k, n),
                       programs=grid_programs(builds, DENSE_DX_BUILD, m, k)))
-    ops += [
-        Op("lora_grad dA = g^T x", 4 * m * r + e * m * k + e * r * k, 2 * m * k * r, TENSOR_BF16),
-        Op("lora_grad dB = dy^T u", 4 * m * r + e * m * n + e * n * r, 2 * m * n * r, TENSOR_BF16),
-    ]
+    ops.append(Op("lora_grad dA = g^T x", 4 * m * r + e * m * k + e * r * k, 2 * m * k * r, TENSOR_BF16))
+    if not fused_db:
+        ops.append(Op("lora_grad dB = dy^T u", 4 * m * r + e * m * n + e * n * r, 2 * m * n * r, TENSOR_BF16))
     return tuple(ops)
 
 
@@ -737,10 +758,14 @@ def lora_backward(m: int, k: int, n: int, r: int, approach: str = "qlora_default
               "in its K loop")
         return Workload(
             name, "lora_bwd", approach, nf4_backward_launches(m, k, n, r, path, dtype, blocksize, triton),
-            f"path {path!r}{' (the default dispatch)' if approach == 'qlora_default' else ''}: g = dy B (reads dy "
-            f"and B, writes g float32; split over N on 132 SMs with a sum_splits launch); {dx}; dA = g^T x (reads g "
-            f"and x); dB = dy^T u (reads dy a third time and u). Issue of the dx launch (and of the dequantize "
-            f"launch) from the static baseline; the LoRA helpers' issue not modelled.",
+            f"path {path!r}{' (the default dispatch)' if approach == 'qlora_default' else ''}: "
+            + ("g = dy B and dB = dy^T u in one launch (reads dy, B and u, writes float32 partials of g per 64 "
+               "columns of dy, summed by a sum_splits launch, and dB)" if down_grad_fused(m, r) else
+               "g = dy B (reads dy and B, writes g float32; split over N on 132 SMs with a sum_splits launch)")
+            + f"; {dx}; dA = g^T x (reads g and x)"
+            + ("" if down_grad_fused(m, r) else "; dB = dy^T u (reads dy a third time and u)")
+            + ". Issue of the dx launch (and of the dequantize launch) from the static baseline; the LoRA helpers' "
+              "issue not modelled.",
             baseline=_linear_name("bwd", m, k, n, r, "dequant_matmul", dtype),
         )
     ops = [] if approach == "dense" else [_dequantize_op(n * k, e, blocksize)]

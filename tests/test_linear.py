@@ -671,6 +671,47 @@ def test_kernel_launchers_reject_bad_inputs(small):
         K.lora_dropout_mask(0, (2, 2), 1.0)
 
 
+@examples(10)
+@given(m=st.integers(0, KL.DOWN_GRAD_MAX_M), n=st.one_of(st.integers(1, 40), st.integers(500, 1100)),
+       r=st.integers(1, 32), dtype=st.sampled_from(DTYPES), with_colsum=st.booleans(), seed=st.integers(0, 2**16))
+def test_lora_down_grad_gives_the_bits_of_lora_down_and_lora_grad(m, n, r, dtype, with_colsum, seed):
+    """The backward's g = dy B and dB = dy^T u in one pass over dy (``lora_down_grad``, up to DOWN_GRAD_MAX_M rows)
+    give the bits of lora_down (g) and lora_grad (dB through a transposed view, the bias gradient as column sums),
+    which the layer tests check against the oracle: the same tiles and roundings. N above the interpreter's 512
+    columns: g summed from its column tiles' partials by sum_splits (the partials add in lora_down's order)."""
+    gen = torch.Generator().manual_seed(seed)
+    dy, b = _randn(gen, (m, n), dtype), _randn(gen, (n, r), dtype)
+    u = torch.randn((m, r), generator=gen)
+    d_b, want_d_b = torch.full((n, r), 7.0, dtype=dtype), torch.full((n, r), 7.0, dtype=dtype)
+    colsum, want_colsum = (torch.full((n,), 7.0, dtype=dtype), torch.full((n,), 7.0, dtype=dtype)) if with_colsum \
+        else (None, None)
+    g = KL.lora_down_grad(dy, b, u, d_b.t(), scale=1.5, colsum=colsum)
+    KL.lora_grad(u, dy, want_d_b.t(), scale=1.5, colsum=want_colsum)
+    assert torch.equal(g, KL.lora_down(dy, b))
+    assert torch.equal(d_b, want_d_b)
+    assert colsum is None or torch.equal(colsum, want_colsum)
+
+
+def test_lora_down_grad_rejects_bad_arguments():
+    dy, b, u, out = torch.zeros(3, 40), torch.zeros(40, 4), torch.zeros(3, 4), torch.zeros(4, 40)
+    with pytest.raises(TypeError, match="b must have dtype in \\(float32\\)"):
+        KL.lora_down_grad(dy, b.bfloat16(), u, out, scale=1.0)
+    with pytest.raises(TypeError, match="u must have dtype in \\(float32\\)"):
+        KL.lora_down_grad(dy, b, u.bfloat16(), out, scale=1.0)
+    with pytest.raises(ValueError, match=r"disagree: want b \(40, R\), u \(3, R\), out \(R, 40\)"):
+        KL.lora_down_grad(dy, b, torch.zeros(3, 5), out, scale=1.0)
+    with pytest.raises(ValueError, match="u must be contiguous"):
+        KL.lora_down_grad(dy, b, torch.zeros(4, 3).T, out, scale=1.0)
+    with pytest.raises(ValueError, match="at most 64 rows and one rank tile"):
+        KL.lora_down_grad(torch.zeros(65, 40), b, torch.zeros(65, 4), out, scale=1.0)
+    with pytest.raises(ValueError, match="at most 64 rows and one rank tile"):
+        KL.lora_down_grad(dy, torch.zeros(40, 33), torch.zeros(3, 33), torch.zeros(33, 40), scale=1.0)
+    with pytest.raises(ValueError, match=r"colsum must be contiguous of shape \(40,\)"):
+        KL.lora_down_grad(dy, b, u, out, scale=1.0, colsum=torch.zeros(41))
+    with pytest.raises(TypeError, match="scale must be a finite Python number"):
+        KL.lora_down_grad(dy, b, u, out, scale=float("nan"))
+
+
 def test_module_rejects_bad_arguments():
     lin = torch.nn.Linear(8, 4)
     with pytest.raises(TypeError, match="linear must be a torch.nn.Linear"):
@@ -798,13 +839,16 @@ def test_seed_tensor_is_never_read_on_the_host(monkeypatch):
     (33, 64, 0.0, ["_matmul_lora_kernel"], 1),
     (36, 64, 0.3, ["_dropout_bits_kernel", "_lora_down_kernel", "_matmul_lora_kernel"], 1),
     (2049, 64, 0.0, ["_matmul_lora_kernel"], 3),  # two row tiles of 2048: dA and dB by lora_grad
-    (40, 48, 0.3, ["_dropout_bits_kernel", "_lora_down_kernel", "_dequantize_4bit_kernel", "_matmul_lora_kernel"], 5),
+    # K not a multiple of the blocksize: W dequantized; up to DOWN_GRAD_MAX_M rows g and dB share one launch
+    (40, 48, 0.3, ["_dropout_bits_kernel", "_lora_down_kernel", "_dequantize_4bit_kernel", "_matmul_lora_kernel"], 4),
+    (65, 48, 0.0, ["_lora_down_kernel", "_dequantize_4bit_kernel", "_matmul_lora_kernel"], 5),
 ])
 def test_launch_counts_per_layer(m, k, p, forward, backward):
     """Launches per layer under the interpreter as the module docstring states them (no split lora_down; W decoded
     in the GEMM's K loop when K is a multiple of the blocksize, with u = x A^T (no dropout) and g = dy B computed
     there too, and dA, dB and the bias gradient when one row tile holds all M rows; else W dequantized into a
-    buffer first); the backward reuses the forward's bit-packed mask: [g, dequantize,] dx[, dA, dB]."""
+    buffer first); the backward reuses the forward's bit-packed mask: [g (with dB and the bias gradient up to
+    DOWN_GRAD_MAX_M rows), dequantize,] dx[, dA[, dB]]."""
     gen = torch.Generator().manual_seed(5)
     weight = quantize_nf4(_randn(gen, (24, k), torch.bfloat16))
     x, a = _randn(gen, (m, k), torch.bfloat16), _randn(gen, (4, k), torch.bfloat16)

@@ -1,7 +1,8 @@
 """Launches per layer forward and backward (perf/launches.py, printed by ``python -m perf roofline``), recorded from
 actual calls of ``qlora_linear`` and its backward under the interpreter, against the counts the module docstring of
 kernels/linear.py states: GEMV path 2 (+1 dropout), dequantize-then-GEMM path 3 (+1 split lora_down, +1 dropout),
-backward 5 (+1 split lora_down); under the interpreter, K a multiple of the blocksize, W is decoded in the GEMM's
+backward 5 (+1 split lora_down), 4 up to DOWN_GRAD_MAX_M (64) rows (g and dB in one launch, +1 when it splits);
+under the interpreter, K a multiple of the blocksize, W is decoded in the GEMM's
 K loop (no dequantize launch), which also computes u (without dropout) and g, and, when one row tile holds every
 row, the LoRA and bias gradients (backward 1 launch, else 3); the dropout mask is generated once per forward +
 backward."""
@@ -24,8 +25,11 @@ GEMV = ["_nf4_gemv_kernel", "_gemv_epilogue_kernel"]
 DEQUANT = ["_lora_down_kernel", "_dequantize_4bit_kernel", "_matmul_lora_kernel"]
 BACKWARD = ["_lora_down_kernel", "_dequantize_4bit_kernel", "_matmul_lora_kernel", "_lora_grad_kernel",
             "_lora_grad_kernel"]
+# Up to DOWN_GRAD_MAX_M rows g = dy B and dB = dy^T u share one pass over dy (kernels/lora.py lora_down_grad).
+SMALL_BACKWARD = ["_lora_down_grad_kernel", "_dequantize_4bit_kernel", "_matmul_lora_kernel", "_lora_grad_kernel"]
 # The GPU plan of the fused path (up to FUSED_MAX_M rows, K a multiple of the blocksize).
 FUSED_BACKWARD = [name for name in BACKWARD if name != "_dequantize_4bit_kernel"]
+SMALL_FUSED_BACKWARD = [name for name in SMALL_BACKWARD if name != "_dequantize_4bit_kernel"]
 # The interpreter's plan when K is a multiple of the blocksize (kernels/linear.py, ``_launch_matmul``,
 # ``_folds_down`` and ``_backward``): the fused GEMM computes u (without dropout) and g in its K loop, and dA, dB and
 # the bias gradient too when one row tile (up to 2048 rows there) holds all M rows.
@@ -37,8 +41,9 @@ INTERPRETED_BACKWARD_ROW_TILES = ["_matmul_lora_kernel", "_lora_grad_kernel", "_
     (1, 64, GEMV, INTERPRETED_BACKWARD),
     (40, 64, None, INTERPRETED_BACKWARD),  # above SMALL_M (32): the fused GEMM
     (2049, 64, None, INTERPRETED_BACKWARD_ROW_TILES),  # two row tiles of 2048: dA and dB by lora_grad
-    (32, 96, DEQUANT, BACKWARD),  # K not a multiple of the blocksize (64): the dequantize-then-GEMM path
-], ids=["gemv", "fused", "fused_row_tiles", "dequant"])
+    (32, 96, DEQUANT, SMALL_BACKWARD),  # K not a multiple of the blocksize (64): the dequantize-then-GEMM path
+    (65, 96, DEQUANT, BACKWARD),  # above DOWN_GRAD_MAX_M: g by lora_down, dB by lora_grad
+], ids=["gemv", "fused", "fused_row_tiles", "dequant", "dequant_above_down_grad"])
 @pytest.mark.parametrize("p", [0.0, 0.3], ids=["no_dropout", "dropout"])
 def test_recorded_launches_of_forward_and_backward(m, k, forward, backward, p):
     """Kernels launched by a real forward + backward (interpreter: no split reductions), in order; with dropout the
@@ -61,13 +66,14 @@ def test_stubbed_recording_counts_what_executes():
 
 
 def test_gpu_plan_adds_the_split_reductions():
-    """As a 132-SM GPU plans a 4096 x 4096 layer: lora_down (u at M > 32, g in every backward) splits its reduction
-    and a _sum_splits_kernel launch follows it; the GEMV path (up to 32 rows) folds u into its own kernels."""
+    """As a 132-SM GPU plans a 4096 x 4096 layer: lora_down (u at M > 32, g above DOWN_GRAD_MAX_M rows) splits its
+    reduction and a _sum_splits_kernel launch follows it, as it follows lora_down_grad (g split over dy's column
+    tiles, with dB) up to DOWN_GRAD_MAX_M rows; the GEMV path (up to 32 rows) folds u into its own kernels."""
     rows = {(r.m, r.dropout_p): r for r in L.report(shapes=[(1, 4096, 4096, 16, 0.0), (1, 4096, 4096, 16, 0.1),
                                                             (32, 4096, 4096, 16, 0.1), (64, 4096, 4096, 16, 0.1),
                                                             (4096, 4096, 4096, 16, 0.0)])}
     # Up to FUSED_MAX_M rows (K a multiple of the blocksize) forward and dx decode W in the GEMM: no dequantize.
-    split_backward = ["_lora_down_kernel", "_sum_splits_kernel", *FUSED_BACKWARD[1:]]
+    split_backward = ["_lora_down_grad_kernel", "_sum_splits_kernel", *SMALL_FUSED_BACKWARD[1:]]
     assert list(rows[1, 0.0].forward) == GEMV and list(rows[1, 0.0].backward) == split_backward
     assert list(rows[1, 0.1].forward) == ["_dropout_bits_kernel", *GEMV]
     assert list(rows[32, 0.1].forward) == ["_dropout_bits_kernel", *GEMV]
@@ -80,6 +86,7 @@ def test_gpu_plan_adds_the_split_reductions():
     assert all(r.plan == "stubbed, GPU plan (132 SMs)" for r in rows.values())
     text = L.format_table(list(rows.values()))
     assert "dropout_bits, nf4_gemv, gemv_epilogue" in text and "lora_grad x2" in text
+    assert "lora_down_grad, sum_splits, matmul_lora, lora_grad" in text
 
 
 def test_gpu_plan_needs_stubbed_kernels():

@@ -140,13 +140,22 @@ def test_dequant_matmul_forward_small_shape_counts():
 
 def test_fused_backward_small_shape_counts():
     m, k, n, r, e = 2, 64, 32, 4, 2
-    g = e * m * n + e * n * r + 4 * m * r  # g = dy B: reads dy, B; writes g float32
+    # M <= DOWN_GRAD_MAX_M: g = dy B and dB = dy^T u in one launch; N = 32 is one column tile, so g is written
+    # whole (no sum_splits): reads dy, B and u; writes g float32 and dB.
+    g_d_b = e * m * n + e * n * r + 4 * m * r + 4 * m * r + e * n * r
     dx = e * m * n + _nf4_bytes(n * k) + 4 * m * r + e * r * k + e * m * k  # reads dy again, W, g, A; writes dx
     d_a = 4 * m * r + e * m * k + e * r * k  # reads g, x; writes dA
-    d_b = 4 * m * r + e * m * n + e * n * r  # reads u, dy a third time; writes dB
+    w = rl.lora_backward(m, k, n, r, "fused")
+    assert [op.bytes for op in w.ops] == [g_d_b, dx, d_a]
+    assert w.flops == 2 * m * n * k + 4 * m * n * r + 4 * m * k * r
+    # Above it, g = dy B alone (reads dy, B; writes g float32) and dB = dy^T u by lora_grad (reads u, dy again).
+    m = rl.DOWN_GRAD_MAX_M + 1
+    g = e * m * n + e * n * r + 4 * m * r
+    dx = e * m * n + _nf4_bytes(n * k) + 4 * m * r + e * r * k + e * m * k
+    d_a = 4 * m * r + e * m * k + e * r * k
+    d_b = 4 * m * r + e * m * n + e * n * r
     w = rl.lora_backward(m, k, n, r, "fused")
     assert [op.bytes for op in w.ops] == [g, dx, d_a, d_b]  # N = 32: g = dy B is not split
-    assert w.flops == 2 * m * n * k + 4 * m * n * r + 4 * m * k * r
     unfused = rl.lora_backward(m, k, n, r, "dequant_matmul")
     assert unfused.flops == w.flops + n * k + 2 * (n * k // 64)
 
@@ -447,7 +456,7 @@ def test_cli_json_runs_without_triton():
 _KERNEL_OF_OP = {"nf4_gemv": "_nf4_gemv_kernel", "gemv_epilogue": "_gemv_epilogue_kernel",
                  "lora_down": "_lora_down_kernel", "sum_splits": "_sum_splits_kernel",
                  "dequantize_nf4": "_dequantize_4bit_kernel", "matmul_lora": "_matmul_lora_kernel",
-                 "lora_grad": "_lora_grad_kernel"}
+                 "lora_grad": "_lora_grad_kernel", "lora_down_grad": "_lora_down_grad_kernel"}
 
 
 @pytest.mark.parametrize("m, k", [(1, 4096), (32, 4096), (64, 4096), (4096, 4096), (4, 4000)])
@@ -471,6 +480,10 @@ def test_launch_constants_and_split_rules_are_the_launchers():
     assert (rl.GEMV_BLOCK_N, rl.GEMV_BLOCK_K) == (cfg.block_n, cfg.block_k)
     assert rl.SPLIT_CHOICES == KL.SPLIT_CHOICES == KLin.SPLIT_K_CHOICES
     assert rl.DOWN_BLOCK_D == KL.GPU_DOWN_BLOCK_D and rl.SMALL_M == KLin.SMALL_M
+    assert (rl.DOWN_GRAD_MAX_M, rl.DOWN_GRAD_BLOCK_C) == (KL.DOWN_GRAD_MAX_M, KL.GPU_DOWN_GRAD_BLOCK_C)
+    with launches._as_gpu(rl.GPU_SMS):  # the rank tile as a GPU takes it (the interpreter's stops at 32)
+        assert all(rl.down_grad_fused(m, r) == (m <= KL.DOWN_GRAD_MAX_M and r <= KL.lora_block_r(r))
+                   for m in (1, 64, 65) for r in (1, 16, 17, 64, 65, 200))
     assert rl.GEMV_BLOCK_MS == KLin.GEMV_BLOCK_MS
     assert all(rl.gemv_block_m(m) == KLin.gemv_config(m).block_m for m in range(1, rl.SMALL_M + 1))
     assert set(rl.NF4_PATHS) == set(KLin.PATHS)
