@@ -518,8 +518,8 @@ def lora_down_grad(dy: torch.Tensor, b: torch.Tensor, u: torch.Tensor, out: torc
     ``(u, dy, out, colsum)`` in one launch (plus :func:`sum_splits` when dy has more than one column tile).
 
     dy (M, N) and b (N, R) in one float dtype, any strides; u (M, R) float32 contiguous; R at most one rank tile
-    (:func:`lora_block_r`) and M at most ``DOWN_GRAD_MAX_M``, where the split of g over dy's column tiles costs less
-    than reading dy twice."""
+    (:func:`lora_block_r`) and M at most ``DOWN_GRAD_MAX_M``, where the split of g over dy's column tiles costs no
+    more bytes than reading dy twice."""
     check_tensor("dy", dy, FLOAT_DTYPES, ndim=2)
     check_tensor("b", b, (dy.dtype,), ndim=2)
     check_tensor("u", u, (torch.float32,), ndim=2)
@@ -602,16 +602,15 @@ def compile_specs(dt: str = "bf16") -> list[KernelSpec]:
                  "stride_rm": "i32", "stride_rc": "i32", "stride_or": "i32", "stride_oc": "i32"}
         specs.append(KernelSpec(f"lora_grad_r{block_r}", _lora_grad_kernel,
                                 _signature(_lora_grad_kernel, types, consts), consts, dict(num_warps=4, num_stages=3)))
-        if block_r <= 64:
-            # g and dB of the backward at <= DOWN_GRAD_MAX_M rows: dy (M, N) contiguous, B (N, R) and dB^T views.
-            consts = dict(HAS_COLSUM=True, BLOCK_M=DOWN_GRAD_MAX_M, BLOCK_R=block_r, BLOCK_C=GPU_DOWN_GRAD_BLOCK_C,
-                          stride_yn=1)
-            types = {"dy_ptr": f"*{dt}", "b_ptr": f"*{dt}", "u_ptr": "*fp32", "ws_ptr": "*fp32", "out_ptr": f"*{dt}",
-                     "colsum_ptr": f"*{dt}", "M": "i32", "N": "i32", "R": "i32", "out_scale": "fp32",
-                     "stride_ym": "i32", "stride_yn": "i32", "stride_bn": "i32", "stride_br": "i32",
-                     "stride_or": "i32", "stride_oc": "i32"}
-            specs.append(KernelSpec(f"lora_down_grad_r{block_r}", _lora_down_grad_kernel,
-                                    _signature(_lora_down_grad_kernel, types, consts), consts, dict(num_warps=4)))
+        # g and dB of the backward at <= DOWN_GRAD_MAX_M rows: dy (M, N) contiguous, B (N, R) and dB^T views.
+        consts = dict(HAS_COLSUM=True, BLOCK_M=DOWN_GRAD_MAX_M, BLOCK_R=block_r, BLOCK_C=GPU_DOWN_GRAD_BLOCK_C,
+                      stride_yn=1)
+        types = {"dy_ptr": f"*{dt}", "b_ptr": f"*{dt}", "u_ptr": "*fp32", "ws_ptr": "*fp32", "out_ptr": f"*{dt}",
+                 "colsum_ptr": f"*{dt}", "M": "i32", "N": "i32", "R": "i32", "out_scale": "fp32",
+                 "stride_ym": "i32", "stride_yn": "i32", "stride_bn": "i32", "stride_br": "i32",
+                 "stride_or": "i32", "stride_oc": "i32"}
+        specs.append(KernelSpec(f"lora_down_grad_r{block_r}", _lora_down_grad_kernel,
+                                _signature(_lora_down_grad_kernel, types, consts), consts, dict(num_warps=4)))
     for out_dt in ("fp32", dt):
         consts = dict(BLOCK=REDUCE_BLOCK)
         types = {"ws_ptr": "*fp32", "out_ptr": f"*{out_dt}", "numel": "i32", "num_splits": "i32", "scale": "fp32"}
