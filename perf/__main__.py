@@ -98,10 +98,18 @@ def main(argv=None) -> int:
         if not args.json and not args.no_launches:
             # Counted by recording the launches of a stubbed qlora_linear forward + backward with the launchers'
             # device queries answered as a 132-SM GPU (perf/launches.py): the only part that imports torch/qlora.
+            import torch
+
+            from qlora.kernels import interpreter_active
+
             from . import launches
 
             print()
-            print(launches.format_table(launches.report()))
+            if interpreter_active() or torch.cuda.is_available():
+                print(launches.format_table(launches.report()))
+            else:  # the recording builds a small NF4 weight with the real kernels first
+                print("Launches per layer: not recorded (the Triton interpreter is off and no GPU is present; "
+                      "run without QLORA_INTERPRET=0)")
         return 0
 
     # The static layer compiles for GPUs: the kernels must be decorated with the interpreter off.
