@@ -339,11 +339,17 @@ def _nf4_word_pairs_tile(packed_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr, t
     words = tl.load(packed_ptr.to(tl.pointer_type(tl.uint32)) + rows[:, None] * row_words + offs_w[None, :],
                     mask=mask, other=0)
     # row_len is a multiple of BLOCKSIZE: the row's part of the block index is loop-invariant, split off so.
-    scale = block_scale(absmax_ptr, absmax2_ptr, nested_code_ptr, offset,
-                        rows[:, None] * (row_len // BLOCKSIZE) + (sub_start // BLOCKSIZE)[None, :], mask_blocks,
-                        DOUBLE_QUANT, NESTED_BLOCKSIZE)
-    scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (rows.shape[0], BLOCK_C // SUB, SUB // 8)),
-                       (rows.shape[0], WORDS))
+    if BLOCK_C <= BLOCKSIZE:  # one scale per row
+        scale = block_scale(absmax_ptr, absmax2_ptr, nested_code_ptr, offset,
+                            rows * (row_len // BLOCKSIZE) + col0 // BLOCKSIZE, mask_rows, DOUBLE_QUANT,
+                            NESTED_BLOCKSIZE)
+        scale = tl.broadcast_to(scale[:, None], (rows.shape[0], WORDS))
+    else:
+        scale = block_scale(absmax_ptr, absmax2_ptr, nested_code_ptr, offset,
+                            rows[:, None] * (row_len // BLOCKSIZE) + (sub_start // BLOCKSIZE)[None, :], mask_blocks,
+                            DOUBLE_QUANT, NESTED_BLOCKSIZE)
+        scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (rows.shape[0], BLOCK_C // SUB, SUB // 8)),
+                           (rows.shape[0], WORDS))
     return _word_tile(words, scale, table, dtype)
 
 
@@ -648,7 +654,7 @@ def _matmul_lora_kernel(
     else:
         WORDS: tl.constexpr = False
         # The GEMV's word decode where perf static measured it cheaper than the byte pairs (perf/README.md, "Word
-        # decode"): every sm_90 build, and sm_80's dx builds with K steps of 64 or more (15.44 -> 13.31 and
+        # decode"): every sm_90 build, and sm_80's dx builds with K steps of 64 or more (15.44 -> 13.25 and
         # 13.19 -> 12.88 instructions per weight element; its forward builds and 64 x 64 x 32 dx measured worse).
         WORD_PAIRS: tl.constexpr = compute_dtype != tl.float32 and (
             _wgmma_target() or (_nvidia_target() and not B_TRANSPOSED and BLOCK_K >= 64))
