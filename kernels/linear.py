@@ -863,11 +863,11 @@ FUSED_CONFIGS: dict[int, tuple[MatmulConfig, MatmulConfig]] = {
 SMALL_M_CONFIG = MatmulConfig(16, 64, 128, group_m=1, num_warps=4, num_stages=1, path="gemv")
 # Row tiles of the GEMV: 16 (tl.dot's minimum) up to 16 rows, 32 up to SMALL_M. W is decoded once per program
 # either way; at 32 rows the launch keeps its split over K (4x the programs of the fused kernel's 64-row tiles at
-# N = 4096) and its decode cost (perf static at M = 32, sm_90 / sm_80: 6.3 / 7.7 instructions per weight element
-# under triton 3.9, 8.5 / 7.8 under 3.6, against the fused narrow forward tile's 9.0 / 11.7 and 8.2 / 11.6; the
-# roofline predicts that tile faster on sm_90 at 17-32 rows under 3.6, whose 32-row GEMV has no warpgroup MMA, and
-# at 32 rows on the H100 under 3.9: tests/test_perf_roofline.py MODEL_DISAGREES). A 64-row GEMV tile was measured
-# at 16.9 on sm_90 under 3.6, so the fused kernel keeps M > 32.
+# N = 4096) and its decode cost (perf static at M = 32, sm_90 / sm_80, word decode: 5.2 / 7.6 instructions per
+# weight element under triton 3.9, 4.9 / 7.6 under 3.6, against the fused narrow forward tile's 8.5 / 11.7 and
+# 7.9 / 11.6; the roofline predicts that tile faster at 32 rows on the H100 only: tests/test_perf_roofline.py
+# MODEL_DISAGREES). A 64-row GEMV tile was measured at 16.9 on sm_90 under 3.6 (possibly the static model's old
+# misreading of the u loop as the main loop, perf/README.md), so the fused kernel keeps M > 32.
 GEMV_BLOCK_MS = (16, 32)
 INTERPRETER_MAX_TILE = 1 << 20  # elements of one tile: the interpreter refuses more
 INTERPRETER_MAX_BLOCK_M = 2048

@@ -178,9 +178,12 @@ def model(sass: Sass, num_warps: int, arch: int) -> LoopModel:
                  if not any((c, d) != (a, b) and a <= c and d <= b for (c, d) in loops)]
     instrs = sass.instructions
     if innermost:
+        # The loop with the most tensor work per iteration (FLOPs, then MMA instructions, then length): a kernel's
+        # side loops (the decode GEMV's u = x A^T in column tile 0) can hold as many, smaller, MMA instructions.
         def rank(span):
             body = instrs[span[0]:span[1] + 1]
-            return (sum(ins.klass == "mma" for ins in body), len(body))
+            return (sum(ins.mma_flops(num_warps) for ins in body), sum(ins.klass == "mma" for ins in body),
+                    len(body))
 
         first, last = max(innermost, key=rank)
         body = instrs[first:last + 1]

@@ -53,6 +53,26 @@ def test_main_loop_counts_classes_and_mma_work():
     assert m.issue_to_mma == pytest.approx(16 / 128)
 
 
+def test_main_loop_is_the_one_with_the_most_tensor_work():
+    """Two loops with two MMA instructions each: the main loop is the one with more MMA FLOPs (two warpgroup
+    HGMMA.64x64x16, 524288 FLOPs at 8 warps), not the longer one with two HMMA.16816 (2 x 8 warps x 4096 = 65536):
+    the decode GEMV's u loop in column tile 0 is such a longer, lighter loop."""
+    side = "".join(f"        /*{0xc0 + 0x10 * i:04x}*/                   IADD3 R{i}, R{i}, 0x1, RZ ;\n"
+                   for i in range(10))
+    listing = _SASS.split(".L_x_0:")[0] + (
+        ".L_x_3:\n"
+        "        /*00a0*/                   HMMA.16816.F32.BF16 R40, R44, R48, R40 ;\n"
+        "        /*00b0*/                   HMMA.16816.F32.BF16 R40, R44, R50, R40 ;\n"
+        f"{side}"
+        "        /*0160*/              @!P4 BRA `(.L_x_3) ;\n"
+        ".L_x_0:\n"
+        "        /*0170*/                   EXIT ;\n")
+    parsed = sass.parse_sass(listing)
+    assert len(parsed.loops()) == 2
+    m = sass.model(parsed, num_warps=8, arch=90)
+    assert m.instructions == 8 and m.mma_flops == 524288
+
+
 def test_a_loop_that_waits_for_all_its_warpgroup_mmas_is_flagged():
     """``WARPGROUP.DEPBAR.LE gsb0, 0x0`` inside the main loop (the MMA ends before the next iteration issues) sets
     ``mma_waits_in_loop``; waiting for all but one group (``0x1``, a pipelined GEMM) or after the loop does not."""
