@@ -310,6 +310,41 @@ def _nf4_pair_tile(packed_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr, code_pt
 
 
 @triton.jit
+def _packed_words(packed_ptr, rows, mask_rows, col0, row_len, BLOCK_C: tl.constexpr, COLS_IN_BOUNDS: tl.constexpr):
+    """uint32 (len(rows), BLOCK_C // 8): the words of eight 4-bit codes holding W (?, row_len) at rows ``rows`` and
+    columns ``col0 .. col0 + BLOCK_C``, 0 outside W. row_len a multiple of the blocksize (>= 32), col0 of 8;
+    COLS_IN_BOUNDS: the caller knows col0 + BLOCK_C <= row_len (no column mask)."""
+    WORDS: tl.constexpr = BLOCK_C // 8
+    # Written so, the compiler sees rows that start 16-byte aligned and a column bound constant over 16 bytes.
+    row_words = (row_len // 32) * 4
+    offs_w = col0 // 8 + tl.arange(0, WORDS)
+    if COLS_IN_BOUNDS:
+        mask = tl.broadcast_to(mask_rows[:, None], (rows.shape[0], WORDS))
+    else:
+        mask = mask_rows[:, None] & (offs_w < row_words)[None, :]
+    return tl.load(packed_ptr.to(tl.pointer_type(tl.uint32)) + rows[:, None] * row_words + offs_w[None, :],
+                   mask=mask, other=0)
+
+
+@triton.jit
+def _sub_block_scales(absmax_ptr, absmax2_ptr, nested_code_ptr, offset, rows, mask_rows, col0, row_len,
+                      BLOCK_C: tl.constexpr, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+                      NESTED_BLOCKSIZE: tl.constexpr, COLS_IN_BOUNDS: tl.constexpr):
+    """float32 (len(rows), BLOCK_C // SUB), SUB = min(BLOCK_C, BLOCKSIZE): the scale of each SUB columns of the tile
+    of W (?, row_len) at rows ``rows`` from column col0 (a multiple of SUB); sub-blocks past the row masked."""
+    SUB: tl.constexpr = BLOCK_C if BLOCK_C < BLOCKSIZE else BLOCKSIZE
+    sub_start = col0 + tl.arange(0, BLOCK_C // SUB) * SUB
+    if COLS_IN_BOUNDS:
+        mask = tl.broadcast_to(mask_rows[:, None], (rows.shape[0], BLOCK_C // SUB))
+    else:
+        mask = mask_rows[:, None] & (sub_start < row_len)[None, :]
+    # row_len is a multiple of BLOCKSIZE: the row's part of the block index is loop-invariant, split off so.
+    return block_scale(absmax_ptr, absmax2_ptr, nested_code_ptr, offset,
+                       rows[:, None] * (row_len // BLOCKSIZE) + (sub_start // BLOCKSIZE)[None, :], mask,
+                       DOUBLE_QUANT, NESTED_BLOCKSIZE)
+
+
+@triton.jit
 def _nf4_word_pairs_tile(packed_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr, table, offset, rows, mask_rows, col0,
                          row_len, BLOCK_C: tl.constexpr, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
                          NESTED_BLOCKSIZE: tl.constexpr, INDEX_64: tl.constexpr, COLS_IN_BOUNDS: tl.constexpr,
@@ -326,28 +361,15 @@ def _nf4_word_pairs_tile(packed_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr, t
     SUB: tl.constexpr = BLOCK_C if BLOCK_C < BLOCKSIZE else BLOCKSIZE
     if INDEX_64:
         rows = rows.to(tl.int64)
-    # Written so, the compiler sees rows that start 16-byte aligned and a column bound constant over 16 bytes.
-    row_words = (row_len // 32) * 4
-    offs_w = col0 // 8 + tl.arange(0, WORDS)
-    sub_start = col0 + tl.arange(0, BLOCK_C // SUB) * SUB
-    if COLS_IN_BOUNDS:
-        mask = tl.broadcast_to(mask_rows[:, None], (rows.shape[0], WORDS))
-        mask_blocks = tl.broadcast_to(mask_rows[:, None], (rows.shape[0], BLOCK_C // SUB))
-    else:
-        mask = mask_rows[:, None] & (offs_w < row_words)[None, :]
-        mask_blocks = mask_rows[:, None] & (sub_start < row_len)[None, :]
-    words = tl.load(packed_ptr.to(tl.pointer_type(tl.uint32)) + rows[:, None] * row_words + offs_w[None, :],
-                    mask=mask, other=0)
-    # row_len is a multiple of BLOCKSIZE: the row's part of the block index is loop-invariant, split off so.
-    if BLOCK_C <= BLOCKSIZE:  # one scale per row
+    words = _packed_words(packed_ptr, rows, mask_rows, col0, row_len, BLOCK_C, COLS_IN_BOUNDS)
+    if BLOCK_C <= BLOCKSIZE:  # one scale per row, broadcast over its words
         scale = block_scale(absmax_ptr, absmax2_ptr, nested_code_ptr, offset,
                             rows * (row_len // BLOCKSIZE) + col0 // BLOCKSIZE, mask_rows, DOUBLE_QUANT,
                             NESTED_BLOCKSIZE)
         scale = tl.broadcast_to(scale[:, None], (rows.shape[0], WORDS))
     else:
-        scale = block_scale(absmax_ptr, absmax2_ptr, nested_code_ptr, offset,
-                            rows[:, None] * (row_len // BLOCKSIZE) + (sub_start // BLOCKSIZE)[None, :], mask_blocks,
-                            DOUBLE_QUANT, NESTED_BLOCKSIZE)
+        scale = _sub_block_scales(absmax_ptr, absmax2_ptr, nested_code_ptr, offset, rows, mask_rows, col0, row_len,
+                                  BLOCK_C, BLOCKSIZE, DOUBLE_QUANT, NESTED_BLOCKSIZE, COLS_IN_BOUNDS)
         scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (rows.shape[0], BLOCK_C // SUB, SUB // 8)),
                            (rows.shape[0], WORDS))
     return _word_tile(words, scale, table, dtype)
@@ -367,32 +389,25 @@ def _nf4_word_tile(packed_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr, code_pt
     (256, 2) table: NumPy's take_along_axis is 3x slower on a 2-D index). Little-endian words: byte j holds codes
     2j (high nibble) and 2j + 1 (low). Needs row_len a multiple of BLOCKSIZE and col0 a multiple of
     min(BLOCK_C, BLOCKSIZE), as :func:`_nf4_pair_tile`."""
-    WORDS: tl.constexpr = BLOCK_C // 8
     SUB: tl.constexpr = BLOCK_C if BLOCK_C < BLOCKSIZE else BLOCKSIZE
     if INDEX_64:  # W's element indices (the scale blocks' below) reach 2^31
         rows = rows.to(tl.int64)
-    offs_w = col0 // 8 + tl.arange(0, WORDS)
-    if COLS_IN_BOUNDS:
-        mask = mask_rows[:, None]
-    else:
-        mask = mask_rows[:, None] & (offs_w < row_len // 8)[None, :]
     # uint32: a logical shift, which the interpreter runs without widening copies of both operands
-    word = tl.load(packed_ptr.to(tl.pointer_type(tl.uint32)) + rows[:, None] * (row_len // 8) + offs_w[None, :],
-                   mask=mask, other=0)
+    word = _packed_words(packed_ptr, rows, mask_rows, col0, row_len, BLOCK_C, COLS_IN_BOUNDS)
     code_index = (word[:, :, None] >> ((tl.arange(0, 8) ^ 1) * 4).to(tl.uint32)[None, None, :]) & 15
     values = tl.gather(tl.load(code_ptr + tl.arange(0, 16)), tl.reshape(code_index, (rows.shape[0] * BLOCK_C,)), 0)
-    sub_start = col0 + tl.arange(0, BLOCK_C // SUB) * SUB
-    scale = block_scale(absmax_ptr, absmax2_ptr, nested_code_ptr, offset,
-                        (rows[:, None] * row_len + sub_start[None, :]) // BLOCKSIZE,
-                        mask_rows[:, None] & (sub_start < row_len)[None, :], DOUBLE_QUANT, NESTED_BLOCKSIZE)
+    scale = _sub_block_scales(absmax_ptr, absmax2_ptr, nested_code_ptr, offset, rows, mask_rows, col0, row_len,
+                              BLOCK_C, BLOCKSIZE, DOUBLE_QUANT, NESTED_BLOCKSIZE, COLS_IN_BOUNDS)
     return tl.reshape(tl.reshape(values, (rows.shape[0], BLOCK_C // SUB, SUB)) * scale[:, :, None],
                       (rows.shape[0], BLOCK_C))
 
 
 # Called by the kernels below without the interpreter's per-call re-patching of triton.language (_tl.py).
-(_code_value, _dequant_tile, _pair_tables, _nf4_pair_tile, _nf4_word_tile, _nf4_word_pairs_tile, _word_tile,
- _column_pair) = (interpreted_directly(f) for f in (_code_value, _dequant_tile, _pair_tables, _nf4_pair_tile,
-                                                   _nf4_word_tile, _nf4_word_pairs_tile, _word_tile, _column_pair))
+(_code_value, _dequant_tile, _pair_tables, _nf4_pair_tile, _packed_words, _sub_block_scales, _nf4_word_tile,
+ _nf4_word_pairs_tile, _word_tile, _column_pair) = (
+    interpreted_directly(f) for f in (_code_value, _dequant_tile, _pair_tables, _nf4_pair_tile, _packed_words,
+                                      _sub_block_scales, _nf4_word_tile, _nf4_word_pairs_tile, _word_tile,
+                                      _column_pair))
 
 
 @triton.jit

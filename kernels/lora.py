@@ -457,6 +457,14 @@ def launch_lora_down(a: torch.Tensor, b: torch.Tensor, p: float, keep: torch.Ten
     return out
 
 
+def _check_colsum(colsum: torch.Tensor | None, n: int, dtype: torch.dtype) -> None:
+    """The optional bias-gradient output of :func:`lora_grad` / :func:`lora_down_grad`: contiguous (n,) of dtype."""
+    if colsum is not None:
+        check_tensor("colsum", colsum, (dtype,), ndim=1)
+        if colsum.numel() != n or not colsum.is_contiguous():
+            raise ValueError(f"colsum must be contiguous of shape ({n},), got {tuple(colsum.shape)}")
+
+
 def lora_grad(left: torch.Tensor, right: torch.Tensor, out: torch.Tensor, *, scale: float,
               colsum: torch.Tensor | None = None, dropout_p: float = 0.0, seed=0,
               keep: torch.Tensor | None = None) -> None:
@@ -476,10 +484,7 @@ def lora_grad(left: torch.Tensor, right: torch.Tensor, out: torch.Tensor, *, sca
     c = right.shape[1]
     if right.shape[0] != m or tuple(out.shape) != (r, c):
         raise ValueError(f"left {tuple(left.shape)}, right {tuple(right.shape)} and out {tuple(out.shape)} disagree")
-    if colsum is not None:
-        check_tensor("colsum", colsum, (right.dtype,), ndim=1)
-        if colsum.numel() != c or not colsum.is_contiguous():
-            raise ValueError(f"colsum must be contiguous of shape ({c},), got {tuple(colsum.shape)}")
+    _check_colsum(colsum, c, right.dtype)
     p = check_scalar("dropout_p", dropout_p, 0.0, 1.0)
     launch_lora_grad(left, right, out, scale, colsum, p, keep_bits(keep, seed, m, c, p, right.device))
 
@@ -535,10 +540,7 @@ def lora_down_grad(dy: torch.Tensor, b: torch.Tensor, u: torch.Tensor, out: torc
     if m > DOWN_GRAD_MAX_M or r > lora_block_r(r):
         raise ValueError(f"lora_down_grad takes at most {DOWN_GRAD_MAX_M} rows and one rank tile "
                          f"({lora_block_r(r)}), got M = {m}, R = {r}: use lora_down and lora_grad")
-    if colsum is not None:
-        check_tensor("colsum", colsum, (dy.dtype,), ndim=1)
-        if colsum.numel() != n or not colsum.is_contiguous():
-            raise ValueError(f"colsum must be contiguous of shape ({n},), got {tuple(colsum.shape)}")
+    _check_colsum(colsum, n, dy.dtype)
     return launch_lora_down_grad(dy, b, u, out, check_scalar("scale", scale), colsum)
 
 

@@ -541,10 +541,15 @@ def gemv_splits(n: int, k: int, sms: int = GPU_SMS) -> int:
     return _cdiv(k, _cdiv(_cdiv(k, split), GEMV_BLOCK_K) * GEMV_BLOCK_K)
 
 
+def gpu_block_r(r: int) -> int:
+    """The LoRA rank tile on a GPU (kernels/lora.py ``lora_block_r``): a power of two from 16 to 64."""
+    return max(16, min(64, 1 << (r - 1).bit_length()))
+
+
 def lora_down_splits(m: int, d: int, r: int, sms: int = GPU_SMS) -> int:
     """Splits of the reduction D of ``lora_down`` (M, D) @ (D, R) on ``sms`` SMs (kernels/lora.py
     ``launch_lora_down``, ``_down_meta`` and ``choose_splits``); > 1 adds a ``_sum_splits_kernel`` launch."""
-    block_r = max(16, min(64, 1 << (r - 1).bit_length()))
+    block_r = gpu_block_r(r)
     block_m = 64 if m >= 64 * sms else (32 if m > 16 else 16)
     block_m = min(block_m, 64 if block_r == 16 else 32)
     tiles = _cdiv(m, block_m) * _cdiv(r, block_r)
@@ -598,7 +603,7 @@ def _lora_down_grad_ops(m: int, n: int, r: int, e: int) -> list[Op]:
 def down_grad_fused(m: int, r: int) -> bool:
     """Whether the backward computes g and dB in one pass over dy (kernels/linear.py ``_backward``: at most
     ``DOWN_GRAD_MAX_M`` rows and one rank tile)."""
-    return m <= DOWN_GRAD_MAX_M and r <= max(16, min(64, 1 << (r - 1).bit_length()))
+    return m <= DOWN_GRAD_MAX_M and r <= gpu_block_r(r)
 
 
 def nf4_forward_launches(m: int, k: int, n: int, r: int, path: str, dtype: str = "bf16",
