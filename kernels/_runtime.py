@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import torch
 from triton import knobs as _knobs
@@ -39,3 +40,57 @@ def ieee_semantics():
 
         return np.errstate(divide="ignore", invalid="ignore", over="ignore", under="ignore")
     return contextlib.nullcontext()
+
+
+def _interpreter_builder():
+    """Triton's interpreter builder when it carries the options :func:`without_dead_overflow_checks` relies on (a
+    dataclass with ``debug`` and ``sanitize_overflow``, as in Triton 3.6 to 3.9), else None."""
+    try:
+        from triton.runtime import interpreter
+    except ImportError:  # pragma: no cover - every supported Triton has it
+        return None
+    builder = getattr(interpreter, "interpreter_builder", None)
+    options = getattr(builder, "options", None)
+    if not dataclasses.is_dataclass(options) or not all(
+            hasattr(options, name) for name in ("debug", "sanitize_overflow")):
+        return None
+    return builder
+
+
+def without_dead_overflow_checks(kernel):
+    """``kernel`` (a ``@triton.jit`` function), launched under the interpreter without Triton's int32 overflow
+    sanitizer when the interpreter's ``options.debug`` is off.
+
+    The interpreter's semantic layer follows every int32 (or narrower) add, sub and mul with an int64
+    recomputation, two range comparisons and a ``device_assert`` of the result, and that assert is dropped unless
+    ``options.debug`` is set (it is not by default, and nothing in Triton sets it): the check is computed and
+    thrown away. It was 28% of the tile operations of an interpreted ``QLoRALinear`` forward and backward (1466 ->
+    1004) and 1.4 / 2.4 ms of their 6.8 / 9.3 ms at a tiny shape (perf/README.md, "Interpreter speed of the
+    layer"). The options are swapped for the launch only and restored after it, so other kernels and a user who
+    turns ``debug`` on keep the check. On a GPU, and for a Triton whose interpreter lacks these options, ``kernel``
+    is returned unchanged."""
+    builder = _interpreter_builder() if _INTERPRET else None
+    if builder is None:
+        return kernel
+    unchecked = {}  # the options object in use -> its copy without the sanitizer
+
+    def run(*args, **kwargs):
+        # Looked up on the class at each launch, so tools that wrap InterpretedFunction.run still see the launch.
+        return type(kernel).run(kernel, *args, **kwargs)
+
+    def run_without_dead_checks(*args, **kwargs):
+        options = builder.options
+        if options.debug or not options.sanitize_overflow:
+            return run(*args, **kwargs)
+        key = id(options)
+        if key not in unchecked:
+            unchecked.clear()
+            unchecked[key] = (options, dataclasses.replace(options, sanitize_overflow=False))
+        builder.options = unchecked[key][1]
+        try:
+            return run(*args, **kwargs)
+        finally:
+            builder.options = options
+
+    kernel.run = run_without_dead_checks
+    return kernel

@@ -27,9 +27,10 @@ import triton.language as tl
 
 from ._host import cdiv
 from ._checks import FLOAT_DTYPES, check_blocksize, check_same_device, check_tensor
-from ._runtime import ieee_semantics, interpreter_active
+from ._runtime import ieee_semantics, interpreter_active, without_dead_overflow_checks
 from ._static import KernelSpec
-from ._tl import INTERPRETER, block_scale, dot, grouped_tile, interpreted_directly, keep_tile, load_tile, round_to
+from ._tl import (INTERPRETER, block_scale, dot, grouped_tile, interpreted_directly, keep_tile, load_2d, load_tile,
+                  round_to, store_2d)
 from .lora import (LORA_BLOCK_RS, SPLIT_CHOICES, check_scalar, lora_block_r, lora_down, lora_dropout_bits,
                    lora_dropout_mask, lora_grad, num_sms, pow2_clamp, seed_tensor, keep_bits, split_count,
                    launch_lora_down, launch_lora_grad, down_accumulate, DOWN_GRAD_MAX_M, launch_lora_down_grad)
@@ -322,8 +323,11 @@ def _packed_words(packed_ptr, rows, mask_rows, col0, row_len, BLOCK_C: tl.conste
         mask = tl.broadcast_to(mask_rows[:, None], (rows.shape[0], WORDS))
     else:
         mask = mask_rows[:, None] & (offs_w < row_words)[None, :]
-    return tl.load(packed_ptr.to(tl.pointer_type(tl.uint32)) + rows[:, None] * row_words + offs_w[None, :],
-                   mask=mask, other=0)
+    words_ptr = packed_ptr.to(tl.pointer_type(tl.uint32))
+    if INTERPRETER:
+        return load_2d(words_ptr, rows * row_words, offs_w, mask, 0)
+    else:
+        return tl.load(words_ptr + rows[:, None] * row_words + offs_w[None, :], mask=mask, other=0)
 
 
 @triton.jit
@@ -394,8 +398,11 @@ def _nf4_word_tile(packed_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr, code_pt
         rows = rows.to(tl.int64)
     # uint32: a logical shift, which the interpreter runs without widening copies of both operands
     word = _packed_words(packed_ptr, rows, mask_rows, col0, row_len, BLOCK_C, COLS_IN_BOUNDS)
-    code_index = (word[:, :, None] >> ((tl.arange(0, 8) ^ 1) * 4).to(tl.uint32)[None, None, :]) & 15
-    values = tl.gather(tl.load(code_ptr + tl.arange(0, 16)), tl.reshape(code_index, (rows.shape[0] * BLOCK_C,)), 0)
+    # Truncated to uint8 rather than masked to 4 bits: the 256-entry table repeats the 16 codes (entry q + 16 j
+    # holds code q), and the cast is cheaper than a mask over the whole tile.
+    code_byte = (word[:, :, None] >> ((tl.arange(0, 8) ^ 1) * 4).to(tl.uint32)[None, None, :]).to(tl.uint8)
+    values = tl.gather(tl.load(code_ptr + (tl.arange(0, 256) & 15)), tl.reshape(code_byte, (rows.shape[0] * BLOCK_C,)),
+                       0)
     scale = _sub_block_scales(absmax_ptr, absmax2_ptr, nested_code_ptr, offset, rows, mask_rows, col0, row_len,
                               BLOCK_C, BLOCKSIZE, DOUBLE_QUANT, NESTED_BLOCKSIZE, COLS_IN_BOUNDS)
     return tl.reshape(tl.reshape(values, (rows.shape[0], BLOCK_C // SUB, SUB)) * scale[:, :, None],
@@ -410,6 +417,7 @@ def _nf4_word_tile(packed_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr, code_pt
                                       _column_pair))
 
 
+@without_dead_overflow_checks
 @triton.jit
 def _nf4_gemv_kernel(
     # pointers
@@ -545,6 +553,7 @@ def _nf4_gemv_kernel(
             tl.store(u_ws + offs_m[:, None] * R + offs_r[None, :], u, mask=mask_m[:, None] & mask_r[None, :])
 
 
+@without_dead_overflow_checks
 @triton.jit
 def _gemv_epilogue_kernel(
     # pointers
@@ -591,6 +600,7 @@ def _gemv_epilogue_kernel(
 # --------------------------------------------------------------------------------------------------------------
 
 
+@without_dead_overflow_checks
 @triton.jit
 def _matmul_lora_kernel(
     # pointers
@@ -795,8 +805,11 @@ def _matmul_lora_kernel(
     acc += lora_scale * lora
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    tl.store(c_ptr + offs_m[:, None] * N + offs_n[None, :], round_to(acc, c_ptr.dtype.element_ty),
-             mask=mask_m[:, None] & mask_n[None, :])
+    if INTERPRETER:
+        store_2d(c_ptr, offs_m * N, offs_n, round_to(acc, c_ptr.dtype.element_ty), mask_m[:, None] & mask_n[None, :])
+    else:
+        tl.store(c_ptr + offs_m[:, None] * N + offs_n[None, :], round_to(acc, c_ptr.dtype.element_ty),
+                 mask=mask_m[:, None] & mask_n[None, :])
 
 
 # --------------------------------------------------------------------------------------------------------------

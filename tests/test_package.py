@@ -186,3 +186,69 @@ def test_interpreter_choice_is_decided_once(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0" if before[0] else "1")
     monkeypatch.setenv("QLORA_INTERPRET", "0" if before[0] else "1")
     assert (qlora.interpreter_active(), qlora.kernels.interpreter_active()) == before
+
+
+def _launched_kernels():
+    """Every ``*_kernel`` JIT function of the kernel modules: the objects the launchers call ``[grid](...)`` on."""
+    import importlib
+
+    found = {}
+    for name in ("codebook", "linear", "lora", "optim", "quantize"):
+        module = importlib.import_module(f"qlora.kernels.{name}")
+        for attr, value in vars(module).items():
+            if attr.endswith("_kernel") and hasattr(value, "run") and hasattr(value, "fn"):
+                found[f"{name}.{attr}"] = value
+    return found
+
+
+def test_every_kernel_launches_without_the_dead_overflow_check():
+    """Under the interpreter each launched kernel goes through ``without_dead_overflow_checks`` (a kernel added
+    without it would pay the sanitizer's dead int64 recomputations on every integer add and multiply)."""
+    import qlora.kernels
+
+    kernels = _launched_kernels()
+    assert len(kernels) >= 17, sorted(kernels)
+    if not qlora.kernels.interpreter_active():
+        pytest.skip("compiled kernels: the wrapper applies under the interpreter only")
+    unwrapped = [name for name, k in kernels.items()
+                 if getattr(vars(k).get("run"), "__name__", None) != "run_without_dead_checks"]
+    assert not unwrapped
+
+
+def test_overflow_sanitizer_is_off_during_a_launch_and_restored_after():
+    """The sanitizer's checks are computed and dropped unless the interpreter's options.debug is set: the wrapper
+    turns it off for the launch only, and leaves it on when debug is on (where its asserts are real)."""
+    import dataclasses
+
+    import torch
+    import triton
+    import triton.language as tl
+
+    import qlora.kernels
+    from qlora.kernels._runtime import without_dead_overflow_checks
+
+    if not qlora.kernels.interpreter_active():
+        pytest.skip("the interpreter's options only exist under the interpreter")
+    from triton.runtime import interpreter
+
+    @triton.jit
+    def add_one(x_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        tl.store(x_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) + 1, mask=offs < n)
+
+    kernel = without_dead_overflow_checks(add_one)
+    seen = []
+    kernel.add_pre_run_hook(lambda *args, **kwargs: seen.append(interpreter.interpreter_builder.options.sanitize_overflow))
+    builder = interpreter.interpreter_builder
+    original = builder.options
+    x = torch.zeros(5, dtype=torch.int32)
+    kernel[(1,)](x, 5, BLOCK=8)
+    assert seen == [False] and builder.options is original and original.sanitize_overflow
+    assert x.tolist() == [1] * 5
+    builder.options = dataclasses.replace(original, debug=True)
+    try:
+        kernel[(1,)](x, 5, BLOCK=8)
+    finally:
+        debug_options, builder.options = builder.options, original
+    assert seen == [False, True] and debug_options.debug
+    assert x.tolist() == [2] * 5
