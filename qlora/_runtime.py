@@ -122,3 +122,32 @@ _apply(INTERPRET)
 def interpreter_active() -> bool:
     """True when the kernels run under the Triton interpreter (CPU tensors); decided once, at import."""
     return INTERPRET
+
+
+# glibc's mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+_MALLOC_ENV = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_THRESHOLD_")
+
+
+def keep_freed_memory_for_the_interpreter() -> bool:
+    """Under the interpreter on Linux with glibc: have ``malloc`` keep freed memory in the process (mmap threshold
+    32 MiB, trim threshold 256 MiB, top pad 64 MiB) instead of returning it to the kernel after every large free.
+    True if applied.
+
+    The interpreter evaluates each tile operation with NumPy, whose megabyte-sized temporaries glibc otherwise
+    unmaps or trims on free and page-faults in again on the next operation: an interpreted ``QLoRALinear``
+    forward + backward at the demo's shapes took ~5400 page faults and ~9 ms of system time out of ~50 ms
+    (perf/README.md, "Interpreter speed of the layer"). This is a process setting, so the library never applies it
+    on import: the ``qlora`` command calls it for its own process, and a user's script may. Not applied when any
+    ``MALLOC_*`` variable above is set (the user's choice stands) or on a GPU."""
+    if not interpreter_active() or not sys.platform.startswith("linux") or any(v in os.environ for v in _MALLOC_ENV):
+        return False
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc
+        return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    return all(mallopt(param, value) == 1 for param, value in (
+        (_M_MMAP_THRESHOLD, 32 << 20), (_M_TRIM_THRESHOLD, 256 << 20), (_M_TOP_PAD, 64 << 20)))

@@ -277,6 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if argv is None:  # the qlora command's own process (not a caller's, which main(argv) may run in)
+        from ._runtime import keep_freed_memory_for_the_interpreter
+
+        keep_freed_memory_for_the_interpreter()
     return args.func(args)
 
 
