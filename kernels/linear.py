@@ -428,8 +428,8 @@ def _nf4_gemv_kernel(
     stride_xm, stride_xk, stride_ar, stride_ak,
     # meta-parameters
     BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, INDEX_64: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """ws[s] (M, N) float32 = x[:, split s] @ W[:, split s]^T (M <= BLOCK_M; K a multiple of BLOCKSIZE), and for
     column tile 0 u_ws[s] (M, R) float32 = (x * keep)[:, split s] @ A[:, split s]^T.
@@ -451,7 +451,10 @@ def _nf4_gemv_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
+    if EVEN_N:  # N a multiple of BLOCK_N: no row mask, so no predicated loads (and their zero fills) of W's rows
+        mask_n = tl.full((BLOCK_N,), 1, tl.int1)
+    else:
+        mask_n = offs_n < N
     if INDEX_64:
         offs_n = offs_n.to(tl.int64)
     # K is a multiple of BLOCKSIZE >= 32: every row starts on a 16-byte boundary (128-bit loads).
@@ -887,16 +890,24 @@ FUSED_CONFIGS: dict[int, tuple[MatmulConfig, MatmulConfig]] = {
 # 6.08 under 3.6; with a byte's codes looked up by warp shuffles before, 6.1 / 6.2 (3.9) and 5.0 / 6.2 (3.6; sm_90
 # with the interleaved layout, 7.1 and 6.2 without); at 64 x 64: 7.9 / 6.7 (3.9), 7.7 / 6.7 (3.6, and 8 bytes of
 # spill on sm_90); the gather-load lookup before that, 64 x 64: 11.2 / 10.1 (3.9), 13.9 / 11.8 (3.6). Wider tiles
-# gain little with the word decode (16 x 64 x 256: 4.65 on sm_90 under 3.9 at 149 registers).
-SMALL_M_CONFIG = MatmulConfig(16, 64, 128, group_m=1, num_warps=4, num_stages=1, path="gemv")
+# gain little with the word decode (16 x 64 x 256: 4.65 on sm_90 under 3.9 at 149 registers) until the row mask
+# goes (EVEN_N): then 128 rows of W, GEMV_BLOCK_NS.
+SMALL_M_CONFIG = MatmulConfig(16, 128, 128, group_m=1, num_warps=4, num_stages=1, path="gemv")
 # Row tiles of the GEMV: 16 (tl.dot's minimum) up to 16 rows, 32 up to SMALL_M. W is decoded once per program
 # either way; at 32 rows the launch keeps its split over K (4x the programs of the fused kernel's 64-row tiles at
-# N = 4096) and its decode cost (perf static at M = 32, sm_90 / sm_80, word decode: 5.2 / 7.6 instructions per
-# weight element under triton 3.9, 4.9 / 7.6 under 3.6, against the fused narrow forward tile's 8.5 / 11.7 and
-# 7.9 / 11.6; the roofline predicts that tile faster at 32 rows on the H100 only: tests/test_perf_roofline.py
-# MODEL_DISAGREES). A 64-row GEMV tile was measured at 16.9 on sm_90 under 3.6 (possibly the static model's old
-# misreading of the u loop as the main loop, perf/README.md), so the fused kernel keeps M > 32.
+# N = 4096) and its decode cost (perf static at M = 32, sm_90 / sm_80, word decode with EVEN_N: 5.0 / 7.5
+# instructions per weight element under triton 3.9, 4.8 / 7.5 under 3.6, against the fused narrow forward tile's
+# 8.5 / 11.7 and 7.9 / 11.6; the roofline predicts the GEMV faster at every M up to 32 on the H100, H200 and A100
+# once its split over K is capped by the size of its partials, _gemv_split_k). A 64-row GEMV tile was measured at
+# 16.9 on sm_90 under 3.6 (possibly the static model's old misreading of the u loop as the main loop,
+# perf/README.md), so the fused kernel keeps M > 32.
 GEMV_BLOCK_MS = (16, 32)
+# Rows of W per GEMV program, per row tile. With N a multiple of the tile (EVEN_N: no row masks) perf static measured
+# the 16-row tile at 4.29 instructions per weight element with 128 rows against 4.67 with 64 on sm_90 (5.5 / 5.67 on
+# sm_80; triton 3.9; 4.34 / 5.5 under 3.6). The 32-row tile keeps 64 rows (5.0 against 4.82 with 128 on sm_90, 7.5
+# against 6.7 at 254 registers on sm_80): its partials allow 2 K splits at 4096 x 4096 (_gemv_split_k), so 128-row
+# tiles would launch 64 programs for 132 SMs, 64-row ones 128.
+GEMV_BLOCK_NS = {16: 128, 32: 64}
 INTERPRETER_MAX_TILE = 1 << 20  # elements of one tile: the interpreter refuses more
 INTERPRETER_MAX_BLOCK_M = 2048
 EPILOGUE_BLOCK_N = 128
@@ -904,9 +915,12 @@ SPLIT_K_CHOICES = SPLIT_CHOICES
 
 
 def gemv_config(m: int) -> MatmulConfig:
-    """The GEMV's tiles on a GPU for M <= SMALL_M rows: ``SMALL_M_CONFIG`` with the smallest row tile >= M."""
+    """The GEMV's tiles on a GPU for M <= SMALL_M rows: ``SMALL_M_CONFIG`` with the smallest row tile >= M and that
+    tile's column tile (``GEMV_BLOCK_NS``)."""
     block_m = next(b for b in GEMV_BLOCK_MS if m <= b)
-    return SMALL_M_CONFIG if block_m == SMALL_M_CONFIG.block_m else replace(SMALL_M_CONFIG, block_m=block_m)
+    if block_m == SMALL_M_CONFIG.block_m:
+        return SMALL_M_CONFIG
+    return replace(SMALL_M_CONFIG, block_m=block_m, block_n=GEMV_BLOCK_NS[block_m])
 
 
 def _interpreter_config(rows: int, cols: int, inner: int, path: str) -> MatmulConfig:
@@ -1189,10 +1203,15 @@ def _launch_matmul(a, weight: _Weight, transposed: bool, l, rm, stride_rr, strid
                               num_stages=config.num_stages, enable_fp_fusion=False)
 
 
-def _gemv_split_k(n: int, k: int, cfg: MatmulConfig, sms: int | None = None) -> int:
-    """K splits so that about two programs per SM run (``sms``: this GPU's SMs unless given), each keeping at
-    least two K steps."""
-    return split_count(cdiv(n, cfg.block_n), k, cfg.block_k, num_sms() if sms is None else sms)
+def _gemv_split_k(n: int, k: int, cfg: MatmulConfig, sms: int | None = None, m: int = 1) -> int:
+    """K splits of an ``m``-row GEMV so that about two programs per SM run (``sms``: this GPU's SMs unless given),
+    each keeping at least two K steps, and the float32 partials of y stay within a quarter of W's packed bytes: a
+    split writes 4 m n bytes that the epilogue reads back, against n k / 2 bytes of W, so at most k / (64 m)
+    splits (at 4096 x 4096: 16 splits at M = 1, 4 at M = 16, 2 at M = 32)."""
+    split = split_count(cdiv(n, cfg.block_n), k, cfg.block_k, num_sms() if sms is None else sms)
+    while split > 1 and 64 * m * split > k:
+        split //= 2
+    return split
 
 
 def _launch_gemv(x, weight: _Weight, lora_a, lora_b, bias, keep, scaling, p, config: MatmulConfig | None):
@@ -1201,7 +1220,7 @@ def _launch_gemv(x, weight: _Weight, lora_a, lora_b, bias, keep, scaling, p, con
     interp = interpreter_active()
     if config is None:
         config = _interpreter_config(m, n, k, "gemv") if interp else gemv_config(m)
-        split = 1 if interp else _gemv_split_k(n, k, config)
+        split = 1 if interp else _gemv_split_k(n, k, config, m=m)
     else:
         split = config.split_k
     block_k = config.block_k
@@ -1219,7 +1238,7 @@ def _launch_gemv(x, weight: _Weight, lora_a, lora_b, bias, keep, scaling, p, con
             x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1),
             BLOCKSIZE=weight.blocksize, DOUBLE_QUANT=weight.double_quant, NESTED_BLOCKSIZE=NESTED_BLOCKSIZE,
             INDEX_64=weight.index_64, HAS_DROPOUT=keep is not None, EVEN_K=k % block_k == 0,
-            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=block_k,
+            EVEN_N=n % config.block_n == 0, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=block_k,
             BLOCK_R=block_r, num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=False)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     u = torch.empty((m, r), dtype=torch.float32, device=x.device)
@@ -1477,8 +1496,8 @@ def compile_specs() -> list[KernelSpec]:
         cfg = gemv_config(m)
         block_m = cfg.block_m
         consts = dict(BLOCKSIZE=64, DOUBLE_QUANT=True, NESTED_BLOCKSIZE=NESTED_BLOCKSIZE, INDEX_64=False,
-                      HAS_DROPOUT=True, EVEN_K=True, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                      BLOCK_R=16, stride_xk=1, stride_ak=1)
+                      HAS_DROPOUT=True, EVEN_K=True, EVEN_N=True, BLOCK_M=block_m, BLOCK_N=cfg.block_n,
+                      BLOCK_K=cfg.block_k, BLOCK_R=16, stride_xk=1, stride_ak=1)
         sig = _signature(_nf4_gemv_kernel, {**_WEIGHT_TYPES, "x_ptr": f"*{dt}", "a_ptr": f"*{dt}",
                                             "bits_ptr": "*i32", "ws_ptr": "*fp32", "u_ws_ptr": "*fp32"}, consts)
         # The launch it stands for, as _launch_gemv makes it: M rows of a contiguous x (M = 1 specializes to a
@@ -1486,7 +1505,7 @@ def compile_specs() -> list[KernelSpec]:
         # rows K elements apart (the naming convention would take stride_xm / stride_ar for unit strides here,
         # the unit ones being constexprs above).
         n = k = 4096
-        split = _gemv_split_k(n, k, cfg, sms=132)
+        split = _gemv_split_k(n, k, cfg, sms=132, m=m)
         launch = dict(M=m, N=n, K=k, R=16, offset=0.5,
                       k_per_split=cdiv(cdiv(k, split), cfg.block_k) * cfg.block_k, words_per_row=cdiv(k, 32),
                       stride_xm=k, stride_ar=k)
@@ -1507,4 +1526,4 @@ def compile_specs() -> list[KernelSpec]:
 __all__ = ["MatmulConfig", "nf4_lora_forward", "nf4_lora_backward", "lora_down", "lora_grad", "lora_dropout_bits",
            "lora_dropout_mask", "choose_path", "choose_dx_path", "fused_config", "compile_specs", "GPU_CONFIGS",
            "FUSED_CONFIGS", "FUSED_NARROW_CONFIG", "FUSED_NARROW_DX_CONFIG", "FUSED_SMALL_TILE_MAX_M", "FUSED_MAX_M",
-           "SMALL_M_CONFIG", "GEMV_BLOCK_MS", "gemv_config", "LORA_BLOCK_RS"]
+           "SMALL_M_CONFIG", "GEMV_BLOCK_MS", "GEMV_BLOCK_NS", "gemv_config", "LORA_BLOCK_RS"]

@@ -481,7 +481,7 @@ _APPROACH_PREFIX = {"qlora_default": "qlora_default", "fused": "nf4_fused_tiled"
 GPU_SMS = 132  # the H100/H200 SXM the launch plans below are computed for (perf/launches.py GPU_SMS)
 # Launch constants of kernels/linear.py and kernels/lora.py that decide how many programs and partials a launch
 # has (tests/test_perf_roofline.py checks them against the launchers).
-GEMV_BLOCK_N, GEMV_BLOCK_K = 64, 128  # SMALL_M_CONFIG
+GEMV_BLOCK_NS, GEMV_BLOCK_K = {16: 128, 32: 64}, 128  # kernels/linear.py GEMV_BLOCK_NS, SMALL_M_CONFIG.block_k
 SPLIT_CHOICES = (1, 2, 4, 8, 16, 32)  # kernels/lora.py SPLIT_CHOICES (also the GEMV's split-K choices)
 DOWN_BLOCK_D = 64  # kernels/lora.py GPU_DOWN_BLOCK_D
 DOWN_GRAD_MAX_M = 64  # kernels/lora.py DOWN_GRAD_MAX_M: g and dB share one launch up to this many rows
@@ -534,10 +534,13 @@ def _split_count(want: int, most: int) -> int:
     return split
 
 
-def gemv_splits(n: int, k: int, sms: int = GPU_SMS) -> int:
-    """K splits of the decode GEMV on ``sms`` SMs (kernels/linear.py ``_gemv_split_k`` with ``SMALL_M_CONFIG``,
-    then rounded as ``_launch_gemv`` rounds it to whole K steps)."""
-    split = _split_count(_cdiv(2 * sms, _cdiv(n, GEMV_BLOCK_N)), max(1, k // (2 * GEMV_BLOCK_K)))
+def gemv_splits(n: int, k: int, m: int = 1, sms: int = GPU_SMS) -> int:
+    """K splits of the decode GEMV for ``m`` rows on ``sms`` SMs (kernels/linear.py ``_gemv_split_k`` with
+    ``gemv_config(m)``, then rounded as ``_launch_gemv`` rounds it to whole K steps)."""
+    block_n = GEMV_BLOCK_NS[gemv_block_m(m)]
+    split = _split_count(_cdiv(2 * sms, _cdiv(n, block_n)), max(1, k // (2 * GEMV_BLOCK_K)))
+    while split > 1 and 64 * m * split > k:  # the float32 partials of y within a quarter of W's packed bytes
+        split //= 2
     return _cdiv(k, _cdiv(_cdiv(k, split), GEMV_BLOCK_K) * GEMV_BLOCK_K)
 
 
@@ -615,7 +618,7 @@ def nf4_forward_launches(m: int, k: int, n: int, r: int, path: str, dtype: str =
     _check_path(path)
     _, builds = static_builds(triton)
     if path == "gemv":
-        split = gemv_splits(n, k)
+        split = gemv_splits(n, k, m)
         return (
             Op(f"nf4_gemv ({split} K splits)",
                e * m * k + nf4_storage_bytes(n * k, blocksize) + e * r * k + 4 * split * (m * n + m * r),

@@ -292,6 +292,27 @@ def test_gemv_reads_no_scale_past_the_weight(monkeypatch, layout):
     assert torch.equal(y, want)
 
 
+@pytest.mark.parametrize("n", [96, 100], ids=["n_fills_its_tiles", "ragged_last_tile"])
+def test_gemv_drops_row_masks_only_when_n_fills_its_tiles(monkeypatch, n):
+    """EVEN_N (no row mask on W's loads and the partials' store) is passed exactly when N is a multiple of BLOCK_N;
+    both builds match the oracle, the ragged one with a last tile of 4 rows."""
+    from triton.runtime import interpreter
+
+    seen = []
+    original = interpreter.InterpretedFunction.run
+
+    def run(self, *args, **kwargs):
+        if self.fn.__name__ == "_nf4_gemv_kernel":
+            seen.append(kwargs["EVEN_N"])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(interpreter.InterpretedFunction, "run", run)
+    case = dict(lead=(3,), k=128, n=n, r=4, dtype=torch.bfloat16, has_bias=True, dropout_p=0.0, noncontig=False,
+                blocksize=64, double_quant=True, scaling=2.0, seed=11)
+    _run_path(case, K.MatmulConfig(16, 32, 64, split_k=2, path="gemv"))
+    assert seen == [n % 32 == 0]
+
+
 @st.composite
 def decode_cases(draw):
     """Decode shapes: M <= SMALL_M (32) rows, both GEMV row tiles, K a multiple of the blocksize (the GEMV path's rows

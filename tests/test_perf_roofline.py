@@ -80,12 +80,13 @@ def test_fused_forward_small_shape_counts():
 
 def test_default_decode_is_the_gemv_with_its_split_k_partials_and_epilogue():
     m, k, n, r, e = 1, 4096, 4096, 16, 2
-    # kernels/linear.py _gemv_split_k on 132 SMs: 64 column tiles of 64, want ceil(2 * 132 / 64) = 5 programs per
-    # tile, at most K / (2 * 128) = 16 splits: the choices 1, 2, 4, 8 are taken while below 5, so 8 splits of 512.
-    splits = 8
+    # kernels/linear.py _gemv_split_k on 132 SMs: 32 column tiles of 128, want ceil(2 * 132 / 32) = 9 programs per
+    # tile, at most K / (2 * 128) = 16 splits: the choices 1, 2, 4, 8 are taken while below 9, then 16: 16 splits of
+    # 256 (two K steps each).
+    splits = 16
     w = rl.lora_forward(m, k, n, r, "qlora_default")
     assert w.name == "qlora_default_lora_fwd_m1_k4096_n4096_r16_bf16" and w.family == "lora_decode"
-    assert [op.name for op in w.ops] == ["nf4_gemv (8 K splits)", "gemv_epilogue"]
+    assert [op.name for op in w.ops] == ["nf4_gemv (16 K splits)", "gemv_epilogue"]
     gemv, epilogue = w.ops
     partials = 4 * splits * (m * n + m * r)  # float32 partials of y and of u per split
     assert gemv.bytes == e * m * k + _nf4_bytes(n * k) + e * r * k + partials
@@ -275,6 +276,8 @@ def test_quantize_dequantize_and_adamw_issue_comes_from_the_committed_baseline(v
 
 @pytest.mark.parametrize("version", ["3.6", "3.9"])
 def test_default_path_issue_comes_from_the_builds_it_launches(version):
+    from qlora.kernels.linear import SMALL_M_CONFIG
+
     kernels = _baseline_builds(version)
     m, k, n, r = 4096, 4096, 4096, 16
     fwd = {op.name: op for op in rl.lora_forward(m, k, n, r, "qlora_default", triton=version).ops}
@@ -297,7 +300,7 @@ def test_default_path_issue_comes_from_the_builds_it_launches(version):
             issue_s = op.issue_count(target) / rl.DEVICES["h100" if target == "sm_90" else "a100"].issue_per_s
             assert issue_s / mma_s == pytest.approx(b["issue_to_mma"], rel=0.01)
         # The GEMV: instructions per weight element / 32 x N*K (one 16-row tile).
-        gemv = kernels[f"linear.gemv_m16n64k128w4s1@{target}"]
+        gemv = kernels[f"linear.gemv_{SMALL_M_CONFIG.tag}@{target}"]
         assert decode.issue_count(target) == pytest.approx(gemv["instr_per_weight_element"] / 32 * n * k)
         assert decode.issue_count("gfx942") == 0
 
@@ -490,8 +493,8 @@ def test_launch_constants_and_split_rules_are_the_launchers():
     from qlora.kernels import linear as KLin
     from qlora.kernels import lora as KL
 
-    cfg = KLin.SMALL_M_CONFIG
-    assert (rl.GEMV_BLOCK_N, rl.GEMV_BLOCK_K) == (cfg.block_n, cfg.block_k)
+    assert rl.GEMV_BLOCK_NS == KLin.GEMV_BLOCK_NS and rl.GEMV_BLOCK_K == KLin.SMALL_M_CONFIG.block_k
+    assert all(KLin.gemv_config(b).block_n == rl.GEMV_BLOCK_NS[b] for b in KLin.GEMV_BLOCK_MS)
     assert rl.SPLIT_CHOICES == KL.SPLIT_CHOICES == KLin.SPLIT_K_CHOICES
     assert rl.DOWN_BLOCK_D == KL.GPU_DOWN_BLOCK_D and rl.SMALL_M == KLin.SMALL_M
     assert (rl.DOWN_GRAD_MAX_M, rl.DOWN_GRAD_BLOCK_C) == (KL.DOWN_GRAD_MAX_M, KL.GPU_DOWN_GRAD_BLOCK_C)
@@ -502,10 +505,12 @@ def test_launch_constants_and_split_rules_are_the_launchers():
     assert rl.GEMV_BLOCK_MS == KLin.GEMV_BLOCK_MS
     assert all(rl.gemv_block_m(m) == KLin.gemv_config(m).block_m for m in range(1, rl.SMALL_M + 1))
     assert set(rl.NF4_PATHS) == set(KLin.PATHS)
-    for n, k in ((4096, 4096), (4096, 4000), (11008, 4096), (4096, 11008), (64, 256)):
-        split = KLin._gemv_split_k(n, k, cfg, sms=rl.GPU_SMS)
-        k_per_split = -(-(-(-k // split)) // cfg.block_k) * cfg.block_k  # as _launch_gemv rounds it
-        assert rl.gemv_splits(n, k) == -(-k // k_per_split), (n, k)
+    for m in (1, 4, 16, 17, rl.SMALL_M):
+        cfg = KLin.gemv_config(m)
+        for n, k in ((4096, 4096), (4096, 4000), (11008, 4096), (4096, 11008), (64, 256)):
+            split = KLin._gemv_split_k(n, k, cfg, sms=rl.GPU_SMS, m=m)
+            k_per_split = -(-(-(-k // split)) // cfg.block_k) * cfg.block_k  # as _launch_gemv rounds it
+            assert rl.gemv_splits(n, k, m) == -(-k // k_per_split), (m, n, k)
     # lora_down's plan, asked of kernels/lora.py as a 132-SM GPU would answer (perf/launches.py's emulation).
     with launches._as_gpu(rl.GPU_SMS):
         for m, d, r in ((4096, 4096, 16), (1, 4096, 16), (32, 4000, 16), (16384, 4096, 16), (4096, 4096, 64),
@@ -539,13 +544,12 @@ def test_default_path_is_choose_path():
 
 # Where the dispatcher and the model part ways. (On sm_90 the 128-row fused tile waits for its MMAs, so the fused
 # launch keeps 64-row tiles up to 256 rows, FUSED_MAX_M[9] = 256, and the H100 / H200 cross over to
-# dequantize-then-GEMM above; on the A100 the fused kernel is predicted faster at every M, 4% at 4096 rows.) The
-# model predicts the narrow fused forward faster than the 32-row GEMV at 32 rows on the H100 (4.90 against 5.33 us
-# under 3.9, 4.58 against 5.33 under 3.6: the GEMV's issue outlasts the H100's bytes there, not the H200's); the
-# dispatcher keeps the GEMV up to SMALL_M rows on every GPU (no GPU has timed the difference). The 3.6 cases at 17
-# rows and on the H200 were the static model taking the 32-row GEMV's u loop for its main loop (perf/sass.py now
-# ranks loops by MMA FLOPs: 8.45 -> 4.88 instructions per weight element).
-MODEL_DISAGREES: set = {("3.6", "h100", 32, 4096), ("3.9", "h100", 32, 4096)}
+# dequantize-then-GEMM above; on the A100 the fused kernel is predicted faster at every M, 4% at 4096 rows.) None
+# left: the last two, the narrow fused forward predicted faster than the 32-row GEMV at 32 rows on the H100 (4.90
+# against 5.33 us under 3.9), went when the GEMV's split over K was capped by its float32 partials (8 splits of y's
+# 32 rows had moved as many bytes as W; now 2 splits, 3.45 us). Earlier 3.6 cases at 17 rows and on the H200 were the
+# static model taking the 32-row GEMV's u loop for its main loop (perf/sass.py ranks loops by MMA FLOPs).
+MODEL_DISAGREES: set = set()
 ARCH = {"a100": 8, "h100": 9, "h200": 9}  # kernels/linear.py gpu_arch of each modelled device
 
 
@@ -634,4 +638,5 @@ def test_a_grid_smaller_than_the_gpu_runs_on_that_many_sms():
     assert dict(rl.grid_programs(builds, fwd, 64, 4096, 64, block_n=64)) == {"sm_80": 64, "sm_90": 64}
     # FUSED_NARROW_CONFIG, what one 64-row tile launches: 32-column tiles, twice the programs
     assert dict(rl.grid_programs(builds, fwd, 64, 4096, 64, block_n=32)) == {"sm_80": 128, "sm_90": 128}
-    assert dict(rl.grid_programs(builds, rl.GEMV_BUILD, 1, 4096, 16, splits=8))["sm_90"] == 512
+    # the 16-row GEMV: 4096 / 128 column tiles, times its K splits
+    assert dict(rl.grid_programs(builds, rl.GEMV_BUILD, 1, 4096, 16, splits=8))["sm_90"] == 32 * 8

@@ -55,7 +55,7 @@ _SCRIPT = textwrap.dedent("""
                    stride_xm=x.stride(0), stride_xk=x.stride(1), stride_ar=lora_a.stride(0),
                    stride_ak=lora_a.stride(1))
     consts = dict(BLOCKSIZE=64, DOUBLE_QUANT=True, NESTED_BLOCKSIZE=256, INDEX_64=False,
-                  HAS_DROPOUT=True, EVEN_K=True, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, BLOCK_R=16)
+                  HAS_DROPOUT=True, EVEN_K=True, EVEN_N=True, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, BLOCK_R=16)
     options = dict(num_warps=4, num_stages=4, enable_fp_fusion=False)
 
     captured = {}
