@@ -313,6 +313,28 @@ def test_gemv_drops_row_masks_only_when_n_fills_its_tiles(monkeypatch, n):
     assert seen == [n % 32 == 0]
 
 
+@pytest.mark.parametrize("n, k", [(128, 192), (100, 160)], ids=["tiles_fill_n_and_k", "ragged_n_and_k"])
+def test_tiled_kernel_drops_column_masks_only_where_its_tiles_fill_the_columns(monkeypatch, n, k):
+    """EVEN_N of the fused forward (columns N) and dx (columns K) launches with 64-column tiles: set exactly where the
+    tiles fill the columns (``_even_n``), and both builds match the oracle."""
+    from triton.runtime import interpreter
+
+    seen = []
+    original = interpreter.InterpretedFunction.run
+
+    def run(self, *args, **kwargs):
+        if self.fn.__name__ == "_matmul_lora_kernel":
+            seen.append(("fwd" if kwargs["B_TRANSPOSED"] else "dx", kwargs["EVEN_N"]))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(interpreter.InterpretedFunction, "run", run)
+    case = dict(lead=(20,), k=k, n=n, r=4, dtype=torch.float16, has_bias=True, dropout_p=0.0, noncontig=False,
+                blocksize=32, double_quant=True, scaling=2.0, seed=12)
+    _run_path(case, K.MatmulConfig(16, 64, 32, group_m=1, path="fused"))
+    assert seen == [("fwd", n % 64 == 0), ("dx", k % 64 == 0)]
+    assert K._even_n(128, 64) and not K._even_n(128, 32) and not K._even_n(100, 64)
+
+
 @st.composite
 def decode_cases(draw):
     """Decode shapes: M <= SMALL_M (32) rows, both GEMV row tiles, K a multiple of the blocksize (the GEMV path's rows
