@@ -99,6 +99,18 @@ def keep_tile(bits_ptr, rows, cols, words_per_row, mask_r, mask_c):
 
 
 @triton.jit
+def udiv(x, d: tl.constexpr):
+    """``x // d`` for integer ``x >= 0`` (an index): divided as unsigned on a GPU, where that is one shift for a
+    power-of-two ``d`` and a signed division needs sign fix-ups (two more instructions per use). Same type as x."""
+    if INTERPRETER:
+        return x // d
+    elif x.dtype == tl.int64:
+        return (x.to(tl.uint64) // d).to(tl.int64)
+    else:
+        return (x.to(tl.uint32) // d).to(tl.int32)
+
+
+@triton.jit
 def block_scale(absmax_ptr, absmax2_ptr, nested_code_ptr, offset, block, mask,
                 DOUBLE_QUANT: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr):
     """float32 scale of 4-bit block indices ``block``: ``nested_code[q] * absmax2[block // NESTED_BLOCKSIZE] +
@@ -107,7 +119,7 @@ def block_scale(absmax_ptr, absmax2_ptr, nested_code_ptr, offset, block, mask,
     if DOUBLE_QUANT:
         q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
         nested = tl.load(nested_code_ptr + q, mask=mask, other=0.0)
-        scale2 = tl.load(absmax2_ptr + block // NESTED_BLOCKSIZE, mask=mask, other=0.0)
+        scale2 = tl.load(absmax2_ptr + udiv(block, NESTED_BLOCKSIZE), mask=mask, other=0.0)
         return nested * scale2 + offset
     else:
         return tl.load(absmax_ptr + block, mask=mask, other=0.0)
@@ -125,6 +137,6 @@ def interpreted_directly(fn):
     return rewrite()
 
 
-round_to, dot, load_2d, store_2d, load_tile, grouped_tile, keep_tile, block_scale = (
-    interpreted_directly(f) for f in (round_to, dot, load_2d, store_2d, load_tile, grouped_tile, keep_tile,
+round_to, dot, load_2d, store_2d, load_tile, grouped_tile, keep_tile, udiv, block_scale = (
+    interpreted_directly(f) for f in (round_to, dot, load_2d, store_2d, load_tile, grouped_tile, keep_tile, udiv,
                                       block_scale))

@@ -30,7 +30,7 @@ from ._checks import FLOAT_DTYPES, check_blocksize, check_same_device, check_ten
 from ._runtime import ieee_semantics, interpreter_active, without_dead_overflow_checks
 from ._static import KernelSpec
 from ._tl import (INTERPRETER, block_scale, dot, grouped_tile, interpreted_directly, keep_tile, load_2d, load_tile,
-                  round_to, store_2d)
+                  round_to, store_2d, udiv)
 from .lora import (LORA_BLOCK_RS, SPLIT_CHOICES, check_scalar, lora_block_r, lora_down, lora_dropout_bits,
                    lora_dropout_mask, lora_grad, num_sms, pow2_clamp, seed_tensor, keep_bits, split_count,
                    launch_lora_down, launch_lora_grad, down_accumulate, DOWN_GRAD_MAX_M, launch_lora_down_grad)
@@ -318,7 +318,7 @@ def _packed_words(packed_ptr, rows, mask_rows, col0, row_len, BLOCK_C: tl.conste
     WORDS: tl.constexpr = BLOCK_C // 8
     # Written so, the compiler sees rows that start 16-byte aligned and a column bound constant over 16 bytes.
     row_words = (row_len // 32) * 4
-    offs_w = col0 // 8 + tl.arange(0, WORDS)
+    offs_w = udiv(col0, 8) + tl.arange(0, WORDS)
     if COLS_IN_BOUNDS:
         mask = tl.broadcast_to(mask_rows[:, None], (rows.shape[0], WORDS))
     else:
@@ -344,7 +344,7 @@ def _sub_block_scales(absmax_ptr, absmax2_ptr, nested_code_ptr, offset, rows, ma
         mask = mask_rows[:, None] & (sub_start < row_len)[None, :]
     # row_len is a multiple of BLOCKSIZE: the row's part of the block index is loop-invariant, split off so.
     return block_scale(absmax_ptr, absmax2_ptr, nested_code_ptr, offset,
-                       rows[:, None] * (row_len // BLOCKSIZE) + (sub_start // BLOCKSIZE)[None, :], mask,
+                       rows[:, None] * (row_len // BLOCKSIZE) + udiv(sub_start, BLOCKSIZE)[None, :], mask,
                        DOUBLE_QUANT, NESTED_BLOCKSIZE)
 
 
@@ -368,7 +368,7 @@ def _nf4_word_pairs_tile(packed_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr, t
     words = _packed_words(packed_ptr, rows, mask_rows, col0, row_len, BLOCK_C, COLS_IN_BOUNDS)
     if BLOCK_C <= BLOCKSIZE:  # one scale per row, broadcast over its words
         scale = block_scale(absmax_ptr, absmax2_ptr, nested_code_ptr, offset,
-                            rows * (row_len // BLOCKSIZE) + col0 // BLOCKSIZE, mask_rows, DOUBLE_QUANT,
+                            rows * (row_len // BLOCKSIZE) + udiv(col0, BLOCKSIZE), mask_rows, DOUBLE_QUANT,
                             NESTED_BLOCKSIZE)
         scale = tl.broadcast_to(scale[:, None], (rows.shape[0], WORDS))
     else:
@@ -493,14 +493,18 @@ def _nf4_gemv_kernel(
     if WORDS and INTERPRETER:
         table = tl.load(code_ptr + tl.arange(0, 16))
     for k0 in range(k_start, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        if EVEN_K:  # k_start and k_end are then multiples of BLOCK_K: every step lies inside the split
+            mask_xk = tl.full((BLOCK_K,), 1, tl.int1)
+        else:
+            mask_xk = offs_k < k_end
         if WORDS:
             # A step reaches past k_end only in the last split (k_per_split is a multiple of BLOCK_K), so K bounds
             # W's columns (no bound at all with EVEN_K: K a multiple of BLOCK_K); x's mask bounds the split.
             w = _nf4_word_pairs_tile(packed_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr, table, offset, offs_n,
                                      mask_n, k0, K, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, NESTED_BLOCKSIZE, INDEX_64,
                                      EVEN_K, compute_dtype)
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            x = load_tile(x_ptr, offs_m, offs_k, stride_xm, stride_xk, mask_m, offs_k < k_end)
+            x = load_tile(x_ptr, offs_m, offs_k, stride_xm, stride_xk, mask_m, mask_xk)
             acc_t = dot(w, tl.trans(x), acc_t)
         else:
             offs_kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
@@ -531,8 +535,7 @@ def _nf4_gemv_kernel(
                                            (BLOCK_N, BLOCK_K // 2)), compute_dtype)
                 w_lo = round_to(tl.reshape(tl.reshape(v_lo, (BLOCK_N, BLOCK_K // SUB_K, SUB_K // 2)) * scale,
                                            (BLOCK_N, BLOCK_K // 2)), compute_dtype)
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            x = load_tile(x_ptr, offs_m, offs_k, stride_xm, stride_xk, mask_m, offs_k < k_end)
+            x = load_tile(x_ptr, offs_m, offs_k, stride_xm, stride_xk, mask_m, mask_xk)
             if INTERLEAVE:
                 acc_t = dot(tl.interleave(w_hi, w_lo), tl.trans(x), acc_t)
             else:
