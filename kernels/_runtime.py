@@ -64,9 +64,9 @@ def without_dead_overflow_checks(kernel):
     The interpreter's semantic layer follows every int32 (or narrower) add, sub and mul with an int64
     recomputation, two range comparisons and a ``device_assert`` of the result, and that assert is dropped unless
     ``options.debug`` is set (it is not by default, and nothing in Triton sets it): the check is computed and
-    thrown away. It was 28% of the tile operations of an interpreted ``QLoRALinear`` forward and backward (1466 ->
+    thrown away. It was 28% of the interpreter builder calls of a ``QLoRALinear`` forward and backward (1466 ->
     1004) and 1.4 / 2.4 ms of their 6.8 / 9.3 ms at a tiny shape (perf/README.md, "Interpreter speed of the
-    layer"). The options are swapped for the launch only and restored after it, so other kernels and a user who
+    layer"). Not thread-safe, as the interpreter itself (one global builder). The options are swapped for the launch only and restored after it, so other kernels and a user who
     turns ``debug`` on keep the check. On a GPU, and for a Triton whose interpreter lacks these options, ``kernel``
     is returned unchanged."""
     builder = _interpreter_builder() if _INTERPRET else None
