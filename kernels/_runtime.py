@@ -66,9 +66,9 @@ def without_dead_overflow_checks(kernel):
     ``options.debug`` is set (it is not by default, and nothing in Triton sets it): the check is computed and
     thrown away. It was 28% of the interpreter builder calls of a ``QLoRALinear`` forward and backward (1466 ->
     1004) and 1.4 / 2.4 ms of their 6.8 / 9.3 ms at a tiny shape (perf/README.md, "Interpreter speed of the
-    layer"). Not thread-safe, as the interpreter itself (one global builder). The options are swapped for the launch only and restored after it, so other kernels and a user who
-    turns ``debug`` on keep the check. On a GPU, and for a Triton whose interpreter lacks these options, ``kernel``
-    is returned unchanged."""
+    layer"). The options are swapped for the launch only and restored after it, so other kernels and a user who
+    turns ``debug`` on keep the check; not thread-safe, as the interpreter itself (one global builder). On a GPU,
+    and for a Triton whose interpreter lacks these options, ``kernel`` is returned unchanged."""
     builder = _interpreter_builder() if _INTERPRET else None
     if builder is None:
         return kernel

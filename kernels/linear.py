@@ -33,7 +33,7 @@ from ._tl import (INTERPRETER, block_scale, dot, grouped_tile, interpreted_direc
                   round_to, store_2d, udiv)
 from .lora import (LORA_BLOCK_RS, SPLIT_CHOICES, check_scalar, lora_block_r, lora_down, lora_dropout_bits,
                    lora_dropout_mask, lora_grad, num_sms, pow2_clamp, seed_tensor, keep_bits, split_count,
-                   launch_lora_down, launch_lora_grad, down_accumulate, DOWN_GRAD_MAX_M, launch_lora_down_grad)
+                   launch_lora_down, launch_lora_grad, down_accumulate, down_grad_fits, launch_lora_down_grad)
 from .quantize import launch_dequantize_4bit, unpack_4bit
 
 NESTED_BLOCKSIZE = 256
@@ -523,14 +523,9 @@ def _nf4_gemv_kernel(
                                     mask_n, DOUBLE_QUANT, NESTED_BLOCKSIZE)
                 w_hi = round_to(v_hi * scale[:, None], compute_dtype)
                 w_lo = round_to(v_lo * scale[:, None], compute_dtype)
-            else:
-                sub_start = k0 + tl.arange(0, BLOCK_K // SUB_K) * SUB_K
-                # Sub-blocks past K (a last step longer than K's rest) would index the scales of the next row, or
-                # past the last one: masked.
-                scale = block_scale(absmax_ptr, absmax2_ptr, nested_code_ptr, offset,
-                                    (offs_n[:, None] * K + sub_start[None, :]) // BLOCKSIZE,
-                                    mask_n[:, None] & (sub_start < K)[None, :], DOUBLE_QUANT,
-                                    NESTED_BLOCKSIZE)[:, :, None]
+            else:  # sub-blocks past K (a last step longer than K's rest) masked, as in the word decode
+                scale = _sub_block_scales(absmax_ptr, absmax2_ptr, nested_code_ptr, offset, offs_n, mask_n, k0, K,
+                                          BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, NESTED_BLOCKSIZE, EVEN_K)[:, :, None]
                 w_hi = round_to(tl.reshape(tl.reshape(v_hi, (BLOCK_N, BLOCK_K // SUB_K, SUB_K // 2)) * scale,
                                            (BLOCK_N, BLOCK_K // 2)), compute_dtype)
                 w_lo = round_to(tl.reshape(tl.reshape(v_lo, (BLOCK_N, BLOCK_K // SUB_K, SUB_K // 2)) * scale,
@@ -911,8 +906,8 @@ SMALL_M_CONFIG = MatmulConfig(16, 128, 128, group_m=1, num_warps=4, num_stages=1
 GEMV_BLOCK_MS = (16, 32)
 # Rows of W per GEMV program, per row tile. With N a multiple of the tile (EVEN_N: no row masks) perf static measured
 # the 16-row tile at 4.29 instructions per weight element with 128 rows against 4.67 with 64 on sm_90 (5.5 / 5.67 on
-# sm_80; triton 3.9; 4.34 / 5.5 under 3.6; 4.23 / 5.45 since udiv, perf/README.md "Decode GEMV"). The 32-row tile keeps 64 rows (5.0 against 4.82 with 128 on sm_90, 7.5
-# against 6.7 at 254 registers on sm_80): its partials allow 2 K splits at 4096 x 4096 (_gemv_split_k), so 128-row
+# sm_80; triton 3.9; 4.34 / 5.5 under 3.6; 4.23 / 5.45 since udiv, perf/README.md "Decode GEMV"). The 32-row tile
+# keeps 64 rows (5.0 against 4.82 with 128 on sm_90, 7.5 against 6.7 at 254 registers on sm_80): its partials allow 2 K splits at 4096 x 4096 (_gemv_split_k), so 128-row
 # tiles would launch 64 programs for 132 SMs, 64-row ones 128.
 GEMV_BLOCK_NS = {16: 128, 32: 64}
 INTERPRETER_MAX_TILE = 1 << 20  # elements of one tile: the interpreter refuses more
@@ -1410,7 +1405,7 @@ def _backward(dy, x, u, weight: _Weight, lora_a, lora_b, scaling: float, p: floa
     # holds all M rows (its programs then see every row of dy and x): dy and x pass through the interpreter once.
     fold_grads = fold and need_lora and m <= plan[1].block_m
     # Else, up to DOWN_GRAD_MAX_M rows and one rank tile, g and dB (with the bias gradient) share one pass over dy.
-    down_grad = not fold and need_lora and m <= DOWN_GRAD_MAX_M and r <= lora_block_r(r)
+    down_grad = not fold and need_lora and down_grad_fits(m, r)
     if fold:  # g = dy @ B computed by the dx launch, in its K loop over N
         g = torch.empty((m, r), dtype=torch.float32, device=x.device)
     elif down_grad:

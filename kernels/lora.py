@@ -542,11 +542,17 @@ def lora_down_grad(dy: torch.Tensor, b: torch.Tensor, u: torch.Tensor, out: torc
                          f"{tuple(out.shape)} disagree: want b ({n}, R), u ({m}, R), out (R, {n})")
     if not u.is_contiguous():
         raise ValueError("u must be contiguous")
-    if m > DOWN_GRAD_MAX_M or r > lora_block_r(r):
+    if not down_grad_fits(m, r):
         raise ValueError(f"lora_down_grad takes at most {DOWN_GRAD_MAX_M} rows and one rank tile "
                          f"({lora_block_r(r)}), got M = {m}, R = {r}: use lora_down and lora_grad")
     _check_colsum(colsum, n, dy.dtype)
     return launch_lora_down_grad(dy, b, u, out, check_scalar("scale", scale), colsum)
+
+
+def down_grad_fits(m: int, r: int) -> bool:
+    """Whether :func:`lora_down_grad` takes an (m, ·) dy at rank r: at most ``DOWN_GRAD_MAX_M`` rows and one rank
+    tile (:func:`lora_block_r`)."""
+    return m <= DOWN_GRAD_MAX_M and r <= lora_block_r(r)
 
 
 def launch_lora_down_grad(dy: torch.Tensor, b: torch.Tensor, u: torch.Tensor, out: torch.Tensor, scale: float,

@@ -500,7 +500,7 @@ def test_launch_constants_and_split_rules_are_the_launchers():
     assert (rl.DOWN_GRAD_MAX_M, rl.DOWN_GRAD_BLOCK_C) == (KL.DOWN_GRAD_MAX_M, KL.GPU_DOWN_GRAD_BLOCK_C)
     with launches._as_gpu(rl.GPU_SMS):  # the rank tile as a GPU takes it (the interpreter's stops at 32)
         assert all(rl.gpu_block_r(r) == KL.lora_block_r(r) for r in (1, 15, 16, 17, 32, 33, 64, 65, 200))
-        assert all(rl.down_grad_fused(m, r) == (m <= KL.DOWN_GRAD_MAX_M and r <= KL.lora_block_r(r))
+        assert all(rl.down_grad_fused(m, r) == KL.down_grad_fits(m, r)
                    for m in (1, 64, 65) for r in (1, 16, 17, 64, 65, 200))
     assert rl.GEMV_BLOCK_MS == KLin.GEMV_BLOCK_MS
     assert all(rl.gemv_block_m(m) == KLin.gemv_config(m).block_m for m in range(1, rl.SMALL_M + 1))
