@@ -907,8 +907,8 @@ GEMV_BLOCK_MS = (16, 32)
 # Rows of W per GEMV program, per row tile. With N a multiple of the tile (EVEN_N: no row masks) perf static measured
 # the 16-row tile at 4.29 instructions per weight element with 128 rows against 4.67 with 64 on sm_90 (5.5 / 5.67 on
 # sm_80; triton 3.9; 4.34 / 5.5 under 3.6; 4.23 / 5.45 since udiv, perf/README.md "Decode GEMV"). The 32-row tile
-# keeps 64 rows (5.0 against 4.82 with 128 on sm_90, 7.5 against 6.7 at 254 registers on sm_80): its partials allow 2 K splits at 4096 x 4096 (_gemv_split_k), so 128-row
-# tiles would launch 64 programs for 132 SMs, 64-row ones 128.
+# keeps 64 rows (5.0 against 4.82 with 128 on sm_90, 7.5 against 6.7 at 254 registers on sm_80): its partials allow
+# 2 K splits at 4096 x 4096 (_gemv_split_k), so 128-row tiles would launch 64 programs for 132 SMs, 64-row ones 128.
 GEMV_BLOCK_NS = {16: 128, 32: 64}
 INTERPRETER_MAX_TILE = 1 << 20  # elements of one tile: the interpreter refuses more
 INTERPRETER_MAX_BLOCK_M = 2048

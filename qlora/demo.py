@@ -28,7 +28,7 @@ from .model import _human_bytes, _linear_slots, prepare_model, qlora_layers, tra
 from .optim import PagedAdamW8bit
 
 __all__ = ["DemoConfig", "DemoError", "DemoResult", "DenseLoRALinear", "Classifier", "run", "resolve_device",
-           "save_trained", "load_trained", "evaluate"]
+           "save_trained", "load_trained", "evaluate", "layer_times"]
 
 BASE_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 # A small page budget so that paging really streams the adapters' state (about 1.8 MB for rank 8) in the demo.
@@ -222,6 +222,38 @@ def _plot(path: Path, steps: list[int], qlora_losses: list[float], dense_losses:
     plt.close(fig)
 
 
+def layer_times(qlayer: nn.Module, dlayer: nn.Module, rows: int, rounds: int = 7,
+                seed: int = 0) -> tuple[float, float]:
+    """Seconds of one forward + backward of ``y.sum()`` through ``qlayer`` (a :class:`qlora.QLoRALinear`) and
+    through ``dlayer`` (its :class:`DenseLoRALinear` twin) on the same random input of ``rows`` rows (gradients of
+    the input and the adapters by :func:`torch.autograd.grad`: no ``.grad`` of either model is touched). Each is
+    the minimum over ``rounds`` back-to-back rounds after a warm-up, ``dlayer``'s over its rounds before and after
+    ``qlayer``'s: as perf/bench_interpreter.py, because right after interpreted work the caches hold NumPy's
+    temporaries and a torch layer alternated with it runs slower than alone."""
+    if rows < 1 or rounds < 1:
+        raise ValueError(f"rows and rounds must be >= 1, got rows={rows}, rounds={rounds}")
+    w = dlayer.lora_A
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    x = torch.randn(rows, dlayer.base.in_features, generator=generator).to(dtype=w.dtype, device=w.device)
+    x.requires_grad_(True)
+
+    def once(layer: nn.Module) -> float:
+        if w.device.type == "cuda":
+            torch.cuda.synchronize(w.device)
+        t0 = time.perf_counter()
+        torch.autograd.grad(layer(x).float().sum(), [x, layer.lora_A, layer.lora_B])
+        if w.device.type == "cuda":
+            torch.cuda.synchronize(w.device)
+        return time.perf_counter() - t0
+
+    once(dlayer)
+    times_d = [once(dlayer) for _ in range(rounds)]
+    once(qlayer)
+    times_q = [once(qlayer) for _ in range(rounds)]
+    times_d += [once(dlayer) for _ in range(rounds)]
+    return min(times_q), min(times_d)
+
+
 def _fmt_seconds(s: float) -> str:
     return f"{s:.0f} s" if s < 90 else f"{s / 60:.1f} min"
 
@@ -397,6 +429,14 @@ def _run(cfg: DemoConfig, device: torch.device, log: Callable[[str], None]) -> D
     # it is the Triton interpreter's overhead, on a GPU the kernels' (tracked by issue 14 of the project).
     log(f"time per training step: QLoRA {t_q / cfg.steps:.3f} s, LoRA {t_d / cfg.steps:.4f} s "
         f"({t_q / max(t_d, 1e-9):.1f}x)")
+    # One layer alone, without the rest of the model and the optimizers (issue 14's measure): the first MLP
+    # up-projection at the training batch's token rows, forward + backward, QLoRA against its plain-torch twin.
+    up_name, up_layer = next(((n, l) for n, l in qlayers if l.out_features > l.in_features), qlayers[0])
+    up_rows = cfg.batch_size * train[0].shape[1]
+    lq, ld = layer_times(up_layer, dlayers[up_name], up_rows, seed=cfg.seed)
+    log(f"time per layer forward + backward ({up_name}: {up_rows} x {up_layer.in_features} -> "
+        f"{up_layer.out_features}, r={cfg.rank}): QLoRA {lq * 1e3:.1f} ms, LoRA {ld * 1e3:.2f} ms "
+        f"({lq / max(ld, 1e-9):.1f}x)")
 
     qmodel.eval()
     dmodel.eval()
@@ -467,7 +507,9 @@ def _run(cfg: DemoConfig, device: torch.device, log: Callable[[str], None]) -> D
         "memory": {"qlora_model": asdict(report), "qlora_optimizer": mem,
                    "dense_model_bytes": dense_params + dense_bufs, "dense_optimizer_bytes": _state_bytes(dopt)},
         "seconds": {"prepare": t_prepare, "train": train_seconds, "eval": eval_seconds,
-                    "step_ratio_qlora_over_lora": t_q / max(t_d, 1e-9)},
+                    "step_ratio_qlora_over_lora": t_q / max(t_d, 1e-9),
+                    "layer": {"name": up_name, "rows": up_rows, "qlora": lq, "dense": ld,
+                              "ratio_qlora_over_lora": lq / max(ld, 1e-9)}},
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1, default=str) + "\n", encoding="utf-8")
     log(f"loss curves: {png}; metrics: {out / 'metrics.json'}")

@@ -266,6 +266,7 @@ def test_tiny_demo_trains_saves_and_reloads(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     text = proc.stdout
     for expected in ("QLoRA loss", "LoRA loss", "estimated time", "time per training step", "accuracy",
+                     "time per layer forward + backward (encoder.layer.0.intermediate.dense: 48 x 384 -> 1536, r=8)",
                      "trainable params:", "PagedAdamW8bit", "reload check", "identical"):
         assert expected in text, expected
     assert (out / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -277,6 +278,35 @@ def test_tiny_demo_trains_saves_and_reloads(tmp_path):
     assert len(metrics["losses"]["qlora"]) == len(metrics["losses"]["dense"]) == 2
     assert metrics["reload_identical"] is True
     assert metrics["seconds"]["step_ratio_qlora_over_lora"] > 0
+    layer = metrics["seconds"]["layer"]
+    assert layer["name"] == "encoder.layer.0.intermediate.dense" and layer["rows"] == 8 * 6
+    assert layer["qlora"] > 0 and layer["dense"] > 0
+    assert layer["ratio_qlora_over_lora"] == pytest.approx(layer["qlora"] / layer["dense"])
+
+
+def test_layer_times_times_both_layers_without_touching_their_gradients():
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(64, 96)
+    qlayer = qlora.QLoRALinear.from_linear(dense, r=4, lora_alpha=8)
+    dlayer = demo.DenseLoRALinear(torch.nn.Linear(64, 96), 4, 8)
+    calls = []
+    real_forward = demo.DenseLoRALinear.forward
+
+    def counted(self, x):
+        calls.append(x.shape)
+        return real_forward(self, x)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(demo.DenseLoRALinear, "forward", counted)
+        tq, td = demo.layer_times(qlayer, dlayer, rows=5, rounds=2)
+    assert tq > 0 and td > 0
+    # One warm-up and two rounds before the QLoRA layer's rounds, two after; every call on the 5 rows.
+    assert calls == [torch.Size([5, 64])] * 5
+    for layer in (qlayer, dlayer):
+        assert layer.lora_A.grad is None and layer.lora_B.grad is None
+    for bad in (dict(rows=0), dict(rows=3, rounds=0)):
+        with pytest.raises(ValueError, match="rows and rounds must be >= 1"):
+            demo.layer_times(qlayer, dlayer, **bad)
 
 
 def test_reload_check_sees_a_wrong_adapter_and_the_demo_then_exits_1(tmp_path, monkeypatch, capsys):
