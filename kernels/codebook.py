@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._runtime import interpreter_active, kernel_device, without_dead_overflow_checks
+from ._runtime import interpreter_active, kernel_device, lean_under_interpreter
 from ._static import KernelSpec
 
 NF4_OFFSET = 0.9677083
@@ -104,7 +104,7 @@ def _linspace_f32(start, end, steps, i):
     return tl.where(i < steps // 2, low, high).to(tl.float32)
 
 
-@without_dead_overflow_checks
+@lean_under_interpreter
 @triton.jit
 def _normal_float_kernel(out_ptr, coef_ptr, offset, NUM_POSITIVE: tl.constexpr, NUM_NEGATIVE: tl.constexpr,
                          SIZE: tl.constexpr):

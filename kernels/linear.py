@@ -27,7 +27,7 @@ import triton.language as tl
 
 from ._host import cdiv
 from ._checks import FLOAT_DTYPES, check_blocksize, check_same_device, check_tensor
-from ._runtime import ieee_semantics, interpreter_active, without_dead_overflow_checks
+from ._runtime import ieee_semantics, interpreter_active, lean_under_interpreter
 from ._static import KernelSpec
 from ._tl import (INTERPRETER, block_scale, dot, grouped_tile, interpreted_directly, keep_tile, load_2d, load_tile,
                   round_to, store_2d, udiv)
@@ -417,7 +417,7 @@ def _nf4_word_tile(packed_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr, code_pt
                                       _column_pair))
 
 
-@without_dead_overflow_checks
+@lean_under_interpreter
 @triton.jit
 def _nf4_gemv_kernel(
     # pointers
@@ -554,7 +554,7 @@ def _nf4_gemv_kernel(
             tl.store(u_ws + offs_m[:, None] * R + offs_r[None, :], u, mask=mask_m[:, None] & mask_r[None, :])
 
 
-@without_dead_overflow_checks
+@lean_under_interpreter
 @triton.jit
 def _gemv_epilogue_kernel(
     # pointers
@@ -601,7 +601,7 @@ def _gemv_epilogue_kernel(
 # --------------------------------------------------------------------------------------------------------------
 
 
-@without_dead_overflow_checks
+@lean_under_interpreter
 @triton.jit
 def _matmul_lora_kernel(
     # pointers

@@ -22,7 +22,7 @@ import triton.language as tl
 
 from ._host import cdiv, next_pow2
 from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
-from ._runtime import interpreter_active, kernel_device, without_dead_overflow_checks
+from ._runtime import interpreter_active, kernel_device, lean_under_interpreter
 from ._static import KernelSpec
 from ._tl import dot, interpreted_directly, keep_tile, load_tile, round_to
 
@@ -53,7 +53,7 @@ def _kept(r, threshold_biased):
     return ((r.to(tl.int32, bitcast=True) ^ -2147483648) >= threshold_biased).to(tl.int32)
 
 
-@without_dead_overflow_checks
+@lean_under_interpreter
 @triton.jit
 def _dropout_bits_kernel(
     # pointers
@@ -99,7 +99,7 @@ def down_accumulate(acc, a_ptr, b_ptr, bits_ptr, offs_m, mask_m, offs_r, mask_r,
 down_accumulate = interpreted_directly(down_accumulate)
 
 
-@without_dead_overflow_checks
+@lean_under_interpreter
 @triton.jit
 def _lora_down_kernel(
     # pointers
@@ -131,7 +131,7 @@ def _lora_down_kernel(
     tl.store(out, acc * out_scale, mask=mask_m[:, None] & mask_r[None, :])
 
 
-@without_dead_overflow_checks
+@lean_under_interpreter
 @triton.jit
 def _sum_splits_kernel(ws_ptr, out_ptr, numel, num_splits, scale, BLOCK: tl.constexpr):
     """out (numel,) = scale * sum over s of ws[s, :] (float32), rounded once to out's dtype."""
@@ -143,7 +143,7 @@ def _sum_splits_kernel(ws_ptr, out_ptr, numel, num_splits, scale, BLOCK: tl.cons
     tl.store(out_ptr + offs, round_to(acc * scale, out_ptr.dtype.element_ty), mask=mask)
 
 
-@without_dead_overflow_checks
+@lean_under_interpreter
 @triton.jit
 def _lora_grad_kernel(
     # pointers
@@ -193,7 +193,7 @@ def _lora_grad_kernel(
 # --------------------------------------------------------------------------------------------------------------
 
 
-@without_dead_overflow_checks
+@lean_under_interpreter
 @triton.jit
 def _lora_down_grad_kernel(
     # pointers

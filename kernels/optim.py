@@ -22,7 +22,7 @@ import triton.language as tl
 
 from ._host import cdiv, next_pow2
 from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
-from ._runtime import ieee_semantics, interpreter_active, without_dead_overflow_checks
+from ._runtime import ieee_semantics, interpreter_active, lean_under_interpreter
 from ._static import KernelSpec
 
 QBLOCK = 256  # 8-bit state blocksize (SPEC section 7)
@@ -121,7 +121,7 @@ def _adamw32_update(p_ptr, g_ptr, m_ptr, v_ptr, offs, mask,
     tl.store(v_ptr + offs, v, mask=mask)
 
 
-@without_dead_overflow_checks
+@lean_under_interpreter
 @triton.jit
 def _adamw32_kernel(
     p_ptr, g_ptr, m_ptr, v_ptr, n,
@@ -145,7 +145,7 @@ def _work_item(table_ptr, work_ptr, ROW_WIDTH: tl.constexpr, P_DTYPE: tl.constex
     return row, first, p_ptr, g_ptr, tl.load(row + ROW_WIDTH - 1)
 
 
-@without_dead_overflow_checks
+@lean_under_interpreter
 @triton.jit
 def _adamw32_multi_kernel(
     table_ptr, work_ptr,
@@ -216,7 +216,7 @@ def _adamw8bit_update(p_ptr, g_ptr, mq_ptr, mabs_ptr, vq_ptr, vabs_ptr, smap_ptr
     tl.store(vabs_ptr + blk, vabs, mask=bmask)
 
 
-@without_dead_overflow_checks
+@lean_under_interpreter
 @triton.jit
 def _adamw8bit_kernel(
     p_ptr, g_ptr, mq_ptr, mabs_ptr, vq_ptr, vabs_ptr,
@@ -230,7 +230,7 @@ def _adamw8bit_kernel(
                       QBLOCK, SIGNED_ZERO, UNSIGNED_ZERO)
 
 
-@without_dead_overflow_checks
+@lean_under_interpreter
 @triton.jit
 def _adamw8bit_multi_kernel(
     table_ptr, work_ptr, smap_ptr, smid_ptr, umap_ptr, umid_ptr,

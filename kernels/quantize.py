@@ -22,7 +22,7 @@ import triton.language as tl
 
 from ._host import cdiv, next_pow2
 from ._checks import BLOCKSIZES, FLOAT_DTYPES, check_blocksize, check_finite, check_same_device, check_tensor
-from ._runtime import interpreter_active, without_dead_overflow_checks
+from ._runtime import interpreter_active, lean_under_interpreter
 from ._static import KernelSpec
 from ._tl import INTERPRETER, round_to
 
@@ -110,7 +110,7 @@ def _block_scaled(x_ptr, n, offset, first_block, BLOCKSIZE: tl.constexpr, BLOCKS
     return idx, in_range, blocks, absmax, x * reciprocal[:, None]
 
 
-@without_dead_overflow_checks
+@lean_under_interpreter
 @triton.jit
 def _quantize_4bit_kernel(x_ptr, code_ptr, packed_ptr, absmax_ptr, n, nbytes,
                           BLOCKSIZE: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr):
@@ -125,7 +125,7 @@ def _quantize_4bit_kernel(x_ptr, code_ptr, packed_ptr, absmax_ptr, n, nbytes,
     tl.store(packed_ptr + byte_idx, ((high << 4) | low).to(tl.uint8), mask=byte_idx < nbytes)
 
 
-@without_dead_overflow_checks
+@lean_under_interpreter
 @triton.jit
 def _dequantize_4bit_kernel(packed_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr, offset, code_ptr, out_ptr, n,
                             nbytes, nblocks, BLOCKSIZE: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr,
@@ -191,7 +191,7 @@ def _dequantize_4bit_kernel(packed_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr
         tl.store(out_ptr + out_idx, out, mask=out_idx < n)
 
 
-@without_dead_overflow_checks
+@lean_under_interpreter
 @triton.jit
 def _quantize_8bit_kernel(x_ptr, code_ptr, codes_ptr, absmax_ptr, n, offset,
                           BLOCKSIZE: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr):
@@ -203,7 +203,7 @@ def _quantize_8bit_kernel(x_ptr, code_ptr, codes_ptr, absmax_ptr, n, offset,
     tl.store(codes_ptr + idx, _nearest_code_8bit(s, code_ptr).to(tl.uint8), mask=in_range)
 
 
-@without_dead_overflow_checks
+@lean_under_interpreter
 @triton.jit
 def _dequantize_8bit_kernel(codes_ptr, absmax_ptr, code_ptr, out_ptr, n, block_shift, offset,
                             ELEMS_PER_PROGRAM: tl.constexpr, ADD_OFFSET: tl.constexpr):

@@ -201,8 +201,8 @@ def _launched_kernels():
     return found
 
 
-def test_every_kernel_launches_without_the_dead_overflow_check():
-    """Under the interpreter each launched kernel goes through ``without_dead_overflow_checks`` (a kernel added
+def test_every_kernel_launches_lean_under_the_interpreter():
+    """Under the interpreter each launched kernel goes through ``lean_under_interpreter`` (a kernel added
     without it would pay the sanitizer's dead int64 recomputations on every integer add and multiply)."""
     import qlora.kernels
 
@@ -211,7 +211,7 @@ def test_every_kernel_launches_without_the_dead_overflow_check():
     if not qlora.kernels.interpreter_active():
         pytest.skip("compiled kernels: the wrapper applies under the interpreter only")
     unwrapped = [name for name, k in kernels.items()
-                 if getattr(vars(k).get("run"), "__name__", None) != "run_without_dead_checks"]
+                 if getattr(vars(k).get("run"), "__name__", None) != "run_lean"]
     assert not unwrapped
 
 
@@ -225,7 +225,7 @@ def test_overflow_sanitizer_is_off_during_a_launch_and_restored_after():
     import triton.language as tl
 
     import qlora.kernels
-    from qlora.kernels._runtime import without_dead_overflow_checks
+    from qlora.kernels._runtime import lean_under_interpreter
 
     if not qlora.kernels.interpreter_active():
         pytest.skip("the interpreter's options only exist under the interpreter")
@@ -236,7 +236,7 @@ def test_overflow_sanitizer_is_off_during_a_launch_and_restored_after():
         offs = tl.arange(0, BLOCK)
         tl.store(x_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) + 1, mask=offs < n)
 
-    kernel = without_dead_overflow_checks(add_one)
+    kernel = lean_under_interpreter(add_one)
     seen = []
     kernel.add_pre_run_hook(lambda *args, **kwargs: seen.append(interpreter.interpreter_builder.options.sanitize_overflow))
     builder = interpreter.interpreter_builder
@@ -252,3 +252,74 @@ def test_overflow_sanitizer_is_off_during_a_launch_and_restored_after():
         debug_options, builder.options = builder.options, original
     assert seen == [False, True] and debug_options.debug
     assert x.tolist() == [2] * 5
+
+
+def test_fast_numpy_paths_compute_what_the_interpreter_computes_and_only_during_a_launch():
+    """The gather and mask-``&`` replacements give the builder's own results (values, dtype, shape) on every
+    case they take and hand the others to the builder's own methods; they are installed for the launch only, and a
+    method already replaced on the builder by someone else is left as it is."""
+    import numpy as np
+    import torch
+    import triton
+    import triton.language as tl
+
+    import qlora.kernels
+    from qlora.kernels._runtime import _fast_numpy_paths, lean_under_interpreter
+
+    if not qlora.kernels.interpreter_active():
+        pytest.skip("the interpreter's builder only exists under the interpreter")
+    from triton.runtime import interpreter
+    from triton.runtime.interpreter import TensorHandle
+
+    builder = interpreter.interpreter_builder
+    fast = _fast_numpy_paths(builder)
+    assert sorted(fast) == ["create_and", "create_gather"]
+    rng = np.random.default_rng(0)
+    table = TensorHandle(rng.standard_normal(256).astype(np.float32), tl.float32)
+    for dtype, ty in ((np.uint8, tl.uint8), (np.int32, tl.int32), (np.int64, tl.int64)):
+        index = TensorHandle(rng.integers(0, 256, 1000).astype(dtype), ty)
+        want = builder.create_gather(table, index, 0)
+        got = fast["create_gather"](table, index, 0)
+        assert got.data.dtype == want.data.dtype and np.array_equal(got.data, want.data) and got.dtype == want.dtype
+    table_2d = TensorHandle(rng.standard_normal((4, 16)).astype(np.float32), tl.float32)
+    index_2d = TensorHandle(rng.integers(0, 16, (4, 8)).astype(np.int32), tl.int32)
+    assert np.array_equal(fast["create_gather"](table_2d, index_2d, 1).data,
+                          builder.create_gather(table_2d, index_2d, 1).data)
+    with pytest.raises(IndexError):  # out of range: refused as the builder's take_along_axis refuses it
+        fast["create_gather"](table, TensorHandle(np.array([256], dtype=np.int32), tl.int32), 0)
+    a = np.broadcast_to(rng.random((128, 1)) < 0.5, (128, 64))
+    b = np.broadcast_to(rng.random((1, 64)) < 0.5, (128, 64))
+    for lhs, rhs, ty in ((a, b, tl.int1), (a.astype(np.int32), b.astype(np.int32), tl.int32)):
+        want = builder.create_and(TensorHandle(lhs, ty), TensorHandle(rhs, ty))
+        got = fast["create_and"](TensorHandle(lhs, ty), TensorHandle(rhs, ty))
+        assert got.data.dtype == want.data.dtype and np.array_equal(got.data, want.data) and got.dtype == want.dtype
+
+    @triton.jit
+    def lookup(table_ptr, idx_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        mask = (offs < n) & (offs >= 0)
+        tl.store(out_ptr + offs, tl.gather(tl.load(table_ptr + offs), tl.load(idx_ptr + offs, mask=mask, other=0), 0),
+                 mask=mask)
+
+    kernel = lean_under_interpreter(lookup)
+    during = []
+    kernel.add_pre_run_hook(lambda *args, **kwargs: during.append(
+        {name: vars(builder).get(name) for name in ("create_gather", "create_and")}))
+    table_t, idx = torch.randn(16), torch.randint(0, 16, (16,), dtype=torch.int32)
+    out = torch.zeros(16)
+    kernel[(1,)](table_t, idx, out, 12, BLOCK=16)
+    assert torch.equal(out[:12], table_t[idx[:12].long()]) and torch.equal(out[12:], torch.zeros(4))
+    assert all(callable(f) and getattr(f, "__name__", "") in ("create_gather", "create_and")
+               for f in during[0].values())
+    assert "create_gather" not in vars(builder) and "create_and" not in vars(builder)
+
+    def their_and(lhs, rhs):  # another tool's replacement, installed before the launch
+        return type(builder).create_and(builder, lhs, rhs)
+
+    builder.create_and = their_and
+    try:
+        kernel[(1,)](table_t, idx, out, 12, BLOCK=16)
+        assert during[1]["create_and"] is their_and and builder.create_and is their_and
+        assert during[1]["create_gather"] is not None and "create_gather" not in vars(builder)
+    finally:
+        del builder.create_and
