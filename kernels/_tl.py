@@ -55,8 +55,8 @@ def load_2d(ptr, row_offs, col_offs, mask, other):
     2-D one. The pointers are formed as ``(ptr + col_offs)[None, :] + row_offs[:, None]``: the one full-size
     pointer add then widens the broadcast row offsets into a row-major array, whose 1-D view is free (``(ptr +
     row_offs)[:, None] + ...`` comes out of NumPy column-major, which the view would copy; summing the offsets
-    first costs a full-size integer add and a full-size splat of ``ptr``): a (128, 2048) float32 load at 4.1 ms
-    against 8.3 ms with int32 offsets, 4.9 against 6.2 with int64 (perf/README.md, "Interpreter speed of the
+    first costs a full-size integer add and a full-size splat of ``ptr``): a (128, 2048) float32 load at 4.0 ms
+    against 8.1 ms with int32 offsets, 4.9 against 6.1 with int64 (perf/README.md, "Interpreter speed of the
     layer"). GPU builds keep their own expressions (callers branch on ``INTERPRETER``): the form of a pointer
     expression moves the SASS."""
     ptrs = (ptr + col_offs)[None, :] + row_offs[:, None]

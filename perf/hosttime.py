@@ -25,7 +25,9 @@ from torch import nn
 import qlora
 
 
-def _launch_classes() -> list[type]:
+def launch_classes() -> list[type]:
+    """Triton's launcher classes whose ``run`` every kernel launch goes through (compiled, interpreted, autotuned):
+    what :func:`stubbed_triton_launches` and :func:`perf.launches.recorded_launches` wrap."""
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
@@ -60,7 +62,7 @@ def stubbed_triton_launches():
         counter["launches"] += 1
         return None
 
-    classes = _launch_classes()
+    classes = launch_classes()
     saved = [(cls, cls.__dict__["run"]) for cls in classes if "run" in cls.__dict__]
     for cls, _ in saved:
         cls.run = run

@@ -28,20 +28,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .hosttime import dropping_tables_built_while_stubbed
+from .hosttime import dropping_tables_built_while_stubbed, launch_classes
 
 # Shapes reported by ``python -m perf roofline``: the GEMV path (M = 1, 32), the fused one (64) and, on the 132-SM
 # sm_90 plan, dequantize-then-GEMM (4096) at the roofline's 4096-sized layer, r = 16, with and without dropout.
 REPORT_SHAPES = tuple((m, 4096, 4096, 16, p) for m in (1, 32, 64, 4096) for p in (0.0, 0.1))
 GPU_SMS = 132  # H100 / H200 SXM
-
-
-def _launch_classes() -> list[type]:
-    from triton.runtime.autotuner import Autotuner
-    from triton.runtime.interpreter import InterpretedFunction
-    from triton.runtime.jit import JITFunction
-
-    return [JITFunction, InterpretedFunction, Autotuner]
 
 
 def _kernel_name(launcher) -> str:
@@ -58,7 +50,7 @@ def recorded_launches(execute: bool = True):
     again)."""
     names: list[str] = []
     depth = [0]
-    classes = _launch_classes()
+    classes = launch_classes()
     saved = [(cls, cls.__dict__["run"]) for cls in classes if "run" in cls.__dict__]
 
     def wrap(original):
