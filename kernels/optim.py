@@ -24,6 +24,7 @@ from ._host import cdiv, next_pow2
 from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
 from ._runtime import ieee_semantics, interpreter_active, lean_under_interpreter
 from ._static import KernelSpec
+from ._tl import INTERPRETER
 
 QBLOCK = 256  # 8-bit state blocksize (SPEC section 7)
 
@@ -145,21 +146,41 @@ def _work_item(table_ptr, work_ptr, ROW_WIDTH: tl.constexpr, P_DTYPE: tl.constex
     return row, first, p_ptr, g_ptr, tl.load(row + ROW_WIDTH - 1)
 
 
+@triton.jit
+def _work_rows(table_ptr, work_ptr, ROW_WIDTH: tl.constexpr, ROWS: tl.constexpr):
+    """Interpreter layout of a multi-tensor launch: this program's ROWS work units, each of any tensor. Returns
+    (ROWS,) pointers to the units' table rows and (ROWS,) unit indices (256-element blocks or chunks) within
+    their tensors; the work table holds (tensor, unit) per unit, padded with units past a tensor's end."""
+    item = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    return table_ptr + ROW_WIDTH * tl.load(work_ptr + 2 * item), tl.load(work_ptr + 2 * item + 1)
+
+
 @lean_under_interpreter
 @triton.jit
 def _adamw32_multi_kernel(
     table_ptr, work_ptr,
     decay, beta1, beta2, c1, c2, step_size, bc2_sqrt, eps,
-    P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+    P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
 ):
     """Many tensors in one launch. ``table`` (int64, 5 per tensor): addresses of param, grad, exp_avg, exp_avg_sq,
-    then the element count; ``work`` (int64, 2 per program): the tensor it steps and its first element."""
-    row, start, p_ptr, g_ptr, n = _work_item(table_ptr, work_ptr, 5, P_DTYPE, G_DTYPE)
-    m_ptr = tl.load(row + 2).to(tl.pointer_type(tl.float32))
-    v_ptr = tl.load(row + 3).to(tl.pointer_type(tl.float32))
-    offs = start + tl.arange(0, BLOCK)
-    _adamw32_update(p_ptr, g_ptr, m_ptr, v_ptr, offs, offs < n,
-                    decay, beta1, beta2, c1, c2, step_size, bc2_sqrt, eps)
+    then the element count; ``work`` (int64, 2 per program): the tensor it steps and its first element. With
+    ROWS (the interpreter's layout, :func:`_work_rows`): ROWS chunks of BLOCK elements per program, each of its
+    own tensor (2 per chunk in ``work``), so a launch over many small tensors runs a few programs."""
+    if ROWS:
+        row, chunk = _work_rows(table_ptr, work_ptr, 5, ROWS)
+        offs = chunk[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
+        _adamw32_update(tl.load(row).to(tl.pointer_type(P_DTYPE))[:, None],
+                        tl.load(row + 1).to(tl.pointer_type(G_DTYPE))[:, None],
+                        tl.load(row + 2).to(tl.pointer_type(tl.float32))[:, None],
+                        tl.load(row + 3).to(tl.pointer_type(tl.float32))[:, None], offs,
+                        offs < tl.load(row + 4)[:, None], decay, beta1, beta2, c1, c2, step_size, bc2_sqrt, eps)
+    else:
+        row, start, p_ptr, g_ptr, n = _work_item(table_ptr, work_ptr, 5, P_DTYPE, G_DTYPE)
+        m_ptr = tl.load(row + 2).to(tl.pointer_type(tl.float32))
+        v_ptr = tl.load(row + 3).to(tl.pointer_type(tl.float32))
+        offs = start + tl.arange(0, BLOCK)
+        _adamw32_update(p_ptr, g_ptr, m_ptr, v_ptr, offs, offs < n,
+                        decay, beta1, beta2, c1, c2, step_size, bc2_sqrt, eps)
 
 
 @triton.jit
@@ -178,9 +199,14 @@ def _quantize_rows(x, valid, mid_ptr, ZERO_CODE: tl.constexpr):
     scalable = tl.abs(inv) < float("inf")  # false for inf and NaN
     s = x * inv[:, None]
     code = tl.zeros(x.shape, tl.int32)
+    if INTERPRETER:  # the 256 midpoints gathered from a loaded table, not loaded through a pointer per element
+        mids = tl.load(mid_ptr + tl.arange(0, 256))
     for k in tl.static_range(8):
-        below = tl.load(mid_ptr + (code + ((128 >> k) - 1))) < s
-        code = tl.where(below, code + (128 >> k), code)
+        if INTERPRETER:
+            mid = tl.reshape(tl.gather(mids, tl.reshape(code + ((128 >> k) - 1), (x.numel,)), 0), x.shape)
+        else:
+            mid = tl.load(mid_ptr + (code + ((128 >> k) - 1)))
+        code = tl.where(mid < s, code + (128 >> k), code)
     code = tl.where(scalable[:, None], code, ZERO_CODE)
     return code.to(tl.uint8), absmax
 
@@ -188,11 +214,16 @@ def _quantize_rows(x, valid, mid_ptr, ZERO_CODE: tl.constexpr):
 @triton.jit
 def _adamw8bit_update(p_ptr, g_ptr, mq_ptr, mabs_ptr, vq_ptr, vabs_ptr, smap_ptr, smid_ptr, umap_ptr, umid_ptr,
                       blk, n, decay, beta1, beta2, c1, c2, step_size, bc2_sqrt, eps,
-                      QBLOCK: tl.constexpr, SIGNED_ZERO: tl.constexpr, UNSIGNED_ZERO: tl.constexpr):
+                      QBLOCK: tl.constexpr, SIGNED_ZERO: tl.constexpr, UNSIGNED_ZERO: tl.constexpr,
+                      PER_ROW: tl.constexpr):
     """The 8-bit step of the 256-element blocks ``blk`` of a tensor of ``n`` elements: every kernel below runs
-    exactly this code per block."""
+    exactly this code per block. PER_ROW: each block of its own tensor, the pointers (blocks, 1) for the codes,
+    param and grad and (blocks,) for the absmax, ``n`` (blocks,)."""
     offs = blk[:, None] * QBLOCK + tl.arange(0, QBLOCK)[None, :]
-    mask = offs < n
+    if PER_ROW:
+        mask = offs < n[:, None]
+    else:
+        mask = offs < n
     bmask = blk * QBLOCK < n
     p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -200,8 +231,14 @@ def _adamw8bit_update(p_ptr, g_ptr, mq_ptr, mabs_ptr, vq_ptr, vabs_ptr, smap_ptr
     vq = tl.load(vq_ptr + offs, mask=mask, other=UNSIGNED_ZERO).to(tl.int32)
     mabs = tl.load(mabs_ptr + blk, mask=bmask, other=0.0)
     vabs = tl.load(vabs_ptr + blk, mask=bmask, other=0.0)
-    m = tl.load(smap_ptr + mq) * mabs[:, None]
-    v = tl.load(umap_ptr + vq) * vabs[:, None]
+    if INTERPRETER:  # as in _quantize_rows: gathered from the loaded 256-entry maps
+        m = tl.reshape(tl.gather(tl.load(smap_ptr + tl.arange(0, 256)), tl.reshape(mq, (mq.numel,)), 0), mq.shape)
+        v = tl.reshape(tl.gather(tl.load(umap_ptr + tl.arange(0, 256)), tl.reshape(vq, (vq.numel,)), 0), vq.shape)
+        m = m * mabs[:, None]
+        v = v * vabs[:, None]
+    else:
+        m = tl.load(smap_ptr + mq) * mabs[:, None]
+        v = tl.load(umap_ptr + vq) * vabs[:, None]
     p = p * decay
     m = beta1 * m + c1 * g
     v = beta2 * v + c2 * (g * g)
@@ -227,7 +264,7 @@ def _adamw8bit_kernel(
     blk = tl.program_id(0).to(tl.int64) * QBLOCKS + tl.arange(0, QBLOCKS)
     _adamw8bit_update(p_ptr, g_ptr, mq_ptr, mabs_ptr, vq_ptr, vabs_ptr, smap_ptr, smid_ptr, umap_ptr, umid_ptr,
                       blk, n, decay, beta1, beta2, c1, c2, step_size, bc2_sqrt, eps,
-                      QBLOCK, SIGNED_ZERO, UNSIGNED_ZERO)
+                      QBLOCK, SIGNED_ZERO, UNSIGNED_ZERO, False)
 
 
 @lean_under_interpreter
@@ -237,19 +274,32 @@ def _adamw8bit_multi_kernel(
     decay, beta1, beta2, c1, c2, step_size, bc2_sqrt, eps,
     P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr,
     QBLOCK: tl.constexpr, QBLOCKS: tl.constexpr, SIGNED_ZERO: tl.constexpr, UNSIGNED_ZERO: tl.constexpr,
+    ROWS: tl.constexpr,
 ):
     """Many tensors in one launch. ``table`` (int64, 7 per tensor): addresses of param, grad, exp_avg codes and
     absmax, exp_avg_sq codes and absmax, then the element count; ``work`` (int64, 2 per program): the tensor it
-    steps and its first 256-element block."""
-    row, first, p_ptr, g_ptr, n = _work_item(table_ptr, work_ptr, 7, P_DTYPE, G_DTYPE)
-    mq_ptr = tl.load(row + 2).to(tl.pointer_type(tl.uint8))
-    mabs_ptr = tl.load(row + 3).to(tl.pointer_type(tl.float32))
-    vq_ptr = tl.load(row + 4).to(tl.pointer_type(tl.uint8))
-    vabs_ptr = tl.load(row + 5).to(tl.pointer_type(tl.float32))
-    blk = first + tl.arange(0, QBLOCKS)
-    _adamw8bit_update(p_ptr, g_ptr, mq_ptr, mabs_ptr, vq_ptr, vabs_ptr, smap_ptr, smid_ptr, umap_ptr, umid_ptr,
-                      blk, n, decay, beta1, beta2, c1, c2, step_size, bc2_sqrt, eps,
-                      QBLOCK, SIGNED_ZERO, UNSIGNED_ZERO)
+    steps and its first 256-element block. With ROWS (the interpreter's layout, :func:`_work_rows`): QBLOCKS
+    blocks per program, each of its own tensor (2 per block in ``work``)."""
+    if ROWS:
+        row, blk = _work_rows(table_ptr, work_ptr, 7, QBLOCKS)
+        _adamw8bit_update(tl.load(row).to(tl.pointer_type(P_DTYPE))[:, None],
+                          tl.load(row + 1).to(tl.pointer_type(G_DTYPE))[:, None],
+                          tl.load(row + 2).to(tl.pointer_type(tl.uint8))[:, None],
+                          tl.load(row + 3).to(tl.pointer_type(tl.float32)),
+                          tl.load(row + 4).to(tl.pointer_type(tl.uint8))[:, None],
+                          tl.load(row + 5).to(tl.pointer_type(tl.float32)), smap_ptr, smid_ptr, umap_ptr, umid_ptr,
+                          blk, tl.load(row + 6), decay, beta1, beta2, c1, c2, step_size, bc2_sqrt, eps,
+                          QBLOCK, SIGNED_ZERO, UNSIGNED_ZERO, True)
+    else:
+        row, first, p_ptr, g_ptr, n = _work_item(table_ptr, work_ptr, 7, P_DTYPE, G_DTYPE)
+        mq_ptr = tl.load(row + 2).to(tl.pointer_type(tl.uint8))
+        mabs_ptr = tl.load(row + 3).to(tl.pointer_type(tl.float32))
+        vq_ptr = tl.load(row + 4).to(tl.pointer_type(tl.uint8))
+        vabs_ptr = tl.load(row + 5).to(tl.pointer_type(tl.float32))
+        blk = first + tl.arange(0, QBLOCKS)
+        _adamw8bit_update(p_ptr, g_ptr, mq_ptr, mabs_ptr, vq_ptr, vabs_ptr, smap_ptr, smid_ptr, umap_ptr, umid_ptr,
+                          blk, n, decay, beta1, beta2, c1, c2, step_size, bc2_sqrt, eps,
+                          QBLOCK, SIGNED_ZERO, UNSIGNED_ZERO, False)
 
 
 # --- dynamic maps -----------------------------------------------------------------------------------
@@ -453,32 +503,70 @@ def _work_table(numels: tuple[int, ...], unit_elems: int, units_per_program: int
 
 
 
+def _unit_rows_table(numels: tuple[int, ...], unit_elems: int, device: torch.device) -> tuple[torch.Tensor, int]:
+    """The interpreter's multi-tensor layout (``ROWS``): int64 ``(2 * programs * rows,)``, (tensor, unit) for every
+    unit of ``unit_elems`` elements of every tensor, padded with units past the end of tensor 0 (all masked) to
+    whole programs of ``rows`` units, and ``rows`` (a power of two, at most _INTERP_MAX_BLOCK elements a program).
+    A step over many small tensors then runs a few programs instead of one per tensor (an interpreted program
+    costs its tile operations' Python, ~35 us each, whatever its size). Cached as :func:`_work_table`."""
+    units = [cdiv(n, unit_elems) for n in numels]
+    rows = min(_INTERP_MAX_BLOCK // unit_elems, next_pow2(sum(units)))
+    key = (numels, unit_elems, "rows", device)
+    table = _WORK_TABLES.get(key)
+    if table is None:
+        work: list[int] = []
+        for i, count in enumerate(units):
+            for unit in range(count):
+                work += (i, unit)
+        work += (0, units[0]) * (-(len(work) // 2) % rows)
+        if len(_WORK_TABLES) >= 64:
+            _WORK_TABLES.clear()
+        table = _WORK_TABLES[key] = _index_tensor(work, device)
+    return table, rows
+
+
+# Elements of one work unit of the 32-bit kernel under the interpreter (ROWS layout): a tensor's last unit is
+# masked past its end, so a small unit wastes little on the many (r, K) and (N, r) tensors of LoRA adapters.
+_INTERP_UNIT_32 = 256
+
+
 def _adamw_multi(rows: list[int], numels: tuple[int, ...], p_dtype: torch.dtype, g_dtype: torch.dtype,
                  device: torch.device, s: StepScalars) -> None:
     """One 32-bit launch over many tensors, unchecked: ``rows`` holds, per tensor, the addresses of its param,
     grad, exp_avg and exp_avg_sq (contiguous, ``p_dtype``, ``g_dtype``, float32, float32) and its element count
     (> 0), as ``numels`` lists them."""
-    size, warps = _program_units(max(numels), 1, _GPU_BLOCK_32, _GPU_WARPS_32)
-    work = _work_table(numels, 1, size, device)
+    if interpreter_active():
+        work, units = _unit_rows_table(numels, _INTERP_UNIT_32, device)
+        size, warps = _INTERP_UNIT_32, 1
+        programs = work.numel() // (2 * units)
+    else:
+        size, warps = _program_units(max(numels), 1, _GPU_BLOCK_32, _GPU_WARPS_32)
+        work, units = _work_table(numels, 1, size, device), 0
+        programs = work.numel() // 2
     with ieee_semantics():
-        _adamw32_multi_kernel[(work.numel() // 2,)](
+        _adamw32_multi_kernel[(programs,)](
             _index_tensor(rows, device), work, *s, P_DTYPE=_TL_DTYPES[p_dtype], G_DTYPE=_TL_DTYPES[g_dtype],
-            BLOCK=size, num_warps=warps, enable_fp_fusion=False)
+            BLOCK=size, ROWS=units, num_warps=warps, enable_fp_fusion=False)
 
 
 def _adamw8bit_multi(rows: list[int], numels: tuple[int, ...], p_dtype: torch.dtype, g_dtype: torch.dtype,
                      device: torch.device, s: StepScalars) -> None:
     """One 8-bit launch over many tensors, unchecked: ``rows`` holds, per tensor, the addresses of its param, grad,
     exp_avg codes, exp_avg absmax, exp_avg_sq codes, exp_avg_sq absmax and its element count (> 0)."""
-    size, warps = _program_units(cdiv(max(numels), QBLOCK), QBLOCK, _GPU_QBLOCKS_8, _GPU_WARPS_8_MULTI)
-    work = _work_table(numels, QBLOCK, size, device)
+    if interpreter_active():
+        work, size = _unit_rows_table(numels, QBLOCK, device)
+        warps, programs, per_row = 1, work.numel() // (2 * size), True
+    else:
+        size, warps = _program_units(cdiv(max(numels), QBLOCK), QBLOCK, _GPU_QBLOCKS_8, _GPU_WARPS_8_MULTI)
+        work = _work_table(numels, QBLOCK, size, device)
+        programs, per_row = work.numel() // 2, False
     smap, smid = dynamic_tables(True, device)
     umap, umid = dynamic_tables(False, device)
     with ieee_semantics():
-        _adamw8bit_multi_kernel[(work.numel() // 2,)](
+        _adamw8bit_multi_kernel[(programs,)](
             _index_tensor(rows, device), work, smap, smid, umap, umid, *s, P_DTYPE=_TL_DTYPES[p_dtype],
             G_DTYPE=_TL_DTYPES[g_dtype], QBLOCK=QBLOCK, QBLOCKS=size, SIGNED_ZERO=zero_code(True),
-            UNSIGNED_ZERO=zero_code(False), num_warps=warps, enable_fp_fusion=False)
+            UNSIGNED_ZERO=zero_code(False), ROWS=per_row, num_warps=warps, enable_fp_fusion=False)
 
 
 def _check_many(params, grads, states: dict[str, tuple[Sequence[torch.Tensor], torch.dtype, int]]) -> None:
@@ -602,8 +690,9 @@ def compile_specs() -> list[KernelSpec]:
             name=f"adamw32_multi_{ty}",
             fn=_adamw32_multi_kernel,
             signature={"table_ptr": "*i64", "work_ptr": "*i64", **_SCALAR_SIG, "P_DTYPE": "constexpr",
-                       "G_DTYPE": "constexpr", "BLOCK": "constexpr"},
-            constexprs={"P_DTYPE": _TL_DTYPES[dtype], "G_DTYPE": _TL_DTYPES[dtype], "BLOCK": _GPU_BLOCK_32},
+                       "G_DTYPE": "constexpr", "BLOCK": "constexpr", "ROWS": "constexpr"},
+            constexprs={"P_DTYPE": _TL_DTYPES[dtype], "G_DTYPE": _TL_DTYPES[dtype], "BLOCK": _GPU_BLOCK_32,
+                        "ROWS": 0},
             options={"num_warps": _GPU_WARPS_32, "enable_fp_fusion": False},
             launch_args=dict(_SPEC_SCALARS), regime=multi_regime, weight_elements_per_iteration=_GPU_BLOCK_32,
         ))
@@ -613,10 +702,10 @@ def compile_specs() -> list[KernelSpec]:
             signature={"table_ptr": "*i64", "work_ptr": "*i64", "smap_ptr": "*fp32", "smid_ptr": "*fp32",
                        "umap_ptr": "*fp32", "umid_ptr": "*fp32", **_SCALAR_SIG, "P_DTYPE": "constexpr",
                        "G_DTYPE": "constexpr", "QBLOCK": "constexpr", "QBLOCKS": "constexpr",
-                       "SIGNED_ZERO": "constexpr", "UNSIGNED_ZERO": "constexpr"},
+                       "SIGNED_ZERO": "constexpr", "UNSIGNED_ZERO": "constexpr", "ROWS": "constexpr"},
             constexprs={"P_DTYPE": _TL_DTYPES[dtype], "G_DTYPE": _TL_DTYPES[dtype], "QBLOCK": QBLOCK,
                         "QBLOCKS": _GPU_QBLOCKS_8, "SIGNED_ZERO": zero_code(True),
-                        "UNSIGNED_ZERO": zero_code(False)},
+                        "UNSIGNED_ZERO": zero_code(False), "ROWS": False},
             options={"num_warps": _GPU_WARPS_8_MULTI, "enable_fp_fusion": False},
             launch_args=dict(_SPEC_SCALARS), regime=multi_regime,
             weight_elements_per_iteration=QBLOCK * _GPU_QBLOCKS_8,

@@ -133,6 +133,57 @@ def test_adamw8bit_step_edge_blocks_match_oracle(dtype):
 # --- kernels: 32-bit step -----------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_multi_tensor_launches_equal_per_tensor_steps_bit_for_bit(dtype):
+    """One launch over many tensors (the interpreter's layout: programs of units from any tensor, padded with
+    masked units past tensor 0's end; a GPU's: one tensor per program) gives each tensor what its own
+    single-tensor kernel gives (itself bit-exact with the oracle), over three steps so that the 8-bit states
+    are requantized from non-trivial values: sizes with partial last blocks, a single element, more units than
+    one program holds, and an empty tensor (skipped)."""
+    g = _gen(21)
+    numels = (1, 255, 256, 257, 3000, 12288, 70000, 0, 513)
+    params = [(torch.randn(n, generator=g) * 0.1).to(dtype).to(DEV) for n in numels]
+    grads = [[(torch.randn(n, generator=g) * 0.01).to(dtype).to(DEV) for n in numels] for _ in range(3)]
+    kw = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2)
+    multi8 = [p.clone() for p in params]
+    one8 = [p.clone() for p in params]
+    state_multi = [list(_fresh_8bit(n)) for n in numels]
+    state_one = [list(_fresh_8bit(n)) for n in numels]
+    multi32 = [p.clone() for p in params]
+    one32 = [p.clone() for p in params]
+    mv_multi = [[torch.zeros(n, device=DEV), torch.zeros(n, device=DEV)] for n in numels]
+    mv_one = [[torch.zeros(n, device=DEV), torch.zeros(n, device=DEV)] for n in numels]
+    for step in range(1, 4):
+        kopt.adamw8bit_multi_step_(multi8, grads[step - 1], *[[s[k] for s in state_multi] for k in range(4)],
+                                   step=step, **kw)
+        kopt.adamw_multi_step_(multi32, grads[step - 1], [s[0] for s in mv_multi], [s[1] for s in mv_multi],
+                               step=step, **kw)
+        for i in range(len(numels)):
+            kopt.adamw8bit_step_(one8[i], grads[step - 1][i], *state_one[i], step=step, **kw)
+            kopt.adamw_step_(one32[i], grads[step - 1][i], *mv_one[i], step=step, **kw)
+    for i, n in enumerate(numels):
+        _assert_bits_equal(multi8[i], one8[i], f"8-bit param {i} ({n} elements)")
+        _assert_bits_equal(multi32[i], one32[i], f"32-bit param {i} ({n} elements)")
+        for k in range(4):
+            _assert_bits_equal(state_multi[i][k], state_one[i][k], f"8-bit state {k} of param {i}")
+        for k in range(2):
+            _assert_bits_equal(mv_multi[i][k], mv_one[i][k], f"32-bit state {k} of param {i}")
+    assert not torch.equal(multi8[6], params[6]) and not torch.equal(multi32[0], params[0])
+
+
+def test_interpreter_multi_tensor_layout_packs_units_from_many_tensors():
+    """Under the interpreter the multi-tensor work table lists (tensor, unit) for every unit, in order, and pads
+    the last program with units past tensor 0's end (which the kernels mask off entirely)."""
+    if not qlora.interpreter_active():
+        pytest.skip("the GPU layout is one tensor per program")
+    work, rows = kopt._unit_rows_table((300, 5, 1024), 256, torch.device("cpu"))
+    units = [(0, 0), (0, 1), (1, 0), (2, 0), (2, 1), (2, 2), (2, 3)]
+    assert rows == 8  # the next power of two of the 7 units, within the interpreter's slab
+    assert work.view(-1, 2).tolist() == [list(u) for u in units] + [[0, 2]]
+    big, rows = kopt._unit_rows_table((1 << 20,), 256, torch.device("cpu"))
+    assert rows == kopt._INTERP_MAX_BLOCK // 256 and big.numel() == 2 * 4096
+
+
 @examples(6)
 @given(n=st.integers(1, 3000), lr=st.floats(1e-5, 1e-3), wd=st.floats(0.0, 0.1), seed=st.integers(0, 2**31 - 1))
 def test_adamw_step_float32_tracks_float64_oracle_and_torch_for_20_steps(n, lr, wd, seed):
