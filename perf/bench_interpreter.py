@@ -10,6 +10,10 @@ rounds divided by the torch layer's minimum measured in the same test): the inte
 user of the library (CI, the demo). On a GPU the cases are skipped (the kernels are compiled there; see
 ``bench_linear.py``).
 
+The optimizer cases time one step of the demo's 72 adapter tensors (r = 8 on MiniLM-L6's 36 linear layers) with
+``qlora.AdamW8bit``, ``qlora.PagedAdamW`` (32-bit, resident) and ``torch.optim.AdamW(foreach=True)``, the reference
+of their ratios.
+
 Run: ``.venv/bin/python -m pytest perf/bench_interpreter.py --benchmark-only``.
 """
 
@@ -87,4 +91,45 @@ def test_demo_layer_forward_backward_interpreter(benchmark, case, m):
     seconds = benchmark.stats.stats.min
     benchmark.extra_info.update(seconds_per_op=seconds, time_ratio_vs_torch=seconds / reference,
                                 problem=f"M={m}, K=384, N=1536, r=8, float32",
+                                timing=bu.INTERPRETER_TIMING)
+
+
+# qlora demo's adapters: MiniLM-L6 (hidden 384, intermediate 1536), r = 8 on the six linear layers of each of its six
+# transformer layers (query, key, value, attention output: 384 -> 384; intermediate 384 -> 1536; output 1536 -> 384).
+DEMO_ADAPTER_SHAPES = 6 * (4 * ((8, 384), (384, 8)) + ((8, 384), (1536, 8)) + ((8, 1536), (384, 8)))
+
+
+def demo_adapter_workloads(seed: int = 0):
+    """``(steps, params)``: one optimizer step of :data:`DEMO_ADAPTER_SHAPES` (72 float32 tensors, 331776 elements)
+    with fixed gradients, for ``qlora.AdamW8bit`` (8-bit state from 4096 elements, 32-bit below: bitsandbytes'
+    ``min_8bit_size``), ``qlora.PagedAdamW`` (32-bit, resident) and ``torch.optim.AdamW(foreach=True)``, each on
+    its own copy of the same parameters."""
+    generator = torch.Generator().manual_seed(seed)
+    base = [torch.randn(shape, generator=generator) * 0.02 for shape in DEMO_ADAPTER_SHAPES]
+    grads = [torch.randn(shape, generator=generator) * 1e-3 for shape in DEMO_ADAPTER_SHAPES]
+    makers = {"qlora_AdamW8bit": lambda ps: qlora.AdamW8bit(ps, lr=1e-3),
+              "qlora_PagedAdamW_32bit_resident": lambda ps: qlora.PagedAdamW(ps, lr=1e-3, paging="none"),
+              "torch_AdamW_foreach": lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True)}
+    steps, params = {}, {}
+    for name, make in makers.items():
+        ps = [nn.Parameter(b.clone()) for b in base]
+        for p, g in zip(ps, grads):
+            p.grad = g.clone()
+        steps[name], params[name] = make(ps).step, ps
+    return steps, params
+
+
+@bu.interpreter_only
+@pytest.mark.parametrize("case", ["qlora_AdamW8bit", "qlora_PagedAdamW_32bit_resident", "torch_AdamW_foreach"])
+def test_demo_adapters_optimizer_step_interpreter(benchmark, case):
+    # Under the interpreter each program costs its tile operations' Python whatever its size: a step over many
+    # small tensors packs units of any tensor into each program (kernels/optim.py, ROWS layout).
+    steps, _ = demo_adapter_workloads()
+    reference = ht.best_seconds(steps["torch_AdamW_foreach"], rounds=5, inner=5)
+    rounds, warmup = (bu.CPU_QUICK_ROUNDS, bu.CPU_QUICK_WARMUP_ROUNDS) if bu.QUICK else (5, 1)
+    benchmark.pedantic(steps[case], rounds=rounds, iterations=1, warmup_rounds=warmup)
+    reference = min(reference, ht.best_seconds(steps["torch_AdamW_foreach"], rounds=5, inner=5))
+    seconds = benchmark.stats.stats.min
+    benchmark.extra_info.update(seconds_per_op=seconds, time_ratio_vs_torch=seconds / reference,
+                                problem=f"{len(DEMO_ADAPTER_SHAPES)} float32 tensors (qlora demo's adapters)",
                                 timing=bu.INTERPRETER_TIMING)

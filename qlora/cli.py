@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "loss curves, the evaluation loss\nand accuracy, a memory breakdown; writes loss_curves.png, "
                     "metrics.json, the adapter (PEFT\nformat) and the head into --out; reloads the adapter into a "
                     "fresh model and exits 1 unless\nits outputs are identical.\n\n"
-                    "Under the Triton interpreter (no GPU) the defaults took about 50 s on 2 CPU cores "
+                    "Under the Triton interpreter (no GPU) the defaults took about 45 s on 2 CPU cores "
                     "(README.md, `time qlora demo`).")
     demo.add_argument("--steps", type=_demo_number("steps", "a step count"), default=d.steps, metavar="N",
                       help=f"training steps (default {d.steps})")

@@ -120,6 +120,27 @@ def test_interpreter_bench_compares_layers_computing_the_same_function():
         assert bool(((ours.double() - theirs.double()).abs() <= bound).all()), name
 
 
+
+@pytest.mark.skipif(not qlora.interpreter_active(), reason="perf/bench_interpreter.py runs under the interpreter only")
+def test_interpreter_bench_compares_optimizers_taking_the_same_step():
+    """perf/bench_interpreter.py's optimizer cases step copies of the same 72 adapter tensors with the same gradients:
+    after one step qlora's 32-bit PagedAdamW equals torch's AdamW to float32 rounding (a few ulps of the update; the
+    oracle tests bound it exactly), and AdamW8bit's parameters moved by the same first step (the first 8-bit step
+    quantizes the new moments after using them, so it moves each parameter exactly as the 32-bit step does)."""
+    steps, params = bench_interpreter.demo_adapter_workloads()
+    shapes = bench_interpreter.DEMO_ADAPTER_SHAPES
+    assert len(shapes) == 72 and sum(torch.Size(s).numel() for s in shapes) == 331776
+    before = [p.detach().clone() for p in params["torch_AdamW_foreach"]]
+    for step in steps.values():
+        step()
+    for name in ("qlora_PagedAdamW_32bit_resident", "qlora_AdamW8bit"):
+        for ours, theirs, start in zip(params[name], params["torch_AdamW_foreach"], before):
+            moved = (theirs.detach() - start).abs()
+            assert bool(moved.min() > 0)  # every element took a step
+            # the step is lr * m / (sqrt(v) + eps) ~ 1e-3: float32 rounding of it and of p is < 1e-9 here
+            assert torch.allclose(ours.detach(), theirs.detach(), rtol=0, atol=1e-8), name
+
+
 # --- optimizers --------------------------------------------------------------------------------------------
 
 
