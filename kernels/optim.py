@@ -501,8 +501,6 @@ def _work_table(numels: tuple[int, ...], unit_elems: int, units_per_program: int
     return table
 
 
-
-
 def _unit_rows_table(numels: tuple[int, ...], unit_elems: int, device: torch.device) -> tuple[torch.Tensor, int]:
     """The interpreter's multi-tensor layout (``ROWS``): int64 ``(2 * programs * rows,)``, (tensor, unit) for every
     unit of ``unit_elems`` elements of every tensor, padded with units past the end of tensor 0 (all masked) to
