@@ -810,11 +810,12 @@ def _matmul_lora_kernel(
     acc += lora_scale * lora
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    out = round_to(acc, c_ptr.dtype.element_ty)
+    mask_out = mask_m[:, None] & mask_n[None, :]
     if INTERPRETER:
-        store_2d(c_ptr, offs_m * N, offs_n, round_to(acc, c_ptr.dtype.element_ty), mask_m[:, None] & mask_n[None, :])
+        store_2d(c_ptr, offs_m * N, offs_n, out, mask_out)
     else:
-        tl.store(c_ptr + offs_m[:, None] * N + offs_n[None, :], round_to(acc, c_ptr.dtype.element_ty),
-                 mask=mask_m[:, None] & mask_n[None, :])
+        tl.store(c_ptr + offs_m[:, None] * N + offs_n[None, :], out, mask=mask_out)
 
 
 # --------------------------------------------------------------------------------------------------------------

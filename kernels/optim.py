@@ -483,11 +483,13 @@ def _index_tensor(values: list[int], device: torch.device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.int64, pin_memory=True).to(device, non_blocking=True)
 
 
-def _work_table(numels: tuple[int, ...], unit_elems: int, units_per_program: int,
-                device: torch.device) -> torch.Tensor:
-    """int64 ``(2 * programs,)``: for each program, the index of its tensor and its first unit (element or
-    256-element block) there; cached per layout, which stays the same from step to step."""
-    key = (numels, unit_elems, units_per_program, device)
+def _work_table(numels: tuple[int, ...], unit_elems: int, units_per_program: int, device: torch.device,
+                pad_to: int = 1) -> torch.Tensor:
+    """int64 ``(2 * entries,)``: for each program, the index of its tensor and its first unit (element or
+    256-element block) there; with ``units_per_program`` 1, (tensor, unit) for every unit (the interpreter's
+    ``ROWS`` layout), padded to a multiple of ``pad_to`` entries with the unit past tensor 0's end (which every
+    access masks off). Cached per layout, which stays the same from step to step."""
+    key = (numels, unit_elems, units_per_program, pad_to, device)
     table = _WORK_TABLES.get(key)
     if table is None:
         work: list[int] = []
@@ -495,6 +497,7 @@ def _work_table(numels: tuple[int, ...], unit_elems: int, units_per_program: int
             units = cdiv(n, unit_elems)
             for first in range(0, units, units_per_program):
                 work += (i, first)
+        work += (0, cdiv(numels[0], unit_elems)) * (-(len(work) // 2) % pad_to)
         if len(_WORK_TABLES) >= 64:  # layouts change only when the set of parameters with gradients does
             _WORK_TABLES.clear()
         table = _WORK_TABLES[key] = _index_tensor(work, device)
@@ -502,25 +505,12 @@ def _work_table(numels: tuple[int, ...], unit_elems: int, units_per_program: int
 
 
 def _unit_rows_table(numels: tuple[int, ...], unit_elems: int, device: torch.device) -> tuple[torch.Tensor, int]:
-    """The interpreter's multi-tensor layout (``ROWS``): int64 ``(2 * programs * rows,)``, (tensor, unit) for every
-    unit of ``unit_elems`` elements of every tensor, padded with units past the end of tensor 0 (all masked) to
-    whole programs of ``rows`` units, and ``rows`` (a power of two, at most _INTERP_MAX_BLOCK elements a program).
-    A step over many small tensors then runs a few programs instead of one per tensor (an interpreted program
-    costs its tile operations' Python, ~35 us each, whatever its size). Cached as :func:`_work_table`."""
-    units = [cdiv(n, unit_elems) for n in numels]
-    rows = min(_INTERP_MAX_BLOCK // unit_elems, next_pow2(sum(units)))
-    key = (numels, unit_elems, "rows", device)
-    table = _WORK_TABLES.get(key)
-    if table is None:
-        work: list[int] = []
-        for i, count in enumerate(units):
-            for unit in range(count):
-                work += (i, unit)
-        work += (0, units[0]) * (-(len(work) // 2) % rows)
-        if len(_WORK_TABLES) >= 64:
-            _WORK_TABLES.clear()
-        table = _WORK_TABLES[key] = _index_tensor(work, device)
-    return table, rows
+    """The interpreter's multi-tensor layout (``ROWS``): the :func:`_work_table` of every unit of ``unit_elems``
+    elements of every tensor, padded to whole programs of ``rows`` units, and ``rows`` (a power of two, at most
+    _INTERP_MAX_BLOCK elements a program). A step over many small tensors then runs a few programs instead of one
+    per tensor (an interpreted program costs its tile operations' Python, ~35 us each, whatever its size)."""
+    rows = min(_INTERP_MAX_BLOCK // unit_elems, next_pow2(sum(cdiv(n, unit_elems) for n in numels)))
+    return _work_table(numels, unit_elems, 1, device, pad_to=rows), rows
 
 
 # Elements of one work unit of the 32-bit kernel under the interpreter (ROWS layout): a tensor's last unit is
