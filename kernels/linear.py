@@ -380,41 +380,63 @@ def _nf4_word_pairs_tile(packed_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr, t
 
 
 @triton.jit
+def _word_tile_columns(BLOCK_C: tl.constexpr):
+    """Interpreter only: int32 (BLOCK_C,), the column (past the tile's first) that each position of
+    :func:`_nf4_word_tile`'s tile holds: position ``(j * BLOCK_C // 16 + w) * 2 + h`` holds column ``16 w + 2 j +
+    h`` (byte j of 64-bit word w, h = 0 the high nibble). Callers index the operand W meets in the dot (x's K
+    columns in the forward, dx's columns) by these columns, so the tile is never permuted back."""
+    # W's column order is (word, byte, nibble); transposed to (byte, word, nibble): four tile operations, where the
+    # arithmetic on a position takes a dozen (~20 us of Python each).
+    return tl.reshape(tl.permute(tl.reshape(tl.arange(0, BLOCK_C), (BLOCK_C // 16, 8, 2)), (1, 0, 2)), (BLOCK_C,))
+
+
+@triton.jit
 def _nf4_word_tile(packed_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr, code_ptr, offset, rows, mask_rows, col0,
                    row_len, BLOCK_C: tl.constexpr, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
                    NESTED_BLOCKSIZE: tl.constexpr, INDEX_64: tl.constexpr, COLS_IN_BOUNDS: tl.constexpr):
     """Interpreter only: float32 (len(rows), BLOCK_C) ``code[q] * scale`` of W (?, row_len) at rows ``rows`` and
-    columns ``col0 + j``, in W's column order; finite outside W (callers zero the other operand there).
+    columns ``col0 + _word_tile_columns(BLOCK_C)`` (byte-major order, below); finite outside W (callers zero the
+    other operand there).
 
     An interpreted load costs per element loaded (~7 ns, plus the pointer and mask arithmetic) and every tile
-    operation its NumPy work plus a fixed ~13 us of Python: W is read as 32-bit words of eight codes (a quarter
-    of the byte loads) and decoded by one shift, one mask and one gather over the whole tile (measured faster
-    than splitting words into bytes and gathering a byte's two values from two 256-entry tables, or from one
-    (256, 2) table: NumPy's take_along_axis is 3x slower on a 2-D index). Little-endian words: byte j holds codes
-    2j (high nibble) and 2j + 1 (low). Needs row_len a multiple of BLOCKSIZE and col0 a multiple of
-    min(BLOCK_C, BLOCKSIZE), as :func:`_nf4_pair_tile`."""
+    operation its NumPy work plus a fixed ~13-35 us of Python: W is read as 64-bit words of sixteen codes (an
+    eighth of the byte loads), split into its bytes by one shift and a uint8 cast, and each byte's two values
+    (high nibble first: the even column) looked up at once in a (256, 2) table, a gather of 8-byte rows. The tile
+    is left byte-major, (row, byte j, word w, nibble h): the shift then runs along whole rows of words, where W's
+    own column order (word, byte, nibble) would put an 8-long axis innermost, and NumPy's broadcast loops cost per
+    innermost run (perf/README.md, "Interpreter speed of the layer", has the figures). Needs row_len a multiple
+    of BLOCKSIZE (>= 32: rows of whole words) and col0 a multiple of min(BLOCK_C, BLOCKSIZE), as
+    :func:`_nf4_pair_tile`."""
+    WORDS: tl.constexpr = BLOCK_C // 16
     SUB: tl.constexpr = BLOCK_C if BLOCK_C < BLOCKSIZE else BLOCKSIZE
     if INDEX_64:  # W's element indices (the scale blocks' below) reach 2^31
         rows = rows.to(tl.int64)
-    # uint32: a logical shift, which the interpreter runs without widening copies of both operands
-    word = _packed_words(packed_ptr, rows, mask_rows, col0, row_len, BLOCK_C, COLS_IN_BOUNDS)
-    # Truncated to uint8 rather than masked to 4 bits: the 256-entry table repeats the 16 codes (entry q + 16 j
-    # holds code q), and the cast is cheaper than a mask over the whole tile.
-    code_byte = (word[:, :, None] >> ((tl.arange(0, 8) ^ 1) * 4).to(tl.uint32)[None, None, :]).to(tl.uint8)
-    values = tl.gather(tl.load(code_ptr + (tl.arange(0, 256) & 15)), tl.reshape(code_byte, (rows.shape[0] * BLOCK_C,)),
-                       0)
+    row_words = row_len // 16
+    offs_w = col0 // 16 + tl.arange(0, WORDS)
+    if COLS_IN_BOUNDS:
+        mask = tl.broadcast_to(mask_rows[:, None], (rows.shape[0], WORDS))
+    else:
+        mask = mask_rows[:, None] & (offs_w < row_words)[None, :]
+    word = load_2d(packed_ptr.to(tl.pointer_type(tl.uint64)), rows * row_words, offs_w, mask, 0)
+    # Little-endian words: byte j is bits 8j .. 8j + 7, its high nibble the even column.
+    byte = (word[:, None, :] >> (tl.arange(0, 8) * 8).to(tl.uint64)[None, :, None]).to(tl.uint8)
+    code = tl.load(code_ptr + tl.arange(0, 16))
+    byte_value = tl.arange(0, 256)
+    pairs = tl.join(tl.gather(code, byte_value >> 4, 0), tl.gather(code, byte_value & 15, 0))  # (256, 2)
+    index = tl.broadcast_to(tl.reshape(byte, (rows.shape[0] * BLOCK_C // 2, 1)), (rows.shape[0] * BLOCK_C // 2, 2))
+    values = tl.reshape(tl.gather(pairs, index, 0), (rows.shape[0], 8, BLOCK_C // SUB, SUB // 8))
     scale = _sub_block_scales(absmax_ptr, absmax2_ptr, nested_code_ptr, offset, rows, mask_rows, col0, row_len,
                               BLOCK_C, BLOCKSIZE, DOUBLE_QUANT, NESTED_BLOCKSIZE, COLS_IN_BOUNDS)
-    return tl.reshape(tl.reshape(values, (rows.shape[0], BLOCK_C // SUB, SUB)) * scale[:, :, None],
-                      (rows.shape[0], BLOCK_C))
+    # Sub-block s: words s * SUB / 16 .. (s + 1) * SUB / 16 of every byte slab j, its columns' scale.
+    return tl.reshape(values * scale[:, None, :, None], (rows.shape[0], BLOCK_C))
 
 
 # Called by the kernels below without the interpreter's per-call re-patching of triton.language (_tl.py).
-(_code_value, _dequant_tile, _pair_tables, _nf4_pair_tile, _packed_words, _sub_block_scales, _nf4_word_tile,
- _nf4_word_pairs_tile, _word_tile, _column_pair) = (
+(_code_value, _dequant_tile, _pair_tables, _nf4_pair_tile, _packed_words, _sub_block_scales, _word_tile_columns,
+ _nf4_word_tile, _nf4_word_pairs_tile, _word_tile, _column_pair) = (
     interpreted_directly(f) for f in (_code_value, _dequant_tile, _pair_tables, _nf4_pair_tile, _packed_words,
-                                      _sub_block_scales, _nf4_word_tile, _nf4_word_pairs_tile, _word_tile,
-                                      _column_pair))
+                                      _sub_block_scales, _word_tile_columns, _nf4_word_tile, _nf4_word_pairs_tile,
+                                      _word_tile, _column_pair))
 
 
 @lean_under_interpreter
@@ -664,15 +686,6 @@ def _matmul_lora_kernel(
         pid_m, pid_n = grouped_tile(tl.program_id(0), (M + BLOCK_M - 1) // BLOCK_M, (N + BLOCK_N - 1) // BLOCK_N,
                                     GROUP_M)
     compute_dtype = a_ptr.dtype.element_ty
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    if EVEN_N:  # N a multiple of BLOCK_N: no column mask (in the forward, none on W's rows)
-        mask_n = tl.full((BLOCK_N,), 1, tl.int1)
-    else:
-        mask_n = offs_n < N
-
-    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     # INTERLEAVE (PAIRS): a byte's two values side by side in W's own column order, one dot per K step; else the
     # even and odd columns apart (perf/README.md, "Fewer instructions per K step", has the figures behind the rule).
     # WORDS: the interpreter's own layout (:func:`_nf4_word_tile`). WORD_PAIRS: NVIDIA's word decode
@@ -689,6 +702,19 @@ def _matmul_lora_kernel(
         WORD_PAIRS: tl.constexpr = compute_dtype != tl.float32 and (
             _wgmma_target() or (_nvidia_target() and not B_TRANSPOSED and BLOCK_K >= 64))
         INTERLEAVE: tl.constexpr = _wgmma_target() or (_nvidia_target() and not B_TRANSPOSED and BLOCK_M >= 128)
+    # The interpreter's word tile is byte-major (:func:`_word_tile_columns`): the operand it meets is indexed so.
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    if PAIRS and WORDS and not B_TRANSPOSED:
+        offs_n = pid_n.to(tl.int64) * BLOCK_N + _word_tile_columns(BLOCK_N)
+    else:
+        offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    if EVEN_N:  # N a multiple of BLOCK_N: no column mask (in the forward, none on W's rows)
+        mask_n = tl.full((BLOCK_N,), 1, tl.int1)
+    else:
+        mask_n = offs_n < N
+
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     if PAIRS and WORD_PAIRS:
         if INTERPRETER:
             table_hi = tl.load(code_ptr + tl.arange(0, 16))
@@ -706,7 +732,10 @@ def _matmul_lora_kernel(
     if FOLD_GRADS:
         u_t = round_to(load_tile(u_ptr, offs_down, offs_m, 1, R, mask_down, mask_m), compute_dtype)
     for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
+        if PAIRS and WORDS and B_TRANSPOSED:
+            offs_k = k0 + _word_tile_columns(BLOCK_K)
+        else:
+            offs_k = k0 + tl.arange(0, BLOCK_K)
         if EVEN_K:  # no K-bound mask: the loads' predicates stay loop-invariant
             mask_k = tl.full((BLOCK_K,), 1, tl.int1)
         else:

@@ -287,6 +287,22 @@ def test_fast_numpy_paths_compute_what_the_interpreter_computes_and_only_during_
                           builder.create_gather(table_2d, index_2d, 1).data)
     with pytest.raises(IndexError):  # out of range: refused as the builder's take_along_axis refuses it
         fast["create_gather"](table, TensorHandle(np.array([256], dtype=np.int32), tl.int32), 0)
+    # Whole rows of a 2-D source (an index broadcast along axis 1, the NF4 word decode's byte pairs), for rows of
+    # 1 to 8 bytes and the dtypes of the index; rows of other widths and an index that is not a broadcast go to
+    # the builder's own take_along_axis.
+    for np_dtype, ty, width in ((np.float32, tl.float32, 2), (np.float32, tl.float32, 1), (np.uint8, tl.uint8, 4),
+                                (np.float16, tl.float16, 4), (np.float32, tl.float32, 3), (np.float64, tl.float64, 2)):
+        rows = TensorHandle((rng.standard_normal((256, width)) * 50).astype(np_dtype), ty)
+        for dtype, ity in ((np.uint8, tl.uint8), (np.int32, tl.int32), (np.int64, tl.int64)):
+            column = rng.integers(0, 256, (1000, 1)).astype(dtype)
+            for index in (np.broadcast_to(column, (1000, width)), np.repeat(column, width, axis=1)):
+                want = builder.create_gather(rows, TensorHandle(index, ity), 0)
+                got = fast["create_gather"](rows, TensorHandle(index, ity), 0)
+                assert got.data.shape == want.data.shape and got.data.dtype == want.data.dtype
+                assert np.array_equal(got.data, want.data) and got.dtype == want.dtype
+    with pytest.raises(IndexError):
+        fast["create_gather"](TensorHandle(np.zeros((256, 2), np.float32), tl.float32),
+                              TensorHandle(np.broadcast_to(np.array([[256]], np.int32), (1, 2)), tl.int32), 0)
     a = np.broadcast_to(rng.random((128, 1)) < 0.5, (128, 64))
     b = np.broadcast_to(rng.random((1, 64)) < 0.5, (128, 64))
     for lhs, rhs, ty in ((a, b, tl.int1), (a.astype(np.int32), b.astype(np.int32), tl.int32)):
