@@ -1126,10 +1126,22 @@ def _check_config(config, m: int):
                          f"got {config}")
 
 
+def word_aligned(packed: torch.Tensor) -> torch.Tensor:
+    """``packed`` itself, or a copy of its bytes that starts on an aligned address where the compiled kernels would
+    read it as 32-bit words from an address that is not a multiple of 4: a view into a larger uint8 buffer can start
+    at any byte, and a GPU faults on a misaligned word load (the GEMV and the fused kernel's word decode read W so).
+    Under the interpreter words are read at any address, and ``packed`` is returned as it is."""
+    if interpreter_active() or packed.data_ptr() % 4 == 0:
+        return packed
+    return packed.clone()
+
+
 class _Weight:
-    """The NF4 weight's kernel arguments; unused double-quant pointers alias absmax."""
+    """The NF4 weight's kernel arguments; unused double-quant pointers alias absmax. ``packed`` word-aligned
+    (:func:`word_aligned`)."""
 
     def __init__(self, packed, absmax, code, shape, blocksize, absmax2, offset, nested_code, double_quant):
+        packed = word_aligned(packed)
         self.packed, self.absmax, self.code, self.blocksize = packed, absmax, code, blocksize
         self.absmax2, self.offset_arg, self.nested_code = absmax2, offset, nested_code
         self.double_quant = double_quant

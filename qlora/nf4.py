@@ -17,6 +17,7 @@ from .bnb_format import DTYPE_NAMES, NESTED_BLOCKSIZE, NF4Fields, check_nf4, nf4
 from .kernels import codebook as _codebook
 from .kernels import quantize as _quantize
 from .kernels._checks import check_backend_device, check_blocksize, check_finite
+from .kernels.linear import word_aligned
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,9 @@ class NF4Weight(NF4Fields):
         check_nf4(self.packed, self.absmax, self.code, self.blocksize, self.shape, self.dtype, self.absmax2,
                   self.offset, self.nested_code, self.nested_blocksize)
         object.__setattr__(self, "shape", torch.Size(self.shape))
+        # Once here, so that no call copies it: a packed view at an odd address, copied where the GPU kernels read
+        # 32-bit words (the same bytes; kernels/linear.py word_aligned).
+        object.__setattr__(self, "packed", word_aligned(self.packed))
 
     @property
     def nbytes(self) -> int:

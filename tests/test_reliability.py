@@ -623,3 +623,60 @@ def test_load_adapter_strict_false_still_refuses_half_pairs_and_foreign_adapters
     save_file(renamed, tmp_path / "adapter" / "adapter_model.safetensors")
     with pytest.raises(ValueError, match="has no entry for any QLoRALinear layer"):
         load_adapter(_two_layer(1), tmp_path / "adapter", strict=False)
+
+
+@pytest.mark.parametrize("rows", [3, 40], ids=["gemv", "fused"])
+def test_a_packed_weight_at_any_byte_address_gives_the_same_layer(rows):
+    """A packed weight that is a view into a larger uint8 buffer may start at any byte; the kernels read it as 32- or
+    64-bit words. Every start gives the aligned weight's forward and gradients, bit for bit (through the
+    functional layer, whose NF4Weight is built from the view, and through the kernel API, which takes the view)."""
+    from qlora.kernels import linear as K
+
+    g = torch.Generator().manual_seed(5)
+    n, k, r = 48, 128, 4
+    weight = quantize_nf4(torch.randn(n, k, generator=g).to(DEVICE))
+    lora_a = torch.randn(r, k, generator=g).to(DEVICE)
+    lora_b = torch.randn(n, r, generator=g).to(DEVICE)
+    x = torch.randn(rows, k, generator=g).to(DEVICE)
+    dy = torch.randn(rows, n, generator=g).to(DEVICE)
+
+    def run(packed: torch.Tensor):
+        w = dataclasses.replace(weight, packed=packed)
+        xs, a, b = (t.clone().requires_grad_(True) for t in (x, lora_a, lora_b))
+        y = qlora_linear(xs, w, a, b, 2.0)
+        y.backward(dy)
+        kernel_y, _ = K.nf4_lora_forward(x, packed, w.absmax, w.code, tuple(w.shape), w.blocksize, lora_a, lora_b,
+                                         2.0, absmax2=w.absmax2, offset=w.offset, nested_code=w.nested_code)
+        return y.detach(), xs.grad, a.grad, b.grad, kernel_y
+
+    want = run(weight.packed)
+    buffer = torch.zeros(weight.packed.numel() + 16, dtype=torch.uint8, device=DEVICE)
+    for start in range(1, 8):
+        view = buffer[start:start + weight.packed.numel()]
+        view.copy_(weight.packed)
+        got = run(view)
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), start
+
+
+def test_word_aligned_copies_a_misaligned_packed_view_only_for_compiled_kernels(monkeypatch):
+    """Compiled for a GPU, the kernels load W as 32-bit words, and a misaligned word load faults: a packed view that
+    does not start on a 4-byte boundary is copied (the same bytes, an aligned start), once when an NF4Weight is
+    built; an aligned one, and every one under the interpreter, is used as it is."""
+    from qlora.kernels import linear as K
+
+    buffer = torch.arange(64, dtype=torch.uint8)
+    aligned, misaligned = buffer[4:36], buffer[1:33]
+    assert aligned.data_ptr() % 4 == 0 and misaligned.data_ptr() % 4 == 1
+    monkeypatch.setattr(K, "interpreter_active", lambda: True)
+    assert K.word_aligned(misaligned) is misaligned
+    monkeypatch.setattr(K, "interpreter_active", lambda: False)
+    assert K.word_aligned(aligned) is aligned
+    copy = K.word_aligned(misaligned)
+    assert copy.data_ptr() % 16 == 0 and torch.equal(copy, misaligned)
+    assert copy.untyped_storage().data_ptr() != buffer.untyped_storage().data_ptr()
+    g = torch.Generator().manual_seed(6)
+    weight = quantize_nf4(torch.randn(8, 64, generator=g))
+    holder = torch.zeros(weight.packed.numel() + 1, dtype=torch.uint8)
+    holder[1:].copy_(weight.packed)
+    rebuilt = dataclasses.replace(weight, packed=holder[1:])
+    assert rebuilt.packed.data_ptr() % 4 == 0 and torch.equal(rebuilt.packed, weight.packed)
