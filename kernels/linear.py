@@ -7,7 +7,7 @@ GPU K must be a multiple of the blocksize for the first two):
 - ``"gemv"`` (M <= ``SMALL_M``): ``_nf4_gemv_kernel`` + ``_gemv_epilogue_kernel`` (forward only);
 - ``"fused"`` (M <= ``FUSED_MAX_M`` of the GPU's architecture; dx also at M <= ``SMALL_M``; the interpreter's
   default at every M):
-  ``_matmul_lora_kernel`` decoding W a packed byte at a time in its K loop (the interpreter: a 32-bit word at a time,
+  ``_matmul_lora_kernel`` decoding W a packed byte at a time in its K loop (the interpreter: a 64-bit word at a time,
   and its dx launch also computes the LoRA and bias gradients when one row tile holds every row), the LoRA term and
   bias in its epilogue;
 - ``"dequant"`` (otherwise): W dequantized into a buffer, then the same GEMM on the dense W.
@@ -38,7 +38,7 @@ from .quantize import launch_dequantize_4bit, unpack_4bit
 
 NESTED_BLOCKSIZE = 256
 # How the interpreter decodes W's tile in the fused kernel (PAIRS) and the decode GEMV: "words" (the default: the
-# fused kernel reads W as 32-bit words and decodes the whole tile by one gather, _nf4_word_tile; the GEMV decodes
+# fused kernel reads W as 64-bit words and decodes the whole tile by one gather, _nf4_word_tile; the GEMV decodes
 # words as NVIDIA GPUs do, _nf4_word_pairs_tile), "word_pairs" (both as NVIDIA GPUs with a 16-bit compute dtype),
 # "split" (a packed byte's even and odd values apart: AMD, float32, sm_80's other builds) or "interleave" (side by
 # side: sm_90 in float32). Tests set the others so that what GPUs run is checked against the oracle on a CPU too.
@@ -654,7 +654,8 @@ def _matmul_lora_kernel(
     (:func:`_nf4_word_pairs_tile`, the GEMV's decode); otherwise a packed byte at a time (:func:`_nf4_pair_tile`),
     a byte's two values interleaved into W's column order on sm_90 and in sm_80's 128-row dx tile, elsewhere its
     even and odd columns multiplied with the even and odd columns of a (forward) or into the even and odd columns
-    of c (dx); under the interpreter a 32-bit word at a time by one gather (:func:`_nf4_word_tile`).
+    of c (dx); under the interpreter a 64-bit word at a time by one gather into a byte-major tile
+    (:func:`_nf4_word_tile`), a's columns (forward) or c's (dx) indexed in its order (:func:`_word_tile_columns`).
     FOLD_DOWN (R <= BLOCK_R): l is not read but computed in the K loop from the a tiles already loaded, l = a @ d with
     d (K, R) at ``k * stride_dk + r * stride_dr`` (u = x A^T in a forward without dropout, g = dy B in dx), and
     written (float32, contiguous) by the programs of column tile 0. FOLD_GRADS (dx with FOLD_DOWN, one row tile:
