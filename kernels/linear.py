@@ -37,9 +37,9 @@ from .lora import (LORA_BLOCK_RS, SPLIT_CHOICES, check_scalar, lora_block_r, lor
 from .quantize import launch_dequantize_4bit, unpack_4bit
 
 NESTED_BLOCKSIZE = 256
-# How the interpreter decodes W's tile in the fused kernel (PAIRS) and the decode GEMV: "words" (the default: the
-# fused kernel reads W as 64-bit words and decodes the whole tile by one gather, _nf4_word_tile; the GEMV decodes
-# words as NVIDIA GPUs do, _nf4_word_pairs_tile), "word_pairs" (both as NVIDIA GPUs with a 16-bit compute dtype),
+# How the interpreter decodes W's tile in the fused kernel (PAIRS) and the decode GEMV: "words" (the default: both
+# read W as 64-bit words and decode the whole tile by one gather into a byte-major tile, _nf4_word_tile), "word_pairs"
+# (both as NVIDIA GPUs with a 16-bit compute dtype, _nf4_word_pairs_tile),
 # "split" (a packed byte's even and odd values apart: AMD, float32, sm_80's other builds) or "interleave" (side by
 # side: sm_90 in float32). Tests set the others so that what GPUs run is checked against the oracle on a CPU too.
 PAIR_LAYOUT_UNDER_INTERPRETER = tl.constexpr("words")
@@ -506,16 +506,23 @@ def _nf4_gemv_kernel(
     # 6.0 instructions per weight element with x first: Triton read both operands through LDS and register moves).
     if INTERPRETER:
         WORDS: tl.constexpr = PAIR_LAYOUT_UNDER_INTERPRETER == "words" or PAIR_LAYOUT_UNDER_INTERPRETER == "word_pairs"
+        # "words": the interpreter's own byte-major tile (_nf4_word_tile, as the fused kernel's), x's K columns
+        # indexed in its order; "word_pairs": the GPUs' word decode, which tests run on a CPU so.
+        BYTE_MAJOR: tl.constexpr = PAIR_LAYOUT_UNDER_INTERPRETER == "words"
     else:
         WORDS: tl.constexpr = _nvidia_target() and compute_dtype != tl.float32
+        BYTE_MAJOR: tl.constexpr = False
     if INTERLEAVE or WORDS:
         acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if WORDS and INTERPRETER:
+    if WORDS and INTERPRETER and not BYTE_MAJOR:
         table = tl.load(code_ptr + tl.arange(0, 16))
     for k0 in range(k_start, k_end, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
+        if BYTE_MAJOR:
+            offs_k = k0 + _word_tile_columns(BLOCK_K)
+        else:
+            offs_k = k0 + tl.arange(0, BLOCK_K)
         if EVEN_K:  # k_start and k_end are then multiples of BLOCK_K: every step lies inside the split
             mask_xk = tl.full((BLOCK_K,), 1, tl.int1)
         else:
@@ -523,9 +530,14 @@ def _nf4_gemv_kernel(
         if WORDS:
             # A step reaches past k_end only in the last split (k_per_split is a multiple of BLOCK_K), so K bounds
             # W's columns (no bound at all with EVEN_K: K a multiple of BLOCK_K); x's mask bounds the split.
-            w = _nf4_word_pairs_tile(packed_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr, table, offset, offs_n,
-                                     mask_n, k0, K, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, NESTED_BLOCKSIZE, INDEX_64,
-                                     EVEN_K, compute_dtype)
+            if BYTE_MAJOR:
+                w = round_to(_nf4_word_tile(packed_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr, code_ptr, offset,
+                                            offs_n, mask_n, k0, K, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, NESTED_BLOCKSIZE,
+                                            INDEX_64, EVEN_K), compute_dtype)
+            else:
+                w = _nf4_word_pairs_tile(packed_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr, table, offset, offs_n,
+                                         mask_n, k0, K, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, NESTED_BLOCKSIZE, INDEX_64,
+                                         EVEN_K, compute_dtype)
             x = load_tile(x_ptr, offs_m, offs_k, stride_xm, stride_xk, mask_m, mask_xk)
             acc_t = dot(w, tl.trans(x), acc_t)
         else:
@@ -961,8 +973,9 @@ def _interpreter_config(rows: int, cols: int, inner: int, path: str) -> MatmulCo
     # row tile decodes W again. Rows first (up to 2048), then columns and the reduction step, each tile (x, W and
     # the accumulator) within the interpreter's 2^20 elements (perf/README.md, "Interpreter speed of the layer").
     if path == "gemv":
-        return MatmulConfig(16 if rows <= 16 else 32, pow2_clamp(cols, 16, 512), pow2_clamp(inner, 32, 1024),
-                            group_m=1, path=path)
+        block_n = pow2_clamp(cols, 16, 2048)
+        return MatmulConfig(16 if rows <= 16 else 32, block_n,
+                            pow2_clamp(inner, 32, min(1024, INTERPRETER_MAX_TILE // block_n)), group_m=1, path=path)
     block_m = pow2_clamp(rows, 16, INTERPRETER_MAX_BLOCK_M)
     block_n = pow2_clamp(cols, 16, min(2048, INTERPRETER_MAX_TILE // block_m))
     block_k = pow2_clamp(inner, 16, min(2048, INTERPRETER_MAX_TILE // block_n, INTERPRETER_MAX_TILE // block_m))
@@ -1297,7 +1310,7 @@ def _launch_gemv(x, weight: _Weight, lora_a, lora_b, bias, keep, scaling, p, con
             BLOCK_R=block_r, num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=False)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     u = torch.empty((m, r), dtype=torch.float32, device=x.device)
-    block_n = pow2_clamp(n, 16, 512) if interp else EPILOGUE_BLOCK_N
+    block_n = pow2_clamp(n, 16, 2048) if interp else EPILOGUE_BLOCK_N
     _gemv_epilogue_kernel[(cdiv(n, block_n),)](
         ws, u_ws, lora_b, y if bias is None else bias, y, u, m, n, r, split, float(scaling), 1.0 / (1.0 - p),
         lora_b.stride(0), lora_b.stride(1), HAS_BIAS=bias is not None, BLOCK_M=config.block_m, BLOCK_N=block_n,

@@ -232,8 +232,9 @@ def test_dx_launch_computes_the_lora_gradients_when_one_row_tile_holds_every_row
                           dtype)
 
 
-@pytest.mark.parametrize("m, k, layout", [(3, 128, "words"), (40, 128, "words"), (40, 128, "word_pairs"),
-                                          (40, 96, "words")], ids=["gemv", "fused", "fused_word_pairs", "dequant"])
+@pytest.mark.parametrize("m, k, layout", [(3, 128, "words"), (3, 128, "word_pairs"), (40, 128, "words"),
+                                          (40, 128, "word_pairs"), (40, 96, "words")],
+                         ids=["gemv", "gemv_word_pairs", "fused", "fused_word_pairs", "dequant"])
 def test_64_bit_indexing_gives_the_same_bits(monkeypatch, m, k, layout):
     """A W of 2^31 or more elements is indexed in int64 (``INDEX_64``); forced on a small W, every path (the decode
     GEMV, the fused kernel's word decodes, the interpreter's and the GPUs', the dequantize-then-GEMM path) gives
@@ -263,7 +264,7 @@ def test_64_bit_indexing_gives_the_same_bits(monkeypatch, m, k, layout):
     assert all((w is None and g is None) or torch.equal(w, g) for w, g in zip(want, got))
 
 
-@pytest.mark.parametrize("layout", ["words", "split", "interleave"])
+@pytest.mark.parametrize("layout", ["words", "word_pairs", "split", "interleave"])
 def test_gemv_reads_no_scale_past_the_weight(monkeypatch, layout):
     """A K step longer than K's rest (K = 192, BLOCK_K = 128) covers scale sub-blocks past the row; for the last
     row they would index past the scales. The weight's scale tensors here are views whose storage continues with
@@ -351,8 +352,22 @@ def decode_cases(draw):
 def test_gemv_path_matches_oracle(case, split_k, block_k, block_n):
     """The decode kernel: K split over programs (some splits empty), BLOCK_K below, at and above the blocksize
     (several scale blocks per row in one step), N not a multiple of the tile, the LoRA down-projection folded
-    into column tile 0, and the split-K epilogue."""
+    into column tile 0, and the split-K epilogue; W by the interpreter's byte-major word tile (its default)."""
     _run_path(case, K.MatmulConfig(_gemv_rows(case), block_n, block_k, split_k=split_k, path="gemv"))
+
+
+@examples(6)
+@given(case=decode_cases(), split_k=st.sampled_from([1, 2, 4]), block_k=st.sampled_from([32, 64, 128]),
+       block_n=st.sampled_from([16, 32]))
+def test_gemv_word_decode_of_the_gpus_matches_oracle(case, split_k, block_k, block_n):
+    """The decode kernel with NVIDIA's word decode (``word_pairs``: :func:`_word_tile`'s column pairs, joins and
+    permute, in W's column order), as sm_80 and sm_90 run it in bf16 and fp16, here under the interpreter."""
+    from unittest import mock
+
+    import triton.language as tl
+
+    with mock.patch.object(K, "PAIR_LAYOUT_UNDER_INTERPRETER", tl.constexpr("word_pairs")):
+        _run_path(case, K.MatmulConfig(_gemv_rows(case), block_n, block_k, split_k=split_k, path="gemv"))
 
 
 def _gemv_rows(case) -> int:
@@ -366,8 +381,8 @@ def _gemv_rows(case) -> int:
 def test_gemv_byte_layouts_match_oracle(layout, case, split_k, block_k):
     """The decode kernel's byte-at-a-time decode, run here under the interpreter: as AMD GPUs and sm_80 in float32
     run it ("split": x split into its even and odd columns) and as sm_90 in float32 (``INTERLEAVE``: a byte's two
-    values interleaved into W's column order, W the MMA's first operand, y^T accumulated). The default layout
-    (``test_gemv_path_matches_oracle``) is NVIDIA's word decode."""
+    values interleaved into W's column order, W the MMA's first operand, y^T accumulated). NVIDIA's word decode is
+    ``test_gemv_word_decode_of_the_gpus_matches_oracle``'s."""
     from unittest import mock
 
     import triton.language as tl
