@@ -73,7 +73,15 @@ CPU_QUICK_ROUNDS, CPU_QUICK_WARMUP_ROUNDS = 1, 1
 
 
 def import_bitsandbytes():
-    """``(module, None)`` when ``import bitsandbytes`` works, else ``(None, reason)``."""
+    """``(module, None)`` when ``import bitsandbytes`` works, else ``(None, reason)``.
+
+    bitsandbytes' CPU backend runs ``from kernels import get_kernel`` (the Hugging Face Hub package) when imported;
+    in a clone of this repository, run from its root, that finds the repository's own ``kernels/`` folder and
+    leaves it in ``sys.modules``, where transformers and peft, imported later in the same process, fail on it. The
+    Hub package is imported first, with the root left out (``qlora.integrations.import_hub_kernels_package``)."""
+    from qlora.integrations import import_hub_kernels_package
+
+    import_hub_kernels_package()
     try:
         import bitsandbytes
         import bitsandbytes.functional  # noqa: F401

@@ -214,3 +214,25 @@ def test_bandwidth_info_arithmetic(monkeypatch):
     assert info["fraction_of_copy"] == pytest.approx(1e-3)
     weight = bu.bandwidth_info(100, None, what="weight")
     assert weight == {"weight_bytes_moved": 100}
+
+
+def test_benchmarks_importing_bitsandbytes_leave_peft_importable():
+    """Regression: run from the repository root (as `python -m pytest` and `python -m perf bench` are), bitsandbytes'
+    import of the Hub package ``kernels`` found this repository's ``kernels/`` folder and left it in
+    ``sys.modules``; peft (through transformers) then failed to import in the same process."""
+    import importlib.util
+    import os
+    import subprocess
+
+    for name in ("bitsandbytes", "peft"):
+        if importlib.util.find_spec(name) is None:
+            pytest.skip(f"{name} is not installed")
+    code = ("import qlora; from perf import benchutil; bnb, reason = benchutil.import_bitsandbytes(); "
+            "import qlora.integrations.peft, sys; "
+            "print(reason is None, sys.modules['kernels'].__file__)")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    imported, kernels_file = proc.stdout.strip().splitlines()[-1].split(" ", 1)
+    assert imported == "True" and Path(kernels_file).resolve() != REPO / "kernels" / "__init__.py", kernels_file
