@@ -311,19 +311,22 @@ def _nf4_pair_tile(packed_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr, code_pt
 
 
 @triton.jit
-def _packed_words(packed_ptr, rows, mask_rows, col0, row_len, BLOCK_C: tl.constexpr, COLS_IN_BOUNDS: tl.constexpr):
-    """uint32 (len(rows), BLOCK_C // 8): the words of eight 4-bit codes holding W (?, row_len) at rows ``rows`` and
-    columns ``col0 .. col0 + BLOCK_C``, 0 outside W. row_len a multiple of the blocksize (>= 32), col0 of 8;
-    COLS_IN_BOUNDS: the caller knows col0 + BLOCK_C <= row_len (no column mask)."""
-    WORDS: tl.constexpr = BLOCK_C // 8
+def _packed_words(packed_ptr, rows, mask_rows, col0, row_len, BLOCK_C: tl.constexpr, COLS_IN_BOUNDS: tl.constexpr,
+                  WORD_BYTES: tl.constexpr = 4):
+    """(len(rows), BLOCK_C // (2 * WORD_BYTES)) uint32 (WORD_BYTES 4) or uint64 (8, the interpreter's tile): the
+    words of 4-bit codes holding W (?, row_len) at rows ``rows`` and columns ``col0 .. col0 + BLOCK_C``, 0 outside
+    W. row_len a multiple of the blocksize (>= 32), col0 of 2 * WORD_BYTES; COLS_IN_BOUNDS: the caller knows
+    col0 + BLOCK_C <= row_len (no column mask)."""
+    CODES: tl.constexpr = 2 * WORD_BYTES
+    WORDS: tl.constexpr = BLOCK_C // CODES
     # Written so, the compiler sees rows that start 16-byte aligned and a column bound constant over 16 bytes.
-    row_words = (row_len // 32) * 4
-    offs_w = udiv(col0, 8) + tl.arange(0, WORDS)
+    row_words = (row_len // 32) * (16 // WORD_BYTES)
+    offs_w = udiv(col0, CODES) + tl.arange(0, WORDS)
     if COLS_IN_BOUNDS:
         mask = tl.broadcast_to(mask_rows[:, None], (rows.shape[0], WORDS))
     else:
         mask = mask_rows[:, None] & (offs_w < row_words)[None, :]
-    words_ptr = packed_ptr.to(tl.pointer_type(tl.uint32))
+    words_ptr = packed_ptr.to(tl.pointer_type(tl.uint32 if WORD_BYTES == 4 else tl.uint64))
     if INTERPRETER:
         return load_2d(words_ptr, rows * row_words, offs_w, mask, 0)
     else:
@@ -380,11 +383,14 @@ def _nf4_word_pairs_tile(packed_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr, t
 
 
 @triton.jit
-def _word_tile_columns(BLOCK_C: tl.constexpr):
-    """Interpreter only: int32 (BLOCK_C,), the column (past the tile's first) that each position of
-    :func:`_nf4_word_tile`'s tile holds: position ``(j * BLOCK_C // 16 + w) * 2 + h`` holds column ``16 w + 2 j +
-    h`` (byte j of 64-bit word w, h = 0 the high nibble). Callers index the operand W meets in the dot (x's K
-    columns in the forward, dx's columns) by these columns, so the tile is never permuted back."""
+def _tile_columns(BLOCK_C: tl.constexpr, BYTE_MAJOR: tl.constexpr):
+    """int32 (BLOCK_C,): the column (past the tile's first) that each position of a decoded W tile holds, ``0 ..
+    BLOCK_C - 1`` in W's own order, or with BYTE_MAJOR (interpreter only) :func:`_nf4_word_tile`'s order: position
+    ``(j * BLOCK_C // 16 + w) * 2 + h`` holds column ``16 w + 2 j + h`` (byte j of 64-bit word w, h = 0 the high
+    nibble). Callers index the operand W meets in the dot (x's K columns in the forward and the GEMV, dx's columns)
+    by these columns, so the tile is never permuted back."""
+    if not BYTE_MAJOR:
+        return tl.arange(0, BLOCK_C)
     # W's column order is (word, byte, nibble); transposed to (byte, word, nibble): four tile operations, where the
     # arithmetic on a position takes a dozen (~20 us of Python each).
     return tl.reshape(tl.permute(tl.reshape(tl.arange(0, BLOCK_C), (BLOCK_C // 16, 8, 2)), (1, 0, 2)), (BLOCK_C,))
@@ -395,7 +401,7 @@ def _nf4_word_tile(packed_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr, code_pt
                    row_len, BLOCK_C: tl.constexpr, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
                    NESTED_BLOCKSIZE: tl.constexpr, INDEX_64: tl.constexpr, COLS_IN_BOUNDS: tl.constexpr):
     """Interpreter only: float32 (len(rows), BLOCK_C) ``code[q] * scale`` of W (?, row_len) at rows ``rows`` and
-    columns ``col0 + _word_tile_columns(BLOCK_C)`` (byte-major order, below); finite outside W (callers zero the
+    columns ``col0 + _tile_columns(BLOCK_C, True)`` (byte-major order, below); finite outside W (callers zero the
     other operand there).
 
     An interpreted load costs per element loaded (~7 ns, plus the pointer and mask arithmetic) and every tile
@@ -407,17 +413,10 @@ def _nf4_word_tile(packed_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr, code_pt
     innermost run (perf/README.md, "Interpreter speed of the layer", has the figures). Needs row_len a multiple
     of BLOCKSIZE (>= 32: rows of whole words) and col0 a multiple of min(BLOCK_C, BLOCKSIZE), as
     :func:`_nf4_pair_tile`."""
-    WORDS: tl.constexpr = BLOCK_C // 16
     SUB: tl.constexpr = BLOCK_C if BLOCK_C < BLOCKSIZE else BLOCKSIZE
     if INDEX_64:  # W's element indices (the scale blocks' below) reach 2^31
         rows = rows.to(tl.int64)
-    row_words = row_len // 16
-    offs_w = col0 // 16 + tl.arange(0, WORDS)
-    if COLS_IN_BOUNDS:
-        mask = tl.broadcast_to(mask_rows[:, None], (rows.shape[0], WORDS))
-    else:
-        mask = mask_rows[:, None] & (offs_w < row_words)[None, :]
-    word = load_2d(packed_ptr.to(tl.pointer_type(tl.uint64)), rows * row_words, offs_w, mask, 0)
+    word = _packed_words(packed_ptr, rows, mask_rows, col0, row_len, BLOCK_C, COLS_IN_BOUNDS, 8)
     # Little-endian words: byte j is bits 8j .. 8j + 7, its high nibble the even column.
     byte = (word[:, None, :] >> (tl.arange(0, 8) * 8).to(tl.uint64)[None, :, None]).to(tl.uint8)
     code = tl.load(code_ptr + tl.arange(0, 16))
@@ -432,10 +431,10 @@ def _nf4_word_tile(packed_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr, code_pt
 
 
 # Called by the kernels below without the interpreter's per-call re-patching of triton.language (_tl.py).
-(_code_value, _dequant_tile, _pair_tables, _nf4_pair_tile, _packed_words, _sub_block_scales, _word_tile_columns,
+(_code_value, _dequant_tile, _pair_tables, _nf4_pair_tile, _packed_words, _sub_block_scales, _tile_columns,
  _nf4_word_tile, _nf4_word_pairs_tile, _word_tile, _column_pair) = (
     interpreted_directly(f) for f in (_code_value, _dequant_tile, _pair_tables, _nf4_pair_tile, _packed_words,
-                                      _sub_block_scales, _word_tile_columns, _nf4_word_tile, _nf4_word_pairs_tile,
+                                      _sub_block_scales, _tile_columns, _nf4_word_tile, _nf4_word_pairs_tile,
                                       _word_tile, _column_pair))
 
 
@@ -519,10 +518,7 @@ def _nf4_gemv_kernel(
     if WORDS and INTERPRETER and not BYTE_MAJOR:
         table = tl.load(code_ptr + tl.arange(0, 16))
     for k0 in range(k_start, k_end, BLOCK_K):
-        if BYTE_MAJOR:
-            offs_k = k0 + _word_tile_columns(BLOCK_K)
-        else:
-            offs_k = k0 + tl.arange(0, BLOCK_K)
+        offs_k = k0 + _tile_columns(BLOCK_K, BYTE_MAJOR)
         if EVEN_K:  # k_start and k_end are then multiples of BLOCK_K: every step lies inside the split
             mask_xk = tl.full((BLOCK_K,), 1, tl.int1)
         else:
@@ -667,7 +663,7 @@ def _matmul_lora_kernel(
     a byte's two values interleaved into W's column order on sm_90 and in sm_80's 128-row dx tile, elsewhere its
     even and odd columns multiplied with the even and odd columns of a (forward) or into the even and odd columns
     of c (dx); under the interpreter a 64-bit word at a time by one gather into a byte-major tile
-    (:func:`_nf4_word_tile`), a's columns (forward) or c's (dx) indexed in its order (:func:`_word_tile_columns`).
+    (:func:`_nf4_word_tile`), a's columns (forward) or c's (dx) indexed in its order (:func:`_tile_columns`).
     FOLD_DOWN (R <= BLOCK_R): l is not read but computed in the K loop from the a tiles already loaded, l = a @ d with
     d (K, R) at ``k * stride_dk + r * stride_dr`` (u = x A^T in a forward without dropout, g = dy B in dx), and
     written (float32, contiguous) by the programs of column tile 0. FOLD_GRADS (dx with FOLD_DOWN, one row tile:
@@ -715,12 +711,9 @@ def _matmul_lora_kernel(
         WORD_PAIRS: tl.constexpr = compute_dtype != tl.float32 and (
             _wgmma_target() or (_nvidia_target() and not B_TRANSPOSED and BLOCK_K >= 64))
         INTERLEAVE: tl.constexpr = _wgmma_target() or (_nvidia_target() and not B_TRANSPOSED and BLOCK_M >= 128)
-    # The interpreter's word tile is byte-major (:func:`_word_tile_columns`): the operand it meets is indexed so.
+    # The interpreter's word tile is byte-major (:func:`_tile_columns`): the operand it meets is indexed so.
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    if PAIRS and WORDS and not B_TRANSPOSED:
-        offs_n = pid_n.to(tl.int64) * BLOCK_N + _word_tile_columns(BLOCK_N)
-    else:
-        offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + _tile_columns(BLOCK_N, PAIRS and WORDS and not B_TRANSPOSED)
     mask_m = offs_m < M
     if EVEN_N:  # N a multiple of BLOCK_N: no column mask (in the forward, none on W's rows)
         mask_n = tl.full((BLOCK_N,), 1, tl.int1)
@@ -745,10 +738,7 @@ def _matmul_lora_kernel(
     if FOLD_GRADS:
         u_t = round_to(load_tile(u_ptr, offs_down, offs_m, 1, R, mask_down, mask_m), compute_dtype)
     for k0 in range(0, K, BLOCK_K):
-        if PAIRS and WORDS and B_TRANSPOSED:
-            offs_k = k0 + _word_tile_columns(BLOCK_K)
-        else:
-            offs_k = k0 + tl.arange(0, BLOCK_K)
+        offs_k = k0 + _tile_columns(BLOCK_K, PAIRS and WORDS and B_TRANSPOSED)
         if EVEN_K:  # no K-bound mask: the loads' predicates stay loop-invariant
             mask_k = tl.full((BLOCK_K,), 1, tl.int1)
         else:

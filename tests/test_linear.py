@@ -356,39 +356,27 @@ def test_gemv_path_matches_oracle(case, split_k, block_k, block_n):
     _run_path(case, K.MatmulConfig(_gemv_rows(case), block_n, block_k, split_k=split_k, path="gemv"))
 
 
-@examples(6)
-@given(case=decode_cases(), split_k=st.sampled_from([1, 2, 4]), block_k=st.sampled_from([32, 64, 128]),
-       block_n=st.sampled_from([16, 32]))
-def test_gemv_word_decode_of_the_gpus_matches_oracle(case, split_k, block_k, block_n):
-    """The decode kernel with NVIDIA's word decode (``word_pairs``: :func:`_word_tile`'s column pairs, joins and
-    permute, in W's column order), as sm_80 and sm_90 run it in bf16 and fp16, here under the interpreter."""
-    from unittest import mock
-
-    import triton.language as tl
-
-    with mock.patch.object(K, "PAIR_LAYOUT_UNDER_INTERPRETER", tl.constexpr("word_pairs")):
-        _run_path(case, K.MatmulConfig(_gemv_rows(case), block_n, block_k, split_k=split_k, path="gemv"))
-
-
 def _gemv_rows(case) -> int:
     """The GEMV row tile for the case's M (kernels/linear.py gemv_config)."""
     return K.gemv_config(case["lead"][0]).block_m
 
 
-@pytest.mark.parametrize("layout", ["split", "interleave"])
+@pytest.mark.parametrize("layout", ["word_pairs", "split", "interleave"])
 @examples(4)
-@given(case=decode_cases(), split_k=st.sampled_from([1, 2]), block_k=st.sampled_from([32, 128]))
-def test_gemv_byte_layouts_match_oracle(layout, case, split_k, block_k):
-    """The decode kernel's byte-at-a-time decode, run here under the interpreter: as AMD GPUs and sm_80 in float32
-    run it ("split": x split into its even and odd columns) and as sm_90 in float32 (``INTERLEAVE``: a byte's two
-    values interleaved into W's column order, W the MMA's first operand, y^T accumulated). NVIDIA's word decode is
-    ``test_gemv_word_decode_of_the_gpus_matches_oracle``'s."""
+@given(case=decode_cases(), split_k=st.sampled_from([1, 2]), block_k=st.sampled_from([32, 64, 128]),
+       block_n=st.sampled_from([16, 32]))
+def test_gemv_gpu_layouts_match_oracle(layout, case, split_k, block_k, block_n):
+    """The decode kernel's GPU decodes, run here under the interpreter: NVIDIA's word decode (``word_pairs``:
+    :func:`_word_tile`'s column pairs, joins and permute, in W's column order), as sm_80 and sm_90 run it in bf16
+    and fp16; the byte-at-a-time decode as AMD GPUs and sm_80 in float32 run it ("split": x split into its even and
+    odd columns) and as sm_90 in float32 (``INTERLEAVE``: a byte's two values interleaved into W's column order, W
+    the MMA's first operand, y^T accumulated)."""
     from unittest import mock
 
     import triton.language as tl
 
     with mock.patch.object(K, "PAIR_LAYOUT_UNDER_INTERPRETER", tl.constexpr(layout)):
-        _run_path(case, K.MatmulConfig(_gemv_rows(case), 16, block_k, split_k=split_k, path="gemv"))
+        _run_path(case, K.MatmulConfig(_gemv_rows(case), block_n, block_k, split_k=split_k, path="gemv"))
 
 
 def _run_word_decode_asm(asm: str, word: int, scale: np.float32, code: np.ndarray, dtype: torch.dtype) -> list[int]:
