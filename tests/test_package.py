@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import json
 import os
 import subprocess
@@ -255,9 +256,10 @@ def test_overflow_sanitizer_is_off_during_a_launch_and_restored_after():
 
 
 def test_fast_numpy_paths_compute_what_the_interpreter_computes_and_only_during_a_launch():
-    """The gather and mask-``&`` replacements give the builder's own results (values, dtype, shape) on every
-    case they take and hand the others to the builder's own methods; they are installed for the launch only, and a
-    method already replaced on the builder by someone else is left as it is."""
+    """The gather, mask-``&``, masked load / store and dot replacements give the builder's own results (values,
+    dtype, shape; for stores, the memory written) on every case they take and hand the others to the builder's own
+    methods; they are installed for the launch only, and a method already replaced on the builder by someone else
+    is left as it is."""
     import numpy as np
     import torch
     import triton
@@ -273,7 +275,7 @@ def test_fast_numpy_paths_compute_what_the_interpreter_computes_and_only_during_
 
     builder = interpreter.interpreter_builder
     fast = _fast_numpy_paths(builder)
-    assert sorted(fast) == ["create_and", "create_gather"]
+    assert sorted(fast) == ["create_and", "create_dot", "create_gather", "create_masked_load", "create_masked_store"]
     rng = np.random.default_rng(0)
     table = TensorHandle(rng.standard_normal(256).astype(np.float32), tl.float32)
     for dtype, ty in ((np.uint8, tl.uint8), (np.int32, tl.int32), (np.int64, tl.int64)):
@@ -320,14 +322,13 @@ def test_fast_numpy_paths_compute_what_the_interpreter_computes_and_only_during_
     kernel = lean_under_interpreter(lookup)
     during = []
     kernel.add_pre_run_hook(lambda *args, **kwargs: during.append(
-        {name: vars(builder).get(name) for name in ("create_gather", "create_and")}))
+        {name: vars(builder).get(name) for name in fast}))
     table_t, idx = torch.randn(16), torch.randint(0, 16, (16,), dtype=torch.int32)
     out = torch.zeros(16)
     kernel[(1,)](table_t, idx, out, 12, BLOCK=16)
     assert torch.equal(out[:12], table_t[idx[:12].long()]) and torch.equal(out[12:], torch.zeros(4))
-    assert all(callable(f) and getattr(f, "__name__", "") in ("create_gather", "create_and")
-               for f in during[0].values())
-    assert "create_gather" not in vars(builder) and "create_and" not in vars(builder)
+    assert all(callable(f) and f.__name__ == name for name, f in during[0].items())
+    assert not any(name in vars(builder) for name in fast)
 
     def their_and(lhs, rhs):  # another tool's replacement, installed before the launch
         return type(builder).create_and(builder, lhs, rhs)
@@ -339,3 +340,98 @@ def test_fast_numpy_paths_compute_what_the_interpreter_computes_and_only_during_
         assert during[1]["create_gather"] is not None and "create_gather" not in vars(builder)
     finally:
         del builder.create_and
+
+
+def test_fast_masked_loads_and_stores_touch_what_the_interpreter_touches():
+    """The masked load / store replacements read and write exactly the elements the builder's own C++ loop does:
+    the same values for every dtype width, tile layout (rows of a matrix, a permuted gather, repeated addresses,
+    one broadcast address), mask and ``other``; the loop itself where they do not apply (an address between two
+    elements, boolean elements, nothing unmasked, ``other`` of another dtype). Stores leave masked and unaddressed
+    memory as it was, and a repeated address ends with the last value, as in the loop. The dot's in-place
+    accumulator gives the builder's sums bit for bit."""
+    import numpy as np
+    import torch
+    import triton.language as tl
+
+    import qlora.kernels
+    from qlora.kernels._runtime import _fast_numpy_paths
+
+    if not qlora.kernels.interpreter_active():
+        pytest.skip("the interpreter's builder only exists under the interpreter")
+    from triton.runtime import interpreter
+    from triton.runtime.interpreter import TensorHandle
+
+    builder = interpreter.interpreter_builder
+    fast = _fast_numpy_paths(builder)
+    # The cache and eviction options after the operands differ in number between Triton versions.
+    load_options = (None,) * (len(inspect.signature(builder.create_masked_load).parameters) - 3)
+    store_options = (None,) * (len(inspect.signature(builder.create_masked_store).parameters) - 3)
+    rng = np.random.default_rng(1)
+    memory = torch.from_numpy(rng.integers(0, 256, 1 << 16, dtype=np.uint8))
+    # Every element type the kernels load, by its NumPy storage type (bfloat16 is held as uint16).
+    types = ((tl.float32, np.float32), (tl.bfloat16, np.uint16), (tl.float16, np.float16), (tl.uint8, np.uint8),
+             (tl.int32, np.int32), (tl.uint64, np.uint64), (tl.int64, np.int64))
+    for ty, np_type in types:
+        size = np.dtype(np_type).itemsize
+        count = memory.numel() // size
+        rows, cols = np.arange(32)[:, None], np.arange(64)[None, :]
+        layouts = {
+            "matrix": (rows * 80 + cols) % count,
+            "permuted": rng.permutation(count)[:2048].reshape(32, 64),
+            "repeated": rng.integers(0, 40, (32, 64)),
+            "one address": np.broadcast_to(np.array([[7]]), (32, 64)),
+        }
+        masks = {"all": np.ones((32, 64), bool), "tile edge": (rows < 29) & (cols < 50),
+                 "random": rng.random((32, 64)) < 0.5, "one": (rows == 3) & (cols == 5)}
+        for layout, index in layouts.items():
+            pointers = TensorHandle((memory.data_ptr() + index.astype(np.uint64) * size).astype(np.uint64),
+                                    tl.pointer_type(ty))
+            for mask_name, mask in masks.items():
+                handle = TensorHandle(mask, tl.int1)
+                for other in (None, TensorHandle(np.full((32, 64), 9, np_type), ty)):
+                    want = builder.create_masked_load(pointers, handle, other, *load_options)
+                    got = fast["create_masked_load"](pointers, handle, other, *load_options)
+                    assert got.data.dtype == want.data.dtype and got.data.shape == want.data.shape, (ty, layout)
+                    same_bits = np.array_equal(got.data.view(f"u{size}"), want.data.view(f"u{size}"))  # NaNs too
+                    assert same_bits and got.dtype == want.dtype, (ty, layout, mask_name)
+                values = TensorHandle(rng.integers(0, 100, (32, 64)).astype(np_type), ty)
+                before = memory.clone()
+                builder.create_masked_store(pointers, values, handle, *store_options)
+                want = memory.clone()
+                memory.copy_(before)
+                fast["create_masked_store"](pointers, values, handle, *store_options)
+                assert torch.equal(memory, want), (ty, layout, mask_name)
+    # Where the replacements hand over to the loop, the loop's results.
+    floats = TensorHandle((memory.data_ptr() + 1 + np.arange(64, dtype=np.uint64) * 4).astype(np.uint64),
+                          tl.pointer_type(tl.float32))
+    pairs = [(floats, TensorHandle(np.ones(64, bool), tl.int1), None)]  # every address 1 byte past a float
+    shifted = (memory.data_ptr() + np.arange(64, dtype=np.uint64) * 4).astype(np.uint64)
+    shifted[5] += 2  # one address between two elements
+    pairs.append((TensorHandle(shifted, tl.pointer_type(tl.float32)), TensorHandle(np.ones(64, bool), tl.int1), None))
+    pairs.append((TensorHandle(shifted, tl.pointer_type(tl.float32)), TensorHandle(np.zeros(64, bool), tl.int1),
+                  TensorHandle(np.arange(64, dtype=np.float32), tl.float32)))  # nothing unmasked
+    pairs.append((TensorHandle(shifted - 2 * (np.arange(64) == 5).astype(np.uint64), tl.pointer_type(tl.int1)),
+                  TensorHandle(np.ones(64, bool), tl.int1), None))  # boolean elements
+    for pointers, handle, other in pairs:
+        want = builder.create_masked_load(pointers, handle, other, *load_options)
+        got = fast["create_masked_load"](pointers, handle, other, *load_options)
+        assert got.data.dtype == want.data.dtype
+        assert np.array_equal(got.data.view(f"u{got.data.itemsize}"), want.data.view(f"u{want.data.itemsize}"))
+        if pointers.get_element_ty() == tl.float32:
+            values = TensorHandle(rng.standard_normal(64).astype(np.float32), tl.float32)
+            before = memory.clone()
+            builder.create_masked_store(pointers, values, handle, *store_options)
+            want_memory = memory.clone()
+            memory.copy_(before)
+            fast["create_masked_store"](pointers, values, handle, *store_options)
+            assert torch.equal(memory, want_memory)
+    # The dot: float32 and float16 operands, an accumulator of the product's shape and a broadcast one.
+    for np_type, ty in ((np.float32, tl.float32), (np.float16, tl.float16)):
+        a = TensorHandle(rng.standard_normal((16, 32)).astype(np_type), ty)
+        b = TensorHandle(rng.standard_normal((32, 8)).astype(np_type), ty)
+        for acc in (rng.standard_normal((16, 8)).astype(np.float32), np.ones((1, 8), np.float32)):
+            d = TensorHandle(acc, tl.float32)
+            want = builder.create_dot(a, b, d, None, None)
+            got = fast["create_dot"](a, b, d, None, None)
+            assert got.data.dtype == want.data.dtype and got.data.shape == want.data.shape
+            assert np.array_equal(got.data, want.data) and got.dtype == want.dtype
