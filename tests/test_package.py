@@ -368,6 +368,21 @@ def test_fast_masked_loads_and_stores_touch_what_the_interpreter_touches():
     store_options = (None,) * (len(inspect.signature(builder.create_masked_store).parameters) - 3)
     rng = np.random.default_rng(1)
     memory = torch.from_numpy(rng.integers(0, 256, 1 << 16, dtype=np.uint8))
+
+    def assert_same_load(pointers, mask, other):
+        want = builder.create_masked_load(pointers, mask, other, *load_options)
+        got = fast["create_masked_load"](pointers, mask, other, *load_options)
+        assert got.data.dtype == want.data.dtype and got.data.shape == want.data.shape and got.dtype == want.dtype
+        bits = f"u{want.data.itemsize}"  # compared as bits: the random bytes hold NaNs
+        assert np.array_equal(got.data.view(bits), want.data.view(bits))
+
+    def assert_same_store(pointers, values, mask):
+        before = memory.clone()
+        builder.create_masked_store(pointers, values, mask, *store_options)
+        want = memory.clone()
+        memory.copy_(before)
+        fast["create_masked_store"](pointers, values, mask, *store_options)
+        assert torch.equal(memory, want)
     # Every element type the kernels load, by its NumPy storage type (bfloat16 is held as uint16).
     types = ((tl.float32, np.float32), (tl.bfloat16, np.uint16), (tl.float16, np.float16), (tl.uint8, np.uint8),
              (tl.int32, np.int32), (tl.uint64, np.uint64), (tl.int64, np.int64))
@@ -389,42 +404,22 @@ def test_fast_masked_loads_and_stores_touch_what_the_interpreter_touches():
             for mask_name, mask in masks.items():
                 handle = TensorHandle(mask, tl.int1)
                 for other in (None, TensorHandle(np.full((32, 64), 9, np_type), ty)):
-                    want = builder.create_masked_load(pointers, handle, other, *load_options)
-                    got = fast["create_masked_load"](pointers, handle, other, *load_options)
-                    assert got.data.dtype == want.data.dtype and got.data.shape == want.data.shape, (ty, layout)
-                    same_bits = np.array_equal(got.data.view(f"u{size}"), want.data.view(f"u{size}"))  # NaNs too
-                    assert same_bits and got.dtype == want.dtype, (ty, layout, mask_name)
-                values = TensorHandle(rng.integers(0, 100, (32, 64)).astype(np_type), ty)
-                before = memory.clone()
-                builder.create_masked_store(pointers, values, handle, *store_options)
-                want = memory.clone()
-                memory.copy_(before)
-                fast["create_masked_store"](pointers, values, handle, *store_options)
-                assert torch.equal(memory, want), (ty, layout, mask_name)
+                    assert_same_load(pointers, handle, other)
+                assert_same_store(pointers, TensorHandle(rng.integers(0, 100, (32, 64)).astype(np_type), ty), handle)
     # Where the replacements hand over to the loop, the loop's results.
-    floats = TensorHandle((memory.data_ptr() + 1 + np.arange(64, dtype=np.uint64) * 4).astype(np.uint64),
-                          tl.pointer_type(tl.float32))
-    pairs = [(floats, TensorHandle(np.ones(64, bool), tl.int1), None)]  # every address 1 byte past a float
-    shifted = (memory.data_ptr() + np.arange(64, dtype=np.uint64) * 4).astype(np.uint64)
-    shifted[5] += 2  # one address between two elements
-    pairs.append((TensorHandle(shifted, tl.pointer_type(tl.float32)), TensorHandle(np.ones(64, bool), tl.int1), None))
-    pairs.append((TensorHandle(shifted, tl.pointer_type(tl.float32)), TensorHandle(np.zeros(64, bool), tl.int1),
-                  TensorHandle(np.arange(64, dtype=np.float32), tl.float32)))  # nothing unmasked
-    pairs.append((TensorHandle(shifted - 2 * (np.arange(64) == 5).astype(np.uint64), tl.pointer_type(tl.int1)),
-                  TensorHandle(np.ones(64, bool), tl.int1), None))  # boolean elements
-    for pointers, handle, other in pairs:
-        want = builder.create_masked_load(pointers, handle, other, *load_options)
-        got = fast["create_masked_load"](pointers, handle, other, *load_options)
-        assert got.data.dtype == want.data.dtype
-        assert np.array_equal(got.data.view(f"u{got.data.itemsize}"), want.data.view(f"u{want.data.itemsize}"))
-        if pointers.get_element_ty() == tl.float32:
-            values = TensorHandle(rng.standard_normal(64).astype(np.float32), tl.float32)
-            before = memory.clone()
-            builder.create_masked_store(pointers, values, handle, *store_options)
-            want_memory = memory.clone()
-            memory.copy_(before)
-            fast["create_masked_store"](pointers, values, handle, *store_options)
-            assert torch.equal(memory, want_memory)
+    every = TensorHandle(np.ones(64, bool), tl.int1)
+    floats = (memory.data_ptr() + np.arange(64, dtype=np.uint64) * 4).astype(np.uint64)
+    between = floats.copy()
+    between[5] += 2  # one address between two elements
+    values = TensorHandle(rng.standard_normal(64).astype(np.float32), tl.float32)
+    for pointers in (floats + 1, between):  # every address 1 byte past a float; one between two
+        assert_same_load(TensorHandle(pointers, tl.pointer_type(tl.float32)), every, None)
+        assert_same_store(TensorHandle(pointers, tl.pointer_type(tl.float32)), values, every)
+    pointers = TensorHandle(floats, tl.pointer_type(tl.float32))
+    assert_same_load(pointers, TensorHandle(np.zeros(64, bool), tl.int1),  # nothing unmasked
+                     TensorHandle(np.arange(64, dtype=np.float32), tl.float32))
+    assert_same_load(pointers, every, TensorHandle(np.zeros(64, np.float64), tl.float64))  # other of another dtype
+    assert_same_load(TensorHandle(floats, tl.pointer_type(tl.int1)), every, None)  # boolean elements
     # The dot: float32 and float16 operands, an accumulator of the product's shape and a broadcast one.
     for np_type, ty in ((np.float32, tl.float32), (np.float16, tl.float16)):
         a = TensorHandle(rng.standard_normal((16, 32)).astype(np_type), ty)
