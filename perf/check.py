@@ -9,7 +9,8 @@ A regression, per build (kernel spec x target): it starts spilling or spills mor
 scratch); it loses its tensor-core instructions (mma.sync, wgmma, v_mfma); registers or shared memory/LDS grow by
 more than the tolerance (10%); instructions per weight element grow by 10% or more; issue_to_mma grows at all; its
 main loop starts waiting for all its warpgroup MMAs (``mma_waits_in_loop``: tensor-core work no longer overlaps
-the issue of the next iteration); a build that compiled no longer does; a build appears or disappears (renames and
+the issue of the next iteration); its main loop's chain of dependent global loads grows (``load_chain``: one more
+memory latency an iteration); a build that compiled no longer does; a build appears or disappears (renames and
 new kernels come with a refreshed baseline). Builds that already failed when the baseline was written are listed
 as known failures on every run.
 """
@@ -25,6 +26,7 @@ DEFAULT_TOLERANCE = {"registers_pct": 10.0, "shared_pct": 10.0, "instr_per_weigh
                      "issue_to_mma_pct": 0.0}
 _FIELDS = ("registers", "sgprs", "spill_bytes", "shared_bytes", "mma", "wgmma", "loop_instructions",
            "instr_per_weight_element", "issue_to_mma", "weight_load_bytes", "weight_load_async", "mma_waits_in_loop",
+           "load_chain",
            # not gated: what the roofline's issue term needs to pick a build and size its launch (perf/roofline.py
            # fused_issue, tiled_issue, per_element_issue)
            "kernel", "config", "num_warps", "regime", "weight_elements_per_iteration")
@@ -103,6 +105,9 @@ def compare(rows: list[dict], baseline: dict, failures: dict[str, str] | None = 
                             f"{b['spill_bytes']} B)")
         if n.get("mma_waits_in_loop") and b.get("mma_waits_in_loop") is False:
             problems.append(f"{key}: its main loop now waits for all its warpgroup MMAs (mma_waits_in_loop)")
+        if _grew(n.get("load_chain"), b.get("load_chain"), 0.0):
+            problems.append(f"{key}: {n['load_chain']} dependent global loads on its main loop's longest chain, "
+                            f"baseline {b['load_chain']} (load_chain)")
         for flag in ("mma", "wgmma"):
             if b.get(flag) and not n.get(flag):
                 problems.append(f"{key}: lost its {flag} tensor-core instructions" if flag == "wgmma" or

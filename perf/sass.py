@@ -17,6 +17,11 @@ Model (perf/README.md, "The SASS cost model"):
 - **issue_to_mma** = issue clocks / MMA clocks: above 1 the loop cannot keep the tensor cores busy however fast
   memory is. Limits: latency (a loop can be slower than its issue time), throughput differences between classes
   (a few ops, e.g. MUFU, issue at a lower rate), and predicated-off instructions are counted as issued (they are).
+- **load_chain**: the latency the issue count leaves out, as a count: the most global loads in one iteration that
+  each wait for the previous one's value (a load whose address, or predicate, is computed from an earlier load of
+  the same iteration, through registers or shared memory). A chain of L costs an iteration at least L memory
+  latencies that only other resident warps can fill; a value loaded in an earlier iteration (prefetched) starts no
+  chain.
 """
 
 from __future__ import annotations
@@ -51,6 +56,12 @@ _CLASS_OF = {
 }
 _WIDTH_RE = re.compile(r"\.(U8|S8|U16|S16|32|64|128)\b")
 _WIDTH_BYTES = {"U8": 1, "S8": 1, "U16": 2, "S16": 2, "32": 4, "64": 8, "128": 16}
+# General, uniform and predicate registers (RZ, URZ, PT and UPT are constants and never match).
+_REGISTER_RE = re.compile(r"(?<![\w.])(U?R\d+|U?P\d)(\.64)?(?![\w])")
+_PREDICATE_RE = re.compile(r"U?P(\d|T)")
+# Opcodes without a register result: their first operand is read (an address, a barrier, a branch target).
+_NO_RESULT = {"BRA", "BAR", "EXIT", "RET", "CALL", "BSSY", "BSYNC", "WARPSYNC", "DEPBAR", "LDGDEPBAR", "NOP",
+              "WARPGROUP", "SYNCS", "ARRIVES", "MEMBAR", "ERRBAR", "CCTL", "FENCE", "UTMALDG", "UTMASTG", "UBLKCP"}
 
 
 @dataclass(frozen=True)
@@ -75,6 +86,52 @@ class Instruction:
         widths = [_WIDTH_BYTES[w] for w in _WIDTH_RE.findall(self.opcode)]
         return max(widths) if widths else 4
 
+    def _operands(self) -> list[str]:
+        return [op.strip() for op in self.operands.split(",") if op.strip()]
+
+    def _result_operands(self) -> int:
+        """How many leading operands this instruction writes: its first (none for stores, branches and barriers)
+        and the predicates that follow it (carry or second comparison outputs: ``IADD3 R40, P0, ...``,
+        ``ISETP... P0, PT, ...``; ``SHFL.IDX PT, R5, ...`` writes both of its first two)."""
+        if self.base in _NO_RESULT or self.klass in ("global_store", "shared_store", "global_load_async"):
+            return 0
+        ops = self._operands()
+        lead = 2 if self.base == "SHFL" else 1
+        while lead < len(ops) and _PREDICATE_RE.fullmatch(ops[lead]):
+            lead += 1
+        return min(lead, len(ops))
+
+    def written(self) -> list[str]:
+        """Registers this instruction writes (:meth:`_result_operands`): a vector load's whole register range, a
+        64-bit result's pair."""
+        regs = []
+        for op in self._operands()[:self._result_operands()]:
+            m = _REGISTER_RE.fullmatch(op)
+            if m is None:
+                continue
+            count = 1
+            if m.group(1).startswith(("R", "UR")):
+                matrices = re.search(r"^LDSM\..*\.(\d)$", self.opcode)  # LDSM.16.M88.4: four registers
+                if matrices:
+                    count = int(matrices.group(1))
+                elif self.klass in ("global_load", "shared_load"):
+                    count = max(1, self.memory_width() // 4)
+                elif ".WIDE" in self.opcode or re.search(r"\.64\b", self.opcode):
+                    count = 2
+            regs += _register_range(m.group(1), count)
+        return regs
+
+    def read(self) -> list[str]:
+        """Registers this instruction reads: its guard predicate and every register operand after its results (a
+        64-bit address ``[R40.64]`` reads R40 and R41); an MMA also reads its accumulator."""
+        regs = [self.predicate.lstrip("@!")] if self.predicate else []
+        for op in self._operands()[self._result_operands():]:
+            for m in _REGISTER_RE.finditer(op):
+                regs += _register_range(m.group(1), 2 if m.group(2) else 1)
+        if self.klass == "mma":
+            regs += self.written()
+        return regs
+
     def mma_flops(self, num_warps: int) -> int:
         """FLOPs this instruction does for a whole CTA of ``num_warps`` warps (0 unless a tensor-core op)."""
         if self.base == "HGMMA":
@@ -90,6 +147,33 @@ class Instruction:
             mm, nn, kk = map(int, m.groups())
             return 2 * mm * nn * kk * num_warps
         return 0
+
+
+def _register_range(name: str, count: int) -> list[str]:
+    m = re.fullmatch(r"(U?[RP])(\d+)", name)
+    return [f"{m.group(1)}{int(m.group(2)) + i}" for i in range(count)]
+
+
+def load_chain(body: list[Instruction]) -> int:
+    """The most global loads on one dependence chain in one pass over ``body`` (a loop iteration): a load's level
+    is 1 + the highest level among the values it reads (address registers and guard predicate); other instructions
+    pass on the highest level they read; a shared-memory store passes its value's level to every later shared
+    load. Registers not yet written in the pass hold level 0 (loaded before the loop or in an earlier iteration)."""
+    level: dict[str, int] = {}
+    shared = 0
+    longest = 0
+    for ins in body:
+        here = max((level.get(r, 0) for r in ins.read()), default=0)
+        if ins.klass == "global_load":
+            here += 1
+            longest = max(longest, here)
+        elif ins.klass == "shared_store":
+            shared = max(shared, here)
+        elif ins.klass == "shared_load":
+            here = max(here, shared)
+        for r in ins.written():
+            level[r] = here
+    return longest
 
 
 @dataclass
@@ -169,6 +253,7 @@ class LoopModel:
     # tensor-core work ends before its warps issue anything more (Triton does so when an MMA operand is written to
     # shared memory from registers in the loop); a pipelined loop waits for all but one group (``0x1``).
     mma_waits_in_loop: bool = False
+    load_chain: int = 0  # dependent global loads on the longest chain of one iteration (:func:`load_chain`)
 
 
 def model(sass: Sass, num_warps: int, arch: int) -> LoopModel:
@@ -210,6 +295,7 @@ def model(sass: Sass, num_warps: int, arch: int) -> LoopModel:
         mma_in_kernel=any(ins.klass == "mma" for ins in instrs),
         instructions_total=sum(ins.base != "NOP" for ins in instrs),
         mma_waits_in_loop=bool(innermost) and any(_waits_for_all_mma(ins) for ins in body),
+        load_chain=load_chain(body),
     )
 
 

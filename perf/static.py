@@ -81,6 +81,7 @@ class StaticResult:
     weight_load_kind: str | None = None
     kernel_instructions: int | None = None
     mma_waits_in_loop: bool | None = None  # the main loop waits for all its warpgroup MMAs (perf/sass.py)
+    load_chain: int | None = None  # dependent global loads on the main loop's longest chain (perf/sass.py)
     artifacts: dict | None = field(default=None, compare=False)  # filled only for --dump; not in reports
 
     @property
@@ -226,7 +227,7 @@ def compile_spec(module_name: str, spec, arch: int | str, dump: bool = False) ->
         weight_load_async=None if weight_load is None else weight_load.asynchronous,
         weight_load_kind=None if weight_load is None else weight_load.kind,
         kernel_instructions=loop.instructions_total, mma_waits_in_loop=loop.mma_waits_in_loop,
-        artifacts=artifacts,
+        load_chain=loop.load_chain, artifacts=artifacts,
     )
 
 
@@ -322,7 +323,7 @@ def _fmt(value, spec="") -> str:
 
 def format_table(results: list[StaticResult]) -> str:
     header = ("kernel", "target", "warps", "regs", "sgpr", "spill B", "smem B", "mma", "loop instr",
-              "instr/elem", "issue/mma", "w-load", "launch")
+              "instr/elem", "issue/mma", "ld chain", "w-load", "launch")
     rows = []
     for r in results:
         wload = "-" if r.weight_load_bytes is None else (
@@ -331,7 +332,8 @@ def format_table(results: list[StaticResult]) -> str:
         rows.append((f"{r.module}.{r.name}", r.target, str(r.num_warps), str(r.registers), _fmt(r.sgprs),
                      str(r.spill_bytes), str(r.shared_bytes),
                      "wgmma" if r.wgmma else ("mma" if r.mma else "-"), loop,
-                     _fmt(r.instr_per_weight_element, ".1f"), _fmt(r.issue_to_mma, ".2f"), wload, r.launch))
+                     _fmt(r.instr_per_weight_element, ".1f"), _fmt(r.issue_to_mma, ".2f"), _fmt(r.load_chain),
+                     wload, r.launch))
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(header)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
     lines.append("  ".join("-" * w for w in widths))

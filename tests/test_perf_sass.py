@@ -146,3 +146,75 @@ def test_amdgcn_metadata():
                                            "vgpr_spills": 12, "sgpr_spills": 0}
     with pytest.raises(RuntimeError, match="vgpr_count"):
         parse_amdgcn_metadata(".sgpr_count: 3")
+
+
+def _loop(body: str) -> str:
+    """A one-loop listing around ``body`` (instruction lines without addresses)."""
+    lines = [line.strip() for line in body.strip().splitlines()]
+    out = ["_k:", ".L_x_1:"]
+    out += [f"        /*{0x10 * i:04x}*/                   {line}" for i, line in enumerate(lines)]
+    out.append(f"        /*{0x10 * len(lines):04x}*/              @!P6 BRA `(.L_x_1) ;")
+    out.append(f"        /*{0x10 * len(lines) + 0x10:04x}*/                   EXIT ;")
+    return "\n".join(out) + "\n"
+
+
+def test_registers_read_and_written():
+    """Operand roles as the load chain needs them: a carry-out predicate is written, a carry-in read; a 64-bit
+    address reads its register pair; a vector load writes its whole range; SHFL and ISETP write their leading
+    predicates; a guard predicate is read; stores write nothing."""
+    def ins(line):
+        (only,) = sass.parse_sass(f"        /*0000*/                   {line}\n").instructions
+        return only
+
+    lea = ins("LEA R56, P0, R40, UR20, 0x2 ;")
+    assert lea.written() == ["R56", "P0"] and lea.read() == ["R40", "UR20"]
+    hi = ins("LEA.HI.X R57, R40, UR21, RZ, 0x2, P0 ;")
+    assert hi.written() == ["R57"] and hi.read() == ["R40", "UR21", "P0"]
+    load = ins("@!P0 LDG.E.128 R72, desc[UR12][R56.64+0x10] ;")
+    assert load.written() == ["R72", "R73", "R74", "R75"] and load.read() == ["P0", "UR12", "R56", "R57"]
+    assert ins("IMAD.WIDE.U32 R52, R61, 0x4, R116 ;").written() == ["R52", "R53"]
+    assert ins("LDSM.16.M88.4 R40, [R8+UR4] ;").written() == ["R40", "R41", "R42", "R43"]
+    shfl = ins("SHFL.IDX PT, R5, R3.reuse, R4, 0x1f ;")
+    assert shfl.written() == ["R5"] and shfl.read() == ["R3", "R4"]
+    setp = ins("ISETP.NE.U32.AND P1, PT, R106, RZ, PT ;")
+    assert setp.written() == ["P1"] and setp.read() == ["R106"]
+    store = ins("STS [R18+UR6], R63 ;")
+    assert store.written() == [] and store.read() == ["R18", "UR6", "R63"]
+
+
+def test_load_chain_counts_loads_waiting_on_loads():
+    """The decode GEMV's scale path: a block's absmax code (a byte load) indexes the nested code table (a second
+    load, its address computed from the first's value): a chain of 2. Through shared memory the chain goes on (3);
+    a guard predicate computed from a loaded value makes the guarded load wait too; a value loaded in the
+    previous iteration (written later in the body) and an asynchronous copy start no chain."""
+    table_lookup = """
+        LDG.E.U8 R40, desc[UR12][R40.64] ;
+        LEA R56, P0, R40, UR20, 0x2 ;
+        LEA.HI.X R57, R40, UR21, RZ, 0x2, P0 ;
+        LDG.E R56, desc[UR12][R56.64] ;
+        FMUL R60, R56, R61 ;
+    """
+    assert sass.model(sass.parse_sass(_loop(table_lookup)), 4, 90).load_chain == 2
+    through_shared = table_lookup + """
+        STS [R18+UR6], R60 ;
+        BAR.SYNC.DEFER_BLOCKING 0x0 ;
+        LDS R64, [R8] ;
+        IMAD.WIDE R66, R64, 0x4, R100 ;
+        LDG.E R70, desc[UR12][R66.64] ;
+    """
+    assert sass.model(sass.parse_sass(_loop(through_shared)), 4, 90).load_chain == 3
+    guarded = """
+        LDG.E R10, desc[UR12][R2.64] ;
+        ISETP.GT.AND P1, PT, R10, RZ, PT ;
+        @P1 LDG.E R12, desc[UR12][R4.64] ;
+    """
+    assert sass.model(sass.parse_sass(_loop(guarded)), 4, 90).load_chain == 2
+    prefetched = """
+        LEA R56, P0, R40, UR20, 0x2 ;
+        LEA.HI.X R57, R40, UR21, RZ, 0x2, P0 ;
+        LDG.E R58, desc[UR12][R56.64] ;
+        LDG.E.U8 R40, desc[UR12][R42.64] ;
+        LDGSTS.E.BYPASS.128 [R5], desc[UR4][R58.64] ;
+    """
+    assert sass.model(sass.parse_sass(_loop(prefetched)), 4, 90).load_chain == 1
+    assert sass.model(sass.parse_sass(_loop("LDGSTS.E.BYPASS.128 [R5], desc[UR4][R6.64] ;")), 4, 90).load_chain == 0
