@@ -11,12 +11,15 @@
 # 2. bench: `python -m perf bench` (fused layer vs dequantize-then-matmul vs dense bf16 vs bitsandbytes when it
 #    imports; quantize/dequantize; optimizer steps; decode M = 1, 4, 16 and M = N = K = 4096);
 # 3. calibrate: the roofline model's prediction beside every measured time, and their ratio;
-# 4. plots: PNG charts of the run.
+# 4. plots: PNG charts of the run;
+# 5. profile: `python -m perf.profile_linear 1 16 4096` into OUT_DIR/profile_linear.log, the GPU time of every
+#    kernel a layer call launches (what the static model is checked against kernel by kernel; GPU only).
 # Every step has its own time cap (seconds, overridable: CAP_TESTS, CAP_BENCH, CAP_OTHER) so the whole stays under
-# 8 minutes on one H100/H200; a step that fails or runs over is reported in OUT_DIR/gpu_check_summary.json and the
+# 10 minutes on one H100/H200; a step that fails or runs over is reported in OUT_DIR/gpu_check_summary.json and the
 # next step still runs. Exit 0 when every step passed, 1 otherwise, 2 on a usage error.
 #
-# --dry-run: the same steps on CPU under the Triton interpreter, tiny shapes (what the default test suite runs).
+# --dry-run: the same steps on CPU under the Triton interpreter, tiny shapes (what the default test suite runs;
+# step 5 skipped).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,7 +28,7 @@ OUT_DIR=""
 for arg in "$@"; do
     case "$arg" in
         --dry-run) DRY_RUN=1 ;;
-        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
         -*) echo "gpu_check.sh: unknown option $arg" >&2; exit 2 ;;
         *) if [ -n "$OUT_DIR" ]; then echo "gpu_check.sh: one OUT_DIR only, got $OUT_DIR and $arg" >&2; exit 2; fi
            OUT_DIR="$arg" ;;
@@ -128,6 +131,15 @@ else
     echo "=== no benchmark results: calibrate and plot skipped"
     printf '{"step": "calibrate", "rc": -1, "seconds": 0, "status": "skipped: no results"}\n' >>"$STEPS_FILE"
     FAILED=1
+fi
+
+# --- 5. kernel times of one layer call -------------------------------------------------------------------------
+if [ "$DRY_RUN" = 0 ]; then
+    step profile "$CAP_OTHER" bash -c '"$0" -m perf.profile_linear 1 16 4096 >"$1" 2>&1' "$PY" \
+        "$OUT_DIR/profile_linear.log"
+else
+    echo "=== step profile: skipped (the interpreter launches no CUDA kernels to time)"
+    printf '{"step": "profile", "rc": 0, "seconds": 0, "status": "skipped: no GPU"}\n' >>"$STEPS_FILE"
 fi
 
 "$PY" - "$STEPS_FILE" "$SUMMARY" "$DRY_RUN" <<'EOF'

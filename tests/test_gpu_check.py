@@ -25,8 +25,9 @@ def test_dry_run_walks_every_step_and_writes_its_files(tmp_path):
     out = tmp_path / "out"
     summary = json.loads((out / "gpu_check_summary.json").read_text())
     assert summary["dry_run"] is True and summary["device"] == "cpu"
-    assert [s["step"] for s in summary["steps"]] == ["tests", "bench", "calibrate", "plot"]
-    assert all(s["status"] == "passed" and s["rc"] == 0 for s in summary["steps"]), summary["steps"]
+    assert [s["step"] for s in summary["steps"]] == ["tests", "bench", "calibrate", "plot", "profile"]
+    assert all(s["status"] == "passed" and s["rc"] == 0 for s in summary["steps"][:4]), summary["steps"]
+    assert summary["steps"][4] == {"step": "profile", "rc": 0, "seconds": 0, "status": "skipped: no GPU"}
     results = json.loads((out / "gpu_check_bench.json").read_text())
     assert results["metadata"]["backend"] == "cpu-interpreter" and results["rows"]
     table = (out / "gpu_check_calibration.md").read_text()
@@ -46,3 +47,11 @@ def test_usage_errors_exit_2(tmp_path):
     assert proc.returncode == 2 and "unknown option --bogus" in proc.stderr
     proc = _run("--dry-run", str(tmp_path / "a"), str(tmp_path / "b"))
     assert proc.returncode == 2 and "one OUT_DIR only" in proc.stderr
+
+
+def test_profile_step_command_refuses_without_a_gpu():
+    """The GPU-only step 5 runs ``python -m perf.profile_linear 1 16 4096``: on this CPU machine the same command
+    parses its M values and exits 2 with its reason (no CUDA device with compiled kernels), not a traceback."""
+    proc = subprocess.run([sys.executable, "-m", "perf.profile_linear", "1", "16", "4096"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "needs a CUDA device" in proc.stderr and "Traceback" not in proc.stderr
