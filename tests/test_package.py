@@ -420,6 +420,19 @@ def test_fast_masked_loads_and_stores_touch_what_the_interpreter_touches():
                      TensorHandle(np.arange(64, dtype=np.float32), tl.float32))
     assert_same_load(pointers, every, TensorHandle(np.zeros(64, np.float64), tl.float64))  # other of another dtype
     assert_same_load(TensorHandle(floats, tl.pointer_type(tl.int1)), every, None)  # boolean elements
+    # Two allocations far apart (a multi-tensor kernel's table of pointers): the span covers the gap between them,
+    # of which only the unmasked addresses are touched.
+    far = torch.arange(1 << 20, dtype=torch.float32)
+    spread = TensorHandle(np.concatenate([floats[:32], far.data_ptr() + np.arange(32, dtype=np.uint64) * 4096]),
+                          tl.pointer_type(tl.float32))
+    assert_same_load(spread, every, None)
+    before_far = far.clone()
+    builder.create_masked_store(spread, values, every, *store_options)
+    want_far = far.clone()
+    far.copy_(before_far)
+    assert_same_store(spread, values, every)  # the bytes of `memory`
+    assert torch.equal(far, want_far)  # and the 32 addressed floats of `far`
+    assert torch.equal(torch.nonzero(far != before_far).flatten(), torch.arange(32) * 1024)  # nothing between
     # The dot: float32 and float16 operands, an accumulator of the product's shape and a broadcast one.
     for np_type, ty in ((np.float32, tl.float32), (np.float16, tl.float16)):
         a = TensorHandle(rng.standard_normal((16, 32)).astype(np_type), ty)
