@@ -59,9 +59,10 @@ _WIDTH_BYTES = {"U8": 1, "S8": 1, "U16": 2, "S16": 2, "32": 4, "64": 8, "128": 1
 # General, uniform and predicate registers (RZ, URZ, PT and UPT are constants and never match).
 _REGISTER_RE = re.compile(r"(?<![\w.])(U?R\d+|U?P\d)(\.64)?(?![\w])")
 _PREDICATE_RE = re.compile(r"U?P(\d|T)")
-# Opcodes without a register result: their first operand is read (an address, a barrier, a branch target).
-_NO_RESULT = {"BRA", "BAR", "EXIT", "RET", "CALL", "BSSY", "BSYNC", "WARPSYNC", "DEPBAR", "LDGDEPBAR", "NOP",
-              "WARPGROUP", "SYNCS", "ARRIVES", "MEMBAR", "ERRBAR", "CCTL", "FENCE", "UTMALDG", "UTMASTG", "UBLKCP"}
+# Classes whose instructions write no register (their first operand is read: an address, a barrier, a branch
+# target), except ELECT (a control op with a predicate and a register result), and three such opcodes of class alu.
+_NO_RESULT_CLASSES = ("control", "global_store", "shared_store", "global_load_async")
+_NO_RESULT_ALU = {"ERRBAR", "CCTL", "FENCE"}
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,7 @@ class Instruction:
         """How many leading operands this instruction writes: its first (none for stores, branches and barriers)
         and the predicates that follow it (carry or second comparison outputs: ``IADD3 R40, P0, ...``,
         ``ISETP... P0, PT, ...``; ``SHFL.IDX PT, R5, ...`` writes both of its first two)."""
-        if self.base in _NO_RESULT or self.klass in ("global_store", "shared_store", "global_load_async"):
+        if (self.klass in _NO_RESULT_CLASSES and self.base != "ELECT") or self.base in _NO_RESULT_ALU:
             return 0
         ops = self._operands()
         lead = 2 if self.base == "SHFL" else 1
