@@ -98,6 +98,26 @@ def test_default_decode_is_the_gemv_with_its_split_k_partials_and_epilogue():
         "lora_down u = x A^T", "sum_splits (16 partials)", "dequantize_nf4", "matmul_lora y = x W^T + s u B^T"]
 
 
+def test_gemv_launch_of_an_explicit_split_and_tile():
+    """``gemv_split`` / ``gemv_block_n`` model an explicit config's GEMV (perf.profile_linear's variants): the
+    partials' bytes follow the split, the grid the split and the tile, and issue is charged only from a baseline
+    build of that tile (a 64-row tile at M = 1 has none: no issue term rather than another tile's)."""
+    m, k, n, r, e = 4, 4096, 4096, 16, 2
+    default = rl.nf4_forward_launches(m, k, n, r, "gemv", triton="3.9")
+    assert default == rl.nf4_forward_launches(m, k, n, r, "gemv", triton="3.9", gemv_split=16, gemv_block_n=128)
+    gemv, epilogue = rl.nf4_forward_launches(m, k, n, r, "gemv", triton="3.9", gemv_split=4)
+    assert gemv.name == "nf4_gemv (4 K splits)"
+    assert gemv.bytes == default[0].bytes - 4 * (16 - 4) * (m * n + m * r)
+    assert epilogue.bytes == default[1].bytes - 4 * (16 - 4) * (m * n + m * r)
+    assert dict(gemv.programs) == {"sm_80": 32 * 4, "sm_90": 32 * 4} and gemv.instructions == default[0].instructions
+    narrow = rl.nf4_forward_launches(m, k, n, r, "gemv", triton="3.9", gemv_split=8, gemv_block_n=64)[0]
+    assert narrow.instructions == () and narrow.programs == ()
+    with pytest.raises(ValueError, match="^gemv_split must"):
+        rl.nf4_forward_launches(m, k, n, r, "gemv", gemv_split=0)
+    with pytest.raises(ValueError, match="^gemv_block_n must"):
+        rl.nf4_forward_launches(m, k, n, r, "gemv", gemv_block_n=-64)
+
+
 def test_default_training_forward_and_backward_counts():
     m, k, n, r, e = 4096, 4096, 4096, 16, 2
     # kernels/lora.py on 132 SMs: M = 4096 < 64 x 132 rows, so 32-row tiles: 128 tiles; want ceil(264 / 128) = 3
@@ -640,3 +660,30 @@ def test_a_grid_smaller_than_the_gpu_runs_on_that_many_sms():
     assert dict(rl.grid_programs(builds, fwd, 64, 4096, 64, block_n=32)) == {"sm_80": 128, "sm_90": 128}
     # the 16-row GEMV: 4096 / 128 column tiles, times its K splits
     assert dict(rl.grid_programs(builds, rl.GEMV_BUILD, 1, 4096, 16, splits=8))["sm_90"] == 32 * 8
+
+
+def test_profiled_decode_variants_get_the_model_time_of_their_own_launch():
+    """``perf.profile_linear`` prints the model's time beside each decode variant it times: the dispatcher's is the
+    default dispatch's prediction, another split the model of that split (fewer partials, a smaller grid), and a
+    launch the committed baseline has no build of (two stages, 64-row tiles) gets none rather than another build's."""
+    import triton
+
+    from perf.profile_linear import decode_variants, model_seconds
+
+    version = ".".join(triton.__version__.split(".")[:2])
+    if version not in ("3.6", "3.9"):
+        pytest.skip(f"no committed static baseline for triton {version}")
+    device = rl.DEVICES["h200"]
+    for m in (1, 4, 16):
+        variants = dict(decode_variants(m, 4096, 4096, sms=132))
+        dispatcher = next(label for label in variants if label.startswith("dispatcher"))
+        want = rl.roofline(rl.lora_forward(m, 4096, 4096, 16, "qlora_default", triton=version), device).predicted_s
+        assert model_seconds(m, 4096, 4096, 16, variants[dispatcher], device) == pytest.approx(want)
+        for label, config in variants.items():
+            got = model_seconds(m, 4096, 4096, 16, config, device)
+            if label == "2 stages" or label.startswith("64-row"):
+                assert got is None, label
+            elif config is not None:
+                ops = rl.nf4_forward_launches(m, 4096, 4096, 16, "gemv", triton=version, gemv_split=config.split_k)
+                assert got == pytest.approx(sum(rl.op_roofline(op, device).predicted_s for op in ops)), label
+                assert got != pytest.approx(want), label  # another split is another launch
