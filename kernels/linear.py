@@ -919,14 +919,17 @@ FUSED_CONFIGS: dict[int, tuple[MatmulConfig, MatmulConfig]] = {
     8: (MatmulConfig(64, 64, 32, num_warps=4), MatmulConfig(128, 128, 64, num_warps=8, num_stages=3)),
     9: (MatmulConfig(64, 64, 32, num_warps=4), MatmulConfig(128, 128, 128, num_warps=8, num_stages=3)),
 }
-# Decode: 16-row tile (tl.dot's minimum), 64 columns of W x 128 of K (two 64-element scale blocks, 32 packed bytes
-# per thread) per step. One stage: latency is hidden by occupancy (94-96 registers). Instructions per weight element
-# as launched at M = 1 (perf static, sm_90 / sm_80), bf16: with the word decode 4.88 / 5.78 under triton 3.9, 4.67 /
-# 6.08 under 3.6; with a byte's codes looked up by warp shuffles before, 6.1 / 6.2 (3.9) and 5.0 / 6.2 (3.6; sm_90
-# with the interleaved layout, 7.1 and 6.2 without); at 64 x 64: 7.9 / 6.7 (3.9), 7.7 / 6.7 (3.6, and 8 bytes of
-# spill on sm_90); the gather-load lookup before that, 64 x 64: 11.2 / 10.1 (3.9), 13.9 / 11.8 (3.6). Wider tiles
-# gain little with the word decode (16 x 64 x 256: 4.65 on sm_90 under 3.9 at 149 registers) until the row mask
-# goes (EVEN_N): then 128 rows of W, GEMV_BLOCK_NS.
+# Decode: 16-row tile (tl.dot's minimum), 128 rows of W (GEMV_BLOCK_NS) x 128 of K (two 64-element scale blocks) per
+# step. One stage: latency is left to occupancy (128 registers, 4 CTAs per SM); two stages load the next step's words
+# and scale codes during this one's decode (load_chain 2 -> 1) for 541 -> 688 instructions per K step on sm_90 (3.9;
+# 545 -> 707 under 3.6, at 168-192 registers), which the issue-bound H200 model pays for and only a GPU can weigh
+# against the latency it hides (perf/profile_linear.py times both). While the step was 64 rows of W, the instructions
+# per weight element as launched at M = 1 (perf static, sm_90 / sm_80), bf16, were: with the word decode 4.88 / 5.78
+# under triton 3.9, 4.67 / 6.08 under 3.6; with a byte's codes looked up by warp shuffles before, 6.1 / 6.2 (3.9) and
+# 5.0 / 6.2 (3.6; sm_90 with the interleaved layout, 7.1 and 6.2 without); at 64 x 64: 7.9 / 6.7 (3.9), 7.7 / 6.7
+# (3.6, and 8 bytes of spill on sm_90); the gather-load lookup before that, 64 x 64: 11.2 / 10.1 (3.9), 13.9 / 11.8
+# (3.6). Wider tiles gain little with the word decode (16 x 64 x 256: 4.65 on sm_90 under 3.9 at 149 registers) until
+# the row mask goes (EVEN_N): then 128 rows of W, GEMV_BLOCK_NS.
 SMALL_M_CONFIG = MatmulConfig(16, 128, 128, group_m=1, num_warps=4, num_stages=1, path="gemv")
 # Row tiles of the GEMV: 16 (tl.dot's minimum) up to 16 rows, 32 up to SMALL_M. W is decoded once per program
 # either way; at 32 rows the launch keeps its split over K (4x the programs of the fused kernel's 64-row tiles at

@@ -356,6 +356,47 @@ def test_gemv_path_matches_oracle(case, split_k, block_k, block_n):
     _run_path(case, K.MatmulConfig(_gemv_rows(case), block_n, block_k, split_k=split_k, path="gemv"))
 
 
+@pytest.mark.parametrize("m, labels", [
+    (1, ["dispatcher (2 splits, 1 stage)", "2 stages", "1 split", "4 splits", "64-row tiles, 1 split"]),
+    # 32 rows: the partials' cap (K / (64 M) splits) leaves 1 split, and its tile already has 64 rows.
+    (32, ["dispatcher (1 split, 1 stage)", "2 stages", "2 splits"]),
+])
+def test_decode_variants_that_the_gpu_profiler_times_match_oracle(m, labels):
+    """``perf.profile_linear`` times these GEMV launches side by side on a GPU (the static model cannot rank them):
+    each is a config the launchers take, and each computes y and the gradients within the oracle's bounds, here at
+    the GPU's own tiles (16 x 128 x 128 or 32 x 64 x 128) on a small weight."""
+    from perf.profile_linear import decode_variants
+
+    variants = decode_variants(m, 256, 512, sms=132)
+    assert [label for label, _ in variants] == labels
+    case = dict(lead=(m,), k=512, n=256, r=8, dtype=torch.bfloat16, has_bias=True, dropout_p=0.0, noncontig=False,
+                blocksize=64, double_quant=True, scaling=2.0, seed=m)
+    base = K.gemv_config(m)
+    for label, cfg in variants[1:]:
+        assert cfg.path == "gemv" and (cfg.block_m, cfg.block_k) == (base.block_m, base.block_k)
+        assert cfg.block_n == (64 if label.startswith("64-row") else base.block_n)
+        _run_path(case, cfg)
+
+
+def test_decode_variants_at_the_profiled_shape():
+    """At K = N = 4096 on 132 SMs: the dispatcher's split (16 at M = 1, 4 at M = 16: _gemv_split_k), the two-stage
+    launch with that split, and half and twice the split; no M outside the GEMV's rows."""
+    from perf.profile_linear import decode_variants
+
+    one = decode_variants(1, 4096, 4096, sms=132)
+    assert [label for label, _ in one] == ["dispatcher (16 splits, 1 stage)", "2 stages", "4 splits", "8 splits",
+                                           "32 splits", "64-row tiles, 8 splits"]
+    assert one[0][1] is None
+    assert [(c.num_stages, c.split_k, c.block_n) for _, c in one[1:]] == [
+        (2, 16, 128), (1, 4, 128), (1, 8, 128), (1, 32, 128), (1, 8, 64)]
+    sixteen = decode_variants(16, 4096, 4096, sms=132)
+    assert [(c.num_stages, c.split_k, c.block_n) for _, c in sixteen[1:]] == [
+        (2, 4, 128), (1, 1, 128), (1, 2, 128), (1, 8, 128), (1, 2, 64)]
+    for m in (0, K.SMALL_M + 1):
+        with pytest.raises(ValueError, match="m must be in"):
+            decode_variants(m, 4096, 4096, sms=132)
+
+
 def _gemv_rows(case) -> int:
     """The GEMV row tile for the case's M (kernels/linear.py gemv_config)."""
     return K.gemv_config(case["lead"][0]).block_m
