@@ -18,9 +18,13 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import replace
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the kernels import torch and triton: only where a function needs them
+    from qlora.kernels.linear import MatmulConfig
 
 
-def decode_variants(m: int, n: int, k: int, sms: int) -> list[tuple[str, object]]:
+def decode_variants(m: int, n: int, k: int, sms: int) -> list[tuple[str, MatmulConfig | None]]:
     """``[(label, config), ...]``: the GEMV launches timed side by side for an (m, k) x (n, k)^T decode on ``sms``
     SMs, ``m <= SMALL_M``.
 
@@ -43,22 +47,23 @@ def decode_variants(m: int, n: int, k: int, sms: int) -> list[tuple[str, object]
         raise ValueError(f"m must be in [1, {L.SMALL_M}] (the decode GEMV's rows), got {m}")
     config = L.gemv_config(m)
     split = L._gemv_split_k(n, k, config, sms, m)
-    def count(n: int, what: str) -> str:
-        return f"{n} {what}" + ("" if n == 1 else "s")
-
-    variants: list[tuple[str, object]] = [
-        (f"dispatcher ({count(split, 'split')}, {count(config.num_stages, 'stage')})", None),
+    variants: list[tuple[str, MatmulConfig | None]] = [
+        (f"dispatcher ({_plural(split, 'split')}, {_plural(config.num_stages, 'stage')})", None),
         ("2 stages", replace(config, num_stages=2, split_k=split))]
     for other in (split // 4, split // 2, split * 2):
         if other in L.SPLIT_K_CHOICES and other * config.block_k <= k:
-            variants.append((count(other, "split"), replace(config, split_k=other)))
+            variants.append((_plural(other, "split"), replace(config, split_k=other)))
     if config.block_n == 128:
         half = max(split // 2, 1)
-        variants.append((f"64-row tiles, {count(half, 'split')}", replace(config, block_n=64, split_k=half)))
+        variants.append((f"64-row tiles, {_plural(half, 'split')}", replace(config, block_n=64, split_k=half)))
     return variants
 
 
-def model_seconds(m: int, n: int, k: int, r: int, config, device) -> float | None:
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")
+
+
+def model_seconds(m: int, n: int, k: int, r: int, config: MatmulConfig | None, device) -> float | None:
     """The static model's time (``perf/roofline.py``, this Triton's committed baseline) of the GEMV and its
     epilogue for the variant ``config`` of :func:`decode_variants` on ``device``; None where the baseline has no
     build of the variant's tiles and stages (the two-stage and 64-row launches) or no baseline exists for this
@@ -73,10 +78,11 @@ def model_seconds(m: int, n: int, k: int, r: int, config, device) -> float | Non
         return None
     version = ".".join(triton.__version__.split(".")[:2])
     try:
-        ops = rl.nf4_forward_launches(m, k, n, r, "gemv", triton=version,
-                                      gemv_split=None if config is None else config.split_k)
+        rl.static_builds(version)
     except ValueError:  # no committed baseline of this Triton
         return None
+    ops = rl.nf4_forward_launches(m, k, n, r, "gemv", triton=version,
+                                  gemv_split=None if config is None else config.split_k)
     return sum(rl.op_roofline(op, device).predicted_s for op in ops)
 
 
