@@ -22,6 +22,11 @@ Model (perf/README.md, "The SASS cost model"):
   the same iteration, through registers or shared memory). A chain of L costs an iteration at least L memory
   latencies that only other resident warps can fill; a value loaded in an earlier iteration (prefetched) starts no
   chain.
+- **outside_loop**: what a program issues once, besides its loops: the instructions outside every loop from the
+  kernel's start to the first ``EXIT`` after its main loop (that one included), per thread. The issue model charges
+  the main loop's trips only, which holds where a program runs many of them; a launch of programs that run two
+  (the decode GEMV at M = 1) issues this much more per program. Conditional code up to that ``EXIT`` counts whole
+  (an upper bound); code past it (the GEMV's column tile 0 work) not at all.
 """
 
 from __future__ import annotations
@@ -255,6 +260,7 @@ class LoopModel:
     # shared memory from registers in the loop); a pipelined loop waits for all but one group (``0x1``).
     mma_waits_in_loop: bool = False
     load_chain: int = 0  # dependent global loads on the longest chain of one iteration (:func:`load_chain`)
+    outside_loop: int | None = None  # per thread, issued once per program (:func:`outside_loop`); None without loop
 
 
 def model(sass: Sass, num_warps: int, arch: int) -> LoopModel:
@@ -273,7 +279,9 @@ def model(sass: Sass, num_warps: int, arch: int) -> LoopModel:
 
         first, last = max(innermost, key=rank)
         body = instrs[first:last + 1]
+        once = outside_loop(sass, last)
     else:
+        once = None
         body = [ins for ins in instrs if ins.base != "NOP"]  # the tail padding after EXIT is not issued
     by_class = {c: 0 for c in CLASSES}
     by_opcode: dict[str, int] = {}
@@ -296,8 +304,18 @@ def model(sass: Sass, num_warps: int, arch: int) -> LoopModel:
         mma_in_kernel=any(ins.klass == "mma" for ins in instrs),
         instructions_total=sum(ins.base != "NOP" for ins in instrs),
         mma_waits_in_loop=bool(innermost) and any(_waits_for_all_mma(ins) for ins in body),
-        load_chain=load_chain(body),
+        load_chain=load_chain(body), outside_loop=once,
     )
+
+
+def outside_loop(sass: Sass, main_last: int) -> int:
+    """Instructions outside every loop of ``sass`` from its start to the first ``EXIT`` after index ``main_last``
+    (the main loop's backward branch), that ``EXIT`` included and tail ``NOP`` s not: what one program issues once
+    per thread besides its loops (module docstring)."""
+    instrs = sass.instructions
+    in_loops = {i for first, last in sass.loops() for i in range(first, last + 1)}
+    end = next((i for i in range(main_last + 1, len(instrs)) if instrs[i].base == "EXIT"), len(instrs) - 1)
+    return sum(1 for i in range(end + 1) if i not in in_loops and instrs[i].base != "NOP")
 
 
 def _waits_for_all_mma(ins: Instruction) -> bool:

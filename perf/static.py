@@ -82,6 +82,7 @@ class StaticResult:
     kernel_instructions: int | None = None
     mma_waits_in_loop: bool | None = None  # the main loop waits for all its warpgroup MMAs (perf/sass.py)
     load_chain: int | None = None  # dependent global loads on the main loop's longest chain (perf/sass.py)
+    outside_loop: int | None = None  # per thread, issued once per program besides its loops (perf/sass.py)
     artifacts: dict | None = field(default=None, compare=False)  # filled only for --dump; not in reports
 
     @property
@@ -227,7 +228,7 @@ def compile_spec(module_name: str, spec, arch: int | str, dump: bool = False) ->
         weight_load_async=None if weight_load is None else weight_load.asynchronous,
         weight_load_kind=None if weight_load is None else weight_load.kind,
         kernel_instructions=loop.instructions_total, mma_waits_in_loop=loop.mma_waits_in_loop,
-        load_chain=loop.load_chain, artifacts=artifacts,
+        load_chain=loop.load_chain, outside_loop=loop.outside_loop, artifacts=artifacts,
     )
 
 
@@ -323,7 +324,7 @@ def _fmt(value, spec="") -> str:
 
 def format_table(results: list[StaticResult]) -> str:
     header = ("kernel", "target", "warps", "regs", "sgpr", "spill B", "smem B", "mma", "loop instr",
-              "instr/elem", "issue/mma", "ld chain", "w-load", "launch")
+              "outside", "instr/elem", "issue/mma", "ld chain", "w-load", "launch")
     rows = []
     for r in results:
         wload = "-" if r.weight_load_bytes is None else (
@@ -331,7 +332,7 @@ def format_table(results: list[StaticResult]) -> str:
         loop = "-" if r.loop_instructions is None else f"{r.loop_instructions}{'' if r.loop else ' (no loop)'}"
         rows.append((f"{r.module}.{r.name}", r.target, str(r.num_warps), str(r.registers), _fmt(r.sgprs),
                      str(r.spill_bytes), str(r.shared_bytes),
-                     "wgmma" if r.wgmma else ("mma" if r.mma else "-"), loop,
+                     "wgmma" if r.wgmma else ("mma" if r.mma else "-"), loop, _fmt(r.outside_loop),
                      _fmt(r.instr_per_weight_element, ".1f"), _fmt(r.issue_to_mma, ".2f"), _fmt(r.load_chain),
                      wload, r.launch))
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(header)]

@@ -104,6 +104,30 @@ def test_hmma_shapes_and_a_kernel_without_loop():
     assert sass.Instruction(0, "LDG.E.U8", "").memory_width() == 1
 
 
+def test_outside_loop_counts_what_a_program_issues_once():
+    """``outside_loop``: instructions outside every loop, from the start to the first EXIT after the main loop (that
+    EXIT included, the trap loop and NOP padding not): _SASS's LDC, its forward BRA and its EXIT. A side loop
+    counts neither as main loop nor as code outside loops; code past a predicated EXIT after the main loop (the
+    GEMV's column tile 0 work) is not counted; a kernel without a loop has no such figure."""
+    assert sass.model(sass.parse_sass(_SASS), num_warps=8, arch=90).outside_loop == 3
+    side = "".join(f"        /*{0xa0 + 0x10 * i:04x}*/                   IADD3 R{i}, R{i}, 0x1, RZ ;\n"
+                   for i in range(4))
+    two_loops = _SASS.split(".L_x_0:")[0] + (
+        ".L_x_3:\n"
+        f"{side}"
+        "        /*00e0*/              @!P4 BRA `(.L_x_3) ;\n"
+        "        /*00f0*/                   STG.E.128 desc[UR4][R2.64], R4 ;\n"
+        "        /*0100*/               @P2 EXIT ;\n"
+        "        /*0110*/                   IADD3 R9, R9, 0x1, RZ ;\n"
+        "        /*0120*/                   STG.E desc[UR4][R2.64], R9 ;\n"
+        ".L_x_0:\n"
+        "        /*0130*/                   EXIT ;\n")
+    m = sass.model(sass.parse_sass(two_loops), num_warps=8, arch=90)
+    assert m.instructions == 8 and m.outside_loop == 4  # LDC, BRA, STG.E.128, @P2 EXIT
+    no_loop = sass.parse_sass(_SASS.replace("@!P3 BRA `(.L_x_1) ;", "IADD3 R1, R1, 0x1, RZ ;"))
+    assert sass.model(no_loop, num_warps=8, arch=90).outside_loop is None
+
+
 _LLIR = textwrap.dedent("""
     define ptx_kernel void @k(ptr addrspace(1) %0, ptr addrspace(1) %1, i32 %2, ptr addrspace(1) %3) {
       %5 = getelementptr i8, ptr addrspace(1) %1, i64 %9

@@ -94,7 +94,7 @@ def _rows():
          "wgmma": False, "loop_instructions": 300, "instr_per_weight_element": None, "issue_to_mma": None},
         {"key": "linear.fwd@sm_90", "registers": 168, "spill_bytes": 0, "shared_bytes": 65536, "mma": False,
          "wgmma": True, "loop_instructions": 1154, "instr_per_weight_element": 36.06, "issue_to_mma": 9.016,
-         "mma_waits_in_loop": False, "load_chain": 1},
+         "mma_waits_in_loop": False, "load_chain": 1, "outside_loop": 1000},
         {"key": "linear.fwd@gfx942", "registers": 224, "sgprs": 74, "spill_bytes": 0, "shared_bytes": 32768,
          "mma": True, "wgmma": False},
     ]
@@ -106,6 +106,7 @@ def test_compare_passes_on_identical_and_within_tolerance():
     grown = _rows()
     grown[1]["registers"] = 180  # +7%: inside the 10% tolerance
     grown[1]["instr_per_weight_element"] = 39.0  # +8.2%: inside the 10% tolerance
+    grown[1]["outside_loop"] = 1100  # +10%: at the tolerance
     assert perf_check.compare(grown, baseline) == []
 
 
@@ -121,6 +122,7 @@ def test_compare_passes_on_identical_and_within_tolerance():
     (2, "sgprs", 90, "90 SGPRs"),
     (1, "mma_waits_in_loop", True, "now waits for all its warpgroup MMAs"),
     (1, "load_chain", 2, "2 dependent global loads"),  # any growth
+    (1, "outside_loop", 1101, "1101 instructions outside its loops per program"),  # +10.1%
 ])
 def test_compare_flags_each_regression(index, field, value, message):
     baseline = perf_check.make_baseline(_rows(), version="3.9")
