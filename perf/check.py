@@ -8,12 +8,12 @@ none it says so and fails (exit 1): a version nobody baselined is not silently p
 A regression, per build (kernel spec x target): it starts spilling or spills more (NVIDIA local/stack bytes, AMD
 scratch); it loses its tensor-core instructions (mma.sync, wgmma, v_mfma); registers or shared memory/LDS grow by
 more than the tolerance (10%); instructions per weight element grow by 10% or more; issue_to_mma grows at all; its
-main loop starts waiting for all its warpgroup MMAs (``mma_waits_in_loop``: tensor-core work no longer overlaps
-the issue of the next iteration); its main loop's chain of dependent global loads grows (``load_chain``: one more
-memory latency an iteration); what a program issues outside its loops grows by more than 10% (``outside_loop``:
-the decode GEMV runs only two loop trips a program at M = 1); a build that compiled no longer does; a build appears or disappears (renames and
-new kernels come with a refreshed baseline). Builds that already failed when the baseline was written are listed
-as known failures on every run.
+main loop starts waiting for all its warpgroup MMAs (``mma_waits_in_loop``: tensor-core work no longer overlaps the
+issue of the next iteration); its main loop's chain of dependent global loads grows (``load_chain``: one more memory
+latency an iteration); what a program issues outside its loops grows by more than 10% (``outside_loop``: the decode
+GEMV runs only two loop trips a program at M = 1); a build that compiled no longer does; a build appears or
+disappears (renames and new kernels come with a refreshed baseline). Builds that already failed when the baseline
+was written are listed as known failures on every run.
 """
 
 from __future__ import annotations
