@@ -76,7 +76,8 @@ def _fast_numpy_paths(builder) -> dict:
       addresses are read or written, as the loop does: a masked pointer's element index is replaced by 0, the
       lowest unmasked address;
     - ``create_dot``: the accumulator added into the product's own buffer (``np.add(..., out=)``) instead of into a
-      third array: the same sums, one full-size allocation less (8-bit float operands: the builder's own method).
+      third array: the same sums, one full-size allocation less (8-bit float operands, or an accumulator not of the
+      product's shape: the builder's own method).
 
     Empty where the builder lacks one of these methods or the handle type (a Triton whose interpreter differs)."""
     try:
@@ -127,20 +128,18 @@ def _fast_numpy_paths(builder) -> dict:
                             ptrs.get_element_ty())
 
     def create_masked_store(ptrs, value, mask, *options):
-        found = span(ptrs.data, mask.data, value.data.dtype)
-        if found is None or value.data.shape != mask.data.shape:
+        found = None if value.data.shape != mask.data.shape else span(ptrs.data, mask.data, value.data.dtype)
+        if found is None:
             return own_store(ptrs, value, mask, *options)
         memory, index = found
         memory[index[mask.data]] = value.data[mask.data]
 
     def create_dot(a, b, d, *options):
-        if any(x.dtype.primitive_bitwidth == 8 and x.dtype.is_floating() for x in (a, b)):
+        if (any(x.dtype.primitive_bitwidth == 8 and x.dtype.is_floating() for x in (a, b))
+                or d.data.shape != a.data.shape[:-1] + b.data.shape[-1:]):
             return own_dot(a, b, d, *options)
         product = np.matmul(a.data, b.data, dtype=d.data.dtype)
-        if product.shape == d.data.shape:
-            np.add(product, d.data, out=product)
-        else:
-            product = product + d.data
+        np.add(product, d.data, out=product)
         return TensorHandle(product, d.dtype.scalar)
 
     def create_gather(src, indices, axis):

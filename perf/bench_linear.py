@@ -127,7 +127,7 @@ class _FusedTiled(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, lora_a, lora_b):
-        kw = _nf4_kwargs(weight)
+        kw = weight.kernel_kwargs()
         y, u = nf4_lora_forward(x, lora_a=lora_a, lora_b=lora_b, scaling=SCALING,
                                 config=fused_tiled_config(x.shape[0]), **kw)
         ctx.save_for_backward(x, u, lora_a, lora_b)
@@ -139,14 +139,8 @@ class _FusedTiled(torch.autograd.Function):
         x, u, lora_a, lora_b = ctx.saved_tensors
         config = fused_tiled_config(x.shape[0], dx=True)
         dx, d_a, d_b, _ = nf4_lora_backward(dy.contiguous(), x, u, lora_a=lora_a, lora_b=lora_b, scaling=SCALING,
-                                            config=config, **_nf4_kwargs(ctx.weight))
+                                            config=config, **ctx.weight.kernel_kwargs())
         return dx, None, d_a, d_b
-
-
-def _nf4_kwargs(weight) -> dict:
-    return dict(packed=weight.packed, absmax=weight.absmax, code=weight.code, shape=tuple(weight.shape),
-                blocksize=weight.blocksize, absmax2=weight.absmax2, offset=weight.offset,
-                nested_code=weight.nested_code, nested_blocksize=weight.nested_blocksize)
 
 
 class Problem:

@@ -39,8 +39,9 @@ def decode_variants(m: int, n: int, k: int, sms: int) -> list[tuple[str, MatmulC
       with half the partials, for 4.59 against 4.23 instructions per weight element on sm_90 (5.59 against 5.45
       on sm_80; ``perf static``, triton 3.9).
 
-    All but the first are explicit :class:`MatmulConfig` s of path "gemv". The two-stage launch computes the same
-    bits; another split or tile sums the float32 partials of y in another order."""
+    All but the first are explicit :class:`MatmulConfig` s of path "gemv". The two-stage launch runs the same
+    operations per K step, so it should give the same bits (the interpreter ignores stages; on a GPU the profile
+    prints whether it did); another split or tile sums the float32 partials of y in another order."""
     from qlora.kernels import linear as L
 
     if not 1 <= m <= L.SMALL_M:
@@ -137,9 +138,7 @@ def profile_decode(m: int, weight, lora_a, lora_b, gen, calls: int = 20) -> None
     on_gpu = weight.packed.is_cuda
     device = roofline_device(torch.cuda.get_device_name(weight.packed.device)) if on_gpu else None
     x = torch.randn(m, k, device=weight.packed.device, generator=gen).to(torch.bfloat16)
-    kwargs = dict(packed=weight.packed, absmax=weight.absmax, code=weight.code, shape=tuple(weight.shape),
-                  blocksize=weight.blocksize, absmax2=weight.absmax2, offset=weight.offset,
-                  nested_code=weight.nested_code, nested_blocksize=weight.nested_blocksize)
+    kwargs = weight.kernel_kwargs()
     print(f"M={m} decode GEMV variants (K = {k}, N = {n}, r = {r}, bf16, no grad; time per call; the static "
           f"model's for {device.key if device else 'this device: none (not a modelled GPU)'}):")
     want = None

@@ -279,7 +279,7 @@ def model(sass: Sass, num_warps: int, arch: int) -> LoopModel:
 
         first, last = max(innermost, key=rank)
         body = instrs[first:last + 1]
-        once = outside_loop(sass, last)
+        once = outside_loop(sass, loops, last)
     else:
         once = None
         body = [ins for ins in instrs if ins.base != "NOP"]  # the tail padding after EXIT is not issued
@@ -308,12 +308,12 @@ def model(sass: Sass, num_warps: int, arch: int) -> LoopModel:
     )
 
 
-def outside_loop(sass: Sass, main_last: int) -> int:
-    """Instructions outside every loop of ``sass`` from its start to the first ``EXIT`` after index ``main_last``
-    (the main loop's backward branch), that ``EXIT`` included and tail ``NOP`` s not: what one program issues once
-    per thread besides its loops (module docstring)."""
+def outside_loop(sass: Sass, loops: list[tuple[int, int]], main_last: int) -> int:
+    """Instructions outside every loop of ``sass`` (``loops``: :meth:`Sass.loops`) from its start to the first
+    ``EXIT`` after index ``main_last`` (the main loop's backward branch), that ``EXIT`` included and tail ``NOP`` s
+    not: what one program issues once per thread besides its loops (module docstring)."""
     instrs = sass.instructions
-    in_loops = {i for first, last in sass.loops() for i in range(first, last + 1)}
+    in_loops = {i for first, last in loops for i in range(first, last + 1)}
     end = next((i for i in range(main_last + 1, len(instrs)) if instrs[i].base == "EXIT"), len(instrs) - 1)
     return sum(1 for i in range(end + 1) if i not in in_loops and instrs[i].base != "NOP")
 

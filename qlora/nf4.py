@@ -63,6 +63,14 @@ class NF4Weight(NF4Fields):
             scale_bytes += self.absmax2.numel() * self.absmax2.element_size()
         return 8.0 * (self.packed.numel() + scale_bytes) / self.numel
 
+    def kernel_kwargs(self) -> dict:
+        """The weight as the keyword arguments of the kernel launchers (``qlora.kernels.linear.nf4_lora_forward`` /
+        ``nf4_lora_backward``: ``packed``, ``absmax``, ``code``, ``shape`` as a tuple, ``blocksize``, ``absmax2``,
+        ``offset``, ``nested_code``, ``nested_blocksize``)."""
+        return dict(packed=self.packed, absmax=self.absmax, code=self.code, shape=tuple(self.shape),
+                    blocksize=self.blocksize, absmax2=self.absmax2, offset=self.offset, nested_code=self.nested_code,
+                    nested_blocksize=self.nested_blocksize)
+
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense weight, ``shape``, in ``dtype`` (default: the original dtype); float32 arithmetic inside."""
         # dequantize_4bit rejects a dtype other than float32/float16/bfloat16 (TypeError naming ``dtype``).

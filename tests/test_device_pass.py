@@ -22,7 +22,7 @@ from qlora.nf4 import quantize_nf4
 from qlora.reference import codebook as RC
 from qlora.reference import quantize as RQ
 from qlora.kernels import linear as KLin
-from test_linear import DTYPES, _check_against_oracle, _dense_weight, _weight_kwargs
+from test_linear import DTYPES, _check_against_oracle, _dense_weight
 
 ON_GPU = torch.cuda.is_available() and not qlora.interpreter_active()
 DEV = qlora.kernels.kernel_device()
@@ -125,7 +125,7 @@ def test_fused_128_row_tile_on_device_matches_oracle(arch, dtype):
     lora_b = (torch.randn(N_OUT, RANK, generator=gen) * 0.5).to(dtype)
     bias = torch.randn(N_OUT, generator=gen).to(dtype)
     dy = torch.randn(m, N_OUT, generator=gen).to(dtype)
-    kw = _weight_kwargs(weight)
+    kw = weight.kernel_kwargs()
     seed = 99
     y, u = KLin.nf4_lora_forward(x.to(DEV), lora_a=lora_a.to(DEV), lora_b=lora_b.to(DEV), scaling=2.0,
                                  bias=bias.to(DEV), dropout_p=p, seed=seed, config=cfg, **kw)

@@ -67,13 +67,6 @@ def _check_against_oracle(x, w, lora_a, lora_b, scaling, bias, mask, dy, y, grad
         _assert_close("dbias", dbias, dbias_ref, bounds.d_bias)
 
 
-def _weight_kwargs(weight: NF4Weight) -> dict:
-    """The NF4 weight as the kernel launchers' keyword arguments."""
-    return dict(packed=weight.packed, absmax=weight.absmax, code=weight.code, shape=tuple(weight.shape),
-                blocksize=weight.blocksize, absmax2=weight.absmax2, offset=weight.offset,
-                nested_code=weight.nested_code, nested_blocksize=weight.nested_blocksize)
-
-
 def _randn(gen, shape, dtype, scale=1.0):
     return (torch.randn(shape, generator=gen) * scale).to(dtype)
 
@@ -146,7 +139,7 @@ def _run_path(case, cfg):
     dtype, p, seed = case["dtype"], case["dropout_p"], case["seed"] % (2**31)
     x2 = x.reshape(-1, case["k"])
     dy2 = dy.reshape(-1, case["n"])
-    kw = _weight_kwargs(weight)
+    kw = weight.kernel_kwargs()
     assert K.choose_path(x2.shape[0], case["k"], weight.blocksize, cfg) == cfg.path
     y, u = K.nf4_lora_forward(x2, lora_a=lora_a, lora_b=lora_b, scaling=case["scaling"], bias=bias, dropout_p=p,
                               seed=seed, config=cfg, **kw)
@@ -191,7 +184,7 @@ def test_interpreter_pair_decode_with_small_tiles_matches_oracle(layout, block_n
 
     weight, x, lora_a, lora_b, bias, dy = _build(case)
     dtype, p, seed = case["dtype"], case["dropout_p"], case["seed"] % (2**31)
-    kw = _weight_kwargs(weight)
+    kw = weight.kernel_kwargs()
     with mock.patch.object(K, "_interpreter_config", tiles), interpreted_launches() as launched, \
             mock.patch.object(K, "PAIR_LAYOUT_UNDER_INTERPRETER", tl.constexpr(layout)):
         y, u = K.nf4_lora_forward(x, lora_a=lora_a, lora_b=lora_b, scaling=case["scaling"], bias=bias,
@@ -217,7 +210,7 @@ def test_dx_launch_computes_the_lora_gradients_when_one_row_tile_holds_every_row
     cfg = K.MatmulConfig(64, 16, 16, group_m=1, path="fused")
     weight, x, lora_a, lora_b, bias, dy = _build(case)
     dtype, p, seed = case["dtype"], case["dropout_p"], case["seed"] % (2**31)
-    kw = _weight_kwargs(weight)
+    kw = weight.kernel_kwargs()
     y, u = K.nf4_lora_forward(x, lora_a=lora_a, lora_b=lora_b, scaling=case["scaling"], bias=bias, dropout_p=p,
                               seed=seed, config=cfg, **kw)
     keep = KL.lora_dropout_bits(seed, x.shape, p) if p > 0 else None  # the forward's mask, as the layer saves it
@@ -244,7 +237,7 @@ def test_64_bit_indexing_gives_the_same_bits(monkeypatch, m, k, layout):
     monkeypatch.setattr(K, "PAIR_LAYOUT_UNDER_INTERPRETER", tl.constexpr(layout))
     gen = torch.Generator().manual_seed(11)
     weight = quantize_nf4(_randn(gen, (24, k), torch.bfloat16))
-    kw = _weight_kwargs(weight)
+    kw = weight.kernel_kwargs()
     x, dy = _randn(gen, (m, k), torch.bfloat16), _randn(gen, (m, 24), torch.bfloat16)
     a, b = _randn(gen, (4, k), torch.bfloat16, 0.2), _randn(gen, (24, 4), torch.bfloat16)
 
@@ -286,8 +279,8 @@ def test_gemv_reads_no_scale_past_the_weight(monkeypatch, layout):
     def bait(t, value):
         return torch.cat([t, torch.full((64,), value, dtype=t.dtype)])[: t.numel()]
 
-    want = forward(**_weight_kwargs(weight))
-    y = forward(**{**_weight_kwargs(weight), "absmax": bait(weight.absmax, 255),
+    want = forward(**weight.kernel_kwargs())
+    y = forward(**{**weight.kernel_kwargs(), "absmax": bait(weight.absmax, 255),
                    "absmax2": bait(weight.absmax2, float("nan"))})
     assert torch.isfinite(y).all()
     assert torch.equal(y, want)
@@ -727,7 +720,7 @@ def test_qlora_linear_rejects_bad_inputs(small, change, error, message):
 
 
 def test_kernel_launchers_reject_bad_inputs(small):
-    kw = _weight_kwargs(small["weight"])
+    kw = small["weight"].kernel_kwargs()
     x, a, b = small["x"], small["a"], small["b"]
     with pytest.raises(ValueError, match="packed must hold 120 bytes"):
         K.nf4_lora_forward(x, lora_a=a, lora_b=b, scaling=1.0, **{**kw, "packed": kw["packed"][:-1]})
@@ -940,7 +933,7 @@ def test_launch_counts_per_layer(m, k, p, forward, backward):
     weight = quantize_nf4(_randn(gen, (24, k), torch.bfloat16))
     x, a = _randn(gen, (m, k), torch.bfloat16), _randn(gen, (4, k), torch.bfloat16)
     b = _randn(gen, (24, 4), torch.bfloat16)
-    kw = _weight_kwargs(weight)
+    kw = weight.kernel_kwargs()
     keep = KL.lora_dropout_bits(9, (m, k), p) if p > 0 else None
     with interpreted_launches() as counts:
         y, u = K.nf4_lora_forward(x, lora_a=a, lora_b=b, scaling=1.0, dropout_p=p, seed=9, **kw)
@@ -982,9 +975,9 @@ def test_dropout_mask_generated_once_and_read_by_the_backward(monkeypatch, m):
     assert torch.equal(keep, KL.lora_dropout_bits(seed, (m, k), p))
     grads = (x.grad, a.grad, b.grad, bias.grad)
     _, u = K.nf4_lora_forward(x.detach(), lora_a=a.detach(), lora_b=b.detach(), scaling=scaling, bias=bias.detach(),
-                              dropout_p=p, keep=keep, **_weight_kwargs(weight))
+                              dropout_p=p, keep=keep, **weight.kernel_kwargs())
     want = K.nf4_lora_backward(dy, x.detach(), u, lora_a=a.detach(), lora_b=b.detach(), scaling=scaling,
-                               dropout_p=p, keep=keep, need_bias=True, **_weight_kwargs(weight))
+                               dropout_p=p, keep=keep, need_bias=True, **weight.kernel_kwargs())
     assert all(torch.equal(got, w) for got, w in zip(grads, want))
     mask = torch.where(KL.expand_keep_bits(keep, k), torch.tensor(1.0 / (1.0 - p)), torch.tensor(0.0))
     _check_against_oracle(x, _dense_weight(weight, dtype), a, b, scaling, bias, mask, dy, y, grads, dtype)

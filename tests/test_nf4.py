@@ -343,3 +343,28 @@ def test_kernels_import_nothing_from_the_layer_above():
         bad = re.findall(r"^\s*(?:from\s+(?:qlora(?!\.kernels)\S*|\.\.\S*)\s+import|import\s+qlora(?!\.kernels))",
                          text, re.M)
         assert not bad, (path.name, bad)
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_kernel_kwargs_are_the_launchers_weight_arguments(double_quant):
+    """``NF4Weight.kernel_kwargs`` names exactly the weight parameters of the layer's kernel launchers, and a forward
+    with zero LoRA factors through them gives x @ W^T with W the container's own dequantized weight (float32, one
+    K block per row: every product exact to float32 rounding of the sum, bounded by K * eps * sum |x w|)."""
+    import inspect
+
+    from qlora.kernels import linear as K
+
+    gen = torch.Generator().manual_seed(3)
+    weight = quantize_nf4(torch.randn(48, 64, generator=gen), blocksize=64, double_quant=double_quant)
+    kwargs = weight.kernel_kwargs()
+    for launcher in (K.nf4_lora_forward, K.nf4_lora_backward):
+        params = inspect.signature(launcher).parameters
+        assert set(kwargs) <= set(params), set(kwargs) - set(params)
+    assert set(inspect.signature(K.nf4_lora_forward).parameters) - set(kwargs) == {
+        "x", "lora_a", "lora_b", "scaling", "bias", "dropout_p", "seed", "keep", "config"}
+    x = torch.randn(5, 64, generator=gen)
+    y, _ = K.nf4_lora_forward(x, lora_a=torch.zeros(4, 64), lora_b=torch.zeros(48, 4), scaling=1.0, **kwargs)
+    w = weight.dequantize(torch.float32).double()
+    want = x.double() @ w.T
+    bound = 64 * torch.finfo(torch.float32).eps * (x.double().abs() @ w.abs().T)
+    assert torch.all((y.double() - want).abs() <= bound)
