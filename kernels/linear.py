@@ -4,7 +4,9 @@ x (M, K), W (N, K) as NF4, lora_a (R, K), lora_b (N, R), bias (N,); compute dtyp
 wherever W is dequantized it equals ``dequantize_4bit(..., dtype)`` bit for bit. Paths (``choose_path``; on a
 GPU K must be a multiple of the blocksize for the first two):
 
-- ``"gemv"`` (M <= ``SMALL_M``): ``_nf4_gemv_kernel`` + ``_gemv_epilogue_kernel`` (forward only);
+- ``"gemv"`` (M <= ``SMALL_M``): ``_nf4_gemv_kernel``, K split over programs, the last program of each column
+  tile summing the split's partials into y (forward only; a fill launch zeroes its arrival counts first;
+  ``MatmulConfig.fold_epilogue`` False: ``_gemv_epilogue_kernel`` sums them in a launch of its own);
 - ``"fused"`` (M <= ``FUSED_MAX_M`` of the GPU's architecture; dx also at M <= ``SMALL_M``; the interpreter's
   default at every M):
   ``_matmul_lora_kernel`` decoding W a packed byte at a time in its K loop (the interpreter: a 64-bit word at a time,
@@ -443,17 +445,23 @@ def _nf4_word_tile(packed_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr, code_pt
 def _nf4_gemv_kernel(
     # pointers
     x_ptr, packed_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr, code_ptr, a_ptr, bits_ptr, ws_ptr, u_ws_ptr,
+    arrivals_ptr, b_ptr, bias_ptr, y_ptr, u_ptr,
     # sizes
-    M, N, K, R, offset, k_per_split, words_per_row,
+    M, N, K, R, offset, k_per_split, words_per_row, scaling, u_scale,
     # strides
-    stride_xm, stride_xk, stride_ar, stride_ak,
+    stride_xm, stride_xk, stride_ar, stride_ak, stride_bn, stride_br,
     # meta-parameters
     BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, INDEX_64: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, FOLD: tl.constexpr, U_FIRST: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
 ):
     """ws[s] (M, N) float32 = x[:, split s] @ W[:, split s]^T (M <= BLOCK_M; K a multiple of BLOCKSIZE), and for
-    column tile 0 u_ws[s] (M, R) float32 = (x * keep)[:, split s] @ A[:, split s]^T.
+    column tile 0 u_ws[s] (M, R) float32 = (x * keep)[:, split s] @ A[:, split s]^T. With FOLD the launch also
+    does :func:`_gemv_epilogue_kernel`'s work (y, u; bit for bit the same): the last of a column tile's S + 1
+    arrivals (its S splits and the event "u complete", counted in ``arrivals`` (tiles + 1,) int32, zeros at launch)
+    writes the tile's y (:func:`_gemv_arrive`); U_FIRST: column tile 0 computes its u partial before its W work, so
+    that u completes early and its last program seldom finishes other tiles.
 
     Program (n tile, s) reads rows of W (row n starts at byte n * K / 2; high nibbles are the even columns, low
     nibbles the odd ones). On NVIDIA GPUs with a 16-bit compute dtype (WORDS) as 32-bit words decoded by
@@ -471,6 +479,16 @@ def _nf4_gemv_kernel(
     compute_dtype = x_ptr.dtype.element_ty
     offs_m = tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
+    # Split bounds are multiples of BLOCK_K (k_per_split) or K (a multiple of BLOCKSIZE >= 32): telling the
+    # compiler so keeps the bounds masks constant over 16-byte vectors.
+    k_start = tl.multiple_of(pid_s * k_per_split, BLOCK_K)
+    k_end = min(K, k_start + k_per_split)
+    if FOLD and U_FIRST:
+        if pid_n == 0:
+            _gemv_down_partial(x_ptr, a_ptr, bits_ptr, u_ws_ptr, pid_s, M, R, k_start, k_end, words_per_row,
+                               stride_xm, stride_xk, stride_ak, stride_ar, HAS_DROPOUT, BLOCK_M, BLOCK_K, BLOCK_R)
+            _gemv_u_arrive(ws_ptr, u_ws_ptr, arrivals_ptr, b_ptr, bias_ptr, y_ptr, u_ptr, M, N, R, scaling,
+                           u_scale, stride_bn, stride_br, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_R)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     if EVEN_N:  # N a multiple of BLOCK_N: no row mask, so no predicated loads (and their zero fills) of W's rows
         mask_n = tl.full((BLOCK_N,), 1, tl.int1)
@@ -480,10 +498,6 @@ def _nf4_gemv_kernel(
         offs_n = offs_n.to(tl.int64)
     # K is a multiple of BLOCKSIZE >= 32: every row starts on a 16-byte boundary (128-bit loads).
     row_bytes = offs_n * tl.multiple_of(K // 2, 16)
-    # Split bounds are multiples of BLOCK_K (k_per_split) or K (a multiple of BLOCKSIZE >= 32): telling the
-    # compiler so keeps the bounds masks constant over 16-byte vectors.
-    k_start = tl.multiple_of(pid_s * k_per_split, BLOCK_K)
-    k_end = min(K, k_start + k_per_split)
     k_end_half = tl.multiple_of(k_end // 2, 16)
 
     # On NVIDIA GPUs the 16-entry code table lives in the lanes of each warp and a code is looked up with one
@@ -571,17 +585,144 @@ def _nf4_gemv_kernel(
         acc = tl.trans(acc_t)
     ws = ws_ptr + pid_s.to(tl.int64) * M * N
     tl.store(ws + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask_m[:, None] & mask_n[None, :])
+    if FOLD:
+        _gemv_arrive(ws_ptr, u_ws_ptr, arrivals_ptr, b_ptr, bias_ptr, y_ptr, u_ptr, pid_n, M, N, R, scaling,
+                     u_scale, stride_bn, stride_br, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_R)
+    if not (FOLD and U_FIRST):
+        if pid_n == 0:
+            _gemv_down_partial(x_ptr, a_ptr, bits_ptr, u_ws_ptr, pid_s, M, R, k_start, k_end, words_per_row,
+                               stride_xm, stride_xk, stride_ak, stride_ar, HAS_DROPOUT, BLOCK_M, BLOCK_K, BLOCK_R)
+            if FOLD:
+                _gemv_u_arrive(ws_ptr, u_ws_ptr, arrivals_ptr, b_ptr, bias_ptr, y_ptr, u_ptr, M, N, R, scaling,
+                               u_scale, stride_bn, stride_br, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_R)
 
-    if pid_n == 0:
+
+@triton.jit
+def _l2_tile(ptr, rows, cols, stride_r, mask_r, mask_c):
+    """:func:`load_tile` (unit column stride) through L2 only (``.cg``): partials that other programs of the same
+    launch wrote are never read from a stale L1 line."""
+    if INTERPRETER:
+        return load_2d(ptr, rows * stride_r, cols, mask_r[:, None] & mask_c[None, :], 0.0)
+    else:
+        return tl.load(ptr + rows[:, None] * stride_r + cols[None, :], mask=mask_r[:, None] & mask_c[None, :],
+                       other=0.0, cache_modifier=".cg")
+
+
+@triton.jit
+def _gemv_down_partial(x_ptr, a_ptr, bits_ptr, u_ws_ptr, pid_s, M, R, k_start, k_end, words_per_row, stride_xm,
+                       stride_xk, stride_ak, stride_ar, HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    """u_ws[s] (M, R) float32 = (x * keep)[:, k_start:k_end] @ A[:, k_start:k_end]^T: split s's part of u."""
+    offs_m = tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    for r0 in range(0, R, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        mask_r = offs_r < R
+        # b = A^T: element (k, r) of lora_a (R, K) at k * stride_ak + r * stride_ar.
+        u = down_accumulate(tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32), x_ptr, a_ptr, bits_ptr, offs_m,
+                            mask_m, offs_r, mask_r, k_start, k_end, words_per_row, stride_xm, stride_xk,
+                            stride_ak, stride_ar, HAS_DROPOUT, BLOCK_K)
+        u_ws = u_ws_ptr + pid_s.to(tl.int64) * M * R
+        tl.store(u_ws + offs_m[:, None] * R + offs_r[None, :], u, mask=mask_m[:, None] & mask_r[None, :])
+
+
+@triton.jit
+def _summed_u(u_ws_ptr, offs_m, mask_m, offs_r, mask_r, M, R, num_splits, u_scale):
+    """u (len(offs_m), len(offs_r)) float32 = u_scale * sum over splits s (in order) of u_ws[s]."""
+    u = tl.zeros((offs_m.shape[0], offs_r.shape[0]), dtype=tl.float32)
+    for s in range(0, num_splits):
+        u += _l2_tile(u_ws_ptr + s * M * R, offs_m, offs_r, R, mask_m, mask_r)
+    return u * u_scale
+
+
+@triton.jit
+def _gemv_output_tile(ws_ptr, u_ws_ptr, b_ptr, bias_ptr, y_ptr, u_ptr, pid_n, M, N, R, num_splits, scaling,
+                      u_scale, stride_bn, stride_br, store_u, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """y[:, tile pid_n] (M, BLOCK_N) = sum_s ws[s] + scaling * round(u) @ B^T + bias, summed in split order, with
+    u (M, R) = u_scale * sum_s u_ws[s], also written to u_ptr where ``store_u``; M <= BLOCK_M."""
+    compute_dtype = y_ptr.dtype.element_ty
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for s in range(0, num_splits):
+        acc += _l2_tile(ws_ptr + s * M * N, offs_m, offs_n, N, mask_m, mask_n)
+    lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        mask_r = offs_r < R
+        u = _summed_u(u_ws_ptr, offs_m, mask_m, offs_r, mask_r, M, R, num_splits, u_scale)
+        if store_u:
+            tl.store(u_ptr + offs_m[:, None] * R + offs_r[None, :], u, mask=mask_m[:, None] & mask_r[None, :])
+        b_t = load_tile(b_ptr, offs_r, offs_n, stride_br, stride_bn, mask_r, mask_n)
+        lora = dot(round_to(u, compute_dtype), b_t, lora)
+    acc += scaling * lora
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m[:, None] * N + offs_n[None, :], round_to(acc, compute_dtype),
+             mask=mask_m[:, None] & mask_n[None, :])
+
+
+# The GEMV's folded epilogue (FOLD): each column tile counts S + 1 arrivals, its S splits' partials stored and the
+# event "u complete" (all S partials of u stored), and whichever arrival is the last writes the tile's y; nobody
+# waits on anybody, so no order of programs can stall the launch. An arrival is CUTLASS's semaphore pattern: a
+# barrier (every thread's stores done), then one thread's acq_rel atomic at GPU scope (Triton gives a scalar atomic
+# to thread 0 and broadcasts its result through shared memory behind a second barrier), and the partials read back
+# with .cg loads (L2, never a stale L1 line). tests/test_linear.py checks the PTX for that order.
+
+
+@triton.jit
+def _gemv_arrive(ws_ptr, u_ws_ptr, arrivals_ptr, b_ptr, bias_ptr, y_ptr, u_ptr, pid_n, M, N, R, scaling, u_scale,
+                 stride_bn, stride_br, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_R: tl.constexpr):
+    """A split's arrival at column tile ``pid_n`` after storing its partial; the last of the S + 1 writes y."""
+    num_splits = tl.num_programs(1)
+    tl.debug_barrier()
+    before = tl.atomic_add(arrivals_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+    if before == num_splits:
+        _gemv_output_tile(ws_ptr, u_ws_ptr, b_ptr, bias_ptr, y_ptr, u_ptr, pid_n, M, N, R, num_splits, scaling,
+                          u_scale, stride_bn, stride_br, False, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_R)
+
+
+@triton.jit
+def _gemv_u_arrive(ws_ptr, u_ws_ptr, arrivals_ptr, b_ptr, bias_ptr, y_ptr, u_ptr, M, N, R, scaling, u_scale,
+                   stride_bn, stride_br, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_R: tl.constexpr):
+    """Column tile 0's arrival with its u partial stored (counted in ``arrivals[tiles]``). The last of the S writes
+    u, then arrives at every column tile with the event "u complete" and writes y of the tiles whose splits had
+    all arrived already."""
+    num_splits = tl.num_programs(1)
+    tiles = tl.num_programs(0)
+    tl.debug_barrier()
+    before = tl.atomic_add(arrivals_ptr + tiles, 1, sem="acq_rel", scope="gpu")
+    if before == num_splits - 1:
+        offs_m = tl.arange(0, BLOCK_M)
+        mask_m = offs_m < M
         for r0 in range(0, R, BLOCK_R):
             offs_r = r0 + tl.arange(0, BLOCK_R)
             mask_r = offs_r < R
-            # b = A^T: element (k, r) of lora_a (R, K) at k * stride_ak + r * stride_ar.
-            u = down_accumulate(tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32), x_ptr, a_ptr, bits_ptr, offs_m,
-                                mask_m, offs_r, mask_r, k_start, k_end, words_per_row, stride_xm, stride_xk,
-                                stride_ak, stride_ar, HAS_DROPOUT, BLOCK_K)
-            u_ws = u_ws_ptr + pid_s.to(tl.int64) * M * R
-            tl.store(u_ws + offs_m[:, None] * R + offs_r[None, :], u, mask=mask_m[:, None] & mask_r[None, :])
+            tl.store(u_ptr + offs_m[:, None] * R + offs_r[None, :],
+                     _summed_u(u_ws_ptr, offs_m, mask_m, offs_r, mask_r, M, R, num_splits, u_scale),
+                     mask=mask_m[:, None] & mask_r[None, :])
+        ARRIVE_TILES: tl.constexpr = 128  # column tiles counted per vector atomic
+        for t0 in range(0, tiles, ARRIVE_TILES):
+            offs_t = t0 + tl.arange(0, ARRIVE_TILES)
+            tl.debug_barrier()
+            before_t = tl.atomic_add(arrivals_ptr + offs_t, 1, mask=offs_t < tiles, sem="acq_rel", scope="gpu")
+            complete = (before_t == num_splits) & (offs_t < tiles)
+            if tl.sum(complete.to(tl.int32)) > 0:
+                for t in range(t0, min(t0 + ARRIVE_TILES, tiles)):
+                    if tl.sum((complete & (offs_t == t)).to(tl.int32)) > 0:
+                        _gemv_output_tile(ws_ptr, u_ws_ptr, b_ptr, bias_ptr, y_ptr, u_ptr, t, M, N, R,
+                                          num_splits, scaling, u_scale, stride_bn, stride_br, False, HAS_BIAS,
+                                          BLOCK_M, BLOCK_N, BLOCK_R)
+
+
+(_l2_tile, _gemv_down_partial, _summed_u, _gemv_output_tile, _gemv_arrive, _gemv_u_arrive) = (
+    interpreted_directly(f) for f in (_l2_tile, _gemv_down_partial, _summed_u, _gemv_output_tile, _gemv_arrive,
+                                      _gemv_u_arrive))
 
 
 @lean_under_interpreter
@@ -597,33 +738,10 @@ def _gemv_epilogue_kernel(
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """y (M, N) = sum_s ws[s] + scaling * round(u) @ B^T + bias with u (M, R) = u_scale * sum_s u_ws[s] (written
-    by column tile 0); M <= BLOCK_M."""
+    by column tile 0); M <= BLOCK_M. The GEMV's epilogue as a launch of its own (``fold_epilogue`` False)."""
     pid_n = tl.program_id(0)
-    compute_dtype = y_ptr.dtype.element_ty
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for s in range(0, num_splits):
-        acc += load_tile(ws_ptr + s * M * N, offs_m, offs_n, N, 1, mask_m, mask_n)
-    lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        offs_r = r0 + tl.arange(0, BLOCK_R)
-        mask_r = offs_r < R
-        u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for s in range(0, num_splits):
-            u += load_tile(u_ws_ptr + s * M * R, offs_m, offs_r, R, 1, mask_m, mask_r)
-        u = u * u_scale
-        if pid_n == 0:
-            tl.store(u_ptr + offs_m[:, None] * R + offs_r[None, :], u, mask=mask_m[:, None] & mask_r[None, :])
-        b_t = load_tile(b_ptr, offs_r, offs_n, stride_br, stride_bn, mask_r, mask_n)
-        lora = dot(round_to(u, compute_dtype), b_t, lora)
-    acc += scaling * lora
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_m[:, None] * N + offs_n[None, :], round_to(acc, compute_dtype),
-             mask=mask_m[:, None] & mask_n[None, :])
+    _gemv_output_tile(ws_ptr, u_ws_ptr, b_ptr, bias_ptr, y_ptr, u_ptr, pid_n, M, N, R, num_splits, scaling, u_scale,
+                      stride_bn, stride_br, pid_n == 0, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_R)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -870,6 +988,9 @@ class MatmulConfig:
     num_warps: int = 4
     num_stages: int = 3
     path: str = "fused"
+    # Path "gemv" only: the split's last program writes y (no epilogue launch; _gemv_arrive), or False: the
+    # partials are summed by _gemv_epilogue_kernel, a second launch.
+    fold_epilogue: bool = True
 
     def meta(self) -> dict:
         return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k, GROUP_M=self.group_m)
@@ -949,6 +1070,11 @@ GEMV_BLOCK_NS = {16: 128, 32: 64}
 INTERPRETER_MAX_TILE = 1 << 20  # elements of one tile: the interpreter refuses more
 INTERPRETER_MAX_BLOCK_M = 2048
 EPILOGUE_BLOCK_N = 128
+# The folded GEMV epilogue's order of work in column tile 0: u's partial before W's (True), so that "u complete"
+# arrives early and the program that completes u seldom has other tiles' y to write. Both orders give the same bits;
+# tests run both (under the interpreter, where programs run one after another, only False makes the u program write
+# a tile's y).
+GEMV_U_FIRST = True
 SPLIT_K_CHOICES = SPLIT_CHOICES
 
 
@@ -1128,6 +1254,8 @@ def _check_config(config, m: int):
     if config.split_k not in SPLIT_K_CHOICES or (config.split_k > 1 and config.path != "gemv"):
         raise ValueError(f"config.split_k must be one of {SPLIT_K_CHOICES} (> 1 only with path 'gemv'), "
                          f"got {config.split_k!r}")
+    if not isinstance(config.fold_epilogue, bool):
+        raise TypeError(f"config.fold_epilogue must be a bool, got {type(config.fold_epilogue).__name__}")
     if config.path == "gemv" and (m > config.block_m or config.block_m not in GEMV_BLOCK_MS or config.block_k < 32):
         raise ValueError(f"a 'gemv' config needs block_m in {GEMV_BLOCK_MS}, >= M ({m}), and block_k >= 32, "
                          f"got {config}")
@@ -1275,6 +1403,13 @@ def _gemv_split_k(n: int, k: int, cfg: MatmulConfig, sms: int | None = None, m: 
     return split
 
 
+def _zeroed_arrivals(tiles: int, device) -> torch.Tensor:
+    """(tiles + 1,) int32 zeros: the folded GEMV epilogue's arrival counts (column tiles, then u), new for every
+    launch, so that no launch can see another's counts whatever streams or graphs they run in. On a GPU a fill
+    launch of its own (perf/launches.py records it as ``zero_fill``)."""
+    return torch.zeros(tiles + 1, dtype=torch.int32, device=device)
+
+
 def _launch_gemv(x, weight: _Weight, lora_a, lora_b, bias, keep, scaling, p, config: MatmulConfig | None):
     m, k = x.shape
     n, r = weight.n, lora_a.shape[0]
@@ -1288,21 +1423,28 @@ def _launch_gemv(x, weight: _Weight, lora_a, lora_b, bias, keep, scaling, p, con
     k_per_split = cdiv(cdiv(k, split), block_k) * block_k
     split = cdiv(k, k_per_split)
     block_r = lora_block_r(r)
+    tiles = cdiv(n, config.block_n)
     ws = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
     u_ws = torch.empty((split, m, r), dtype=torch.float32, device=x.device)
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    u = torch.empty((m, r), dtype=torch.float32, device=x.device)
+    fold = config.fold_epilogue
+    arrivals = _zeroed_arrivals(tiles, x.device) if fold else ws
     # Under the interpreter, masked-off lanes of a partial N tile compute on values that are never stored (a
     # NumPy overflow warning once seen in a full run); on a GPU ieee_semantics() is a no-op.
     with ieee_semantics():
-        _nf4_gemv_kernel[(cdiv(n, config.block_n), split)](
+        _nf4_gemv_kernel[(tiles, split)](
             x, *weight.ptrs, lora_a, x if keep is None else keep, ws, u_ws,
-            m, n, k, r, weight.offset, k_per_split, cdiv(k, 32),
-            x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1),
+            arrivals, lora_b, y if bias is None else bias, y, u,
+            m, n, k, r, weight.offset, k_per_split, cdiv(k, 32), float(scaling), 1.0 / (1.0 - p),
+            x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), lora_b.stride(0), lora_b.stride(1),
             BLOCKSIZE=weight.blocksize, DOUBLE_QUANT=weight.double_quant, NESTED_BLOCKSIZE=NESTED_BLOCKSIZE,
             INDEX_64=weight.index_64, HAS_DROPOUT=keep is not None, EVEN_K=k % block_k == 0,
             EVEN_N=n % config.block_n == 0, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=block_k,
-            BLOCK_R=block_r, num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=False)
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    u = torch.empty((m, r), dtype=torch.float32, device=x.device)
+            BLOCK_R=block_r, FOLD=fold, U_FIRST=fold and GEMV_U_FIRST, HAS_BIAS=bias is not None,
+            num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=False)
+    if fold:
+        return y, u
     block_n = pow2_clamp(n, 16, 2048) if interp else EPILOGUE_BLOCK_N
     _gemv_epilogue_kernel[(cdiv(n, block_n),)](
         ws, u_ws, lora_b, y if bias is None else bias, y, u, m, n, r, split, float(scaling), 1.0 / (1.0 - p),
@@ -1559,9 +1701,13 @@ def compile_specs() -> list[KernelSpec]:
         block_m = cfg.block_m
         consts = dict(BLOCKSIZE=64, DOUBLE_QUANT=True, NESTED_BLOCKSIZE=NESTED_BLOCKSIZE, INDEX_64=False,
                       HAS_DROPOUT=True, EVEN_K=True, EVEN_N=True, BLOCK_M=block_m, BLOCK_N=cfg.block_n,
-                      BLOCK_K=cfg.block_k, BLOCK_R=16, stride_xk=1, stride_ak=1)
+                      BLOCK_K=cfg.block_k, BLOCK_R=16, FOLD=cfg.fold_epilogue, U_FIRST=GEMV_U_FIRST, HAS_BIAS=True,
+                      stride_xk=1, stride_ak=1, stride_br=1)
         sig = _signature(_nf4_gemv_kernel, {**_WEIGHT_TYPES, "x_ptr": f"*{dt}", "a_ptr": f"*{dt}",
-                                            "bits_ptr": "*i32", "ws_ptr": "*fp32", "u_ws_ptr": "*fp32"}, consts)
+                                            "bits_ptr": "*i32", "ws_ptr": "*fp32", "u_ws_ptr": "*fp32",
+                                            "arrivals_ptr": "*i32", "b_ptr": f"*{dt}", "bias_ptr": f"*{dt}",
+                                            "y_ptr": f"*{dt}", "u_ptr": "*fp32", "scaling": "fp32",
+                                            "u_scale": "fp32"}, consts)
         # The launch it stands for, as _launch_gemv makes it: M rows of a contiguous x (M = 1 specializes to a
         # constant, as at a real launch), K = N = 4096, r = 16, split over K for an H100/H200's 132 SMs; x and A
         # rows K elements apart (the naming convention would take stride_xm / stride_ar for unit strides here,
@@ -1570,7 +1716,7 @@ def compile_specs() -> list[KernelSpec]:
         split = _gemv_split_k(n, k, cfg, sms=132, m=m)
         launch = dict(M=m, N=n, K=k, R=16, offset=0.5,
                       k_per_split=cdiv(cdiv(k, split), cfg.block_k) * cfg.block_k, words_per_row=cdiv(k, 32),
-                      stride_xm=k, stride_ar=k)
+                      scaling=2.0, u_scale=1.25, stride_xm=k, stride_ar=k, stride_bn=16)
         specs.append(KernelSpec(f"gemv_{cfg.tag}", _nf4_gemv_kernel, sig, consts,
                                 dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False),
                                 launch_args=launch,

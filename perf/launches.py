@@ -45,8 +45,9 @@ def _kernel_name(launcher) -> str:
 
 @contextlib.contextmanager
 def recorded_launches(execute: bool = True):
-    """Within the block every ``kernel[grid](...)`` appends the kernel's name to the yielded list; with
-    ``execute=False`` the kernel does not run. An autotuned launch counts once (its inner launch is not counted
+    """Within the block every ``kernel[grid](...)`` appends the kernel's name to the yielded list, and the fill
+    that zeroes the decode GEMV's arrival counts appends ``zero_fill``; with ``execute=False`` the kernel does not
+    run. An autotuned launch counts once (its inner launch is not counted
     again)."""
     names: list[str] = []
     depth = [0]
@@ -66,14 +67,25 @@ def recorded_launches(execute: bool = True):
                 depth[0] -= 1
         return run
 
+    from qlora.kernels import linear
+
+    zeroed_arrivals = linear._zeroed_arrivals
+
+    def zero_fill(*args, **kwargs):  # a torch fill launch on a GPU, not a Triton one: recorded by name
+        if depth[0] == 0:
+            names.append("zero_fill")
+        return zeroed_arrivals(*args, **kwargs)
+
     for cls, original in saved:
         cls.run = wrap(original)
+    linear._zeroed_arrivals = zero_fill
     try:
         with contextlib.nullcontext() if execute else dropping_tables_built_while_stubbed():
             yield names
     finally:
         for cls, original in saved:
             cls.run = original
+        linear._zeroed_arrivals = zeroed_arrivals
 
 
 @contextlib.contextmanager

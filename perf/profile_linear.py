@@ -28,7 +28,10 @@ def decode_variants(m: int, n: int, k: int, sms: int) -> list[tuple[str, MatmulC
     """``[(label, config), ...]``: the GEMV launches timed side by side for an (m, k) x (n, k)^T decode on ``sms``
     SMs, ``m <= SMALL_M``.
 
-    - The dispatcher's (config None: ``gemv_config(m)``, split S by ``_gemv_split_k``).
+    - The dispatcher's (config None: ``gemv_config(m)``, split S by ``_gemv_split_k``, the epilogue folded into the
+      GEMV: the last of a column tile's programs sums the partials).
+    - The same launch with the epilogue apart (``fold_epilogue=False``): a second launch reads the partials back,
+      as before the fold; the same bits, which the profile prints.
     - The same tiles and split with ``num_stages=2``: the next K step's words, x and scale codes load during this
       step's decode (``load_chain`` 2 -> 1, 16-byte ``cp.async``), for 688 against 541 instructions per K step on
       sm_90 by ``perf static`` under triton 3.9 (707 against 545 under 3.6; 0 spills).
@@ -40,7 +43,7 @@ def decode_variants(m: int, n: int, k: int, sms: int) -> list[tuple[str, MatmulC
       on sm_80; ``perf static``, triton 3.9).
 
     All but the first are explicit :class:`MatmulConfig` s of path "gemv". The two-stage launch runs the same
-    operations per K step, so it should give the same bits (the interpreter ignores stages; on a GPU the profile
+    operations per K step, so it should give the same bits too (the interpreter ignores stages; on a GPU the profile
     prints whether it did); another split or tile sums the float32 partials of y in another order."""
     from qlora.kernels import linear as L
 
@@ -50,6 +53,7 @@ def decode_variants(m: int, n: int, k: int, sms: int) -> list[tuple[str, MatmulC
     split = L._gemv_split_k(n, k, config, sms, m)
     variants: list[tuple[str, MatmulConfig | None]] = [
         (f"dispatcher ({_plural(split, 'split')}, {_plural(config.num_stages, 'stage')})", None),
+        ("epilogue launched apart", replace(config, split_k=split, fold_epilogue=False)),
         ("2 stages", replace(config, num_stages=2, split_k=split))]
     for other in (split // 4, split // 2, split * 2):
         if other in L.SPLIT_K_CHOICES and other * config.block_k <= k:
@@ -83,7 +87,8 @@ def model_seconds(m: int, n: int, k: int, r: int, config: MatmulConfig | None, d
     except ValueError:  # no committed baseline of this Triton
         return None
     ops = rl.nf4_forward_launches(m, k, n, r, "gemv", triton=version,
-                                  gemv_split=None if config is None else config.split_k)
+                                  gemv_split=None if config is None else config.split_k,
+                                  gemv_fold=config is None or config.fold_epilogue)
     return sum(rl.op_roofline(op, device).predicted_s for op in ops)
 
 

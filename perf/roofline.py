@@ -611,28 +611,38 @@ def down_grad_fused(m: int, r: int) -> bool:
 
 def nf4_forward_launches(m: int, k: int, n: int, r: int, path: str, dtype: str = "bf16",
                          blocksize: int = NF4_BLOCKSIZE, triton: str | None = None, gemv_split: int | None = None,
-                         gemv_block_n: int | None = None) -> tuple[Op, ...]:
+                         gemv_block_n: int | None = None, gemv_fold: bool = True) -> tuple[Op, ...]:
     """The launches of this suite's forward ``y = x W^T + s (x A^T) B^T`` (no bias, no dropout) on NF4 ``path``
     (one of :data:`NF4_PATHS`), as the launchers of kernels/linear.py make them on a 132-SM GPU; issue from the
     static baseline of ``triton``. FLOPs ``2mnk + 2mkr + 2mnr`` (plus the dequantize pass on path "dequant").
     Path "gemv" only: ``gemv_split`` (K splits, default the launcher's, :func:`gemv_splits`) and ``gemv_block_n``
     (rows of W per program, default the launcher's; issue is charged only from a baseline build of that tile) model
-    an explicit config's launch."""
+    an explicit config's launch, and ``gemv_fold`` False the launch with its epilogue apart (``fold_epilogue``
+    False: a second launch reads the partials back from DRAM). Folded (the launcher's default), the partials are
+    written to DRAM but read back by the tile's last program right after the tile's splits wrote them, from L2
+    (a few MB at most against the 40-50 MB L2 of an A100 / H100 / H200), and the arrival counts are zeroed by a
+    fill launch of their own."""
     e = _linear_args(m, k, n, r, dtype, blocksize)
     _check_path(path)
     _, builds = static_builds(triton)
     if path == "gemv":
         split = gemv_splits(n, k, m) if gemv_split is None else _positive("gemv_split", gemv_split)
         block_n = GEMV_BLOCK_NS[gemv_block_m(m)] if gemv_block_n is None else _positive("gemv_block_n", gemv_block_n)
+        partials = 4 * split * (m * n + m * r)
+        issue = (fused_issue(builds, GEMV_BUILD, m, n * k, gemv_block_m(m), block_n),
+                 mma_serial_targets(builds, GEMV_BUILD, gemv_block_m(m), block_n),
+                 grid_programs(builds, GEMV_BUILD, m, n, gemv_block_m(m), split, block_n))
+        gemv_bytes = e * m * k + nf4_storage_bytes(n * k, blocksize) + e * r * k + partials
+        if gemv_fold:
+            tiles = _cdiv(n, block_n)
+            return (
+                Op("zero_fill (arrival counts)", 4 * (tiles + 1), 0, FP32_SIMT),
+                Op(f"nf4_gemv ({split} K splits, epilogue folded)", gemv_bytes + e * n * r + e * m * n + 4 * m * r,
+                   2 * m * n * k + 2 * m * k * r + 2 * m * n * r, TENSOR_BF16, *issue),
+            )
         return (
-            Op(f"nf4_gemv ({split} K splits)",
-               e * m * k + nf4_storage_bytes(n * k, blocksize) + e * r * k + 4 * split * (m * n + m * r),
-               2 * m * n * k + 2 * m * k * r, TENSOR_BF16,
-               fused_issue(builds, GEMV_BUILD, m, n * k, gemv_block_m(m), block_n),
-               mma_serial_targets(builds, GEMV_BUILD, gemv_block_m(m), block_n),
-               grid_programs(builds, GEMV_BUILD, m, n, gemv_block_m(m), split, block_n)),
-            Op("gemv_epilogue", 4 * split * (m * n + m * r) + e * n * r + e * m * n + 4 * m * r, 2 * m * n * r,
-               TENSOR_BF16),
+            Op(f"nf4_gemv ({split} K splits)", gemv_bytes, 2 * m * n * k + 2 * m * k * r, TENSOR_BF16, *issue),
+            Op("gemv_epilogue", partials + e * n * r + e * m * n + 4 * m * r, 2 * m * n * r, TENSOR_BF16),
         )
     ops = _lora_down_ops("lora_down u = x A^T", m, k, r, e)
     if path == "dequant":

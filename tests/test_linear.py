@@ -8,6 +8,7 @@ ones ``qlora verify`` uses.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -349,10 +350,49 @@ def test_gemv_path_matches_oracle(case, split_k, block_k, block_n):
     _run_path(case, K.MatmulConfig(_gemv_rows(case), block_n, block_k, split_k=split_k, path="gemv"))
 
 
+@examples(8)
+@given(case=decode_cases(), split_k=st.sampled_from([2, 4, 8]), block_k=st.sampled_from([32, 64, 128]),
+       block_n=st.sampled_from([16, 32]), u_first=st.booleans())
+def test_folded_gemv_epilogue_gives_the_bits_of_the_epilogue_launch(case, split_k, block_k, block_n, u_first):
+    """The GEMV with its epilogue folded (the last of a column tile's S + 1 arrivals writes its y) against the same
+    launch with the epilogue apart: y and u bit for bit, with every output buffer filled with NaN before the launch
+    (a tile nobody wrote would show), and each column tile counted S + 1 times and u S times. Under the interpreter
+    programs run one column tile after another: with ``GEMV_U_FIRST`` False column tile 0's splits have all
+    arrived when u completes, so the program completing u writes tile 0's y (the other branch of the protocol);
+    with it True every tile's last split does."""
+    from unittest import mock
+
+    weight, x, lora_a, lora_b, bias, _ = _build(case)
+    x2 = x.reshape(-1, case["k"])
+    kw = dict(lora_a=lora_a, lora_b=lora_b, scaling=case["scaling"], bias=bias, dropout_p=case["dropout_p"],
+              seed=case["seed"] % (2**31), **weight.kernel_kwargs())
+    apart = K.MatmulConfig(_gemv_rows(case), block_n, block_k, split_k=split_k, path="gemv", fold_epilogue=False)
+    want_y, want_u = K.nf4_lora_forward(x2, config=apart, **kw)
+    empty, zeroed = torch.empty, K._zeroed_arrivals
+    counts = []
+
+    def nan_empty(*args, **kwargs):
+        out = empty(*args, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    def recorded_arrivals(*args, **kwargs):
+        counts.append(zeroed(*args, **kwargs))
+        return counts[-1]
+
+    with mock.patch.object(K, "GEMV_U_FIRST", u_first), mock.patch("torch.empty", nan_empty), \
+            mock.patch.object(K, "_zeroed_arrivals", recorded_arrivals):
+        y, u = K.nf4_lora_forward(x2, config=replace(apart, fold_epilogue=True), **kw)
+    assert torch.equal(y, want_y) and torch.equal(u, want_u)
+    k_per_split = -(-(-(-case["k"] // split_k)) // block_k) * block_k
+    splits, tiles = -(-case["k"] // k_per_split), -(-case["n"] // block_n)
+    assert counts[0].tolist() == [splits + 1] * tiles + [splits]
+
+
 @pytest.mark.parametrize("m, labels", [
-    (1, ["dispatcher (2 splits, 1 stage)", "2 stages", "1 split", "4 splits", "64-row tiles, 1 split"]),
+    (1, ["dispatcher (2 splits, 1 stage)", "epilogue launched apart", "2 stages", "1 split", "4 splits",
+         "64-row tiles, 1 split"]),
     # 32 rows: the partials' cap (K / (64 M) splits) leaves 1 split, and its tile already has 64 rows.
-    (32, ["dispatcher (1 split, 1 stage)", "2 stages", "2 splits"]),
+    (32, ["dispatcher (1 split, 1 stage)", "epilogue launched apart", "2 stages", "2 splits"]),
 ])
 def test_decode_variants_that_the_gpu_profiler_times_match_oracle(m, labels):
     """``perf.profile_linear`` times these GEMV launches side by side on a GPU (the static model cannot rank them):
@@ -372,19 +412,21 @@ def test_decode_variants_that_the_gpu_profiler_times_match_oracle(m, labels):
 
 
 def test_decode_variants_at_the_profiled_shape():
-    """At K = N = 4096 on 132 SMs: the dispatcher's split (16 at M = 1, 4 at M = 16: _gemv_split_k), the two-stage
-    launch with that split, and half and twice the split; no M outside the GEMV's rows."""
+    """At K = N = 4096 on 132 SMs: the dispatcher's split (16 at M = 1, 4 at M = 16: _gemv_split_k), that launch with
+    its epilogue launched apart, the two-stage launch with that split, and half and twice the split; no M outside the GEMV's rows."""
     from perf.profile_linear import decode_variants
 
     one = decode_variants(1, 4096, 4096, sms=132)
-    assert [label for label, _ in one] == ["dispatcher (16 splits, 1 stage)", "2 stages", "4 splits", "8 splits",
-                                           "32 splits", "64-row tiles, 8 splits"]
+    assert [label for label, _ in one] == ["dispatcher (16 splits, 1 stage)", "epilogue launched apart", "2 stages",
+                                           "4 splits", "8 splits", "32 splits", "64-row tiles, 8 splits"]
     assert one[0][1] is None
-    assert [(c.num_stages, c.split_k, c.block_n) for _, c in one[1:]] == [
-        (2, 16, 128), (1, 4, 128), (1, 8, 128), (1, 32, 128), (1, 8, 64)]
+    assert [(c.num_stages, c.split_k, c.block_n, c.fold_epilogue) for _, c in one[1:]] == [
+        (1, 16, 128, False), (2, 16, 128, True), (1, 4, 128, True), (1, 8, 128, True), (1, 32, 128, True),
+        (1, 8, 64, True)]
     sixteen = decode_variants(16, 4096, 4096, sms=132)
-    assert [(c.num_stages, c.split_k, c.block_n) for _, c in sixteen[1:]] == [
-        (2, 4, 128), (1, 1, 128), (1, 2, 128), (1, 8, 128), (1, 2, 64)]
+    assert [(c.num_stages, c.split_k, c.block_n, c.fold_epilogue) for _, c in sixteen[1:]] == [
+        (1, 4, 128, False), (2, 4, 128, True), (1, 1, 128, True), (1, 2, 128, True), (1, 8, 128, True),
+        (1, 2, 64, True)]
     for m in (0, K.SMALL_M + 1):
         with pytest.raises(ValueError, match="m must be in"):
             decode_variants(m, 4096, 4096, sms=132)
@@ -732,6 +774,9 @@ def test_kernel_launchers_reject_bad_inputs(small):
         K.nf4_lora_forward(x, lora_a=a, lora_b=b, scaling=1.0, **{**kw, "blocksize": 48})
     with pytest.raises(ValueError, match="config.split_k must be one of"):
         K.nf4_lora_forward(x, lora_a=a, lora_b=b, scaling=1.0, config=K.MatmulConfig(16, 16, 16, split_k=3), **kw)
+    with pytest.raises(TypeError, match="config.fold_epilogue must be a bool, got int"):
+        K.nf4_lora_forward(x, lora_a=a, lora_b=b, scaling=1.0,
+                           config=K.MatmulConfig(16, 16, 32, path="gemv", fold_epilogue=1), **kw)
     with pytest.raises(ValueError, match="u must be contiguous float32 of shape"):
         K.nf4_lora_backward(torch.zeros(3, 12, dtype=torch.bfloat16), x, torch.zeros(3, 5), lora_a=a, lora_b=b,
                             scaling=1.0, **kw)
@@ -913,9 +958,10 @@ def test_seed_tensor_is_never_read_on_the_host(monkeypatch):
 
 
 @pytest.mark.parametrize("m, k, p, forward, backward", [
-    (1, 64, 0.0, ["_nf4_gemv_kernel", "_gemv_epilogue_kernel"], 1),
-    (16, 64, 0.3, ["_dropout_bits_kernel", "_nf4_gemv_kernel", "_gemv_epilogue_kernel"], 1),
-    (32, 64, 0.3, ["_dropout_bits_kernel", "_nf4_gemv_kernel", "_gemv_epilogue_kernel"], 1),  # the 32-row tile
+    # The GEMV's epilogue folded into it (its arrival counts' zero fill is a torch launch, not a Triton one)
+    (1, 64, 0.0, ["_nf4_gemv_kernel"], 1),
+    (16, 64, 0.3, ["_dropout_bits_kernel", "_nf4_gemv_kernel"], 1),
+    (32, 64, 0.3, ["_dropout_bits_kernel", "_nf4_gemv_kernel"], 1),  # the 32-row tile
     (33, 64, 0.0, ["_matmul_lora_kernel"], 1),
     (36, 64, 0.3, ["_dropout_bits_kernel", "_lora_down_kernel", "_matmul_lora_kernel"], 1),
     (2049, 64, 0.0, ["_matmul_lora_kernel"], 3),  # two row tiles of 2048: dA and dB by lora_grad

@@ -1,6 +1,7 @@
 """Launches per layer forward and backward (perf/launches.py, printed by ``python -m perf roofline``), recorded from
 actual calls of ``qlora_linear`` and its backward under the interpreter, against the counts the module docstring of
-kernels/linear.py states: GEMV path 2 (+1 dropout), dequantize-then-GEMM path 3 (+1 split lora_down, +1 dropout),
+kernels/linear.py states: GEMV path 2 (a fill of its arrival counts and the GEMV, whose last programs sum
+the partials; +1 dropout), dequantize-then-GEMM path 3 (+1 split lora_down, +1 dropout),
 backward 5 (+1 split lora_down), 4 up to DOWN_GRAD_MAX_M (64) rows (g and dB in one launch, +1 when it splits);
 under the interpreter, K a multiple of the blocksize, W is decoded in the GEMM's
 K loop (no dequantize launch), which also computes u (without dropout) and g, and, when one row tile holds every
@@ -21,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from perf import launches as L  # noqa: E402
 
-GEMV = ["_nf4_gemv_kernel", "_gemv_epilogue_kernel"]
+# The fill that zeroes the GEMV's arrival counts is a torch launch, recorded by name (perf/launches.py).
+GEMV = ["zero_fill", "_nf4_gemv_kernel"]
 DEQUANT = ["_lora_down_kernel", "_dequantize_4bit_kernel", "_matmul_lora_kernel"]
 BACKWARD = ["_lora_down_kernel", "_dequantize_4bit_kernel", "_matmul_lora_kernel", "_lora_grad_kernel",
             "_lora_grad_kernel"]
@@ -85,7 +87,7 @@ def test_gpu_plan_adds_the_split_reductions():
     assert list(rows[4096, 0.0].backward) == ["_lora_down_kernel", "_sum_splits_kernel", *BACKWARD[1:]]
     assert all(r.plan == "stubbed, GPU plan (132 SMs)" for r in rows.values())
     text = L.format_table(list(rows.values()))
-    assert "dropout_bits, nf4_gemv, gemv_epilogue" in text and "lora_grad x2" in text
+    assert "dropout_bits, zero_fill, nf4_gemv" in text and "lora_grad x2" in text
     assert "lora_down_grad, sum_splits, matmul_lora, lora_grad" in text
 
 

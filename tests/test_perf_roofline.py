@@ -83,15 +83,24 @@ def test_default_decode_is_the_gemv_with_its_split_k_partials_and_epilogue():
     # kernels/linear.py _gemv_split_k on 132 SMs: 32 column tiles of 128, want ceil(2 * 132 / 32) = 9 programs per
     # tile, at most K / (2 * 128) = 16 splits: the choices 1, 2, 4, 8 are taken while below 9, then 16: 16 splits of
     # 256 (two K steps each).
-    splits = 16
+    splits, tiles = 16, 32
     w = rl.lora_forward(m, k, n, r, "qlora_default")
     assert w.name == "qlora_default_lora_fwd_m1_k4096_n4096_r16_bf16" and w.family == "lora_decode"
-    assert [op.name for op in w.ops] == ["nf4_gemv (16 K splits)", "gemv_epilogue"]
-    gemv, epilogue = w.ops
+    # The epilogue folded into the GEMV (kernels/linear.py _gemv_arrive): a fill zeroes the arrival counts (one per
+    # column tile and one for u), then the GEMV writes its float32 partials of y and u and reads them back from L2
+    # (not charged), reads B and writes y and u.
+    assert [op.name for op in w.ops] == ["zero_fill (arrival counts)", "nf4_gemv (16 K splits, epilogue folded)"]
+    fill, gemv = w.ops
     partials = 4 * splits * (m * n + m * r)  # float32 partials of y and of u per split
+    assert fill.bytes == 4 * (tiles + 1) and fill.flops == 0
+    assert gemv.bytes == e * m * k + _nf4_bytes(n * k) + e * r * k + partials + e * n * r + e * m * n + 4 * m * r
+    assert w.flops == 2 * m * n * k + 2 * m * k * r + 2 * m * n * r
+    # The epilogue launched apart (fold_epilogue False) reads the partials back from DRAM.
+    gemv, epilogue = rl.nf4_forward_launches(m, k, n, r, "gemv", gemv_fold=False)
+    assert (gemv.name, epilogue.name) == ("nf4_gemv (16 K splits)", "gemv_epilogue")
     assert gemv.bytes == e * m * k + _nf4_bytes(n * k) + e * r * k + partials
     assert epilogue.bytes == partials + e * n * r + e * m * n + 4 * m * r  # reads B, writes y and u (float32)
-    assert w.flops == 2 * m * n * k + 2 * m * k * r + 2 * m * n * r
+    assert gemv.instructions == w.ops[1].instructions and gemv.programs == w.ops[1].programs
     # K not a multiple of the blocksize: the default dispatch dequantizes, even at M = 1; lora_down (one tile) splits
     # its 4000 columns as far as 2 x 64 columns per split allow: 31 -> 16 splits.
     assert [op.name for op in rl.lora_forward(1, 4000, n, r, "qlora_default").ops] == [
@@ -105,13 +114,15 @@ def test_gemv_launch_of_an_explicit_split_and_tile():
     m, k, n, r, e = 4, 4096, 4096, 16, 2
     default = rl.nf4_forward_launches(m, k, n, r, "gemv", triton="3.9")
     assert default == rl.nf4_forward_launches(m, k, n, r, "gemv", triton="3.9", gemv_split=16, gemv_block_n=128)
-    gemv, epilogue = rl.nf4_forward_launches(m, k, n, r, "gemv", triton="3.9", gemv_split=4)
-    assert gemv.name == "nf4_gemv (4 K splits)"
-    assert gemv.bytes == default[0].bytes - 4 * (16 - 4) * (m * n + m * r)
-    assert epilogue.bytes == default[1].bytes - 4 * (16 - 4) * (m * n + m * r)
-    assert dict(gemv.programs) == {"sm_80": 32 * 4, "sm_90": 32 * 4} and gemv.instructions == default[0].instructions
-    narrow = rl.nf4_forward_launches(m, k, n, r, "gemv", triton="3.9", gemv_split=8, gemv_block_n=64)[0]
-    assert narrow.instructions == () and narrow.programs == ()
+    fill, gemv = rl.nf4_forward_launches(m, k, n, r, "gemv", triton="3.9", gemv_split=4)
+    assert gemv.name == "nf4_gemv (4 K splits, epilogue folded)" and fill == default[0]
+    assert gemv.bytes == default[1].bytes - 4 * (16 - 4) * (m * n + m * r)
+    assert dict(gemv.programs) == {"sm_80": 32 * 4, "sm_90": 32 * 4} and gemv.instructions == default[1].instructions
+    apart = rl.nf4_forward_launches(m, k, n, r, "gemv", triton="3.9", gemv_split=4, gemv_fold=False)
+    assert apart[1].bytes == rl.nf4_forward_launches(m, k, n, r, "gemv", triton="3.9", gemv_fold=False)[1].bytes \
+        - 4 * (16 - 4) * (m * n + m * r)
+    fill, narrow = rl.nf4_forward_launches(m, k, n, r, "gemv", triton="3.9", gemv_split=8, gemv_block_n=64)
+    assert narrow.instructions == () and narrow.programs == () and fill.bytes == 4 * (4096 // 64 + 1)
     with pytest.raises(ValueError, match="^gemv_split must"):
         rl.nf4_forward_launches(m, k, n, r, "gemv", gemv_split=0)
     with pytest.raises(ValueError, match="^gemv_block_n must"):
@@ -302,7 +313,7 @@ def test_default_path_issue_comes_from_the_builds_it_launches(version):
     m, k, n, r = 4096, 4096, 4096, 16
     fwd = {op.name: op for op in rl.lora_forward(m, k, n, r, "qlora_default", triton=version).ops}
     bwd = {op.name: op for op in rl.lora_backward(m, k, n, r, "qlora_default", triton=version).ops}
-    decode = rl.lora_forward(1, k, n, r, "qlora_default", triton=version).ops[0]
+    decode = rl.lora_forward(1, k, n, r, "qlora_default", triton=version).ops[-1]  # the GEMV, after its fill
     for target in ("sm_80", "sm_90"):
         # Its own dequantize launch is this suite's kernel: charged per element, forward and backward.
         for ops in (fwd, bwd):
@@ -388,7 +399,7 @@ def test_bound_selection():
         fused_big = rl.roofline(big, device).ops[-1]
         assert fused_big.bound in ("issue", "compute") and fused_big.issue_s < 1.25 * fused_big.compute_s
         assert rl.roofline(decode, device).ops[-1].bound == "issue"
-        gemv_launch = rl.roofline(gemv, device).ops[0]
+        gemv_launch = rl.roofline(gemv, device).ops[-1]
         assert gemv_launch.bound == ("memory" if device is H100 else "issue")
         assert 0.8 * gemv_launch.memory_s < gemv_launch.issue_s < 1.25 * gemv_launch.memory_s
         # The default path's GEMM after the dequantize launch issues less than its tensor work: compute-bound.
@@ -490,7 +501,7 @@ def test_cli_json_runs_without_triton():
 # --------------------------------------------------------------------------------------------------------------
 
 # Model launch name (its first word) -> the kernel perf/launches.py records for it.
-_KERNEL_OF_OP = {"nf4_gemv": "_nf4_gemv_kernel", "gemv_epilogue": "_gemv_epilogue_kernel",
+_KERNEL_OF_OP = {"zero_fill": "zero_fill", "nf4_gemv": "_nf4_gemv_kernel", "gemv_epilogue": "_gemv_epilogue_kernel",
                  "lora_down": "_lora_down_kernel", "sum_splits": "_sum_splits_kernel",
                  "dequantize_nf4": "_dequantize_4bit_kernel", "matmul_lora": "_matmul_lora_kernel",
                  "lora_grad": "_lora_grad_kernel", "lora_down_grad": "_lora_down_grad_kernel"}
@@ -636,7 +647,7 @@ def test_bench_implementations_map_to_the_approach_that_models_them():
         loads = bench.roofline_workloads({**shape, "M": m, "mode": mode, "impl": impl})
         assert [w.name for w in loads] == [model(m, 4096, 4096, 16, approach).name], (m, mode, impl)
     assert "nf4_gemv" in bench.roofline_workloads({**shape, "M": 1, "mode": "forward", "impl": "qlora_default"}
-                                                  )[0].ops[0].name
+                                                  )[0].ops[-1].name
     with pytest.raises(TypeError, match="^device must"):
         rl.nf4_path_times(1, 64, 64, 4, "h100")
     with pytest.raises(ValueError, match="^path must"):
@@ -684,6 +695,8 @@ def test_profiled_decode_variants_get_the_model_time_of_their_own_launch():
             if label == "2 stages" or label.startswith("64-row"):
                 assert got is None, label
             elif config is not None:
-                ops = rl.nf4_forward_launches(m, 4096, 4096, 16, "gemv", triton=version, gemv_split=config.split_k)
+                ops = rl.nf4_forward_launches(m, 4096, 4096, 16, "gemv", triton=version, gemv_split=config.split_k,
+                                              gemv_fold=config.fold_epilogue)
                 assert got == pytest.approx(sum(rl.op_roofline(op, device).predicted_s for op in ops)), label
-                assert got != pytest.approx(want), label  # another split is another launch
+                # another split (or the epilogue apart) is another launch, whether or not its time differs
+                assert ops != rl.nf4_forward_launches(m, 4096, 4096, 16, "gemv", triton=version), label

@@ -44,18 +44,23 @@ _SCRIPT = textwrap.dedent("""
     bf16 = torch.bfloat16
     x = torch.empty((m, k), dtype=bf16)
     lora_a = torch.empty((r, k), dtype=bf16)
+    lora_b = torch.empty((n, r), dtype=bf16)
     tensors = dict(x_ptr=x, packed_ptr=torch.empty(n * k // 2, dtype=torch.uint8),
                    absmax_ptr=torch.empty(n * k // 64, dtype=torch.uint8),
                    absmax2_ptr=torch.empty(n * k // 64 // 256, dtype=torch.float32),
                    nested_code_ptr=torch.empty(256, dtype=torch.float32), code_ptr=torch.empty(16, dtype=torch.float32),
                    a_ptr=lora_a, bits_ptr=torch.empty((m, k // 32), dtype=torch.int32),
                    ws_ptr=torch.empty((split, m, n), dtype=torch.float32),
-                   u_ws_ptr=torch.empty((split, m, r), dtype=torch.float32))
-    scalars = dict(M=m, N=n, K=k, R=r, offset=0.25, k_per_split=k // split, words_per_row=k // 32,
-                   stride_xm=x.stride(0), stride_xk=x.stride(1), stride_ar=lora_a.stride(0),
-                   stride_ak=lora_a.stride(1))
+                   u_ws_ptr=torch.empty((split, m, r), dtype=torch.float32),
+                   arrivals_ptr=torch.empty(n // 64 + 1, dtype=torch.int32), b_ptr=lora_b,
+                   bias_ptr=torch.empty(n, dtype=bf16), y_ptr=torch.empty((m, n), dtype=bf16),
+                   u_ptr=torch.empty((m, r), dtype=torch.float32))
+    scalars = dict(M=m, N=n, K=k, R=r, offset=0.25, k_per_split=k // split, words_per_row=k // 32, scaling=2.0,
+                   u_scale=1.25, stride_xm=x.stride(0), stride_xk=x.stride(1), stride_ar=lora_a.stride(0),
+                   stride_ak=lora_a.stride(1), stride_bn=lora_b.stride(0), stride_br=lora_b.stride(1))
     consts = dict(BLOCKSIZE=64, DOUBLE_QUANT=True, NESTED_BLOCKSIZE=256, INDEX_64=False,
-                  HAS_DROPOUT=True, EVEN_K=True, EVEN_N=True, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, BLOCK_R=16)
+                  HAS_DROPOUT=True, EVEN_K=True, EVEN_N=True, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, BLOCK_R=16,
+                  FOLD=True, U_FIRST=True, HAS_BIAS=True)
     options = dict(num_warps=4, num_stages=4, enable_fp_fusion=False)
 
     captured = {}
@@ -103,8 +108,8 @@ def test_perf_specialization_equals_the_jit_launch(tmp_path):
     # And it is the as-launched specialization, not the plain i32 signature: M = 1 and the unit strides became
     # constants, the 4096-sized ints are divisible by 16, R = 16 too, pointers are aligned.
     summary = out["summary"]
-    for arg in ("M", "stride_xk", "stride_ak"):
+    for arg in ("M", "stride_xk", "stride_ak", "stride_br"):
         assert summary[arg] == "constexpr=1", (arg, summary[arg])
-    for arg in ("N", "K", "R", "stride_xm", "stride_ar", "k_per_split", "words_per_row"):
+    for arg in ("N", "K", "R", "stride_xm", "stride_ar", "stride_bn", "k_per_split", "words_per_row"):
         assert summary[arg] == "i32 div16", (arg, summary[arg])
     assert summary["packed_ptr"] == "*u8 div16" and summary["offset"] == "fp32"

@@ -273,6 +273,36 @@ def test_decode_gemv_build_meets_its_instruction_budget():
     assert rows["gfx942"]["spill"] == 0
 
 
+def test_folded_gemv_epilogue_orders_its_arrivals_after_the_ctas_stores():
+    """The decode GEMV's folded epilogue as compiled (kernels/linear.py ``_gemv_arrive``), sm_90 and sm_80: every
+    atomic (``ATOMG``, at least the split's arrival, u's and the vector arrival of "u complete") is acq_rel at GPU
+    scope, a ``MEMBAR.ALL.GPU`` before it and an L1 invalidation (``CCTL.IVALL``) after it, and a CTA barrier
+    (``BAR.SYNC``) comes before that release with no global store in between, so every thread's partial is ordered
+    before the count it is read by (CUTLASS's semaphore pattern); the partials are read back through L2
+    (``.cg``: ``LDG ... STRONG.GPU``)."""
+    script = textwrap.dedent("""
+        import json
+        from perf import static
+        spec = next(s for m, s in static.discover_specs("linear") if s.name.startswith("gemv_m16"))
+        print(json.dumps({t: static.compile_spec("linear", spec, t, dump=True).artifacts["sass"]
+                          for t in ("sm_90", "sm_80")}))
+    """)
+    proc = _run(["-c", script])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for target, sass in json.loads(proc.stdout.strip().splitlines()[-1]).items():
+        ops = [line.split("*/")[-1].strip() for line in sass.splitlines() if "*/" in line]
+        atomics = [i for i, op in enumerate(ops) if "ATOMG" in op]
+        assert len(atomics) >= 3, (target, atomics)
+        for i in atomics:
+            assert "STRONG.GPU" in ops[i] and any("CCTL.IVALL" in op for op in ops[i + 1:i + 8]), (target, ops[i:i + 8])
+            before = next(j for j in range(i - 1, -1, -1) if "BAR.SYNC" in ops[j])
+            between = ops[before + 1:i]
+            assert any("MEMBAR.ALL.GPU" in op for op in between), (target, between)
+            assert not any(op.lstrip("@!P0123456789T ").startswith(("STG", "ST.E", "RED")) for op in between), \
+                (target, between)
+        assert any("LDG" in op and "STRONG.GPU" in op for op in ops), target
+
+
 def test_a_spec_with_targets_is_built_only_there():
     """``KernelSpec.targets`` (a config picked per GPU architecture) limits the builds to those targets; the fused
     128-row configs of kernels/linear.py are each built only where their architecture launches them."""
