@@ -1696,7 +1696,9 @@ def compile_specs() -> list[KernelSpec]:
                                     regime={"dense": 'path "dequant"', "fused": 'path "fused"',
                                             "fused_percode": 'path "fused", K % blocksize != 0'}[kind],
                                     targets=targets, **nf4))
-    for m in (1, SMALL_M):  # one launch per GEMV row tile: M = 1 (16 rows) and M = SMALL_M (32 rows)
+    # The GEMV's launches: its 16-row tile at M = 1 (Triton makes an int equal to 1 a constant: x's row mask and
+    # loads then differ, "_one_row") and at M = 16, its 32-row tile at M = SMALL_M (32).
+    for m in (1, 16, SMALL_M):
         cfg = gemv_config(m)
         block_m = cfg.block_m
         consts = dict(BLOCKSIZE=64, DOUBLE_QUANT=True, NESTED_BLOCKSIZE=NESTED_BLOCKSIZE, INDEX_64=False,
@@ -1717,11 +1719,12 @@ def compile_specs() -> list[KernelSpec]:
         launch = dict(M=m, N=n, K=k, R=16, offset=0.5,
                       k_per_split=cdiv(cdiv(k, split), cfg.block_k) * cfg.block_k, words_per_row=cdiv(k, 32),
                       scaling=2.0, u_scale=1.25, stride_xm=k, stride_ar=k, stride_bn=16)
-        specs.append(KernelSpec(f"gemv_{cfg.tag}", _nf4_gemv_kernel, sig, consts,
+        rows = "M=1" if m == 1 else (f"1<M<={block_m}" if block_m == 16 else f"16<M<={block_m}")
+        specs.append(KernelSpec(f"gemv_{cfg.tag}{'_one_row' if m == 1 else ''}", _nf4_gemv_kernel, sig, consts,
                                 dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False),
-                                launch_args=launch,
-                                regime=f"M<={block_m}{' (M>16)' if block_m > 16 else ''}, K a multiple of the "
-                                       f"blocksize"))
+                                launch_args=launch, regime=f"{rows}, K a multiple of the blocksize"))
+        if m == 1:
+            continue
         consts = dict(HAS_BIAS=True, BLOCK_M=block_m, BLOCK_N=EPILOGUE_BLOCK_N, BLOCK_R=16, stride_br=1)
         sig = _signature(_gemv_epilogue_kernel, {"ws_ptr": "*fp32", "u_ws_ptr": "*fp32", "b_ptr": f"*{dt}",
                                                  "bias_ptr": f"*{dt}", "y_ptr": f"*{dt}", "u_ptr": "*fp32",

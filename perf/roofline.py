@@ -288,6 +288,8 @@ BASELINE_DIR = Path(__file__).parent / "baselines"
 # "gemv"); ``_matmul_lora_kernel`` with W dequantized in its K loop (path "fused", forward and dx); the same kernel
 # as a dense GEMM after the dequantize launch (path "dequant", forward and dx).
 GEMV_BUILD = "linear.gemv_m"
+# A GEMV launch of one row is its own build (Triton makes an int equal to 1 a constant): "<tile>_one_row".
+GEMV_ONE_ROW = "_one_row@"
 FUSED_FWD_BUILD = "linear.fused_fwd_"
 FUSED_DX_BUILD = "linear.fused_dx_"
 # The fused builds where K is not a multiple of the blocksize (codes decoded one by one, scales per element).
@@ -362,6 +364,13 @@ def _nvidia_builds(builds: list[dict], prefix: str):
         name, _, target = b["key"].rpartition("@")
         if name.startswith(prefix) and target.startswith("sm_"):
             yield target, b
+
+
+def gemv_launch_builds(builds: list[dict], m: int) -> list[dict]:
+    """``builds`` without the GEMV builds that do not stand for a launch of ``m`` rows: at M = 1 the GEMV is charged
+    its one-row build (:data:`GEMV_ONE_ROW`), at more rows the build launched with M a multiple of 16 (5 more
+    instructions per K step on sm_90 under triton 3.9: x's rows loaded and masked at run time)."""
+    return [b for b in builds if not b["key"].startswith(GEMV_BUILD) or (GEMV_ONE_ROW in b["key"]) == (m == 1)]
 
 
 def fused_issue(builds: list[dict], prefix: str, rows: int, weight_elements: int,
@@ -629,9 +638,10 @@ def nf4_forward_launches(m: int, k: int, n: int, r: int, path: str, dtype: str =
         split = gemv_splits(n, k, m) if gemv_split is None else _positive("gemv_split", gemv_split)
         block_n = GEMV_BLOCK_NS[gemv_block_m(m)] if gemv_block_n is None else _positive("gemv_block_n", gemv_block_n)
         partials = 4 * split * (m * n + m * r)
-        issue = (fused_issue(builds, GEMV_BUILD, m, n * k, gemv_block_m(m), block_n),
-                 mma_serial_targets(builds, GEMV_BUILD, gemv_block_m(m), block_n),
-                 grid_programs(builds, GEMV_BUILD, m, n, gemv_block_m(m), split, block_n))
+        launched = gemv_launch_builds(builds, m)
+        issue = (fused_issue(launched, GEMV_BUILD, m, n * k, gemv_block_m(m), block_n),
+                 mma_serial_targets(launched, GEMV_BUILD, gemv_block_m(m), block_n),
+                 grid_programs(launched, GEMV_BUILD, m, n, gemv_block_m(m), split, block_n))
         gemv_bytes = e * m * k + nf4_storage_bytes(n * k, blocksize) + e * r * k + partials
         if gemv_fold:
             tiles = _cdiv(n, block_n)

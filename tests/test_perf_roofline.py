@@ -331,8 +331,13 @@ def test_default_path_issue_comes_from_the_builds_it_launches(version):
             issue_s = op.issue_count(target) / rl.DEVICES["h100" if target == "sm_90" else "a100"].issue_per_s
             assert issue_s / mma_s == pytest.approx(b["issue_to_mma"], rel=0.01)
         # The GEMV: instructions per weight element / 32 x N*K (one 16-row tile).
-        gemv = kernels[f"linear.gemv_{SMALL_M_CONFIG.tag}@{target}"]
+        gemv = kernels[f"linear.gemv_{SMALL_M_CONFIG.tag}_one_row@{target}"]  # the launch of one row
         assert decode.issue_count(target) == pytest.approx(gemv["instr_per_weight_element"] / 32 * n * k)
+        # From 2 rows the build launched with M a run-time multiple of 16 (not the one-row one).
+        rows = kernels[f"linear.gemv_{SMALL_M_CONFIG.tag}@{target}"]
+        decode4 = rl.lora_forward(4, k, n, r, "qlora_default", triton=version).ops[-1]
+        assert decode4.issue_count(target) == pytest.approx(rows["instr_per_weight_element"] / 32 * n * k)
+        assert rows["instr_per_weight_element"] != gemv["instr_per_weight_element"]
         assert decode.issue_count("gfx942") == 0
 
 
