@@ -670,7 +670,8 @@ def _gemv_output_tile(ws_ptr, u_ws_ptr, b_ptr, bias_ptr, y_ptr, u_ptr, pid_n, M,
 # waits on anybody, so no order of programs can stall the launch. An arrival is CUTLASS's semaphore pattern: a
 # barrier (every thread's stores done), then one thread's acq_rel atomic at GPU scope (Triton gives a scalar atomic
 # to thread 0 and broadcasts its result through shared memory behind a second barrier), and the partials read back
-# with .cg loads (L2, never a stale L1 line). tests/test_linear.py checks the PTX for that order.
+# with .cg loads (L2, never a stale L1 line). tests/test_perf_static.py checks that order in the SASS; under the
+# interpreter tests/test_linear.py runs both branches of the protocol.
 
 
 @triton.jit

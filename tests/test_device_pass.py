@@ -10,6 +10,8 @@ below ``SMALL_M`` rows, grouped tile order), ``div.rn``/no-FMA arithmetic and 64
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -105,6 +107,29 @@ def test_fused_layer_on_device_matches_oracle(m, dtype, dropout_p, K_IN):
     cpu_weight = weight.to("cpu")
     _check_against_oracle(x, _dense_weight(cpu_weight, dtype), lora_a, lora_b, 2.0, bias, mask, dy, y.detach().cpu(),
                           grads, dtype)
+
+
+@pytest.mark.parametrize("m", [1, 16, KLin.SMALL_M])
+def test_folded_gemv_epilogue_on_device_gives_the_bits_of_the_epilogue_launch(m):
+    """The decode GEMV with its epilogue folded (the last program of a column tile sums the split's partials, counted
+    with atomics) against the same launch with its epilogue apart: y and u bit for bit, here with the programs of a
+    GPU running at once (4096 x 4096 on a GPU, 16 splits at M = 1: 512 programs), and with dropout. Under the
+    interpreter a small weight with explicit splits (tests/test_linear.py runs both of the protocol's branches)."""
+    n, k = (4096, 4096) if ON_GPU else (N_OUT, 256)
+    gen = torch.Generator().manual_seed(77 + m)
+    weight = quantize_nf4(torch.randn(n, k, generator=gen).to(torch.bfloat16).to(DEV), blocksize=64,
+                          double_quant=True)
+    x = torch.randn(m, k, generator=gen).to(torch.bfloat16).to(DEV)
+    lora_a = (torch.randn(RANK, k, generator=gen) / k**0.5).to(torch.bfloat16).to(DEV)
+    lora_b = (torch.randn(n, RANK, generator=gen) * 0.5).to(torch.bfloat16).to(DEV)
+    bias = torch.randn(n, generator=gen).to(torch.bfloat16).to(DEV)
+    folded = None if ON_GPU else KLin.MatmulConfig(KLin.gemv_config(m).block_m, 16, 64, split_k=4, path="gemv")
+    apart = replace(folded or KLin.gemv_config(m), fold_epilogue=False,
+                    split_k=folded.split_k if folded else KLin._gemv_split_k(n, k, KLin.gemv_config(m), m=m))
+    kw = dict(lora_a=lora_a, lora_b=lora_b, scaling=2.0, bias=bias, dropout_p=0.25, seed=5, **weight.kernel_kwargs())
+    y, u = KLin.nf4_lora_forward(x, config=folded, **kw)
+    want_y, want_u = KLin.nf4_lora_forward(x, config=apart, **kw)
+    assert torch.equal(y, want_y) and torch.equal(u, want_u)
 
 
 @pytest.mark.skipif(not ON_GPU, reason="the GPU tiles need a GPU (under the interpreter test_linear runs the same "
