@@ -47,8 +47,7 @@ def _kernel_name(launcher) -> str:
 def recorded_launches(execute: bool = True):
     """Within the block every ``kernel[grid](...)`` appends the kernel's name to the yielded list, and the fill
     that zeroes the decode GEMV's arrival counts appends ``zero_fill``; with ``execute=False`` the kernel does not
-    run. An autotuned launch counts once (its inner launch is not counted
-    again)."""
+    run. An autotuned launch counts once (its inner launch is not counted again)."""
     names: list[str] = []
     depth = [0]
     classes = launch_classes()

@@ -634,6 +634,8 @@ def nf4_forward_launches(m: int, k: int, n: int, r: int, path: str, dtype: str =
     e = _linear_args(m, k, n, r, dtype, blocksize)
     _check_path(path)
     _, builds = static_builds(triton)
+    if not isinstance(gemv_fold, bool):
+        raise TypeError(f"gemv_fold must be a bool, got {type(gemv_fold).__name__}")
     if path == "gemv":
         split = gemv_splits(n, k, m) if gemv_split is None else _positive("gemv_split", gemv_split)
         block_n = GEMV_BLOCK_NS[gemv_block_m(m)] if gemv_block_n is None else _positive("gemv_block_n", gemv_block_n)

@@ -127,6 +127,8 @@ def test_gemv_launch_of_an_explicit_split_and_tile():
         rl.nf4_forward_launches(m, k, n, r, "gemv", gemv_split=0)
     with pytest.raises(ValueError, match="^gemv_block_n must"):
         rl.nf4_forward_launches(m, k, n, r, "gemv", gemv_block_n=-64)
+    with pytest.raises(TypeError, match="^gemv_fold must be a bool, got int"):
+        rl.nf4_forward_launches(m, k, n, r, "gemv", gemv_fold=0)
 
 
 def test_default_training_forward_and_backward_counts():
