@@ -339,8 +339,13 @@ def test_default_path_issue_comes_from_the_builds_it_launches(version):
         rows = kernels[f"linear.gemv_{SMALL_M_CONFIG.tag}@{target}"]
         decode4 = rl.lora_forward(4, k, n, r, "qlora_default", triton=version).ops[-1]
         assert decode4.issue_count(target) == pytest.approx(rows["instr_per_weight_element"] / 32 * n * k)
-        assert rows["instr_per_weight_element"] != gemv["instr_per_weight_element"]
         assert decode.issue_count("gfx942") == 0
+    # Which builds stand for which launch: the one-row build at M = 1 only.
+    _, builds = rl.static_builds(version)
+    gemvs = {m: [b["key"] for b in rl.gemv_launch_builds(builds, m) if b["key"].startswith(rl.GEMV_BUILD)]
+             for m in (1, 4)}
+    assert gemvs[1] and all(rl.GEMV_ONE_ROW in key for key in gemvs[1])
+    assert gemvs[4] and not any(rl.GEMV_ONE_ROW in key for key in gemvs[4])
 
 
 def test_issue_term_and_bound():
