@@ -73,10 +73,15 @@ def store_2d(ptr, row_offs, col_offs, value, mask):
 
 
 @triton.jit
-def load_tile(ptr, rows, cols, stride_r, stride_c, mask_r, mask_c):
-    """The (len(rows), len(cols)) tile at ``ptr + rows * stride_r + cols * stride_c``, zero where masked off."""
+def load_tile(ptr, rows, cols, stride_r, stride_c, mask_r, mask_c, L2_ONLY: tl.constexpr = False):
+    """The (len(rows), len(cols)) tile at ``ptr + rows * stride_r + cols * stride_c``, zero where masked off.
+    ``L2_ONLY``: on a GPU loaded through L2 only (``.cg``), for values other programs of the same launch wrote:
+    never a stale L1 line."""
     if INTERPRETER:
         return load_2d(ptr, rows * stride_r, cols * stride_c, mask_r[:, None] & mask_c[None, :], 0.0)
+    elif L2_ONLY:
+        return tl.load(ptr + rows[:, None] * stride_r + cols[None, :] * stride_c,
+                       mask=mask_r[:, None] & mask_c[None, :], other=0.0, cache_modifier=".cg")
     else:
         return tl.load(ptr + rows[:, None] * stride_r + cols[None, :] * stride_c,
                        mask=mask_r[:, None] & mask_c[None, :], other=0.0)

@@ -615,17 +615,6 @@ def _nf4_gemv_kernel(
 
 
 @triton.jit
-def _l2_tile(ptr, rows, cols, stride_r, mask_r, mask_c):
-    """:func:`load_tile` (unit column stride) through L2 only (``.cg``): partials that other programs of the same
-    launch wrote are never read from a stale L1 line."""
-    if INTERPRETER:
-        return load_2d(ptr, rows * stride_r, cols, mask_r[:, None] & mask_c[None, :], 0.0)
-    else:
-        return tl.load(ptr + rows[:, None] * stride_r + cols[None, :], mask=mask_r[:, None] & mask_c[None, :],
-                       other=0.0, cache_modifier=".cg")
-
-
-@triton.jit
 def _gemv_down_partial(x_ptr, a_ptr, bits_ptr, u_ws_ptr, pid_s, M, R, k_start, k_end, words_per_row, stride_xm,
                        stride_xk, stride_ak, stride_ar, HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
@@ -648,7 +637,7 @@ def _summed_u(u_ws_ptr, offs_m, mask_m, offs_r, mask_r, M, R, num_splits, u_scal
     """u (len(offs_m), len(offs_r)) float32 = u_scale * sum over splits s (in order) of u_ws[s]."""
     u = tl.zeros((offs_m.shape[0], offs_r.shape[0]), dtype=tl.float32)
     for s in range(0, num_splits):
-        u += _l2_tile(u_ws_ptr + s * M * R, offs_m, offs_r, R, mask_m, mask_r)
+        u += load_tile(u_ws_ptr + s * M * R, offs_m, offs_r, R, 1, mask_m, mask_r, True)
     return u * u_scale
 
 
@@ -665,7 +654,7 @@ def _gemv_output_tile(ws_ptr, u_ws_ptr, b_ptr, bias_ptr, y_ptr, u_ptr, pid_n, M,
     mask_n = offs_n < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for s in range(0, num_splits):
-        acc += _l2_tile(ws_ptr + s * M * N, offs_m, offs_n, N, mask_m, mask_n)
+        acc += load_tile(ws_ptr + s * M * N, offs_m, offs_n, N, 1, mask_m, mask_n, True)
     lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
@@ -738,9 +727,8 @@ def _gemv_u_arrive(ws_ptr, u_ws_ptr, arrivals_ptr, b_ptr, bias_ptr, y_ptr, u_ptr
                                           BLOCK_M, BLOCK_N, BLOCK_R)
 
 
-(_l2_tile, _gemv_down_partial, _summed_u, _gemv_output_tile, _gemv_arrive, _gemv_u_arrive) = (
-    interpreted_directly(f) for f in (_l2_tile, _gemv_down_partial, _summed_u, _gemv_output_tile, _gemv_arrive,
-                                      _gemv_u_arrive))
+(_gemv_down_partial, _summed_u, _gemv_output_tile, _gemv_arrive, _gemv_u_arrive) = (
+    interpreted_directly(f) for f in (_gemv_down_partial, _summed_u, _gemv_output_tile, _gemv_arrive, _gemv_u_arrive))
 
 
 @lean_under_interpreter

@@ -26,7 +26,7 @@ Model (perf/README.md, "The SASS cost model"):
   kernel's start to the first ``EXIT`` after its main loop (that one included), per thread. The issue model charges
   the main loop's trips only, which holds where a program runs many of them; a launch of programs that run two
   (the decode GEMV at M = 1) issues this much more per program. Conditional code up to that ``EXIT`` counts whole
-  (an upper bound); code past it (the GEMV's column tile 0 work) not at all.
+  (an upper bound); code past it (a branch that ends in an ``EXIT`` of its own) not at all.
 """
 
 from __future__ import annotations
