@@ -44,6 +44,8 @@ class KernelSpec:
     - ``weight_arg``: the argument holding the packed weight bytes (for the widest-load figure).
     - ``targets``: the compile targets (``"sm_80"``, ``"sm_90"``, ``"gfx942"``, ``"gfx90a"``) on which a launcher
       picks this build; None for all. A config chosen per GPU architecture is built only where it is launched.
+    - ``target_options``: compile options the launcher adds on some targets only (``{"sm_80": {"maxnreg": 168}}``),
+      over ``options`` (:meth:`options_for`).
     """
 
     name: str
@@ -56,6 +58,11 @@ class KernelSpec:
     weight_elements_per_iteration: int | None = None
     weight_arg: str | None = None
     targets: tuple[str, ...] | None = None
+    target_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def options_for(self, target: str) -> dict[str, Any]:
+        """The compile options of the launch on ``target`` (a target name such as ``"sm_80"``)."""
+        return {**self.options, **self.target_options.get(target, {})}
 
     def launch_values(self) -> dict[str, Any]:
         """Value of every non-constexpr, non-pointer argument for the launch this build stands for.

@@ -41,9 +41,10 @@ from .quantize import launch_dequantize_4bit, unpack_4bit
 NESTED_BLOCKSIZE = 256
 # How the interpreter decodes W's tile in the fused kernel (PAIRS) and the decode GEMV: "words" (the default: both
 # read W as 64-bit words and decode the whole tile by one gather into a byte-major tile, _nf4_word_tile), "word_pairs"
-# (both as NVIDIA GPUs with a 16-bit compute dtype, _nf4_word_pairs_tile),
-# "split" (a packed byte's even and odd values apart: AMD, float32, sm_80's other builds) or "interleave" (side by
-# side: sm_90 in float32). Tests set the others so that what GPUs run is checked against the oracle on a CPU too.
+# (both as NVIDIA GPUs with a 16-bit compute dtype, _nf4_word_pairs_tile), "word_fragments_mma" / "word_fragments_wgmma"
+# (as "word_pairs", the GEMV's 128 x 128 tiles in the fragment order of sm_80's / sm_90's MMA: _fragment_rows), "split"
+# (a packed byte's even and odd values apart: AMD, float32, sm_80's other builds) or "interleave" (side by side: sm_90
+# in float32). Tests set the others so that what GPUs run is checked against the oracle on a CPU too.
 PAIR_LAYOUT_UNDER_INTERPRETER = tl.constexpr("words")
 SMALL_M = 32  # at or below this many rows the forward takes the GEMV-shaped decode path (GEMV_BLOCK_MS rows)
 # Up to this many rows (above SMALL_M) forward and dx take the fused tiled kernel, per GPU architecture (gpu_arch;
@@ -215,11 +216,17 @@ def _column_pair(words, scale, table, shift_first: tl.constexpr, dtype: tl.const
     return round_to(values * scale[:, :, None], dtype)
 
 
+# The orders a decoded W tile can take (:func:`_column_tile`): W's own, or the fragment order of one of the MMAs.
+FRAGMENT_NONE = tl.constexpr(0)
+FRAGMENT_MMA = tl.constexpr(1)
+FRAGMENT_WGMMA = tl.constexpr(2)
+
+
 @triton.jit
-def _word_tile(words, scale, table, dtype: tl.constexpr):
+def _word_tile(words, scale, table, dtype: tl.constexpr, FRAGMENT: tl.constexpr = 0):
     """(R, 8 C) ``dtype``: ``round(code[q] * scale)`` of the eight 4-bit codes q of each uint32 word of ``words``
     (R, C), in W's column order (column 8 c + e holds code e of word c: byte e // 2, high nibble first);
-    ``scale`` (R, C) float32, one per word.
+    ``scale`` (R, C) float32, one per word. ``FRAGMENT``: the tile in fragment order instead (:func:`_column_tile`).
 
     On NVIDIA GPUs with a 16-bit ``dtype`` one inline-assembly block per word (``_WORD_DECODE_*``): per column one
     shift, one shuffle from the lane table (:func:`_lane_code_table`) and one multiply, one round per two columns;
@@ -246,10 +253,68 @@ def _word_tile(words, scale, table, dtype: tl.constexpr):
         c1 = _column_pair(words, scale, table, 12, dtype)
         c2 = _column_pair(words, scale, table, 20, dtype)
         c3 = _column_pair(words, scale, table, 28, dtype)
-    # c_k (R, C, 2) holds columns 2k and 2k + 1: joined to (R, C, pair, k0, k1), permuted to (R, C, k1, k0, pair),
-    # column 8 c + 4 k1 + 2 k0 + pair.
-    cols = tl.permute(tl.join(tl.join(c0, c1), tl.join(c2, c3)), (0, 1, 4, 3, 2))
-    return tl.reshape(cols, (R, C * 8))
+    return _column_tile(c0, c1, c2, c3, FRAGMENT)
+
+
+@triton.jit
+def _column_tile(c0, c1, c2, c3, FRAGMENT: tl.constexpr):
+    """(R, 8 C): the tile whose row i, column 8 c + 2 k + pair is ``c_k[i, c, pair]`` (c_k (R, C, 2): columns 2k
+    and 2k + 1 of each word), or that tile in fragment order (``FRAGMENT`` ``FRAGMENT_MMA`` / ``FRAGMENT_WGMMA``, R
+    64 or 128 and C = 16: the comment above :func:`_fragment_rows`). Only joins, permutes and reshapes: on a GPU
+    no value moves between threads."""
+    R: tl.constexpr = c0.shape[0]
+    C: tl.constexpr = c0.shape[1]
+    # Joined to (R, C, pair, k0, k1), permuted to (R, C, k1, k0, pair): column 8 c + 4 k1 + 2 k0 + pair.
+    joined = tl.join(tl.join(c0, c1), tl.join(c2, c3))
+    # Row i = 64 r1 + 32 r0 + 16 w1 + 8 w0 + g (r1 = 0 for 64 rows) and word c = 8 c1 + 4 c0 + 2 i1 + i0 as bits,
+    # permuted to row (r1, w1, w0, r0, g) and column (i1, i0, c1, c0, k1, k0, pair) (mma) or (i1, i0, k1, k0, c1,
+    # c0, pair) (wgmma). One return after the branches: Triton would compile code after a returning branch too.
+    if FRAGMENT == FRAGMENT_MMA:
+        bits = tl.reshape(joined, (R // 64, 2, 2, 2, 8, 2, 2, 2, 2, 2, 2, 2))
+        tile = tl.reshape(tl.permute(bits, (0, 2, 3, 1, 4, 7, 8, 5, 6, 11, 10, 9)), (R, C * 8))
+    elif FRAGMENT == FRAGMENT_WGMMA:
+        bits = tl.reshape(joined, (R // 64, 2, 2, 2, 8, 2, 2, 2, 2, 2, 2, 2))
+        tile = tl.reshape(tl.permute(bits, (0, 2, 3, 1, 4, 7, 8, 11, 10, 5, 6, 9)), (R, C * 8))
+    else:
+        tile = tl.reshape(tl.permute(joined, (0, 1, 4, 3, 2)), (R, C * 8))
+    return tile
+
+
+# Fragment order: the GEMV's W tile (64 or 128 rows x 128 columns, 4 warps) decoded straight into the MMA's first
+# operand as the MMA reads it from registers. The words come in the load's own layout: thread t of warp v holds words
+# 4 c .. 4 c + 3 (c = t % 4; 16 bytes, columns 32 c .. 32 c + 31) of rows g + 8 v + 32 r (g = t // 4). Both MMAs want
+# rows g + 8 a + 16 v + 64 b in that thread; for the columns:
+# - FRAGMENT_WGMMA (sm_90's warpgroup MMA, A from registers): columns 2 c + h + 8 e + 16 j (wgmma's A fragment);
+# - FRAGMENT_MMA (mma.sync, sm_80): columns 8 c + e + 32 j (Triton's operand layout with 8 consecutive values along K
+#   per thread, kWidth 8).
+# No value has to move between threads: relabelling the tile's rows and columns (bit permutations of their indices)
+# makes the decoded tile the operand itself, where W's column order takes a pass through shared memory per K step
+# (sm_90: 16 STS.128, 16 LDSM and a barrier per thread; sm_80: 16 STS.128 and 16 LDS.128). The columns'
+# relabelling is applied to x too (:func:`_fragment_columns`), so the dot sums the same products in another order;
+# the rows' (:func:`_fragment_rows`) is undone by the rows W is loaded from. (FRAGMENT_* are defined above
+# :func:`_word_tile`.)
+
+
+@triton.jit
+def _fragment_rows(BLOCK_N: tl.constexpr):
+    """int32 (BLOCK_N,) (64 or 128): the row of W's tile (past its first) to load at position i = 64 r1 + 32 r0 +
+    16 w1 + 8 w0 + g of the words, so that row L = 64 r1 + 32 w1 + 16 w0 + 8 r0 + g of the fragment-ordered tile
+    (:func:`_column_tile`) is the tile's row L."""
+    i = tl.arange(0, BLOCK_N)
+    return (i & 7) | (((i >> 5) & 1) << 3) | (((i >> 3) & 3) << 4) | ((i >> 6) << 6)
+
+
+@triton.jit
+def _fragment_columns(x, FRAGMENT: tl.constexpr):
+    """(R, 128): ``x`` (R, 128) with its columns in the fragment order of the W tile it meets (:func:`_column_tile`):
+    column k = 64 i1 + 32 i0 + 16 c1 + 8 c0 + e (FRAGMENT_MMA) or 64 i1 + 32 i0 + 16 k1 + 8 k0 + 4 c1 + 2 c0 + h
+    (FRAGMENT_WGMMA, e = 2 k + h) holds x's column 64 c1 + 32 c0 + 16 i1 + 8 i0 + e."""
+    R: tl.constexpr = x.shape[0]
+    if FRAGMENT == FRAGMENT_MMA:  # runs of 8 columns stay together (16-byte loads of x)
+        x = tl.reshape(tl.permute(tl.reshape(x, (R, 2, 2, 2, 2, 8)), (0, 3, 4, 1, 2, 5)), (R, 128))
+    else:
+        x = tl.reshape(tl.permute(tl.reshape(x, (R, 2, 2, 2, 2, 2, 2, 2)), (0, 3, 4, 5, 6, 1, 2, 7)), (R, 128))
+    return x
 
 
 @triton.jit
@@ -363,11 +428,11 @@ def _sub_block_scales(absmax_ptr, absmax2_ptr, nested_code_ptr, offset, rows, ma
 def _nf4_word_pairs_tile(packed_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr, table, offset, rows, mask_rows, col0,
                          row_len, BLOCK_C: tl.constexpr, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
                          NESTED_BLOCKSIZE: tl.constexpr, INDEX_64: tl.constexpr, COLS_IN_BOUNDS: tl.constexpr,
-                         dtype: tl.constexpr):
+                         dtype: tl.constexpr, FRAGMENT: tl.constexpr = 0):
     """(len(rows), BLOCK_C) ``dtype``: W (?, row_len) at rows ``rows`` and columns ``col0 + j``, each value
     ``round(code[q] * scale)`` (``dequantize_4bit``'s in ``dtype``), in W's column order; finite outside W (callers
     zero the other operand there). ``table``: :func:`_lane_code_table` on NVIDIA GPUs, else the float32 (16,)
-    code table (:func:`_word_tile`).
+    code table (:func:`_word_tile`). ``FRAGMENT``: the tile in fragment order (:func:`_column_tile`).
 
     The GPUs' decode of the fused kernel and the GEMV: W read as 32-bit words of eight codes (16-byte loads along
     the row) and decoded a word at a time by :func:`_word_tile`. Needs row_len a multiple of BLOCKSIZE (>= 32) and
@@ -387,7 +452,7 @@ def _nf4_word_pairs_tile(packed_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr, t
                                   BLOCK_C, BLOCKSIZE, DOUBLE_QUANT, NESTED_BLOCKSIZE, COLS_IN_BOUNDS)
         scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (rows.shape[0], BLOCK_C // SUB, SUB // 8)),
                            (rows.shape[0], WORDS))
-    return _word_tile(words, scale, table, dtype)
+    return _word_tile(words, scale, table, dtype, FRAGMENT)
 
 
 @triton.jit
@@ -440,10 +505,10 @@ def _nf4_word_tile(packed_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr, code_pt
 
 # Called by the kernels below without the interpreter's per-call re-patching of triton.language (_tl.py).
 (_code_value, _dequant_tile, _pair_tables, _nf4_pair_tile, _packed_words, _sub_block_scales, _tile_columns,
- _nf4_word_tile, _nf4_word_pairs_tile, _word_tile, _column_pair) = (
+ _nf4_word_tile, _nf4_word_pairs_tile, _word_tile, _column_pair, _column_tile, _fragment_rows, _fragment_columns) = (
     interpreted_directly(f) for f in (_code_value, _dequant_tile, _pair_tables, _nf4_pair_tile, _packed_words,
                                       _sub_block_scales, _tile_columns, _nf4_word_tile, _nf4_word_pairs_tile,
-                                      _word_tile, _column_pair))
+                                      _word_tile, _column_pair, _column_tile, _fragment_rows, _fragment_columns))
 
 
 @lean_under_interpreter
@@ -460,7 +525,7 @@ def _nf4_gemv_kernel(
     BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, INDEX_64: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, FOLD: tl.constexpr, U_FIRST: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, FRAGMENT_ORDER: tl.constexpr,
 ):
     """ws[s] (M, N) float32 = x[:, split s] @ W[:, split s]^T (M <= BLOCK_M; K a multiple of BLOCKSIZE), and for
     column tile 0 u_ws[s] (M, R) float32 = (x * keep)[:, split s] @ A[:, split s]^T. With FOLD the launch also
@@ -524,13 +589,40 @@ def _nf4_gemv_kernel(
     # interpreter unless a test asks for a byte layout. W is then the MMA's first operand on sm_80 too (5.8 against
     # 6.0 instructions per weight element with x first: Triton read both operands through LDS and register moves).
     if INTERPRETER:
-        WORDS: tl.constexpr = PAIR_LAYOUT_UNDER_INTERPRETER == "words" or PAIR_LAYOUT_UNDER_INTERPRETER == "word_pairs"
+        WORDS: tl.constexpr = (PAIR_LAYOUT_UNDER_INTERPRETER == "words" or PAIR_LAYOUT_UNDER_INTERPRETER == "word_pairs"
+                               or PAIR_LAYOUT_UNDER_INTERPRETER == "word_fragments_mma"
+                               or PAIR_LAYOUT_UNDER_INTERPRETER == "word_fragments_wgmma")
         # "words": the interpreter's own byte-major tile (_nf4_word_tile, as the fused kernel's), x's K columns
-        # indexed in its order; "word_pairs": the GPUs' word decode, which tests run on a CPU so.
+        # indexed in its order; "word_pairs" / "word_fragments_*": the GPUs' word decode, which tests run on a CPU so.
         BYTE_MAJOR: tl.constexpr = PAIR_LAYOUT_UNDER_INTERPRETER == "words"
+        # "word_fragments_*": the word decode in an MMA's fragment order (below)
+        FRAGMENT_KIND: tl.constexpr = (FRAGMENT_MMA if PAIR_LAYOUT_UNDER_INTERPRETER == "word_fragments_mma" else
+                                       FRAGMENT_WGMMA if PAIR_LAYOUT_UNDER_INTERPRETER == "word_fragments_wgmma" else
+                                       FRAGMENT_NONE)
     else:
         WORDS: tl.constexpr = _nvidia_target() and compute_dtype != tl.float32
         BYTE_MAJOR: tl.constexpr = False
+        FRAGMENT_KIND: tl.constexpr = (FRAGMENT_NONE if not WORDS else FRAGMENT_WGMMA if _wgmma_target() else
+                                       FRAGMENT_MMA)
+    # FRAGMENT: W decoded straight into the MMA's first operand as it reads it from registers, x's columns relabelled
+    # to match (the comment above _fragment_rows), for the 16-row tile (128 rows of W, K steps of 128). perf static,
+    # main loop per K step at M = 1 / M = 16, triton 3.9: sm_90 542 / 543 -> 517 / 519, sm_80 705 / 727 -> 578 / 576
+    # (3.6: sm_90 546 / 546 -> 519 / 530, sm_80 700 / 731 -> 581 / 579, and no more 8 bytes of spill at M = 16); 157-
+    # 165 registers instead of 128 (3 CTAs per SM instead of 4; on sm_80 with GEMV_MMA_MAXNREG), 8 KB of shared
+    # memory instead of 36. The 32-row tile (64 rows of W) keeps W's order: its x tile is half as large as W's, and
+    # relabelling it cost more than W's pass through shared memory saves (sm_90 303 -> 319, sm_80 466 -> 490, 3.9).
+    FRAGMENT: tl.constexpr = FRAGMENT_KIND if FRAGMENT_ORDER and BLOCK_N == 128 and BLOCK_K == 128 else FRAGMENT_NONE
+    if FRAGMENT != FRAGMENT_NONE:
+        rows_w = pid_n * BLOCK_N + _fragment_rows(BLOCK_N)
+        if INDEX_64:
+            rows_w = rows_w.to(tl.int64)
+        if EVEN_N:
+            mask_w = mask_n
+        else:
+            mask_w = rows_w < N
+    else:
+        rows_w = offs_n
+        mask_w = mask_n
     # x's rows past M read row M - 1 (M >= 1: the launcher returns early for no rows) instead of being masked: no
     # predicated loads and zero fills per K step, and those rows only reach rows of the partial that are never stored
     # (perf static, sm_90 / sm_80 per K step, 3.9: M = 16 547 -> 543 / 733 -> 727, the 32-row tile 314 -> 303 /
@@ -562,10 +654,12 @@ def _nf4_gemv_kernel(
                                             offs_n, mask_n, k0, K, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, NESTED_BLOCKSIZE,
                                             INDEX_64, EVEN_K), compute_dtype)
             else:
-                w = _nf4_word_pairs_tile(packed_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr, table, offset, offs_n,
-                                         mask_n, k0, K, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, NESTED_BLOCKSIZE, INDEX_64,
-                                         EVEN_K, compute_dtype)
+                w = _nf4_word_pairs_tile(packed_ptr, absmax_ptr, absmax2_ptr, nested_code_ptr, table, offset, rows_w,
+                                         mask_w, k0, K, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, NESTED_BLOCKSIZE, INDEX_64,
+                                         EVEN_K, compute_dtype, FRAGMENT)
             x = load_tile(x_ptr, rows_x, offs_k, stride_xm, stride_xk, x_rows, mask_xk)
+            if FRAGMENT != FRAGMENT_NONE:
+                x = _fragment_columns(x, FRAGMENT)
             acc_t = dot(w, tl.trans(x), acc_t)
         else:
             offs_kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
@@ -825,7 +919,9 @@ def _matmul_lora_kernel(
     # (:func:`_nf4_word_pairs_tile`), the tile in W's column order rounded to the compute dtype.
     if INTERPRETER:
         WORDS: tl.constexpr = PAIR_LAYOUT_UNDER_INTERPRETER == "words"
-        WORD_PAIRS: tl.constexpr = PAIR_LAYOUT_UNDER_INTERPRETER == "word_pairs"
+        WORD_PAIRS: tl.constexpr = (PAIR_LAYOUT_UNDER_INTERPRETER == "word_pairs"
+                                    or PAIR_LAYOUT_UNDER_INTERPRETER == "word_fragments_mma"
+                                    or PAIR_LAYOUT_UNDER_INTERPRETER == "word_fragments_wgmma")
         INTERLEAVE: tl.constexpr = PAIR_LAYOUT_UNDER_INTERPRETER == "interleave"
     else:
         WORDS: tl.constexpr = False
@@ -997,6 +1093,10 @@ class MatmulConfig:
     # Path "gemv" only: the split's last program writes y (no epilogue launch; _gemv_arrive), or False: the
     # partials are summed by _gemv_epilogue_kernel, a second launch.
     fold_epilogue: bool = True
+    # Path "gemv" only: W's tile decoded in the MMA's fragment order where the tile and GPU allow it (128 rows of W,
+    # K steps of 128, an NVIDIA GPU, a 16-bit compute dtype: _fragment_rows), or False: in W's own column order
+    # (a pass through shared memory per K step).
+    fragment_order: bool = True
 
     def meta(self) -> dict:
         return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k, GROUP_M=self.group_m)
@@ -1047,9 +1147,10 @@ FUSED_CONFIGS: dict[int, tuple[MatmulConfig, MatmulConfig]] = {
     9: (MatmulConfig(64, 64, 32, num_warps=4), MatmulConfig(128, 128, 128, num_warps=8, num_stages=3)),
 }
 # Decode: 16-row tile (tl.dot's minimum), 128 rows of W (GEMV_BLOCK_NS) x 128 of K (two 64-element scale blocks) per
-# step. One stage: latency is left to occupancy (128 registers, 4 CTAs per SM); two stages load the next step's words
-# and scale codes during this one's decode (load_chain 2 -> 1) for 541 -> 688 instructions per K step on sm_90 (3.9;
-# 545 -> 707 under 3.6, at 168-192 registers), which the issue-bound H200 model pays for and only a GPU can weigh
+# step. One stage: latency is left to occupancy (157-165 registers, 3 CTAs per SM); two stages load the next step's
+# words and scale codes during this one's decode (load_chain 2 -> 1) for 517 -> 557 instructions per K step on sm_90
+# and 578 -> 606 on sm_80 at M = 1 (3.9; 519 -> 553 and 581 -> 604 under 3.6, 0 spills; 541 -> 688 on sm_90 before W
+# was decoded in fragment order, _fragment_rows), which the issue-bound H200 model pays for and only a GPU can weigh
 # against the latency it hides (perf/profile_linear.py times both). While the step was 64 rows of W, the instructions
 # per weight element as launched at M = 1 (perf static, sm_90 / sm_80), bf16, were: with the word decode 4.88 / 5.78
 # under triton 3.9, 4.67 / 6.08 under 3.6; with a byte's codes looked up by warp shuffles before, 6.1 / 6.2 (3.9) and
@@ -1073,6 +1174,10 @@ GEMV_BLOCK_MS = (16, 32)
 # keeps 64 rows (5.0 against 4.82 with 128 on sm_90, 7.5 against 6.7 at 254 registers on sm_80): its partials allow
 # 2 K splits at 4096 x 4096 (_gemv_split_k), so 128-row tiles would launch 64 programs for 132 SMs, 64-row ones 128.
 GEMV_BLOCK_NS = {16: 128, 32: 64}
+# Registers per thread at most for the 16-row GEMV tile on NVIDIA GPUs before sm_90 (W decoded in mma.sync's fragment
+# order, FRAGMENT_MMA; _gemv_options): left to itself ptxas fits that build into 128 and spills (perf static, sm_80:
+# 24 bytes under triton 3.9, 16-24 under 3.6); bounded so it takes 157-162 and spills nothing (3 CTAs per SM).
+GEMV_MMA_MAXNREG = 168
 INTERPRETER_MAX_TILE = 1 << 20  # elements of one tile: the interpreter refuses more
 INTERPRETER_MAX_BLOCK_M = 2048
 EPILOGUE_BLOCK_N = 128
@@ -1260,8 +1365,9 @@ def _check_config(config, m: int):
     if config.split_k not in SPLIT_K_CHOICES or (config.split_k > 1 and config.path != "gemv"):
         raise ValueError(f"config.split_k must be one of {SPLIT_K_CHOICES} (> 1 only with path 'gemv'), "
                          f"got {config.split_k!r}")
-    if not isinstance(config.fold_epilogue, bool):
-        raise TypeError(f"config.fold_epilogue must be a bool, got {type(config.fold_epilogue).__name__}")
+    for flag in ("fold_epilogue", "fragment_order"):
+        if not isinstance(getattr(config, flag), bool):
+            raise TypeError(f"config.{flag} must be a bool, got {type(getattr(config, flag)).__name__}")
     if config.path == "gemv" and (m > config.block_m or config.block_m not in GEMV_BLOCK_MS or config.block_k < 32):
         raise ValueError(f"a 'gemv' config needs block_m in {GEMV_BLOCK_MS}, >= M ({m}), and block_k >= 32, "
                          f"got {config}")
@@ -1409,6 +1515,16 @@ def _gemv_split_k(n: int, k: int, cfg: MatmulConfig, sms: int | None = None, m: 
     return split
 
 
+def _gemv_options(config: MatmulConfig, dtype: torch.dtype, mma_sync: bool) -> dict:
+    """Compile options of a GEMV launch on a GPU beyond the config's: ``maxnreg`` (``GEMV_MMA_MAXNREG``) where the
+    16-row tile decodes W in mma.sync's fragment order (``mma_sync``: an NVIDIA GPU before sm_90; a 16-bit
+    compute dtype)."""
+    if (mma_sync and config.fragment_order and config.block_n == 128 and config.block_k == 128
+            and dtype != torch.float32):
+        return {"maxnreg": GEMV_MMA_MAXNREG}
+    return {}
+
+
 def _zeroed_arrivals(tiles: int, device) -> torch.Tensor:
     """(tiles + 1,) int32 zeros: the folded GEMV epilogue's arrival counts (column tiles, then u), new for every
     launch, so that no launch can see another's counts whatever streams or graphs they run in. On a GPU a fill
@@ -1448,7 +1564,9 @@ def _launch_gemv(x, weight: _Weight, lora_a, lora_b, bias, keep, scaling, p, con
             INDEX_64=weight.index_64, HAS_DROPOUT=keep is not None, EVEN_K=k % block_k == 0,
             EVEN_N=n % config.block_n == 0, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=block_k,
             BLOCK_R=block_r, FOLD=fold, U_FIRST=fold and GEMV_U_FIRST, HAS_BIAS=bias is not None,
-            num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=False)
+            FRAGMENT_ORDER=config.fragment_order, num_warps=config.num_warps, num_stages=config.num_stages,
+            enable_fp_fusion=False,
+            **({} if interp else _gemv_options(config, x.dtype, torch.version.hip is None and gpu_arch() == 8)))
     if fold:
         return y, u
     block_n = pow2_clamp(n, 16, 2048) if interp else EPILOGUE_BLOCK_N
@@ -1710,6 +1828,7 @@ def compile_specs() -> list[KernelSpec]:
         consts = dict(BLOCKSIZE=64, DOUBLE_QUANT=True, NESTED_BLOCKSIZE=NESTED_BLOCKSIZE, INDEX_64=False,
                       HAS_DROPOUT=True, EVEN_K=True, EVEN_N=True, BLOCK_M=block_m, BLOCK_N=cfg.block_n,
                       BLOCK_K=cfg.block_k, BLOCK_R=16, FOLD=cfg.fold_epilogue, U_FIRST=GEMV_U_FIRST, HAS_BIAS=True,
+                      FRAGMENT_ORDER=cfg.fragment_order,
                       stride_xk=1, stride_ak=1, stride_br=1)
         sig = _signature(_nf4_gemv_kernel, {**_WEIGHT_TYPES, "x_ptr": f"*{dt}", "a_ptr": f"*{dt}",
                                             "bits_ptr": "*i32", "ws_ptr": "*fp32", "u_ws_ptr": "*fp32",
@@ -1728,7 +1847,8 @@ def compile_specs() -> list[KernelSpec]:
         rows = "M=1" if m == 1 else (f"1<M<={block_m}" if block_m == 16 else f"16<M<={block_m}")
         specs.append(KernelSpec(f"gemv_{cfg.tag}{'_one_row' if m == 1 else ''}", _nf4_gemv_kernel, sig, consts,
                                 dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False),
-                                launch_args=launch, regime=f"{rows}, K a multiple of the blocksize"))
+                                launch_args=launch, regime=f"{rows}, K a multiple of the blocksize",
+                                target_options={"sm_80": _gemv_options(cfg, torch.bfloat16, True)}))
         if m == 1:
             continue
         consts = dict(HAS_BIAS=True, BLOCK_M=block_m, BLOCK_N=EPILOGUE_BLOCK_N, BLOCK_R=16, stride_br=1)

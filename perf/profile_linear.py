@@ -32,9 +32,14 @@ def decode_variants(m: int, n: int, k: int, sms: int) -> list[tuple[str, MatmulC
       GEMV: the last of a column tile's programs sums the partials).
     - The same launch with the epilogue apart (``fold_epilogue=False``): a second launch reads the partials back,
       as before the fold; the same bits, which the profile prints.
+    - Where the dispatcher decodes W in the MMA's fragment order (its 128-row tiles on NVIDIA GPUs): the same launch
+      with W in its own column order (``fragment_order=False``), a pass through shared memory per K step (perf
+      static, sm_90 / sm_80, 3.9: 542 / 705 against 517 / 578 instructions per K step at M = 1, at 128 against
+      157-165 registers); y differs in the order the dot sums its products.
     - The same tiles and split with ``num_stages=2``: the next K step's words, x and scale codes load during this
-      step's decode (``load_chain`` 2 -> 1, 16-byte ``cp.async``), for 688 against 541 instructions per K step on
-      sm_90 by ``perf static`` under triton 3.9 (707 against 545 under 3.6; 0 spills).
+      step's decode (``load_chain`` 2 -> 1, 16-byte ``cp.async``), for 557 against 517 instructions per K step on
+      sm_90 and 606 against 578 on sm_80 at M = 1 by ``perf static`` under triton 3.9 (553 / 604 against 519 / 581
+      under 3.6; 0 spills; 688 against 541 on sm_90 before W was decoded in fragment order).
     - The dispatcher's tiles and stages with S / 4, S / 2 and 2 S splits, where that is a split the launcher takes
       (``SPLIT_K_CHOICES``, at least one K step per split): fewer splits write fewer float32 partials of y but
       leave fewer programs per SM to hide each other's load latency, which the model does not see.
@@ -53,8 +58,10 @@ def decode_variants(m: int, n: int, k: int, sms: int) -> list[tuple[str, MatmulC
     split = L._gemv_split_k(n, k, config, sms, m)
     variants: list[tuple[str, MatmulConfig | None]] = [
         (f"dispatcher ({_plural(split, 'split')}, {_plural(config.num_stages, 'stage')})", None),
-        ("epilogue launched apart", replace(config, split_k=split, fold_epilogue=False)),
-        ("2 stages", replace(config, num_stages=2, split_k=split))]
+        ("epilogue launched apart", replace(config, split_k=split, fold_epilogue=False))]
+    if config.block_n == 128 and config.block_k == 128:
+        variants.append(("W's own column order", replace(config, split_k=split, fragment_order=False)))
+    variants.append(("2 stages", replace(config, num_stages=2, split_k=split)))
     for other in (split // 4, split // 2, split * 2):
         if other in L.SPLIT_K_CHOICES and other * config.block_k <= k:
             variants.append((_plural(other, "split"), replace(config, split_k=other)))
@@ -71,7 +78,8 @@ def _plural(count: int, noun: str) -> str:
 def model_seconds(m: int, n: int, k: int, r: int, config: MatmulConfig | None, device) -> float | None:
     """The static model's time (``perf/roofline.py``, this Triton's committed baseline) of the GEMV and its
     epilogue for the variant ``config`` of :func:`decode_variants` on ``device``; None where the baseline has no
-    build of the variant's tiles and stages (the two-stage and 64-row launches) or no baseline exists for this
+    build of the variant's tiles, stages and decode order (the two-stage and 64-row launches, W in its own column
+    order) or no baseline exists for this
     Triton. The launch with its epilogue apart is charged the folded build's main loop (the baselines hold no
     unfolded GEMV build; the fold adds its code outside that loop)."""
     import triton
@@ -80,7 +88,8 @@ def model_seconds(m: int, n: int, k: int, r: int, config: MatmulConfig | None, d
     from qlora.kernels import linear as L
 
     base = L.gemv_config(m)
-    if config is not None and (config.num_stages, config.block_n) != (base.num_stages, base.block_n):
+    if config is not None and ((config.num_stages, config.block_n) != (base.num_stages, base.block_n)
+                               or not config.fragment_order):
         return None
     version = ".".join(triton.__version__.split(".")[:2])
     try:

@@ -58,9 +58,10 @@ class Specialization:
         return out
 
 
-def launch_arguments(spec) -> tuple[list, dict]:
+def launch_arguments(spec, target_name: str | None = None) -> tuple[list, dict]:
     """``(args, kwargs)`` of the launch ``spec`` stands for: a pointer stand-in per pointer argument, the values of
-    :meth:`KernelSpec.launch_values` for scalars, the constexprs and launch options as keywords."""
+    :meth:`KernelSpec.launch_values` for scalars, the constexprs and launch options as keywords (those of the launch
+    on ``target_name``, :meth:`KernelSpec.options_for`, when given)."""
     import torch
 
     values = spec.launch_values()
@@ -84,7 +85,7 @@ def launch_arguments(spec) -> tuple[list, dict]:
             kwargs[name] = LaunchPointer(getattr(torch, _TORCH_DTYPES[element]))
         else:
             kwargs[name] = values[name]
-    return args, {**kwargs, **spec.options}
+    return args, {**kwargs, **(spec.options if target_name is None else spec.options_for(target_name))}
 
 
 def _run_defaults(fn) -> dict:
@@ -113,6 +114,11 @@ def specialize(fn, args: list, kwargs: dict, target) -> Specialization:
     return Specialization(dict(signature), dict(constexprs), attrs, options)
 
 
+def target_name(target) -> str:
+    """``"sm_90"`` for ``GPUTarget("cuda", 90, 32)``, ``"gfx942"`` for ``GPUTarget("hip", "gfx942", 64)``."""
+    return f"sm_{target.arch}" if target.backend == "cuda" else str(target.arch)
+
+
 def specialize_spec(spec, target) -> Specialization:
-    args, kwargs = launch_arguments(spec)
+    args, kwargs = launch_arguments(spec, target_name(target))
     return specialize(spec.fn, args, kwargs, target)

@@ -7,6 +7,7 @@ ones ``qlora verify`` uses.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import replace
 
@@ -389,8 +390,8 @@ def test_folded_gemv_epilogue_gives_the_bits_of_the_epilogue_launch(case, split_
 
 
 @pytest.mark.parametrize("m, labels", [
-    (1, ["dispatcher (2 splits, 1 stage)", "epilogue launched apart", "2 stages", "1 split", "4 splits",
-         "64-row tiles, 1 split"]),
+    (1, ["dispatcher (2 splits, 1 stage)", "epilogue launched apart", "W's own column order", "2 stages", "1 split",
+         "4 splits", "64-row tiles, 1 split"]),
     # 32 rows: the partials' cap (K / (64 M) splits) leaves 1 split, and its tile already has 64 rows.
     (32, ["dispatcher (1 split, 1 stage)", "epilogue launched apart", "2 stages", "2 splits"]),
 ])
@@ -413,20 +414,25 @@ def test_decode_variants_that_the_gpu_profiler_times_match_oracle(m, labels):
 
 def test_decode_variants_at_the_profiled_shape():
     """At K = N = 4096 on 132 SMs: the dispatcher's split (16 at M = 1, 4 at M = 16: _gemv_split_k), that launch with
-    its epilogue launched apart, the two-stage launch with that split, and half and twice the split; no M outside the GEMV's rows."""
+    its epilogue launched apart and with W in its own column order (128-row tiles only), the two-stage launch with
+    that split, and other splits; no M outside the GEMV's rows."""
     from perf.profile_linear import decode_variants
 
     one = decode_variants(1, 4096, 4096, sms=132)
-    assert [label for label, _ in one] == ["dispatcher (16 splits, 1 stage)", "epilogue launched apart", "2 stages",
-                                           "4 splits", "8 splits", "32 splits", "64-row tiles, 8 splits"]
+    assert [label for label, _ in one] == ["dispatcher (16 splits, 1 stage)", "epilogue launched apart",
+                                           "W's own column order", "2 stages", "4 splits", "8 splits", "32 splits",
+                                           "64-row tiles, 8 splits"]
     assert one[0][1] is None
-    assert [(c.num_stages, c.split_k, c.block_n, c.fold_epilogue) for _, c in one[1:]] == [
-        (1, 16, 128, False), (2, 16, 128, True), (1, 4, 128, True), (1, 8, 128, True), (1, 32, 128, True),
-        (1, 8, 64, True)]
+    assert [(c.num_stages, c.split_k, c.block_n, c.fold_epilogue, c.fragment_order) for _, c in one[1:]] == [
+        (1, 16, 128, False, True), (1, 16, 128, True, False), (2, 16, 128, True, True), (1, 4, 128, True, True),
+        (1, 8, 128, True, True), (1, 32, 128, True, True), (1, 8, 64, True, True)]
     sixteen = decode_variants(16, 4096, 4096, sms=132)
-    assert [(c.num_stages, c.split_k, c.block_n, c.fold_epilogue) for _, c in sixteen[1:]] == [
-        (1, 4, 128, False), (2, 4, 128, True), (1, 1, 128, True), (1, 2, 128, True), (1, 8, 128, True),
-        (1, 2, 64, True)]
+    assert [(c.num_stages, c.split_k, c.block_n, c.fold_epilogue, c.fragment_order) for _, c in sixteen[1:]] == [
+        (1, 4, 128, False, True), (1, 4, 128, True, False), (2, 4, 128, True, True), (1, 1, 128, True, True),
+        (1, 2, 128, True, True), (1, 8, 128, True, True), (1, 2, 64, True, True)]
+    thirty_two = decode_variants(32, 4096, 4096, sms=132)  # 64 rows of W: no fragment order, no variant without it
+    assert [label for label, _ in thirty_two] == ["dispatcher (2 splits, 1 stage)", "epilogue launched apart",
+                                                  "2 stages", "1 split", "4 splits"]
     for m in (0, K.SMALL_M + 1):
         with pytest.raises(ValueError, match="m must be in"):
             decode_variants(m, 4096, 4096, sms=132)
@@ -453,6 +459,79 @@ def test_gemv_gpu_layouts_match_oracle(layout, case, split_k, block_k, block_n):
 
     with mock.patch.object(K, "PAIR_LAYOUT_UNDER_INTERPRETER", tl.constexpr(layout)):
         _run_path(case, K.MatmulConfig(_gemv_rows(case), block_n, block_k, split_k=split_k, path="gemv"))
+
+
+@pytest.mark.parametrize("layout", ["word_fragments_mma", "word_fragments_wgmma"])
+@examples(4)
+@given(case=decode_cases(), split_k=st.sampled_from([1, 2]))
+def test_gemv_fragment_order_matches_oracle(layout, case, split_k):
+    """The 16-row GEMV tile on NVIDIA GPUs (128 rows of W, K steps of 128) decodes W into the MMA's fragment order
+    (mma.sync on sm_80, the warpgroup MMA on sm_90): the tile's rows and columns relabelled (``_fragment_rows``,
+    ``_column_tile``) and x's columns with them (``_fragment_columns``), run here under the interpreter: against
+    the oracle, with N below the tile (rows past N masked in the relabelled order) and K steps reaching past K's
+    rest."""
+    from unittest import mock
+
+    import triton.language as tl
+
+    with mock.patch.object(K, "PAIR_LAYOUT_UNDER_INTERPRETER", tl.constexpr(layout)):
+        _run_path(case, K.MatmulConfig(_gemv_rows(case), 128, 128, split_k=split_k, path="gemv"))
+
+
+def test_gemv_options_bound_registers_only_for_the_mma_sync_fragment_order():
+    """``maxnreg`` (GEMV_MMA_MAXNREG) goes to a GEMV launch exactly where its tile decodes W in mma.sync's fragment
+    order: an NVIDIA GPU before sm_90, the 128 x 128 tile of W, a 16-bit compute dtype, ``fragment_order`` on."""
+    tile16, tile32 = K.gemv_config(1), K.gemv_config(32)
+    bound = {"maxnreg": K.GEMV_MMA_MAXNREG}
+    assert K._gemv_options(tile16, torch.bfloat16, True) == K._gemv_options(tile16, torch.float16, True) == bound
+    assert K._gemv_options(tile16, torch.bfloat16, False) == {}  # sm_90 or AMD
+    assert K._gemv_options(tile16, torch.float32, True) == {}  # the byte decode
+    assert K._gemv_options(tile32, torch.bfloat16, True) == {}  # 64 rows of W: W's own order
+    assert K._gemv_options(replace(tile16, fragment_order=False), torch.bfloat16, True) == {}
+
+
+@pytest.mark.parametrize("kind", ["mma", "wgmma"])
+def test_fragment_order_puts_each_value_in_the_thread_that_loaded_it(kind):
+    """The relabelling itself, against the layouts it is derived from (written out here): thread t of warp v loads
+    words 4 (t % 4) .. 4 (t % 4) + 3 of tile rows t // 4 + 8 v + 32 r (16-byte loads); the MMA's first operand of a
+    128 x 128 tile wants rows t // 4 + 8 a + 16 v + 64 b in that thread, and columns 2 (t % 4) + h + 8 e + 16 j
+    (wgmma's A fragment) or 8 (t % 4) + e + 32 j (Triton's mma.sync operand with 8 consecutive values along K). The
+    fragment-ordered tile (``_column_tile``) holds at (L, k) the value loaded at row position i, column col with
+    ``_fragment_rows``[i] = L (W's row L is loaded there) and ``_fragment_columns`` placing x's column col at k; and
+    the thread the MMA reads (L, k) from is the thread that loaded it."""
+    import triton
+    import triton.language as tl
+
+    fragment = K.FRAGMENT_MMA if kind == "mma" else K.FRAGMENT_WGMMA
+
+    @triton.jit
+    def relabel(rows_ptr, cols_ptr, tile_ptr, FRAGMENT: tl.constexpr):
+        tl.store(rows_ptr + tl.arange(0, 128), K._fragment_rows(128))
+        cols = tl.reshape(tl.arange(0, 128), (1, 128))
+        tl.store(cols_ptr + tl.arange(0, 128), tl.reshape(K._fragment_columns(cols, FRAGMENT), (128,)))
+        # c_k holds columns 8 c + 2 k + pair of row i: tagged with their position i * 128 + column
+        at = (tl.arange(0, 128)[:, None, None] * 128 + 8 * tl.arange(0, 16)[None, :, None]
+              + tl.arange(0, 2)[None, None, :])
+        values = K._column_tile(at, at + 2, at + 4, at + 6, FRAGMENT)
+        tl.store(tile_ptr + tl.arange(0, 128)[:, None] * 128 + tl.arange(0, 128)[None, :], values)
+
+    rows, cols = torch.empty(128, dtype=torch.int32), torch.empty(128, dtype=torch.int32)
+    tile = torch.empty(128, 128, dtype=torch.int32)
+    relabel[(1,)](rows, cols, tile, FRAGMENT=fragment)
+    rows, cols, tile = rows.tolist(), cols.tolist(), tile.tolist()
+    assert sorted(rows) == list(range(128)) and sorted(cols) == list(range(128))
+    loaded_by = {}  # (row position, column) of the loaded words -> (warp, lane)
+    for v, t, r, e in itertools.product(range(4), range(32), range(4), range(32)):
+        loaded_by[(t // 4 + 8 * v + 32 * r, 32 * (t % 4) + e)] = (v, t)
+    for v, t, a, b, j, e in itertools.product(range(4), range(32), range(2), range(2), range(8), range(4)):
+        row = t // 4 + 8 * a + 16 * v + 64 * b
+        if kind == "wgmma":  # e = 2 e' + h: columns 2 c + h + 8 e' + 16 j
+            col = 2 * (t % 4) + e % 2 + 8 * (e // 2) + 16 * j
+        else:  # 8 c + e + 32 j, e < 8 (j < 4)
+            col = 8 * (t % 4) + e + 4 * (j % 2) + 32 * (j // 2)
+        i, loaded_col = divmod(tile[row][col], 128)
+        assert rows[i] == row and cols[col] == loaded_col, (row, col)
+        assert loaded_by[(i, loaded_col)] == (v, t), (row, col)
 
 
 def _run_word_decode_asm(asm: str, word: int, scale: np.float32, code: np.ndarray, dtype: torch.dtype) -> list[int]:
@@ -777,6 +856,9 @@ def test_kernel_launchers_reject_bad_inputs(small):
     with pytest.raises(TypeError, match="config.fold_epilogue must be a bool, got int"):
         K.nf4_lora_forward(x, lora_a=a, lora_b=b, scaling=1.0,
                            config=K.MatmulConfig(16, 16, 32, path="gemv", fold_epilogue=1), **kw)
+    with pytest.raises(TypeError, match="config.fragment_order must be a bool, got str"):
+        K.nf4_lora_forward(x, lora_a=a, lora_b=b, scaling=1.0,
+                           config=K.MatmulConfig(16, 16, 32, path="gemv", fragment_order="no"), **kw)
     with pytest.raises(ValueError, match="u must be contiguous float32 of shape"):
         K.nf4_lora_backward(torch.zeros(3, 12, dtype=torch.bfloat16), x, torch.zeros(3, 5), lora_a=a, lora_b=b,
                             scaling=1.0, **kw)

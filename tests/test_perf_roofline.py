@@ -405,17 +405,19 @@ def test_bound_selection():
         assert rl.roofline(rl.adamw(64 << 20, "adamw8bit"), device).bound == "issue"
         # With the committed static baseline, the fused tiled kernel decoding a packed byte at a time issues about
         # as long as its tensor work at large M (issue_to_mma 0.93-1.11 for the 128 x 128 x 64 build), its
-        # instruction stream outlasts its bytes at M = 1. The GEMV decoding a word at a time (4.9 instructions per
-        # weight element on sm_90 under 3.9) issues just within its bytes on the H100 (2.64 against 2.66 us) and
-        # beyond them on the A100 (5.0 against 4.4 us, 5.8 on sm_80).
+        # instruction stream outlasts its bytes at M = 1. The GEMV decoding W in the MMA's fragment order (4.04 /
+        # 4.52 instructions per weight element on sm_90 / sm_80 under 3.9) issues within its bytes on the H100
+        # (2.19 against 2.75 us) and the A100 (3.89 against 4.51 us); on the H200 (the H100's issue rate, 43% more
+        # bandwidth) beyond them.
         fused_big = rl.roofline(big, device).ops[-1]
         assert fused_big.bound in ("issue", "compute") and fused_big.issue_s < 1.25 * fused_big.compute_s
         assert rl.roofline(decode, device).ops[-1].bound == "issue"
         gemv_launch = rl.roofline(gemv, device).ops[-1]
-        assert gemv_launch.bound == ("memory" if device is H100 else "issue")
-        assert 0.8 * gemv_launch.memory_s < gemv_launch.issue_s < 1.25 * gemv_launch.memory_s
+        assert gemv_launch.bound == "memory"
+        assert 0.7 * gemv_launch.memory_s < gemv_launch.issue_s < gemv_launch.memory_s
         # The default path's GEMM after the dequantize launch issues less than its tensor work: compute-bound.
         assert rl.roofline(default, device).ops[-1].bound == "compute"
+    assert rl.roofline(gemv, rl.DEVICES["h200"]).ops[-1].bound == "issue"
     # A launch sitting exactly on the ridge is reported memory-bound (compute must be strictly slower).
     ridge_op = rl.Op("ridge", 1000, int(1000 * 20), rl.FP32_SIMT)
     device = rl.Device("toy", "toy", 1e12, 1e15, 20e12)
@@ -688,7 +690,8 @@ def test_a_grid_smaller_than_the_gpu_runs_on_that_many_sms():
 def test_profiled_decode_variants_get_the_model_time_of_their_own_launch():
     """``perf.profile_linear`` prints the model's time beside each decode variant it times: the dispatcher's is the
     default dispatch's prediction, another split the model of that split (fewer partials, a smaller grid), and a
-    launch the committed baseline has no build of (two stages, 64-row tiles) gets none rather than another build's."""
+    launch the committed baseline has no build of (two stages, 64-row tiles, W in its own column order) gets none
+    rather than another build's."""
     import triton
 
     from perf.profile_linear import decode_variants, model_seconds
@@ -704,7 +707,7 @@ def test_profiled_decode_variants_get_the_model_time_of_their_own_launch():
         assert model_seconds(m, 4096, 4096, 16, variants[dispatcher], device) == pytest.approx(want)
         for label, config in variants.items():
             got = model_seconds(m, 4096, 4096, 16, config, device)
-            if label == "2 stages" or label.startswith("64-row"):
+            if label in ("2 stages", "W's own column order") or label.startswith("64-row"):
                 assert got is None, label
             elif config is not None:
                 ops = rl.nf4_forward_launches(m, 4096, 4096, 16, "gemv", triton=version, gemv_split=config.split_k,

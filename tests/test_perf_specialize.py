@@ -60,7 +60,7 @@ _SCRIPT = textwrap.dedent("""
                    stride_ak=lora_a.stride(1), stride_bn=lora_b.stride(0), stride_br=lora_b.stride(1))
     consts = dict(BLOCKSIZE=64, DOUBLE_QUANT=True, NESTED_BLOCKSIZE=256, INDEX_64=False,
                   HAS_DROPOUT=True, EVEN_K=True, EVEN_N=True, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, BLOCK_R=16,
-                  FOLD=True, U_FIRST=True, HAS_BIAS=True)
+                  FOLD=True, U_FIRST=True, HAS_BIAS=True, FRAGMENT_ORDER=True)
     options = dict(num_warps=4, num_stages=4, enable_fp_fusion=False)
 
     captured = {}

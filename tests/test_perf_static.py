@@ -247,7 +247,9 @@ def test_decode_gemv_build_meets_its_instruction_budget():
     """The decode GEMV as launched (kernels/linear.py compile_specs, bf16, double-quantized): on sm_90 and sm_80
     at most 10 instructions per weight element (issue #13's goal; the gather-load lookup it replaced cost 12.1 on
     sm_90), 16-byte packed loads, no spill, the code table looked up with warp shuffles (SHFL in the main loop,
-    no per-element gather loads); on gfx942 the plain-Triton gather fallback compiles without spilling."""
+    no per-element gather loads); the decoded W tile reaches the MMA in registers, in fragment order: no 16-byte
+    shared stores of it (a pass through shared memory stores its 128 x 128 bf16 tile as 16 ``STS.128`` per thread),
+    and on sm_90 no ``LDSM``; on gfx942 the plain-Triton gather fallback compiles without spilling."""
     script = textwrap.dedent("""
         import json
         from perf import static
@@ -270,6 +272,8 @@ def test_decode_gemv_build_meets_its_instruction_budget():
         # per K-step: the 16-byte packed loads, the x tile and the scale loads; a gather lookup would add one
         # load per weight element of the thread (64 at 64 x 128 tiles on 4 warps)
         assert sum(n for op, n in row["memory"].items() if op.startswith("LDG")) < row["per_thread"] // 2, row
+        assert row["memory"].get("STS.128", 0) < 16, row
+    assert not any(op.startswith("LDSM") for op in rows["sm_90"]["memory"]), rows["sm_90"]
     assert rows["gfx942"]["spill"] == 0
 
 
@@ -328,3 +332,28 @@ def test_a_spec_with_targets_is_built_only_there():
     assert fused["fused_fwd_m128n128k128w8s3"] == fused["fused_dx_m128n128k128w8s3"] == ["sm_90"]
     assert fused["fused_fwd_m128n128k64w8s3"] == ["sm_80", "gfx942", "gfx90a"]
     assert fused["fused_fwd_m64n64k32w4s3"] is None  # both architectures: every target
+
+
+def test_target_options_reach_only_their_target():
+    """``KernelSpec.target_options`` are compile options of the launch on one target only: the 16-row GEMV builds
+    carry ``maxnreg`` (kernels/linear.py ``GEMV_MMA_MAXNREG``, as ``_gemv_options`` passes it on an NVIDIA GPU
+    before sm_90) into their sm_80 specialization and nowhere else, and the 32-row build nowhere."""
+    script = textwrap.dedent("""
+        import json
+        from perf import static
+        from perf.specialize import specialize_spec
+        from qlora.kernels import linear
+        out = {}
+        for _, spec in static.discover_specs("linear"):
+            if spec.name.startswith("gemv_m"):
+                out[spec.name] = {t: specialize_spec(spec, static._target(t)).options.maxnreg
+                                  for t in ("sm_80", "sm_90")}
+        print(json.dumps({"builds": out, "bound": linear.GEMV_MMA_MAXNREG}))
+    """)
+    proc = _run(["-c", script])
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    bound = out["bound"]
+    assert out["builds"] == {"gemv_m16n128k128w4s1_one_row": {"sm_80": bound, "sm_90": None},
+                             "gemv_m16n128k128w4s1": {"sm_80": bound, "sm_90": None},
+                             "gemv_m32n64k128w4s1": {"sm_80": None, "sm_90": None}}
