@@ -21,6 +21,7 @@ from hyp import examples
 import qlora  # noqa: F401  (interpreter switch before the kernels)
 from qlora.bounds import U32, elementwise_bound, oracle_dense_weight, qlora_linear_bounds
 from qlora.functional import dropout_mask, qlora_linear
+from qlora.kernels import _nf4_tiles as T
 from qlora.kernels import linear as K
 from qlora.kernels import lora as KL
 from qlora.layers import QLoRALinear
@@ -502,17 +503,17 @@ def test_fragment_order_puts_each_value_in_the_thread_that_loaded_it(kind):
     import triton
     import triton.language as tl
 
-    fragment = K.FRAGMENT_MMA if kind == "mma" else K.FRAGMENT_WGMMA
+    fragment = T.FRAGMENT_MMA if kind == "mma" else T.FRAGMENT_WGMMA
 
     @triton.jit
     def relabel(rows_ptr, cols_ptr, tile_ptr, FRAGMENT: tl.constexpr):
-        tl.store(rows_ptr + tl.arange(0, 128), K._fragment_rows(128))
+        tl.store(rows_ptr + tl.arange(0, 128), T._fragment_rows(128))
         cols = tl.reshape(tl.arange(0, 128), (1, 128))
-        tl.store(cols_ptr + tl.arange(0, 128), tl.reshape(K._fragment_columns(cols, FRAGMENT), (128,)))
+        tl.store(cols_ptr + tl.arange(0, 128), tl.reshape(T._fragment_columns(cols, FRAGMENT), (128,)))
         # c_k holds columns 8 c + 2 k + pair of row i: tagged with their position i * 128 + column
         at = (tl.arange(0, 128)[:, None, None] * 128 + 8 * tl.arange(0, 16)[None, :, None]
               + tl.arange(0, 2)[None, None, :])
-        values = K._column_tile(at, at + 2, at + 4, at + 6, FRAGMENT)
+        values = T._column_tile(at, at + 2, at + 4, at + 6, FRAGMENT)
         tl.store(tile_ptr + tl.arange(0, 128)[:, None] * 128 + tl.arange(0, 128)[None, :], values)
 
     rows, cols = torch.empty(128, dtype=torch.int32), torch.empty(128, dtype=torch.int32)
@@ -582,7 +583,7 @@ def test_word_decode_assembly_computes_the_column_pairs(dtype, word, scale_bits)
     executed here instruction by instruction, output k of a word holds its columns 2k (low half) and 2k + 1
     (high half), each ``round(code[nibble] * scale)`` in the compute dtype, with column e's nibble the high one of
     byte e // 2 for even e, the low one for odd e (the packing of ``quantize_4bit``)."""
-    asm = (K._WORD_DECODE_BF16 if dtype == torch.bfloat16 else K._WORD_DECODE_F16).value
+    asm = (T._WORD_DECODE_BF16 if dtype == torch.bfloat16 else T._WORD_DECODE_F16).value
     # Scales as float32 bit patterns (about 5e-10 to 1.3e5), not st.floats: Hypothesis refuses floats once a
     # library has set the CPU's flush-to-zero mode.
     scale = np.array([scale_bits], dtype=np.uint32).view(np.float32)[0]
