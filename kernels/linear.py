@@ -14,7 +14,7 @@ GPU K must be a multiple of the blocksize for the first two):
   bias in its epilogue;
 - ``"dequant"`` (otherwise): W dequantized into a buffer, then the same GEMM on the dense W.
 LoRA helpers and the bit-packed dropout mask are in :mod:`.lora` (the backward's g = dy B with dB in one pass over
-dy up to ``DOWN_GRAD_MAX_M`` rows: ``lora_down_grad``). Launch counts, the choice of paths and the dropout scheme:
+dy up to ``DOWN_GRAD_MAX_M`` rows: ``lora_down_grad``), the device helpers decoding W's tiles in :mod:`._nf4_tiles`. Launch counts, the choice of paths and the dropout scheme:
 docs/DESIGN.md, "Fused linear layer"; static figures: perf/README.md.
 """
 

@@ -79,9 +79,8 @@ def model_seconds(m: int, n: int, k: int, r: int, config: MatmulConfig | None, d
     """The static model's time (``perf/roofline.py``, this Triton's committed baseline) of the GEMV and its
     epilogue for the variant ``config`` of :func:`decode_variants` on ``device``; None where the baseline has no
     build of the variant's tiles, stages and decode order (the two-stage and 64-row launches, W in its own column
-    order) or no baseline exists for this
-    Triton. The launch with its epilogue apart is charged the folded build's main loop (the baselines hold no
-    unfolded GEMV build; the fold adds its code outside that loop)."""
+    order) or no baseline exists for this Triton. The launch with its epilogue apart is charged the folded build's
+    main loop (the baselines hold no unfolded GEMV build; the fold adds its code outside that loop)."""
     import triton
 
     from perf import roofline as rl

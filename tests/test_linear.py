@@ -228,16 +228,21 @@ def test_dx_launch_computes_the_lora_gradients_when_one_row_tile_holds_every_row
                           dtype)
 
 
-@pytest.mark.parametrize("m, k, layout", [(3, 128, "words"), (3, 128, "word_pairs"), (40, 128, "words"),
+@pytest.mark.parametrize("m, k, layout", [(3, 128, "words"), (3, 128, "word_pairs"), (3, 256, "word_fragments_mma"),
+                                          (3, 256, "word_fragments_wgmma"), (40, 128, "words"),
                                           (40, 128, "word_pairs"), (40, 96, "words")],
-                         ids=["gemv", "gemv_word_pairs", "fused", "fused_word_pairs", "dequant"])
+                         ids=["gemv", "gemv_word_pairs", "gemv_fragments_mma", "gemv_fragments_wgmma", "fused",
+                              "fused_word_pairs", "dequant"])
 def test_64_bit_indexing_gives_the_same_bits(monkeypatch, m, k, layout):
     """A W of 2^31 or more elements is indexed in int64 (``INDEX_64``); forced on a small W, every path (the decode
-    GEMV, the fused kernel's word decodes, the interpreter's and the GPUs', the dequantize-then-GEMM path) gives
-    the bits of int32 indexing."""
+    GEMV, in W's order and in the MMAs' fragment orders with the GPUs' 128 x 128 tile, the fused kernel's word
+    decodes, the interpreter's and the GPUs', the dequantize-then-GEMM path) gives the bits of int32 indexing."""
     import triton.language as tl
 
     monkeypatch.setattr(K, "PAIR_LAYOUT_UNDER_INTERPRETER", tl.constexpr(layout))
+    if layout.startswith("word_fragments"):  # the tile the fragment order is built for (2 K steps of 128)
+        monkeypatch.setattr(K, "_interpreter_config", lambda rows, cols, inner, path: (
+            K.MatmulConfig(16, 128, 128, path=path) if path == "gemv" else K.MatmulConfig(16, 16, 16, path=path)))
     gen = torch.Generator().manual_seed(11)
     weight = quantize_nf4(_randn(gen, (24, k), torch.bfloat16))
     kw = weight.kernel_kwargs()
