@@ -14,8 +14,9 @@ GPU K must be a multiple of the blocksize for the first two):
   bias in its epilogue;
 - ``"dequant"`` (otherwise): W dequantized into a buffer, then the same GEMM on the dense W.
 LoRA helpers and the bit-packed dropout mask are in :mod:`.lora` (the backward's g = dy B with dB in one pass over
-dy up to ``DOWN_GRAD_MAX_M`` rows: ``lora_down_grad``), the device helpers decoding W's tiles in :mod:`._nf4_tiles`. Launch counts, the choice of paths and the dropout scheme:
-docs/DESIGN.md, "Fused linear layer"; static figures: perf/README.md.
+dy up to ``DOWN_GRAD_MAX_M`` rows: ``lora_down_grad``), the device helpers decoding W's tiles in
+:mod:`._nf4_tiles`. Launch counts, the choice of paths and the dropout scheme: docs/DESIGN.md, "Fused linear layer";
+static figures: perf/README.md.
 """
 
 from __future__ import annotations
@@ -110,17 +111,6 @@ def _nf4_gemv_kernel(
                                stride_xm, stride_xk, stride_ak, stride_ar, HAS_DROPOUT, BLOCK_M, BLOCK_K, BLOCK_R)
             _gemv_u_arrive(ws_ptr, u_ws_ptr, arrivals_ptr, b_ptr, bias_ptr, y_ptr, u_ptr, M, N, R, scaling,
                            u_scale, stride_bn, stride_br, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_R)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    if EVEN_N:  # N a multiple of BLOCK_N: no row mask, so no predicated loads (and their zero fills) of W's rows
-        mask_n = tl.full((BLOCK_N,), 1, tl.int1)
-    else:
-        mask_n = offs_n < N
-    if INDEX_64:
-        offs_n = offs_n.to(tl.int64)
-    # K is a multiple of BLOCKSIZE >= 32: every row starts on a 16-byte boundary (128-bit loads).
-    row_bytes = offs_n * tl.multiple_of(K // 2, 16)
-    k_end_half = tl.multiple_of(k_end // 2, 16)
-
     # On NVIDIA GPUs the 16-entry code table lives in the lanes of each warp and a code is looked up with one
     # shuffle (no address arithmetic, no load per element); elsewhere (interpreter, AMD) with a gather load.
     LANE_TABLE: tl.constexpr = not INTERPRETER and _nvidia_target()
@@ -162,17 +152,25 @@ def _nf4_gemv_kernel(
     # memory instead of 36. The 32-row tile (64 rows of W) keeps W's order: its x tile is half as large as W's, and
     # relabelling it cost more than W's pass through shared memory saves (sm_90 303 -> 319, sm_80 466 -> 490, 3.9).
     FRAGMENT: tl.constexpr = FRAGMENT_KIND if FRAGMENT_ORDER and BLOCK_N == 128 and BLOCK_K == 128 else FRAGMENT_NONE
+    # offs_n: the tile's rows of W as y's columns; rows_w: the rows W's words are loaded from (relabelled in fragment
+    # order, else the same).
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     if FRAGMENT != FRAGMENT_NONE:
         rows_w = pid_n * BLOCK_N + _fragment_rows(BLOCK_N)
-        if INDEX_64:
-            rows_w = rows_w.to(tl.int64)
-        if EVEN_N:
-            mask_w = mask_n
-        else:
-            mask_w = rows_w < N
     else:
         rows_w = offs_n
+    if EVEN_N:  # N a multiple of BLOCK_N: no row mask, so no predicated loads (and their zero fills) of W's rows
+        mask_n = tl.full((BLOCK_N,), 1, tl.int1)
         mask_w = mask_n
+    else:
+        mask_n = offs_n < N
+        mask_w = rows_w < N
+    if INDEX_64:
+        offs_n = offs_n.to(tl.int64)
+        rows_w = rows_w.to(tl.int64)
+    # K is a multiple of BLOCKSIZE >= 32: every row starts on a 16-byte boundary (128-bit loads).
+    row_bytes = offs_n * tl.multiple_of(K // 2, 16)
+    k_end_half = tl.multiple_of(k_end // 2, 16)
     # x's rows past M read row M - 1 (M >= 1: the launcher returns early for no rows) instead of being masked: no
     # predicated loads and zero fills per K step, and those rows only reach rows of the partial that are never stored
     # (perf static, sm_90 / sm_80 per K step, 3.9: M = 16 547 -> 543 / 733 -> 727, the 32-row tile 314 -> 303 /
@@ -725,8 +723,9 @@ GEMV_BLOCK_MS = (16, 32)
 # 2 K splits at 4096 x 4096 (_gemv_split_k), so 128-row tiles would launch 64 programs for 132 SMs, 64-row ones 128.
 GEMV_BLOCK_NS = {16: 128, 32: 64}
 # Registers per thread at most for the 16-row GEMV tile on NVIDIA GPUs before sm_90 (W decoded in mma.sync's fragment
-# order, FRAGMENT_MMA; _gemv_options): left to itself ptxas fits that build into 128 and spills (perf static, sm_80:
-# 24 bytes under triton 3.9, 16-24 under 3.6); bounded so it takes 157-162 and spills nothing (3 CTAs per SM).
+# order, FRAGMENT_MMA; _gemv_options): left to itself ptxas fits the M = 1 build into 128 registers and spills 24
+# bytes under triton 3.9, and both builds 16-24 bytes under 3.6 (perf static, sm_80; 3.9's M = 16 build took 157
+# and spilled nothing); bounded, every one takes 157-162 and spills nothing (3 CTAs per SM).
 GEMV_MMA_MAXNREG = 168
 INTERPRETER_MAX_TILE = 1 << 20  # elements of one tile: the interpreter refuses more
 INTERPRETER_MAX_BLOCK_M = 2048
@@ -1065,12 +1064,18 @@ def _gemv_split_k(n: int, k: int, cfg: MatmulConfig, sms: int | None = None, m: 
     return split
 
 
+def fragment_tile(config: MatmulConfig) -> bool:
+    """Whether a GEMV launch with ``config``'s tile decodes W in the MMA's fragment order on an NVIDIA GPU with a
+    16-bit compute dtype (``_nf4_gemv_kernel``'s FRAGMENT, which tests the same constexprs): 128 rows of W and K
+    steps of 128, ``fragment_order`` on."""
+    return config.fragment_order and config.block_n == 128 and config.block_k == 128
+
+
 def _gemv_options(config: MatmulConfig, dtype: torch.dtype, mma_sync: bool) -> dict:
     """Compile options of a GEMV launch on a GPU beyond the config's: ``maxnreg`` (``GEMV_MMA_MAXNREG``) where the
-    16-row tile decodes W in mma.sync's fragment order (``mma_sync``: an NVIDIA GPU before sm_90; a 16-bit
-    compute dtype)."""
-    if (mma_sync and config.fragment_order and config.block_n == 128 and config.block_k == 128
-            and dtype != torch.float32):
+    tile decodes W in mma.sync's fragment order (:func:`fragment_tile`; ``mma_sync``: an NVIDIA GPU before sm_90;
+    a 16-bit compute dtype)."""
+    if mma_sync and fragment_tile(config) and dtype != torch.float32:
         return {"maxnreg": GEMV_MMA_MAXNREG}
     return {}
 
@@ -1413,4 +1418,4 @@ def compile_specs() -> list[KernelSpec]:
 __all__ = ["MatmulConfig", "nf4_lora_forward", "nf4_lora_backward", "lora_down", "lora_grad", "lora_dropout_bits",
            "lora_dropout_mask", "choose_path", "choose_dx_path", "fused_config", "compile_specs", "GPU_CONFIGS",
            "FUSED_CONFIGS", "FUSED_NARROW_CONFIG", "FUSED_NARROW_DX_CONFIG", "FUSED_SMALL_TILE_MAX_M", "FUSED_MAX_M",
-           "SMALL_M_CONFIG", "GEMV_BLOCK_MS", "GEMV_BLOCK_NS", "gemv_config", "LORA_BLOCK_RS"]
+           "SMALL_M_CONFIG", "GEMV_BLOCK_MS", "GEMV_BLOCK_NS", "gemv_config", "fragment_tile", "LORA_BLOCK_RS"]

@@ -59,7 +59,7 @@ def decode_variants(m: int, n: int, k: int, sms: int) -> list[tuple[str, MatmulC
     variants: list[tuple[str, MatmulConfig | None]] = [
         (f"dispatcher ({_plural(split, 'split')}, {_plural(config.num_stages, 'stage')})", None),
         ("epilogue launched apart", replace(config, split_k=split, fold_epilogue=False))]
-    if config.block_n == 128 and config.block_k == 128:
+    if L.fragment_tile(config):
         variants.append(("W's own column order", replace(config, split_k=split, fragment_order=False)))
     variants.append(("2 stages", replace(config, num_stages=2, split_k=split)))
     for other in (split // 4, split // 2, split * 2):

@@ -486,7 +486,8 @@ def test_gemv_fragment_order_matches_oracle(layout, case, split_k):
 
 def test_gemv_options_bound_registers_only_for_the_mma_sync_fragment_order():
     """``maxnreg`` (GEMV_MMA_MAXNREG) goes to a GEMV launch exactly where its tile decodes W in mma.sync's fragment
-    order: an NVIDIA GPU before sm_90, the 128 x 128 tile of W, a 16-bit compute dtype, ``fragment_order`` on."""
+    order: an NVIDIA GPU before sm_90, the 128 x 128 tile of W (``fragment_tile``), a 16-bit compute dtype,
+    ``fragment_order`` on."""
     tile16, tile32 = K.gemv_config(1), K.gemv_config(32)
     bound = {"maxnreg": K.GEMV_MMA_MAXNREG}
     assert K._gemv_options(tile16, torch.bfloat16, True) == K._gemv_options(tile16, torch.float16, True) == bound
@@ -494,6 +495,10 @@ def test_gemv_options_bound_registers_only_for_the_mma_sync_fragment_order():
     assert K._gemv_options(tile16, torch.float32, True) == {}  # the byte decode
     assert K._gemv_options(tile32, torch.bfloat16, True) == {}  # 64 rows of W: W's own order
     assert K._gemv_options(replace(tile16, fragment_order=False), torch.bfloat16, True) == {}
+    # the tile the kernel decodes in fragment order (its FRAGMENT constexpr), which profile_linear also asks
+    assert K.fragment_tile(tile16) and not K.fragment_tile(tile32)
+    assert not K.fragment_tile(replace(tile16, fragment_order=False))
+    assert not K.fragment_tile(replace(tile16, block_k=64))
 
 
 @pytest.mark.parametrize("kind", ["mma", "wgmma"])
